@@ -1,0 +1,175 @@
+//! `nodemesh agent`: wires the parts together and runs until SIGTERM/SIGINT.
+//!
+//! Start-up order: eBPF (so pods captured by an earlier agent keep being
+//! redirected), admin server, pod source, capture loop. Shutdown: stop
+//! accepting, let open connections finish within the grace period, leave
+//! eBPF in place for the next agent unless asked to clean up.
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    admin::{AdminError, AdminServer, AdminState},
+    capture::{CaptureConfig, CaptureMetrics, Captures},
+    cgroup::{self, CgroupDir, CgroupError},
+    config::AgentConfig,
+    discovery::{SourceMetrics, file::FileSource},
+    metrics::{PREFIX, TcpMetrics},
+    netns,
+    proxy::{Outbound, OutboundConfig},
+    redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("{0}")]
+    Redirect(#[from] RedirectError),
+    #[error("{0}")]
+    Admin(#[from] AdminError),
+    #[error("cannot open the agent's own network namespace: {0}")]
+    Netns(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the agent until a termination signal.
+pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
+    netns::init().map_err(AgentError::Netns)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    let mount = cgroup::find_cgroup2_mount()?;
+    let root_path = cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    let cgroup_root = CgroupDir::open(&root_path)?;
+    let own = cgroup::own_cgroup(&mount)?;
+    info!(cgroup_root = %cgroup_root.path().display(), agent_cgroup = %own.path().display(), "cgroups found");
+
+    let (redirect, logger) = Redirect::install(&RedirectConfig {
+        pin_dir: cfg.bpffs.clone(),
+        cgroup_root: cgroup_root.path().to_owned(),
+        outbound_port: cfg.outbound_port,
+        fast_path: cfg.fast_path,
+        bypass_nets: cfg.bypass_nets.clone(),
+        bypass_ports: cfg.bypass_ports.clone(),
+        agent_cgroup: own.id(),
+        log_level,
+    })?;
+    let redirect = Arc::new(redirect);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(forward_ebpf_logs(logger, shutdown.clone()));
+
+    let mut registry = Registry::with_prefix(PREFIX);
+    let tcp = TcpMetrics::new(&mut registry);
+    let source_metrics = SourceMetrics::new(&mut registry);
+    let capture_metrics = CaptureMetrics::new(&mut registry, redirect.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = AdminServer::start(
+        cfg.admin_addr,
+        AdminState {
+            registry: Arc::new(registry),
+            ready: ready.clone(),
+        },
+    )?;
+
+    let (pods_tx, pods_rx) = watch::channel(None);
+    let source = FileSource {
+        path: cfg.pod_file.clone(),
+        interval: cfg.pod_file_interval,
+        metrics: source_metrics,
+    };
+    let source_task = tokio::spawn(source.run(pods_tx, shutdown.clone()));
+
+    let outbound = Arc::new(Outbound::new(
+        OutboundConfig {
+            connect_timeout: cfg.connect_timeout,
+            buffer_size: cfg.buffer_size,
+            max_connections: cfg.max_connections,
+        },
+        redirect.clone(),
+    ));
+    let captures = Captures::new(
+        CaptureConfig {
+            outbound_port: cfg.outbound_port,
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(10),
+        },
+        cgroup_root,
+        redirect.clone(),
+        outbound.clone(),
+        tcp,
+        capture_metrics,
+        ready,
+    );
+    let capture_task = tokio::spawn(captures.run(pods_rx, shutdown.clone()));
+
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    info!(
+        signal,
+        in_flight = outbound.in_flight(),
+        grace = ?cfg.shutdown_grace,
+        "shutting down: no new connections; waiting for open ones"
+    );
+    shutdown.cancel();
+    let _ = capture_task.await;
+    let _ = source_task.await;
+    let left = outbound.drain(cfg.shutdown_grace).await;
+    if left > 0 {
+        warn!(
+            connections = left,
+            "grace period over; closing the connections still open"
+        );
+    }
+    admin.stop();
+    if cfg.cleanup_on_exit {
+        match redirect.uninstall() {
+            Ok(true) => info!(pins = %cfg.bpffs.display(), "eBPF programs detached and unpinned"),
+            Ok(false) => warn!("another agent uses the eBPF state; leaving it in place"),
+            Err(e) => warn!(error = %e, "cannot remove eBPF state"),
+        }
+    } else {
+        info!(pins = %cfg.bpffs.display(), "eBPF state left in place for the next agent");
+    }
+    Ok(())
+}
+
+/// Moves aya-log records from the programs into the agent's log.
+async fn forward_ebpf_logs(logger: EbpfLogger, shutdown: CancellationToken) {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open (and
+    // unchanged) for as long as the AsyncFd holds it.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e.into_parts().1, "cannot read eBPF logs");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            guard = logger.readable_mut() => match guard {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!(error = %e, "eBPF log buffer unreadable; no more eBPF logs");
+                    return;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,253 @@
+//! cgroup v2: finding the hierarchy, opening a pod's cgroup, and the
+//! processes inside it.
+//!
+//! eBPF programs attach to cgroup directories and match sockets by the cgroup
+//! of the process that made them; a cgroup's id is its directory's inode.
+use std::{
+    collections::VecDeque,
+    fs::{self, File},
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Component, Path, PathBuf},
+};
+
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy in /proc/self/mountinfo: is cgroup v2 mounted?")]
+    NoHierarchy,
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cgroup {path} does not exist")]
+    NotFound { path: PathBuf },
+    #[error("{path} is not on a cgroup v2 file system: is cgroup v2 mounted there?")]
+    NotCgroup2 { path: PathBuf },
+    #[error("cgroup path {path:?} must stay inside the cgroup root {root}")]
+    Escapes { path: PathBuf, root: PathBuf },
+    #[error("no process runs in cgroup {path} yet")]
+    Empty { path: PathBuf },
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`.
+pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_cgroup2_mount(&text).ok_or(CgroupError::NoHierarchy)
+}
+
+/// The mount point of the first `cgroup2` line in mountinfo text.
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // id parent major:minor root mountpoint options... - fstype source superopts
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mountpoint = left.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mountpoint)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| {
+                d.iter()
+                    .fold(0u8, |acc, b| acc.wrapping_mul(8).wrapping_add(b - b'0'))
+            });
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An open cgroup v2 directory.
+#[derive(Debug)]
+pub struct CgroupDir {
+    path: PathBuf,
+    dir: File,
+    id: u64,
+}
+
+impl CgroupDir {
+    /// Opens `path`, which must be a directory on cgroup v2.
+    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+        let dir = File::open(path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => CgroupError::NotFound {
+                path: path.to_owned(),
+            },
+            _ => CgroupError::Read {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let fs = statfs(path).map_err(|e| CgroupError::Read {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+            return Err(CgroupError::NotCgroup2 {
+                path: path.to_owned(),
+            });
+        }
+        let meta = dir.metadata().map_err(|source| CgroupError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(CgroupError::NotFound {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            id: meta.ino(),
+            dir,
+        })
+    }
+
+    /// Opens `relative` under this cgroup, refusing paths that leave it.
+    pub fn open_child(&self, relative: &Path) -> Result<Self, CgroupError> {
+        let joined = if relative.is_absolute() {
+            relative.to_owned()
+        } else {
+            self.path.join(relative)
+        };
+        let escapes = !joined.starts_with(&self.path)
+            || joined
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::CurDir));
+        if escapes {
+            return Err(CgroupError::Escapes {
+                path: relative.to_owned(),
+                root: self.path.clone(),
+            });
+        }
+        Self::open(&joined)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cgroup id (what `bpf_get_current_cgroup_id` returns).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn file(&self) -> &File {
+        &self.dir
+    }
+
+    /// A process running in this cgroup or below it (breadth first).
+    pub fn first_process(&self) -> Result<u32, CgroupError> {
+        let mut queue = VecDeque::from([self.path.clone()]);
+        while let Some(dir) = queue.pop_front() {
+            let procs = dir.join("cgroup.procs");
+            if let Ok(text) = fs::read_to_string(&procs) {
+                if let Some(pid) = text.lines().find_map(|l| l.trim().parse::<u32>().ok()) {
+                    return Ok(pid);
+                }
+            }
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        queue.push_back(entry.path());
+                    }
+                }
+            }
+        }
+        Err(CgroupError::Empty {
+            path: self.path.clone(),
+        })
+    }
+}
+
+/// The cgroup of the calling process, as an open directory.
+pub fn own_cgroup(mount: &Path) -> Result<CgroupDir, CgroupError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(CgroupError::NoHierarchy)?;
+    CgroupDir::open(&mount.join(relative.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+35 33 0:30 / /sys/fs/cgroup/memory rw,relatime shared:11 - cgroup cgroup rw,memory
+";
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
+        assert_eq!(
+            parse_cgroup2_mount(MOUNTINFO),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_line_means_none() {
+        assert_eq!(
+            parse_cgroup2_mount("35 33 0:30 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn child_paths_cannot_escape_the_root() {
+        let Ok(mount) = find_cgroup2_mount() else {
+            return; // no cgroup v2 here: nothing to open
+        };
+        let root = CgroupDir::open(&mount).expect("open cgroup2 root");
+        for bad in ["../etc", "a/../../b", "/etc"] {
+            let err = root.open_child(Path::new(bad)).unwrap_err();
+            assert!(matches!(err, CgroupError::Escapes { .. }), "{bad}: {err}");
+        }
+        let err = root
+            .open_child(Path::new("nodemesh-no-such-cgroup"))
+            .unwrap_err();
+        assert!(matches!(err, CgroupError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_directory_off_cgroup2_is_refused() {
+        let err = CgroupDir::open(Path::new("/tmp")).unwrap_err();
+        assert!(matches!(err, CgroupError::NotCgroup2 { .. }), "{err}");
+    }
+}

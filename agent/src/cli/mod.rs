@@ -1,0 +1,186 @@
+//! The `nodemesh` command line: the node agent and the operator's commands.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tracing::{error, level_filters::LevelFilter};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{AgentArgs, AgentConfig};
+
+/// Exit code for bad flags or configuration (clap uses 2 as well).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nodemesh",
+    version,
+    about = "A service mesh for Kubernetes with one proxy per node",
+    long_about = "nodemesh meshes the pods labelled nodemesh.io/mesh=enabled: eBPF programs steer \
+their TCP connections into one proxy per node, which relays them and counts what passes.\n\n\
+Run `nodemesh agent` on every node (as root: it loads eBPF and enters pod namespaces)."
+)]
+pub struct Cli {
+    /// What to log: a level (error, warn, info, debug, trace) or tracing
+    /// directives like "info,nodemesh::proxy=debug".
+    #[arg(
+        long,
+        global = true,
+        env = "NODEMESH_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log_level: String,
+
+    /// Log as human-readable text or as JSON lines.
+    #[arg(long, global = true, env = "NODEMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent: load eBPF, capture the node's meshed pods, proxy
+    /// their connections, serve /metrics on :4191.
+    Agent(Box<AgentArgs>),
+    /// Detach the mesh's eBPF programs from this node and remove everything
+    /// pinned (refused while an agent runs).
+    Cleanup {
+        /// The agent's --bpffs directory.
+        #[arg(
+            long,
+            env = "NODEMESH_BPFFS",
+            default_value = "/sys/fs/bpf/nodemesh",
+            value_name = "PATH"
+        )]
+        bpffs: PathBuf,
+    },
+}
+
+/// Parses the command line and runs it; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    run(Cli::parse())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let ebpf_log_level = match init_tracing(&cli.log_level, &cli.log_format) {
+        Ok(level) => level,
+        Err(e) => {
+            eprintln!("error: --log-level {:?}: {e}", cli.log_level);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Agent(args) => run_agent(&args, ebpf_log_level),
+        Command::Cleanup { bpffs } => match crate::redirect::cleanup(&bpffs) {
+            Ok(report) if report.removed => {
+                println!(
+                    "removed nodemesh eBPF state at {} ({} captured pods detached)",
+                    bpffs.display(),
+                    report.pod_links
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                println!("nothing to remove at {}", bpffs.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_agent(args: &AgentArgs, ebpf_log_level: u8) -> ExitCode {
+    let cfg = match AgentConfig::try_from(args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("nodemesh-proxy");
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(crate::agent::run(cfg, ebpf_log_level));
+    // Connections still open after the grace period are dropped here.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let e = chain(&e);
+            error!(error = %e, "agent failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes, "outer: inner: innermost".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Most messages already quote their source.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Installs the log subscriber (which also receives `log` records, such as
+/// the eBPF programs' via aya-log). Returns the aya-log level matching the
+/// filter: 0 off … 5 trace.
+fn init_tracing(filter: &str, format: &str) -> Result<u8, String> {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .parse(filter)
+        .map_err(|e| e.to_string())?;
+    let ebpf_level = match filter.max_level_hint() {
+        Some(LevelFilter::OFF) => 0,
+        Some(LevelFilter::ERROR) => 1,
+        Some(LevelFilter::WARN) => 2,
+        Some(LevelFilter::INFO) | None => 3,
+        Some(LevelFilter::DEBUG) => 4,
+        Some(_) => 5,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| e.to_string())?;
+    Ok(ebpf_level)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

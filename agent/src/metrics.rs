@@ -1,0 +1,308 @@
+//! Metrics: the label types every component shares, and the proxy's
+//! per-pod TCP families. Each component registers its own `Metrics` struct
+//! under the `nodemesh_` prefix; `admin` serves the registry.
+//!
+//! Series are per pod and direction (bounded by the pods on the node), and
+//! removed when a pod stops being captured.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// The prefix of every metric name.
+pub const PREFIX: &str = "nodemesh";
+
+/// A closed set of label values, encoded in snake_case.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vmeta])* $variant,)* }
+
+        impl $name {
+            pub const fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text,)* }
+            }
+        }
+
+        impl prometheus_client::encoding::EncodeLabelValue for $name {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use label_values;
+
+label_values! {
+    /// Which way a connection goes, seen from the meshed pod.
+    pub enum Direction {
+        /// The pod is the client.
+        Outbound => "outbound",
+        /// The pod is the server.
+        Inbound => "inbound",
+    }
+}
+
+label_values! {
+    /// Why the proxy could not reach a connection's destination.
+    pub enum ConnectError {
+        /// The destination refused (RST): nothing listens there.
+        Refused => "refused",
+        /// No route to the destination host or network.
+        Unreachable => "unreachable",
+        /// No answer within the connect timeout.
+        Timeout => "timeout",
+        /// The connection's original destination was not recorded by eBPF.
+        NoOriginalDestination => "no_original_destination",
+        /// Anything else.
+        Other => "other",
+    }
+}
+
+impl ConnectError {
+    pub fn classify(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                Self::Unreachable
+            }
+            Some(libc::ETIMEDOUT) => Self::Timeout,
+            _ if e.kind() == std::io::ErrorKind::TimedOut => Self::Timeout,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Identifies a meshed pod and a direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectErrorLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    reason: ConnectError,
+}
+
+/// The proxy's TCP families.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    open: Family<PodLabels, Counter>,
+    close: Family<PodLabels, Counter>,
+    open_now: Family<PodLabels, Gauge>,
+    sent: Family<PodLabels, Counter>,
+    received: Family<PodLabels, Counter>,
+    connect_errors: Family<ConnectErrorLabels, Counter>,
+}
+
+impl TcpMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            open: Family::default(),
+            close: Family::default(),
+            open_now: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            connect_errors: Family::default(),
+        };
+        registry.register(
+            "tcp_open",
+            "TCP connections the proxy accepted for a meshed pod",
+            m.open.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "TCP connections the proxy finished for a meshed pod",
+            m.close.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open through the proxy now",
+            m.open_now.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_sent",
+            "Bytes the meshed pod sent through the proxy",
+            prometheus_client::registry::Unit::Bytes,
+            m.sent.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_received",
+            "Bytes the proxy delivered to the meshed pod",
+            prometheus_client::registry::Unit::Bytes,
+            m.received.clone(),
+        );
+        registry.register(
+            "tcp_connect_errors",
+            "Connections the proxy could not make to their destination, by reason",
+            m.connect_errors.clone(),
+        );
+        m
+    }
+
+    /// Handles for one pod and direction, so the hot path never hashes labels.
+    pub fn pod(&self, labels: PodLabels) -> PodTcpMetrics {
+        PodTcpMetrics {
+            open: self.open.get_or_create_owned(&labels),
+            close: self.close.get_or_create_owned(&labels),
+            open_now: self.open_now.get_or_create_owned(&labels),
+            sent: self.sent.get_or_create_owned(&labels),
+            received: self.received.get_or_create_owned(&labels),
+            connect_errors: self.connect_errors.clone(),
+            labels,
+        }
+    }
+
+    /// Forgets a pod's series.
+    pub fn remove(&self, labels: &PodLabels) {
+        self.open.remove(labels);
+        self.close.remove(labels);
+        self.open_now.remove(labels);
+        self.sent.remove(labels);
+        self.received.remove(labels);
+        for reason in [
+            ConnectError::Refused,
+            ConnectError::Unreachable,
+            ConnectError::Timeout,
+            ConnectError::NoOriginalDestination,
+            ConnectError::Other,
+        ] {
+            self.connect_errors.remove(&ConnectErrorLabels {
+                pod: labels.clone(),
+                reason,
+            });
+        }
+    }
+}
+
+/// One pod's TCP counters.
+#[derive(Clone, Debug)]
+pub struct PodTcpMetrics {
+    labels: PodLabels,
+    open: Counter,
+    close: Counter,
+    open_now: Gauge,
+    /// Bytes the pod sent (read from its socket).
+    pub sent: Counter,
+    /// Bytes delivered to the pod (written to its socket).
+    pub received: Counter,
+    connect_errors: Family<ConnectErrorLabels, Counter>,
+}
+
+impl PodTcpMetrics {
+    pub fn labels(&self) -> &PodLabels {
+        &self.labels
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn open(&self) -> OpenGuard {
+        self.open.inc();
+        self.open_now.inc();
+        OpenGuard {
+            close: self.close.clone(),
+            open_now: self.open_now.clone(),
+        }
+    }
+
+    pub fn connect_error(&self, reason: ConnectError) {
+        self.connect_errors
+            .get_or_create(&ConnectErrorLabels {
+                pod: self.labels.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// Counts the close of a connection when dropped, whatever path ends it.
+#[derive(Debug)]
+pub struct OpenGuard {
+    close: Counter,
+    open_now: Gauge,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.close.inc();
+        self.open_now.dec();
+    }
+}
+
+/// Encodes a registry in the Prometheus text format.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_open_and_close_and_series_can_be_removed() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let tcp = TcpMetrics::new(&mut registry);
+        let labels = PodLabels {
+            namespace: "demo".into(),
+            pod: "client".into(),
+            direction: Direction::Outbound,
+        };
+        let pod = tcp.pod(labels.clone());
+        {
+            let _conn = pod.open();
+            pod.sent.inc_by(5);
+            let text = encode(&registry).unwrap();
+            assert!(text.contains(
+                r#"nodemesh_tcp_open_connections{namespace="demo",pod="client",direction="outbound"} 1"#
+            ), "{text}");
+        }
+        pod.connect_error(ConnectError::Refused);
+        let text = encode(&registry).unwrap();
+        for line in [
+            r#"nodemesh_tcp_open_total{namespace="demo",pod="client",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_close_total{namespace="demo",pod="client",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_open_connections{namespace="demo",pod="client",direction="outbound"} 0"#,
+            r#"nodemesh_tcp_sent_bytes_total{namespace="demo",pod="client",direction="outbound"} 5"#,
+            r#"nodemesh_tcp_connect_errors_total{namespace="demo",pod="client",direction="outbound",reason="refused"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        tcp.remove(&labels);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("pod=\"client\""), "{text}");
+    }
+
+    #[test]
+    fn connect_errors_are_classified() {
+        let e = |code| std::io::Error::from_raw_os_error(code);
+        assert_eq!(
+            ConnectError::classify(&e(libc::ECONNREFUSED)),
+            ConnectError::Refused
+        );
+        assert_eq!(
+            ConnectError::classify(&e(libc::EHOSTUNREACH)),
+            ConnectError::Unreachable
+        );
+        assert_eq!(
+            ConnectError::classify(&e(libc::ETIMEDOUT)),
+            ConnectError::Timeout
+        );
+        assert_eq!(ConnectError::classify(&e(libc::EPERM)), ConnectError::Other);
+    }
+}
