@@ -7,8 +7,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{AgentArgs, AgentConfig};
 
-/// Exit code for bad flags or configuration (clap uses 2 as well).
-const EXIT_USAGE: u8 = 2;
+/// Exit codes: success, failure, bad flags or configuration (clap uses 2
+/// as well).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,16 +63,16 @@ pub enum Command {
 
 /// Parses the command line and runs it; the binary's whole `main`.
 pub fn main() -> ExitCode {
-    run(Cli::parse())
+    ExitCode::from(run(Cli::parse()))
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> u8 {
     let ebpf_log_level = match init_tracing(&cli.log_level, &cli.log_format) {
         Ok(level) => level,
         Err(e) => {
             eprintln!("error: --log-level {:?}: {e}", cli.log_level);
-            return ExitCode::from(EXIT_USAGE);
+            return EXIT_USAGE;
         }
     };
     match cli.command {
@@ -81,26 +84,26 @@ pub fn run(cli: Cli) -> ExitCode {
                     bpffs.display(),
                     report.pod_links
                 );
-                ExitCode::SUCCESS
+                EXIT_OK
             }
             Ok(_) => {
                 println!("nothing to remove at {}", bpffs.display());
-                ExitCode::SUCCESS
+                EXIT_OK
             }
             Err(e) => {
                 eprintln!("error: {}", chain(&e));
-                ExitCode::FAILURE
+                EXIT_FAILURE
             }
         },
     }
 }
 
-fn run_agent(args: &AgentArgs, ebpf_log_level: u8) -> ExitCode {
+fn run_agent(args: &AgentArgs, ebpf_log_level: u8) -> u8 {
     let cfg = match AgentConfig::try_from(args) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return EXIT_USAGE;
         }
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -112,19 +115,19 @@ fn run_agent(args: &AgentArgs, ebpf_log_level: u8) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return EXIT_FAILURE;
         }
     };
     let result = runtime.block_on(crate::agent::run(cfg, ebpf_log_level));
     // Connections still open after the grace period are dropped here.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => EXIT_OK,
         Err(e) => {
             let e = chain(&e);
             error!(error = %e, "agent failed");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            EXIT_FAILURE
         }
     }
 }
@@ -163,6 +166,7 @@ fn init_tracing(filter: &str, format: &str) -> Result<u8, String> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = if format == "json" {
         builder.json().try_init()

@@ -48,6 +48,8 @@ use tracing::{debug, info, warn};
 
 use crate::{cgroup::CgroupDir, discovery::PodUid};
 
+pub use nodemesh_common::LAYOUT_VERSION;
+
 /// The compiled eBPF object (agent/build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh-ebpf"));
 

@@ -1,0 +1,20 @@
+//! End-to-end tests: real eBPF, real network namespaces as pods, real
+//! sockets, the real agent. Needs root (CI runs as root).
+mod skeleton;
+
+fn main() {
+    nodemesh_tests::harness::main(nodemesh_tests::trials![
+        skeleton::meshed_pod_goes_through_the_agent,
+        skeleton::unmeshed_pod_is_left_alone,
+        skeleton::labelling_captures_and_unlabelling_releases_live,
+        skeleton::fast_path_carries_the_bytes_when_on_and_not_when_off,
+        skeleton::agent_upstream_connections_are_never_redirected,
+        skeleton::bypassed_destinations_go_direct,
+        skeleton::pods_that_cannot_be_captured_are_reported_and_retried,
+        skeleton::a_malformed_pod_file_keeps_the_last_good_pods,
+        skeleton::unreachable_destinations_reset_the_client,
+        skeleton::a_restarted_agent_takes_over_without_bypass,
+        skeleton::cleanup_on_exit_removes_everything,
+        skeleton::bad_configuration_is_reported_all_at_once,
+    ]);
+}

@@ -1,0 +1,227 @@
+//! The nodemesh agent as a process on a test node: started in the node's
+//! netns and in its own cgroup under the node's cgroup root, like a
+//! DaemonSet pod would be.
+use std::{
+    fs::{self, File},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    node::Node,
+    prom::Metrics,
+    sys::{eventually, http_get, read_or_empty, self_exe, spawn_in},
+};
+
+/// The role argument under which the test binary runs as the agent (the
+/// agent's own `nodemesh::cli`, in a process of its own).
+pub const ROLE: &str = "__nodemesh_agent";
+
+static AGENTS: AtomicU32 = AtomicU32::new(0);
+
+/// How to run the agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub fast_path: bool,
+    /// More `nodemesh agent` flags.
+    pub args: Vec<String>,
+    /// The log filter.
+    pub log: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            fast_path: true,
+            args: Vec::new(),
+            log: std::env::var("NODEMESH_TEST_LOG")
+                .unwrap_or_else(|_| "info,nodemesh=debug".into()),
+        }
+    }
+}
+
+impl AgentOptions {
+    pub fn fast_path(mut self, on: bool) -> Self {
+        self.fast_path = on;
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+}
+
+/// A running agent. Killed when dropped; when the test is failing, the end
+/// of its log is printed first.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+    netns: PathBuf,
+    pub admin: std::net::SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent on `node` reading the node's pod file.
+    pub fn start(node: &Node, opts: AgentOptions) -> Self {
+        let n = AGENTS.fetch_add(1, Ordering::Relaxed);
+        let cgroup = node.cgroup.join("nodemesh-agent");
+        fs::create_dir_all(&cgroup).expect("agent cgroup");
+        if !node.pod_file().exists() {
+            node.write_pods(&[]);
+        }
+        let log_path = node.dir.join(format!("agent-{n}.log"));
+        let log = File::create(&log_path).expect("agent log");
+        let mut cmd = Command::new(self_exe());
+        cmd.arg(ROLE)
+            .args(["--log-level", &opts.log, "agent"])
+            .arg("--pod-file")
+            .arg(node.pod_file())
+            .arg("--pod-file-interval")
+            .arg("100ms")
+            .arg("--cgroup-root")
+            .arg(&node.cgroup)
+            .arg("--bpffs")
+            .arg(&node.pins)
+            .arg("--admin-addr")
+            .arg(node.admin_addr().to_string())
+            .arg("--fast-path")
+            .arg(opts.fast_path.to_string())
+            .args(&opts.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        let child = spawn_in(cmd, &node.netns, &cgroup);
+        Self {
+            child: Some(child),
+            log_path,
+            netns: node.netns.clone(),
+            admin: node.admin_addr(),
+        }
+    }
+
+    /// Starts an agent and waits until it reports ready.
+    pub fn start_ready(node: &Node, opts: AgentOptions) -> Self {
+        let mut agent = Self::start(node, opts);
+        agent.wait_ready();
+        agent
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "agent exited ({status}) before it was ready:\n{}",
+                    self.log_tail(60)
+                );
+            }
+            if let Ok((200, _)) = http_get(&self.netns, self.admin, "/ready") {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("agent not ready after 30s:\n{}", self.log_tail(60));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A scrape of /metrics.
+    pub fn metrics(&self) -> Metrics {
+        match http_get(&self.netns, self.admin, "/metrics") {
+            Ok((200, body)) => Metrics::parse(&body),
+            other => panic!("GET /metrics: {other:?}\n{}", self.log_tail(40)),
+        }
+    }
+
+    /// GET `path` on the admin server.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(&self.netns, self.admin, path)
+    }
+
+    /// Waits until a metric satisfies `ok`.
+    pub fn wait_metric(&self, what: &str, ok: impl Fn(&Metrics) -> bool) -> Metrics {
+        eventually(what, Duration::from_secs(15), || {
+            let m = self.metrics();
+            if ok(&m) { Ok(m) } else { Err(m.text) }
+        })
+    }
+
+    pub fn log(&self) -> String {
+        read_or_empty(&self.log_path)
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        eventually(
+            &format!("agent log contains {needle:?}"),
+            Duration::from_secs(15),
+            || {
+                let log = self.log();
+                if log.contains(needle) {
+                    Ok(log)
+                } else {
+                    Err(self.log_tail(30))
+                }
+            },
+        )
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after `grace`).
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                self.child = None;
+                return status;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the agent dies without cleaning anything up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "---- agent log ({}) ----\n{}\n---- end of agent log ----",
+                self.log_path.display(),
+                self.log_tail(80)
+            );
+        }
+        self.kill();
+    }
+}

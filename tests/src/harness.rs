@@ -1,0 +1,33 @@
+//! The `main` of every test binary: runs the tests, or, when the test bed
+//! started this binary as a pod application or as the agent, plays that
+//! part instead.
+pub use libtest_mimic::{Arguments, Trial};
+
+use crate::{agent, app};
+
+/// Runs `trials`, or the role named by the first argument.
+pub fn main(trials: Vec<Trial>) -> ! {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(app::ROLE) => app::main(),
+        Some(agent::ROLE) => {
+            use clap::Parser;
+            let argv = std::iter::once("nodemesh".to_owned()).chain(args[2..].iter().cloned());
+            std::process::exit(nodemesh::cli::run(nodemesh::cli::Cli::parse_from(argv)).into())
+        }
+        _ => libtest_mimic::run(&Arguments::from_args(), trials).exit(),
+    }
+}
+
+/// `trials![a, b, c]`: one trial per test function, named after it.
+#[macro_export]
+macro_rules! trials {
+    ($($test:path),* $(,)?) => {
+        vec![$(
+            $crate::harness::Trial::test(stringify!($test), || {
+                $test();
+                Ok(())
+            })
+        ),*]
+    };
+}

@@ -1,0 +1,393 @@
+//! Nodes and pods out of network namespaces, veth pairs and cgroups.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, Once,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use serde::Serialize;
+
+use crate::{
+    app::App,
+    sys::{self, cgroup2_mount, ip, ip_quiet, pid_alive, remove_cgroup_tree},
+};
+
+/// Every name the test bed creates starts with this, then the pid.
+const PREFIX: &str = "nmt";
+/// Where the agent listens for /metrics inside a node.
+pub const ADMIN_PORT: u16 = 4191;
+
+static NODES: AtomicU32 = AtomicU32::new(0);
+static PODS: AtomicU32 = AtomicU32::new(0);
+
+/// What to create a pod with.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: "default".into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// With `nodemesh.io/mesh=enabled`.
+    pub fn meshed(self) -> Self {
+        self.label(nodemesh::discovery::MESH_LABEL, "enabled")
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// A simulated pod: its own netns and cgroup on a [`Node`].
+#[derive(Debug)]
+pub struct Pod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub ip: Ipv4Addr,
+    /// `/run/netns/<name>`.
+    pub netns: PathBuf,
+    /// The pod cgroup relative to the node's cgroup root (kubelet layout).
+    pub cgroup_rel: PathBuf,
+    /// The pod cgroup's absolute path.
+    pub cgroup: PathBuf,
+    labels: Mutex<BTreeMap<String, String>>,
+    containers: AtomicU32,
+}
+
+impl Pod {
+    /// Starts a container: a long-lived process in the pod's netns and in a
+    /// container cgroup below the pod's, driven over stdin/stdout.
+    pub fn app(&self) -> App {
+        let n = self.containers.fetch_add(1, Ordering::Relaxed);
+        let dir = self.cgroup.join(format!("cri-containerd-{n:04}.scope"));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        App::start(
+            &self.netns,
+            &dir,
+            &format!("{}/{}", self.namespace, self.name),
+        )
+    }
+
+    pub fn set_label(&self, key: &str, value: Option<&str>) {
+        let mut labels = self.labels.lock().unwrap();
+        match value {
+            Some(v) => labels.insert(key.into(), v.into()),
+            None => labels.remove(key),
+        };
+    }
+
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        self.labels.lock().unwrap().clone()
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its entry in the agent's pod file.
+    pub fn entry(&self) -> PodEntry {
+        PodEntry {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            ip: Some(self.ip.to_string()),
+            service_account: self.service_account.clone(),
+            labels: self.labels(),
+            cgroup: self.cgroup_rel.clone(),
+            netns: Some(self.netns.clone()),
+        }
+    }
+}
+
+/// One entry of the pod file, as the agent reads it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodEntry {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub cgroup: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct PodFile<'a> {
+    pods: &'a [PodEntry],
+}
+
+/// A simulated node: a netns with a bridge its pods hang off, a cgroup
+/// root, a bpffs pin directory and a scratch directory.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    /// `/run/netns/<name>`.
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    /// The node's cgroup root (what the agent gets as --cgroup-root).
+    pub cgroup: PathBuf,
+    /// The agent's --bpffs.
+    pub pins: PathBuf,
+    /// Scratch: pod file, agent logs.
+    pub dir: PathBuf,
+    subnet: u8,
+    next_host: AtomicU32,
+    pod_netns: Mutex<Vec<String>>,
+}
+
+impl Node {
+    /// Creates a node; the first one in a process clears leftovers of
+    /// crashed earlier runs.
+    pub fn new() -> Self {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_leftovers);
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the test bed needs root (netns, cgroups, BPF)"
+        );
+        let k = NODES.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{k}", std::process::id());
+        let subnet = (k % 200 + 20) as u8;
+        let node_ip = Ipv4Addr::new(10, subnet, 0, 1);
+        let node = Self {
+            netns: PathBuf::from("/run/netns").join(&name),
+            cgroup: cgroup2_mount().join(&name),
+            pins: PathBuf::from("/sys/fs/bpf").join(&name),
+            dir: std::env::temp_dir().join(&name),
+            name,
+            ip: node_ip,
+            subnet,
+            next_host: AtomicU32::new(2),
+            pod_netns: Mutex::default(),
+        };
+        // From here on, Drop cleans up whatever was made.
+        ip(&["netns", "add", &node.name]);
+        ip(&["-n", &node.name, "link", "set", "lo", "up"]);
+        ip(&["-n", &node.name, "link", "add", "nm0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "nm0",
+        ]);
+        ip(&["-n", &node.name, "link", "set", "nm0", "up"]);
+        fs::create_dir_all(&node.cgroup).expect("create node cgroup");
+        fs::create_dir_all(&node.dir).expect("create node scratch dir");
+        node
+    }
+
+    /// Creates a pod: netns, veth to the bridge, address, default route,
+    /// and a kubelet-style cgroup (systemd driver, BestEffort QoS).
+    pub fn pod(&self, spec: PodSpec) -> Arc<Pod> {
+        let n = PODS.fetch_add(1, Ordering::Relaxed);
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        assert!(host < 250, "too many pods on one node");
+        let uid = format!(
+            "7e57{:04x}-0000-4000-8000-{:012x}",
+            std::process::id() & 0xffff,
+            n
+        );
+        let netns_name = format!("{}-p{n}", self.name);
+        self.pod_netns.lock().unwrap().push(netns_name.clone());
+        let ip_addr = Ipv4Addr::new(10, self.subnet, 0, host as u8);
+        let veth = format!("p{n}");
+        ip(&["netns", "add", &netns_name]);
+        ip(&["-n", &netns_name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns_name,
+        ]);
+        ip(&[
+            "-n", &self.name, "link", "set", &veth, "master", "nm0", "up",
+        ]);
+        ip(&[
+            "-n",
+            &netns_name,
+            "addr",
+            "add",
+            &format!("{ip_addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &netns_name, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &netns_name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip.to_string(),
+        ]);
+        let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+        let cgroup_rel = PathBuf::from("kubepods.slice/kubepods-besteffort.slice").join(slice);
+        let cgroup = self.cgroup.join(&cgroup_rel);
+        fs::create_dir_all(&cgroup).expect("create pod cgroup");
+        Arc::new(Pod {
+            uid,
+            namespace: spec.namespace,
+            name: spec.name,
+            service_account: spec.service_account,
+            ip: ip_addr,
+            netns: PathBuf::from("/run/netns").join(netns_name),
+            cgroup_rel,
+            cgroup,
+            labels: Mutex::new(spec.labels),
+            containers: AtomicU32::new(0),
+        })
+    }
+
+    /// The pod file the agent watches.
+    pub fn pod_file(&self) -> PathBuf {
+        self.dir.join("pods.yaml")
+    }
+
+    /// Writes the pod file (atomically) from the pods' current state.
+    pub fn write_pods(&self, pods: &[&Pod]) {
+        let entries: Vec<PodEntry> = pods.iter().map(|p| p.entry()).collect();
+        self.write_pod_entries(&entries);
+    }
+
+    pub fn write_pod_entries(&self, entries: &[PodEntry]) {
+        let text = serde_norway::to_string(&PodFile { pods: entries }).expect("serialize pods");
+        self.write_pod_file_raw(&text);
+    }
+
+    /// Writes arbitrary text as the pod file (atomically).
+    pub fn write_pod_file_raw(&self, text: &str) {
+        let tmp = self.dir.join("pods.yaml.tmp");
+        fs::write(&tmp, text).expect("write pod file");
+        fs::rename(&tmp, self.pod_file()).expect("rename pod file");
+    }
+
+    /// The agent's admin address on this node.
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, ADMIN_PORT))
+    }
+
+    /// An address in this node's pod subnet where nothing lives.
+    pub fn unused_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, 254)
+    }
+
+    /// Pinned `connect4` links, by pod uid.
+    pub fn pinned_pod_links(&self) -> Vec<String> {
+        let dir = self
+            .pins
+            .join(format!("v{}", nodemesh::redirect::LAYOUT_VERSION))
+            .join("links/pods");
+        let mut uids: Vec<String> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        uids.sort();
+        uids
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Processes first (agent and containers), then what they used.
+        remove_cgroup_tree(&self.cgroup);
+        for ns in self
+            .pod_netns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            ip_quiet(&["netns", "del", &ns]);
+        }
+        ip_quiet(&["netns", "del", &self.name]);
+        let _ = fs::remove_dir_all(&self.pins);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes what runs of the test bed left behind when they crashed: every
+/// object named after a process that no longer exists.
+fn sweep_leftovers() {
+    let stale = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        match pid.parse::<u32>() {
+            Ok(pid) => pid == std::process::id() || !pid_alive(pid),
+            Err(_) => false,
+        }
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| stale(n))
+            .collect()
+    };
+    let mut removed = 0;
+    for name in names(cgroup2_mount()) {
+        remove_cgroup_tree(&cgroup2_mount().join(name));
+        removed += 1;
+    }
+    for name in names(Path::new("/run/netns")) {
+        ip_quiet(&["netns", "del", &name]);
+        removed += 1;
+    }
+    for name in names(Path::new("/sys/fs/bpf")) {
+        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf").join(name));
+        removed += 1;
+    }
+    for name in names(&std::env::temp_dir()) {
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(name));
+        removed += 1;
+    }
+    if removed > 0 {
+        eprintln!("test bed: removed {removed} leftovers of earlier runs");
+    }
+}
+
+/// Removes a pod's netns by hand (to test a pod whose netns disappeared).
+pub fn delete_netns(path: &Path) {
+    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+        sys::ip_quiet(&["netns", "del", name]);
+    }
+}

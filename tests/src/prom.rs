@@ -1,0 +1,112 @@
+//! Reading the agent's `/metrics` (Prometheus text format).
+use std::collections::BTreeMap;
+
+/// One scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    pub text: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(x) => x,
+                None => continue,
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, BTreeMap::new()),
+            };
+            samples.push((name.to_owned(), labels, value));
+        }
+        Self {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// The sample of `name` whose labels include all of `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.matching(name, labels).next()
+    }
+
+    /// The sum of all samples of `name` whose labels include `labels` (0
+    /// when there are none).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).sum()
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = f64> + 'a {
+        self.samples
+            .iter()
+            .filter(move |(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+    }
+}
+
+/// `a="x",b="y"` (values may contain escaped quotes).
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_owned(), value);
+        rest = &after[end..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_samples_and_labels() {
+        let m = Metrics::parse(
+            "# HELP x y\nnodemesh_tcp_open_total{namespace=\"a\",pod=\"b\\\"q\",direction=\"outbound\"} 3\nnodemesh_meshed_pods 2\n",
+        );
+        assert_eq!(
+            m.get("nodemesh_tcp_open_total", &[("pod", "b\"q")]),
+            Some(3.0)
+        );
+        assert_eq!(m.get("nodemesh_meshed_pods", &[]), Some(2.0));
+        assert_eq!(m.sum("nodemesh_tcp_open_total", &[("pod", "nope")]), 0.0);
+    }
+}

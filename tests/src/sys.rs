@@ -1,0 +1,184 @@
+//! Small system helpers: `ip` commands, cgroups, starting a process inside
+//! a netns and a cgroup, plain HTTP from inside a netns, polling.
+use std::{
+    ffi::OsStr,
+    fs::{self, File},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Runs `ip <args>`; panics with its stderr if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run ip {}: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    });
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Like [`ip`], but ignores failures (for cleanup).
+pub fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip").args(args).stderr(Stdio::null()).output();
+}
+
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_mount() -> &'static Path {
+    static MOUNT: OnceLock<PathBuf> = OnceLock::new();
+    MOUNT.get_or_init(|| {
+        let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+        info.lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mountpoint = left.split_whitespace().nth(4)?;
+                (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mountpoint))
+            })
+            .expect("the test bed needs cgroup v2 mounted")
+    })
+}
+
+/// Kills every process in a cgroup tree and removes its directories.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    // cgroup.kill (5.14+) SIGKILLs the whole subtree at once.
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        remove_cgroup_dirs(dir);
+        if !dir.exists() || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_cgroup_dirs(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_dirs(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// The calling process's own network namespace, opened once.
+fn home_netns() -> &'static File {
+    static HOME: OnceLock<File> = OnceLock::new();
+    HOME.get_or_init(|| File::open("/proc/self/ns/net").expect("open own netns"))
+}
+
+/// Runs `f` on a fresh thread inside the netns at `netns`.
+pub fn in_netns<R: Send + 'static>(netns: &Path, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let _ = home_netns();
+    let ns = File::open(netns).unwrap_or_else(|e| panic!("open netns {}: {e}", netns.display()));
+    thread::spawn(move || {
+        // SAFETY: setns on this (new, short-lived) thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// A plain HTTP/1.0 GET from inside `netns`: (status, body).
+pub fn http_get(netns: &Path, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let path = path.to_owned();
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad response: {head}")))?;
+        Ok((status, body.to_owned()))
+    })
+}
+
+/// Starts `cmd` with the child already inside `netns` and `cgroup` (moved
+/// before `exec`, so even its first socket belongs to them).
+pub fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Child {
+    let ns = File::open(netns).unwrap_or_else(|e| panic!("open netns {}: {e}", netns.display()));
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cgroup.display()));
+    let (ns_fd, procs_fd): (RawFd, RawFd) = (ns.as_raw_fd(), procs.as_raw_fd());
+    // SAFETY: only async-signal-safe calls (setns, write) between fork and
+    // exec; the fds stay open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Writing "0" to cgroup.procs moves the writing process.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    drop((ns, procs));
+    child
+}
+
+/// This test binary, to be started again in another role.
+pub fn self_exe() -> PathBuf {
+    std::env::current_exe().expect("current_exe")
+}
+
+/// Polls `f` until it returns `Ok`, or panics with its last error after
+/// `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: not so after {timeout:?}: {e}")
+            }
+            Err(_) => {
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// `true` if a process with this pid exists.
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Reads a file's text, or "" when it is missing.
+pub fn read_or_empty(path: impl AsRef<OsStr>) -> String {
+    fs::read_to_string(Path::new(&path)).unwrap_or_default()
+}
