@@ -163,10 +163,10 @@ impl CgroupDir {
         let mut queue = VecDeque::from([self.path.clone()]);
         while let Some(dir) = queue.pop_front() {
             let procs = dir.join("cgroup.procs");
-            if let Ok(text) = fs::read_to_string(&procs) {
-                if let Some(pid) = text.lines().find_map(|l| l.trim().parse::<u32>().ok()) {
-                    return Ok(pid);
-                }
+            if let Ok(text) = fs::read_to_string(&procs)
+                && let Some(pid) = text.lines().find_map(|l| l.trim().parse::<u32>().ok())
+            {
+                return Ok(pid);
             }
             if let Ok(entries) = fs::read_dir(&dir) {
                 for entry in entries.flatten() {

@@ -108,11 +108,13 @@ pub struct AgentArgs {
     )]
     pub shutdown_grace: String,
 
-    /// Relay buffer per direction per connection, in bytes.
+    /// Relay buffer per direction per connection, in bytes. Proxy memory is
+    /// bounded by about max-connections × 2 × this (pages a connection never
+    /// fills are not resident). Larger buffers move bulk data faster.
     #[arg(
         long,
         env = "NODEMESH_BUFFER_SIZE",
-        default_value = "16384",
+        default_value = "131072",
         value_name = "BYTES"
     )]
     pub buffer_size: String,
@@ -295,12 +297,12 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             &a.worker_threads,
             parse_count(&a.worker_threads, 0, 1024),
         );
-        if let (Some(admin), Some(port)) = (admin_addr, outbound_port) {
-            if admin.port() == port {
-                p.0.push(format!(
-                    "--admin-addr and --outbound-port both use port {port}"
-                ));
-            }
+        if let (Some(admin), Some(port)) = (admin_addr, outbound_port)
+            && admin.port() == port
+        {
+            p.0.push(format!(
+                "--admin-addr and --outbound-port both use port {port}"
+            ));
         }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));

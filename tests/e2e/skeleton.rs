@@ -150,7 +150,7 @@ pub fn labelling_captures_and_unlabelling_releases_live() {
     let x = app.exchange_ok(echo(&server), 1000);
     assert!(was_redirected(x.local), "{x:?}");
     settled(&agent, &client, 1.0);
-    assert_eq!(node.pinned_pod_links(), [client.uid.clone()]);
+    assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&client.uid));
 
     client.set_label(MESH_LABEL, None);
     node.write_pods(&[&client, &server]);
@@ -317,7 +317,7 @@ pub fn pods_that_cannot_be_captured_are_reported_and_retried() {
     assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
     // Nothing half-attached: only the good pod has a link, and the pod whose
     // netns was wrong is not redirected.
-    assert_eq!(node.pinned_pod_links(), [good.uid.clone()]);
+    assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&good.uid));
     let mut stray = no_netns.app();
     assert!(!was_redirected(
         stray.exchange_ok(echo(&server), 1000).local
@@ -452,7 +452,7 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
     // A crash leaves eBPF attached: the pod's connections are refused while
     // no agent runs; they never bypass the mesh.
     first.kill();
-    assert_eq!(node.pinned_pod_links(), [client.uid.clone()]);
+    assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&client.uid));
     let f = app.exchange(echo(&server), 100).unwrap_err();
     assert_eq!(f.kind, "refused", "{f:?}");
     assert_eq!(
@@ -483,7 +483,7 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
     let status = second.stop(Duration::from_secs(20)).expect("agent exited");
     assert!(status.success(), "{status:?}");
     assert!(second.log().contains("eBPF state left in place"));
-    assert_eq!(node.pinned_pod_links(), [client.uid.clone()]);
+    assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&client.uid));
 
     // …and cleanup removes it: connections go direct again.
     let out = cleanup(&node);

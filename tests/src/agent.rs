@@ -30,6 +30,9 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// The log filter.
     pub log: String,
+    /// Run this `nodemesh` binary instead of the agent built into the test
+    /// binary (the demo and benchmarks run the release build).
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -39,6 +42,7 @@ impl Default for AgentOptions {
             args: Vec::new(),
             log: std::env::var("NODEMESH_TEST_LOG")
                 .unwrap_or_else(|_| "info,nodemesh=debug".into()),
+            binary: None,
         }
     }
 }
@@ -76,9 +80,15 @@ impl Agent {
         }
         let log_path = node.dir.join(format!("agent-{n}.log"));
         let log = File::create(&log_path).expect("agent log");
-        let mut cmd = Command::new(self_exe());
-        cmd.arg(ROLE)
-            .args(["--log-level", &opts.log, "agent"])
+        let mut cmd = match &opts.binary {
+            Some(binary) => Command::new(binary),
+            None => {
+                let mut cmd = Command::new(self_exe());
+                cmd.arg(ROLE);
+                cmd
+            }
+        };
+        cmd.args(["--log-level", &opts.log, "agent"])
             .arg("--pod-file")
             .arg(node.pod_file())
             .arg("--pod-file-interval")
@@ -149,6 +159,20 @@ impl Agent {
             let m = self.metrics();
             if ok(&m) { Ok(m) } else { Err(m.text) }
         })
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the agent process, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = read_or_empty(format!("/proc/{}/status", self.pid()?));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     pub fn log(&self) -> String {

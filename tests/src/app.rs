@@ -299,7 +299,7 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             bytes,
             seed,
             timeout_ms,
-        } => match exchange(to, bytes, seed, Duration::from_millis(timeout_ms)) {
+        } => match exchange(to, bytes, Some(seed), Duration::from_millis(timeout_ms)) {
             Ok(x) => Response::Exchanged(x),
             Err(f) => Response::Failed(f),
         },
@@ -309,7 +309,7 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
         },
         Request::Bulk { to, bytes } => {
             let start = Instant::now();
-            match exchange(to, bytes, 1, Duration::from_secs(120)) {
+            match exchange(to, bytes, None, Duration::from_secs(120)) {
                 Ok(x) if x.intact => Response::Bulk {
                     bytes,
                     micros: start.elapsed().as_micros() as u64,
@@ -372,8 +372,15 @@ fn pattern_at(seed: u64, offset: u64, out: &mut [u8]) {
     }
 }
 
-/// Full-duplex exchange on a non-blocking socket driven by poll(2).
-fn exchange(to: SocketAddr, bytes: u64, seed: u64, timeout: Duration) -> Result<Exchange, Failure> {
+/// Full-duplex exchange on a non-blocking socket driven by poll(2). With a
+/// `seed` the bytes follow its pattern and are checked on the way back;
+/// without, they are zeros and only counted (for throughput).
+fn exchange(
+    to: SocketAddr,
+    bytes: u64,
+    seed: Option<u64>,
+    timeout: Duration,
+) -> Result<Exchange, Failure> {
     let fail = |e: &io::Error, s, r| Failure::from_io(e, s, r);
     let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| fail(&e, 0, 0))?;
     let local = stream.local_addr().map_err(|e| fail(&e, 0, 0))?;
@@ -420,7 +427,9 @@ fn exchange(to: SocketAddr, bytes: u64, seed: u64, timeout: Duration) -> Result<
             if out_pos == out.len() {
                 let n = (bytes - sent).min(64 * 1024) as usize;
                 out.resize(n, 0);
-                pattern_at(seed, sent, &mut out);
+                if let Some(seed) = seed {
+                    pattern_at(seed, sent, &mut out);
+                }
                 out_pos = 0;
             }
             match stream.write(&out[out_pos..]) {
@@ -445,7 +454,7 @@ fn exchange(to: SocketAddr, bytes: u64, seed: u64, timeout: Duration) -> Result<
                 Ok(n) => {
                     if received + n as u64 > bytes {
                         intact = false;
-                    } else if intact {
+                    } else if let (true, Some(seed)) = (intact, seed) {
                         pattern_at(seed, received, &mut expect[..n]);
                         intact = inbuf[..n] == expect[..n];
                     }

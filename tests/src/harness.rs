@@ -7,6 +7,14 @@ use crate::{agent, app};
 
 /// Runs `trials`, or the role named by the first argument.
 pub fn main(trials: Vec<Trial>) -> ! {
+    play_role();
+    libtest_mimic::run(&Arguments::from_args(), trials).exit()
+}
+
+/// If the test bed started this binary as a pod application or as the
+/// agent, plays that part and exits; otherwise returns. Every binary that
+/// uses the test bed calls this first thing in `main`.
+pub fn play_role() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(app::ROLE) => app::main(),
@@ -15,7 +23,7 @@ pub fn main(trials: Vec<Trial>) -> ! {
             let argv = std::iter::once("nodemesh".to_owned()).chain(args[2..].iter().cloned());
             std::process::exit(nodemesh::cli::run(nodemesh::cli::Cli::parse_from(argv)).into())
         }
-        _ => libtest_mimic::run(&Arguments::from_args(), trials).exit(),
+        _ => {}
     }
 }
 

@@ -161,6 +161,10 @@ pub struct Node {
 impl Node {
     /// Creates a node; the first one in a process clears leftovers of
     /// crashed earlier runs.
+    #[expect(
+        clippy::new_without_default,
+        reason = "a node creates namespaces and cgroups: not a default value"
+    )]
     pub fn new() -> Self {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_leftovers);
@@ -337,7 +341,14 @@ impl Drop for Node {
         }
         ip_quiet(&["netns", "del", &self.name]);
         let _ = fs::remove_dir_all(&self.pins);
-        let _ = fs::remove_dir_all(&self.dir);
+        if std::env::var_os("NODEMESH_TEST_KEEP_LOGS").is_some() {
+            eprintln!(
+                "test bed: kept {} (NODEMESH_TEST_KEEP_LOGS)",
+                self.dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

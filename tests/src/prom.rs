@@ -42,7 +42,8 @@ impl Metrics {
     /// The sum of all samples of `name` whose labels include `labels` (0
     /// when there are none).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.matching(name, labels).sum()
+        // Start from +0: an empty f64 sum is -0.
+        self.matching(name, labels).fold(0.0, |a, b| a + b)
     }
 
     fn matching<'a>(

@@ -2,7 +2,9 @@
 //! hides the build: `cargo build` alone builds everything once `setup` ran.
 mod setup;
 
-use anyhow::Result;
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -14,13 +16,168 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (rust-src, bpf-linker, apt
-    /// packages). Idempotent and quick when everything is present.
+    /// Install what building and testing need (apt packages, rust-src,
+    /// bpf-linker). Idempotent and quick when everything is present.
     Setup,
+    /// Set up, then run the whole suite: formatting, clippy (host and eBPF
+    /// target), unit tests and the end-to-end tests (needs root).
+    Test {
+        /// Skip cargo fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Passed to the test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build the release agent, and run it on a simulated node with
+    /// a few pods; prints what the proxy saw per pod, then cleans up.
+    Demo,
+    /// Set up, build in release, and print the same-node benchmark table.
+    Bench {
+        /// Flags for the benchmark (--round-trips N, --size BYTES,
+        /// --bulk-mib N, --repeats N).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
-        Task::Setup => setup::run(),
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { no_lint, args } => test(no_lint, &args),
+        Task::Demo => {
+            setup::run()?;
+            let bin = release_build()?;
+            run_bin(
+                "nodemesh-demo",
+                &["--agent".into(), bin.display().to_string()],
+            )
+        }
+        Task::Bench { args } => {
+            setup::run()?;
+            let bin = release_build()?;
+            let mut all = vec!["--agent".into(), bin.display().to_string()];
+            all.extend(args);
+            run_bin("nodemesh-bench", &all)
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(env_cargo())
+        .args(args)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn env_cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, cgroups, BPF); run it as root");
+    }
+    Ok(())
+}
+
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    setup::run()?;
+    if !no_lint {
+        cargo(&["fmt", "--all", "--", "--check"])?;
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+        clippy_ebpf()?;
+    }
+    require_root("the end-to-end tests")?;
+    let mut test_args = vec!["test"];
+    if !args.is_empty() {
+        test_args.push("--");
+        test_args.extend(args.iter().map(String::as_str));
+    }
+    cargo(&test_args)
+}
+
+/// Clippy on the eBPF crate, for its own target.
+fn clippy_ebpf() -> Result<()> {
+    let args = [
+        "clippy",
+        "--package",
+        "nodemesh-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(env_cargo())
+        .args(args)
+        // -Z build-std on the pinned stable toolchain, as agent/build.rs does.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", target_dir().join("ebpf-clippy"))
+        .status()
+        .context("cannot run cargo clippy")?;
+    if !status.success() {
+        bail!("clippy on the eBPF crate failed");
+    }
+    Ok(())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds the release agent and the demo/bench drivers; returns the agent.
+fn release_build() -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "nodemesh",
+        "--package",
+        "nodemesh-tests",
+        "--bins",
+    ])?;
+    Ok(target_dir().join("release/nodemesh"))
+}
+
+fn run_bin(name: &str, args: &[String]) -> Result<()> {
+    require_root(name)?;
+    let bin = target_dir().join("release").join(name);
+    let status = Command::new(&bin)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !status.success() {
+        bail!("{name} failed");
+    }
+    Ok(())
 }

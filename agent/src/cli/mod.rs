@@ -149,21 +149,15 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Installs the log subscriber (which also receives `log` records, such as
-/// the eBPF programs' via aya-log). Returns the aya-log level matching the
-/// filter: 0 off … 5 trace.
+/// the eBPF programs' via aya-log). Returns the aya-log level the programs
+/// should log at: what the filter lets through for their target
+/// (`nodemesh_ebpf`), 0 off … 5 trace, so they never emit records that
+/// would be dropped.
 fn init_tracing(filter: &str, format: &str) -> Result<u8, String> {
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .parse(filter)
         .map_err(|e| e.to_string())?;
-    let ebpf_level = match filter.max_level_hint() {
-        Some(LevelFilter::OFF) => 0,
-        Some(LevelFilter::ERROR) => 1,
-        Some(LevelFilter::WARN) => 2,
-        Some(LevelFilter::INFO) | None => 3,
-        Some(LevelFilter::DEBUG) => 4,
-        Some(_) => 5,
-    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -174,7 +168,20 @@ fn init_tracing(filter: &str, format: &str) -> Result<u8, String> {
         builder.try_init()
     };
     result.map_err(|e| e.to_string())?;
-    Ok(ebpf_level)
+    use tracing::{Level, enabled};
+    Ok(if enabled!(target: "nodemesh_ebpf", Level::TRACE) {
+        5
+    } else if enabled!(target: "nodemesh_ebpf", Level::DEBUG) {
+        4
+    } else if enabled!(target: "nodemesh_ebpf", Level::INFO) {
+        3
+    } else if enabled!(target: "nodemesh_ebpf", Level::WARN) {
+        2
+    } else if enabled!(target: "nodemesh_ebpf", Level::ERROR) {
+        1
+    } else {
+        0
+    })
 }
 
 #[cfg(test)]

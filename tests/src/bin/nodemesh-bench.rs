@@ -1,0 +1,177 @@
+//! `cargo xtask bench`: the same-node path, direct vs meshed with and
+//! without the sk_msg fast path. Prints a table; asserts nothing about
+//! speed (these machines are shared and noisy).
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use nodemesh::discovery::MESH_LABEL;
+use nodemesh_tests::{Agent, AgentOptions, App, Node, Pod, PodSpec, harness};
+
+const PORT: u16 = 8080;
+
+struct Settings {
+    agent: PathBuf,
+    round_trips: u32,
+    size: u32,
+    bulk_mib: u64,
+    repeats: usize,
+}
+
+fn settings() -> Settings {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+    let number = |flag: &str, default: u64| {
+        value(flag).map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("{flag} {v:?}: not a number");
+                std::process::exit(2)
+            })
+        })
+    };
+    Settings {
+        agent: value("--agent").map(PathBuf::from).unwrap_or_else(|| {
+            eprintln!(
+                "usage: nodemesh-bench --agent <nodemesh binary> [--round-trips N] [--size BYTES] [--bulk-mib N] [--repeats N]"
+            );
+            std::process::exit(2)
+        }),
+        round_trips: number("--round-trips", 20_000) as u32,
+        size: number("--size", 64) as u32,
+        bulk_mib: number("--bulk-mib", 512),
+        repeats: number("--repeats", 3).max(1) as usize,
+    }
+}
+
+/// Medians over the repeats.
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    p50_us: f64,
+    p99_us: f64,
+    mib_per_s: f64,
+}
+
+fn main() {
+    harness::play_role();
+    let s = settings();
+    println!(
+        "nodemesh bench: same-node path, {} round trips of {} bytes and {} MiB bulk echo, median of {} runs",
+        s.round_trips, s.size, s.bulk_mib, s.repeats
+    );
+    let node = Node::new();
+    let client = node.pod(PodSpec::new("bench", "client"));
+    let server = node.pod(PodSpec::new("bench", "server"));
+    node.write_pods(&[&client, &server]);
+    let opts = |fast_path: bool| AgentOptions {
+        binary: Some(s.agent.clone()),
+        log: "warn".into(),
+        ..AgentOptions::default().fast_path(fast_path)
+    };
+    let mut agent = Agent::start_ready(&node, opts(true));
+    let mut srv = server.app();
+    srv.listen(PORT);
+    let mut app = client.app();
+    let dst = SocketAddr::from((server.ip, PORT));
+    let mut rss = Vec::new();
+
+    eprintln!("  running: direct (client not meshed)");
+    let direct = measure(&mut app, dst, &s);
+
+    client.set_label(MESH_LABEL, Some("enabled"));
+    node.write_pods(&[&client, &server]);
+    agent.wait_metric("client captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+    });
+    eprintln!("  running: meshed, fast path on");
+    let fast = measure(&mut app, dst, &s);
+    rss.push(agent.rss_kib());
+
+    agent.stop(std::time::Duration::from_secs(10));
+    let agent = Agent::start_ready(&node, opts(false));
+    agent.wait_metric("client captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+    });
+    eprintln!("  running: meshed, fast path off");
+    let slow = measure(&mut app, dst, &s);
+    rss.push(agent.rss_kib());
+    check_captured(&agent, &client, &s);
+
+    println!();
+    println!(
+        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
+        "path", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "bulk MiB/s", "bulk ×direct"
+    );
+    for (name, row) in [
+        ("direct (not meshed)", direct),
+        ("meshed, fast path on", fast),
+        ("meshed, fast path off", slow),
+    ] {
+        println!(
+            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
+            name,
+            row.p50_us,
+            row.p99_us,
+            row.p50_us / direct.p50_us,
+            row.p99_us / direct.p99_us,
+            row.mib_per_s,
+            row.mib_per_s / direct.mib_per_s,
+        );
+    }
+    let rss: Vec<String> = rss
+        .iter()
+        .map(|k| k.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)))
+        .collect();
+    println!(
+        "\nagent RSS after the meshed runs: fast path on {}, fast path off {}",
+        rss[0], rss[1]
+    );
+    println!(
+        "(bulk: bytes sent one way per second while the echo comes back on the same connection)"
+    );
+}
+
+fn measure(app: &mut App, dst: SocketAddr, s: &Settings) -> Row {
+    let _ = app.round_trips(dst, 500, s.size).expect("warm-up");
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    let mut tput = Vec::new();
+    for _ in 0..s.repeats {
+        let mut micros = app
+            .round_trips(dst, s.round_trips, s.size)
+            .unwrap_or_else(|f| panic!("round trips: {f:?}"));
+        micros.sort_unstable();
+        p50.push(percentile(&micros, 0.50));
+        p99.push(percentile(&micros, 0.99));
+        let bytes = s.bulk_mib << 20;
+        let elapsed = app
+            .bulk(dst, bytes)
+            .unwrap_or_else(|f| panic!("bulk: {f:?}"));
+        tput.push(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64());
+    }
+    Row {
+        p50_us: median(p50),
+        p99_us: median(p99),
+        mib_per_s: median(tput),
+    }
+}
+
+/// The meshed runs really went through the agent.
+fn check_captured(agent: &Agent, client: &Arc<Pod>, s: &Settings) {
+    let m = agent.metrics();
+    let opened = m.sum("nodemesh_tcp_open_total", &[("pod", client.name.as_str())]);
+    assert!(
+        opened >= (1 + s.repeats * 2) as f64,
+        "the meshed runs did not go through the agent: {opened} connections"
+    );
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    f64::from(sorted[i])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
