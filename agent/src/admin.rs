@@ -3,7 +3,8 @@
 //! - `/metrics` — Prometheus text format;
 //! - `/live` — 200 while the process serves;
 //! - `/ready` — 200 once eBPF is attached and the first pod snapshot has
-//!   been applied, 503 before.
+//!   been applied, 503 before;
+//! - `/v1/services` — the service index as JSON (Kubernetes discovery).
 //!
 //! It runs on its own thread and single-threaded runtime, so scrapes never
 //! compete with the data path's workers.
@@ -23,6 +24,8 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, servi
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::oneshot};
+
+use crate::discovery::services::SharedIndex;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,8 @@ pub enum AdminError {
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub ready: Arc<AtomicBool>,
+    /// The service index, with Kubernetes discovery.
+    pub services: Option<SharedIndex>,
 }
 
 /// The running admin server; dropping it does not stop it, `stop` does.
@@ -156,6 +161,29 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
         },
         "/live" => text(StatusCode::OK, "live\n"),
+        "/v1/services" => match &state.services {
+            Some(index) => {
+                let views = index.read().unwrap_or_else(|p| p.into_inner()).views();
+                match serde_json::to_vec_pretty(&views) {
+                    Ok(body) => {
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        resp.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("application/json"),
+                        );
+                        resp
+                    }
+                    Err(_) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "cannot encode services\n",
+                    ),
+                }
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no service index: the agent reads a pod file\n",
+            ),
+        },
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")

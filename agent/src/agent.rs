@@ -5,7 +5,7 @@
 //! accepting, let open connections finish within the grace period, leave
 //! eBPF in place for the next agent unless asked to clean up.
 use std::{
-    sync::{Arc, atomic::AtomicBool},
+    sync::{Arc, RwLock, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -22,8 +22,13 @@ use crate::{
     admin::{AdminError, AdminServer, AdminState},
     capture::{CaptureConfig, CaptureMetrics, Captures},
     cgroup::{self, CgroupDir, CgroupError},
-    config::AgentConfig,
-    discovery::{SourceMetrics, file::FileSource},
+    config::{AgentConfig, PodSourceConfig},
+    discovery::{
+        SourceMetrics,
+        file::FileSource,
+        kube::{self, KubeError, KubeSource},
+        services::{ServiceIndex, SharedIndex},
+    },
     metrics::{PREFIX, TcpMetrics},
     netns,
     proxy::{Outbound, OutboundConfig},
@@ -42,6 +47,8 @@ pub enum AgentError {
     Netns(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Kube(#[from] KubeError),
 }
 
 /// Runs the agent until a termination signal.
@@ -75,21 +82,39 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
     let source_metrics = SourceMetrics::new(&mut registry);
     let capture_metrics = CaptureMetrics::new(&mut registry, redirect.clone());
     let ready = Arc::new(AtomicBool::new(false));
+    let index: SharedIndex = Arc::new(RwLock::new(ServiceIndex::new(&cfg.trust_domain)));
     let admin = AdminServer::start(
         cfg.admin_addr,
         AdminState {
             registry: Arc::new(registry),
             ready: ready.clone(),
+            services: matches!(cfg.source, PodSourceConfig::Kube { .. }).then(|| index.clone()),
         },
     )?;
 
     let (pods_tx, pods_rx) = watch::channel(None);
-    let source = FileSource {
-        path: cfg.pod_file.clone(),
-        interval: cfg.pod_file_interval,
-        metrics: source_metrics,
+    let source_task = match &cfg.source {
+        PodSourceConfig::File { path, interval } => {
+            let source = FileSource {
+                path: path.clone(),
+                interval: *interval,
+                metrics: source_metrics,
+            };
+            tokio::spawn(source.run(pods_tx, shutdown.clone()))
+        }
+        PodSourceConfig::Kube {
+            node_name,
+            kubeconfig,
+        } => {
+            let source = KubeSource {
+                client: kube::client(kubeconfig.as_deref()).await?,
+                node_name: node_name.clone(),
+                metrics: source_metrics,
+                index: index.clone(),
+            };
+            tokio::spawn(source.run(pods_tx, shutdown.clone()))
+        }
     };
-    let source_task = tokio::spawn(source.run(pods_tx, shutdown.clone()));
 
     let outbound = Arc::new(Outbound::new(
         OutboundConfig {

@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::{CgroupDir, CgroupError},
-    discovery::{NodePods, Pod, PodUid, PodsRx},
+    cgroup::{CgroupDir, CgroupError, kubelet_pod_cgroups},
+    discovery::{CgroupRef, NodePods, Pod, PodUid, PodsRx},
     metrics::{Direction, PodLabels, TcpMetrics, label_values},
     netns::{Netns, NetnsError},
     proxy::{Outbound, PodProxy},
@@ -55,6 +55,8 @@ label_values! {
         ListenFailed => "listen_failed",
         /// eBPF could not be attached to its cgroup.
         AttachFailed => "attach_failed",
+        /// The pod has no IP address yet (its sandbox is not up).
+        NoIp => "no_ip",
     }
 }
 
@@ -72,6 +74,8 @@ pub enum CaptureError {
     },
     #[error("{0}")]
     Redirect(#[from] RedirectError),
+    #[error("the pod has no IP address yet; it is captured once it has one")]
+    NoIp,
 }
 
 impl CaptureError {
@@ -83,6 +87,7 @@ impl CaptureError {
             Self::Cgroup(_) => CaptureErrorReason::CgroupNotFound,
             Self::Listen { .. } => CaptureErrorReason::ListenFailed,
             Self::Redirect(_) => CaptureErrorReason::AttachFailed,
+            Self::NoIp => CaptureErrorReason::NoIp,
         }
     }
 }
@@ -325,7 +330,10 @@ impl Captures {
     }
 
     fn capture(&self, pod: &Arc<Pod>) -> Result<Captured, CaptureError> {
-        let cgroup = self.cgroup_root.open_child(&pod.cgroup)?;
+        if pod.ip.is_none() {
+            return Err(CaptureError::NoIp);
+        }
+        let cgroup = self.pod_cgroup(pod)?;
         let netns_path = match &pod.netns {
             Some(path) => path.clone(),
             None => PathBuf::from(format!("/proc/{}/ns/net", cgroup.first_process()?)),
@@ -344,11 +352,7 @@ impl Captures {
         let listener = TcpListener::from_std(listener).map_err(listen_err)?;
         self.redirect.capture(&pod.uid, &cgroup)?;
 
-        let labels = PodLabels {
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-            direction: Direction::Outbound,
-        };
+        let labels = PodLabels::of(pod, Direction::Outbound);
         let proxy = Arc::new(PodProxy {
             pod: pod.clone(),
             netns: netns.clone(),
@@ -368,6 +372,27 @@ impl Captures {
             labels,
             stop,
         })
+    }
+
+    /// The pod's cgroup under the root: its path, or where kubelet puts it.
+    fn pod_cgroup(&self, pod: &Pod) -> Result<CgroupDir, CgroupError> {
+        match &pod.cgroup {
+            CgroupRef::Path(path) => self.cgroup_root.open_child(path),
+            CgroupRef::Kubelet { qos } => {
+                let candidates = kubelet_pod_cgroups(pod.uid.as_str(), *qos);
+                for candidate in &candidates {
+                    match self.cgroup_root.open_child(candidate) {
+                        Err(CgroupError::NotFound { .. }) => continue,
+                        found => return found,
+                    }
+                }
+                Err(CgroupError::NoPodCgroup {
+                    uid: pod.uid.to_string(),
+                    root: self.cgroup_root.path().to_owned(),
+                    tried: candidates.len(),
+                })
+            }
+        }
     }
 
     fn release(&mut self, uid: &PodUid) {

@@ -27,6 +27,14 @@ pub enum CgroupError {
     Escapes { path: PathBuf, root: PathBuf },
     #[error("no process runs in cgroup {path} yet")]
     Empty { path: PathBuf },
+    #[error(
+        "no kubelet cgroup for pod {uid} under {root} yet (tried {tried} layouts: systemd and cgroupfs drivers, each QoS class)"
+    )]
+    NoPodCgroup {
+        uid: String,
+        root: PathBuf,
+        tried: usize,
+    },
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`.
@@ -182,6 +190,62 @@ impl CgroupDir {
     }
 }
 
+/// A pod's Kubernetes QoS class: it decides where kubelet puts the pod's
+/// cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl QosClass {
+    /// From `status.qosClass`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Guaranteed" => Some(Self::Guaranteed),
+            "Burstable" => Some(Self::Burstable),
+            "BestEffort" => Some(Self::BestEffort),
+            _ => None,
+        }
+    }
+}
+
+/// Where kubelet puts the cgroup of the pod with `uid`, relative to its
+/// cgroup root: both cgroup drivers (systemd, cgroupfs), the given QoS class
+/// or, when unknown, every class. The first that exists is the pod's.
+pub fn kubelet_pod_cgroups(uid: &str, qos: Option<QosClass>) -> Vec<PathBuf> {
+    let classes = match qos {
+        Some(q) => vec![q],
+        None => vec![
+            QosClass::Burstable,
+            QosClass::BestEffort,
+            QosClass::Guaranteed,
+        ],
+    };
+    let systemd_uid = uid.replace('-', "_");
+    let mut paths = Vec::new();
+    for class in classes {
+        // systemd driver: slices, with '-' in the uid escaped as '_'.
+        paths.push(PathBuf::from(match class {
+            QosClass::Guaranteed => format!("kubepods.slice/kubepods-pod{systemd_uid}.slice"),
+            QosClass::Burstable => format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice"
+            ),
+            QosClass::BestEffort => format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
+            ),
+        }));
+        // cgroupfs driver: plain directories.
+        paths.push(PathBuf::from(match class {
+            QosClass::Guaranteed => format!("kubepods/pod{uid}"),
+            QosClass::Burstable => format!("kubepods/burstable/pod{uid}"),
+            QosClass::BestEffort => format!("kubepods/besteffort/pod{uid}"),
+        }));
+    }
+    paths
+}
+
 /// The cgroup of the calling process, as an open directory.
 pub fn own_cgroup(mount: &Path) -> Result<CgroupDir, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
@@ -227,6 +291,26 @@ mod tests {
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn kubelet_layouts_for_every_driver_and_class() {
+        let uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001";
+        let all = kubelet_pod_cgroups(uid, None);
+        assert_eq!(all.len(), 6);
+        let expected = [
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_aaaa_bbbb_cccc_000000000001.slice",
+            "kubepods/burstable/pod0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f1e2d3c_aaaa_bbbb_cccc_000000000001.slice",
+            "kubepods/besteffort/pod0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+            "kubepods.slice/kubepods-pod0f1e2d3c_aaaa_bbbb_cccc_000000000001.slice",
+            "kubepods/pod0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+        ];
+        assert_eq!(all, expected.map(PathBuf::from));
+        assert_eq!(
+            kubelet_pod_cgroups(uid, Some(QosClass::Guaranteed)),
+            expected[4..].iter().map(PathBuf::from).collect::<Vec<_>>()
+        );
     }
 
     #[test]

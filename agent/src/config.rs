@@ -12,10 +12,29 @@ use clap::Args;
 /// Flags of `nodemesh agent`, as given.
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
-    /// YAML file listing this node's pods (see docs/pod-file.md); re-read
-    /// when it changes.
+    /// Learn this node's pods from a YAML file (see docs/pod-file.md),
+    /// re-read when it changes, instead of from the Kubernetes API.
     #[arg(long, env = "NODEMESH_POD_FILE", value_name = "PATH")]
-    pub pod_file: PathBuf,
+    pub pod_file: Option<PathBuf>,
+
+    /// This node's name in Kubernetes (the DaemonSet passes it from the
+    /// downward API).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// kubeconfig to reach the API server; default: the pod's service
+    /// account in a cluster, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "NODEMESH_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(
+        long,
+        env = "NODEMESH_TRUST_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    pub trust_domain: String,
 
     /// How often to check the pod file for changes.
     #[arg(
@@ -143,11 +162,23 @@ pub struct AgentArgs {
     pub cleanup_on_exit: bool,
 }
 
+/// Where the agent learns its node's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSourceConfig {
+    /// A watched YAML file.
+    File { path: PathBuf, interval: Duration },
+    /// The Kubernetes API.
+    Kube {
+        node_name: String,
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub pod_file: PathBuf,
-    pub pod_file_interval: Duration,
+    pub source: PodSourceConfig,
+    pub trust_domain: String,
     pub cgroup_root: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub admin_addr: SocketAddr,
@@ -208,6 +239,21 @@ fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(format!("not a number from {min} to {max}")),
     }
+}
+
+/// A DNS subdomain (RFC 1123): what Kubernetes accepts as a node name.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// `a.b.c.d/len` (or a bare address, meaning /32).
@@ -304,14 +350,41 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                 "--admin-addr and --outbound-port both use port {port}"
             ));
         }
+        let source = match (&a.pod_file, &a.node_name) {
+            (Some(path), _) => pod_file_interval.map(|interval| PodSourceConfig::File {
+                path: path.clone(),
+                interval,
+            }),
+            (None, Some(node)) if is_dns_subdomain(node) => Some(PodSourceConfig::Kube {
+                node_name: node.clone(),
+                kubeconfig: a.kubeconfig.clone(),
+            }),
+            (None, Some(node)) => {
+                p.0.push(format!("--node-name {node:?}: not a Kubernetes node name"));
+                None
+            }
+            (None, None) => {
+                p.0.push(
+                    "--node-name (or NODE_NAME) is needed to watch this node's pods; or give --pod-file"
+                        .into(),
+                );
+                None
+            }
+        };
+        if !is_dns_subdomain(&a.trust_domain) {
+            p.0.push(format!(
+                "--trust-domain {:?}: not a DNS name (like cluster.local)",
+                a.trust_domain
+            ));
+        }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
         // Every `None` above pushed a problem, so these are all `Some`.
         let missing = || ConfigErrors(vec!["internal: a value was not parsed".into()]);
         Ok(Self {
-            pod_file: a.pod_file.clone(),
-            pod_file_interval: pod_file_interval.ok_or_else(missing)?,
+            source: source.ok_or_else(missing)?,
+            trust_domain: a.trust_domain.clone(),
             cgroup_root: a.cgroup_root.clone(),
             bpffs: a.bpffs.clone(),
             admin_addr: admin_addr.ok_or_else(missing)?,
@@ -398,6 +471,30 @@ mod tests {
             AgentConfig::try_from(&args(&["--bypass-port", "22,53", "--bypass-port", "8080"]))
                 .expect("valid");
         assert_eq!(cfg.bypass_ports, [22, 53, 8080]);
+    }
+
+    #[test]
+    fn kubernetes_needs_a_node_name() {
+        let cli = |argv: &[&str]| {
+            let mut all = vec!["nodemesh"];
+            all.extend(argv);
+            Cli::try_parse_from(all).expect("clap accepts").agent
+        };
+        let err = AgentConfig::try_from(&cli(&[])).unwrap_err();
+        assert!(err.to_string().contains("--node-name"), "{err}");
+        let err = AgentConfig::try_from(&cli(&["--node-name", "Node_1"])).unwrap_err();
+        assert!(
+            err.to_string().contains("not a Kubernetes node name"),
+            "{err}"
+        );
+        let cfg = AgentConfig::try_from(&cli(&["--node-name", "node-1.example"])).expect("valid");
+        assert_eq!(
+            cfg.source,
+            PodSourceConfig::Kube {
+                node_name: "node-1.example".into(),
+                kubeconfig: None
+            }
+        );
     }
 
     #[test]

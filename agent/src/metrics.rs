@@ -84,12 +84,29 @@ impl ConnectError {
     }
 }
 
-/// Identifies a meshed pod and a direction.
+/// Identifies a meshed pod, its workload and a direction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
     pub namespace: String,
+    /// `deployment`, `statefulset`, `daemonset`, `job`, …, or `pod`.
+    pub workload_kind: String,
+    pub workload_name: String,
     pub pod: String,
+    pub serviceaccount: String,
     pub direction: Direction,
+}
+
+impl PodLabels {
+    pub fn of(pod: &crate::discovery::Pod, direction: Direction) -> Self {
+        Self {
+            namespace: pod.namespace.clone(),
+            workload_kind: pod.workload.kind.clone(),
+            workload_name: pod.workload.name.clone(),
+            pod: pod.name.clone(),
+            serviceaccount: pod.service_account.clone(),
+            direction,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -260,7 +277,10 @@ mod tests {
         let tcp = TcpMetrics::new(&mut registry);
         let labels = PodLabels {
             namespace: "demo".into(),
+            workload_kind: "deployment".into(),
+            workload_name: "web".into(),
             pod: "client".into(),
+            serviceaccount: "web".into(),
             direction: Direction::Outbound,
         };
         let pod = tcp.pod(labels.clone());
@@ -269,17 +289,17 @@ mod tests {
             pod.sent.inc_by(5);
             let text = encode(&registry).unwrap();
             assert!(text.contains(
-                r#"nodemesh_tcp_open_connections{namespace="demo",pod="client",direction="outbound"} 1"#
+                r#"nodemesh_tcp_open_connections{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#
             ), "{text}");
         }
         pod.connect_error(ConnectError::Refused);
         let text = encode(&registry).unwrap();
         for line in [
-            r#"nodemesh_tcp_open_total{namespace="demo",pod="client",direction="outbound"} 1"#,
-            r#"nodemesh_tcp_close_total{namespace="demo",pod="client",direction="outbound"} 1"#,
-            r#"nodemesh_tcp_open_connections{namespace="demo",pod="client",direction="outbound"} 0"#,
-            r#"nodemesh_tcp_sent_bytes_total{namespace="demo",pod="client",direction="outbound"} 5"#,
-            r#"nodemesh_tcp_connect_errors_total{namespace="demo",pod="client",direction="outbound",reason="refused"} 1"#,
+            r#"nodemesh_tcp_open_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_close_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_open_connections{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 0"#,
+            r#"nodemesh_tcp_sent_bytes_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 5"#,
+            r#"nodemesh_tcp_connect_errors_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound",reason="refused"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

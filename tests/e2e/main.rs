@@ -1,9 +1,11 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
+mod kube;
 mod skeleton;
 
 fn main() {
     nodemesh_tests::harness::main(nodemesh_tests::trials![
+        kube::a_labelled_pod_is_captured_from_the_api,
         skeleton::meshed_pod_goes_through_the_agent,
         skeleton::unmeshed_pod_is_left_alone,
         skeleton::labelling_captures_and_unlabelling_releases_live,

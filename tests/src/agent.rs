@@ -33,6 +33,10 @@ pub struct AgentOptions {
     /// Run this `nodemesh` binary instead of the agent built into the test
     /// binary (the demo and benchmarks run the release build).
     pub binary: Option<PathBuf>,
+    /// Discover pods from the Kubernetes API with this kubeconfig (the
+    /// node's name is the node's) instead of the node's pod file; the API
+    /// server's port is made reachable from inside the node.
+    pub kubeconfig: Option<(PathBuf, u16)>,
 }
 
 impl Default for AgentOptions {
@@ -43,6 +47,7 @@ impl Default for AgentOptions {
             log: std::env::var("NODEMESH_TEST_LOG")
                 .unwrap_or_else(|_| "info,nodemesh=debug".into()),
             binary: None,
+            kubeconfig: None,
         }
     }
 }
@@ -50,6 +55,17 @@ impl Default for AgentOptions {
 impl AgentOptions {
     pub fn fast_path(mut self, on: bool) -> Self {
         self.fast_path = on;
+        self
+    }
+
+    /// Kubernetes discovery from `cluster` with the admin's kubeconfig.
+    pub fn kube(self, cluster: &crate::Cluster) -> Self {
+        self.kube_as(cluster, &cluster.kubeconfig)
+    }
+
+    /// Kubernetes discovery from `cluster` with another kubeconfig.
+    pub fn kube_as(mut self, cluster: &crate::Cluster, kubeconfig: &std::path::Path) -> Self {
+        self.kubeconfig = Some((kubeconfig.to_owned(), cluster.port));
         self
     }
 
@@ -75,7 +91,7 @@ impl Agent {
         let n = AGENTS.fetch_add(1, Ordering::Relaxed);
         let cgroup = node.cgroup.join("nodemesh-agent");
         fs::create_dir_all(&cgroup).expect("agent cgroup");
-        if !node.pod_file().exists() {
+        if opts.kubeconfig.is_none() && !node.pod_file().exists() {
             node.write_pods(&[]);
         }
         let log_path = node.dir.join(format!("agent-{n}.log"));
@@ -88,12 +104,23 @@ impl Agent {
                 cmd
             }
         };
-        cmd.args(["--log-level", &opts.log, "agent"])
-            .arg("--pod-file")
-            .arg(node.pod_file())
-            .arg("--pod-file-interval")
-            .arg("100ms")
-            .arg("--cgroup-root")
+        cmd.args(["--log-level", &opts.log, "agent"]);
+        if let Some((_, port)) = &opts.kubeconfig {
+            node.reach_host_loopback(*port);
+        }
+        match &opts.kubeconfig {
+            Some((kubeconfig, _)) => cmd
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .arg("--node-name")
+                .arg(&node.name),
+            None => cmd
+                .arg("--pod-file")
+                .arg(node.pod_file())
+                .arg("--pod-file-interval")
+                .arg("100ms"),
+        };
+        cmd.arg("--cgroup-root")
             .arg(&node.cgroup)
             .arg("--bpffs")
             .arg(&node.pins)

@@ -18,12 +18,14 @@
 pub mod agent;
 pub mod app;
 pub mod harness;
+pub mod kube;
 pub mod node;
 pub mod prom;
 pub mod sys;
 
 pub use agent::{Agent, AgentOptions};
 pub use app::{App, Exchange, Failure};
-pub use node::{Node, Pod, PodSpec};
+pub use kube::Cluster;
+pub use node::{CgroupDriver, Node, Pod, PodSpec, Qos};
 pub use prom::Metrics;
 pub use sys::eventually;

@@ -25,6 +25,23 @@ pub const ADMIN_PORT: u16 = 4191;
 static NODES: AtomicU32 = AtomicU32::new(0);
 static PODS: AtomicU32 = AtomicU32::new(0);
 
+/// kubelet's cgroup driver: how it names pod cgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`
+    Systemd,
+    /// `kubepods/<qos>/pod<uid>`
+    Cgroupfs,
+}
+
+/// A pod's QoS class (where kubelet puts its cgroup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
 /// What to create a pod with.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -32,6 +49,12 @@ pub struct PodSpec {
     pub name: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    /// The API's UID (else one is made up).
+    pub uid: Option<String>,
+    /// The controller owning it in the API: (kind, name).
+    pub owner: Option<(String, String)>,
+    pub qos: Qos,
+    pub driver: CgroupDriver,
 }
 
 impl PodSpec {
@@ -41,7 +64,31 @@ impl PodSpec {
             name: name.into(),
             service_account: "default".into(),
             labels: BTreeMap::new(),
+            uid: None,
+            owner: None,
+            qos: Qos::BestEffort,
+            driver: CgroupDriver::Systemd,
         }
+    }
+
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+
+    pub fn owner(mut self, kind: &str, name: &str) -> Self {
+        self.owner = Some((kind.into(), name.into()));
+        self
+    }
+
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    pub fn driver(mut self, driver: CgroupDriver) -> Self {
+        self.driver = driver;
+        self
     }
 
     /// With `nodemesh.io/mesh=enabled`.
@@ -69,8 +116,10 @@ pub struct Pod {
     pub cgroup_rel: PathBuf,
     /// The pod cgroup's absolute path.
     pub cgroup: PathBuf,
+    pub qos: Qos,
     labels: Mutex<BTreeMap<String, String>>,
     containers: AtomicU32,
+    sandbox: Mutex<Option<App>>,
 }
 
 impl Pod {
@@ -85,6 +134,24 @@ impl Pod {
             &dir,
             &format!("{}/{}", self.namespace, self.name),
         )
+    }
+
+    /// Starts the pod's sandbox (kubelet's pause container): an idle
+    /// process that holds the pod's netns and cgroup.
+    pub fn start_sandbox(&self) {
+        let mut sandbox = self.sandbox.lock().unwrap();
+        if sandbox.is_none() {
+            *sandbox = Some(self.app());
+        }
+    }
+
+    /// `status.qosClass`.
+    pub fn qos_class(&self) -> &'static str {
+        match self.qos {
+            Qos::Guaranteed => "Guaranteed",
+            Qos::Burstable => "Burstable",
+            Qos::BestEffort => "BestEffort",
+        }
     }
 
     pub fn set_label(&self, key: &str, value: Option<&str>) {
@@ -139,6 +206,26 @@ struct PodFile<'a> {
     pods: &'a [PodEntry],
 }
 
+/// Where kubelet puts a pod's cgroup (relative to its cgroup root), as
+/// kubelet names it: written out here, independently of the agent's lookup.
+fn kubelet_cgroup(uid: &str, qos: Qos, driver: CgroupDriver) -> PathBuf {
+    let escaped = uid.replace('-', "_");
+    PathBuf::from(match (driver, qos) {
+        (CgroupDriver::Systemd, Qos::Guaranteed) => {
+            format!("kubepods.slice/kubepods-pod{escaped}.slice")
+        }
+        (CgroupDriver::Systemd, Qos::Burstable) => {
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{escaped}.slice")
+        }
+        (CgroupDriver::Systemd, Qos::BestEffort) => format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{escaped}.slice"
+        ),
+        (CgroupDriver::Cgroupfs, Qos::Guaranteed) => format!("kubepods/pod{uid}"),
+        (CgroupDriver::Cgroupfs, Qos::Burstable) => format!("kubepods/burstable/pod{uid}"),
+        (CgroupDriver::Cgroupfs, Qos::BestEffort) => format!("kubepods/besteffort/pod{uid}"),
+    })
+}
+
 /// A simulated node: a netns with a bridge its pods hang off, a cgroup
 /// root, a bpffs pin directory and a scratch directory.
 #[derive(Debug)]
@@ -156,6 +243,7 @@ pub struct Node {
     subnet: u8,
     next_host: AtomicU32,
     pod_netns: Mutex<Vec<String>>,
+    forwards: Mutex<Vec<crate::sys::Forward>>,
 }
 
 impl Node {
@@ -166,8 +254,7 @@ impl Node {
         reason = "a node creates namespaces and cgroups: not a default value"
     )]
     pub fn new() -> Self {
-        static SWEEP: Once = Once::new();
-        SWEEP.call_once(sweep_leftovers);
+        sweep_once();
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "the test bed needs root (netns, cgroups, BPF)"
@@ -186,6 +273,7 @@ impl Node {
             subnet,
             next_host: AtomicU32::new(2),
             pod_netns: Mutex::default(),
+            forwards: Mutex::default(),
         };
         // From here on, Drop cleans up whatever was made.
         ip(&["netns", "add", &node.name]);
@@ -212,11 +300,13 @@ impl Node {
         let n = PODS.fetch_add(1, Ordering::Relaxed);
         let host = self.next_host.fetch_add(1, Ordering::Relaxed);
         assert!(host < 250, "too many pods on one node");
-        let uid = format!(
-            "7e57{:04x}-0000-4000-8000-{:012x}",
-            std::process::id() & 0xffff,
-            n
-        );
+        let uid = spec.uid.clone().unwrap_or_else(|| {
+            format!(
+                "7e57{:04x}-0000-4000-8000-{:012x}",
+                std::process::id() & 0xffff,
+                n
+            )
+        });
         let netns_name = format!("{}-p{n}", self.name);
         self.pod_netns.lock().unwrap().push(netns_name.clone());
         let ip_addr = Ipv4Addr::new(10, self.subnet, 0, host as u8);
@@ -259,8 +349,7 @@ impl Node {
             "via",
             &self.ip.to_string(),
         ]);
-        let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
-        let cgroup_rel = PathBuf::from("kubepods.slice/kubepods-besteffort.slice").join(slice);
+        let cgroup_rel = kubelet_cgroup(&uid, spec.qos, spec.driver);
         let cgroup = self.cgroup.join(&cgroup_rel);
         fs::create_dir_all(&cgroup).expect("create pod cgroup");
         Arc::new(Pod {
@@ -272,8 +361,10 @@ impl Node {
             netns: PathBuf::from("/run/netns").join(netns_name),
             cgroup_rel,
             cgroup,
+            qos: spec.qos,
             labels: Mutex::new(spec.labels),
             containers: AtomicU32::new(0),
+            sandbox: Mutex::new(None),
         })
     }
 
@@ -298,6 +389,16 @@ impl Node {
         let tmp = self.dir.join("pods.yaml.tmp");
         fs::write(&tmp, text).expect("write pod file");
         fs::rename(&tmp, self.pod_file()).expect("rename pod file");
+    }
+
+    /// Makes the host's `127.0.0.1:port` reachable as `127.0.0.1:port` from
+    /// inside the node (as a hostNetwork agent reaches the API server): a
+    /// forwarder between the two loopbacks, stopped when the node drops.
+    pub fn reach_host_loopback(&self, port: u16) {
+        let mut forwards = self.forwards.lock().unwrap();
+        if !forwards.iter().any(|f| f.port == port) {
+            forwards.push(crate::sys::Forward::start(&self.netns, port));
+        }
     }
 
     /// The agent's admin address on this node.
@@ -331,6 +432,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         // Processes first (agent and containers), then what they used.
         remove_cgroup_tree(&self.cgroup);
+        self.forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for ns in self
             .pod_netns
             .lock()
@@ -350,6 +455,13 @@ impl Drop for Node {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Clears leftovers once per process, before the test bed creates anything
+/// (so objects named after this very process are stale too: pid reuse).
+pub(crate) fn sweep_once() {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(sweep_leftovers);
 }
 
 /// Removes what runs of the test bed left behind when they crashed: every

@@ -182,3 +182,67 @@ pub fn pid_alive(pid: u32) -> bool {
 pub fn read_or_empty(path: impl AsRef<OsStr>) -> String {
     fs::read_to_string(Path::new(&path)).unwrap_or_default()
 }
+
+/// A TCP forwarder from `127.0.0.1:port` inside a netns to `127.0.0.1:port`
+/// on the host: traffic stays on the two loopbacks. Stops when dropped.
+#[derive(Debug)]
+pub struct Forward {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Forward {
+    pub fn start(netns: &Path, port: u16) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let listener = in_netns(netns, move || {
+            std::net::TcpListener::bind(("127.0.0.1", port))
+        })
+        .unwrap_or_else(|e| panic!("listen on 127.0.0.1:{port} in the node: {e}"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        let _ = inside.set_nonblocking(false);
+                        let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) else {
+                            continue;
+                        };
+                        for (mut from, mut to) in [
+                            (inside.try_clone(), outside.try_clone()),
+                            (outside.try_clone(), inside.try_clone()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                        {
+                            thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,12 +1,16 @@
 //! `cargo xtask setup`: everything a fresh machine of this kind needs before
 //! `cargo build` works, installed idempotently and reported step by step.
 //!
-//! - apt packages the tests use (iproute2);
+//! - apt packages the tests use (iproute2; etcd and Go to build and run a
+//!   real kube-apiserver);
 //! - `rust-src` for the pinned toolchain (the eBPF object is built with
 //!   `-Z build-std=core`);
 //! - `bpf-linker`, built against the pinned toolchain's own libLLVM (Debian's
 //!   LLVM is too old), in a project-owned prefix outside `target/` so
-//!   `cargo clean` does not throw it away. See shared/TOOLCHAIN.md.
+//!   `cargo clean` does not throw it away. See shared/TOOLCHAIN.md;
+//! - a kube-apiserver v1.20.2 built once from Debian's source package (the
+//!   registries here ship no binary; see xtask/scripts/build-apiserver.sh),
+//!   cached next to bpf-linker.
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -18,7 +22,16 @@ use anyhow::{Context, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the test bed and demo rely on.
-pub const APT_PACKAGES: &[&str] = &["iproute2"];
+pub const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "etcd-server",
+    "golang-go",
+    "rsync",
+    "make",
+    "ca-certificates",
+];
+/// The API server version the tests run (the newest Debian builds from source).
+pub const KUBE_VERSION: &str = "1.20.2";
 
 /// Where nodemesh keeps tools it builds (same rule as agent/build.rs).
 pub fn tools_dir() -> PathBuf {
@@ -39,7 +52,39 @@ pub fn run() -> Result<()> {
     let toolchain = Toolchain::current()?;
     rust_src(&toolchain)?;
     bpf_linker(&toolchain)?;
+    kube_apiserver()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Where the built kube-apiserver lives (the test bed reads the same rule:
+/// tests/src/kube.rs).
+pub fn kube_bin_dir() -> PathBuf {
+    tools_dir().join(format!("kube-{KUBE_VERSION}"))
+}
+
+fn kube_apiserver() -> Result<()> {
+    let out = kube_bin_dir();
+    let bin = out.join("kube-apiserver");
+    if runs(&bin) {
+        println!("setup: kube-apiserver present ({})", bin.display());
+        return Ok(());
+    }
+    println!(
+        "setup: building kube-apiserver v{KUBE_VERSION} from Debian's source package (once; 3-5 minutes)"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-apiserver.sh");
+    let work = tools_dir().join("kube-build");
+    let ok = Command::new("bash")
+        .arg(&script)
+        .arg(&work)
+        .arg(&out)
+        .status()
+        .context("cannot run build-apiserver.sh")?
+        .success();
+    if !ok || !runs(&bin) {
+        bail!("building kube-apiserver failed (see the output above)");
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //!     labels: {nodemesh.io/mesh: enabled}
 //!     cgroup: kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod3f0c6f0e_7d8b_4c1e_9a55_0d6f5c1b2a10.slice
 //!     netns: /run/netns/web-0     # optional: else a process in the cgroup tells
+//!     workload: {kind: statefulset, name: web}   # optional: default the pod itself
 //! ```
 //!
 //! The file is polled (cheap, and immune to editors that replace files by
@@ -29,7 +30,11 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{MeshLabel, NodePods, Pod, PodUid, PodsTx, SourceErrorReason, SourceMetrics};
+use crate::cgroup::QosClass;
+
+use super::{
+    CgroupRef, MeshLabel, NodePods, Pod, PodUid, PodsTx, SourceErrorReason, SourceMetrics, Workload,
+};
 
 /// The pod file's top level.
 #[derive(Debug, Deserialize)]
@@ -52,9 +57,24 @@ struct PodEntry {
     service_account: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    cgroup: PathBuf,
+    /// Relative to the cgroup root; when absent, found the way kubelet lays
+    /// out pod cgroups (from the uid and `qosClass`).
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default)]
+    qos_class: Option<String>,
     #[serde(default)]
     netns: Option<PathBuf>,
+    /// What runs the pod (default: the pod itself).
+    #[serde(default)]
+    workload: Option<WorkloadEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadEntry {
+    kind: String,
+    name: String,
 }
 
 fn default_service_account() -> String {
@@ -130,12 +150,31 @@ fn pod_from_entry(e: PodEntry) -> Result<(Pod, Option<String>), String> {
                     .map_err(|_| format!("ip {s:?} is not an IP address"))
             })
             .transpose()?;
-    if e.cgroup.as_os_str().is_empty() {
-        return Err("cgroup must not be empty".into());
-    }
+    let cgroup = match (e.cgroup, e.qos_class) {
+        (Some(path), _) if path.as_os_str().is_empty() => {
+            return Err("cgroup must not be empty".into());
+        }
+        (Some(path), _) => CgroupRef::Path(path),
+        (None, None) => CgroupRef::Kubelet { qos: None },
+        (None, Some(q)) => CgroupRef::Kubelet {
+            qos: Some(QosClass::parse(&q).ok_or_else(|| {
+                format!("qosClass {q:?} is not Guaranteed, Burstable or BestEffort")
+            })?),
+        },
+    };
     let (meshed, label_problem) = match MeshLabel::parse(&e.labels) {
         Ok(label) => (label == Some(MeshLabel::Enabled), None),
         Err(problem) => (false, Some(problem)),
+    };
+    let workload = match e.workload {
+        Some(w) => Workload {
+            kind: w.kind.to_ascii_lowercase(),
+            name: w.name,
+        },
+        None => Workload {
+            kind: "pod".into(),
+            name: e.name.clone(),
+        },
     };
     Ok((
         Pod {
@@ -145,7 +184,8 @@ fn pod_from_entry(e: PodEntry) -> Result<(Pod, Option<String>), String> {
             ip,
             service_account: e.service_account,
             labels: e.labels,
-            cgroup: e.cgroup,
+            workload,
+            cgroup,
             netns: e.netns,
             meshed,
         },
@@ -281,16 +321,17 @@ pods:
         let text = r#"
 pods:
   - {namespace: a, name: ok, uid: u1, cgroup: c1, labels: {nodemesh.io/mesh: enabled}}
-  - {namespace: a, name: no-cgroup, uid: u2}
+  - {namespace: a, name: kubelet-cgroup, uid: u2, qosClass: Burstable}
   - {namespace: a, name: bad-ip, uid: u3, ip: "10.1.1", cgroup: c3}
   - {namespace: a, name: bad-uid, uid: "../x", cgroup: c4}
   - {namespace: a, name: dup, uid: u1, cgroup: c5}
   - {namespace: a, name: typo, uid: u6, cgroop: c6}
+  - {namespace: a, name: bad-qos, uid: u8, qosClass: Best}
   - {namespace: a, name: odd-label, uid: u7, cgroup: c7, labels: {nodemesh.io/mesh: "yes"}}
 "#;
         let parsed = parse(text).expect("parses");
         let names: Vec<_> = parsed.pods.pods.values().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["ok", "odd-label"]);
+        assert_eq!(names, ["ok", "kubelet-cgroup", "odd-label"]);
         let reasons: Vec<_> = parsed.problems.iter().map(|(r, _)| *r).collect();
         assert_eq!(
             reasons,
@@ -304,9 +345,26 @@ pods:
             ]
         );
         assert!(
-            parsed.problems[1].1.contains("10.1.1"),
+            parsed.problems[0].1.contains("10.1.1"),
             "{:?}",
             parsed.problems
+        );
+        assert!(
+            parsed.problems[4].1.contains("qosClass"),
+            "{:?}",
+            parsed.problems
+        );
+        let kubelet = parsed
+            .pods
+            .pods
+            .values()
+            .find(|p| p.name == "kubelet-cgroup")
+            .unwrap();
+        assert_eq!(
+            kubelet.cgroup,
+            CgroupRef::Kubelet {
+                qos: Some(QosClass::Burstable)
+            }
         );
         let odd = parsed
             .pods

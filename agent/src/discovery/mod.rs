@@ -6,8 +6,12 @@
 //! nothing duplicated" easy to reason about. The file source here is the
 //! first implementation; Kubernetes comes behind the same channel.
 pub mod file;
+pub mod kube;
+pub mod services;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
+
+use crate::cgroup::QosClass;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -74,17 +78,36 @@ impl MeshLabel {
     }
 }
 
+/// Where a pod's cgroup is, below the agent's cgroup root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupRef {
+    /// This path, relative to the root.
+    Path(PathBuf),
+    /// Wherever kubelet put it: found from the pod's UID and QoS class
+    /// (either cgroup driver).
+    Kubelet { qos: Option<QosClass> },
+}
+
+/// What runs the pod: the owner kind (lowercase: `deployment`,
+/// `statefulset`, `daemonset`, `job`, …, or `pod` for a bare pod) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
 /// One pod on this node, with what the agent needs to capture it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub uid: PodUid,
     pub namespace: String,
     pub name: String,
+    /// The pod's address; a pod is captured only once it has one.
     pub ip: Option<IpAddr>,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
-    /// The pod's cgroup, relative to the agent's cgroup root.
-    pub cgroup: PathBuf,
+    pub workload: Workload,
+    pub cgroup: CgroupRef,
     /// The pod's netns; when absent, that of a process in its cgroup.
     pub netns: Option<PathBuf>,
     /// Whether the mesh captures this pod's connections.
@@ -99,7 +122,7 @@ impl Pod {
 
     /// Where the capture of this pod must be redone if it changes.
     pub fn same_placement(&self, other: &Pod) -> bool {
-        self.cgroup == other.cgroup && self.netns == other.netns
+        self.cgroup == other.cgroup && self.netns == other.netns && self.ip == other.ip
     }
 }
 
@@ -130,6 +153,12 @@ crate::metrics::label_values! {
         InvalidPod => "invalid_pod",
         /// A label value is malformed and was ignored.
         InvalidLabel => "invalid_label",
+        /// A pod's owner is of a kind the agent does not know; its kind
+        /// and name are used as they are.
+        UnknownOwner => "unknown_owner",
+        /// The API server could not be reached or refused a watch; it is
+        /// retried with backoff.
+        Watch => "watch",
     }
 }
 

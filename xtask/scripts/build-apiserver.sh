@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver v1.20.2 offline from Debian bookworm's `kubernetes`
+# source package (the full upstream tree with vendor/), for the tests' real
+# API server. Called by `cargo xtask setup` when the cached binary is missing.
+#
+#   build-apiserver.sh WORKDIR OUT
+#
+# WORKDIR keeps the source and Go caches (about 1.5 GB); OUT gets the binary.
+# Needs golang-go, rsync and make (setup installs them). /etc/apt is left
+# untouched: a private deb-src list is used.
+set -euo pipefail
+work=${1:?work directory}
+out=${2:?output directory}
+mkdir -p "$work" "$out"
+work=$(cd "$work" && pwd)
+out=$(cd "$out" && pwd)
+
+version=1.20.2
+package=kubernetes=1.20.5+really1.20.2-1.1+deb12u1
+tarball=kubernetes_1.20.5+really1.20.2.orig.tar.gz
+
+step() { echo "build-apiserver: $*"; }
+
+if [ ! -f "$work/$tarball" ]; then
+  step "fetching Debian's kubernetes source package"
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -n1)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  mkdir -p "$work/apt/parts" "$work/apt/lists/partial"
+  cat > "$work/apt/parts/deb-src.sources" <<EOF
+Types: deb-src
+URIs: $mirror
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  apt_opts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$work/apt/parts" -o "Dir::State::Lists=$work/apt/lists")
+  apt-get "${apt_opts[@]}" update -q >/dev/null
+  (cd "$work" && apt-get "${apt_opts[@]}" source --download-only "$package" >/dev/null 2>&1)
+fi
+
+src="$work/kubernetes-$version"
+if [ ! -d "$src" ]; then
+  step "unpacking"
+  tar -C "$work" -xzf "$work/$tarball"
+fi
+
+export GOPATH="$work/gopath" GOCACHE="$work/gocache" GOPROXY=off GO111MODULE=off CGO_ENABLED=0
+mkdir -p "$GOPATH/src/k8s.io"
+ln -sfn "$src" "$GOPATH/src/k8s.io/kubernetes"
+cd "$GOPATH/src/k8s.io/kubernetes"
+
+# The tarball lacks the generated OpenAPI definitions the API server needs.
+if [ ! -s pkg/generated/openapi/zz_generated.openapi.go ]; then
+  step "generating OpenAPI definitions (make gen_openapi)"
+  rm -rf _output
+  make gen_openapi >/dev/null 2>&1
+fi
+
+step "compiling kube-apiserver (about 3 minutes on 2 cores)"
+vendor=k8s.io/kubernetes/vendor/k8s.io
+go build -o "$out/kube-apiserver.tmp" -ldflags "-s -w \
+  -X $vendor/component-base/version.gitVersion=v$version \
+  -X $vendor/component-base/version.gitMajor=1 \
+  -X $vendor/component-base/version.gitMinor=20 \
+  -X $vendor/client-go/pkg/version.gitVersion=v$version" \
+  ./cmd/kube-apiserver
+mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
+"$out/kube-apiserver" --version
