@@ -93,6 +93,9 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
     )?;
 
     let (pods_tx, pods_rx) = watch::channel(None);
+    // With Kubernetes: the client and the agent's own DaemonSet, to tell an
+    // uninstall from a restart at shutdown.
+    let mut uninstall_check = None;
     let source_task = match &cfg.source {
         PodSourceConfig::File { path, interval } => {
             let source = FileSource {
@@ -105,9 +108,12 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
         PodSourceConfig::Kube {
             node_name,
             kubeconfig,
+            daemonset,
         } => {
+            let client = kube::client(kubeconfig.as_deref()).await?;
+            uninstall_check = daemonset.clone().map(|ds| (client.clone(), ds));
             let source = KubeSource {
-                client: kube::client(kubeconfig.as_deref()).await?,
+                client,
                 node_name: node_name.clone(),
                 metrics: source_metrics,
                 index: index.clone(),
@@ -160,7 +166,17 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
         );
     }
     admin.stop();
-    if cfg.cleanup_on_exit {
+    let uninstalling = match &uninstall_check {
+        Some((client, (namespace, name))) => {
+            let gone = kube::daemonset_gone(client, namespace, name).await;
+            if gone {
+                info!(daemonset = %name, %namespace, "the agent's DaemonSet is gone: nodemesh is being uninstalled");
+            }
+            gone
+        }
+        None => false,
+    };
+    if cfg.cleanup_on_exit || uninstalling {
         match redirect.uninstall() {
             Ok(true) => info!(pins = %cfg.bpffs.display(), "eBPF programs detached and unpinned"),
             Ok(false) => warn!("another agent uses the eBPF state; leaving it in place"),

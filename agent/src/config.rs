@@ -27,6 +27,25 @@ pub struct AgentArgs {
     #[arg(long, env = "NODEMESH_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// The agent's own namespace and DaemonSet (set by the install): when
+    /// the agent stops and its DaemonSet is gone, nodemesh is being
+    /// uninstalled and the agent removes its eBPF state.
+    #[arg(
+        long,
+        env = "NODEMESH_NAMESPACE",
+        value_name = "NAME",
+        requires = "daemonset"
+    )]
+    pub namespace: Option<String>,
+
+    #[arg(
+        long,
+        env = "NODEMESH_DAEMONSET",
+        value_name = "NAME",
+        requires = "namespace"
+    )]
+    pub daemonset: Option<String>,
+
     /// The SPIFFE trust domain of workload identities.
     #[arg(
         long,
@@ -171,6 +190,8 @@ pub enum PodSourceConfig {
     Kube {
         node_name: String,
         kubeconfig: Option<PathBuf>,
+        /// (namespace, name) of the agent's own DaemonSet.
+        daemonset: Option<(String, String)>,
     },
 }
 
@@ -358,6 +379,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             (None, Some(node)) if is_dns_subdomain(node) => Some(PodSourceConfig::Kube {
                 node_name: node.clone(),
                 kubeconfig: a.kubeconfig.clone(),
+                daemonset: a.namespace.clone().zip(a.daemonset.clone()),
             }),
             (None, Some(node)) => {
                 p.0.push(format!("--node-name {node:?}: not a Kubernetes node name"));
@@ -492,7 +514,8 @@ mod tests {
             cfg.source,
             PodSourceConfig::Kube {
                 node_name: "node-1.example".into(),
-                kubeconfig: None
+                kubeconfig: None,
+                daemonset: None,
             }
         );
     }

@@ -6,6 +6,12 @@ mod skeleton;
 fn main() {
     nodemesh_tests::harness::main(nodemesh_tests::trials![
         kube::a_labelled_pod_is_captured_from_the_api,
+        kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
+        kube::unlabelling_releases_and_deleting_cleans_up,
+        kube::bad_pods_are_reported_once_retried_and_the_rest_served,
+        kube::the_service_index_follows_services_and_slices,
+        kube::the_api_server_going_away_loses_nothing,
+        kube::install_manifests_apply_and_grant_discovery_what_it_needs,
         skeleton::meshed_pod_goes_through_the_agent,
         skeleton::unmeshed_pod_is_left_alone,
         skeleton::labelling_captures_and_unlabelling_releases_live,

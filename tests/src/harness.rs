@@ -8,7 +8,9 @@ use crate::{agent, app};
 /// Runs `trials`, or the role named by the first argument.
 pub fn main(trials: Vec<Trial>) -> ! {
     play_role();
-    libtest_mimic::run(&Arguments::from_args(), trials).exit()
+    let conclusion = libtest_mimic::run(&Arguments::from_args(), trials);
+    crate::kube::Cluster::teardown_shared();
+    conclusion.exit()
 }
 
 /// If the test bed started this binary as a pod application or as the

@@ -156,10 +156,27 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// The API server shared by all tests of this process (started on
-    /// first use).
+    /// first use, stopped by [`Cluster::teardown_shared`]).
     pub fn shared() -> &'static Cluster {
-        static SHARED: OnceLock<Cluster> = OnceLock::new();
         SHARED.get_or_init(Cluster::start)
+    }
+
+    /// Stops the shared API server and removes its files (statics are never
+    /// dropped; the test harness calls this when the tests are done).
+    pub fn teardown_shared() {
+        if let Some(cluster) = SHARED.get() {
+            cluster.teardown();
+        }
+    }
+
+    fn teardown(&self) {
+        self.stop_apiserver();
+        if let Some(mut etcd) = self.etcd.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+        }
+        remove_cgroup_tree(&self.cgroup);
+        let _ = fs::remove_dir_all(&self.dir);
     }
 
     /// A private API server (removed on drop).
@@ -360,6 +377,148 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("patch status of {}: {e}", pod.key()));
     }
 
+    /// Merges `status` into the pod's status.
+    pub fn patch_pod_status(&self, pod: &Pod, status: serde_json::Value) {
+        let patch = json!({ "status": status });
+        self.block_on(
+            Api::<K8sPod>::namespaced(self.client.clone(), &pod.namespace).patch_status(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .unwrap_or_else(|e| panic!("patch status of {}: {e}", pod.key()));
+    }
+
+    /// Creates a pod object on another (unsimulated) node with an address,
+    /// Running: a remote endpoint for the service index.
+    pub fn remote_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        ip: Ipv4Addr,
+        service_account: &str,
+    ) {
+        let api_pod: K8sPod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": service_account,
+                "containers": [{"name": "app", "image": "nodemesh.test/app:1"}],
+            }
+        }))
+        .expect("pod");
+        let api = Api::<K8sPod>::namespaced(self.client.clone(), namespace);
+        self.block_on(api.create(&PostParams::default(), &api_pod))
+            .unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e}"));
+        let status = json!({"status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}});
+        self.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
+            .unwrap_or_else(|e| panic!("patch status of {namespace}/{name}: {e}"));
+    }
+
+    /// Deletes a Service.
+    pub fn delete_service(&self, namespace: &str, name: &str) {
+        self.block_on(
+            Api::<Service>::namespaced(self.client.clone(), namespace)
+                .delete(name, &DeleteParams::default()),
+        )
+        .unwrap_or_else(|e| panic!("delete service {namespace}/{name}: {e}"));
+    }
+
+    /// Server-side applies every document of a multi-document manifest, for
+    /// real or as a dry run. Returns (kind, name) of each object.
+    pub fn apply_manifests(
+        &self,
+        text: &str,
+        dry_run: bool,
+    ) -> Result<Vec<(String, String)>, String> {
+        self.block_on(async {
+            let mut applied = Vec::new();
+            for doc in nodemesh::cli::install::documents(text) {
+                let obj: DynamicObject =
+                    serde_norway::from_str(doc).map_err(|e| format!("YAML: {e}\n{doc}"))?;
+                let types = obj
+                    .types
+                    .clone()
+                    .ok_or("a document without apiVersion/kind")?;
+                let gvk =
+                    kube::api::GroupVersionKind::try_from(&types).map_err(|e| e.to_string())?;
+                let (ar, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+                    .await
+                    .map_err(|e| format!("{}: {e}", types.kind))?;
+                let name = obj
+                    .metadata
+                    .name
+                    .clone()
+                    .ok_or("a document without a name")?;
+                let api: Api<DynamicObject> = match (&caps.scope, &obj.metadata.namespace) {
+                    (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                        Api::namespaced_with(self.client.clone(), ns, &ar)
+                    }
+                    _ => Api::all_with(self.client.clone(), &ar),
+                };
+                let mut params = PatchParams::apply("nodemesh-tests").force();
+                params.dry_run = dry_run;
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map_err(|e| format!("{} {name}: {e}", types.kind))?;
+                applied.push((types.kind, name));
+            }
+            Ok(applied)
+        })
+    }
+
+    /// Deletes every object a manifest names (missing ones are fine).
+    pub fn delete_manifests(&self, text: &str) {
+        self.block_on(async {
+            for doc in nodemesh::cli::install::documents(text) {
+                let Ok(obj) = serde_norway::from_str::<DynamicObject>(doc) else {
+                    continue;
+                };
+                let (Some(types), Some(name)) = (obj.types.clone(), obj.metadata.name.clone())
+                else {
+                    continue;
+                };
+                let Ok(gvk) = kube::api::GroupVersionKind::try_from(&types) else {
+                    continue;
+                };
+                let Ok((ar, caps)) = kube::discovery::pinned_kind(&self.client, &gvk).await else {
+                    continue;
+                };
+                let api: Api<DynamicObject> = match (&caps.scope, &obj.metadata.namespace) {
+                    (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                        Api::namespaced_with(self.client.clone(), ns, &ar)
+                    }
+                    _ => Api::all_with(self.client.clone(), &ar),
+                };
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            }
+        })
+    }
+
+    /// Whether the holder of `kubeconfig` may `verb` `resource` (in
+    /// `namespace`), as the API server's RBAC says.
+    pub fn can(
+        &self,
+        kubeconfig: &Path,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) -> bool {
+        self.block_on(async {
+            let client = client_from(kubeconfig).await;
+            let review: k8s_openapi::api::authorization::v1::SelfSubjectAccessReview = serde_json::from_value(json!({
+                "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": namespace}}
+            }))
+            .expect("review");
+            let api: Api<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview> = Api::all(client);
+            let answer = api.create(&PostParams::default(), &review).await.expect("access review");
+            answer.status.map(|s| s.allowed).unwrap_or(false)
+        })
+    }
+
     /// Sets (or removes) a pod label in the API.
     pub fn label_pod(&self, pod: &Pod, key: &str, value: Option<&str>) {
         let patch = json!({"metadata": {"labels": {key: value}}});
@@ -478,15 +637,11 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.stop_apiserver();
-        if let Some(mut etcd) = self.etcd.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = etcd.kill();
-            let _ = etcd.wait();
-        }
-        remove_cgroup_tree(&self.cgroup);
-        let _ = fs::remove_dir_all(&self.dir);
+        self.teardown();
     }
 }
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
 
 /// A kube client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> Client {

@@ -401,6 +401,19 @@ impl Node {
         }
     }
 
+    /// Cuts (or restores) the node's way to the host's `127.0.0.1:port`.
+    pub fn partition_from_host(&self, port: u16, cut: bool) {
+        for f in self
+            .forwards
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.port == port)
+        {
+            f.set_blocked(cut);
+        }
+    }
+
     /// The agent's admin address on this node.
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::from((self.ip, ADMIN_PORT))

@@ -189,6 +189,8 @@ pub fn read_or_empty(path: impl AsRef<OsStr>) -> String {
 pub struct Forward {
     pub port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -201,15 +203,34 @@ impl Forward {
         .unwrap_or_else(|e| panic!("listen on 127.0.0.1:{port} in the node: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (stopping, blocking, tracked) = (stop.clone(), blocked.clone(), conns.clone());
         let thread = thread::spawn(move || {
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((inside, _)) => {
                         let _ = inside.set_nonblocking(false);
-                        let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) else {
+                        let outside = if blocking.load(std::sync::atomic::Ordering::Relaxed) {
+                            None
+                        } else {
+                            TcpStream::connect(("127.0.0.1", port)).ok()
+                        };
+                        let Some(outside) = outside else {
+                            // As the host would answer: refused (a reset).
+                            let _ = nix::sys::socket::setsockopt(
+                                &inside,
+                                nix::sys::socket::sockopt::Linger,
+                                &libc::linger {
+                                    l_onoff: 1,
+                                    l_linger: 0,
+                                },
+                            );
                             continue;
                         };
+                        if let Ok(c) = inside.try_clone() {
+                            tracked.lock().unwrap().push(c);
+                        }
                         for (mut from, mut to) in [
                             (inside.try_clone(), outside.try_clone()),
                             (outside.try_clone(), inside.try_clone()),
@@ -233,7 +254,21 @@ impl Forward {
         Self {
             port,
             stop,
+            blocked,
+            conns,
             thread: Some(thread),
+        }
+    }
+
+    /// Cuts every connection and refuses new ones (a network partition), or
+    /// lets them through again.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked
+            .store(blocked, std::sync::atomic::Ordering::Relaxed);
+        if blocked {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }

@@ -1,4 +1,6 @@
 //! The `nodemesh` command line: the node agent and the operator's commands.
+pub mod install;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
@@ -47,6 +49,16 @@ pub enum Command {
     /// Run the node agent: load eBPF, capture the node's meshed pods, proxy
     /// their connections, serve /metrics on :4191.
     Agent(Box<AgentArgs>),
+    /// Print the Kubernetes manifests that install nodemesh:
+    /// `nodemesh install | kubectl apply -f -`.
+    Install(Box<install::InstallArgs>),
+    /// Print what removes an installation: `nodemesh uninstall | kubectl
+    /// delete -f -`. Each agent detaches its eBPF programs as it stops.
+    Uninstall {
+        /// The namespace nodemesh was installed in.
+        #[arg(long, default_value = "nodemesh", value_name = "NAME")]
+        namespace: String,
+    },
     /// Detach the mesh's eBPF programs from this node and remove everything
     /// pinned (refused while an agent runs).
     Cleanup {
@@ -77,6 +89,8 @@ pub fn run(cli: Cli) -> u8 {
     };
     match cli.command {
         Command::Agent(args) => run_agent(&args, ebpf_log_level),
+        Command::Install(args) => print_or_fail(install::render(&args)),
+        Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
         Command::Cleanup { bpffs } => match crate::redirect::cleanup(&bpffs) {
             Ok(report) if report.removed => {
                 println!(
@@ -95,6 +109,19 @@ pub fn run(cli: Cli) -> u8 {
                 EXIT_FAILURE
             }
         },
+    }
+}
+
+fn print_or_fail(rendered: Result<String, crate::config::ConfigErrors>) -> u8 {
+    match rendered {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
     }
 }
 

@@ -85,6 +85,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
+/// Whether the agent's own DaemonSet is gone (deleted, or its RBAC with
+/// it): then nodemesh is being uninstalled. Any other answer, including no
+/// answer, means "keep the node's eBPF state".
+pub async fn daemonset_gone(client: &Client, namespace: &str, name: &str) -> bool {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(Duration::from_secs(5), api.get(name)).await {
+        Ok(Ok(ds)) => ds.metadata.deletion_timestamp.is_some(),
+        Ok(Err(kube::Error::Api(status))) => status.code == 404 || status.code == 403,
+        _ => false,
+    }
+}
+
 /// Which API serves endpoints here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndpointsApi {
