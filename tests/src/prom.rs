@@ -46,6 +46,19 @@ impl Metrics {
         self.matching(name, labels).fold(0.0, |a, b| a + b)
     }
 
+    /// The labels of the first sample of `name` that includes `labels`.
+    pub fn labels(&self, name: &str, labels: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, l, _)| l.clone())
+    }
+
     fn matching<'a>(
         &'a self,
         name: &'a str,

@@ -1,15 +1,19 @@
-//! `cargo xtask demo`: a simulated node with a few pods, the release agent,
-//! traffic between the pods, and what the proxy saw per pod.
+//! `cargo xtask demo`: a real Kubernetes API server, a simulated node with a
+//! few pods, the release agent discovering them from the API, labels that
+//! mesh and unmesh pods live, traffic between the pods, and what the proxy
+//! saw per pod.
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use nodemesh::discovery::MESH_LABEL;
-use nodemesh_tests::{Agent, AgentOptions, Metrics, Node, Pod, PodSpec, harness};
+use nodemesh_tests::{Agent, AgentOptions, App, Cluster, Metrics, Node, Pod, PodSpec, harness};
 
 const PORT: u16 = 8080;
+const STEPS: u32 = 8;
 
 fn main() {
     harness::play_role();
@@ -25,31 +29,59 @@ fn main() {
 
     step(
         1,
-        "building a node: a netns with a bridge, a cgroup root, a bpffs pin directory",
+        "starting a Kubernetes API server (kube-apiserver v1.20.2 + etcd on 127.0.0.1)",
     );
-    let node = Node::new();
-    let web = node.pod(PodSpec::new("shop", "web").meshed());
-    let api = node.pod(PodSpec::new("shop", "api").meshed());
-    let db = node.pod(PodSpec::new("shop", "db"));
-    node.write_pods(&[&web, &api, &db]);
-    for pod in [&web, &api, &db] {
-        let meshed = pod.labels().get(MESH_LABEL).map(String::as_str) == Some("enabled");
-        println!(
-            "      pod {:<9} {:<11} netns {}  {}",
-            pod.key(),
-            pod.ip,
-            pod.netns.display(),
-            if meshed {
-                "nodemesh.io/mesh=enabled"
-            } else {
-                "(not meshed)"
-            }
-        );
-    }
+    let cluster = Cluster::start();
+    println!(
+        "      https://127.0.0.1:{}  kubeconfig {}",
+        cluster.port,
+        cluster.kubeconfig.display()
+    );
 
     step(
         2,
-        &format!("starting the agent: {} agent", agent_bin.display()),
+        "building a node and running pods on it (netns + kubelet-style cgroups; status patched as kubelet would)",
+    );
+    let node = Node::new();
+    cluster.namespace("shop", &[]);
+    let web = cluster.run_pod(
+        &node,
+        PodSpec::new("shop", "web-5d8f7-abcde")
+            .owner("ReplicaSet", "web-5d8f7")
+            .label("pod-template-hash", "5d8f7")
+            .service_account("web"),
+    );
+    let api = cluster.run_pod(
+        &node,
+        PodSpec::new("shop", "api-0")
+            .owner("StatefulSet", "api")
+            .service_account("api"),
+    );
+    let db = cluster.run_pod(
+        &node,
+        PodSpec::new("shop", "db-0")
+            .owner("StatefulSet", "db")
+            .service_account("db"),
+    );
+    let vip = cluster.service("shop", "api", 80, PORT);
+    cluster.endpoint_slice("shop", "api", PORT, &[(&api, &node, true)]);
+    for pod in [&web, &api, &db] {
+        println!(
+            "      pod {:<20} {:<11} node {}",
+            pod.key(),
+            pod.ip,
+            node.name
+        );
+    }
+    println!("      service shop/api {vip}:80 → {}:{PORT}", api.ip);
+
+    step(
+        3,
+        &format!(
+            "starting the agent: {} agent --node-name {}",
+            agent_bin.display(),
+            node.name
+        ),
     );
     let started = Instant::now();
     let agent = Agent::start_ready(
@@ -57,109 +89,148 @@ fn main() {
         AgentOptions {
             binary: Some(agent_bin),
             log: "info".into(),
-            ..AgentOptions::default()
+            ..AgentOptions::default().kube(&cluster)
         },
     );
-    agent.wait_metric("web and api captured", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+    println!(
+        "      ready in {} ms; nothing meshed yet: {} pods captured",
+        started.elapsed().as_millis(),
+        agent.metrics().sum("nodemesh_meshed_pods", &[])
+    );
+
+    step(4, "kubectl label namespace shop nodemesh.io/mesh=enabled");
+    cluster.label_namespace("shop", MESH_LABEL, Some("enabled"));
+    let m = agent.wait_metric("shop's pods captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 3.0
     });
     println!(
-        "      ready in {} ms; admin on {} inside the node",
-        started.elapsed().as_millis(),
-        agent.admin
+        "      captured live, no pod restarted: {} pods",
+        m.sum("nodemesh_meshed_pods", &[])
     );
 
     step(
-        3,
+        5,
+        "kubectl label pod db-0 nodemesh.io/mesh=disabled (a pod opts out of its namespace)",
+    );
+    cluster.label_pod(&db, MESH_LABEL, Some("disabled"));
+    let m = agent.wait_metric("db released", |m| m.sum("nodemesh_meshed_pods", &[]) == 2.0);
+    println!(
+        "      released: {} pods captured now",
+        m.sum("nodemesh_meshed_pods", &[])
+    );
+
+    step(
+        6,
         "sending traffic: every pod talks to every other pod's echo server",
     );
-    let mut apps: Vec<_> = [&web, &api, &db]
+    let mut apps: Vec<(Arc<Pod>, App)> = [&web, &api, &db]
         .iter()
         .map(|pod| {
             let mut app = pod.app();
             app.listen(PORT);
-            (pod.to_owned(), app)
+            ((*pod).clone(), app)
         })
         .collect();
-    let talk = |apps: &mut Vec<(&std::sync::Arc<Pod>, nodemesh_tests::App)>, note: &str| {
-        let targets: Vec<(String, SocketAddr)> = apps
-            .iter()
-            .map(|(p, _)| (p.key(), SocketAddr::from((p.ip, PORT))))
-            .collect();
-        for (pod, app) in apps.iter_mut() {
-            for (name, dst) in &targets {
-                if *name == pod.key() {
-                    continue;
-                }
-                for bytes in [2_000, 1 << 20] {
-                    let x = app
-                        .exchange(*dst, bytes)
-                        .unwrap_or_else(|f| panic!("{} → {name}: {f:?}", pod.key()));
-                    assert!(x.intact, "{} → {name}: bytes changed", pod.key());
-                }
-                println!(
-                    "      {:<9} → {:<9} 2 connections, 1 MiB each way, intact{note}",
-                    pod.key(),
-                    name
-                );
+    let targets: Vec<(String, SocketAddr)> = apps
+        .iter()
+        .map(|(p, _)| (p.key(), SocketAddr::from((p.ip, PORT))))
+        .collect();
+    for (pod, app) in apps.iter_mut() {
+        for (name, dst) in &targets {
+            if *name == pod.key() {
+                continue;
             }
+            for bytes in [2_000, 1 << 20] {
+                let x = app
+                    .exchange(*dst, bytes)
+                    .unwrap_or_else(|f| panic!("{} → {name}: {f:?}", pod.key()));
+                assert!(x.intact, "{} → {name}: bytes changed", pod.key());
+            }
+            let how = if pod.name == "db-0" {
+                "direct (db opted out)"
+            } else {
+                "through the node proxy"
+            };
+            println!(
+                "      {:<20} → {:<20} 2 connections, intact, {how}",
+                pod.key(),
+                name
+            );
         }
-    };
-    talk(&mut apps, "");
+    }
 
     step(
-        4,
-        "labelling shop/db live (no restart): its new connections are captured too",
+        7,
+        "what the agent knows: per-pod metrics and the service index (from :4191)",
     );
-    db.set_label(MESH_LABEL, Some("enabled"));
-    node.write_pods(&[&web, &api, &db]);
-    agent.wait_metric("db captured", |m| m.sum("nodemesh_meshed_pods", &[]) == 3.0);
-    talk(&mut apps, " (db meshed now)");
-
-    step(5, "what the proxy saw, per pod (from /metrics)");
     let m = agent.wait_metric("all connections closed", |m| {
         m.sum("nodemesh_tcp_open_connections", &[]) == 0.0
     });
     print_table(&m, &[&web, &api, &db]);
+    if let Ok((200, body)) = agent.get("/v1/services")
+        && let Ok(services) = serde_json::from_str::<serde_json::Value>(&body)
+    {
+        for svc in services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["namespace"] == "shop")
+        {
+            for ep in svc["endpoints"].as_array().into_iter().flatten() {
+                println!(
+                    "      service shop/{} {} → {} ready={} identity={}",
+                    svc["name"].as_str().unwrap_or(""),
+                    svc["addr"].as_str().unwrap_or(""),
+                    ep["addr"].as_str().unwrap_or(""),
+                    ep["ready"],
+                    ep["identity"].as_str().unwrap_or("?"),
+                );
+            }
+        }
+    }
     if let Some(kib) = agent.rss_kib() {
         println!("      agent memory (RSS): {:.1} MiB", kib as f64 / 1024.0);
     }
 
-    step(6, "cleaning up: agent, pods, node, pins");
+    step(8, "cleaning up: agent, pods, node, pins, API server");
     drop(apps);
     drop(agent);
     drop(node);
+    drop(cluster);
     println!("\ndemo finished in {:.1}s", t0.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_millis(10));
 }
 
 fn step(n: u32, what: &str) {
-    println!("[{n}/6] {what}");
+    println!("[{n}/{STEPS}] {what}");
 }
 
-fn print_table(m: &Metrics, pods: &[&Pod]) {
+fn print_table(m: &Metrics, pods: &[&Arc<Pod>]) {
     println!(
-        "      {:<10} {:>6} {:>12} {:>12} {:>16} {:>16} {:>7}",
-        "POD", "CONNS", "SENT", "RECEIVED", "FAST-PATH→PROXY", "FAST-PATH→APP", "ERRORS"
+        "      {:<18} {:<22} {:>6} {:>10} {:>10} {:>14} {:>14}",
+        "POD", "WORKLOAD", "CONNS", "SENT", "RECEIVED", "FAST→PROXY", "FAST→APP"
     );
     for pod in pods {
         let l = [
             ("namespace", pod.namespace.as_str()),
             ("pod", pod.name.as_str()),
         ];
+        let workload = m
+            .labels("nodemesh_tcp_open_total", &l)
+            .map(|labels| format!("{}/{}", labels["workload_kind"], labels["workload_name"]))
+            .unwrap_or_else(|| "(not meshed)".into());
         let fast = |to| m.sum("nodemesh_fastpath_bytes_total", &[l[0], l[1], ("to", to)]);
         println!(
-            "      {:<10} {:>6.0} {:>12} {:>12} {:>16} {:>16} {:>7.0}",
+            "      {:<18} {:<22} {:>6.0} {:>10} {:>10} {:>14} {:>14}",
             pod.name,
+            workload,
             m.sum("nodemesh_tcp_open_total", &l),
             bytes(m.sum("nodemesh_tcp_sent_bytes_total", &l)),
             bytes(m.sum("nodemesh_tcp_received_bytes_total", &l)),
             bytes(fast("proxy")),
             bytes(fast("app")),
-            m.sum("nodemesh_tcp_connect_errors_total", &l),
         );
     }
-    println!("      (db's counters start when it was labelled: earlier connections went direct)");
 }
 
 fn bytes(n: f64) -> String {
