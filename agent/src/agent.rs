@@ -29,10 +29,12 @@ use crate::{
         kube::{self, KubeError, KubeSource},
         services::{ServiceIndex, SharedIndex},
     },
+    identity::store::{CertStore, IdentityClientConfig, IdentityClientError},
     metrics::{PREFIX, TcpMetrics},
     netns,
-    proxy::{Outbound, OutboundConfig},
+    proxy::{Outbound, OutboundConfig, outbound::Mesh},
     redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
+    tunnel::{LocalPods, TunnelClient, TunnelConfig, TunnelMetrics, TunnelServer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,15 @@ pub enum AgentError {
     Signals(std::io::Error),
     #[error("{0}")]
     Kube(#[from] KubeError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityClientError),
+    #[error("tunnel TLS settings: {0}")]
+    TunnelTls(#[from] rustls::Error),
+    #[error("cannot listen on {addr} for the tunnel: {source}; is another agent running?")]
+    TunnelBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until a termination signal.
@@ -83,6 +94,47 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
     let capture_metrics = CaptureMetrics::new(&mut registry, redirect.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let index: SharedIndex = Arc::new(RwLock::new(ServiceIndex::new(&cfg.trust_domain)));
+
+    // Workload identity and the tunnel between nodes.
+    let mut identity = None;
+    if let (Some(id), PodSourceConfig::Kube { node_name, .. }) = (&cfg.identity, &cfg.source) {
+        let store = Arc::new(CertStore::new(
+            IdentityClientConfig {
+                addr: id.addr.clone(),
+                server_name: id.server_name.clone(),
+                trust_anchors_pem: id.trust_anchors_pem.clone(),
+                token_file: id.token_file.clone(),
+                trust_domain: cfg.trust_domain.clone(),
+                timeout: Duration::from_secs(10),
+            },
+            &mut registry,
+        )?);
+        let metrics = TunnelMetrics::new(&mut registry);
+        let tunnel_cfg = TunnelConfig {
+            listen: id.tunnel_addr,
+            port: id.tunnel_addr.port(),
+            connect_timeout: cfg.connect_timeout,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: id.tunnel_idle_timeout,
+            buffer_size: cfg.buffer_size,
+        };
+        let local = LocalPods::default();
+        let server = Arc::new(TunnelServer::new(
+            tunnel_cfg.clone(),
+            store.clone(),
+            local.clone(),
+            metrics.clone(),
+        )?);
+        let listener = server
+            .bind()
+            .await
+            .map_err(|source| AgentError::TunnelBind {
+                addr: id.tunnel_addr,
+                source,
+            })?;
+        let client = Arc::new(TunnelClient::new(tunnel_cfg, store.clone(), metrics));
+        identity = Some((store, server, listener, client, local, node_name.clone()));
+    }
     let admin = AdminServer::start(
         cfg.admin_addr,
         AdminState {
@@ -122,6 +174,22 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
         }
     };
 
+    let mut mesh = None;
+    let mut local_pods = None;
+    let mut tunnel_server = None;
+    if let Some((store, server, listener, client, local, node_name)) = identity {
+        tokio::spawn(store.run(pods_rx.clone(), shutdown.clone()));
+        tokio::spawn(server.clone().serve(listener, shutdown.clone()));
+        tokio::spawn(client.clone().evict_idle(shutdown.clone()));
+        mesh = Some(Mesh {
+            node_name,
+            index: index.clone(),
+            local: local.clone(),
+            tunnel: client,
+        });
+        local_pods = Some(local);
+        tunnel_server = Some(server);
+    }
     let outbound = Arc::new(Outbound::new(
         OutboundConfig {
             connect_timeout: cfg.connect_timeout,
@@ -129,6 +197,7 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
             max_connections: cfg.max_connections,
         },
         redirect.clone(),
+        mesh,
     ));
     let captures = Captures::new(
         CaptureConfig {
@@ -142,7 +211,8 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
         tcp,
         capture_metrics,
         ready,
-    );
+    )
+    .with_local_pods(local_pods);
     let capture_task = tokio::spawn(captures.run(pods_rx, shutdown.clone()));
 
     let signal = tokio::select! {
@@ -158,7 +228,16 @@ pub async fn run(cfg: AgentConfig, log_level: u8) -> Result<(), AgentError> {
     shutdown.cancel();
     let _ = capture_task.await;
     let _ = source_task.await;
-    let left = outbound.drain(cfg.shutdown_grace).await;
+    let left = match &tunnel_server {
+        Some(tunnel) => {
+            let (a, b) = tokio::join!(
+                outbound.drain(cfg.shutdown_grace),
+                tunnel.drain(cfg.shutdown_grace)
+            );
+            a + b
+        }
+        None => outbound.drain(cfg.shutdown_grace).await,
+    };
     if left > 0 {
         warn!(
             connections = left,

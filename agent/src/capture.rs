@@ -42,6 +42,7 @@ use crate::{
     netns::{Netns, NetnsError},
     proxy::{Outbound, PodProxy},
     redirect::{Redirect, RedirectError},
+    tunnel::{LocalPod, LocalPods},
 };
 
 label_values! {
@@ -185,6 +186,8 @@ struct Captured {
     pod: Arc<Pod>,
     netns: Arc<Netns>,
     labels: PodLabels,
+    /// Its inbound series, when the mesh routes between pods.
+    inbound_labels: Option<PodLabels>,
     stop: CancellationToken,
 }
 
@@ -207,6 +210,8 @@ pub struct Captures {
     captured: BTreeMap<PodUid, Captured>,
     failing: BTreeMap<PodUid, Failing>,
     ready: Arc<AtomicBool>,
+    /// Captured pods by address, for the tunnel endpoint (identity on).
+    local: Option<LocalPods>,
 }
 
 impl Captures {
@@ -229,7 +234,14 @@ impl Captures {
             captured: BTreeMap::new(),
             failing: BTreeMap::new(),
             ready,
+            local: None,
         }
+    }
+
+    /// Keeps `local` (captured pods by address) for the tunnel endpoint.
+    pub fn with_local_pods(mut self, local: Option<LocalPods>) -> Self {
+        self.local = local;
+        self
     }
 
     /// Runs until `shutdown`. Captured pods stay captured in eBPF when this
@@ -366,10 +378,24 @@ impl Captures {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(netns.cookie(), labels.clone());
+        let mut inbound_labels = None;
+        if let (Some(local), Some(ip)) = (&self.local, pod.ip) {
+            let labels = PodLabels::of(pod, Direction::Inbound);
+            let entry = Arc::new(LocalPod {
+                pod: pod.clone(),
+                inbound: self.tcp.pod(labels.clone()),
+            });
+            local
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ip, entry);
+            inbound_labels = Some(labels);
+        }
         Ok(Captured {
             pod: pod.clone(),
             netns,
             labels,
+            inbound_labels,
             stop,
         })
     }
@@ -404,6 +430,15 @@ impl Captures {
         }
         c.stop.cancel();
         self.tcp.remove(&c.labels);
+        if let Some(labels) = &c.inbound_labels {
+            self.tcp.remove(labels);
+        }
+        if let (Some(local), Some(ip)) = (&self.local, c.pod.ip) {
+            let mut local = local.write().unwrap_or_else(|p| p.into_inner());
+            if local.get(&ip).is_some_and(|l| l.pod.uid == c.pod.uid) {
+                local.remove(&ip);
+            }
+        }
         self.metrics
             .fastpath
             .pods

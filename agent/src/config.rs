@@ -179,6 +179,65 @@ pub struct AgentArgs {
     /// it, so a restarted agent takes over without a gap).
     #[arg(long, env = "NODEMESH_CLEANUP_ON_EXIT")]
     pub cleanup_on_exit: bool,
+
+    /// `host:port` of the identity service. Turns on workload identity:
+    /// certificates for the node's meshed service accounts, and the
+    /// mutual-TLS tunnel between nodes. Needs Kubernetes discovery.
+    #[arg(long, env = "NODEMESH_IDENTITY_ADDR", value_name = "HOST:PORT")]
+    pub identity_addr: Option<String>,
+
+    /// The DNS name in the identity service's certificate.
+    #[arg(
+        long,
+        env = "NODEMESH_IDENTITY_SERVER_NAME",
+        default_value = "nodemesh-identity.nodemesh.svc",
+        value_name = "DNS"
+    )]
+    pub identity_server_name: String,
+
+    /// The trust anchors (PEM bundle) every workload certificate chains to.
+    #[arg(long, env = "NODEMESH_IDENTITY_TRUST_ANCHORS", value_name = "PATH")]
+    pub identity_trust_anchors_file: Option<PathBuf>,
+
+    /// The agent's projected service-account token (audience
+    /// identity.nodemesh.io), bound to its pod.
+    #[arg(
+        long,
+        env = "NODEMESH_IDENTITY_TOKEN_FILE",
+        default_value = "/var/run/secrets/nodemesh.io/identity/token",
+        value_name = "PATH"
+    )]
+    pub identity_token_file: PathBuf,
+
+    /// Where the mutual-TLS tunnel listens for other nodes (with identity).
+    #[arg(
+        long,
+        env = "NODEMESH_TUNNEL_ADDR",
+        default_value = "0.0.0.0:15008",
+        value_name = "ADDR"
+    )]
+    pub tunnel_addr: String,
+
+    /// A pooled tunnel connection to another node with no new stream for
+    /// this long is closed.
+    #[arg(
+        long,
+        env = "NODEMESH_TUNNEL_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_name = "DURATION"
+    )]
+    pub tunnel_idle_timeout: String,
+}
+
+/// Workload identity settings (all given, files read).
+#[derive(Clone, Debug)]
+pub struct IdentitySettings {
+    pub addr: String,
+    pub server_name: String,
+    pub trust_anchors_pem: String,
+    pub token_file: PathBuf,
+    pub tunnel_addr: SocketAddr,
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// Where the agent learns its node's pods.
@@ -213,6 +272,8 @@ pub struct AgentConfig {
     pub max_connections: usize,
     pub worker_threads: usize,
     pub cleanup_on_exit: bool,
+    /// Workload identity and the tunnel, when on.
+    pub identity: Option<IdentitySettings>,
 }
 
 /// Every problem found in the configuration.
@@ -399,6 +460,94 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                 a.trust_domain
             ));
         }
+        let identity = match &a.identity_addr {
+            None => None,
+            Some(addr) => {
+                let tunnel_addr = p.check(
+                    "tunnel-addr",
+                    &a.tunnel_addr,
+                    a.tunnel_addr
+                        .parse::<SocketAddr>()
+                        .map_err(|_| "not an address:port (like 0.0.0.0:15008)".to_string()),
+                );
+                let idle = p.check(
+                    "tunnel-idle-timeout",
+                    &a.tunnel_idle_timeout,
+                    parse_duration(&a.tunnel_idle_timeout).and_then(|d| {
+                        if d.is_zero() {
+                            Err("must be more than zero".into())
+                        } else {
+                            Ok(d)
+                        }
+                    }),
+                );
+                if a.pod_file.is_some() {
+                    p.0.push(
+                        "--identity-addr needs Kubernetes discovery (--node-name), not --pod-file"
+                            .into(),
+                    );
+                }
+                if !addr.contains(':') {
+                    p.0.push(format!("--identity-addr {addr:?}: expected host:port"));
+                }
+                if !is_dns_subdomain(&a.identity_server_name) {
+                    p.0.push(format!(
+                        "--identity-server-name {:?}: not a DNS name",
+                        a.identity_server_name
+                    ));
+                }
+                let anchors = match &a.identity_trust_anchors_file {
+                    None => {
+                        p.0.push(
+                            "--identity-trust-anchors-file is needed with --identity-addr".into(),
+                        );
+                        None
+                    }
+                    Some(path) => match std::fs::read_to_string(path) {
+                        Ok(text) => {
+                            match crate::identity::pki::certs_from_pem(&text, "trust anchors") {
+                                Ok(_) => Some(text),
+                                Err(e) => {
+                                    p.0.push(format!(
+                                        "--identity-trust-anchors-file {}: {e}",
+                                        path.display()
+                                    ));
+                                    None
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            p.0.push(format!(
+                                "--identity-trust-anchors-file {}: {e}",
+                                path.display()
+                            ));
+                            None
+                        }
+                    },
+                };
+                match (tunnel_addr, idle, anchors) {
+                    (Some(tunnel_addr), Some(tunnel_idle_timeout), Some(trust_anchors_pem)) => {
+                        Some(IdentitySettings {
+                            addr: addr.clone(),
+                            server_name: a.identity_server_name.clone(),
+                            trust_anchors_pem,
+                            token_file: a.identity_token_file.clone(),
+                            tunnel_addr,
+                            tunnel_idle_timeout,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+        };
+        if let (Some(id), Some(admin)) = (&identity, admin_addr)
+            && id.tunnel_addr.port() == admin.port()
+        {
+            p.0.push(format!(
+                "--admin-addr and --tunnel-addr both use port {}",
+                admin.port()
+            ));
+        }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -420,6 +569,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             max_connections: max_connections.ok_or_else(missing)?,
             worker_threads: worker_threads.ok_or_else(missing)?,
             cleanup_on_exit: a.cleanup_on_exit,
+            identity,
         })
     }
 }

@@ -4,6 +4,11 @@
 //!
 //! Series are per pod and direction (bounded by the pods on the node), and
 //! removed when a pod stops being captured.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -65,6 +70,9 @@ label_values! {
         Timeout => "timeout",
         /// The connection's original destination was not recorded by eBPF.
         NoOriginalDestination => "no_original_destination",
+        /// The mutual-TLS tunnel to the destination's node failed (see
+        /// `nodemesh_tunnel_errors_total` for why).
+        Tunnel => "tunnel",
         /// Anything else.
         Other => "other",
     }
@@ -109,6 +117,29 @@ impl PodLabels {
     }
 }
 
+label_values! {
+    /// Whether a connection was carried over mutual TLS.
+    pub enum Tls {
+        Yes => "true",
+        No => "false",
+    }
+}
+
+/// Distinct peer identities kept per pod and direction in the peer series;
+/// connections with more peers than that count as `peer_identity="other"`.
+pub const MAX_PEERS_PER_POD: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    tls: Tls,
+    /// The other end's SPIFFE ID; empty when it has none (not meshed).
+    peer_identity: String,
+}
+
+type PeerKeys = Arc<Mutex<HashMap<PodLabels, HashSet<(Tls, String)>>>>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectErrorLabels {
     #[prometheus(flatten)]
@@ -125,6 +156,8 @@ pub struct TcpMetrics {
     sent: Family<PodLabels, Counter>,
     received: Family<PodLabels, Counter>,
     connect_errors: Family<ConnectErrorLabels, Counter>,
+    peers: Family<PeerLabels, Counter>,
+    peer_keys: PeerKeys,
 }
 
 impl TcpMetrics {
@@ -136,6 +169,8 @@ impl TcpMetrics {
             sent: Family::default(),
             received: Family::default(),
             connect_errors: Family::default(),
+            peers: Family::default(),
+            peer_keys: PeerKeys::default(),
         };
         registry.register(
             "tcp_open",
@@ -169,6 +204,11 @@ impl TcpMetrics {
             "Connections the proxy could not make to their destination, by reason",
             m.connect_errors.clone(),
         );
+        registry.register(
+            "tcp_peer_open",
+            "TCP connections the proxy accepted for a meshed pod, by TLS and the peer's SPIFFE identity",
+            m.peers.clone(),
+        );
         m
     }
 
@@ -181,6 +221,8 @@ impl TcpMetrics {
             sent: self.sent.get_or_create_owned(&labels),
             received: self.received.get_or_create_owned(&labels),
             connect_errors: self.connect_errors.clone(),
+            peers: self.peers.clone(),
+            peer_keys: self.peer_keys.clone(),
             labels,
         }
     }
@@ -192,11 +234,24 @@ impl TcpMetrics {
         self.open_now.remove(labels);
         self.sent.remove(labels);
         self.received.remove(labels);
+        let peers = self
+            .peer_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(labels);
+        for (tls, peer_identity) in peers.into_iter().flatten() {
+            self.peers.remove(&PeerLabels {
+                pod: labels.clone(),
+                tls,
+                peer_identity,
+            });
+        }
         for reason in [
             ConnectError::Refused,
             ConnectError::Unreachable,
             ConnectError::Timeout,
             ConnectError::NoOriginalDestination,
+            ConnectError::Tunnel,
             ConnectError::Other,
         ] {
             self.connect_errors.remove(&ConnectErrorLabels {
@@ -219,6 +274,8 @@ pub struct PodTcpMetrics {
     /// Bytes delivered to the pod (written to its socket).
     pub received: Counter,
     connect_errors: Family<ConnectErrorLabels, Counter>,
+    peers: Family<PeerLabels, Counter>,
+    peer_keys: PeerKeys,
 }
 
 impl PodTcpMetrics {
@@ -234,6 +291,28 @@ impl PodTcpMetrics {
             close: self.close.clone(),
             open_now: self.open_now.clone(),
         }
+    }
+
+    /// Counts a connection by TLS state and peer identity (bounded: see
+    /// [`MAX_PEERS_PER_POD`]).
+    pub fn peer_open(&self, tls: bool, peer: Option<&str>) {
+        let tls = if tls { Tls::Yes } else { Tls::No };
+        let mut key = (tls, peer.unwrap_or_default().to_owned());
+        {
+            let mut keys = self.peer_keys.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = keys.entry(self.labels.clone()).or_default();
+            if !seen.contains(&key) && seen.len() >= MAX_PEERS_PER_POD {
+                key.1 = "other".into();
+            }
+            seen.insert(key.clone());
+        }
+        self.peers
+            .get_or_create(&PeerLabels {
+                pod: self.labels.clone(),
+                tls: key.0,
+                peer_identity: key.1,
+            })
+            .inc();
     }
 
     pub fn connect_error(&self, reason: ConnectError) {
@@ -293,6 +372,7 @@ mod tests {
             ), "{text}");
         }
         pod.connect_error(ConnectError::Refused);
+        pod.peer_open(true, Some("spiffe://cluster.local/ns/demo/sa/db"));
         let text = encode(&registry).unwrap();
         for line in [
             r#"nodemesh_tcp_open_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#,
@@ -300,12 +380,41 @@ mod tests {
             r#"nodemesh_tcp_open_connections{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 0"#,
             r#"nodemesh_tcp_sent_bytes_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 5"#,
             r#"nodemesh_tcp_connect_errors_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound",reason="refused"} 1"#,
+            r#"nodemesh_tcp_peer_open_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound",tls="true",peer_identity="spiffe://cluster.local/ns/demo/sa/db"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         tcp.remove(&labels);
         let text = encode(&registry).unwrap();
         assert!(!text.contains("pod=\"client\""), "{text}");
+    }
+
+    #[test]
+    fn peer_series_are_bounded_per_pod() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let tcp = TcpMetrics::new(&mut registry);
+        let labels = PodLabels {
+            namespace: "demo".into(),
+            workload_kind: "pod".into(),
+            workload_name: "p".into(),
+            pod: "p".into(),
+            serviceaccount: "default".into(),
+            direction: Direction::Inbound,
+        };
+        let pod = tcp.pod(labels.clone());
+        for i in 0..MAX_PEERS_PER_POD + 10 {
+            pod.peer_open(true, Some(&format!("spiffe://td/ns/n/sa/s{i}")));
+        }
+        let text = encode(&registry).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("nodemesh_tcp_peer_open_total{"))
+            .count();
+        assert_eq!(series, MAX_PEERS_PER_POD + 1, "{text}");
+        assert!(text.contains(r#"peer_identity="other"} 10"#), "{text}");
+        tcp.remove(&labels);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("nodemesh_tcp_peer_open_total{"), "{text}");
     }
 
     #[test]

@@ -46,6 +46,121 @@ pub struct InstallArgs {
     /// hosts).
     #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
     pub host_cgroup_root: String,
+
+    /// Trust anchors (PEM bundle) to use instead of generating a new one.
+    /// Give it with the issuer's certificate and key, or give none of the
+    /// three: each `install` without them makes a new PKI, so keep the
+    /// files for repeatable installs and upgrades.
+    #[arg(long, value_name = "PATH", requires_all = ["identity_issuer_certificate_file", "identity_issuer_key_file"])]
+    pub identity_trust_anchors_file: Option<std::path::PathBuf>,
+
+    /// The issuer certificate (PEM), signed by one of the trust anchors.
+    #[arg(long, value_name = "PATH", requires_all = ["identity_trust_anchors_file", "identity_issuer_key_file"])]
+    pub identity_issuer_certificate_file: Option<std::path::PathBuf>,
+
+    /// The issuer's private key (PEM).
+    #[arg(long, value_name = "PATH", requires_all = ["identity_trust_anchors_file", "identity_issuer_certificate_file"])]
+    pub identity_issuer_key_file: Option<std::path::PathBuf>,
+
+    /// How long workload certificates are valid (renewed at half-life).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub identity_cert_lifetime: String,
+
+    /// Lifetime of a generated issuer (the generated trust anchor gets ten
+    /// times as long).
+    #[arg(long, default_value = "8760h", value_name = "DURATION")]
+    pub identity_issuer_lifetime: String,
+}
+
+/// The PEM texts the identity objects hold.
+struct Pki {
+    trust_anchors: String,
+    issuer_cert: String,
+    issuer_key: String,
+}
+
+/// Reads the PKI files, or generates a trust anchor and an issuer; checks
+/// the issuer against the anchors either way.
+fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
+    use crate::identity::{pki, service};
+    let cert_lifetime = crate::config::parse_duration(&a.identity_cert_lifetime);
+    match &cert_lifetime {
+        Ok(d) if (service::MIN_CERT_LIFETIME..=service::MAX_CERT_LIFETIME).contains(d) => {}
+        Ok(_) => problems.push(format!(
+            "--identity-cert-lifetime {:?}: must be between 10s and 7d",
+            a.identity_cert_lifetime
+        )),
+        Err(why) => problems.push(format!(
+            "--identity-cert-lifetime {:?}: {why}",
+            a.identity_cert_lifetime
+        )),
+    }
+    let pki = match (
+        &a.identity_trust_anchors_file,
+        &a.identity_issuer_certificate_file,
+        &a.identity_issuer_key_file,
+    ) {
+        (Some(anchors), Some(cert), Some(key)) => {
+            let mut read = |flag: &str, path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| problems.push(format!("--{flag} {}: {e}", path.display())))
+                    .ok()
+            };
+            let anchors = read("identity-trust-anchors-file", anchors);
+            let cert = read("identity-issuer-certificate-file", cert);
+            let key = read("identity-issuer-key-file", key);
+            Pki {
+                trust_anchors: anchors?,
+                issuer_cert: cert?,
+                issuer_key: key?,
+            }
+        }
+        _ => {
+            let lifetime = match crate::config::parse_duration(&a.identity_issuer_lifetime) {
+                Ok(d) if d >= std::time::Duration::from_secs(3600) => d,
+                Ok(_) => {
+                    problems.push(format!(
+                        "--identity-issuer-lifetime {:?}: at least 1h",
+                        a.identity_issuer_lifetime
+                    ));
+                    return None;
+                }
+                Err(why) => {
+                    problems.push(format!(
+                        "--identity-issuer-lifetime {:?}: {why}",
+                        a.identity_issuer_lifetime
+                    ));
+                    return None;
+                }
+            };
+            let generated =
+                pki::generate_trust_anchor(&a.trust_domain, lifetime * 10).and_then(|anchor| {
+                    let issuer = pki::generate_issuer(&anchor, &a.trust_domain, lifetime)?;
+                    Ok((anchor, issuer))
+                });
+            match generated {
+                Ok((anchor, issuer)) => Pki {
+                    trust_anchors: anchor.cert_pem,
+                    issuer_cert: issuer.cert_pem,
+                    issuer_key: issuer.key_pem,
+                },
+                Err(e) => {
+                    problems.push(format!("cannot generate the identity PKI: {e}"));
+                    return None;
+                }
+            }
+        }
+    };
+    if let Err(e) = pki::Signer::load(
+        &pki.issuer_cert,
+        &pki.issuer_key,
+        &pki.trust_anchors,
+        &a.trust_domain,
+    ) {
+        problems.push(format!("identity issuer: {e}"));
+        return None;
+    }
+    Some(pki)
 }
 
 /// A DNS label (RFC 1123): what a namespace name must be.
@@ -102,9 +217,14 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             a.host_cgroup_root
         ));
     }
-    if !problems.is_empty() {
+    let pki = if problems.is_empty() {
+        identity_pki(a, &mut problems)
+    } else {
+        None
+    };
+    let (true, Some(pki)) = (problems.is_empty(), pki) else {
         return Err(ConfigErrors(problems));
-    }
+    };
     let join = |v: &[String]| {
         v.iter()
             .filter(|s| !s.is_empty())
@@ -123,7 +243,11 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         .replace("{{fast_path}}", &quoted(&fast_path))
         .replace("{{bypass_cidrs}}", &quoted(&join(&a.bypass_cidrs)))
         .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
-        .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root));
+        .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
+        .replace("{{cert_lifetime}}", &quoted(&a.identity_cert_lifetime))
+        .replace("{{trust_anchors}}", &quoted(&pki.trust_anchors))
+        .replace("{{issuer_cert}}", &quoted(&pki.issuer_cert))
+        .replace("{{issuer_key}}", &quoted(&pki.issuer_key));
     Ok(out)
 }
 
@@ -139,6 +263,11 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),
+        identity_trust_anchors_file: None,
+        identity_issuer_certificate_file: None,
+        identity_issuer_key_file: None,
+        identity_cert_lifetime: "24h".into(),
+        identity_issuer_lifetime: "8760h".into(),
     })?;
     let mut docs = Vec::new();
     for doc in documents(&installed) {
@@ -217,6 +346,13 @@ mod tests {
                 "Role",
                 "RoleBinding",
                 "ConfigMap",
+                "ConfigMap",
+                "Secret",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Service",
+                "Deployment",
                 "DaemonSet"
             ]
         );
@@ -243,11 +379,69 @@ mod tests {
     }
 
     #[test]
+    fn identity_pki_is_generated_or_read_and_checked() {
+        use crate::identity::pki;
+        let out = render(&defaults()).expect("renders");
+        let doc = |kind: &str, name: &str| -> serde_norway::Value {
+            documents(&out)
+                .iter()
+                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
+                .find(|v| {
+                    v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name)
+                })
+                .unwrap_or_else(|| panic!("no {kind} {name}"))
+        };
+        let anchors = doc("ConfigMap", "nodemesh-identity-trust-anchors")["data"]["ca-bundle.crt"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let secret = doc("Secret", "nodemesh-identity-issuer");
+        let cert = secret["stringData"]["tls.crt"].as_str().unwrap();
+        let key = secret["stringData"]["tls.key"].as_str().unwrap();
+        pki::Signer::load(cert, key, &anchors, "cluster.local").expect("a usable issuer");
+
+        // From files: the same PKI comes out; another anchor is refused.
+        let dir = std::env::temp_dir().join(format!("nodemesh-install-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let mut args = defaults();
+        args.identity_trust_anchors_file = Some(write("ca.crt", &anchors));
+        args.identity_issuer_certificate_file = Some(write("issuer.crt", cert));
+        args.identity_issuer_key_file = Some(write("issuer.key", key));
+        let again = render(&args).expect("renders from files");
+        assert!(again.contains(&quoted(cert)));
+        let other =
+            pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(600))
+                .unwrap();
+        args.identity_trust_anchors_file = Some(write("other.crt", &other.cert_pem));
+        let err = render(&args).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not signed by any of the trust anchors"),
+            "{err}"
+        );
+        args.identity_cert_lifetime = "1s".into();
+        let err = render(&args).unwrap_err();
+        assert!(
+            err.to_string().contains("--identity-cert-lifetime"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn uninstall_lists_every_object_daemonset_first() {
         let out = uninstall("mesh-system").expect("renders");
         let docs = documents(&out);
-        assert_eq!(docs.len(), 8);
+        assert_eq!(docs.len(), 15);
+        // The agents stop first, while the identity service and their RBAC
+        // are still there.
         assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
-        assert!(docs[7].contains("kind: Namespace") && docs[7].contains("name: mesh-system"));
+        assert!(docs[1].contains("kind: Deployment"));
+        assert!(docs[14].contains("kind: Namespace") && docs[14].contains("name: mesh-system"));
     }
 }

@@ -49,6 +49,10 @@ pub enum Command {
     /// Run the node agent: load eBPF, capture the node's meshed pods, proxy
     /// their connections, serve /metrics on :4191.
     Agent(Box<AgentArgs>),
+    /// Run the identity service: sign workload certificates for agents
+    /// (service-account token checked with the API server; only for pods
+    /// on the agent's own node).
+    Identity(Box<crate::identity::service::IdentityArgs>),
     /// Print the Kubernetes manifests that install nodemesh:
     /// `nodemesh install | kubectl apply -f -`.
     Install(Box<install::InstallArgs>),
@@ -89,6 +93,7 @@ pub fn run(cli: Cli) -> u8 {
     };
     match cli.command {
         Command::Agent(args) => run_agent(&args, ebpf_log_level),
+        Command::Identity(args) => run_identity(&args),
         Command::Install(args) => print_or_fail(install::render(&args)),
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
         Command::Cleanup { bpffs } => match crate::redirect::cleanup(&bpffs) {
@@ -153,6 +158,57 @@ fn run_agent(args: &AgentArgs, ebpf_log_level: u8) -> u8 {
         Err(e) => {
             let e = chain(&e);
             error!(error = %e, "agent failed");
+            eprintln!("error: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn run_identity(args: &crate::identity::service::IdentityArgs) -> u8 {
+    let cfg = match crate::identity::service::IdentityConfig::try_from(args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("nodemesh-identity")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::info!("shutting down");
+                signals.cancel();
+            }
+        });
+        crate::identity::service::run(cfg, shutdown).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            let e = chain(&e);
+            error!(error = %e, "identity service failed");
             eprintln!("error: {e}");
             EXIT_FAILURE
         }

@@ -2,6 +2,6 @@
 //! meshed pod and where it wanted to go. `outbound` handles what eBPF
 //! redirected out of a pod.
 pub mod outbound;
-mod relay;
+pub mod relay;
 
 pub use outbound::{Outbound, OutboundConfig, PodProxy};

@@ -2,11 +2,18 @@
 //! pod's own `127.0.0.1:15001`.
 //!
 //! For each accepted connection: read the original destination by socket
-//! cookie, connect to it from inside the pod's netns (so the destination
-//! sees the pod's own address, as without the mesh), relay. A destination
-//! that cannot be reached gives the client a reset, a log line and a metric.
+//! cookie, then route it:
+//! - a meshed pod on another node (with identity on): a stream of the
+//!   mutual-TLS tunnel to that node's agent, as the source pod's identity;
+//! - anything else: connect from inside the pod's netns (so the
+//!   destination sees the pod's own address, as without the mesh). A meshed
+//!   pod on this node is reached that way too, and both identities are
+//!   still recorded.
+//!
+//! A destination that cannot be reached gives the client a reset, a log
+//! line and a metric.
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
@@ -18,13 +25,45 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::relay::{relay, reset};
+use super::relay::{Reset, relay};
 use crate::{
-    discovery::Pod,
+    discovery::{Pod, services::SharedIndex},
+    identity::Identity,
     metrics::{ConnectError, PodTcpMetrics},
     netns::{Netns, socket_cookie},
     redirect::Redirect,
+    tunnel::{LocalPods, TunnelClient},
 };
+
+/// What routing between meshed pods needs (Kubernetes discovery with
+/// identity on).
+pub struct Mesh {
+    pub node_name: String,
+    pub index: SharedIndex,
+    pub local: LocalPods,
+    pub tunnel: Arc<TunnelClient>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a connection goes.
+enum Route {
+    /// Plain TCP from the pod's netns; `peer` is the destination's
+    /// identity when it is a meshed pod on this node.
+    Direct { peer: Option<(String, IpAddr)> },
+    /// Through the tunnel to another node.
+    Tunnel {
+        node_ip: IpAddr,
+        dst_id: Identity,
+        src_id: Identity,
+    },
+}
 
 /// Proxy settings.
 #[derive(Clone, Debug)]
@@ -53,6 +92,7 @@ pub struct Outbound {
     redirect: Arc<Redirect>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
+    mesh: Option<Mesh>,
 }
 
 /// How long to wait for sock_ops to re-key the original destination: it
@@ -60,13 +100,46 @@ pub struct Outbound {
 const ORIG_DST_WAIT: Duration = Duration::from_millis(50);
 
 impl Outbound {
-    pub fn new(cfg: OutboundConfig, redirect: Arc<Redirect>) -> Self {
+    pub fn new(cfg: OutboundConfig, redirect: Arc<Redirect>, mesh: Option<Mesh>) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         Self {
             cfg,
             redirect,
             limit,
             tracker: TaskTracker::new(),
+            mesh,
+        }
+    }
+
+    /// Decides how to reach `dst` from `pod`.
+    fn route(&self, pod: &Pod, dst: SocketAddrV4) -> Route {
+        let direct = Route::Direct { peer: None };
+        let Some(mesh) = &self.mesh else {
+            return direct;
+        };
+        let ip = IpAddr::V4(*dst.ip());
+        let index = mesh.index.read().unwrap_or_else(|p| p.into_inner());
+        let Some(peer) = index.pod_by_ip(ip).filter(|p| index.is_meshed(p)) else {
+            return direct;
+        };
+        let Ok(dst_id) = Identity::new(&peer.namespace, &peer.service_account) else {
+            return direct;
+        };
+        let spiffe = dst_id.spiffe_id(mesh.tunnel.trust_domain());
+        match (&peer.node, peer.host_ip) {
+            (Some(node), _) if *node == mesh.node_name => Route::Direct {
+                peer: Some((spiffe, ip)),
+            },
+            (Some(_), Some(node_ip)) => match Identity::new(&pod.namespace, &pod.service_account) {
+                Ok(src_id) => Route::Tunnel {
+                    node_ip,
+                    dst_id,
+                    src_id,
+                },
+                Err(_) => direct,
+            },
+            // Not scheduled, or its node's address unknown yet.
+            _ => direct,
         }
     }
 
@@ -124,33 +197,95 @@ impl Outbound {
         let Some(orig) = self.orig_dst(&client).await else {
             warn!("no original destination recorded for this connection; resetting it");
             pod.tcp.connect_error(ConnectError::NoOriginalDestination);
-            reset(&client);
+            client.reset();
             return;
         };
-        let mut server = match self.connect(&pod.netns, orig).await {
-            Ok(server) => server,
-            Err(e) => {
-                let reason = ConnectError::classify(&e);
-                warn!(dst = %orig, %reason, error = %e, "cannot connect to destination; resetting the client");
-                pod.tcp.connect_error(reason);
-                reset(&client);
-                return;
+        match self.route(&pod.pod, orig) {
+            Route::Tunnel {
+                node_ip,
+                dst_id,
+                src_id,
+            } => {
+                let Some(mesh) = &self.mesh else { return };
+                let dst = SocketAddr::V4(orig);
+                let mut server = match mesh.tunnel.open(&src_id, node_ip, &dst_id, dst).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%dst, node = %node_ip, error = %e, "cannot open a tunnel stream; resetting the client");
+                        pod.tcp.connect_error(ConnectError::Tunnel);
+                        client.reset();
+                        return;
+                    }
+                };
+                pod.tcp
+                    .peer_open(true, Some(&dst_id.spiffe_id(mesh.tunnel.trust_domain())));
+                match relay(
+                    &mut client,
+                    &mut server,
+                    self.cfg.buffer_size,
+                    &[&pod.tcp.sent],
+                    &[&pod.tcp.received],
+                )
+                .await
+                {
+                    Ok(n) => {
+                        debug!(%dst, tunnel = %node_ip, sent = n.client_to_server, received = n.server_to_client, "closed")
+                    }
+                    Err(e) => {
+                        debug!(%dst, error = %e, "relay ended with an error; both sides reset")
+                    }
+                }
             }
-        };
-        match relay(
-            &mut client,
-            &mut server,
-            self.cfg.buffer_size,
-            &pod.tcp.sent,
-            &pod.tcp.received,
-        )
-        .await
-        {
-            Ok(n) => {
-                debug!(dst = %orig, sent = n.client_to_server, received = n.server_to_client, "closed")
-            }
-            Err(e) => {
-                debug!(dst = %orig, error = %e, "relay ended with an error; both sides reset")
+            Route::Direct { peer } => {
+                let mut server = match self.connect(&pod.netns, orig).await {
+                    Ok(server) => server,
+                    Err(e) => {
+                        let reason = ConnectError::classify(&e);
+                        warn!(dst = %orig, %reason, error = %e, "cannot connect to destination; resetting the client");
+                        pod.tcp.connect_error(reason);
+                        client.reset();
+                        return;
+                    }
+                };
+                // A meshed pod on this node: its inbound side is counted
+                // here too, with the client's identity (no TLS inside the
+                // node).
+                let local = peer.as_ref().and_then(|(_, ip)| {
+                    self.mesh
+                        .as_ref()?
+                        .local
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(ip)
+                        .cloned()
+                });
+                pod.tcp
+                    .peer_open(false, peer.as_ref().map(|(id, _)| id.as_str()));
+                let src_spiffe = self.mesh.as_ref().and_then(|m| {
+                    Identity::new(&pod.pod.namespace, &pod.pod.service_account)
+                        .ok()
+                        .map(|id| id.spiffe_id(m.tunnel.trust_domain()))
+                });
+                let _inbound_open = local.as_ref().map(|l| {
+                    l.inbound.peer_open(false, src_spiffe.as_deref());
+                    l.inbound.open()
+                });
+                let (mut up, mut down): (
+                    Vec<&prometheus_client::metrics::counter::Counter>,
+                    Vec<_>,
+                ) = (vec![&pod.tcp.sent], vec![&pod.tcp.received]);
+                if let Some(l) = &local {
+                    up.push(&l.inbound.received);
+                    down.push(&l.inbound.sent);
+                }
+                match relay(&mut client, &mut server, self.cfg.buffer_size, &up, &down).await {
+                    Ok(n) => {
+                        debug!(dst = %orig, sent = n.client_to_server, received = n.server_to_client, "closed")
+                    }
+                    Err(e) => {
+                        debug!(dst = %orig, error = %e, "relay ended with an error; both sides reset")
+                    }
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Relaying bytes both ways between two TCP streams: bounded buffers, byte
-//! counts as they pass, half-close carried across, resets carried across.
+//! Relaying bytes both ways between two streams (TCP sockets, or a TCP
+//! socket and a tunnel stream): bounded buffers, byte counts as they pass,
+//! half-close carried across, resets carried across.
 use std::{
     io,
     pin::Pin,
@@ -12,13 +13,31 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Counts the bytes read through it.
-struct Counted<'a> {
-    inner: &'a mut TcpStream,
-    counter: &'a Counter,
+/// A stream that can be made to end with a reset rather than a clean close.
+pub trait Reset {
+    fn reset(&self);
 }
 
-impl AsyncRead for Counted<'_> {
+impl Reset for TcpStream {
+    /// The coming close sends RST instead of FIN.
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Reset for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    /// A tunnel stream dropped before its end is reset (RST_STREAM) by
+    /// HTTP/2 itself.
+    fn reset(&self) {}
+}
+
+/// Counts the bytes read through it (into every counter given).
+struct Counted<'a, T> {
+    inner: &'a mut T,
+    counters: &'a [&'a Counter],
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -28,13 +47,15 @@ impl AsyncRead for Counted<'_> {
         let res = Pin::new(&mut *self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.counter.inc_by(n as u64);
+            for c in self.counters {
+                c.inc_by(n as u64);
+            }
         }
         res
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -64,21 +85,25 @@ pub struct Relayed {
 /// (half-close). On an error (typically a reset) both sockets are closed
 /// with a reset, so the peers see what they would have seen without the
 /// proxy.
-pub async fn relay(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
     buffer_size: usize,
-    client_sent: &Counter,
-    server_sent: &Counter,
-) -> io::Result<Relayed> {
+    client_sent: &[&Counter],
+    server_sent: &[&Counter],
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Reset,
+    S: AsyncRead + AsyncWrite + Unpin + Reset,
+{
     let result = {
         let mut c = Counted {
-            inner: client,
-            counter: client_sent,
+            inner: &mut *client,
+            counters: client_sent,
         };
         let mut s = Counted {
-            inner: server,
-            counter: server_sent,
+            inner: &mut *server,
+            counters: server_sent,
         };
         tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, buffer_size, buffer_size).await
     };
@@ -88,14 +113,9 @@ pub async fn relay(
             server_to_client: down,
         }),
         Err(e) => {
-            reset(client);
-            reset(server);
+            client.reset();
+            server.reset();
             Err(e)
         }
     }
-}
-
-/// Makes the coming close send RST instead of FIN.
-pub fn reset(stream: &TcpStream) {
-    let _ = stream.set_zero_linger();
 }
