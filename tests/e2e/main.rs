@@ -1,6 +1,7 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
 mod kube;
+mod mesh;
 mod skeleton;
 
 fn main() {
@@ -12,6 +13,10 @@ fn main() {
         kube::the_service_index_follows_services_and_slices,
         kube::the_api_server_going_away_loses_nothing,
         kube::install_manifests_apply_and_grant_discovery_what_it_needs,
+        mesh::cross_node_traffic_is_encrypted_and_carries_identities,
+        mesh::the_identity_service_signs_only_for_pods_on_the_agents_node,
+        mesh::the_tunnel_refuses_bad_peers_and_keeps_serving,
+        mesh::certificates_rotate_under_a_long_lived_stream,
         skeleton::meshed_pod_goes_through_the_agent,
         skeleton::unmeshed_pod_is_left_alone,
         skeleton::labelling_captures_and_unlabelling_releases_live,

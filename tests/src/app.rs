@@ -52,6 +52,27 @@ pub enum Request {
     /// Send `bytes` one way as fast as possible (the echo comes back and is
     /// read concurrently); elapsed time.
     Bulk { to: SocketAddr, bytes: u64 },
+    /// Send `text` `repeat` times, half-close, read the echo to the end and
+    /// compare.
+    Text {
+        to: SocketAddr,
+        text: String,
+        repeat: u32,
+    },
+    /// One connection held for `seconds`, with a small round trip every
+    /// `interval_ms`; latencies.
+    Paced {
+        to: SocketAddr,
+        seconds: u32,
+        interval_ms: u32,
+    },
+    /// `count` new connections, `pause_ms` apart: for each, the time to
+    /// connect and complete a first 1-byte round trip.
+    Setup {
+        to: SocketAddr,
+        count: u32,
+        pause_ms: u32,
+    },
 }
 
 /// What the pod app answers.
@@ -226,6 +247,56 @@ impl App {
         }
     }
 
+    /// Sends `text` × `repeat` through an echo server and checks the echo.
+    pub fn text(&mut self, to: SocketAddr, text: &str, repeat: u32) -> Result<Exchange, Failure> {
+        match self.call(&Request::Text {
+            to,
+            text: text.into(),
+            repeat,
+        }) {
+            Response::Exchanged(x) => Ok(x),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: text: {other:?}", self.pod),
+        }
+    }
+
+    /// Holds one connection for `seconds` with a round trip every
+    /// `interval`; the latencies, or how it broke.
+    pub fn paced(
+        &mut self,
+        to: SocketAddr,
+        seconds: u32,
+        interval: Duration,
+    ) -> Result<Vec<u32>, Failure> {
+        match self.call(&Request::Paced {
+            to,
+            seconds,
+            interval_ms: interval.as_millis() as u32,
+        }) {
+            Response::RoundTrips { micros } => Ok(micros),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: paced: {other:?}", self.pod),
+        }
+    }
+
+    /// Connection setup times (connect + first round trip), microseconds.
+    pub fn setup(
+        &mut self,
+        to: SocketAddr,
+        count: u32,
+        pause: Duration,
+    ) -> Result<Vec<u32>, Failure> {
+        match self.call(&Request::Setup {
+            to,
+            count,
+            pause_ms: pause.as_millis() as u32,
+        }) {
+            Response::RoundTrips { micros } => Ok(micros),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: setup: {other:?}", self.pod),
+        }
+    }
+
     /// Sends `bytes` through an echo server; (bytes, elapsed).
     pub fn bulk(&mut self, to: SocketAddr, bytes: u64) -> Result<Duration, Failure> {
         match self.call(&Request::Bulk { to, bytes }) {
@@ -307,6 +378,30 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             Ok(micros) => Response::RoundTrips { micros },
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
+        Request::Text {
+            to,
+            text: t,
+            repeat,
+        } => match text(to, &t, repeat) {
+            Ok(x) => Response::Exchanged(x),
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
+        Request::Paced {
+            to,
+            seconds,
+            interval_ms,
+        } => match paced(to, seconds, interval_ms) {
+            Ok(micros) => Response::RoundTrips { micros },
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
+        Request::Setup {
+            to,
+            count,
+            pause_ms,
+        } => match setup(to, count, pause_ms) {
+            Ok(micros) => Response::RoundTrips { micros },
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
         Request::Bulk { to, bytes } => {
             let start = Instant::now();
             match exchange(to, bytes, None, Duration::from_secs(120)) {
@@ -324,6 +419,101 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             }
         }
     }
+}
+
+/// Blocking reads on a socket redirected by sk_msg can fail with a
+/// spurious EAGAIN (see the README's limits); these retry until their own
+/// deadline, as a careful blocking client does.
+fn read_retrying(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e)
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+                    && Instant::now() < deadline =>
+            {
+                continue;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_exact_retrying(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_retrying(stream, buf, deadline)? {
+            0 => return Err(ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+fn text(to: SocketAddr, text: &str, repeat: u32) -> io::Result<Exchange> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let local = stream.local_addr()?;
+    let payload = text.repeat(repeat as usize).into_bytes();
+    // Small enough for the echo to fit in the socket buffers meanwhile.
+    stream.write_all(&payload)?;
+    stream.shutdown(Shutdown::Write)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match read_retrying(&mut stream, &mut buf, deadline)? {
+            0 => break,
+            n => back.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(Exchange {
+        sent: payload.len() as u64,
+        received: back.len() as u64,
+        intact: back == payload,
+        local,
+    })
+}
+
+fn paced(to: SocketAddr, seconds: u32, interval_ms: u32) -> io::Result<Vec<u32>> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let end = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let msg = [0x42u8; 64];
+    let mut buf = [0u8; 64];
+    let mut micros = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        stream.write_all(&msg)?;
+        read_exact_retrying(&mut stream, &mut buf, t + Duration::from_secs(10))?;
+        if buf != msg {
+            return Err(io::Error::other("echo differs"));
+        }
+        micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        thread::sleep(Duration::from_millis(u64::from(interval_ms)));
+    }
+    Ok(micros)
+}
+
+fn setup(to: SocketAddr, count: u32, pause_ms: u32) -> io::Result<Vec<u32>> {
+    let mut micros = Vec::new();
+    for i in 0..count {
+        if i > 0 {
+            thread::sleep(Duration::from_millis(u64::from(pause_ms)));
+        }
+        let t = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        read_exact_retrying(&mut stream, &mut b, t + Duration::from_secs(10))?;
+        micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(micros)
 }
 
 fn serve_echo(listener: TcpListener, port: u16, peers: PeerLog) {
@@ -484,7 +674,7 @@ fn round_trips(to: SocketAddr, count: u32, size: u32) -> io::Result<Vec<u32>> {
     for _ in 0..count {
         let t = Instant::now();
         stream.write_all(&msg)?;
-        stream.read_exact(&mut buf)?;
+        read_exact_retrying(&mut stream, &mut buf, t + Duration::from_secs(10))?;
         micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
     }
     Ok(micros)

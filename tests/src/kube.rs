@@ -629,6 +629,65 @@ impl Cluster {
             .to_owned()
     }
 
+    /// A token for a service account and `audience`, valid 1h; bound to a
+    /// pod (name, uid) as a projected service-account token is, if given.
+    pub fn bound_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<(&str, &str)>,
+        audience: &str,
+    ) -> String {
+        let mut body = json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 3600}
+        });
+        if let Some((name, uid)) = pod {
+            body["spec"]["boundObjectRef"] =
+                json!({"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid});
+        }
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let resp: serde_json::Value = self
+            .block_on(api.create_subresource(
+                "token",
+                service_account,
+                &PostParams::default(),
+                &body,
+            ))
+            .unwrap_or_else(|e| panic!("bound token for {namespace}/{service_account}: {e}"));
+        resp["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_owned()
+    }
+
+    /// Creates a pod object only (no simulated pod): one that runs
+    /// elsewhere, such as an agent. Returns its UID.
+    pub fn api_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        service_account: &str,
+    ) -> String {
+        let api_pod: K8sPod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": service_account,
+                "containers": [{"name": "c", "image": "nodemesh.test/app:1"}],
+            }
+        }))
+        .expect("pod");
+        let created = self
+            .block_on(
+                Api::<K8sPod>::namespaced(self.client.clone(), namespace)
+                    .create(&PostParams::default(), &api_pod),
+            )
+            .unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e}"));
+        created.metadata.uid.expect("a uid")
+    }
+
     /// A kubeconfig for this API server with `token`.
     pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
         write_kubeconfig(path, self.port, &self.dir.join("pki/ca.crt"), token);

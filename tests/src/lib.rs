@@ -7,7 +7,9 @@
 //!   address, and a cgroup named the way kubelet names pod cgroups; its
 //!   *containers* are processes started inside both ([`app`]);
 //! - the **agent** is the nodemesh agent, run as a process in the node's
-//!   netns and in its own cgroup under the node's.
+//!   netns and in its own cgroup under the node's;
+//! - several nodes are joined by a **link** ([`mesh::Link`]): a netns with
+//!   a bridge, where traffic between nodes can be captured.
 //!
 //! Everything a test creates is removed when its guard drops, also when the
 //! test panics; what a crashed earlier run left is removed when the first
@@ -19,6 +21,7 @@ pub mod agent;
 pub mod app;
 pub mod harness;
 pub mod kube;
+pub mod mesh;
 pub mod node;
 pub mod prom;
 pub mod sys;

@@ -419,6 +419,11 @@ impl Node {
         SocketAddr::from((self.ip, ADMIN_PORT))
     }
 
+    /// The node's pod subnet (its address is in it too), CIDR.
+    pub fn pod_subnet(&self) -> String {
+        format!("10.{}.0.0/24", self.subnet)
+    }
+
     /// An address in this node's pod subnet where nothing lives.
     pub fn unused_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.subnet, 0, 254)

@@ -1,0 +1,547 @@
+//! Identity and mutual TLS between two nodes: cross-node traffic through
+//! the tunnel (not readable on the link, identities on both sides), node
+//! authorization by the identity service, peers the tunnel must refuse,
+//! and certificate rotation under a long-lived stream.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use nodemesh::identity::{
+    Identity, TOKEN_AUDIENCE,
+    pki::{self, CertAndKey},
+    store::{CertStore, IdentityClientConfig, IdentityClientError},
+};
+use nodemesh_tests::{
+    Agent, Cluster, Metrics, Node, Pod, PodSpec, eventually,
+    kube::unique,
+    mesh::{self, IdentityService, Install, Link},
+    sys::in_netns,
+};
+
+const ECHO: u16 = 8080;
+
+fn echo(pod: &Pod) -> SocketAddr {
+    SocketAddr::from((pod.ip, ECHO))
+}
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+/// Two nodes on a link, nodemesh installed, the identity service on node
+/// `a`, a meshed agent on each, and a meshed namespace for the apps.
+struct Bed {
+    agent_a: Agent,
+    agent_b: Agent,
+    identity: IdentityService,
+    link: Link,
+    a: Node,
+    b: Node,
+    install: Install<'static>,
+    cluster: &'static Cluster,
+    ns: String,
+}
+
+impl Bed {
+    fn new(cert_lifetime: &str) -> Bed {
+        let cluster = Cluster::shared();
+        let a = Node::new();
+        let b = Node::new();
+        let link = Link::connect(&[&a, &b]);
+        let install = Install::apply(cluster, &a.dir);
+        let identity = IdentityService::start(&a, &install, cert_lifetime);
+        let agent_a = mesh::mesh_agent(&install, &identity, &a);
+        let agent_b = mesh::mesh_agent(&install, &identity, &b);
+        let ns = unique("mesh");
+        cluster.namespace(&ns, &[(nodemesh::discovery::MESH_LABEL, "enabled")]);
+        Bed {
+            agent_a,
+            agent_b,
+            identity,
+            link,
+            a,
+            b,
+            install,
+            cluster,
+            ns,
+        }
+    }
+
+    fn pod(&self, node: &Node, name: &str, sa: &str) -> Arc<Pod> {
+        self.cluster
+            .run_pod(node, PodSpec::new(&self.ns, name).service_account(sa))
+    }
+}
+
+fn certificates(m: &Metrics) -> f64 {
+    m.sum("nodemesh_identity_certificates", &[])
+}
+
+fn expiry(m: &Metrics, identity: &str) -> f64 {
+    m.sum(
+        "nodemesh_identity_certificate_expiry_timestamp_seconds",
+        &[("identity", identity)],
+    )
+}
+
+fn peer_opens(m: &Metrics, pod: &str, direction: &str, tls: &str, peer: &str) -> f64 {
+    m.sum(
+        "nodemesh_tcp_peer_open_total",
+        &[
+            ("pod", pod),
+            ("direction", direction),
+            ("tls", tls),
+            ("peer_identity", peer),
+        ],
+    )
+}
+
+fn tunnel(m: &Metrics, family: &str, direction: &str) -> f64 {
+    m.sum(
+        &format!("nodemesh_tunnel_{family}_total"),
+        &[("direction", direction)],
+    )
+}
+
+fn tunnel_errors(m: &Metrics, reason: &str) -> f64 {
+    m.sum(
+        "nodemesh_tunnel_errors_total",
+        &[("direction", "inbound"), ("reason", reason)],
+    )
+}
+
+pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
+    let bed = Bed::new("24h");
+    let server = bed.pod(&bed.b, "server", "server");
+    let neighbour = bed.pod(&bed.b, "neighbour", "neighbour");
+    let client = bed.pod(&bed.a, "client", "client");
+    // The control: the same across the link, unmeshed.
+    let plain_ns = unique("plain");
+    bed.cluster.namespace(&plain_ns, &[]);
+    let plain_server = bed
+        .cluster
+        .run_pod(&bed.b, PodSpec::new(&plain_ns, "plain-server"));
+    let plain_client = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain-client"));
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    bed.agent_b
+        .wait_metric("server's and neighbour's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    let mut srv = server.app();
+    srv.listen(ECHO);
+    let mut psrv = plain_server.app();
+    psrv.listen(ECHO);
+    let mut cli = client.app();
+    let mut pcli = plain_client.app();
+
+    let marker = format!("NODEMESH-SECRET-{}-", std::process::id());
+    let control = format!("NODEMESH-PLAINTEXT-{}-", std::process::id());
+    let capture = bed.link.capture();
+    let x = cli
+        .text(echo(&server), &marker, 64)
+        .expect("text through the tunnel");
+    assert!(x.intact, "{x:?}");
+    cli.exchange_ok(echo(&server), 4 << 20);
+    let x = pcli
+        .text(echo(&plain_server), &control, 64)
+        .expect("plain text");
+    assert!(x.intact, "{x:?}");
+    let seen = capture.finish();
+    assert!(
+        seen.len() > 8 << 20,
+        "the capture saw the transfer cross the link ({} bytes)",
+        seen.len()
+    );
+    assert!(
+        mesh::contains(&seen, control.as_bytes()),
+        "the capture sees plaintext when there is some"
+    );
+    assert!(
+        !mesh::contains(&seen, marker.as_bytes()),
+        "meshed payload visible in the clear on the link"
+    );
+
+    // Identities on both sides; one tunnel connection for both streams.
+    let client_id = spiffe(&bed.ns, "client");
+    let server_id = spiffe(&bed.ns, "server");
+    let m = bed
+        .agent_b
+        .wait_metric("the server side saw the client's identity", |m| {
+            peer_opens(m, "server", "inbound", "true", &client_id) == 2.0
+        });
+    assert!(
+        m.sum(
+            "nodemesh_tcp_received_bytes_total",
+            &[("pod", "server"), ("direction", "inbound")]
+        ) >= (4 << 20) as f64,
+        "{}",
+        m.text
+    );
+    let m = bed
+        .agent_a
+        .wait_metric("the client side checked the server's identity", |m| {
+            peer_opens(m, "client", "outbound", "true", &server_id) == 2.0
+        });
+    assert_eq!(tunnel(&m, "connections", "outbound"), 1.0, "{}", m.text);
+    assert_eq!(tunnel(&m, "streams", "outbound"), 2.0, "{}", m.text);
+    // The server sees the connection come from its node (the tunnel's end).
+    assert!(srv.peers(ECHO).iter().all(|p| p.ip() == bed.b.ip));
+
+    // Same node: no TLS, both identities recorded.
+    let mut nb = neighbour.app();
+    nb.exchange_ok(echo(&server), 1000);
+    let neighbour_id = spiffe(&bed.ns, "neighbour");
+    bed.agent_b.wait_metric("same-node identities", |m| {
+        peer_opens(m, "neighbour", "outbound", "false", &server_id) == 1.0
+            && peer_opens(m, "server", "inbound", "false", &neighbour_id) == 1.0
+    });
+    assert_eq!(
+        tunnel(&bed.agent_b.metrics(), "connections", "outbound"),
+        0.0
+    );
+    // Unmeshed destinations: plain, no peer identity.
+    let x = cli.exchange_ok(echo(&plain_server), 1000);
+    assert!(x.local.ip().is_loopback());
+    bed.agent_a.wait_metric("plain connection counted", |m| {
+        peer_opens(m, "client", "outbound", "false", "") == 1.0
+    });
+    drop(bed.identity);
+}
+
+/// Asks the identity service for `identity` with `token`, from `node`.
+fn certify(
+    bed: &Bed,
+    node: &Node,
+    token: &str,
+    identity: Identity,
+) -> Result<pki::CertInfo, IdentityClientError> {
+    let token_file = node.dir.join(format!("token-{}", unique("t")));
+    std::fs::write(&token_file, token).expect("token file");
+    let cfg = IdentityClientConfig {
+        addr: bed.identity.addr.to_string(),
+        server_name: bed.install.server_name(),
+        trust_anchors_pem: bed.install.pki.anchor.cert_pem.clone(),
+        token_file,
+        trust_domain: "cluster.local".into(),
+        timeout: Duration::from_secs(10),
+    };
+    in_netns(&node.netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let store = CertStore::new(cfg, &mut registry)?;
+            store.fetch(&identity).await.map(|(_, info)| info)
+        })
+    })
+}
+
+fn refused(r: Result<pki::CertInfo, IdentityClientError>) -> (u16, String) {
+    match r {
+        Err(IdentityClientError::Refused { status, error, .. }) => (status, error),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+pub fn the_identity_service_signs_only_for_pods_on_the_agents_node() {
+    let bed = Bed::new("24h");
+    let _server = bed.pod(&bed.b, "server", "server");
+    let _client = bed.pod(&bed.a, "client", "client");
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let agent_a_token =
+        std::fs::read_to_string(mesh::identity_token_file(&bed.a)).expect("agent a token");
+    let id = |sa: &str| Identity::new(&bed.ns, sa).expect("identity");
+
+    // Its own node's pod: signed, for exactly that identity.
+    let info = certify(&bed, &bed.a, &agent_a_token, id("client")).expect("signed");
+    assert_eq!(
+        info.spiffe_id.as_deref(),
+        Some(spiffe(&bed.ns, "client").as_str())
+    );
+    // A pod on another node: refused.
+    assert_eq!(
+        refused(certify(&bed, &bed.a, &agent_a_token, id("server"))),
+        (403, "not_on_node".into())
+    );
+    // Not bound to a pod; not an agent; not a token at all.
+    let unbound = bed.cluster.bound_token(
+        &bed.install.namespace,
+        "nodemesh-agent",
+        None,
+        TOKEN_AUDIENCE,
+    );
+    assert_eq!(
+        refused(certify(&bed, &bed.a, &unbound, id("client"))),
+        (403, "unbound_token".into())
+    );
+    let other = bed.cluster.bound_token(
+        &bed.install.namespace,
+        "nodemesh-identity",
+        None,
+        TOKEN_AUDIENCE,
+    );
+    assert_eq!(
+        refused(certify(&bed, &bed.a, &other, id("client"))),
+        (403, "not_an_agent".into())
+    );
+    assert_eq!(
+        refused(certify(&bed, &bed.a, "garbage", id("client"))),
+        (401, "unauthenticated".into())
+    );
+    let m = bed.identity.metrics();
+    for (result, n) in [
+        ("not_on_node", 1.0),
+        ("unbound_token", 1.0),
+        ("not_an_agent", 1.0),
+        ("unauthenticated", 1.0),
+    ] {
+        assert_eq!(
+            m.sum("nodemesh_identity_certify_total", &[("result", result)]),
+            n,
+            "{result}\n{}",
+            m.text
+        );
+    }
+    assert!(m.sum("nodemesh_identity_certify_total", &[("result", "ok")]) >= 3.0);
+    let log = bed.identity.log();
+    assert!(log.contains("certificate request refused"), "{log}");
+    assert!(log.contains("runs on node"), "{log}");
+}
+
+/// A TLS client to `addr` presenting `client` (cert, key), for `sni`:
+/// whether a request got through.
+fn tls_attempt(
+    netns: &std::path::Path,
+    addr: SocketAddr,
+    anchors_pem: &str,
+    client: &CertAndKey,
+    chain_pem: &str,
+    sni: String,
+) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+    chain.extend(
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?,
+    );
+    let key =
+        PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(sni).map_err(|e| e.to_string())?;
+    in_netns(netns, move || {
+        let tcp =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        // The HTTP/2 preface; the server answers with SETTINGS if it took us.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 9];
+        tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+/// Sends raw bytes to `addr`; whether the connection ended (closed or
+/// reset) without a byte back.
+fn raw_attempt(netns: &std::path::Path, addr: SocketAddr, bytes: &'static [u8]) -> bool {
+    in_netns(netns, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+        let _ = s.write_all(bytes);
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => true,
+            Ok(_) => false,
+        }
+    })
+}
+
+pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
+    let bed = Bed::new("24h");
+    let server = bed.pod(&bed.b, "server", "server");
+    let client = bed.pod(&bed.a, "client", "client");
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let tunnel_addr = SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT));
+    let sni = Identity::new(&bed.ns, "server")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    let anchors = bed.install.pki.anchor.cert_pem.clone();
+    let client_id = Identity::new(&bed.ns, "client").unwrap();
+
+    // Plaintext, and garbage that starts like TLS.
+    assert!(raw_attempt(
+        &bed.a.netns,
+        tunnel_addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    ));
+    assert!(raw_attempt(
+        &bed.a.netns,
+        tunnel_addr,
+        b"\x16\x03\x01\x00\x05garbage-garbage"
+    ));
+
+    // A certificate for the right identity from another trust anchor.
+    let foreign_anchor =
+        pki::generate_trust_anchor("cluster.local", Duration::from_secs(3600)).unwrap();
+    let foreign_issuer =
+        pki::generate_issuer(&foreign_anchor, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let foreign = pki::Signer::load(
+        &foreign_issuer.cert_pem,
+        &foreign_issuer.key_pem,
+        &foreign_anchor.cert_pem,
+        "cluster.local",
+    )
+    .unwrap();
+    let leaf = |signer: &pki::Signer, not_before, not_after| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issued = signer
+            .sign_identity(&key, &client_id, not_before, not_after)
+            .unwrap();
+        (
+            CertAndKey {
+                cert_pem: issued.cert_pem,
+                key_pem: key.serialize_pem(),
+            },
+            issued.chain_pem,
+        )
+    };
+    let now = std::time::SystemTime::now();
+    let (cert, chain) = leaf(&foreign, now, now + Duration::from_secs(600));
+    let r = tls_attempt(
+        &bed.a.netns,
+        tunnel_addr,
+        &anchors,
+        &cert,
+        &chain,
+        sni.clone(),
+    );
+    assert!(r.is_err(), "a foreign certificate got through");
+    // The right issuer, but expired.
+    let signer = bed.install.pki.signer();
+    let (cert, chain) = leaf(
+        &signer,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    );
+    let r = tls_attempt(
+        &bed.a.netns,
+        tunnel_addr,
+        &anchors,
+        &cert,
+        &chain,
+        sni.clone(),
+    );
+    assert!(r.is_err(), "an expired certificate got through");
+    // The positive control: a valid certificate is let in.
+    let (cert, chain) = leaf(&signer, now, now + Duration::from_secs(600));
+    tls_attempt(&bed.a.netns, tunnel_addr, &anchors, &cert, &chain, sni)
+        .expect("a valid certificate is accepted");
+
+    let m = bed.agent_b.wait_metric("every refusal counted", |m| {
+        tunnel_errors(m, "not_tls") >= 2.0
+            && tunnel_errors(m, "untrusted_certificate") == 1.0
+            && tunnel_errors(m, "expired_certificate") == 1.0
+    });
+    assert_eq!(tunnel(&m, "connections", "inbound"), 1.0, "{}", m.text);
+    let log = bed.agent_b.log();
+    assert!(log.contains("not TLS (plaintext or garbage)"), "{log}");
+    assert!(log.contains("TLS handshake failed"), "{log}");
+
+    // And it keeps serving.
+    let mut srv = server.app();
+    srv.listen(ECHO);
+    let mut cli = client.app();
+    cli.exchange_ok(echo(&server), 100_000);
+    bed.agent_b.wait_metric("real traffic still flows", |m| {
+        peer_opens(m, "server", "inbound", "true", &spiffe(&bed.ns, "client")) == 1.0
+    });
+}
+
+pub fn certificates_rotate_under_a_long_lived_stream() {
+    let bed = Bed::new("10s");
+    let server = bed.pod(&bed.b, "server", "server");
+    let client = bed.pod(&bed.a, "client", "client");
+    let client_id = spiffe(&bed.ns, "client");
+    let m = bed
+        .agent_a
+        .wait_metric("client's certificate", |m| expiry(m, &client_id) > 0.0);
+    let first_expiry = expiry(&m, &client_id);
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.app();
+    srv.listen(ECHO);
+    let mut cli = client.app();
+    // Longer than the first certificates live.
+    let trips = cli
+        .paced(echo(&server), 14, Duration::from_millis(100))
+        .unwrap_or_else(|f| panic!("the long-lived stream broke: {f:?}"));
+    assert!(trips.len() >= 50, "{} round trips", trips.len());
+    let m = bed.agent_a.metrics();
+    assert!(
+        expiry(&m, &client_id) >= first_expiry + 5.0,
+        "renewed while the stream flowed: {} then {}",
+        first_expiry,
+        expiry(&m, &client_id)
+    );
+    assert!(bed.agent_a.log().contains("certificate renewed"));
+    assert!(bed.agent_b.log().contains("certificate renewed"));
+    // New connections use the renewed certificate (a new tunnel connection).
+    cli.exchange_ok(echo(&server), 10_000);
+    let m = bed.agent_a.metrics();
+    assert!(tunnel(&m, "connections", "outbound") >= 2.0, "{}", m.text);
+    assert_eq!(
+        m.sum("nodemesh_tcp_connect_errors_total", &[("pod", "client")]),
+        0.0
+    );
+
+    // The last pod with the service account leaves: the certificate goes.
+    drop(cli);
+    bed.cluster.delete_pod(&client);
+    bed.agent_a
+        .wait_metric("certificate forgotten", |m| certificates(m) == 0.0);
+    assert!(eventually("log says so", Duration::from_secs(5), || {
+        if bed.agent_a.log().contains("certificate forgotten") {
+            Ok(true)
+        } else {
+            Err("not yet".into())
+        }
+    }));
+}

@@ -1,0 +1,457 @@
+//! Several nodes meshed together: a link between them (a netns with a
+//! bridge, where traffic between nodes can be captured), the install's
+//! identity objects in the API server, the identity service on one node,
+//! and agents with workload identity and the tunnel on every node.
+use std::{
+    fs::{self, File},
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use nodemesh::identity::pki::{self, Signer};
+
+use crate::{
+    Agent, AgentOptions, Cluster,
+    kube::unique,
+    node::Node,
+    prom::Metrics,
+    sys::{http_get, in_netns, ip, ip_quiet, read_or_empty, self_exe, spawn_in},
+};
+
+static LINKS: AtomicU32 = AtomicU32::new(0);
+
+/// The port of the tunnel on every node.
+pub const TUNNEL_PORT: u16 = 15008;
+/// Where the identity service listens (on its node's address).
+pub const IDENTITY_PORT: u16 = 8080;
+pub const IDENTITY_ADMIN_PORT: u16 = 9990;
+
+/// Nodes wired together: each node gets an `up0` veth into the link's
+/// bridge, an address on the link network, routes to the other nodes' pod
+/// subnets (and node addresses) through them, and IP forwarding.
+#[derive(Debug)]
+pub struct Link {
+    pub name: String,
+    pub netns: PathBuf,
+}
+
+impl Link {
+    pub fn connect(nodes: &[&Node]) -> Link {
+        crate::node::sweep_once();
+        let k = LINKS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("nmt{}-l{k}", std::process::id());
+        let link = Link {
+            netns: PathBuf::from("/run/netns").join(&name),
+            name,
+        };
+        let net = |i: usize| Ipv4Addr::new(172, 31, (k % 250) as u8, i as u8 + 1);
+        ip(&["netns", "add", &link.name]);
+        ip(&["-n", &link.name, "link", "set", "lo", "up"]);
+        ip(&["-n", &link.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &link.name, "link", "set", "br0", "up"]);
+        for (i, node) in nodes.iter().enumerate() {
+            let veth = format!("n{i}");
+            ip(&[
+                "-n", &link.name, "link", "add", &veth, "type", "veth", "peer", "name", "up0",
+                "netns", &node.name,
+            ]);
+            ip(&[
+                "-n", &link.name, "link", "set", &veth, "master", "br0", "up",
+            ]);
+            ip(&[
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                &format!("{}/24", net(i)),
+                "dev",
+                "up0",
+            ]);
+            ip(&["-n", &node.name, "link", "set", "up0", "up"]);
+            in_netns(&node.netns, || {
+                fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding")
+            });
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, other) in nodes.iter().enumerate() {
+                if i != j {
+                    ip(&[
+                        "-n",
+                        &node.name,
+                        "route",
+                        "add",
+                        &other.pod_subnet(),
+                        "via",
+                        &net(j).to_string(),
+                    ]);
+                }
+            }
+        }
+        link
+    }
+
+    /// Starts capturing every frame that crosses the link.
+    pub fn capture(&self) -> Capture {
+        Capture::start(&self.netns)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        ip_quiet(&["netns", "del", &self.name]);
+    }
+}
+
+/// Frames seen on the link (a raw AF_PACKET socket in its netns).
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// At most this much is kept.
+const CAPTURE_LIMIT: usize = 256 << 20;
+
+impl Capture {
+    fn start(netns: &Path) -> Capture {
+        let ns = File::open(netns).expect("open link netns");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            // SAFETY: setns on this capture thread only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh socket we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            let rcvbuf: libc::c_int = 32 << 20;
+            // SAFETY: valid option values and lengths.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const rcvbuf).cast(),
+                    size_of::<libc::c_int>() as u32,
+                );
+            }
+            let _ = ready_tx.send(());
+            let mut data = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !stopping.load(Ordering::Relaxed) {
+                // SAFETY: buf is valid for its length.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 && data.len() < CAPTURE_LIMIT {
+                    data.extend_from_slice(&buf[..n as usize]);
+                }
+            }
+            data
+        });
+        ready_rx.recv().expect("capture started");
+        Capture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns the raw frames, concatenated.
+    pub fn finish(mut self) -> Vec<u8> {
+        // Let frames in flight arrive.
+        thread::sleep(Duration::from_millis(200));
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("capture thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A trust anchor and issuer made by the test (so it can also sign
+/// certificates the mesh must refuse), written to files.
+#[derive(Debug)]
+pub struct TestPki {
+    pub anchor: pki::CertAndKey,
+    pub issuer: pki::CertAndKey,
+    pub anchors_file: PathBuf,
+    pub issuer_cert_file: PathBuf,
+    pub issuer_key_file: PathBuf,
+}
+
+impl TestPki {
+    pub fn generate(dir: &Path) -> Self {
+        let anchor = pki::generate_trust_anchor("cluster.local", Duration::from_secs(86400))
+            .expect("trust anchor");
+        let issuer = pki::generate_issuer(&anchor, "cluster.local", Duration::from_secs(43200))
+            .expect("issuer");
+        fs::create_dir_all(dir).expect("pki dir");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            fs::write(&p, text).expect("write pki file");
+            p
+        };
+        Self {
+            anchors_file: write("ca-bundle.crt", &anchor.cert_pem),
+            issuer_cert_file: write("issuer.crt", &issuer.cert_pem),
+            issuer_key_file: write("issuer.key", &issuer.key_pem),
+            anchor,
+            issuer,
+        }
+    }
+
+    pub fn signer(&self) -> Signer {
+        Signer::load(
+            &self.issuer.cert_pem,
+            &self.issuer.key_pem,
+            &self.anchor.cert_pem,
+            "cluster.local",
+        )
+        .expect("signer")
+    }
+}
+
+/// nodemesh installed in the API server (its manifests applied, with the
+/// test's PKI), removed on drop.
+pub struct Install<'c> {
+    pub cluster: &'c Cluster,
+    pub namespace: String,
+    pub pki: TestPki,
+    manifests: String,
+}
+
+impl<'c> Install<'c> {
+    pub fn apply(cluster: &'c Cluster, dir: &Path) -> Self {
+        let namespace = unique("nm-sys");
+        let pki = TestPki::generate(&dir.join("pki"));
+        let args = nodemesh::cli::install::InstallArgs {
+            namespace: namespace.clone(),
+            image: "nodemesh.test/nodemesh:1".into(),
+            agent_log_level: "info".into(),
+            trust_domain: "cluster.local".into(),
+            fast_path: "true".into(),
+            bypass_cidrs: Vec::new(),
+            bypass_ports: Vec::new(),
+            host_cgroup_root: "/sys/fs/cgroup".into(),
+            identity_trust_anchors_file: Some(pki.anchors_file.clone()),
+            identity_issuer_certificate_file: Some(pki.issuer_cert_file.clone()),
+            identity_issuer_key_file: Some(pki.issuer_key_file.clone()),
+            identity_cert_lifetime: "24h".into(),
+            identity_issuer_lifetime: "8760h".into(),
+        };
+        let manifests = nodemesh::cli::install::render(&args).expect("install manifests");
+        cluster
+            .apply_manifests(&manifests, false)
+            .unwrap_or_else(|e| panic!("apply the install: {e}"));
+        Self {
+            cluster,
+            namespace,
+            pki,
+            manifests,
+        }
+    }
+
+    /// The identity service's DNS name (what agents check).
+    pub fn server_name(&self) -> String {
+        format!("nodemesh-identity.{}.svc", self.namespace)
+    }
+}
+
+impl Drop for Install<'_> {
+    fn drop(&mut self) {
+        self.cluster.delete_manifests(&self.manifests);
+    }
+}
+
+/// `nodemesh identity`, run on a node with the installed service account.
+pub struct IdentityService {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    netns: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl IdentityService {
+    pub fn start(node: &Node, install: &Install, cert_lifetime: &str) -> Self {
+        let cluster = install.cluster;
+        node.reach_host_loopback(cluster.port);
+        let kubeconfig = node.dir.join("identity.kubeconfig");
+        cluster.kubeconfig_with_token(
+            &kubeconfig,
+            &cluster.token(&install.namespace, "nodemesh-identity"),
+        );
+        let cgroup = node.cgroup.join("nodemesh-identity");
+        fs::create_dir_all(&cgroup).expect("identity cgroup");
+        let log_path = node.dir.join("identity.log");
+        let log = File::create(&log_path).expect("identity log");
+        let addr = SocketAddr::from((node.ip, IDENTITY_PORT));
+        let admin = SocketAddr::from((node.ip, IDENTITY_ADMIN_PORT));
+        let mut cmd = Command::new(self_exe());
+        cmd.arg(crate::agent::ROLE)
+            .args(["--log-level", "info", "identity"])
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--issuer-certificate-file")
+            .arg(&install.pki.issuer_cert_file)
+            .arg("--issuer-key-file")
+            .arg(&install.pki.issuer_key_file)
+            .arg("--trust-anchors-file")
+            .arg(&install.pki.anchors_file)
+            .arg("--cert-lifetime")
+            .arg(cert_lifetime)
+            .arg("--agent-service-account")
+            .arg(format!("{}/nodemesh-agent", install.namespace))
+            .arg("--server-name")
+            .arg(install.server_name())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        let child = spawn_in(cmd, &node.netns, &cgroup);
+        let mut service = Self {
+            child: Some(child),
+            addr,
+            admin,
+            netns: node.netns.clone(),
+            log_path,
+        };
+        service.wait_ready();
+        service
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("identity service exited ({status}):\n{}", self.log());
+            }
+            if let Ok((200, _)) = http_get(&self.netns, self.admin, "/ready") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "identity service not ready after 30s:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        match http_get(&self.netns, self.admin, "/metrics") {
+            Ok((200, body)) => Metrics::parse(&body),
+            other => panic!("identity GET /metrics: {other:?}"),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_or_empty(&self.log_path)
+    }
+}
+
+impl Drop for IdentityService {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- identity service log ----\n{}\n----", self.log());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The agent's pod object on `node` and a token bound to it (audience
+/// `identity.nodemesh.io`), written where the agent reads it. Returns the
+/// token file.
+pub fn agent_identity_token(install: &Install, node: &Node) -> PathBuf {
+    let name = format!("nodemesh-agent-{}", node.name);
+    let uid = install
+        .cluster
+        .api_pod(&install.namespace, &name, &node.name, "nodemesh-agent");
+    let token = install.cluster.bound_token(
+        &install.namespace,
+        "nodemesh-agent",
+        Some((&name, &uid)),
+        nodemesh::identity::TOKEN_AUDIENCE,
+    );
+    let path = identity_token_file(node);
+    fs::write(&path, token).expect("write token");
+    path
+}
+
+/// Where [`agent_identity_token`] writes the node agent's token.
+pub fn identity_token_file(node: &Node) -> PathBuf {
+    node.dir.join("identity-token")
+}
+
+/// Agent options for a meshed node: Kubernetes discovery, identity from
+/// `identity`, the tunnel on the node's address.
+pub fn mesh_agent_options(
+    install: &Install,
+    identity: &IdentityService,
+    node: &Node,
+) -> AgentOptions {
+    let token = agent_identity_token(install, node);
+    AgentOptions::default()
+        .kube(install.cluster)
+        .arg("--identity-addr")
+        .arg(&identity.addr.to_string())
+        .arg("--identity-server-name")
+        .arg(&install.server_name())
+        .arg("--identity-trust-anchors-file")
+        .arg(&install.pki.anchors_file.to_string_lossy())
+        .arg("--identity-token-file")
+        .arg(&token.to_string_lossy())
+        .arg("--tunnel-addr")
+        .arg(&SocketAddr::from((node.ip, TUNNEL_PORT)).to_string())
+}
+
+/// Starts a meshed agent on `node` and waits for it to be ready.
+pub fn mesh_agent(install: &Install, identity: &IdentityService, node: &Node) -> Agent {
+    Agent::start_ready(node, mesh_agent_options(install, identity, node))
+}
