@@ -32,7 +32,8 @@ enum Task {
     /// Set up, build the release agent, and run it on a simulated node with
     /// a few pods; prints what the proxy saw per pod, then cleans up.
     Demo,
-    /// Set up, build in release, and print the same-node benchmark table.
+    /// Set up, build in release, and print the benchmark tables: same node
+    /// (direct vs fast path on/off), then cross-node (direct vs mTLS tunnel).
     Bench {
         /// Flags for the benchmark (--round-trips N, --size BYTES,
         /// --bulk-mib N, --repeats N).

@@ -1,10 +1,15 @@
 //! `cargo xtask bench`: the same-node path, direct vs meshed with and
-//! without the sk_msg fast path. Prints a table; asserts nothing about
-//! speed (these machines are shared and noisy).
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+//! without the sk_msg fast path; then the cross-node path, direct vs the
+//! mutual-TLS tunnel, with connection-setup times. Prints tables; asserts
+//! nothing about speed (these machines are shared and noisy).
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use nodemesh::discovery::MESH_LABEL;
-use nodemesh_tests::{Agent, AgentOptions, App, Node, Pod, PodSpec, harness};
+use nodemesh_tests::{
+    Agent, AgentOptions, App, Cluster, Node, Pod, PodSpec, harness,
+    kube::unique,
+    mesh::{self, IdentityService, Install, Link},
+};
 
 const PORT: u16 = 8080;
 
@@ -126,6 +131,130 @@ fn main() {
     println!(
         "(bulk: bytes sent one way per second while the echo comes back on the same connection)"
     );
+    drop((app, srv, agent));
+    drop(node);
+    cross_node(&s);
+}
+
+/// Two nodes on a link, with the API server, the identity service and
+/// meshed agents: direct vs the mutual-TLS tunnel.
+fn cross_node(s: &Settings) {
+    println!();
+    println!(
+        "nodemesh bench: cross-node path (two nodes on a link), same sizes; starting an API server"
+    );
+    // Declared first, so it stops last.
+    let cluster = &Cluster::start();
+    let a = Node::new();
+    let b = Node::new();
+    let _link = Link::connect(&[&a, &b]);
+    let install = Install::apply(cluster, &a.dir);
+    let identity = IdentityService::start(&a, &install, "24h");
+    let opts = |node: &Node| AgentOptions {
+        binary: Some(s.agent.clone()),
+        log: "warn".into(),
+        // Short, so that pausing between connections measures a new tunnel.
+        ..mesh::mesh_agent_options(&install, &identity, node).arg("--tunnel-idle-timeout").arg("1s")
+    };
+    let agent_a = Agent::start_ready(&a, opts(&a));
+    let agent_b = Agent::start_ready(&b, opts(&b));
+    let ns = unique("bench");
+    cluster.namespace(&ns, &[]);
+    let server = cluster.run_pod(&b, PodSpec::new(&ns, "server").service_account("server").meshed());
+    let client = cluster.run_pod(&a, PodSpec::new(&ns, "client").service_account("client"));
+    agent_b.wait_metric("server's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let mut srv = server.app();
+    srv.listen(PORT);
+    let mut app = client.app();
+    let dst = SocketAddr::from((server.ip, PORT));
+
+    eprintln!("  running: cross-node direct (client not meshed)");
+    let direct = measure(&mut app, dst, s);
+    let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
+
+    cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
+    agent_a.wait_metric("client captured with its certificate", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    eprintln!("  running: cross-node meshed (mTLS tunnel)");
+    let meshed = measure(&mut app, dst, s);
+    let reused_setup = setup(&mut app, dst, 200, Duration::ZERO);
+    eprintln!("  running: connection setup with a new tunnel each time (idle timeout 1s)");
+    let new_setup = setup(&mut app, dst, 8, Duration::from_millis(2500));
+    let m = agent_a.metrics();
+    let streams = m.sum("nodemesh_tunnel_streams_total", &[("direction", "outbound")]);
+    let tunnels = m.sum("nodemesh_tunnel_connections_total", &[("direction", "outbound")]);
+    assert!(
+        streams >= (s.repeats * 2 + 200) as f64,
+        "the meshed runs did not go through the tunnel: {streams} streams"
+    );
+
+    println!();
+    println!(
+        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
+        "cross-node path", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "bulk MiB/s", "bulk ×direct"
+    );
+    for (name, row) in [("direct (not meshed)", direct), ("meshed (mTLS tunnel)", meshed)] {
+        println!(
+            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
+            name,
+            row.p50_us,
+            row.p99_us,
+            row.p50_us / direct.p50_us,
+            row.p99_us / direct.p99_us,
+            row.mib_per_s,
+            row.mib_per_s / direct.mib_per_s,
+        );
+    }
+    println!();
+    println!(
+        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>8}",
+        "connection setup", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "samples"
+    );
+    for (name, row) in [
+        ("direct (not meshed)", direct_setup),
+        ("meshed, reused tunnel", reused_setup),
+        ("meshed, new tunnel", new_setup),
+    ] {
+        println!(
+            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>8}",
+            name,
+            row.0,
+            row.1,
+            row.0 / direct_setup.0,
+            row.1 / direct_setup.1,
+            row.2
+        );
+    }
+    let rss = |agent: &Agent| {
+        agent
+            .rss_kib()
+            .map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+    };
+    println!(
+        "\nagent RSS after the cross-node runs: node a (client) {}, node b (server) {}",
+        rss(&agent_a),
+        rss(&agent_b)
+    );
+    println!(
+        "(setup: connect plus a first 1-byte round trip; {tunnels} tunnel connections carried {streams} streams)"
+    );
+}
+
+/// Connection setup times: (p50, p99, samples).
+fn setup(app: &mut App, dst: SocketAddr, count: u32, pause: Duration) -> (f64, f64, usize) {
+    let mut micros = app
+        .setup(dst, count, pause)
+        .unwrap_or_else(|f| panic!("connection setup: {f:?}"));
+    micros.sort_unstable();
+    (
+        percentile(&micros, 0.50),
+        percentile(&micros, 0.99),
+        micros.len(),
+    )
 }
 
 fn measure(app: &mut App, dst: SocketAddr, s: &Settings) -> Row {
