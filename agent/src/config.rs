@@ -481,6 +481,14 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         }
                     }),
                 );
+                if let (Some(t), Some(admin)) = (tunnel_addr, admin_addr)
+                    && t.port() == admin.port()
+                {
+                    p.0.push(format!(
+                        "--admin-addr and --tunnel-addr both use port {}",
+                        admin.port()
+                    ));
+                }
                 if a.pod_file.is_some() {
                     p.0.push(
                         "--identity-addr needs Kubernetes discovery (--node-name), not --pod-file"
@@ -540,14 +548,6 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                 }
             }
         };
-        if let (Some(id), Some(admin)) = (&identity, admin_addr)
-            && id.tunnel_addr.port() == admin.port()
-        {
-            p.0.push(format!(
-                "--admin-addr and --tunnel-addr both use port {}",
-                admin.port()
-            ));
-        }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -643,6 +643,70 @@ mod tests {
             AgentConfig::try_from(&args(&["--bypass-port", "22,53", "--bypass-port", "8080"]))
                 .expect("valid");
         assert_eq!(cfg.bypass_ports, [22, 53, 8080]);
+    }
+
+    #[test]
+    fn identity_settings_are_checked_together() {
+        let cli = |argv: &[&str]| {
+            let mut all = vec!["nodemesh"];
+            all.extend(argv);
+            Cli::try_parse_from(all).expect("clap accepts").agent
+        };
+        // Off by default.
+        let cfg = AgentConfig::try_from(&cli(&["--node-name", "n1"])).expect("valid");
+        assert!(cfg.identity.is_none());
+        // On: needs anchors that parse, Kubernetes discovery, sane addresses.
+        let dir = std::env::temp_dir().join(format!("nodemesh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let anchors = dir.join("ca.crt");
+        let anchor =
+            crate::identity::pki::generate_trust_anchor("cluster.local", Duration::from_secs(60))
+                .expect("anchor");
+        std::fs::write(&anchors, &anchor.cert_pem).expect("write");
+        let anchors = anchors.to_string_lossy().into_owned();
+        let cfg = AgentConfig::try_from(&cli(&[
+            "--node-name",
+            "n1",
+            "--identity-addr",
+            "identity.example:8080",
+            "--identity-trust-anchors-file",
+            &anchors,
+        ]))
+        .expect("valid");
+        let id = cfg.identity.expect("identity on");
+        assert_eq!(id.tunnel_addr.port(), 15008);
+        assert_eq!(id.tunnel_idle_timeout, Duration::from_secs(60));
+        let err = AgentConfig::try_from(&cli(&[
+            "--pod-file",
+            "/tmp/pods.yaml",
+            "--identity-addr",
+            "no-port",
+            "--tunnel-addr",
+            "0.0.0.0:4191",
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "needs Kubernetes discovery",
+            "expected host:port",
+            "--identity-trust-anchors-file is needed",
+            "--admin-addr and --tunnel-addr both use port 4191",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        std::fs::write(dir.join("bad.crt"), "not a certificate").expect("write");
+        let bad = dir.join("bad.crt").to_string_lossy().into_owned();
+        let err = AgentConfig::try_from(&cli(&[
+            "--node-name",
+            "n1",
+            "--identity-addr",
+            "identity:8080",
+            "--identity-trust-anchors-file",
+            &bad,
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

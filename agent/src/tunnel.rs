@@ -159,6 +159,10 @@ impl TunnelMetrics {
     }
 }
 
+/// Streams at once on one tunnel connection (a client opening more waits,
+/// up to its open timeout). Memory stays bounded by the connection window.
+const MAX_STREAMS: u32 = 1024;
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -195,13 +199,22 @@ fn classify(e: &std::io::Error) -> TunnelError {
 #[derive(Debug)]
 struct SniResolver {
     store: Arc<CertStore>,
+    metrics: TunnelMetrics,
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?;
-        let id = Identity::parse_dns_name(name, self.store.trust_domain())?;
-        self.store.current(&id).map(|c| c.key)
+        let name = hello.server_name();
+        let key = name
+            .and_then(|n| Identity::parse_dns_name(n, self.store.trust_domain()))
+            .and_then(|id| self.store.current(&id))
+            .map(|c| c.key);
+        if key.is_none() {
+            warn!(sni = ?name, reason = %TunnelError::UnknownServerName, "refused a tunnel connection: no certificate here for the identity the client asked for");
+            self.metrics
+                .error(Direction::Inbound, TunnelError::UnknownServerName);
+        }
+        key
     }
 }
 
@@ -230,8 +243,13 @@ impl TunnelServer {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(SniResolver {
                 store: store.clone(),
+                metrics: metrics.clone(),
             }));
         tls.alpn_protocols = vec![b"h2".to_vec()];
+        // Every connection is a full handshake: a resumed session would
+        // skip checking the client's certificate (expiry, renewal).
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         Ok(Self {
             cfg,
             store,
@@ -263,8 +281,9 @@ impl TunnelServer {
                 _ = stop.cancelled() => return,
             };
             let this = self.clone();
+            let stop = stop.clone();
             self.tracker.spawn(
-                async move { this.connection(tcp).await }
+                async move { this.connection(tcp, stop).await }
                     .instrument(info_span!("tunnel_inbound", %peer)),
             );
         }
@@ -282,7 +301,7 @@ impl TunnelServer {
         0
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream) {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, stop: CancellationToken) {
         let _ = tcp.set_nodelay(true);
         // A TLS connection starts with a handshake record (0x16).
         let mut first = [0u8; 1];
@@ -311,6 +330,14 @@ impl TunnelServer {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = classify(&e);
+                if matches!(
+                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::General(_))
+                ) {
+                    // No certificate for the SNI: counted by the resolver.
+                    debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
                 warn!(%reason, error = %e, "refused a tunnel connection: TLS handshake failed");
                 self.metrics.error(Direction::Inbound, reason);
                 return;
@@ -364,8 +391,19 @@ impl TunnelServer {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(256 * 1024)
+            .max_concurrent_streams(MAX_STREAMS)
             .keep_alive_interval(Duration::from_secs(30));
-        if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                // GOAWAY: no new streams; the open ones finish.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             debug!(error = %e, "tunnel connection ended with an error");
         }
     }
@@ -540,6 +578,8 @@ pub enum OpenError {
     },
     #[error("the peer node answered {status} for {dst}")]
     Refused { dst: SocketAddr, status: StatusCode },
+    #[error("no tunnel stream within {0:?}")]
+    Timeout(Duration),
     #[error("{0}")]
     Name(String),
 }
@@ -548,7 +588,7 @@ impl OpenError {
     fn reason(&self) -> TunnelError {
         match self {
             Self::NoCertificate(_) => TunnelError::NoCertificate,
-            Self::Connect { .. } | Self::Refused { .. } => TunnelError::Connect,
+            Self::Connect { .. } | Self::Refused { .. } | Self::Timeout(_) => TunnelError::Connect,
             Self::Tls { source, .. } => classify(source),
             Self::WrongIdentity { .. } => TunnelError::WrongIdentity,
             Self::Http { .. } | Self::Name(_) => TunnelError::Protocol,
@@ -593,7 +633,12 @@ impl TunnelClient {
         dst_id: &Identity,
         dst: SocketAddr,
     ) -> Result<TokioIo<Upgraded>, OpenError> {
-        let result = self.open_inner(src, node_ip, dst_id, dst).await;
+        let limit = self.cfg.connect_timeout + self.cfg.handshake_timeout;
+        let result =
+            match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst)).await {
+                Ok(r) => r,
+                Err(_) => Err(OpenError::Timeout(limit)),
+            };
         match &result {
             Ok(_) => {
                 self.metrics
@@ -698,6 +743,8 @@ impl TunnelClient {
                 id: src.clone(),
             }));
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // Full handshakes only: a renewed certificate must really be used.
+        cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
         configs.insert(src.clone(), cfg.clone());
         Ok(cfg)

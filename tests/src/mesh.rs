@@ -164,7 +164,8 @@ impl Capture {
             }
             let _ = ready_tx.send(());
             let mut data = Vec::new();
-            let mut buf = vec![0u8; 65536];
+            // Large: offloaded (GSO/GRO) frames exceed 64 KiB.
+            let mut buf = vec![0u8; 512 * 1024];
             while !stopping.load(Ordering::Relaxed) {
                 // SAFETY: buf is valid for its length.
                 let n =

@@ -156,6 +156,12 @@ pub struct IdentityConfig {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// Connections served at once (each request is a TokenReview and a pod
+/// list; agents make one per identity per half-lifetime).
+const MAX_CONNECTIONS: usize = 512;
+/// A connection (handshake, request, answer) must be done within this.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Shortest workload certificate lifetime accepted (tests rotate fast).
 pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(10);
 /// Longest: a week.
@@ -418,6 +424,7 @@ pub async fn run(
     ));
     ready.store(true, Ordering::Release);
     info!(%addr, trust_domain = %service.cfg.signer.trust_domain(), lifetime = ?service.cfg.cert_lifetime, "identity service ready");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -430,9 +437,14 @@ pub async fn run(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(%peer, limit = MAX_CONNECTIONS, "too many connections to the identity service; closing this one");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = service.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -449,11 +461,14 @@ pub async fn run(
                 let service = service.clone();
                 async move { Ok::<_, Infallible>(service.handle(req, peer).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "connection ended with an error");
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let conn = http.serve_connection(TokioIo::new(tls), svc);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Err(_) => debug!(%peer, "connection closed: open too long"),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "connection ended with an error"),
             }
         });
     }
@@ -469,7 +484,7 @@ async fn renew_serving_cert(
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(left / 2) => {}
+            _ = tokio::time::sleep((left / 2).max(Duration::from_secs(10))) => {}
             _ = shutdown.cancelled() => return,
         }
         match serving_cert(&service.cfg) {
@@ -479,7 +494,7 @@ async fn renew_serving_cert(
             }
             Err(e) => {
                 warn!(error = %e, "cannot renew the serving certificate; retrying in 10s");
-                left = Duration::from_secs(20);
+                left = Duration::ZERO;
             }
         }
     }
@@ -579,11 +594,16 @@ impl Service {
             .await
             .map_err(|e| (CertifyResult::ApiError, format!("TokenReview failed: {e}")))?;
         let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
+        let for_us = status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == super::TOKEN_AUDIENCE));
+        if status.authenticated != Some(true) || !for_us {
             return Err((
                 CertifyResult::Unauthenticated,
                 format!(
-                    "the API server does not accept the token{}",
+                    "the API server does not accept the token for audience {}{}",
+                    super::TOKEN_AUDIENCE,
                     status.error.map(|e| format!(": {e}")).unwrap_or_default()
                 ),
             ));
@@ -658,7 +678,20 @@ impl Service {
                 ),
             ));
         }
-        // 4. Sign.
+        // 4. Sign, unless the issuer is about to expire (certificates are
+        // capped at its expiry; ever shorter ones would only be asked again).
+        let issuer_left = self
+            .cfg
+            .signer
+            .issuer_not_after()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if issuer_left < MIN_CERT_LIFETIME * 6 {
+            return Err((
+                CertifyResult::SigningError,
+                format!("the issuer certificate expires in {issuer_left:?}: rotate the issuer"),
+            ));
+        }
         let issued = self
             .cfg
             .signer

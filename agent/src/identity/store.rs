@@ -327,7 +327,7 @@ impl CertStore {
                         .requests
                         .get_or_create(&RequestLabels { result: "ok" })
                         .inc();
-                    left / 2
+                    (left / 2).max(RETRY_MIN)
                 }
                 Err(e) => {
                     self.metrics
@@ -369,13 +369,14 @@ impl CertStore {
         let answer = tokio::time::timeout(self.cfg.timeout, self.request(id, csr))
             .await
             .map_err(|_| IdentityClientError::Timeout(self.cfg.timeout))??;
+        let leaf = pki::certs_from_pem(&answer.certificate, "certificate")?;
+        let info = pki::cert_info(&leaf[0])?;
+        // The certificate's own validity counts, not what the answer says.
         let issued = pki::Issued {
             cert_pem: answer.certificate,
             chain_pem: answer.chain,
-            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(answer.not_after),
+            not_after: info.not_after,
         };
-        let leaf = pki::certs_from_pem(&issued.cert_pem, "certificate")?;
-        let info = pki::cert_info(&leaf[0])?;
         let expected = id.spiffe_id(&self.cfg.trust_domain);
         if info.spiffe_id.as_deref() != Some(expected.as_str()) {
             return Err(IdentityClientError::BadAnswer(format!(
@@ -383,7 +384,11 @@ impl CertStore {
                 info.spiffe_id
             )));
         }
-        Ok((pki::certified_key(&issued, &key)?, info))
+        let certified = pki::certified_key(&issued, &key)?;
+        certified.keys_match().map_err(|e| {
+            IdentityClientError::BadAnswer(format!("the certificate is not for our key: {e}"))
+        })?;
+        Ok((certified, info))
     }
 
     async fn request(

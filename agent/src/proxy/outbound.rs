@@ -57,6 +57,9 @@ enum Route {
     /// Plain TCP from the pod's netns; `peer` is the destination's
     /// identity when it is a meshed pod on this node.
     Direct { peer: Option<(String, IpAddr)> },
+    /// Meshed on both ends but not routable through the tunnel now: reset
+    /// rather than send it in the clear.
+    Refuse(String),
     /// Through the tunnel to another node.
     Tunnel {
         node_ip: IpAddr,
@@ -126,6 +129,10 @@ impl Outbound {
             return direct;
         };
         let spiffe = dst_id.spiffe_id(mesh.tunnel.trust_domain());
+        // A host-network pod's address is its node's: not a meshed endpoint.
+        if peer.host_ip == Some(ip) {
+            return direct;
+        }
         match (&peer.node, peer.host_ip) {
             (Some(node), _) if *node == mesh.node_name => Route::Direct {
                 peer: Some((spiffe, ip)),
@@ -136,10 +143,13 @@ impl Outbound {
                     dst_id,
                     src_id,
                 },
-                Err(_) => direct,
+                Err(e) => Route::Refuse(format!("the source has no valid identity: {e}")),
             },
-            // Not scheduled, or its node's address unknown yet.
-            _ => direct,
+            // A meshed pod elsewhere whose node is not known yet: never
+            // downgrade to plaintext.
+            _ => Route::Refuse(format!(
+                "{spiffe} is meshed but its node's address is not known yet"
+            )),
         }
     }
 
@@ -201,6 +211,11 @@ impl Outbound {
             return;
         };
         match self.route(&pod.pod, orig) {
+            Route::Refuse(why) => {
+                warn!(dst = %orig, %why, "refusing to send a meshed connection in the clear; resetting the client");
+                pod.tcp.connect_error(ConnectError::Tunnel);
+                client.reset();
+            }
             Route::Tunnel {
                 node_ip,
                 dst_id,

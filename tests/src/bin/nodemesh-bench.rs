@@ -154,13 +154,20 @@ fn cross_node(s: &Settings) {
         binary: Some(s.agent.clone()),
         log: "warn".into(),
         // Short, so that pausing between connections measures a new tunnel.
-        ..mesh::mesh_agent_options(&install, &identity, node).arg("--tunnel-idle-timeout").arg("1s")
+        ..mesh::mesh_agent_options(&install, &identity, node)
+            .arg("--tunnel-idle-timeout")
+            .arg("1s")
     };
     let agent_a = Agent::start_ready(&a, opts(&a));
     let agent_b = Agent::start_ready(&b, opts(&b));
     let ns = unique("bench");
     cluster.namespace(&ns, &[]);
-    let server = cluster.run_pod(&b, PodSpec::new(&ns, "server").service_account("server").meshed());
+    let server = cluster.run_pod(
+        &b,
+        PodSpec::new(&ns, "server")
+            .service_account("server")
+            .meshed(),
+    );
     let client = cluster.run_pod(&a, PodSpec::new(&ns, "client").service_account("client"));
     agent_b.wait_metric("server's certificate", |m| {
         m.sum("nodemesh_identity_certificates", &[]) == 1.0
@@ -185,8 +192,14 @@ fn cross_node(s: &Settings) {
     eprintln!("  running: connection setup with a new tunnel each time (idle timeout 1s)");
     let new_setup = setup(&mut app, dst, 8, Duration::from_millis(2500));
     let m = agent_a.metrics();
-    let streams = m.sum("nodemesh_tunnel_streams_total", &[("direction", "outbound")]);
-    let tunnels = m.sum("nodemesh_tunnel_connections_total", &[("direction", "outbound")]);
+    let streams = m.sum(
+        "nodemesh_tunnel_streams_total",
+        &[("direction", "outbound")],
+    );
+    let tunnels = m.sum(
+        "nodemesh_tunnel_connections_total",
+        &[("direction", "outbound")],
+    );
     assert!(
         streams >= (s.repeats * 2 + 200) as f64,
         "the meshed runs did not go through the tunnel: {streams} streams"
@@ -195,9 +208,18 @@ fn cross_node(s: &Settings) {
     println!();
     println!(
         "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
-        "cross-node path", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "bulk MiB/s", "bulk ×direct"
+        "cross-node path",
+        "p50 µs",
+        "p99 µs",
+        "p50 ×direct",
+        "p99 ×direct",
+        "bulk MiB/s",
+        "bulk ×direct"
     );
-    for (name, row) in [("direct (not meshed)", direct), ("meshed (mTLS tunnel)", meshed)] {
+    for (name, row) in [
+        ("direct (not meshed)", direct),
+        ("meshed (mTLS tunnel)", meshed),
+    ] {
         println!(
             "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
             name,

@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: a real Kubernetes API server, a simulated node with a
-//! few pods, the release agent discovering them from the API, labels that
-//! mesh and unmesh pods live, traffic between the pods, and what the proxy
-//! saw per pod.
+//! `cargo xtask demo`: a real Kubernetes API server, two simulated nodes
+//! with a few pods, nodemesh installed (identity PKI, the identity service,
+//! release agents discovering pods from the API), labels that mesh and
+//! unmesh pods live, traffic between the pods (across nodes through the
+//! mutual-TLS tunnel, checked on the wire), and what the proxies saw.
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -10,10 +11,13 @@ use std::{
 };
 
 use nodemesh::discovery::MESH_LABEL;
-use nodemesh_tests::{Agent, AgentOptions, App, Cluster, Metrics, Node, Pod, PodSpec, harness};
+use nodemesh_tests::{
+    Agent, AgentOptions, App, Cluster, Metrics, Node, Pod, PodSpec, harness,
+    mesh::{self, IdentityService, Install, Link},
+};
 
 const PORT: u16 = 8080;
-const STEPS: u32 = 8;
+const STEPS: u32 = 9;
 
 fn main() {
     harness::play_role();
@@ -40,9 +44,11 @@ fn main() {
 
     step(
         2,
-        "building a node and running pods on it (netns + kubelet-style cgroups; status patched as kubelet would)",
+        "building two nodes on a link and running pods on them (netns + kubelet-style cgroups; status patched as kubelet would)",
     );
     let node = Node::new();
+    let node_b = Node::new();
+    let link = Link::connect(&[&node, &node_b]);
     cluster.namespace("shop", &[]);
     let web = cluster.run_pod(
         &node,
@@ -65,47 +71,70 @@ fn main() {
     );
     let vip = cluster.service("shop", "api", 80, PORT);
     cluster.endpoint_slice("shop", "api", PORT, &[(&api, &node, true)]);
-    for pod in [&web, &api, &db] {
+    let payments = cluster.run_pod(
+        &node_b,
+        PodSpec::new("shop", "payments-0")
+            .owner("StatefulSet", "payments")
+            .service_account("payments"),
+    );
+    for (pod, on) in [
+        (&web, &node),
+        (&api, &node),
+        (&db, &node),
+        (&payments, &node_b),
+    ] {
         println!(
-            "      pod {:<20} {:<11} node {}",
+            "      pod {:<20} {:<11} node {} ({})",
             pod.key(),
             pod.ip,
-            node.name
+            on.name,
+            on.ip
         );
     }
     println!("      service shop/api {vip}:80 → {}:{PORT}", api.ip);
 
     step(
         3,
-        &format!(
-            "starting the agent: {} agent --node-name {}",
-            agent_bin.display(),
-            node.name
-        ),
+        "nodemesh install | kubectl apply -f - (trust anchor + issuer, identity service, agents on both nodes)",
+    );
+    let install = Install::apply(&cluster, &node.dir);
+    let identity = IdentityService::start(&node, &install, "24h");
+    println!(
+        "      identity service on {} ({}), trust domain cluster.local",
+        identity.addr,
+        install.server_name()
     );
     let started = Instant::now();
-    let agent = Agent::start_ready(
-        &node,
-        AgentOptions {
-            binary: Some(agent_bin),
-            log: "info".into(),
-            ..AgentOptions::default().kube(&cluster)
-        },
-    );
+    let opts = |n: &Node| AgentOptions {
+        binary: Some(agent_bin.clone()),
+        log: "info".into(),
+        ..mesh::mesh_agent_options(&install, &identity, n)
+    };
+    let agent = Agent::start_ready(&node, opts(&node));
+    let agent_b = Agent::start_ready(&node_b, opts(&node_b));
     println!(
-        "      ready in {} ms; nothing meshed yet: {} pods captured",
+        "      agents ready in {} ms ({} agent --node-name …); nothing meshed yet: {} pods captured",
         started.elapsed().as_millis(),
+        agent_bin.display(),
         agent.metrics().sum("nodemesh_meshed_pods", &[])
+            + agent_b.metrics().sum("nodemesh_meshed_pods", &[])
     );
 
     step(4, "kubectl label namespace shop nodemesh.io/mesh=enabled");
     cluster.label_namespace("shop", MESH_LABEL, Some("enabled"));
-    let m = agent.wait_metric("shop's pods captured", |m| {
+    let m = agent.wait_metric("shop's pods captured with their certificates", |m| {
         m.sum("nodemesh_meshed_pods", &[]) == 3.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 3.0
+    });
+    let mb = agent_b.wait_metric("payments captured with its certificate", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
     });
     println!(
-        "      captured live, no pod restarted: {} pods",
-        m.sum("nodemesh_meshed_pods", &[])
+        "      captured live, no pod restarted: {} pods; each agent got one certificate per service account (node authorization: only for its own pods): {} + {}",
+        m.sum("nodemesh_meshed_pods", &[]) + mb.sum("nodemesh_meshed_pods", &[]),
+        m.sum("nodemesh_identity_certificates", &[]),
+        mb.sum("nodemesh_identity_certificates", &[])
     );
 
     step(
@@ -161,7 +190,63 @@ fn main() {
 
     step(
         7,
-        "what the agent knows: per-pod metrics and the service index (from :4191)",
+        "across nodes: web and api → payments-0 through the mutual-TLS tunnel, watched on the link",
+    );
+    let mut pay = payments.app();
+    pay.listen(PORT);
+    let marker = "CARD-NUMBER-4111-1111-1111-1111;";
+    let capture = link.capture();
+    let pay_addr = SocketAddr::from((payments.ip, PORT));
+    for (pod, app) in apps.iter_mut().filter(|(p, _)| p.name != "db-0") {
+        let x = app
+            .text(pay_addr, marker, 100)
+            .unwrap_or_else(|f| panic!("{} → payments: {f:?}", pod.key()));
+        assert!(x.intact, "{} → payments: bytes changed", pod.key());
+        app.exchange_ok(pay_addr, 1 << 20);
+        println!(
+            "      {:<20} → shop/payments-0       2 connections, intact, mTLS tunnel {} → {}:15008",
+            pod.key(),
+            node.ip,
+            node_b.ip
+        );
+    }
+    let seen = capture.finish();
+    println!(
+        "      captured {} on the link; the marker {:?} appears in it: {}",
+        bytes(seen.len() as f64),
+        marker,
+        if mesh::contains(&seen, marker.as_bytes()) {
+            "YES"
+        } else {
+            "no (encrypted)"
+        }
+    );
+    let mb = agent_b.wait_metric("payments saw its clients", |m| {
+        m.sum(
+            "nodemesh_tcp_peer_open_total",
+            &[("pod", "payments-0"), ("tls", "true")],
+        ) >= 4.0
+    });
+    for client in ["web", "api"] {
+        let id = format!("spiffe://cluster.local/ns/shop/sa/{client}");
+        println!(
+            "      node {} saw payments-0's clients: {id} tls=true, {} connections",
+            node_b.name,
+            mb.sum(
+                "nodemesh_tcp_peer_open_total",
+                &[
+                    ("pod", "payments-0"),
+                    ("direction", "inbound"),
+                    ("tls", "true"),
+                    ("peer_identity", &id)
+                ]
+            )
+        );
+    }
+
+    step(
+        8,
+        "what the agent on the first node knows: per-pod metrics and the service index (from :4191)",
     );
     let m = agent.wait_metric("all connections closed", |m| {
         m.sum("nodemesh_tcp_open_connections", &[]) == 0.0
@@ -192,10 +277,16 @@ fn main() {
         println!("      agent memory (RSS): {:.1} MiB", kib as f64 / 1024.0);
     }
 
-    step(8, "cleaning up: agent, pods, node, pins, API server");
+    step(
+        9,
+        "cleaning up: agents, identity service, pods, nodes, link, pins, API server",
+    );
     drop(apps);
-    drop(agent);
-    drop(node);
+    drop(pay);
+    drop((agent, agent_b, identity));
+    drop(install);
+    drop(link);
+    drop((node, node_b));
     drop(cluster);
     println!("\ndemo finished in {:.1}s", t0.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_millis(10));
