@@ -454,7 +454,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         .apply_manifests(&namespace_doc, false)
         .expect("the namespace");
     let kinds = cluster.apply_manifests(&manifests, true).expect("dry run");
-    assert_eq!(kinds.len(), 8, "{kinds:?}");
+    assert_eq!(kinds.len(), 15, "{kinds:?}");
     // …for real too.
     cluster.apply_manifests(&manifests, false).expect("apply");
     let uninstall =
@@ -495,6 +495,37 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
             "{verb} {resource} allowed"
         );
     }
+
+    // The identity service's token: TokenReviews and reading pods, no more.
+    let identity_kubeconfig = node.dir.join("identity.kubeconfig");
+    cluster.kubeconfig_with_token(
+        &identity_kubeconfig,
+        &cluster.token(&mesh_ns, "nodemesh-identity"),
+    );
+    for (verb, group, resource, allowed) in [
+        ("create", "authentication.k8s.io", "tokenreviews", true),
+        ("list", "", "pods", true),
+        ("get", "", "pods", true),
+        ("watch", "", "pods", false),
+        ("list", "", "secrets", false),
+        ("create", "", "pods", false),
+    ] {
+        assert_eq!(
+            cluster.can(&identity_kubeconfig, verb, group, resource, None),
+            allowed,
+            "identity: {verb} {resource}"
+        );
+    }
+    assert!(
+        !cluster.can(
+            &kubeconfig,
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            None
+        ),
+        "the agent cannot review tokens"
+    );
 
     // Discovery runs under that token: a meshed pod is captured.
     let ns = namespace(cluster, &[]);
