@@ -832,6 +832,11 @@ impl TunnelClient {
                 _ = tokio::time::sleep(period) => {}
                 _ = stop.cancelled() => return,
             }
+            // TLS settings of identities the node no longer holds.
+            self.configs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, _| self.store.current(id).is_some());
             let entries: Vec<(PoolKey, Arc<tokio::sync::Mutex<Option<Pooled>>>)> = self
                 .pool
                 .lock()

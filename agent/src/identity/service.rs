@@ -361,7 +361,9 @@ impl ResolvesServerCert for ServingCert {
 
 fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), PkiError> {
     let key = KeyPair::generate()?;
-    let lifetime = cfg.cert_lifetime;
+    // At least an hour, however short workload certificates are: renewed
+    // at half-life, never left to lapse between renewals.
+    let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
     let issued = cfg.signer.sign_server(&key, &cfg.server_names, lifetime)?;
     let left = issued
         .not_after
