@@ -323,6 +323,33 @@ pub fn the_identity_service_signs_only_for_pods_on_the_agents_node() {
     assert!(log.contains("runs on node"), "{log}");
 }
 
+/// TLS settings of a hand-made tunnel client: trusts `anchors_pem`,
+/// presents `client` followed by `chain_pem`, speaks h2.
+fn client_config(
+    anchors_pem: &str,
+    client: &CertAndKey,
+    chain_pem: &str,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki::certs_from_pem(anchors_pem, "anchors").expect("anchors") {
+        roots.add(c).expect("an anchor");
+    }
+    let mut chain = pki::certs_from_pem(&client.cert_pem, "client").expect("client cert");
+    chain.extend(pki::certs_from_pem(chain_pem, "chain").expect("chain"));
+    let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("client key");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client certificate");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
 /// A TLS client to `addr` presenting `client` (cert, key), for `sni`:
 /// whether a request got through.
 fn tls_attempt(
@@ -333,40 +360,14 @@ fn tls_attempt(
     chain_pem: &str,
     sni: String,
 ) -> Result<(), String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-    chain.extend(
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?,
-    );
-    let key =
-        PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let name = ServerName::try_from(sni).map_err(|e| e.to_string())?;
+    let cfg = client_config(anchors_pem, client, chain_pem);
+    let name = rustls::pki_types::ServerName::try_from(sni).map_err(|e| e.to_string())?;
     in_netns(netns, move || {
         let tcp =
             TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
-        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         // The HTTP/2 preface; the server answers with SETTINGS if it took us.
         tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
@@ -388,31 +389,8 @@ fn connect_stream(
     sni: String,
     target: SocketAddr,
 ) -> u16 {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    chain.extend(
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap(),
-    );
-    let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let name = ServerName::try_from(sni).unwrap();
+    let cfg = client_config(anchors_pem, client, chain_pem);
+    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
     in_netns(netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -420,7 +398,7 @@ fn connect_stream(
             .expect("runtime");
         rt.block_on(async move {
             let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await
                 .expect("handshake");

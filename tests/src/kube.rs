@@ -610,9 +610,22 @@ impl Cluster {
 
     /// A bearer token for a service account (TokenRequest), valid 1h.
     pub fn token(&self, namespace: &str, service_account: &str) -> String {
+        self.request_token(
+            namespace,
+            service_account,
+            json!({"audiences": [], "expirationSeconds": 3600}),
+        )
+    }
+
+    /// TokenRequest with `spec`: the token.
+    fn request_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        spec: serde_json::Value,
+    ) -> String {
         let body = json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": [], "expirationSeconds": 3600}
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec
         });
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let resp: serde_json::Value = self
@@ -638,27 +651,12 @@ impl Cluster {
         pod: Option<(&str, &str)>,
         audience: &str,
     ) -> String {
-        let mut body = json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": [audience], "expirationSeconds": 3600}
-        });
+        let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
         if let Some((name, uid)) = pod {
-            body["spec"]["boundObjectRef"] =
+            spec["boundObjectRef"] =
                 json!({"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid});
         }
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let resp: serde_json::Value = self
-            .block_on(api.create_subresource(
-                "token",
-                service_account,
-                &PostParams::default(),
-                &body,
-            ))
-            .unwrap_or_else(|e| panic!("bound token for {namespace}/{service_account}: {e}"));
-        resp["status"]["token"]
-            .as_str()
-            .expect("a token")
-            .to_owned()
+        self.request_token(namespace, service_account, spec)
     }
 
     /// Creates a pod object only (no simulated pod): one that runs

@@ -3,7 +3,10 @@
 //! `kubectl apply -f -` (and `kubectl delete -f -`).
 use clap::Args;
 
-use crate::config::{ConfigErrors, is_dns_subdomain, parse_cidr};
+use crate::{
+    config::{ConfigErrors, is_dns_subdomain, parse_cidr},
+    identity::is_dns_label,
+};
 
 /// The manifests, with `{{placeholders}}`.
 pub const TEMPLATE: &str = include_str!("../../../deploy/nodemesh.yaml");
@@ -161,11 +164,6 @@ fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
         return None;
     }
     Some(pki)
-}
-
-/// A DNS label (RFC 1123): what a namespace name must be.
-fn is_dns_label(s: &str) -> bool {
-    s.len() <= 63 && is_dns_subdomain(s) && !s.contains('.')
 }
 
 /// JSON string quoting is valid YAML double-quoted scalar syntax.

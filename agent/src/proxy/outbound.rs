@@ -64,6 +64,8 @@ enum Route {
     Tunnel {
         node_ip: IpAddr,
         dst_id: Identity,
+        /// `dst_id`'s SPIFFE ID.
+        dst_spiffe: String,
         src_id: Identity,
     },
 }
@@ -141,6 +143,7 @@ impl Outbound {
                 Ok(src_id) => Route::Tunnel {
                     node_ip,
                     dst_id,
+                    dst_spiffe: spiffe,
                     src_id,
                 },
                 Err(e) => Route::Refuse(format!("the source has no valid identity: {e}")),
@@ -219,6 +222,7 @@ impl Outbound {
             Route::Tunnel {
                 node_ip,
                 dst_id,
+                dst_spiffe,
                 src_id,
             } => {
                 let Some(mesh) = &self.mesh else { return };
@@ -232,8 +236,7 @@ impl Outbound {
                         return;
                     }
                 };
-                pod.tcp
-                    .peer_open(true, Some(&dst_id.spiffe_id(mesh.tunnel.trust_domain())));
+                pod.tcp.peer_open(true, Some(&dst_spiffe));
                 match relay(
                     &mut client,
                     &mut server,
@@ -276,12 +279,12 @@ impl Outbound {
                 });
                 pod.tcp
                     .peer_open(false, peer.as_ref().map(|(id, _)| id.as_str()));
-                let src_spiffe = self.mesh.as_ref().and_then(|m| {
-                    Identity::new(&pod.pod.namespace, &pod.pod.service_account)
-                        .ok()
-                        .map(|id| id.spiffe_id(m.tunnel.trust_domain()))
-                });
                 let _inbound_open = local.as_ref().map(|l| {
+                    let src_spiffe = self.mesh.as_ref().and_then(|m| {
+                        Identity::new(&pod.pod.namespace, &pod.pod.service_account)
+                            .ok()
+                            .map(|id| id.spiffe_id(m.tunnel.trust_domain()))
+                    });
                     l.inbound.peer_open(false, src_spiffe.as_deref());
                     l.inbound.open()
                 });

@@ -99,27 +99,14 @@ fn main() {
     rss.push(agent.rss_kib());
     check_captured(&agent, &client, &s);
 
-    println!();
-    println!(
-        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
-        "path", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "bulk MiB/s", "bulk ×direct"
+    print_rows(
+        "path",
+        &[
+            ("direct (not meshed)", direct),
+            ("meshed, fast path on", fast),
+            ("meshed, fast path off", slow),
+        ],
     );
-    for (name, row) in [
-        ("direct (not meshed)", direct),
-        ("meshed, fast path on", fast),
-        ("meshed, fast path off", slow),
-    ] {
-        println!(
-            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
-            name,
-            row.p50_us,
-            row.p99_us,
-            row.p50_us / direct.p50_us,
-            row.p99_us / direct.p99_us,
-            row.mib_per_s,
-            row.mib_per_s / direct.mib_per_s,
-        );
-    }
     let rss: Vec<String> = rss
         .iter()
         .map(|k| k.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)))
@@ -205,32 +192,13 @@ fn cross_node(s: &Settings) {
         "the meshed runs did not go through the tunnel: {streams} streams"
     );
 
-    println!();
-    println!(
-        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
+    print_rows(
         "cross-node path",
-        "p50 µs",
-        "p99 µs",
-        "p50 ×direct",
-        "p99 ×direct",
-        "bulk MiB/s",
-        "bulk ×direct"
+        &[
+            ("direct (not meshed)", direct),
+            ("meshed (mTLS tunnel)", meshed),
+        ],
     );
-    for (name, row) in [
-        ("direct (not meshed)", direct),
-        ("meshed (mTLS tunnel)", meshed),
-    ] {
-        println!(
-            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
-            name,
-            row.p50_us,
-            row.p99_us,
-            row.p50_us / direct.p50_us,
-            row.p99_us / direct.p99_us,
-            row.mib_per_s,
-            row.mib_per_s / direct.mib_per_s,
-        );
-    }
     println!();
     println!(
         "{:<26} {:>9} {:>9} {:>10} {:>10} {:>8}",
@@ -264,6 +232,30 @@ fn cross_node(s: &Settings) {
     println!(
         "(setup: connect plus a first 1-byte round trip; {tunnels} tunnel connections carried {streams} streams)"
     );
+}
+
+/// A latency/throughput table; the first row is the baseline.
+fn print_rows(title: &str, rows: &[(&str, Row)]) {
+    let Some(&(_, direct)) = rows.first() else {
+        return;
+    };
+    println!();
+    println!(
+        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
+        title, "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "bulk MiB/s", "bulk ×direct"
+    );
+    for (name, row) in rows {
+        println!(
+            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>11.0} {:>11.2}",
+            name,
+            row.p50_us,
+            row.p99_us,
+            row.p50_us / direct.p50_us,
+            row.p99_us / direct.p99_us,
+            row.mib_per_s,
+            row.mib_per_s / direct.mib_per_s,
+        );
+    }
 }
 
 /// Connection setup times: (p50, p99, samples).
