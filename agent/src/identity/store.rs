@@ -286,7 +286,20 @@ impl CertStore {
             slots.insert(id.clone(), slot.clone());
             tokio::spawn(self.clone().maintain(id.clone(), slot));
         }
-        self.metrics.held.set(slots.len() as i64);
+        drop(slots);
+        self.update_held();
+    }
+
+    /// The gauge counts certificates actually held, not merely wanted.
+    fn update_held(&self) {
+        let held = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|slot| slot.current.borrow().is_some())
+            .count();
+        self.metrics.held.set(held as i64);
     }
 
     /// Fetches, then renews, one identity's certificate until stopped.
@@ -315,6 +328,7 @@ impl CertStore {
                         not_after: info.not_after,
                         serial: info.serial,
                     }));
+                    self.update_held();
                     if !slot.stop.is_cancelled() {
                         self.metrics
                             .expiry
