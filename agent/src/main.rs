@@ -1,4 +1,4 @@
 //! The `nodemesh` binary: see `nodemesh --help`.
 fn main() -> std::process::ExitCode {
-    nodemesh::cli::main()
+    nodemesh::main()
 }

@@ -3,7 +3,7 @@
 //! server restarts, and the install manifests with their RBAC.
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use nodemesh::discovery::MESH_LABEL;
+use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
     Agent, AgentOptions, CgroupDriver, Cluster, Metrics, Node, Pod, PodSpec, Qos, agent,
     eventually, kube::unique,
@@ -583,7 +583,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
 }
 
 fn nodemesh_tests_first_document(text: &str) -> String {
-    nodemesh::cli::install::documents(text)
+    nodemesh_cli::install::documents(text)
         .first()
         .map(|d| d.to_string())
         .expect("a document")

@@ -9,10 +9,12 @@ use std::{
     time::Duration,
 };
 
-use nodemesh::identity::{
-    Identity, TOKEN_AUDIENCE,
+use nodemesh_core::{
+    identity::{Identity, TOKEN_AUDIENCE},
     pki::{self, CertAndKey},
-    store::{CertStore, IdentityClientConfig, IdentityClientError},
+};
+use nodemesh_dataplane::identity::client::{
+    IdentityClient, IdentityClientConfig, IdentityClientError,
 };
 use nodemesh_tests::{
     Agent, Cluster, Metrics, Node, Pod, PodSpec, eventually,
@@ -56,7 +58,7 @@ impl Bed {
         let agent_a = mesh::mesh_agent(&install, &identity, &a);
         let agent_b = mesh::mesh_agent(&install, &identity, &b);
         let ns = unique("mesh");
-        cluster.namespace(&ns, &[(nodemesh::discovery::MESH_LABEL, "enabled")]);
+        cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
         Bed {
             agent_a,
             agent_b,
@@ -241,9 +243,8 @@ fn certify(
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let mut registry = prometheus_client::registry::Registry::default();
-            let store = CertStore::new(cfg, &mut registry)?;
-            store.fetch(&identity).await.map(|(_, info)| info)
+            let client = IdentityClient::new(cfg)?;
+            client.fetch(&identity).await.map(|issued| issued.info)
         })
     })
 }

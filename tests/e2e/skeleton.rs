@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use nodemesh::discovery::MESH_LABEL;
+use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
     Agent, AgentOptions, Metrics, Node, Pod, PodSpec, agent, eventually, node::PodEntry,
 };

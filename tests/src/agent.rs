@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The role argument under which the test binary runs as the agent (the
-/// agent's own `nodemesh::cli`, in a process of its own).
+/// agent's own `nodemesh::run`, in a process of its own).
 pub const ROLE: &str = "__nodemesh_agent";
 
 static AGENTS: AtomicU32 = AtomicU32::new(0);

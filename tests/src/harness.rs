@@ -23,7 +23,7 @@ pub fn play_role() {
         Some(agent::ROLE) => {
             use clap::Parser;
             let argv = std::iter::once("nodemesh".to_owned()).chain(args[2..].iter().cloned());
-            std::process::exit(nodemesh::cli::run(nodemesh::cli::Cli::parse_from(argv)).into())
+            std::process::exit(nodemesh::run(nodemesh::Cli::parse_from(argv)).into())
         }
         _ => {}
     }

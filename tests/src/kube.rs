@@ -435,7 +435,7 @@ impl Cluster {
     ) -> Result<Vec<(String, String)>, String> {
         self.block_on(async {
             let mut applied = Vec::new();
-            for doc in nodemesh::cli::install::documents(text) {
+            for doc in nodemesh_cli::install::documents(text) {
                 let obj: DynamicObject =
                     serde_norway::from_str(doc).map_err(|e| format!("YAML: {e}\n{doc}"))?;
                 let types = obj
@@ -472,7 +472,7 @@ impl Cluster {
     /// Deletes every object a manifest names (missing ones are fine).
     pub fn delete_manifests(&self, text: &str) {
         self.block_on(async {
-            for doc in nodemesh::cli::install::documents(text) {
+            for doc in nodemesh_cli::install::documents(text) {
                 let Ok(obj) = serde_norway::from_str::<DynamicObject>(doc) else {
                     continue;
                 };

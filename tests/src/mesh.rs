@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh::identity::pki::{self, Signer};
+use nodemesh_core::pki::{self, Signer};
 
 use crate::{
     Agent, AgentOptions, Cluster,
@@ -265,7 +265,7 @@ impl<'c> Install<'c> {
     pub fn apply(cluster: &'c Cluster, dir: &Path) -> Self {
         let namespace = unique("nm-sys");
         let pki = TestPki::generate(&dir.join("pki"));
-        let args = nodemesh::cli::install::InstallArgs {
+        let args = nodemesh_cli::install::InstallArgs {
             namespace: namespace.clone(),
             image: "nodemesh.test/nodemesh:1".into(),
             agent_log_level: "info".into(),
@@ -280,7 +280,7 @@ impl<'c> Install<'c> {
             identity_cert_lifetime: "24h".into(),
             identity_issuer_lifetime: "8760h".into(),
         };
-        let manifests = nodemesh::cli::install::render(&args).expect("install manifests");
+        let manifests = nodemesh_cli::install::render(&args).expect("install manifests");
         cluster
             .apply_manifests(&manifests, false)
             .unwrap_or_else(|e| panic!("apply the install: {e}"));
@@ -418,7 +418,7 @@ pub fn agent_identity_token(install: &Install, node: &Node) -> PathBuf {
         &install.namespace,
         "nodemesh-agent",
         Some((&name, &uid)),
-        nodemesh::identity::TOKEN_AUDIENCE,
+        nodemesh_core::identity::TOKEN_AUDIENCE,
     );
     let path = identity_token_file(node);
     fs::write(&path, token).expect("write token");

@@ -93,7 +93,7 @@ impl PodSpec {
 
     /// With `nodemesh.io/mesh=enabled`.
     pub fn meshed(self) -> Self {
-        self.label(nodemesh::discovery::MESH_LABEL, "enabled")
+        self.label(nodemesh_core::names::MESH_LABEL, "enabled")
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
@@ -433,7 +433,7 @@ impl Node {
     pub fn pinned_pod_links(&self) -> Vec<String> {
         let dir = self
             .pins
-            .join(format!("v{}", nodemesh::redirect::LAYOUT_VERSION))
+            .join(format!("v{}", nodemesh_common::LAYOUT_VERSION))
             .join("links/pods");
         let mut uids: Vec<String> = fs::read_dir(dir)
             .into_iter()

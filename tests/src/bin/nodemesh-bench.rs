@@ -4,7 +4,7 @@
 //! nothing about speed (these machines are shared and noisy).
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use nodemesh::discovery::MESH_LABEL;
+use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
     Agent, AgentOptions, App, Cluster, Node, Pod, PodSpec, harness,
     kube::unique,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh::discovery::MESH_LABEL;
+use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
     Agent, AgentOptions, App, Cluster, Metrics, Node, Pod, PodSpec, harness,
     mesh::{self, IdentityService, Install, Link},

@@ -1,0 +1,445 @@
+//! `nodemesh install` and `nodemesh uninstall`: the manifests in
+//! `deploy/nodemesh.yaml`, filled in from flags, printed for
+//! `kubectl apply -f -` (and `kubectl delete -f -`).
+use clap::Args;
+
+use nodemesh_core::{
+    config::{ConfigErrors, parse_cidr, parse_duration},
+    identity::{MAX_CERT_LIFETIME, MIN_CERT_LIFETIME},
+    names::{is_dns_label, is_dns_subdomain},
+    pki,
+};
+
+/// The manifests, with `{{placeholders}}`.
+pub const TEMPLATE: &str = include_str!("../../../deploy/nodemesh.yaml");
+
+#[derive(Args, Clone, Debug)]
+pub struct InstallArgs {
+    /// Namespace for the agent (created).
+    #[arg(long, default_value = "nodemesh", value_name = "NAME")]
+    pub namespace: String,
+
+    /// The agent's container image.
+    #[arg(long, default_value = concat!("ghcr.io/nodemesh/nodemesh:", env!("CARGO_PKG_VERSION")), value_name = "IMAGE")]
+    pub image: String,
+
+    /// The agent's log filter (a level, or tracing directives).
+    #[arg(
+        long = "agent-log-level",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub agent_log_level: String,
+
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    pub trust_domain: String,
+
+    /// sk_msg fast path between apps and the proxy (see the README's limits).
+    #[arg(long, default_value = "true", value_name = "BOOL")]
+    pub fast_path: String,
+
+    /// Destination network the agents never redirect (repeatable).
+    #[arg(long = "bypass-cidr", value_delimiter = ',', value_name = "CIDR")]
+    pub bypass_cidrs: Vec<String>,
+
+    /// Destination port the agents never redirect (repeatable).
+    #[arg(long = "bypass-port", value_delimiter = ',', value_name = "PORT")]
+    pub bypass_ports: Vec<String>,
+
+    /// Where the nodes mount cgroup v2 (/sys/fs/cgroup/unified on hybrid
+    /// hosts).
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
+    pub host_cgroup_root: String,
+
+    /// Trust anchors (PEM bundle) to use instead of generating a new one.
+    /// Give it with the issuer's certificate and key, or give none of the
+    /// three: each `install` without them makes a new PKI, so keep the
+    /// files for repeatable installs and upgrades.
+    #[arg(long, value_name = "PATH", requires_all = ["identity_issuer_certificate_file", "identity_issuer_key_file"])]
+    pub identity_trust_anchors_file: Option<std::path::PathBuf>,
+
+    /// The issuer certificate (PEM), signed by one of the trust anchors.
+    #[arg(long, value_name = "PATH", requires_all = ["identity_trust_anchors_file", "identity_issuer_key_file"])]
+    pub identity_issuer_certificate_file: Option<std::path::PathBuf>,
+
+    /// The issuer's private key (PEM).
+    #[arg(long, value_name = "PATH", requires_all = ["identity_trust_anchors_file", "identity_issuer_certificate_file"])]
+    pub identity_issuer_key_file: Option<std::path::PathBuf>,
+
+    /// How long workload certificates are valid (renewed at half-life).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub identity_cert_lifetime: String,
+
+    /// Lifetime of a generated issuer (the generated trust anchor gets ten
+    /// times as long).
+    #[arg(long, default_value = "8760h", value_name = "DURATION")]
+    pub identity_issuer_lifetime: String,
+}
+
+/// The PEM texts the identity objects hold.
+struct Pki {
+    trust_anchors: String,
+    issuer_cert: String,
+    issuer_key: String,
+}
+
+/// Reads the PKI files, or generates a trust anchor and an issuer; checks
+/// the issuer against the anchors either way.
+fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
+    let cert_lifetime = parse_duration(&a.identity_cert_lifetime);
+    match &cert_lifetime {
+        Ok(d) if (MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(d) => {}
+        Ok(_) => problems.push(format!(
+            "--identity-cert-lifetime {:?}: must be between 10s and 7d",
+            a.identity_cert_lifetime
+        )),
+        Err(why) => problems.push(format!(
+            "--identity-cert-lifetime {:?}: {why}",
+            a.identity_cert_lifetime
+        )),
+    }
+    let pki = match (
+        &a.identity_trust_anchors_file,
+        &a.identity_issuer_certificate_file,
+        &a.identity_issuer_key_file,
+    ) {
+        (Some(anchors), Some(cert), Some(key)) => {
+            let mut read = |flag: &str, path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| problems.push(format!("--{flag} {}: {e}", path.display())))
+                    .ok()
+            };
+            let anchors = read("identity-trust-anchors-file", anchors);
+            let cert = read("identity-issuer-certificate-file", cert);
+            let key = read("identity-issuer-key-file", key);
+            Pki {
+                trust_anchors: anchors?,
+                issuer_cert: cert?,
+                issuer_key: key?,
+            }
+        }
+        _ => {
+            let lifetime = match parse_duration(&a.identity_issuer_lifetime) {
+                Ok(d) if d >= std::time::Duration::from_secs(3600) => d,
+                Ok(_) => {
+                    problems.push(format!(
+                        "--identity-issuer-lifetime {:?}: at least 1h",
+                        a.identity_issuer_lifetime
+                    ));
+                    return None;
+                }
+                Err(why) => {
+                    problems.push(format!(
+                        "--identity-issuer-lifetime {:?}: {why}",
+                        a.identity_issuer_lifetime
+                    ));
+                    return None;
+                }
+            };
+            let generated =
+                pki::generate_trust_anchor(&a.trust_domain, lifetime * 10).and_then(|anchor| {
+                    let issuer = pki::generate_issuer(&anchor, &a.trust_domain, lifetime)?;
+                    Ok((anchor, issuer))
+                });
+            match generated {
+                Ok((anchor, issuer)) => Pki {
+                    trust_anchors: anchor.cert_pem,
+                    issuer_cert: issuer.cert_pem,
+                    issuer_key: issuer.key_pem,
+                },
+                Err(e) => {
+                    problems.push(format!("cannot generate the identity PKI: {e}"));
+                    return None;
+                }
+            }
+        }
+    };
+    if let Err(e) = pki::Signer::load(
+        &pki.issuer_cert,
+        &pki.issuer_key,
+        &pki.trust_anchors,
+        &a.trust_domain,
+    ) {
+        problems.push(format!("identity issuer: {e}"));
+        return None;
+    }
+    Some(pki)
+}
+
+/// JSON string quoting is valid YAML double-quoted scalar syntax.
+fn quoted(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// Fills in the template; every problem with the flags is reported at once.
+pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
+    let mut problems = Vec::new();
+    if !is_dns_label(&a.namespace) {
+        problems.push(format!(
+            "--namespace {:?}: not a namespace name (a DNS label)",
+            a.namespace
+        ));
+    }
+    if a.image.is_empty() || a.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.push(format!("--image {:?}: not an image reference", a.image));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&a.agent_log_level) {
+        problems.push(format!("--agent-log-level {:?}: {e}", a.agent_log_level));
+    }
+    if !is_dns_subdomain(&a.trust_domain) {
+        problems.push(format!(
+            "--trust-domain {:?}: not a DNS name",
+            a.trust_domain
+        ));
+    }
+    let fast_path = match a.fast_path.to_ascii_lowercase().as_str() {
+        "true" | "false" => a.fast_path.to_ascii_lowercase(),
+        _ => {
+            problems.push(format!("--fast-path {:?}: true or false", a.fast_path));
+            String::new()
+        }
+    };
+    for c in a.bypass_cidrs.iter().filter(|c| !c.is_empty()) {
+        if let Err(why) = parse_cidr(c) {
+            problems.push(format!("--bypass-cidr {c:?}: {why}"));
+        }
+    }
+    for p in a.bypass_ports.iter().filter(|p| !p.is_empty()) {
+        if !matches!(p.parse::<u16>(), Ok(n) if n > 0) {
+            problems.push(format!("--bypass-port {p:?}: not a port"));
+        }
+    }
+    if !a.host_cgroup_root.starts_with('/') || a.host_cgroup_root.chars().any(char::is_control) {
+        problems.push(format!(
+            "--host-cgroup-root {:?}: not an absolute path",
+            a.host_cgroup_root
+        ));
+    }
+    let pki = if problems.is_empty() {
+        identity_pki(a, &mut problems)
+    } else {
+        None
+    };
+    let (true, Some(pki)) = (problems.is_empty(), pki) else {
+        return Err(ConfigErrors(problems));
+    };
+    let join = |v: &[String]| {
+        v.iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // The namespace and version are validated identifiers, used inside other
+    // names; everything else is a quoted scalar.
+    let out = TEMPLATE
+        .replace("{{namespace}}", &a.namespace)
+        .replace("{{version}}", env!("CARGO_PKG_VERSION"))
+        .replace("{{image}}", &quoted(&a.image))
+        .replace("{{log_level}}", &quoted(&a.agent_log_level))
+        .replace("{{trust_domain}}", &quoted(&a.trust_domain))
+        .replace("{{fast_path}}", &quoted(&fast_path))
+        .replace("{{bypass_cidrs}}", &quoted(&join(&a.bypass_cidrs)))
+        .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
+        .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
+        .replace("{{cert_lifetime}}", &quoted(&a.identity_cert_lifetime))
+        .replace("{{trust_anchors}}", &quoted(&pki.trust_anchors))
+        .replace("{{issuer_cert}}", &quoted(&pki.issuer_cert))
+        .replace("{{issuer_key}}", &quoted(&pki.issuer_key));
+    Ok(out)
+}
+
+/// What removes an installation: every object of `render`, DaemonSet
+/// first (while the agents may still read their RBAC), namespace last.
+pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
+    let installed = render(&InstallArgs {
+        namespace: namespace.to_owned(),
+        image: "unused".into(),
+        agent_log_level: "info".into(),
+        trust_domain: "cluster.local".into(),
+        fast_path: "true".into(),
+        bypass_cidrs: Vec::new(),
+        bypass_ports: Vec::new(),
+        host_cgroup_root: "/sys/fs/cgroup".into(),
+        identity_trust_anchors_file: None,
+        identity_issuer_certificate_file: None,
+        identity_issuer_key_file: None,
+        identity_cert_lifetime: "24h".into(),
+        identity_issuer_lifetime: "8760h".into(),
+    })?;
+    let mut docs = Vec::new();
+    for doc in documents(&installed) {
+        let value: serde_norway::Value = serde_norway::from_str(doc).map_err(|e| {
+            ConfigErrors(vec![format!("internal: the manifests do not parse: {e}")])
+        })?;
+        let field = |path: &[&str]| {
+            path.iter()
+                .try_fold(&value, |v, k| v.get(*k))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let mut meta = format!(
+            "  name: {}\n",
+            field(&["metadata", "name"]).unwrap_or_default()
+        );
+        if let Some(ns) = field(&["metadata", "namespace"]) {
+            meta.push_str(&format!("  namespace: {ns}\n"));
+        }
+        docs.push(format!(
+            "apiVersion: {}\nkind: {}\nmetadata:\n{meta}",
+            field(&["apiVersion"]).unwrap_or_default(),
+            field(&["kind"]).unwrap_or_default(),
+        ));
+    }
+    docs.reverse();
+    Ok(format!(
+        "# Removes nodemesh from namespace {namespace}: kubectl delete -f -\n# Agents whose DaemonSet is gone detach their eBPF programs as they stop.\n{}",
+        docs.join("---\n")
+    ))
+}
+
+/// The YAML documents of a multi-document text.
+pub fn documents(text: &str) -> Vec<&str> {
+    text.split("\n---\n")
+        .map(str::trim)
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> InstallArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            install: InstallArgs,
+        }
+        Cli::try_parse_from(["nodemesh"]).unwrap().install
+    }
+
+    #[test]
+    fn every_placeholder_is_filled_and_every_document_parses() {
+        let out = render(&defaults()).expect("renders");
+        assert!(!out.contains("{{"), "placeholder left:\n{out}");
+        let kinds: Vec<String> = documents(&out)
+            .iter()
+            .map(|d| {
+                let v: serde_norway::Value = serde_norway::from_str(d).expect("YAML");
+                v["kind"].as_str().expect("a kind").to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "ConfigMap",
+                "ConfigMap",
+                "Secret",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Service",
+                "Deployment",
+                "DaemonSet"
+            ]
+        );
+        assert!(out.contains("name: nodemesh-nodemesh-agent"));
+    }
+
+    #[test]
+    fn values_are_quoted_and_checked() {
+        let mut args = defaults();
+        args.image = "registry.example/nm:1 # oops".into();
+        args.namespace = "Bad_NS".into();
+        args.bypass_cidrs = vec!["10.0.0.0/99".into()];
+        let err = render(&args).unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        let mut args = defaults();
+        args.agent_log_level = "info,nodemesh=debug".into();
+        args.bypass_ports = vec!["22".into(), "53".into()];
+        let out = render(&args).expect("renders");
+        assert!(
+            out.contains(r#"NODEMESH_LOG: "info,nodemesh=debug""#),
+            "{out}"
+        );
+        assert!(out.contains(r#"NODEMESH_BYPASS_PORTS: "22,53""#), "{out}");
+    }
+
+    #[test]
+    fn identity_pki_is_generated_or_read_and_checked() {
+        let out = render(&defaults()).expect("renders");
+        let doc = |kind: &str, name: &str| -> serde_norway::Value {
+            documents(&out)
+                .iter()
+                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
+                .find(|v| {
+                    v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name)
+                })
+                .unwrap_or_else(|| panic!("no {kind} {name}"))
+        };
+        let anchors = doc("ConfigMap", "nodemesh-identity-trust-anchors")["data"]["ca-bundle.crt"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let secret = doc("Secret", "nodemesh-identity-issuer");
+        let cert = secret["stringData"]["tls.crt"].as_str().unwrap();
+        let key = secret["stringData"]["tls.key"].as_str().unwrap();
+        pki::Signer::load(cert, key, &anchors, "cluster.local").expect("a usable issuer");
+
+        // From files: the same PKI comes out; another anchor is refused.
+        let dir = std::env::temp_dir().join(format!("nodemesh-install-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let mut args = defaults();
+        args.identity_trust_anchors_file = Some(write("ca.crt", &anchors));
+        args.identity_issuer_certificate_file = Some(write("issuer.crt", cert));
+        args.identity_issuer_key_file = Some(write("issuer.key", key));
+        let again = render(&args).expect("renders from files");
+        assert!(again.contains(&quoted(cert)));
+        let other =
+            pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(600))
+                .unwrap();
+        args.identity_trust_anchors_file = Some(write("other.crt", &other.cert_pem));
+        let err = render(&args).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not signed by any of the trust anchors"),
+            "{err}"
+        );
+        args.identity_cert_lifetime = "1s".into();
+        let err = render(&args).unwrap_err();
+        assert!(
+            err.to_string().contains("--identity-cert-lifetime"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn uninstall_lists_every_object_daemonset_first() {
+        let out = uninstall("mesh-system").expect("renders");
+        let docs = documents(&out);
+        assert_eq!(docs.len(), 15);
+        // The agents stop first, while the identity service and their RBAC
+        // are still there.
+        assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
+        assert!(docs[1].contains("kind: Deployment"));
+        assert!(docs[14].contains("kind: Namespace") && docs[14].contains("name: mesh-system"));
+    }
+}

@@ -1,0 +1,75 @@
+//! Builds the eBPF object (ebpf/programs) for the bpfel target and leaves it
+//! in OUT_DIR, where `redirect` embeds it. Needs the toolchain's `rust-src`
+//! and `bpf-linker`; `cargo xtask setup` installs both.
+// aya-build's inner cargo reads its settings from this process's
+// environment, which only `set_var` (unsafe since edition 2024) changes.
+#![allow(unsafe_code)]
+use std::{env, path::PathBuf};
+
+fn main() {
+    if let Err(e) = build() {
+        // A readable error beats a wall of cargo:warning lines.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Where `cargo xtask setup` keeps bpf-linker (same rule as xtask/src/setup.rs).
+fn tools_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("NODEMESH_TOOLS") {
+        return PathBuf::from(dir);
+    }
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
+    cache.join("nodemesh").join("tools")
+}
+
+fn build() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=NODEMESH_TOOLS");
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest
+        .ancestors()
+        .nth(2)
+        .expect("agent/dataplane/ is two levels below the workspace");
+    let programs = workspace.join("ebpf/programs");
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("ebpf/common").display()
+    );
+
+    // rustc calls `bpf-linker` by name for the bpf targets.
+    let tools_bin = tools_dir().join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = vec![tools_bin.clone()];
+    dirs.extend(env::split_paths(&path));
+    if !dirs.iter().any(|d| d.join("bpf-linker").is_file()) {
+        anyhow::bail!(
+            "bpf-linker is not installed (looked in {} and PATH): run `cargo xtask setup`",
+            tools_bin.display()
+        );
+    }
+    let joined = env::join_paths(dirs)?;
+    // SAFETY: build scripts are single-threaded here; the inner cargo that
+    // aya-build spawns inherits these.
+    unsafe {
+        env::set_var("PATH", joined);
+        // `-Z build-std=core` on the pinned stable toolchain.
+        env::set_var("RUSTC_BOOTSTRAP", "1");
+        // aya-build turns every line the inner cargo prints into a
+        // cargo:warning; keep only real diagnostics.
+        env::set_var("CARGO_TERM_QUIET", "true");
+    }
+    let toolchain = env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
+    let root_dir = programs.to_str().expect("workspace path is UTF-8");
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "nodemesh-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Custom(&toolchain),
+    )
+}

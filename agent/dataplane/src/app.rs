@@ -1,0 +1,378 @@
+//! `nodemesh agent`: builds the parts from the configuration, in the order
+//! that keeps the node safe, and runs them until SIGTERM/SIGINT.
+//!
+//! Start-up: eBPF first (pods captured by an earlier agent keep being
+//! redirected), then everything that binds (admin, tunnel; a taken port
+//! fails the start with a clear error), then discovery, certificates,
+//! capture. [`App::build`] returns what it bound ([`Bound`]).
+//!
+//! Shutdown: stop accepting, let open connections finish within the grace
+//! period, leave eBPF in place for the next agent unless asked to clean up
+//! (or uninstalled).
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use nodemesh_core::{
+    admin::{AdminError, AdminServer, AdminState, Ready},
+    kube::{self as kube_client, KubeError},
+    labels::PREFIX,
+};
+use prometheus_client::registry::Registry;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    admin::{AgentRoutes, NOT_READY},
+    capture::{CaptureConfig, CaptureMetrics, Captures},
+    cgroup::{self, CgroupDir, CgroupError},
+    config::{AgentConfig, PodSourceConfig},
+    discovery::{SourceMetrics, file::FileSource, kube::KubeSource},
+    identity::{
+        CertStore,
+        client::{IdentityClient, IdentityClientConfig, IdentityClientError, roots},
+    },
+    netns,
+    proxy::{Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics, tunnel},
+    redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
+    state::StateStore,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("{0}")]
+    Redirect(#[from] RedirectError),
+    #[error("{0}")]
+    Admin(#[from] AdminError),
+    #[error("cannot open the agent's own network namespace: {0}")]
+    Netns(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Kube(#[from] KubeError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityClientError),
+    #[error("tunnel TLS settings: {0}")]
+    TunnelTls(#[from] rustls::Error),
+    #[error("cannot listen on {addr} for the tunnel: {source}; is another agent running?")]
+    TunnelBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the agent bound.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// The admin server (`/metrics`, `/live`, `/ready`).
+    pub admin: SocketAddr,
+    /// The tunnel between nodes, with workload identity.
+    pub tunnel: Option<SocketAddr>,
+}
+
+/// A built agent, not running yet.
+pub struct App {
+    cfg: AgentConfig,
+    bound: Bound,
+    redirect: Arc<Redirect>,
+    logger: EbpfLogger,
+    admin: AdminServer,
+    state: StateStore,
+    certs: Option<Arc<CertStore>>,
+    proxy: Arc<Proxy>,
+    tunnel: Option<TcpListener>,
+    captures: Captures,
+    ready: Ready,
+    source: Source,
+}
+
+/// Where discovery comes from, ready to run.
+enum Source {
+    File(FileSource),
+    Kube {
+        source: KubeSource,
+        /// The agent's own DaemonSet (namespace, name): gone at stop means
+        /// uninstall.
+        daemonset: Option<(String, String)>,
+    },
+}
+
+impl App {
+    /// Loads eBPF, binds, and wires every part. Nothing runs until
+    /// [`App::run`].
+    pub async fn build(cfg: AgentConfig, ebpf_log_level: u8) -> Result<Self, AgentError> {
+        netns::init().map_err(AgentError::Netns)?;
+        let mount = cgroup::find_cgroup2_mount()?;
+        let root_path = cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+        let cgroup_root = CgroupDir::open(&root_path)?;
+        let own = cgroup::own_cgroup(&mount)?;
+        info!(cgroup_root = %cgroup_root.path().display(), agent_cgroup = %own.path().display(), "cgroups found");
+
+        let (redirect, logger) = Redirect::install(&RedirectConfig {
+            pin_dir: cfg.bpffs.clone(),
+            cgroup_root: cgroup_root.path().to_owned(),
+            outbound_port: cfg.outbound_port,
+            fast_path: cfg.fast_path,
+            bypass_nets: cfg.bypass_nets.clone(),
+            bypass_ports: cfg.bypass_ports.clone(),
+            agent_cgroup: own.id(),
+            log_level: ebpf_log_level,
+        })?;
+        let redirect = Arc::new(redirect);
+
+        let node = match &cfg.source {
+            PodSourceConfig::Kube { node_name, .. } => node_name.clone(),
+            // A pod file describes this node only.
+            PodSourceConfig::File { .. } => "local".to_owned(),
+        };
+        let state = StateStore::new(&node, &cfg.trust_domain);
+        let mut registry = Registry::with_prefix(PREFIX);
+        let source_metrics = SourceMetrics::new(&mut registry);
+
+        // Workload identity: certificates, and with them the tunnel.
+        let certs = match &cfg.identity {
+            Some(id) => {
+                let client = IdentityClient::new(IdentityClientConfig {
+                    addr: id.addr.clone(),
+                    server_name: id.server_name.clone(),
+                    trust_anchors_pem: id.trust_anchors_pem.clone(),
+                    token_file: id.token_file.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    timeout: Duration::from_secs(10),
+                })?;
+                Some(Arc::new(CertStore::new(
+                    Arc::new(client),
+                    roots(&id.trust_anchors_pem)?,
+                    &cfg.trust_domain,
+                    &mut registry,
+                )))
+            }
+            None => None,
+        };
+        let tunnel_cfg = tunnel::TunnelConfig {
+            listen: cfg
+                .identity
+                .as_ref()
+                .map(|id| id.tunnel_addr)
+                .unwrap_or_else(|| {
+                    SocketAddr::from(([0, 0, 0, 0], nodemesh_core::names::TUNNEL_PORT))
+                }),
+            port: cfg
+                .identity
+                .as_ref()
+                .map_or(nodemesh_core::names::TUNNEL_PORT, |id| {
+                    id.tunnel_addr.port()
+                }),
+            connect_timeout: cfg.connect_timeout,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: cfg
+                .identity
+                .as_ref()
+                .map_or(Duration::from_secs(60), |id| id.tunnel_idle_timeout),
+        };
+        let tunnel = match &cfg.identity {
+            Some(id) => Some(TcpListener::bind(id.tunnel_addr).await.map_err(|source| {
+                AgentError::TunnelBind {
+                    addr: id.tunnel_addr,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let proxy = Arc::new(Proxy::new(ProxyInputs {
+            cfg: ProxyConfig {
+                buffer_size: cfg.buffer_size,
+                max_connections: cfg.max_connections,
+                tunnel: tunnel_cfg,
+            },
+            state: state.clone(),
+            certs: certs.clone(),
+            metrics: ProxyMetrics::new(&mut registry),
+            connector: Arc::new(NetnsConnector {
+                timeout: cfg.connect_timeout,
+            }),
+            orig_dst: redirect.clone(),
+            drain: Drain::default(),
+        })?);
+        let capture_metrics =
+            CaptureMetrics::new(&mut registry, redirect.clone(), proxy.pods().clone());
+        let captures = Captures::new(
+            CaptureConfig {
+                outbound_port: cfg.outbound_port,
+                retry_min: Duration::from_millis(500),
+                retry_max: Duration::from_secs(10),
+            },
+            cgroup_root,
+            redirect.clone(),
+            proxy.clone(),
+            capture_metrics,
+        );
+
+        let source = match &cfg.source {
+            PodSourceConfig::File { path, interval } => Source::File(FileSource {
+                path: path.clone(),
+                interval: *interval,
+                metrics: source_metrics,
+                state: state.clone(),
+            }),
+            PodSourceConfig::Kube {
+                kubeconfig,
+                daemonset,
+                ..
+            } => Source::Kube {
+                source: KubeSource {
+                    client: kube_client::client(kubeconfig.as_deref()).await?,
+                    metrics: source_metrics,
+                    state: state.clone(),
+                },
+                daemonset: daemonset.clone(),
+            },
+        };
+
+        let ready = Ready::default();
+        let admin = AdminServer::start(
+            cfg.admin_addr,
+            AdminState {
+                registry: Arc::new(registry),
+                ready: ready.clone(),
+                not_ready: NOT_READY,
+                routes: Some(Arc::new(AgentRoutes {
+                    services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
+                })),
+            },
+        )?;
+        let bound = Bound {
+            admin: admin.addr,
+            tunnel: tunnel.as_ref().and_then(|l| l.local_addr().ok()),
+        };
+        Ok(Self {
+            cfg,
+            bound,
+            redirect,
+            logger,
+            admin,
+            state,
+            certs,
+            proxy,
+            tunnel,
+            captures,
+            ready,
+            source,
+        })
+    }
+
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    /// Runs until `until` resolves (to the reason, for the log), then shuts
+    /// down.
+    pub async fn run(self, until: impl Future<Output = &'static str>) -> Result<(), AgentError> {
+        let Self {
+            cfg,
+            bound: _,
+            redirect,
+            logger,
+            admin,
+            state,
+            certs,
+            proxy,
+            tunnel,
+            captures,
+            ready,
+            source,
+        } = self;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(crate::redirect::logs::forward(logger, shutdown.clone()));
+        let mut uninstall_check = None;
+        let source_task: JoinHandle<()> = match source {
+            Source::File(file) => tokio::spawn(file.run(shutdown.clone())),
+            Source::Kube { source, daemonset } => {
+                uninstall_check = daemonset.map(|ds| (source.client.clone(), ds));
+                tokio::spawn(source.run(shutdown.clone()))
+            }
+        };
+        if let Some(store) = &certs {
+            tokio::spawn(store.clone().run(state.clone(), shutdown.clone()));
+        }
+        if let Some(listener) = tunnel {
+            proxy.serve_tunnel(listener, shutdown.clone());
+        }
+        let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
+
+        let reason = until.await;
+        info!(
+            signal = reason,
+            in_flight = proxy.in_flight(),
+            grace = ?cfg.shutdown_grace,
+            "shutting down: no new connections; waiting for open ones"
+        );
+        shutdown.cancel();
+        let _ = capture_task.await;
+        let _ = source_task.await;
+        let left = proxy.drain(cfg.shutdown_grace).await;
+        if left > 0 {
+            warn!(
+                connections = left,
+                "grace period over; closing the connections still open"
+            );
+        }
+        admin.stop();
+        let uninstalling = match &uninstall_check {
+            Some((client, (namespace, name))) => {
+                let gone = crate::discovery::kube::daemonset_gone(client, namespace, name).await;
+                if gone {
+                    info!(daemonset = %name, %namespace, "the agent's DaemonSet is gone: nodemesh is being uninstalled");
+                }
+                gone
+            }
+            None => false,
+        };
+        if cfg.cleanup_on_exit || uninstalling {
+            match redirect.uninstall() {
+                Ok(true) => {
+                    info!(pins = %cfg.bpffs.display(), "eBPF programs detached and unpinned")
+                }
+                Ok(false) => warn!("another agent uses the eBPF state; leaving it in place"),
+                Err(e) => warn!(error = %e, "cannot remove eBPF state"),
+            }
+        } else {
+            info!(pins = %cfg.bpffs.display(), "eBPF state left in place for the next agent");
+        }
+        Ok(())
+    }
+}
+
+/// The whole of `nodemesh agent` once its flags are checked: a runtime,
+/// the app, signals.
+pub fn main(cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("nodemesh-proxy");
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let runtime = builder.build().map_err(AgentError::Runtime)?;
+    let result = runtime.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+        let app = App::build(cfg, ebpf_log_level).await?;
+        info!(admin = %app.bound().admin, tunnel = ?app.bound().tunnel, "agent started");
+        app.run(async move {
+            tokio::select! {
+                _ = sigterm.recv() => "SIGTERM",
+                _ = sigint.recv() => "SIGINT",
+            }
+        })
+        .await
+    });
+    // Connections still open after the grace period are dropped here.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}

@@ -1,0 +1,275 @@
+//! The agent's configuration: its flags ([`args`]), validated all at once
+//! so an operator sees every problem in one go.
+mod args;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use nodemesh_core::{
+    config::{
+        ConfigErrors, Problems, parse_bool, parse_cidr, parse_count, parse_duration, parse_port,
+        parse_positive_duration,
+    },
+    names::is_dns_subdomain,
+    pki,
+};
+
+pub use self::args::AgentArgs;
+
+/// Workload identity settings (all given, files read).
+#[derive(Clone, Debug)]
+pub struct IdentitySettings {
+    pub addr: String,
+    pub server_name: String,
+    pub trust_anchors_pem: String,
+    pub token_file: PathBuf,
+    pub tunnel_addr: SocketAddr,
+    pub tunnel_idle_timeout: Duration,
+}
+
+/// Where the agent learns its node's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSourceConfig {
+    /// A watched YAML file.
+    File { path: PathBuf, interval: Duration },
+    /// The Kubernetes API.
+    Kube {
+        node_name: String,
+        kubeconfig: Option<PathBuf>,
+        /// (namespace, name) of the agent's own DaemonSet.
+        daemonset: Option<(String, String)>,
+    },
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub source: PodSourceConfig,
+    pub trust_domain: String,
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub outbound_port: u16,
+    pub fast_path: bool,
+    pub bypass_nets: Vec<(Ipv4Addr, u8)>,
+    pub bypass_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub buffer_size: usize,
+    pub max_connections: usize,
+    pub worker_threads: usize,
+    pub cleanup_on_exit: bool,
+    /// Workload identity and the tunnel, when on.
+    pub identity: Option<IdentitySettings>,
+}
+
+impl TryFrom<&AgentArgs> for AgentConfig {
+    type Error = ConfigErrors;
+
+    fn try_from(a: &AgentArgs) -> Result<Self, ConfigErrors> {
+        let mut p = Problems::default();
+        let pod_file_interval = p.check(
+            "pod-file-interval",
+            &a.pod_file_interval,
+            parse_positive_duration(&a.pod_file_interval),
+        );
+        let admin_addr = p.check(
+            "admin-addr",
+            &a.admin_addr,
+            a.admin_addr
+                .parse::<SocketAddr>()
+                .map_err(|_| "not an address:port (like 0.0.0.0:4191)".to_string()),
+        );
+        let outbound_port = p.check(
+            "outbound-port",
+            &a.outbound_port,
+            parse_port(&a.outbound_port),
+        );
+        let fast_path = p.check("fast-path", &a.fast_path, parse_bool(&a.fast_path));
+        let bypass_nets: Vec<_> = a
+            .bypass_cidrs
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .filter_map(|s| p.check("bypass-cidr", s, parse_cidr(s)))
+            .collect();
+        let bypass_ports: Vec<_> = a
+            .bypass_ports
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .filter_map(|s| p.check("bypass-port", s, parse_port(s)))
+            .collect();
+        if bypass_nets.len() + bypass_ports.len() > nodemesh_common::BYPASS_ENTRIES as usize {
+            p.push(format!(
+                "at most {} bypass CIDRs and as many bypass ports",
+                nodemesh_common::BYPASS_ENTRIES
+            ));
+        }
+        let connect_timeout = p.check(
+            "connect-timeout",
+            &a.connect_timeout,
+            parse_duration(&a.connect_timeout),
+        );
+        let shutdown_grace = p.check(
+            "shutdown-grace",
+            &a.shutdown_grace,
+            parse_duration(&a.shutdown_grace),
+        );
+        let buffer_size = p.check(
+            "buffer-size",
+            &a.buffer_size,
+            parse_count(&a.buffer_size, 1024, 4 << 20),
+        );
+        let max_connections = p.check(
+            "max-connections",
+            &a.max_connections,
+            parse_count(&a.max_connections, 1, 1 << 20),
+        );
+        let worker_threads = p.check(
+            "worker-threads",
+            &a.worker_threads,
+            parse_count(&a.worker_threads, 0, 1024),
+        );
+        if let (Some(admin), Some(port)) = (admin_addr, outbound_port)
+            && admin.port() == port
+        {
+            p.push(format!(
+                "--admin-addr and --outbound-port both use port {port}"
+            ));
+        }
+        let source = match (&a.pod_file, &a.node_name) {
+            (Some(path), _) => pod_file_interval.map(|interval| PodSourceConfig::File {
+                path: path.clone(),
+                interval,
+            }),
+            (None, Some(node)) if is_dns_subdomain(node) => Some(PodSourceConfig::Kube {
+                node_name: node.clone(),
+                kubeconfig: a.kubeconfig.clone(),
+                daemonset: a.namespace.clone().zip(a.daemonset.clone()),
+            }),
+            (None, Some(node)) => {
+                p.push(format!("--node-name {node:?}: not a Kubernetes node name"));
+                None
+            }
+            (None, None) => {
+                p.push(
+                    "--node-name (or NODE_NAME) is needed to watch this node's pods; or give --pod-file"
+                        .into(),
+                );
+                None
+            }
+        };
+        if !is_dns_subdomain(&a.trust_domain) {
+            p.push(format!(
+                "--trust-domain {:?}: not a DNS name (like cluster.local)",
+                a.trust_domain
+            ));
+        }
+        let identity = match &a.identity_addr {
+            None => None,
+            Some(addr) => {
+                let tunnel_addr = p.check(
+                    "tunnel-addr",
+                    &a.tunnel_addr,
+                    a.tunnel_addr
+                        .parse::<SocketAddr>()
+                        .map_err(|_| "not an address:port (like 0.0.0.0:15008)".to_string()),
+                );
+                let idle = p.check(
+                    "tunnel-idle-timeout",
+                    &a.tunnel_idle_timeout,
+                    parse_positive_duration(&a.tunnel_idle_timeout),
+                );
+                if let (Some(t), Some(admin)) = (tunnel_addr, admin_addr)
+                    && t.port() == admin.port()
+                {
+                    p.push(format!(
+                        "--admin-addr and --tunnel-addr both use port {}",
+                        admin.port()
+                    ));
+                }
+                if a.pod_file.is_some() {
+                    p.push(
+                        "--identity-addr needs Kubernetes discovery (--node-name), not --pod-file"
+                            .into(),
+                    );
+                }
+                if !addr.contains(':') {
+                    p.push(format!("--identity-addr {addr:?}: expected host:port"));
+                }
+                if !is_dns_subdomain(&a.identity_server_name) {
+                    p.push(format!(
+                        "--identity-server-name {:?}: not a DNS name",
+                        a.identity_server_name
+                    ));
+                }
+                let anchors = match &a.identity_trust_anchors_file {
+                    None => {
+                        p.push(
+                            "--identity-trust-anchors-file is needed with --identity-addr".into(),
+                        );
+                        None
+                    }
+                    Some(path) => match std::fs::read_to_string(path) {
+                        Ok(text) => match pki::certs_from_pem(&text, "trust anchors") {
+                            Ok(_) => Some(text),
+                            Err(e) => {
+                                p.push(format!(
+                                    "--identity-trust-anchors-file {}: {e}",
+                                    path.display()
+                                ));
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            p.push(format!(
+                                "--identity-trust-anchors-file {}: {e}",
+                                path.display()
+                            ));
+                            None
+                        }
+                    },
+                };
+                match (tunnel_addr, idle, anchors) {
+                    (Some(tunnel_addr), Some(tunnel_idle_timeout), Some(trust_anchors_pem)) => {
+                        Some(IdentitySettings {
+                            addr: addr.clone(),
+                            server_name: a.identity_server_name.clone(),
+                            trust_anchors_pem,
+                            token_file: a.identity_token_file.clone(),
+                            tunnel_addr,
+                            tunnel_idle_timeout,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+        };
+        p.finish()?;
+        // Every `None` above pushed a problem, so these are all `Some`.
+        let missing = || ConfigErrors(vec!["internal: a value was not parsed".into()]);
+        Ok(Self {
+            source: source.ok_or_else(missing)?,
+            trust_domain: a.trust_domain.clone(),
+            cgroup_root: a.cgroup_root.clone(),
+            bpffs: a.bpffs.clone(),
+            admin_addr: admin_addr.ok_or_else(missing)?,
+            outbound_port: outbound_port.ok_or_else(missing)?,
+            fast_path: fast_path.ok_or_else(missing)?,
+            bypass_nets,
+            bypass_ports,
+            connect_timeout: connect_timeout.ok_or_else(missing)?,
+            shutdown_grace: shutdown_grace.ok_or_else(missing)?,
+            buffer_size: buffer_size.ok_or_else(missing)?,
+            max_connections: max_connections.ok_or_else(missing)?,
+            worker_threads: worker_threads.ok_or_else(missing)?,
+            cleanup_on_exit: a.cleanup_on_exit,
+            identity,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,474 @@
+//! Kubernetes objects reduced to what the state store keeps: pods,
+//! namespaces, Services, EndpointSlices (`v1` and `v1beta1`) and core
+//! Endpoints. Pure functions, tested on hand-made objects.
+use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Namespace as K8sNamespace, Pod as K8sPod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::api::DynamicObject;
+use nodemesh_core::names::{MeshLabel, PodUid};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::{
+    cgroup::QosClass,
+    discovery::SourceErrorReason,
+    state::{
+        CgroupRef, EndpointInfo, Namespace, ObjectKey, PodInfo, ServiceInfo, ServicePort,
+        SliceInfo, Workload,
+    },
+};
+
+pub(super) fn meta_key(meta: &ObjectMeta) -> Option<ObjectKey> {
+    Some(ObjectKey {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+    })
+}
+
+pub(super) fn object_name(meta: &ObjectMeta) -> String {
+    format!(
+        "pod/{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The workload running a pod, and a problem if its owner is of an unknown
+/// kind. A ReplicaSet made by a Deployment is named `<deployment>-<hash>`
+/// where `<hash>` is the pod's `pod-template-hash` label: that names the
+/// Deployment without asking the API server.
+fn workload(p: &K8sPod) -> (Workload, Option<String>) {
+    let pod_name = p.metadata.name.clone().unwrap_or_default();
+    let owners = p.metadata.owner_references.as_deref().unwrap_or_default();
+    let Some(owner) = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first())
+    else {
+        return (
+            Workload {
+                kind: "pod".into(),
+                name: pod_name,
+            },
+            None,
+        );
+    };
+    let kind = owner.kind.to_ascii_lowercase();
+    let named = |kind: &str, name: &str| Workload {
+        kind: kind.into(),
+        name: name.into(),
+    };
+    match kind.as_str() {
+        "replicaset" => {
+            let hash = p
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash"));
+            match hash.and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
+                Some(deployment) if !deployment.is_empty() => {
+                    (named("deployment", deployment), None)
+                }
+                _ => (named("replicaset", &owner.name), None),
+            }
+        }
+        "statefulset" | "daemonset" | "job" | "replicationcontroller" | "cronjob" => {
+            (named(&kind, &owner.name), None)
+        }
+        _ => (
+            named(&kind, &owner.name),
+            Some(format!(
+                "owner {}/{} is of a kind nodemesh does not know; metrics use it as is",
+                owner.kind, owner.name
+            )),
+        ),
+    }
+}
+
+/// A pod reduced to what the state keeps, with the problems found on the
+/// way (reported by the caller, for pods on its node). `None` for a pod
+/// that cannot be kept at all.
+pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, String)>) {
+    let mut problems = Vec::new();
+    let uid = match PodUid::new(p.metadata.uid.as_deref().unwrap_or_default()) {
+        Ok(uid) => uid,
+        Err(problem) => {
+            problems.push((SourceErrorReason::InvalidPod, problem));
+            return (None, problems);
+        }
+    };
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    let mesh_label = MeshLabel::parse(&labels).unwrap_or_else(|problem| {
+        problems.push((SourceErrorReason::InvalidLabel, problem));
+        None
+    });
+    let (workload, owner_problem) = workload(p);
+    if let Some(problem) = owner_problem {
+        problems.push((SourceErrorReason::UnknownOwner, problem));
+    }
+    let status = p.status.as_ref();
+    let spec = p.spec.as_ref();
+    let ip = |s: Option<&String>| s.and_then(|ip| ip.parse::<IpAddr>().ok());
+    let info = PodInfo {
+        uid,
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+        ip: ip(status.and_then(|s| s.pod_ip.as_ref())),
+        node: spec.and_then(|s| s.node_name.clone()),
+        host_ip: ip(status.and_then(|s| s.host_ip.as_ref())),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        workload,
+        cgroup: CgroupRef::Kubelet {
+            qos: status
+                .and_then(|s| s.qos_class.as_deref())
+                .and_then(QosClass::parse),
+        },
+        netns: None,
+        mesh_label,
+        terminal: matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+        deletion: p
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+    };
+    (Some(info), problems)
+}
+
+/// A namespace's name and what the state keeps of it, with a problem with
+/// its label if any.
+pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>) {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    let (mesh_label, problem) = match MeshLabel::parse(&labels) {
+        Ok(l) => (l, None),
+        Err(problem) => (None, Some(problem)),
+    };
+    (name, Namespace { mesh_label }, problem)
+}
+
+pub(super) fn service_info(s: &Service) -> ServiceInfo {
+    let spec = s.spec.as_ref();
+    let mut cluster_ips: Vec<IpAddr> = spec
+        .and_then(|s| s.cluster_ips.clone())
+        .unwrap_or_default()
+        .iter()
+        .chain(spec.and_then(|s| s.cluster_ip.as_ref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    cluster_ips.sort();
+    cluster_ips.dedup();
+    let ports = spec
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.filter(|n| !n.is_empty()),
+                port: u16::try_from(p.port).ok()?,
+            })
+        })
+        .collect();
+    ServiceInfo { cluster_ips, ports }
+}
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub(super) fn slice_v1(s: &EndpointSlice) -> Option<SliceInfo> {
+    let service = ObjectKey {
+        namespace: s.metadata.namespace.clone()?,
+        name: s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone(),
+    };
+    let ports = s
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some((
+                p.name.clone().filter(|n| !n.is_empty()),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let endpoints = s
+        .endpoints
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let c = e.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            EndpointInfo {
+                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                node: e.node_name.clone(),
+                ready,
+                serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            }
+        })
+        .collect();
+    Some(SliceInfo {
+        service,
+        ports,
+        endpoints,
+    })
+}
+
+/// `discovery.k8s.io/v1beta1`, which the k8s-openapi types no longer
+/// carry: the fields read from JSON.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BetaSlice {
+    #[serde(default)]
+    endpoints: Vec<BetaEndpoint>,
+    #[serde(default)]
+    ports: Vec<BetaPort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BetaEndpoint {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: BetaConditions,
+    #[serde(default)]
+    topology: BTreeMap<String, String>,
+    #[serde(default)]
+    node_name: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct BetaConditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct BetaPort {
+    name: Option<String>,
+    port: Option<i32>,
+    protocol: Option<String>,
+}
+
+pub(super) fn slice_v1beta1(s: &DynamicObject) -> Option<SliceInfo> {
+    let service = ObjectKey {
+        namespace: s.metadata.namespace.clone()?,
+        name: s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone(),
+    };
+    let beta: BetaSlice = match serde_json::from_value(s.data.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(slice = ?s.metadata.name, error = %e, "malformed v1beta1 EndpointSlice ignored");
+            return None;
+        }
+    };
+    let ports = beta
+        .ports
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some((
+                p.name.filter(|n| !n.is_empty()),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let endpoints = beta
+        .endpoints
+        .into_iter()
+        .map(|e| {
+            let ready = e.conditions.ready.unwrap_or(true);
+            EndpointInfo {
+                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                node: e
+                    .node_name
+                    .or_else(|| e.topology.get("kubernetes.io/hostname").cloned()),
+                ready,
+                serving: e.conditions.serving.unwrap_or(ready),
+                terminating: e.conditions.terminating.unwrap_or(false),
+            }
+        })
+        .collect();
+    Some(SliceInfo {
+        service,
+        ports,
+        endpoints,
+    })
+}
+
+/// Core Endpoints: one object per Service, subsets of ready and not-ready
+/// addresses.
+pub(super) fn endpoints_v1(e: &Endpoints) -> Option<SliceInfo> {
+    let service = meta_key(&e.metadata)?;
+    let mut ports = Vec::new();
+    let mut endpoints = Vec::new();
+    for subset in e.subsets.as_deref().unwrap_or_default() {
+        for p in subset.ports.as_deref().unwrap_or_default() {
+            if p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                && let Ok(port) = u16::try_from(p.port)
+            {
+                let entry = (p.name.clone().filter(|n| !n.is_empty()), port);
+                if !ports.contains(&entry) {
+                    ports.push(entry);
+                }
+            }
+        }
+        for (addresses, ready) in [
+            (&subset.addresses, true),
+            (&subset.not_ready_addresses, false),
+        ] {
+            for a in addresses.as_deref().unwrap_or_default() {
+                endpoints.push(EndpointInfo {
+                    addresses: a.ip.parse().into_iter().collect(),
+                    node: a.node_name.clone(),
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                });
+            }
+        }
+    }
+    Some(SliceInfo {
+        service,
+        ports,
+        endpoints,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    use super::*;
+
+    fn pod_owned_by(kind: &str, name: &str, hash: Option<&str>) -> K8sPod {
+        let mut p = K8sPod::default();
+        p.metadata.name = Some("p-1".into());
+        p.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "x".into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]);
+        if let Some(h) = hash {
+            p.metadata.labels = Some(BTreeMap::from([("pod-template-hash".into(), h.into())]));
+        }
+        p
+    }
+
+    #[test]
+    fn workloads_from_owners() {
+        let w = |p: &K8sPod| workload(p).0;
+        assert_eq!(
+            w(&pod_owned_by("ReplicaSet", "web-7d4b9c", Some("7d4b9c"))),
+            Workload {
+                kind: "deployment".into(),
+                name: "web".into()
+            }
+        );
+        assert_eq!(
+            w(&pod_owned_by("ReplicaSet", "standalone", None)),
+            Workload {
+                kind: "replicaset".into(),
+                name: "standalone".into()
+            }
+        );
+        for kind in ["StatefulSet", "DaemonSet", "Job"] {
+            let got = w(&pod_owned_by(kind, "x", None));
+            assert_eq!(got.kind, kind.to_ascii_lowercase());
+            assert_eq!(got.name, "x");
+        }
+        assert_eq!(w(&K8sPod::default()).kind, "pod");
+        let (odd, problem) = workload(&pod_owned_by("Rollout", "canary", None));
+        assert_eq!(
+            odd,
+            Workload {
+                kind: "rollout".into(),
+                name: "canary".into()
+            }
+        );
+        assert!(problem.unwrap().contains("Rollout/canary"));
+    }
+
+    #[test]
+    fn v1beta1_slices_are_read_from_json() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true},
+                 "topology": {"kubernetes.io/hostname": "node-1"}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": false, "terminating": true}}
+            ],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "dns", "port": 53, "protocol": "UDP"}]
+        }))
+        .unwrap();
+        let slice = slice_v1beta1(&obj).expect("a slice");
+        assert_eq!(slice.service.name, "web");
+        assert_eq!(slice.ports, vec![(Some("http".into()), 8080)]);
+        assert_eq!(slice.endpoints[0].node.as_deref(), Some("node-1"));
+        assert!(slice.endpoints[0].ready && slice.endpoints[0].serving);
+        assert!(!slice.endpoints[1].ready && slice.endpoints[1].terminating);
+    }
+
+    #[test]
+    fn pods_keep_what_routing_and_capture_need() {
+        let p: K8sPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1",
+                         "labels": {"nodemesh.io/mesh": "yes"},
+                         "deletionTimestamp": "2030-01-01T00:00:00Z"},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "web", "hostNetwork": true,
+                     "containers": []},
+            "status": {"phase": "Succeeded", "podIP": "10.1.0.2", "hostIP": "192.168.0.1",
+                       "qosClass": "Burstable"}
+        }))
+        .unwrap();
+        let (info, problems) = pod(&p);
+        let info = info.expect("kept");
+        assert_eq!(info.node.as_deref(), Some("node-1"));
+        assert_eq!(info.ip, Some("10.1.0.2".parse().unwrap()));
+        assert_eq!(info.host_ip, Some("192.168.0.1".parse().unwrap()));
+        assert!(info.host_network && info.terminal);
+        assert_eq!(info.service_account, "web");
+        assert_eq!(info.mesh_label, None, "a malformed label meshes nothing");
+        assert_eq!(
+            info.cgroup,
+            CgroupRef::Kubelet {
+                qos: Some(QosClass::Burstable)
+            }
+        );
+        let gone_by = info.deletion.expect("being deleted");
+        assert!(gone_by > SystemTime::now());
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, SourceErrorReason::InvalidLabel);
+
+        let mut bad = p.clone();
+        bad.metadata.uid = Some("../x".into());
+        let (none, problems) = pod(&bad);
+        assert!(none.is_none());
+        assert_eq!(problems[0].0, SourceErrorReason::InvalidPod);
+    }
+}

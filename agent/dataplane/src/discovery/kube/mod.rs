@@ -1,0 +1,436 @@
+//! Discovery from the Kubernetes API (kube-rs, rustls), into the state
+//! store.
+//!
+//! Watches, each a list+watch that restarts with backoff when the API server
+//! goes away and relists when it must:
+//! - every Pod of the cluster, once: this node's are the ones to capture;
+//!   every pod's address, node and identity route connections;
+//! - Namespaces (their `nodemesh.io/mesh` label meshes all their pods);
+//! - Services and EndpointSlices (v1, else v1beta1, else core Endpoints).
+//!
+//! A relist replaces what the state had for that kind at once (nothing
+//! stale survives, nothing is counted twice). Problems with single objects
+//! on this node (a malformed label, an unknown owner kind) are logged and
+//! counted once per object, and never stop the others.
+mod convert;
+
+use std::{collections::HashSet, pin::Pin, time::Duration};
+
+use futures_util::{Stream, StreamExt, stream::select_all};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Namespace as K8sNamespace, Pod as K8sPod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{SourceErrorReason, SourceMetrics};
+use crate::state::{Namespace, ObjectKey, PodInfo, ServiceInfo, SliceInfo, StateStore, Update};
+
+/// Whether the agent's own DaemonSet is gone (deleted, or its RBAC with
+/// it): then nodemesh is being uninstalled. Any other answer, including no
+/// answer, means "keep the node's eBPF state".
+pub async fn daemonset_gone(client: &Client, namespace: &str, name: &str) -> bool {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(Duration::from_secs(5), api.get(name)).await {
+        Ok(Ok(ds)) => ds.metadata.deletion_timestamp.is_some(),
+        Ok(Err(kube::Error::Api(status))) => status.code == 404 || status.code == 403,
+        _ => false,
+    }
+}
+
+/// Which API serves endpoints here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointsApi {
+    /// `discovery.k8s.io/v1` (Kubernetes 1.21+).
+    SlicesV1,
+    /// `discovery.k8s.io/v1beta1` (1.17–1.24).
+    SlicesV1Beta1,
+    /// core `v1` Endpoints.
+    Endpoints,
+}
+
+impl EndpointsApi {
+    /// Asks the API server, retrying until it answers.
+    async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Self> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let served = |list: Result<
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList,
+                kube::Error,
+            >| {
+                list.map(|l| l.resources.iter().any(|r| r.name == "endpointslices"))
+            };
+            match served(client.list_api_group_resources("discovery.k8s.io/v1").await) {
+                Ok(true) => return Some(Self::SlicesV1),
+                Ok(false) | Err(kube::Error::Api(_)) => {
+                    match served(
+                        client
+                            .list_api_group_resources("discovery.k8s.io/v1beta1")
+                            .await,
+                    ) {
+                        Ok(true) => return Some(Self::SlicesV1Beta1),
+                        Ok(false) | Err(kube::Error::Api(_)) => return Some(Self::Endpoints),
+                        Err(e) => warn!(error = %e, "cannot reach the API server; retrying"),
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot reach the API server; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+fn watch<K, F>(api: Api<K>, config: watcher::Config, kind: &'static str, wrap: F) -> Events
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(watcher::Event<K>) -> Event + Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| match r {
+            Ok(event) => wrap(event),
+            Err(e) => Event::Error(kind, e),
+        })
+        .boxed()
+}
+
+/// What one watch event carries, for every watched kind. Each is moved
+/// once, from its stream to `apply`: no point boxing the big ones.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Pod(watcher::Event<K8sPod>),
+    Namespace(watcher::Event<K8sNamespace>),
+    Service(watcher::Event<Service>),
+    Slice(watcher::Event<EndpointSlice>),
+    SliceBeta(watcher::Event<DynamicObject>),
+    Endpoints(watcher::Event<Endpoints>),
+    /// A watch failed; it retries by itself.
+    Error(&'static str, watcher::Error),
+}
+
+/// The Kubernetes source.
+pub struct KubeSource {
+    pub client: Client,
+    pub metrics: SourceMetrics,
+    /// Where everything goes.
+    pub state: StateStore,
+}
+
+impl KubeSource {
+    /// Watches until `shutdown`, keeping the state current.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Some(endpoints_api) = EndpointsApi::discover(&self.client, &shutdown).await else {
+            return;
+        };
+        let node = self.state.node();
+        info!(%node, endpoints = ?endpoints_api, "watching the Kubernetes API");
+        let c = &self.client;
+        let all = watcher::Config::default;
+        let mut streams: Vec<Events> = vec![
+            watch(Api::<K8sPod>::all(c.clone()), all(), "pods", Event::Pod),
+            watch(
+                Api::<K8sNamespace>::all(c.clone()),
+                all(),
+                "namespaces",
+                Event::Namespace,
+            ),
+            watch(
+                Api::<Service>::all(c.clone()),
+                all(),
+                "services",
+                Event::Service,
+            ),
+        ];
+        streams.push(match endpoints_api {
+            EndpointsApi::SlicesV1 => watch(
+                Api::<EndpointSlice>::all(c.clone()),
+                all(),
+                "endpointslices",
+                Event::Slice,
+            ),
+            EndpointsApi::SlicesV1Beta1 => {
+                let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+                let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+                watch(
+                    Api::<DynamicObject>::all_with(c.clone(), &resource),
+                    all(),
+                    "endpointslices (v1beta1)",
+                    Event::SliceBeta,
+                )
+            }
+            EndpointsApi::Endpoints => watch(
+                Api::<Endpoints>::all(c.clone()),
+                all(),
+                "endpoints",
+                Event::Endpoints,
+            ),
+        });
+        let mut events = select_all(streams);
+        let mut source = Source::new(node, self.metrics.clone());
+        loop {
+            let event = tokio::select! {
+                e = events.next() => e,
+                _ = shutdown.cancelled() => return,
+            };
+            let Some(event) = event else { return };
+            source.apply(event, &self.state);
+        }
+    }
+}
+
+/// A relist in progress: the objects listed so far, applied at once when
+/// the list is complete.
+struct Relist<T>(Option<Vec<T>>);
+
+impl<T> Default for Relist<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<T> Relist<T> {
+    fn start(&mut self) {
+        self.0 = Some(Vec::new());
+    }
+    fn push(&mut self, item: T) {
+        self.0.get_or_insert_with(Vec::new).push(item);
+    }
+    fn finish(&mut self) -> Vec<T> {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+/// The source's memory: relists in progress, what was reported.
+struct Source {
+    node: String,
+    pods: Relist<PodInfo>,
+    namespaces: Relist<(String, Namespace)>,
+    services: Relist<(ObjectKey, ServiceInfo)>,
+    slices: Relist<(ObjectKey, SliceInfo)>,
+    /// (object, problem) pairs already logged and counted.
+    reported: HashSet<(String, String)>,
+    /// Watches currently failing, so an outage is logged once.
+    failing: HashSet<&'static str>,
+    metrics: SourceMetrics,
+}
+
+impl Source {
+    fn new(node: String, metrics: SourceMetrics) -> Self {
+        Self {
+            node,
+            pods: Relist::default(),
+            namespaces: Relist::default(),
+            services: Relist::default(),
+            slices: Relist::default(),
+            reported: HashSet::new(),
+            failing: HashSet::new(),
+            metrics,
+        }
+    }
+
+    /// Logs and counts a problem with one object, once.
+    fn report(&mut self, object: &str, reason: SourceErrorReason, problem: String) {
+        if self.reported.insert((object.to_owned(), problem.clone())) {
+            warn!(object, %reason, %problem, "Kubernetes object partly ignored");
+            self.metrics.error(reason);
+        }
+    }
+
+    fn forget_reports(&mut self, object: &str) {
+        self.reported.retain(|(o, _)| o != object);
+    }
+
+    fn recovered(&mut self, kind: &'static str) {
+        if self.failing.remove(kind) {
+            info!(watch = kind, "Kubernetes watch recovered");
+        }
+    }
+
+    /// Reduces a pod, reporting its problems when it is on this node (other
+    /// nodes' agents report theirs).
+    fn pod(&mut self, p: &K8sPod) -> Option<PodInfo> {
+        let (info, problems) = convert::pod(p);
+        let here = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
+        if here {
+            let object = convert::object_name(&p.metadata);
+            for (reason, problem) in problems {
+                self.report(&object, reason, problem);
+            }
+        }
+        info
+    }
+
+    fn namespace(&mut self, ns: &K8sNamespace) -> (String, Namespace) {
+        let (name, namespace, problem) = convert::namespace(ns);
+        if let Some(problem) = problem {
+            self.report(
+                &format!("namespace/{name}"),
+                SourceErrorReason::InvalidLabel,
+                problem,
+            );
+        }
+        (name, namespace)
+    }
+
+    /// Applies one event to the state.
+    fn apply(&mut self, event: Event, state: &StateStore) {
+        use watcher::Event::*;
+        let kind = match &event {
+            Event::Error(kind, e) => {
+                if self.failing.insert(kind) {
+                    warn!(watch = kind, error = %e, "Kubernetes watch failed; retrying with backoff");
+                    self.metrics.error(SourceErrorReason::Watch);
+                }
+                return;
+            }
+            Event::Pod(_) => "pods",
+            Event::Namespace(_) => "namespaces",
+            Event::Service(_) => "services",
+            Event::Slice(_) => "endpointslices",
+            Event::SliceBeta(_) => "endpointslices (v1beta1)",
+            Event::Endpoints(_) => "endpoints",
+        };
+        self.recovered(kind);
+        match event {
+            Event::Pod(event) => match event {
+                Apply(p) => {
+                    if let Some(info) = self.pod(&p) {
+                        state.update(|u| u.apply_pod(info));
+                    }
+                }
+                InitApply(p) => {
+                    if let Some(info) = self.pod(&p) {
+                        self.pods.push(info);
+                    }
+                }
+                Delete(p) => {
+                    if let Some(info) = convert::pod(&p).0 {
+                        state.update(|u| u.delete_pod(&info.uid));
+                    }
+                    self.forget_reports(&convert::object_name(&p.metadata));
+                }
+                Init => self.pods.start(),
+                InitDone => {
+                    let pods = self.pods.finish();
+                    let (all, here) = (
+                        pods.len(),
+                        pods.iter()
+                            .filter(|p| p.node.as_deref() == Some(&self.node))
+                            .count(),
+                    );
+                    state.update(|u| u.replace_pods(pods));
+                    info!(pods = all, on_this_node = here, "pods listed");
+                }
+            },
+            Event::Namespace(event) => match event {
+                Apply(ns) => {
+                    let (name, ns) = self.namespace(&ns);
+                    state.update(|u| u.apply_namespace(&name, ns));
+                }
+                InitApply(ns) => {
+                    let entry = self.namespace(&ns);
+                    self.namespaces.push(entry);
+                }
+                Delete(ns) => {
+                    let name = ns.metadata.name.clone().unwrap_or_default();
+                    state.update(|u| u.delete_namespace(&name));
+                    self.forget_reports(&format!("namespace/{name}"));
+                }
+                Init => self.namespaces.start(),
+                InitDone => {
+                    let namespaces = self.namespaces.finish();
+                    state.update(|u| u.replace_namespaces(namespaces));
+                }
+            },
+            Event::Service(event) => sync(
+                event,
+                &mut self.services,
+                state,
+                |s: &Service| Some((convert::meta_key(&s.metadata)?, convert::service_info(s))),
+                |u, k, v| u.apply_service(k, v),
+                |u, k| u.delete_service(k),
+                |u, all| u.replace_services(all),
+            ),
+            Event::Slice(event) => sync(
+                event,
+                &mut self.slices,
+                state,
+                |s: &EndpointSlice| Some((convert::meta_key(&s.metadata)?, convert::slice_v1(s)?)),
+                |u, k, v| u.apply_slice(k, v),
+                |u, k| u.delete_slice(k),
+                |u, all| u.replace_slices(all),
+            ),
+            Event::SliceBeta(event) => sync(
+                event,
+                &mut self.slices,
+                state,
+                |s: &DynamicObject| {
+                    Some((convert::meta_key(&s.metadata)?, convert::slice_v1beta1(s)?))
+                },
+                |u, k, v| u.apply_slice(k, v),
+                |u, k| u.delete_slice(k),
+                |u, all| u.replace_slices(all),
+            ),
+            Event::Endpoints(event) => sync(
+                event,
+                &mut self.slices,
+                state,
+                |e: &Endpoints| Some((convert::meta_key(&e.metadata)?, convert::endpoints_v1(e)?)),
+                |u, k, v| u.apply_slice(k, v),
+                |u, k| u.delete_slice(k),
+                |u, all| u.replace_slices(all),
+            ),
+            Event::Error(..) => {}
+        }
+    }
+}
+
+/// Applies one watch event of a kind keyed by `namespace/name`, with
+/// `reduce` turning the object into what the state keeps.
+fn sync<O: kube::Resource, V>(
+    event: watcher::Event<O>,
+    relist: &mut Relist<(ObjectKey, V)>,
+    state: &StateStore,
+    reduce: impl Fn(&O) -> Option<(ObjectKey, V)>,
+    apply: impl FnOnce(&mut Update<'_>, ObjectKey, V),
+    delete: impl FnOnce(&mut Update<'_>, &ObjectKey),
+    replace: impl FnOnce(&mut Update<'_>, Vec<(ObjectKey, V)>),
+) {
+    use watcher::Event::*;
+    match event {
+        Apply(o) => match (reduce(&o), convert::meta_key(o.meta())) {
+            (Some((k, v)), _) => state.update(|u| apply(u, k, v)),
+            // An object we cannot use replaces what we had for it.
+            (None, Some(k)) => state.update(|u| delete(u, &k)),
+            (None, None) => {}
+        },
+        InitApply(o) => {
+            if let Some(kv) = reduce(&o) {
+                relist.push(kv);
+            }
+        }
+        Delete(o) => {
+            if let Some(k) = convert::meta_key(o.meta()) {
+                state.update(|u| delete(u, &k));
+            }
+        }
+        Init => relist.start(),
+        InitDone => {
+            let all = relist.finish();
+            state.update(|u| replace(u, all));
+        }
+    }
+}

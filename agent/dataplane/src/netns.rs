@@ -1,0 +1,193 @@
+//! Network namespaces: opening a pod's netns and running a short, blocking
+//! piece of work (making a socket) inside it. One of the few modules that
+//! make syscalls by hand (`unsafe` is allowed here and in `redirect::sys`).
+//!
+//! A socket belongs to the netns it was created in, whatever thread uses it
+//! later; so the agent enters a pod's netns only for the `socket()`/`bind()`
+//! calls and returns at once. One process, listeners and upstream sockets in
+//! many namespaces.
+#![allow(unsafe_code)]
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Socket, Type};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc yet.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is not a network namespace: {source}")]
+    NotNetns { path: PathBuf, source: nix::Error },
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    Cookie { path: PathBuf, source: io::Error },
+}
+
+/// The agent's own netns, where threads return after visiting a pod's.
+fn home() -> &'static io::Result<File> {
+    static HOME: OnceLock<io::Result<File>> = OnceLock::new();
+    HOME.get_or_init(|| File::open("/proc/self/ns/net"))
+}
+
+/// Remember the agent's own netns. Call once at start-up, before any thread
+/// has entered another namespace.
+pub fn init() -> io::Result<()> {
+    home()
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+}
+
+/// An open handle on a network namespace (keeps it alive while held).
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+    cookie: u64,
+}
+
+impl Netns {
+    /// Opens the netns at `path` (`/run/netns/<name>`, `/proc/<pid>/ns/net`).
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut ns = Self {
+            file,
+            path: path.to_owned(),
+            cookie: 0,
+        };
+        // Entering it once proves it is a netns, and gives us its cookie.
+        let cookie = ns
+            .enter(|| Socket::new(Domain::IPV4, Type::DGRAM, None).and_then(|s| netns_cookie(&s)))
+            .map_err(|source| NetnsError::NotNetns {
+                path: path.to_owned(),
+                source,
+            })?
+            .map_err(|source| NetnsError::Cookie {
+                path: path.to_owned(),
+                source,
+            })?;
+        ns.cookie = cookie;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel's id for this netns (what eBPF's `bpf_get_netns_cookie` sees).
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// Runs `f` on the current thread inside this netns, then returns to the
+    /// agent's own. Keep `f` short and non-blocking: nothing else runs on this
+    /// thread meanwhile.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> Result<R, nix::Error> {
+        let home = match home() {
+            Ok(home) => home,
+            Err(e) => {
+                return Err(nix::Error::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EBADF),
+                ));
+            }
+        };
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        let _back = Return(home);
+        Ok(f())
+    }
+
+    /// A new TCP socket that lives in this netns, of `dst`'s address
+    /// family.
+    pub fn tcp_socket(&self, dst: std::net::SocketAddr) -> io::Result<Socket> {
+        self.enter(|| Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None))
+            .map_err(io::Error::from)?
+    }
+}
+
+/// Puts the thread back into the agent's netns, even if `f` panicked.
+struct Return<'a>(&'a File);
+
+impl Drop for Return<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A worker stuck in a pod's netns would make every later socket
+            // on this thread in the wrong place: better to stop here.
+            tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// `SO_NETNS_COOKIE` of a socket: the cookie of the netns it lives in.
+pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt_u64(socket, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
+/// `SO_COOKIE` of a socket: what eBPF's `bpf_get_socket_cookie` sees.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt_u64(socket, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+fn getsockopt_u64(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: value and len point to valid, correctly sized storage.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_netns_has_a_cookie_and_sockets_report_it() {
+        init().expect("own netns");
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).expect("open own netns");
+        assert_ne!(ns.cookie(), 0);
+        let s = ns
+            .tcp_socket("127.0.0.1:80".parse().unwrap())
+            .expect("socket");
+        assert_eq!(netns_cookie(&s).expect("cookie"), ns.cookie());
+    }
+
+    #[test]
+    fn a_missing_netns_is_a_clear_error() {
+        let err = Netns::open(Path::new("/run/netns/nodemesh-does-not-exist")).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot open network namespace"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_netns_is_refused() {
+        init().expect("own netns");
+        let err = Netns::open(Path::new("/proc/self/status")).unwrap_err();
+        assert!(matches!(err, NetnsError::NotNetns { .. }), "{err}");
+    }
+}

@@ -1,0 +1,249 @@
+//! The node's proxy, named by its stages:
+//!
+//! ```text
+//! accept ─► outbound ─► route ─► tcp ─┬─► direct (from the pod's netns)
+//!  (per pod   (orig dst,   (pure)      ├─► inbound ─► a pod on this node
+//!   listener)  state)                  └─► tunnel::pool ══ mTLS ══► other node
+//! tunnel::server ─► inbound ─► the pod (streams from other nodes)
+//! ```
+//!
+//! - [`accept`]: the one accept loop and the one drain;
+//! - [`outbound`]: a meshed pod's connections (then `route`, `tcp`);
+//! - [`inbound`]: connections arriving for this node's pods, its policy
+//!   and accounting;
+//! - [`tunnel`]: the mutual-TLS HTTP/2 transport between nodes (server,
+//!   pool, tls, h2);
+//! - leaves shared by all: [`relay`] (the opaque relay), [`connect`]
+//!   (dialling, injected), [`orig_dst`] (where a redirected connection was
+//!   going, injected), [`pods`] (what is served).
+//!
+//! Everything it needs comes in one [`ProxyInputs`]; the agent and the
+//! tests build it the same way (the tests inject a connector and original
+//! destinations on 127.0.0.1). Protocol detection (`detect`), HTTP
+//! (`http`) and balancing (a `balance` leaf) land beside these.
+pub mod accept;
+pub mod connect;
+pub mod inbound;
+pub mod orig_dst;
+pub mod outbound;
+pub mod pods;
+pub mod relay;
+pub mod tunnel;
+
+use std::{sync::Arc, time::Duration};
+
+use nodemesh_core::labels::Direction;
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
+
+pub use self::{
+    accept::Drain,
+    connect::{Connector, NetnsConnector},
+    orig_dst::OrigDsts,
+    pods::{PodHandle, ServedPod, ServedPods},
+};
+use self::{
+    inbound::Inbound,
+    outbound::Outbound,
+    tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
+};
+use crate::{
+    identity::CertStore, netns::Netns, state::Pod, state::StateStore, telemetry::TcpMetrics,
+};
+
+/// Proxy settings.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Relay buffer per direction per connection.
+    pub buffer_size: usize,
+    /// Connections proxied at once, all pods together; beyond it new ones
+    /// wait in the listeners' backlogs.
+    pub max_connections: usize,
+    /// The tunnel between nodes (used with workload identity).
+    pub tunnel: TunnelConfig,
+}
+
+/// The proxy's metric families.
+#[derive(Clone, Debug)]
+pub struct ProxyMetrics {
+    pub tcp: TcpMetrics,
+    pub tunnel: TunnelMetrics,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        Self {
+            tcp: TcpMetrics::new(registry),
+            tunnel: TunnelMetrics::new(registry),
+        }
+    }
+}
+
+/// Everything the proxy is built from.
+pub struct ProxyInputs {
+    pub cfg: ProxyConfig,
+    pub state: StateStore,
+    /// Workload certificates: with them, meshed pods are routed as such
+    /// (mutual TLS between nodes); without, everything goes direct.
+    pub certs: Option<Arc<CertStore>>,
+    pub metrics: ProxyMetrics,
+    pub connector: Arc<dyn Connector>,
+    pub orig_dst: Arc<dyn OrigDsts>,
+    pub drain: Drain,
+}
+
+/// The node's proxy.
+pub struct Proxy {
+    outbound: Arc<Outbound>,
+    tunnel: Option<(Arc<TunnelServer>, Arc<TunnelPool>)>,
+    pods: ServedPods,
+    tcp: TcpMetrics,
+    limit: Arc<Semaphore>,
+    drain: Drain,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("outbound", &self.outbound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(inputs: ProxyInputs) -> Result<Self, rustls::Error> {
+        let ProxyInputs {
+            cfg,
+            state,
+            certs,
+            metrics,
+            connector,
+            orig_dst,
+            drain,
+        } = inputs;
+        let pods = ServedPods::default();
+        let inbound = Arc::new(Inbound::new(
+            state.clone(),
+            pods.clone(),
+            connector.clone(),
+            cfg.buffer_size,
+        ));
+        let tunnel = match certs {
+            Some(store) => {
+                let server = TunnelServer::new(
+                    cfg.tunnel.clone(),
+                    store.clone(),
+                    metrics.tunnel.clone(),
+                    inbound.clone(),
+                    drain.clone(),
+                )?;
+                let pool = TunnelPool::new(
+                    cfg.tunnel.clone(),
+                    store,
+                    metrics.tunnel.clone(),
+                    connector.clone(),
+                );
+                Some((Arc::new(server), Arc::new(pool)))
+            }
+            None => None,
+        };
+        let outbound = Arc::new(Outbound::new(
+            state,
+            orig_dst,
+            connector,
+            inbound,
+            tunnel.as_ref().map(|(_, pool)| pool.clone()),
+            cfg.buffer_size,
+        ));
+        Ok(Self {
+            outbound,
+            tunnel,
+            pods,
+            tcp: metrics.tcp,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            drain,
+        })
+    }
+
+    /// Whether meshed pods are routed as such (the tunnel is on).
+    pub fn meshes(&self) -> bool {
+        self.tunnel.is_some()
+    }
+
+    /// Serves the tunnel on `listener` until `stop` (with workload identity
+    /// only; without, the listener is dropped).
+    pub fn serve_tunnel(&self, listener: TcpListener, stop: CancellationToken) {
+        if let Some((server, pool)) = &self.tunnel {
+            tokio::spawn(server.clone().serve(listener, stop.clone()));
+            tokio::spawn(pool.clone().evict_idle(stop));
+        }
+    }
+
+    /// Serves `pod`: its connections accepted on `listener` (inside its
+    /// netns) go through the proxy until the handle is dropped.
+    pub fn serve_pod(
+        &self,
+        pod: Arc<Pod>,
+        netns: Option<Arc<Netns>>,
+        listener: TcpListener,
+    ) -> PodHandle {
+        let served = Arc::new(ServedPod {
+            outbound: self.tcp.pod(pods::labels(&pod, Direction::Outbound)),
+            inbound: self
+                .meshes()
+                .then(|| self.tcp.pod(pods::labels(&pod, Direction::Inbound))),
+            netns,
+            pod,
+        });
+        let stop = CancellationToken::new();
+        let handle = PodHandle::new(
+            served.clone(),
+            self.pods.clone(),
+            self.tcp.clone(),
+            stop.clone(),
+        );
+        let outbound = self.outbound.clone();
+        let limit = self.limit.clone();
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            accept::accept_loop(
+                &listener,
+                Some(&limit),
+                &stop,
+                "outbound",
+                |client, peer, permit| {
+                    let outbound = outbound.clone();
+                    let served = served.clone();
+                    let span = info_span!("outbound", pod = %served.pod.key(), client = %peer);
+                    drain.spawn(
+                        async move {
+                            outbound.handle(client, served).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                },
+            )
+            .await;
+        });
+        handle
+    }
+
+    /// The pods served now.
+    pub fn pods(&self) -> &ServedPods {
+        &self.pods
+    }
+
+    /// Connections in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.drain.len()
+    }
+
+    /// Stops counting new connections for shutdown and waits for those in
+    /// flight, up to `grace`. Returns how many were still open.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.drain.drain(grace).await
+    }
+}

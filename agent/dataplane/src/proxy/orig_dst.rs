@@ -1,0 +1,40 @@
+//! Where a redirected connection was going: recorded by eBPF (`connect4`,
+//! re-keyed by `sock_ops` to the accepted socket's cookie) and read once
+//! by the proxy. Injected ([`OrigDsts`]) so tests can say it themselves.
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpStream;
+
+use crate::{netns::socket_cookie, redirect::Redirect};
+
+/// Gives the original destination of an accepted connection.
+pub trait OrigDsts: Send + Sync + 'static {
+    /// The destination recorded for `conn`, consumed; `None` if there is
+    /// none (yet).
+    fn take(&self, conn: &TcpStream) -> Option<SocketAddr>;
+}
+
+impl OrigDsts for Redirect {
+    fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
+        let cookie = socket_cookie(conn).ok()?;
+        self.take_orig_dst(cookie).map(SocketAddr::V4)
+    }
+}
+
+/// How long to wait for `sock_ops` to re-key the original destination: it
+/// runs as the handshake completes, so it is normally there before accept.
+const WAIT: Duration = Duration::from_millis(50);
+
+/// The original destination of `conn`, waiting briefly for it.
+pub async fn wait_for(source: &dyn OrigDsts, conn: &TcpStream) -> Option<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(dst) = source.take(conn) {
+            return Some(dst);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -1,0 +1,90 @@
+//! Outbound: connections a meshed pod makes, redirected by `connect4` to
+//! the pod's own `127.0.0.1:15001`. For each one, in this order:
+//! 1. its original destination ([`super::orig_dst`]);
+//! 2. what is there ([`crate::state::StateStore::upstream`]);
+//! 3. how to get there ([`route`]: direct, a pod on this node, the tunnel
+//!    to another node, or refused);
+//! 4. the TCP path ([`tcp`]): open that, relay.
+//!
+//! Protocol detection and per-request balancing will sit between 3 and 4
+//! (`detect`, `http`), with endpoint choice in `route`.
+//!
+//! A destination that cannot be reached gives the client a reset, a log
+//! line and a metric.
+pub mod route;
+mod tcp;
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use self::route::{RouteCtx, route};
+use super::{
+    connect::Connector, inbound::Inbound, orig_dst, pods::ServedPod, relay::Reset,
+    tunnel::TunnelPool,
+};
+use crate::{state::StateStore, telemetry::ConnectError};
+
+/// The outbound side of the node's proxy, shared by every pod's listener.
+pub struct Outbound {
+    state: StateStore,
+    node: String,
+    orig_dst: Arc<dyn orig_dst::OrigDsts>,
+    connector: Arc<dyn Connector>,
+    inbound: Arc<Inbound>,
+    /// The tunnel to other nodes; meshed pods are routed as such only when
+    /// it is there.
+    tunnel: Option<Arc<TunnelPool>>,
+    buffer_size: usize,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("node", &self.node)
+            .field("mesh", &self.tunnel.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    pub(super) fn new(
+        state: StateStore,
+        orig_dst: Arc<dyn orig_dst::OrigDsts>,
+        connector: Arc<dyn Connector>,
+        inbound: Arc<Inbound>,
+        tunnel: Option<Arc<TunnelPool>>,
+        buffer_size: usize,
+    ) -> Self {
+        Self {
+            node: state.node(),
+            state,
+            orig_dst,
+            connector,
+            inbound,
+            tunnel,
+            buffer_size,
+        }
+    }
+
+    /// Serves one connection accepted on `pod`'s listener.
+    pub(super) async fn handle(&self, client: TcpStream, pod: Arc<ServedPod>) {
+        let _open = pod.outbound.open();
+        let _ = client.set_nodelay(true);
+        let Some(dst) = orig_dst::wait_for(self.orig_dst.as_ref(), &client).await else {
+            warn!("no original destination recorded for this connection; resetting it");
+            pod.outbound
+                .connect_error(ConnectError::NoOriginalDestination);
+            client.reset();
+            return;
+        };
+        let upstream = self.state.upstream(dst);
+        let ctx = RouteCtx {
+            node: &self.node,
+            mesh: self.tunnel.is_some(),
+        };
+        let route = route(ctx, &pod.pod, &upstream);
+        self.tcp(client, &pod, route, dst).await;
+    }
+}

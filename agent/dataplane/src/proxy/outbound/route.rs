@@ -1,0 +1,247 @@
+//! Routing: from what the state says about a destination to how the proxy
+//! reaches it. A pure function: no I/O, no locks, tested below with every
+//! case that matters. Balancing over Service endpoints grows here.
+use std::{fmt, net::IpAddr, sync::Arc};
+
+use nodemesh_core::identity::SpiffeId;
+
+use crate::state::{Pod, Target, Upstream};
+
+/// What routing knows of the node it runs on.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteCtx<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    /// Whether meshed pods are routed as such (workload identity and the
+    /// tunnel on). Off, everything goes straight to the destination.
+    pub mesh: bool,
+}
+
+/// How to reach a destination.
+#[derive(Clone, Debug)]
+pub enum Route<'a> {
+    /// Plain TCP from the client's netns, as without the mesh.
+    Direct,
+    /// A meshed pod on this node: straight to it (no TLS inside the node),
+    /// through the inbound side so both ends are accounted.
+    Local { dst: &'a Arc<Pod>, id: &'a SpiffeId },
+    /// A meshed pod on another node: a stream of the mutual-TLS tunnel to
+    /// that node's agent, as the client's identity.
+    Tunnel {
+        node_ip: IpAddr,
+        src: &'a SpiffeId,
+        dst: &'a SpiffeId,
+    },
+    /// Not routable now, and never to be sent in the clear: reset.
+    Refuse(Refusal),
+}
+
+/// Why a connection is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The destination is meshed, on another node whose address is not
+    /// known (yet).
+    NodeUnknown { dst: String },
+    /// The client pod has no valid identity to present.
+    NoSourceIdentity,
+    /// Several live pods claim the destination address.
+    Conflict { claims: usize },
+    /// Routed to the tunnel, but this node runs none.
+    NoTunnel,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NodeUnknown { dst } => {
+                write!(f, "{dst} is meshed but its node's address is not known yet")
+            }
+            Self::NoSourceIdentity => f.write_str("the source has no valid identity"),
+            Self::Conflict { claims } => write!(
+                f,
+                "{claims} live pods claim the destination address; refusing to guess"
+            ),
+            Self::NoTunnel => f.write_str("this node runs no tunnel"),
+        }
+    }
+}
+
+/// How `src` reaches `upstream`.
+pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Route<'a> {
+    if !ctx.mesh {
+        return Route::Direct;
+    }
+    let dst = match &upstream.target {
+        Target::Unknown => return Route::Direct,
+        Target::Conflict(claims) => return Route::Refuse(Refusal::Conflict { claims: *claims }),
+        Target::Pod(dst) => dst,
+    };
+    let Some(dst_id) = dst.identity().filter(|_| dst.meshed()) else {
+        return Route::Direct;
+    };
+    match (&dst.node, dst.host_ip) {
+        (Some(node), _) if node == ctx.node => Route::Local { dst, id: dst_id },
+        (Some(_), Some(node_ip)) => match src.identity() {
+            Some(src_id) => Route::Tunnel {
+                node_ip,
+                src: src_id,
+                dst: dst_id,
+            },
+            None => Route::Refuse(Refusal::NoSourceIdentity),
+        },
+        // A meshed pod elsewhere whose node is not known yet: never
+        // downgrade to plaintext.
+        _ => Route::Refuse(Refusal::NodeUnknown {
+            dst: dst_id.uri().to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration, time::SystemTime};
+
+    use super::*;
+    use crate::state::{Namespace, PodInfo, StateStore, pod::test_pods};
+
+    const ON: RouteCtx<'static> = RouteCtx {
+        node: "node-a",
+        mesh: true,
+    };
+
+    /// The state of a small cluster: `client` on node a; meshed pods on
+    /// both nodes; an unmeshed one.
+    fn cluster(extra: Vec<PodInfo>) -> StateStore {
+        let store = StateStore::new("node-a", "cluster.local");
+        let mut pods = vec![
+            test_pods::meshed("shop", "client", "10.1.0.2", "node-a", "192.168.0.1"),
+            test_pods::meshed("shop", "near", "10.1.0.3", "node-a", "192.168.0.1"),
+            test_pods::meshed("shop", "far", "10.2.0.3", "node-b", "192.168.0.2"),
+            test_pods::pod("plain", "server", "10.2.0.4", "node-b", "192.168.0.2"),
+        ];
+        pods.extend(extra);
+        store.update(|u| {
+            u.replace_namespaces(vec![("shop".into(), Namespace::default())]);
+            u.replace_pods(pods);
+        });
+        store
+    }
+
+    fn client(store: &StateStore) -> Arc<Pod> {
+        match store.upstream(addr("10.1.0.2")).target {
+            Target::Pod(p) => p,
+            other => panic!("the client pod: {other:?}"),
+        }
+    }
+
+    fn addr(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 8080)
+    }
+
+    /// The route from the client to `ip`, as a short text.
+    fn route_to(store: &StateStore, ctx: RouteCtx<'_>, ip: &str) -> String {
+        let src = client(store);
+        let upstream = store.upstream(addr(ip));
+        match route(ctx, &src, &upstream) {
+            Route::Direct => "direct".into(),
+            Route::Local { dst, id } => format!("local {} {}", dst.name, id),
+            Route::Tunnel { node_ip, src, dst } => format!("tunnel {node_ip} {src} -> {dst}"),
+            Route::Refuse(why) => format!("refuse: {why}"),
+        }
+    }
+
+    #[test]
+    fn addresses_outside_the_cluster_and_unmeshed_pods_go_direct() {
+        let store = cluster(vec![]);
+        assert_eq!(route_to(&store, ON, "93.184.216.34"), "direct");
+        assert_eq!(route_to(&store, ON, "10.2.0.4"), "direct", "unmeshed pod");
+    }
+
+    #[test]
+    fn a_meshed_pod_on_this_node_is_reached_locally() {
+        let store = cluster(vec![]);
+        assert_eq!(
+            route_to(&store, ON, "10.1.0.3"),
+            "local near spiffe://cluster.local/ns/shop/sa/near"
+        );
+    }
+
+    #[test]
+    fn a_meshed_pod_on_another_node_goes_through_the_tunnel() {
+        let store = cluster(vec![]);
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.3"),
+            "tunnel 192.168.0.2 spiffe://cluster.local/ns/shop/sa/client -> spiffe://cluster.local/ns/shop/sa/far"
+        );
+    }
+
+    #[test]
+    fn a_meshed_pod_whose_node_is_unknown_is_refused_never_plain() {
+        let mut lost = test_pods::meshed("shop", "lost", "10.3.0.3", "node-c", "192.168.0.3");
+        lost.host_ip = None;
+        let mut unscheduled = test_pods::meshed("shop", "nowhere", "10.3.0.4", "x", "192.168.0.3");
+        unscheduled.node = None;
+        let store = cluster(vec![lost, unscheduled]);
+        assert_eq!(
+            route_to(&store, ON, "10.3.0.3"),
+            "refuse: spiffe://cluster.local/ns/shop/sa/lost is meshed but its node's address is not known yet"
+        );
+        assert!(route_to(&store, ON, "10.3.0.4").starts_with("refuse:"));
+    }
+
+    #[test]
+    fn host_network_pods_are_not_meshed_endpoints() {
+        let mut host = test_pods::meshed("shop", "hostnet", "192.168.0.2", "node-b", "192.168.0.2");
+        host.host_network = true;
+        let store = cluster(vec![host]);
+        assert_eq!(route_to(&store, ON, "192.168.0.2"), "direct");
+    }
+
+    #[test]
+    fn finished_and_deleted_pods_do_not_attract_their_old_address() {
+        let mut done = test_pods::meshed("shop", "done", "10.2.0.9", "node-b", "192.168.0.2");
+        done.terminal = true;
+        let mut gone = test_pods::meshed("shop", "gone", "10.2.0.8", "node-b", "192.168.0.2");
+        gone.deletion = Some(SystemTime::now() - Duration::from_secs(5));
+        // The address of the finished pod is now an unmeshed pod's.
+        let reuse = test_pods::pod("plain", "reuse", "10.2.0.9", "node-b", "192.168.0.2");
+        let store = cluster(vec![done, gone, reuse]);
+        assert_eq!(route_to(&store, ON, "10.2.0.9"), "direct");
+        assert_eq!(route_to(&store, ON, "10.2.0.8"), "direct");
+    }
+
+    #[test]
+    fn duplicate_claims_on_an_address_are_refused() {
+        let twin = test_pods::pod("plain", "twin", "10.2.0.3", "node-b", "192.168.0.2");
+        let store = cluster(vec![twin]);
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.3"),
+            "refuse: 2 live pods claim the destination address; refusing to guess"
+        );
+    }
+
+    #[test]
+    fn a_client_without_identity_cannot_use_the_tunnel() {
+        let store = cluster(vec![]);
+        let mut nameless = (*client(&store)).info().clone();
+        nameless.service_account = "Not_Valid".into();
+        store.update(|u| u.apply_pod(nameless));
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.3"),
+            "refuse: the source has no valid identity"
+        );
+    }
+
+    #[test]
+    fn with_the_mesh_off_everything_goes_direct() {
+        let twin = test_pods::pod("plain", "twin", "10.2.0.3", "node-b", "192.168.0.2");
+        let store = cluster(vec![twin]);
+        let off = RouteCtx {
+            node: "node-a",
+            mesh: false,
+        };
+        for ip in ["10.1.0.3", "10.2.0.3", "10.2.0.4"] {
+            assert_eq!(route_to(&store, off, ip), "direct", "{ip}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The pods this node's proxy serves: what capture handed it (the pod, its
+//! network namespace) and their metric handles, made once per capture.
+//! Inbound finds a destination's entry here; the fast-path collector lists
+//! them. A [`PodHandle`] keeps a pod served; dropping it lets go.
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use nodemesh_core::{
+    labels::{Direction, PodLabels},
+    names::PodUid,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    netns::Netns,
+    state::Pod,
+    telemetry::{PodTcpMetrics, TcpMetrics},
+};
+
+/// One served pod.
+#[derive(Debug)]
+pub struct ServedPod {
+    pub pod: Arc<Pod>,
+    /// Where its upstream sockets are made (`None` in tests: the agent's
+    /// own namespace).
+    pub netns: Option<Arc<Netns>>,
+    /// Its series as a client.
+    pub outbound: PodTcpMetrics,
+    /// Its series as a server, when the mesh routes between pods.
+    pub inbound: Option<PodTcpMetrics>,
+}
+
+/// The metric labels of `pod` in `direction`.
+pub fn labels(pod: &Pod, direction: Direction) -> PodLabels {
+    PodLabels {
+        namespace: pod.namespace.clone(),
+        workload_kind: pod.workload.kind.clone(),
+        workload_name: pod.workload.name.clone(),
+        pod: pod.name.clone(),
+        serviceaccount: pod.service_account.clone(),
+        direction,
+    }
+}
+
+/// The served pods by UID (cheap to clone).
+#[derive(Clone, Debug, Default)]
+pub struct ServedPods(Arc<RwLock<HashMap<PodUid, Arc<ServedPod>>>>);
+
+impl ServedPods {
+    pub fn get(&self, uid: &PodUid) -> Option<Arc<ServedPod>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// Every served pod now.
+    pub fn all(&self) -> Vec<Arc<ServedPod>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn insert(&self, served: Arc<ServedPod>) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(served.pod.uid.clone(), served);
+    }
+
+    /// Removes `served`, unless another entry took its place meanwhile.
+    fn remove(&self, served: &Arc<ServedPod>) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&served.pod.uid)
+            .is_some_and(|e| Arc::ptr_eq(e, served))
+        {
+            map.remove(&served.pod.uid);
+        }
+    }
+}
+
+/// Keeps one pod served: its listener accepting, its entry and series in
+/// place. Dropping it stops the listener (connections already accepted
+/// carry on) and forgets the entry and the series.
+#[derive(Debug)]
+pub struct PodHandle {
+    served: Arc<ServedPod>,
+    pods: ServedPods,
+    tcp: TcpMetrics,
+    stop: CancellationToken,
+}
+
+impl PodHandle {
+    /// Registers `served`; `stop` is its listener's.
+    pub(super) fn new(
+        served: Arc<ServedPod>,
+        pods: ServedPods,
+        tcp: TcpMetrics,
+        stop: CancellationToken,
+    ) -> Self {
+        pods.insert(served.clone());
+        Self {
+            served,
+            pods,
+            tcp,
+            stop,
+        }
+    }
+
+    pub fn served(&self) -> &Arc<ServedPod> {
+        &self.served
+    }
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.pods.remove(&self.served);
+        self.tcp.remove(self.served.outbound.labels());
+        if let Some(inbound) = &self.served.inbound {
+            self.tcp.remove(inbound.labels());
+        }
+    }
+}

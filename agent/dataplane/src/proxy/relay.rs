@@ -1,0 +1,181 @@
+//! The opaque relay, shared by every path: bytes both ways between two
+//! streams (TCP sockets, or a TCP socket and a tunnel stream), bounded
+//! buffers, byte counts as they pass, half-close carried across, resets
+//! carried across.
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+/// A stream that can be made to end with a reset rather than a clean close.
+pub trait Reset {
+    fn reset(&self);
+}
+
+impl Reset for TcpStream {
+    /// The coming close sends RST instead of FIN.
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Reset for TunnelStream {
+    /// A tunnel stream dropped before its end is reset (RST_STREAM) by
+    /// HTTP/2 itself.
+    fn reset(&self) {}
+}
+
+/// A stream on the upstream side: a TCP connection, or a stream of the
+/// tunnel to another node.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(TunnelStream),
+}
+
+/// One CONNECT stream of the tunnel, as bytes.
+pub type TunnelStream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+impl Reset for UpstreamIo {
+    fn reset(&self) {
+        match self {
+            Self::Tcp(s) => s.reset(),
+            Self::Tunnel(s) => s.reset(),
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Counts the bytes read through it (into every counter given).
+struct Counted<'a, T> {
+    inner: &'a mut T,
+    counters: &'a [&'a Counter],
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            for c in self.counters {
+                c.inc_by(n as u64);
+            }
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Bytes moved each way by [`relay`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+}
+
+/// Copies `client` ⇄ `server` until both directions have finished. When one
+/// side closes its write half, the other side's write half is shut down too
+/// (half-close). On an error (typically a reset) both sockets are closed
+/// with a reset, so the peers see what they would have seen without the
+/// proxy.
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
+    buffer_size: usize,
+    client_sent: &[&Counter],
+    server_sent: &[&Counter],
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Reset,
+    S: AsyncRead + AsyncWrite + Unpin + Reset,
+{
+    let result = {
+        let mut c = Counted {
+            inner: &mut *client,
+            counters: client_sent,
+        };
+        let mut s = Counted {
+            inner: &mut *server,
+            counters: server_sent,
+        };
+        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, buffer_size, buffer_size).await
+    };
+    match result {
+        Ok((up, down)) => Ok(Relayed {
+            client_to_server: up,
+            server_to_client: down,
+        }),
+        Err(e) => {
+            client.reset();
+            server.reset();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The tunnel's server end: accept, check the first bytes are TLS, the
+//! mutual-TLS handshake, the client's SPIFFE ID, then HTTP/2; each
+//! `CONNECT <addr>` stream goes to the [`Destinations`] (the inbound
+//! proxy), which decides, connects and relays. On shutdown: GOAWAY, and
+//! open streams finish within the grace period.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use nodemesh_core::{identity::Identity, labels::Direction};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{TunnelConfig, TunnelError, TunnelMetrics, h2, tls};
+use crate::{
+    identity::CertStore,
+    proxy::{
+        accept::{Drain, accept_loop},
+        relay::TunnelStream,
+    },
+};
+
+/// One CONNECT stream, as the server authenticated it.
+#[derive(Clone, Debug)]
+pub struct StreamRequest {
+    /// The client's SPIFFE ID (from its certificate).
+    pub client: Arc<str>,
+    /// The identity the client asked for (SNI), whose certificate this
+    /// server presented.
+    pub served: Option<Identity>,
+    /// Where the stream goes.
+    pub dst: SocketAddr,
+}
+
+/// What carries an accepted stream's bytes once the client has its answer.
+pub type Delivery = Box<dyn FnOnce(TunnelStream) -> BoxFuture<'static, ()> + Send>;
+
+/// Where the tunnel's streams go (the inbound proxy).
+pub trait Destinations: Send + Sync + 'static {
+    /// Whether `client` may use the tunnel at all; `Err` says why not.
+    fn admit(&self, client: &str) -> Result<(), String>;
+
+    /// Opens a stream's destination. `Err` is why it cannot be served:
+    /// `UnknownDestination` (404) or `Connect` (502); the client resets
+    /// its app's connection either way.
+    fn open(
+        self: Arc<Self>,
+        req: StreamRequest,
+    ) -> BoxFuture<'static, Result<Delivery, TunnelError>>;
+}
+
+/// The node's tunnel endpoint.
+pub struct TunnelServer {
+    cfg: TunnelConfig,
+    store: Arc<CertStore>,
+    metrics: TunnelMetrics,
+    acceptor: TlsAcceptor,
+    destinations: Arc<dyn Destinations>,
+    drain: Drain,
+}
+
+impl TunnelServer {
+    pub fn new(
+        cfg: TunnelConfig,
+        store: Arc<CertStore>,
+        metrics: TunnelMetrics,
+        destinations: Arc<dyn Destinations>,
+        drain: Drain,
+    ) -> Result<Self, rustls::Error> {
+        let tls = tls::server_config(&store, &metrics)?;
+        Ok(Self {
+            cfg,
+            store,
+            metrics,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            destinations,
+            drain,
+        })
+    }
+
+    /// Serves `listener` until `stop`; connections and streams in flight
+    /// carry on (they are on the drain).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        info!(addr = ?listener.local_addr().ok(), "tunnel listening");
+        accept_loop(&listener, None, &stop, "tunnel", |tcp, peer, _| {
+            let this = self.clone();
+            let stop = stop.clone();
+            self.drain.spawn(
+                async move { this.connection(tcp, stop).await }
+                    .instrument(info_span!("tunnel_inbound", %peer)),
+            );
+        })
+        .await;
+    }
+
+    fn refuse(&self, reason: TunnelError) {
+        self.metrics.error(Direction::Inbound, reason);
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, stop: CancellationToken) {
+        let _ = tcp.set_nodelay(true);
+        let timeout = self.cfg.handshake_timeout;
+        // A TLS connection starts with a handshake record (0x16).
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 0x16 => {}
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {
+                warn!(reason = %TunnelError::NotTls, "refused a connection to the tunnel port: not TLS (plaintext or garbage)");
+                return self.refuse(TunnelError::NotTls);
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "tunnel connection failed before the handshake");
+                return;
+            }
+            Err(_) => {
+                warn!(reason = %TunnelError::Handshake, "refused a connection to the tunnel port: no handshake within the timeout");
+                return self.refuse(TunnelError::Handshake);
+            }
+        }
+        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) if tls::is_unknown_server_name(&e) => {
+                // No certificate for the SNI: counted by the resolver.
+                debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Ok(Err(e)) => {
+                let reason = tls::classify(&e);
+                warn!(%reason, error = %e, "refused a tunnel connection: TLS handshake failed");
+                return self.refuse(reason);
+            }
+            Err(_) => {
+                warn!(reason = %TunnelError::Handshake, "refused a tunnel connection: TLS handshake timed out");
+                return self.refuse(TunnelError::Handshake);
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let Some(client) = tls::peer_spiffe(session.peer_certificates()) else {
+            warn!(reason = %TunnelError::WrongIdentity, "refused a tunnel connection: the client certificate holds no SPIFFE ID");
+            return self.refuse(TunnelError::WrongIdentity);
+        };
+        if let Err(why) = self.destinations.admit(&client) {
+            warn!(%client, reason = %TunnelError::PolicyDenied, %why, "refused a tunnel connection");
+            return self.refuse(TunnelError::PolicyDenied);
+        }
+        let served = session
+            .server_name()
+            .and_then(|n| Identity::parse_dns_name(n, self.store.trust_domain()));
+        self.metrics.connection(Direction::Inbound);
+        debug!(%client, "tunnel connection accepted");
+        let this = self.clone();
+        let client: Arc<str> = client.into();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let client = client.clone();
+            let served = served.clone();
+            async move { Ok::<_, Infallible>(this.stream(req, client, served).await) }
+        });
+        let builder = h2::server();
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                // GOAWAY: no new streams; the open ones finish.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "tunnel connection ended with an error");
+        }
+    }
+
+    /// Answers one CONNECT; the relay runs in its own task.
+    async fn stream(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: Arc<str>,
+        served: Option<Identity>,
+    ) -> Response<Empty<Bytes>> {
+        let status = |code| {
+            let mut r = Response::new(Empty::new());
+            *r.status_mut() = code;
+            r
+        };
+        let dst: Option<SocketAddr> = (req.method() == Method::CONNECT)
+            .then(|| req.uri().authority()?.as_str().parse().ok())
+            .flatten();
+        let Some(dst) = dst else {
+            warn!(%client, method = %req.method(), uri = %req.uri(), reason = %TunnelError::BadRequest, "refused a tunnel stream: not a CONNECT to an address");
+            self.refuse(TunnelError::BadRequest);
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let open = self.destinations.clone().open(StreamRequest {
+            client: client.clone(),
+            served,
+            dst,
+        });
+        // The destination is connected before the answer: a refused one
+        // becomes an error status, which the client turns into a reset.
+        let deliver = match open.await {
+            Ok(deliver) => deliver,
+            Err(reason) => {
+                self.refuse(reason);
+                return status(match reason {
+                    TunnelError::UnknownDestination => StatusCode::NOT_FOUND,
+                    _ => StatusCode::BAD_GATEWAY,
+                });
+            }
+        };
+        self.metrics.stream(Direction::Inbound);
+        let upgrade = hyper::upgrade::on(req);
+        let span = info_span!("tunnel_stream", %client, %dst);
+        self.drain.spawn(
+            async move {
+                match upgrade.await {
+                    Ok(upgraded) => deliver(TokioIo::new(upgraded)).await,
+                    Err(e) => debug!(error = %e, "tunnel stream upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+        status(StatusCode::OK)
+    }
+}

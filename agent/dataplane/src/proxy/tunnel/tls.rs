@@ -1,0 +1,146 @@
+//! TLS for the tunnel: TLS 1.3 only, mutual, certificates from the
+//! agent's store, no session resumption (a resumed session would skip
+//! checking the peer's current certificate), and what a failed handshake
+//! means as a metric label.
+use std::sync::Arc;
+
+use nodemesh_core::{
+    identity::Identity,
+    labels::Direction,
+    pki::{self, provider},
+};
+use rustls::{
+    ClientConfig, ServerConfig,
+    client::ResolvesClientCert,
+    pki_types::CertificateDer,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use tracing::warn;
+
+use super::{TunnelError, TunnelMetrics};
+use crate::identity::CertStore;
+
+/// ALPN: the tunnel speaks HTTP/2 only.
+const ALPN: &[u8] = b"h2";
+
+/// The SPIFFE ID in a peer's leaf certificate.
+pub fn peer_spiffe(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    pki::cert_info(certs?.first()?).ok()?.spiffe_id
+}
+
+/// Classifies a failed handshake.
+pub fn classify(e: &std::io::Error) -> TunnelError {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => TunnelError::ExpiredCertificate,
+        Some(Error::InvalidCertificate(_)) => TunnelError::UntrustedCertificate,
+        Some(Error::NoCertificatesPresented) => TunnelError::NoClientCertificate,
+        Some(Error::InvalidMessage(_)) => TunnelError::NotTls,
+        Some(Error::AlertReceived(rustls::AlertDescription::BadCertificate))
+        | Some(Error::AlertReceived(rustls::AlertDescription::UnknownCA)) => {
+            TunnelError::UntrustedCertificate
+        }
+        Some(Error::AlertReceived(rustls::AlertDescription::CertificateExpired)) => {
+            TunnelError::ExpiredCertificate
+        }
+        _ => TunnelError::Handshake,
+    }
+}
+
+/// Whether a failed handshake was the SNI resolver finding no certificate
+/// (already logged and counted there).
+pub fn is_unknown_server_name(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::General(_))
+    )
+}
+
+/// The server's settings: client certificates required and checked
+/// against the trust anchors; the server's own picked by SNI.
+pub fn server_config(
+    store: &Arc<CertStore>,
+    metrics: &TunnelMetrics,
+) -> Result<ServerConfig, rustls::Error> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(store.roots(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut tls = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SniResolver {
+            store: store.clone(),
+            metrics: metrics.clone(),
+        }));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Every connection is a full handshake: a resumed session would skip
+    // checking the client's certificate (expiry, renewal).
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    Ok(tls)
+}
+
+/// A client's settings for presenting `src`'s current certificate.
+pub fn client_config(
+    store: &Arc<CertStore>,
+    src: &Identity,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store.roots())
+        .with_client_cert_resolver(Arc::new(SourceCert {
+            store: store.clone(),
+            id: src.clone(),
+        }));
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Full handshakes only: a renewed certificate must really be used.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
+}
+
+/// Picks the certificate of the identity named in SNI.
+#[derive(Debug)]
+struct SniResolver {
+    store: Arc<CertStore>,
+    metrics: TunnelMetrics,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name();
+        let key = name
+            .and_then(|n| Identity::parse_dns_name(n, self.store.trust_domain()))
+            .and_then(|id| self.store.current(&id))
+            .map(|c| c.key);
+        if key.is_none() {
+            warn!(sni = ?name, reason = %TunnelError::UnknownServerName, "refused a tunnel connection: no certificate here for the identity the client asked for");
+            self.metrics
+                .error(Direction::Inbound, TunnelError::UnknownServerName);
+        }
+        key
+    }
+}
+
+/// Presents one identity's current certificate.
+#[derive(Debug)]
+struct SourceCert {
+    store: Arc<CertStore>,
+    id: Identity,
+}
+
+impl ResolvesClientCert for SourceCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.store.current(&self.id).map(|c| c.key)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,640 @@
+//! Redirect: the eBPF half of the data path. Loads the programs embedded in
+//! the binary, pins their maps and links under one directory on bpffs,
+//! attaches them, and gives the rest of the agent what it needs: capturing a
+//! pod (its cgroup gets `connect4`), releasing it, and reading the original
+//! destination of an accepted connection.
+//!
+//! Restarts: maps and links are pinned, so they outlive the agent. A new
+//! agent loads the programs again, reuses the pinned maps (in-flight entries
+//! and sockets stay), and swaps its programs into the pinned links with
+//! `BPF_LINK_UPDATE`: there is no moment where a meshed pod's connections
+//! bypass the mesh. Maps of another layout version live in a sibling
+//! directory and are removed once the new one is in place.
+//!
+//! ```text
+//! <pin dir>/v<layout>/maps/NM_*            pinned maps
+//! <pin dir>/v<layout>/links/sock_ops       sock_ops at the cgroup root
+//! <pin dir>/v<layout>/links/pods/<uid>     connect4 at each captured pod's cgroup
+//! ```
+pub mod logs;
+mod sys;
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, PerCpuHashMap, SockHash,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
+};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
+use nodemesh_common::{
+    self as common, Config, FLAG_FAST_PATH, FastPathKey, OrigDst, SockKey, TO_APP, TO_PROXY,
+};
+use tracing::{debug, info, warn};
+
+use nodemesh_core::names::PodUid;
+
+use crate::cgroup::CgroupDir;
+
+pub use nodemesh_common::LAYOUT_VERSION;
+
+/// The compiled eBPF object (agent/build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh-ebpf"));
+
+/// Where bpffs is mounted on a node.
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error(
+        "{path} is not on a bpf file system: mount one (mount -t bpf bpf {BPFFS}) or choose another --bpffs"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("cannot mount bpffs at {BPFFS}: {source}")]
+    Mount { source: nix::Error },
+    #[error("{path} is held by a running agent: stop it first")]
+    Busy { path: PathBuf },
+    #[error(
+        "cannot load the eBPF object: {0}; does this kernel have BTF and allow BPF (CAP_BPF, CAP_NET_ADMIN)?"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot attach {program} to cgroup {cgroup}: {source}; is cgroup v2 mounted there?")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RedirectError + use<> {
+    let path = path.to_owned();
+    move |source| RedirectError::Io { what, path, source }
+}
+
+/// What `install` needs to know.
+#[derive(Clone, Debug)]
+pub struct RedirectConfig {
+    /// Base directory on bpffs for everything pinned.
+    pub pin_dir: PathBuf,
+    /// The cgroup `sock_ops` attaches to: above every pod and the agent.
+    pub cgroup_root: PathBuf,
+    /// The outbound listener's port inside each pod's netns.
+    pub outbound_port: u16,
+    /// Move app↔proxy bytes socket-to-socket.
+    pub fast_path: bool,
+    /// IPv4 destinations never redirected (address, prefix length).
+    pub bypass_nets: Vec<(Ipv4Addr, u8)>,
+    /// Destination ports never redirected.
+    pub bypass_ports: Vec<u16>,
+    /// The agent's own cgroup id.
+    pub agent_cgroup: u64,
+    /// aya-log level for the programs (0 off … 5 trace).
+    pub log_level: u8,
+}
+
+/// Pin paths for one layout version.
+#[derive(Clone, Debug)]
+struct Layout {
+    base: PathBuf,
+    root: PathBuf,
+}
+
+impl Layout {
+    fn new(base: &Path) -> Self {
+        Self {
+            base: base.to_owned(),
+            root: base.join(format!("v{}", common::LAYOUT_VERSION)),
+        }
+    }
+    fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    fn sock_ops_link(&self) -> PathBuf {
+        self.root.join("links/sock_ops")
+    }
+    fn pods(&self) -> PathBuf {
+        self.root.join("links/pods")
+    }
+    fn pod_link(&self, uid: &PodUid) -> PathBuf {
+        self.pods().join(uid.as_str())
+    }
+}
+
+/// Fast-path byte counts of one pod netns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPathBytes {
+    pub to_proxy: u64,
+    pub to_app: u64,
+}
+
+/// The loaded programs and the maps the agent uses while running.
+pub struct Redirect {
+    layout: Layout,
+    ebpf: Mutex<Ebpf>,
+    orig_dst: Mutex<HashMap<MapData, u64, OrigDst>>,
+    fastpath: Mutex<PerCpuHashMap<MapData, FastPathKey, u64>>,
+    /// Shared lock on the pin directory: `cleanup` refuses while it is held.
+    lock: Flock<File>,
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("pins", &self.layout.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Forwards the programs' aya-log records into the agent's log.
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+impl Redirect {
+    /// Loads, pins and attaches everything; reuses what an earlier agent
+    /// pinned. Returns the logger whose records must be flushed from a task.
+    pub fn install(cfg: &RedirectConfig) -> Result<(Self, EbpfLogger), RedirectError> {
+        let layout = Layout::new(&cfg.pin_dir);
+        ensure_bpffs(&cfg.pin_dir)?;
+        for dir in [layout.maps(), layout.pods()] {
+            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        }
+        let lock =
+            lock(&layout.base, FlockArg::LockSharedNonblock).map_err(|_| RedirectError::Busy {
+                path: layout.base.clone(),
+            })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(layout.maps())
+            .override_global("AYA_LOG_LEVEL", &cfg.log_level, false)
+            .load(OBJECT)?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| RedirectError::Io {
+            what: "cannot read the eBPF log buffer of",
+            path: layout.root.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+
+        write_config(&mut ebpf, cfg)?;
+        sync_bypass(&mut ebpf, cfg)?;
+
+        // sk_msg first: sockets that sock_ops adds meet the new program.
+        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, common::MAP_SOCKS)?;
+        {
+            let prog: &mut SkMsg = program(&mut ebpf, common::PROG_SK_MSG)?;
+            prog.load().map_err(prog_err(common::PROG_SK_MSG))?;
+            let id = prog
+                .attach(socks.fd())
+                .map_err(prog_err(common::PROG_SK_MSG))?;
+            // The attachment lives as long as the pinned map, not this
+            // process: keep it when the agent exits.
+            let link = prog.take_link(id).map_err(prog_err(common::PROG_SK_MSG))?;
+            std::mem::forget(link);
+        }
+
+        let root = CgroupDir::open(&cfg.cgroup_root).map_err(|e| RedirectError::Io {
+            what: "cannot open the cgroup root",
+            path: cfg.cgroup_root.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        {
+            let prog: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
+            prog.load().map_err(prog_err(common::PROG_SOCK_OPS))?;
+            let path = layout.sock_ops_link();
+            let prog_fd = prog.fd().map_err(prog_err(common::PROG_SOCK_OPS))?;
+            if !update_pinned_link(&path, prog_fd.as_fd(), root.id())? {
+                // Links take no attach flags (the kernel wants 0) and always
+                // coexist with other programs on the cgroup.
+                let id = prog
+                    .attach(root.file(), CgroupAttachMode::Single)
+                    .map_err(|source| RedirectError::Attach {
+                        program: common::PROG_SOCK_OPS,
+                        cgroup: root.path().to_owned(),
+                        source,
+                    })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(prog_err(common::PROG_SOCK_OPS))?;
+                let link = FdLink::try_from(link).map_err(link_err(common::PROG_SOCK_OPS))?;
+                link.pin(&path).map_err(|source| RedirectError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                info!(cgroup = %root.path().display(), "sock_ops attached");
+            }
+        }
+
+        {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, common::PROG_CONNECT4)?;
+            prog.load().map_err(prog_err(common::PROG_CONNECT4))?;
+            // Pods captured by an earlier agent run the new program from now on.
+            let prog_fd = prog.fd().map_err(prog_err(common::PROG_CONNECT4))?;
+            let pods = layout.pods();
+            for entry in fs::read_dir(&pods).map_err(io_err("cannot list", &pods))? {
+                let path = entry.map_err(io_err("cannot list", &pods))?.path();
+                match sys::obj_get(&path)
+                    .and_then(|link| sys::link_update(link.as_fd(), prog_fd.as_fd()))
+                {
+                    Ok(()) => debug!(pin = %path.display(), "connect4 link adopted"),
+                    Err(e) => {
+                        warn!(pin = %path.display(), error = %e, "stale connect4 pin removed");
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+
+        let orig_dst = take_map(&mut ebpf, common::MAP_ORIG_DST)?;
+        let fastpath = take_map(&mut ebpf, common::MAP_FASTPATH)?;
+        drop(socks);
+        remove_other_layouts(&layout);
+        info!(
+            pins = %layout.root.display(),
+            fast_path = cfg.fast_path,
+            adopted_pods = adopted(&layout).len(),
+            "eBPF programs loaded and attached"
+        );
+        Ok((
+            Self {
+                layout,
+                ebpf: Mutex::new(ebpf),
+                orig_dst: Mutex::new(orig_dst),
+                fastpath: Mutex::new(fastpath),
+                lock,
+            },
+            logger,
+        ))
+    }
+
+    /// Pods whose `connect4` link is pinned (captured by this or an earlier
+    /// agent).
+    pub fn captured(&self) -> BTreeSet<PodUid> {
+        adopted(&self.layout)
+    }
+
+    /// Attaches `connect4` to the pod's cgroup (or keeps the pinned link if
+    /// it is already attached there). From now on the pod's new TCP
+    /// connections go to its outbound listener.
+    pub fn capture(&self, uid: &PodUid, cgroup: &CgroupDir) -> Result<(), RedirectError> {
+        let path = self.layout.pod_link(uid);
+        if let Ok(link) = sys::obj_get(&path) {
+            match sys::link_cgroup_id(link.as_fd()) {
+                Ok(id) if id == cgroup.id() => return Ok(()),
+                _ => {
+                    // Pinned for a cgroup that is gone or different.
+                    fs::remove_file(&path).map_err(io_err("cannot unpin", &path))?;
+                }
+            }
+        }
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, common::PROG_CONNECT4)?;
+        let id = prog
+            .attach(cgroup.file(), CgroupAttachMode::Single)
+            .map_err(|source| RedirectError::Attach {
+                program: common::PROG_CONNECT4,
+                cgroup: cgroup.path().to_owned(),
+                source,
+            })?;
+        let link = prog
+            .take_link(id)
+            .map_err(prog_err(common::PROG_CONNECT4))?;
+        let link = FdLink::try_from(link).map_err(link_err(common::PROG_CONNECT4))?;
+        // If pinning fails the link is dropped here, which detaches it:
+        // nothing stays half-attached.
+        link.pin(&path)
+            .map_err(|source| RedirectError::Pin { path, source })?;
+        Ok(())
+    }
+
+    /// Detaches `connect4` from the pod's cgroup. Connections already made
+    /// are not affected.
+    pub fn release(&self, uid: &PodUid) -> Result<(), RedirectError> {
+        let path = self.layout.pod_link(uid);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("cannot unpin", &path)(e)),
+        }
+    }
+
+    /// The original destination of the accepted connection whose socket has
+    /// `cookie`; the entry is consumed.
+    pub fn take_orig_dst(&self, cookie: u64) -> Option<SocketAddrV4> {
+        let mut map = self.orig_dst.lock().unwrap_or_else(|p| p.into_inner());
+        let orig = map.get(&cookie, 0).ok()?;
+        let _ = map.remove(&cookie);
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip4.to_ne_bytes()),
+            orig.port as u16,
+        ))
+    }
+
+    /// Bytes `sk_msg` carried for the pod whose netns has `netns_cookie`.
+    pub fn fastpath_bytes(&self, netns_cookie: u64) -> FastPathBytes {
+        let map = self.fastpath.lock().unwrap_or_else(|p| p.into_inner());
+        let sum = |to| {
+            map.get(
+                &FastPathKey {
+                    netns: netns_cookie,
+                    to,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map(|per_cpu| per_cpu.iter().sum::<u64>())
+            .unwrap_or(0)
+        };
+        FastPathBytes {
+            to_proxy: sum(TO_PROXY),
+            to_app: sum(TO_APP),
+        }
+    }
+
+    /// Drops the fast-path counters of a netns that is no longer captured.
+    pub fn forget_fastpath(&self, netns_cookie: u64) {
+        let mut map = self.fastpath.lock().unwrap_or_else(|p| p.into_inner());
+        for to in [TO_PROXY, TO_APP] {
+            let _ = map.remove(&FastPathKey {
+                netns: netns_cookie,
+                to,
+                _pad: 0,
+            });
+        }
+    }
+}
+
+impl Redirect {
+    /// Detaches and unpins everything, unless another agent also holds the
+    /// pin directory (then nothing is touched and `false` returned).
+    pub fn uninstall(&self) -> Result<bool, RedirectError> {
+        if self.lock.relock(FlockArg::LockExclusiveNonblock).is_err() {
+            return Ok(false);
+        }
+        remove_pins(&self.layout.base)?;
+        Ok(true)
+    }
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub pod_links: usize,
+    pub removed: bool,
+}
+
+/// Detaches every program and removes every pin under `pin_dir`. Refuses
+/// while an agent holds the directory.
+pub fn cleanup(pin_dir: &Path) -> Result<CleanupReport, RedirectError> {
+    let mut report = CleanupReport::default();
+    if !pin_dir.exists() {
+        return Ok(report);
+    }
+    let _lock =
+        lock(pin_dir, FlockArg::LockExclusiveNonblock).map_err(|_| RedirectError::Busy {
+            path: pin_dir.to_owned(),
+        })?;
+    let layout = Layout::new(pin_dir);
+    report.pod_links = adopted(&layout).len();
+    // Unpinning a link that no process holds detaches it; removing a pinned
+    // map frees it once no program uses it.
+    remove_pins(pin_dir)?;
+    report.removed = true;
+    Ok(report)
+}
+
+/// Removes the pinned objects and directories under `dir`, then `dir`.
+fn remove_pins(dir: &Path) -> Result<(), RedirectError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("cannot remove", dir)(e)),
+    }
+}
+
+fn adopted(layout: &Layout) -> BTreeSet<PodUid> {
+    fs::read_dir(layout.pods())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| PodUid::new(&e.file_name().to_string_lossy()).ok())
+        .collect()
+}
+
+fn remove_other_layouts(layout: &Layout) {
+    let Ok(entries) = fs::read_dir(&layout.base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if path != layout.root && name.starts_with('v') && name[1..].parse::<u32>().is_ok() {
+            match remove_pins(&path) {
+                Ok(()) => {
+                    info!(pins = %path.display(), "eBPF state of another layout version removed")
+                }
+                Err(e) => warn!(pins = %path.display(), error = %e, "cannot remove old eBPF state"),
+            }
+        }
+    }
+}
+
+/// If a link is pinned at `path` and attached to cgroup `cgroup_id`, make it
+/// run `prog` and return true. A link pinned for another cgroup is removed.
+fn update_pinned_link(
+    path: &Path,
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup_id: u64,
+) -> Result<bool, RedirectError> {
+    let Ok(link) = sys::obj_get(path) else {
+        return Ok(false);
+    };
+    match sys::link_cgroup_id(link.as_fd()) {
+        Ok(id) if id == cgroup_id => {
+            sys::link_update(link.as_fd(), prog).map_err(io_err("cannot update link", path))?;
+            debug!(pin = %path.display(), "link adopted");
+            Ok(true)
+        }
+        _ => {
+            warn!(pin = %path.display(), "pinned link belongs to another cgroup; replacing it");
+            fs::remove_file(path).map_err(io_err("cannot unpin", path))?;
+            Ok(false)
+        }
+    }
+}
+
+fn write_config(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), RedirectError> {
+    let map = ebpf
+        .map_mut(common::MAP_CONFIG)
+        .ok_or(RedirectError::MissingMap(common::MAP_CONFIG))?;
+    let mut config: Array<&mut MapData, Config> =
+        Array::try_from(map).map_err(map_err(common::MAP_CONFIG))?;
+    let value = Config {
+        outbound_port: cfg.outbound_port.into(),
+        flags: if cfg.fast_path { FLAG_FAST_PATH } else { 0 },
+        agent_cgroup: cfg.agent_cgroup,
+    };
+    config.set(0, value, 0).map_err(map_err(common::MAP_CONFIG))
+}
+
+/// Makes the bypass maps hold exactly what the configuration says.
+fn sync_bypass(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), RedirectError> {
+    {
+        let map = ebpf
+            .map_mut(common::MAP_BYPASS_NETS)
+            .ok_or(RedirectError::MissingMap(common::MAP_BYPASS_NETS))?;
+        let mut nets: LpmTrie<&mut MapData, u32, u8> =
+            LpmTrie::try_from(map).map_err(map_err(common::MAP_BYPASS_NETS))?;
+        let want: Vec<(u32, u32)> = cfg
+            .bypass_nets
+            .iter()
+            .map(|(ip, len)| (u32::from(*len), u32::from_ne_bytes(ip.octets())))
+            .collect();
+        let stale: Vec<Key<u32>> = nets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            let _ = nets.remove(&key);
+        }
+        for (len, data) in want {
+            nets.insert(&Key::new(len, data), 1, 0)
+                .map_err(map_err(common::MAP_BYPASS_NETS))?;
+        }
+    }
+    let map = ebpf
+        .map_mut(common::MAP_BYPASS_PORTS)
+        .ok_or(RedirectError::MissingMap(common::MAP_BYPASS_PORTS))?;
+    let mut ports: HashMap<&mut MapData, u32, u8> =
+        HashMap::try_from(map).map_err(map_err(common::MAP_BYPASS_PORTS))?;
+    let want: Vec<u32> = cfg.bypass_ports.iter().map(|p| u32::from(*p)).collect();
+    let stale: Vec<u32> = ports
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|p| !want.contains(p))
+        .collect();
+    for port in stale {
+        let _ = ports.remove(&port);
+    }
+    for port in want {
+        ports
+            .insert(port, 1, 0)
+            .map_err(map_err(common::MAP_BYPASS_PORTS))?;
+    }
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(RedirectError::MissingProgram(name))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.take_map(name)
+        .ok_or(RedirectError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err(name))
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { name, source }
+}
+
+fn link_err(name: &'static str) -> impl Fn(aya::programs::links::LinkError) -> RedirectError {
+    move |source| RedirectError::Link { name, source }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+/// Locks the pin directory (`flock` works on directories).
+fn lock(dir: &Path, arg: FlockArg) -> Result<Flock<File>, RedirectError> {
+    let file = File::open(dir).map_err(io_err("cannot open", dir))?;
+    Flock::lock(file, arg).map_err(|(_, errno)| RedirectError::Io {
+        what: "cannot lock",
+        path: dir.to_owned(),
+        source: errno.into(),
+    })
+}
+
+/// Makes sure `pin_dir` is on bpffs, mounting one at /sys/fs/bpf if that is
+/// where it belongs and nothing is mounted there yet.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
+    let on_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if on_bpffs(existing) {
+        return Ok(());
+    }
+    let bpffs = Path::new(BPFFS);
+    if pin_dir.starts_with(bpffs) && !on_bpffs(bpffs) {
+        fs::create_dir_all(bpffs).map_err(io_err("cannot create", bpffs))?;
+        mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| RedirectError::Mount { source })?;
+        info!(path = BPFFS, "mounted bpffs");
+        return Ok(());
+    }
+    Err(RedirectError::NotBpffs {
+        path: pin_dir.to_owned(),
+    })
+}

@@ -1,0 +1,176 @@
+//! Pods as the state store keeps them: what discovery learnt ([`PodInfo`]),
+//! plus what the store resolves once per change, never per connection (the
+//! validated identity, whether the pod is meshed).
+use std::{net::IpAddr, ops::Deref, path::PathBuf, time::SystemTime};
+
+use nodemesh_core::{
+    identity::{Identity, SpiffeId},
+    names::{MeshLabel, PodUid},
+};
+
+use crate::cgroup::QosClass;
+
+/// Where a pod's cgroup is, below the agent's cgroup root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupRef {
+    /// This path, relative to the root.
+    Path(PathBuf),
+    /// Wherever kubelet put it: found from the pod's UID and QoS class
+    /// (either cgroup driver).
+    Kubelet { qos: Option<QosClass> },
+}
+
+/// What runs the pod: the owner kind (lowercase: `deployment`,
+/// `statefulset`, `daemonset`, `job`, …, or `pod` for a bare pod) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+/// A pod as discovery (the API server, or the pod file) describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    /// The pod's address; a pod is captured only once it has one.
+    pub ip: Option<IpAddr>,
+    /// The node it is scheduled to.
+    pub node: Option<String>,
+    /// Its node's address (`status.hostIP`): where the node's tunnel is.
+    pub host_ip: Option<IpAddr>,
+    /// It runs in its node's network namespace (`spec.hostNetwork`): its
+    /// address is the node's, never a meshed pod's.
+    pub host_network: bool,
+    pub service_account: String,
+    pub workload: Workload,
+    pub cgroup: CgroupRef,
+    /// The pod's netns; when absent, that of a process in its cgroup.
+    pub netns: Option<PathBuf>,
+    /// Its own `nodemesh.io/mesh` label.
+    pub mesh_label: Option<MeshLabel>,
+    /// Its phase is `Succeeded` or `Failed`: its containers are done.
+    pub terminal: bool,
+    /// When it is being deleted: the time by which it is gone
+    /// (`metadata.deletionTimestamp`, which already includes the grace).
+    pub deletion: Option<SystemTime>,
+}
+
+impl PodInfo {
+    /// `namespace/name`, for logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Where the capture of this pod must be redone if it changes.
+    pub fn same_placement(&self, other: &PodInfo) -> bool {
+        self.cgroup == other.cgroup && self.netns == other.netns && self.ip == other.ip
+    }
+
+    /// Whether its containers may still run at `now`: not in a terminal
+    /// phase, and not past its deletion grace.
+    pub fn is_live(&self, now: SystemTime) -> bool {
+        !self.terminal && self.deletion.is_none_or(|gone_by| now < gone_by)
+    }
+
+    /// The address this pod claims as its own, if any: host-network pods
+    /// and finished pods claim none.
+    pub(super) fn claimed_ip(&self) -> Option<IpAddr> {
+        let ip = self.ip?;
+        let on_host = self.host_network || self.host_ip == Some(ip);
+        (!on_host && !self.terminal).then_some(ip)
+    }
+}
+
+/// A pod in the store: [`PodInfo`] and what the store resolved from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    info: PodInfo,
+    identity: Option<SpiffeId>,
+    meshed: bool,
+}
+
+impl Pod {
+    pub(super) fn resolve(info: PodInfo, trust_domain: &str, namespace: Option<MeshLabel>) -> Self {
+        let identity = Identity::new(&info.namespace, &info.service_account)
+            .ok()
+            .map(|id| SpiffeId::new(id, trust_domain));
+        let meshed = nodemesh_core::names::mesh_decision(info.mesh_label, namespace);
+        Self {
+            info,
+            identity,
+            meshed,
+        }
+    }
+
+    /// The same pod with its namespace's label applied again.
+    pub(super) fn with_namespace(&self, namespace: Option<MeshLabel>) -> Self {
+        Self {
+            info: self.info.clone(),
+            identity: self.identity.clone(),
+            meshed: nodemesh_core::names::mesh_decision(self.info.mesh_label, namespace),
+        }
+    }
+
+    /// Its workload identity; `None` when its names are not a valid one
+    /// (the API server never makes such pods).
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        self.identity.as_ref()
+    }
+
+    /// Whether the mesh carries its connections: its own label, else its
+    /// namespace's.
+    pub fn meshed(&self) -> bool {
+        self.meshed
+    }
+
+    pub fn info(&self) -> &PodInfo {
+        &self.info
+    }
+}
+
+impl Deref for Pod {
+    type Target = PodInfo;
+
+    fn deref(&self) -> &PodInfo {
+        &self.info
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_pods {
+    //! Pods for tests of the store and of what reads it.
+    use super::*;
+
+    /// A live, unmeshed pod `ns/name` with `ip` on `node` (host `node_ip`).
+    pub fn pod(ns: &str, name: &str, ip: &str, node: &str, node_ip: &str) -> PodInfo {
+        PodInfo {
+            uid: PodUid::new(&format!("uid-{ns}-{name}")).expect("uid"),
+            namespace: ns.into(),
+            name: name.into(),
+            ip: Some(ip.parse().expect("ip")),
+            node: Some(node.into()),
+            host_ip: Some(node_ip.parse().expect("node ip")),
+            host_network: false,
+            service_account: name.into(),
+            workload: Workload {
+                kind: "pod".into(),
+                name: name.into(),
+            },
+            cgroup: CgroupRef::Kubelet { qos: None },
+            netns: None,
+            mesh_label: None,
+            terminal: false,
+            deletion: None,
+        }
+    }
+
+    /// The same, meshed by its own label.
+    pub fn meshed(ns: &str, name: &str, ip: &str, node: &str, node_ip: &str) -> PodInfo {
+        PodInfo {
+            mesh_label: Some(MeshLabel::Enabled),
+            ..pod(ns, name, ip, node, node_ip)
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Telemetry: the proxy's per-pod TCP families and why connections fail.
+//! Each component registers its own metrics under the `nodemesh_` prefix
+//! (label sets shared with other processes are in `nodemesh_core::labels`);
+//! `admin` serves the registry. Nothing here knows where pods come from.
+//!
+//! Series are per pod and direction (bounded by the pods on the node), and
+//! removed when a pod stops being captured.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use nodemesh_core::{
+    label_values,
+    labels::{PodLabels, Tls},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+label_values! {
+    /// Why the proxy could not reach a connection's destination.
+    pub enum ConnectError {
+        /// The destination refused (RST): nothing listens there.
+        Refused => "refused",
+        /// No route to the destination host or network.
+        Unreachable => "unreachable",
+        /// No answer within the connect timeout.
+        Timeout => "timeout",
+        /// The connection's original destination was not recorded by eBPF.
+        NoOriginalDestination => "no_original_destination",
+        /// The mutual-TLS tunnel to the destination's node failed (see
+        /// `nodemesh_tunnel_errors_total` for why).
+        Tunnel => "tunnel",
+        /// Anything else.
+        Other => "other",
+    }
+}
+
+impl ConnectError {
+    pub fn classify(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                Self::Unreachable
+            }
+            Some(libc::ETIMEDOUT) => Self::Timeout,
+            _ if e.kind() == std::io::ErrorKind::TimedOut => Self::Timeout,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Distinct peer identities kept per pod and direction in the peer series;
+/// connections with more peers than that count as `peer_identity="other"`.
+pub const MAX_PEERS_PER_POD: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    tls: Tls,
+    /// The other end's SPIFFE ID; empty when it has none (not meshed).
+    peer_identity: String,
+}
+
+type PeerKeys = Arc<Mutex<HashMap<PodLabels, HashSet<(Tls, String)>>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectErrorLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    reason: ConnectError,
+}
+
+/// The proxy's TCP families.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    open: Family<PodLabels, Counter>,
+    close: Family<PodLabels, Counter>,
+    open_now: Family<PodLabels, Gauge>,
+    sent: Family<PodLabels, Counter>,
+    received: Family<PodLabels, Counter>,
+    connect_errors: Family<ConnectErrorLabels, Counter>,
+    peers: Family<PeerLabels, Counter>,
+    peer_keys: PeerKeys,
+}
+
+impl TcpMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            open: Family::default(),
+            close: Family::default(),
+            open_now: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            connect_errors: Family::default(),
+            peers: Family::default(),
+            peer_keys: PeerKeys::default(),
+        };
+        registry.register(
+            "tcp_open",
+            "TCP connections the proxy accepted for a meshed pod",
+            m.open.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "TCP connections the proxy finished for a meshed pod",
+            m.close.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open through the proxy now",
+            m.open_now.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_sent",
+            "Bytes the meshed pod sent through the proxy",
+            prometheus_client::registry::Unit::Bytes,
+            m.sent.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_received",
+            "Bytes the proxy delivered to the meshed pod",
+            prometheus_client::registry::Unit::Bytes,
+            m.received.clone(),
+        );
+        registry.register(
+            "tcp_connect_errors",
+            "Connections the proxy could not make to their destination, by reason",
+            m.connect_errors.clone(),
+        );
+        registry.register(
+            "tcp_peer_open",
+            "TCP connections the proxy accepted for a meshed pod, by TLS and the peer's SPIFFE identity",
+            m.peers.clone(),
+        );
+        m
+    }
+
+    /// Handles for one pod and direction, so the hot path never hashes labels.
+    pub fn pod(&self, labels: PodLabels) -> PodTcpMetrics {
+        PodTcpMetrics {
+            open: self.open.get_or_create_owned(&labels),
+            close: self.close.get_or_create_owned(&labels),
+            open_now: self.open_now.get_or_create_owned(&labels),
+            sent: self.sent.get_or_create_owned(&labels),
+            received: self.received.get_or_create_owned(&labels),
+            connect_errors: self.connect_errors.clone(),
+            peers: self.peers.clone(),
+            peer_keys: self.peer_keys.clone(),
+            labels,
+        }
+    }
+
+    /// Forgets a pod's series.
+    pub fn remove(&self, labels: &PodLabels) {
+        self.open.remove(labels);
+        self.close.remove(labels);
+        self.open_now.remove(labels);
+        self.sent.remove(labels);
+        self.received.remove(labels);
+        let peers = self
+            .peer_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(labels);
+        for (tls, peer_identity) in peers.into_iter().flatten() {
+            self.peers.remove(&PeerLabels {
+                pod: labels.clone(),
+                tls,
+                peer_identity,
+            });
+        }
+        for &reason in ConnectError::ALL {
+            self.connect_errors.remove(&ConnectErrorLabels {
+                pod: labels.clone(),
+                reason,
+            });
+        }
+    }
+}
+
+/// One pod's TCP counters.
+#[derive(Clone, Debug)]
+pub struct PodTcpMetrics {
+    labels: PodLabels,
+    open: Counter,
+    close: Counter,
+    open_now: Gauge,
+    /// Bytes the pod sent (read from its socket).
+    pub sent: Counter,
+    /// Bytes delivered to the pod (written to its socket).
+    pub received: Counter,
+    connect_errors: Family<ConnectErrorLabels, Counter>,
+    peers: Family<PeerLabels, Counter>,
+    peer_keys: PeerKeys,
+}
+
+impl PodTcpMetrics {
+    pub fn labels(&self) -> &PodLabels {
+        &self.labels
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn open(&self) -> OpenGuard {
+        self.open.inc();
+        self.open_now.inc();
+        OpenGuard {
+            close: self.close.clone(),
+            open_now: self.open_now.clone(),
+        }
+    }
+
+    /// Counts a connection by TLS state and peer identity (bounded: see
+    /// [`MAX_PEERS_PER_POD`]).
+    pub fn peer_open(&self, tls: bool, peer: Option<&str>) {
+        let tls = Tls::from(tls);
+        let mut key = (tls, peer.unwrap_or_default().to_owned());
+        {
+            let mut keys = self.peer_keys.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = keys.entry(self.labels.clone()).or_default();
+            if !seen.contains(&key) && seen.len() >= MAX_PEERS_PER_POD {
+                key.1 = "other".into();
+            }
+            seen.insert(key.clone());
+        }
+        self.peers
+            .get_or_create(&PeerLabels {
+                pod: self.labels.clone(),
+                tls: key.0,
+                peer_identity: key.1,
+            })
+            .inc();
+    }
+
+    pub fn connect_error(&self, reason: ConnectError) {
+        self.connect_errors
+            .get_or_create(&ConnectErrorLabels {
+                pod: self.labels.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// Counts the close of a connection when dropped, whatever path ends it.
+#[derive(Debug)]
+pub struct OpenGuard {
+    close: Counter,
+    open_now: Gauge,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.close.inc();
+        self.open_now.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_core::{
+        admin::encode,
+        labels::{Direction, PREFIX},
+    };
+
+    use super::*;
+
+    #[test]
+    fn guards_count_open_and_close_and_series_can_be_removed() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let tcp = TcpMetrics::new(&mut registry);
+        let labels = PodLabels {
+            namespace: "demo".into(),
+            workload_kind: "deployment".into(),
+            workload_name: "web".into(),
+            pod: "client".into(),
+            serviceaccount: "web".into(),
+            direction: Direction::Outbound,
+        };
+        let pod = tcp.pod(labels.clone());
+        {
+            let _conn = pod.open();
+            pod.sent.inc_by(5);
+            let text = encode(&registry).unwrap();
+            assert!(text.contains(
+                r#"nodemesh_tcp_open_connections{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#
+            ), "{text}");
+        }
+        pod.connect_error(ConnectError::Refused);
+        pod.peer_open(true, Some("spiffe://cluster.local/ns/demo/sa/db"));
+        let text = encode(&registry).unwrap();
+        for line in [
+            r#"nodemesh_tcp_open_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_close_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 1"#,
+            r#"nodemesh_tcp_open_connections{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 0"#,
+            r#"nodemesh_tcp_sent_bytes_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound"} 5"#,
+            r#"nodemesh_tcp_connect_errors_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound",reason="refused"} 1"#,
+            r#"nodemesh_tcp_peer_open_total{namespace="demo",workload_kind="deployment",workload_name="web",pod="client",serviceaccount="web",direction="outbound",tls="true",peer_identity="spiffe://cluster.local/ns/demo/sa/db"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        tcp.remove(&labels);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("pod=\"client\""), "{text}");
+    }
+
+    #[test]
+    fn peer_series_are_bounded_per_pod() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let tcp = TcpMetrics::new(&mut registry);
+        let labels = PodLabels {
+            namespace: "demo".into(),
+            workload_kind: "pod".into(),
+            workload_name: "p".into(),
+            pod: "p".into(),
+            serviceaccount: "default".into(),
+            direction: Direction::Inbound,
+        };
+        let pod = tcp.pod(labels.clone());
+        for i in 0..MAX_PEERS_PER_POD + 10 {
+            pod.peer_open(true, Some(&format!("spiffe://td/ns/n/sa/s{i}")));
+        }
+        let text = encode(&registry).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("nodemesh_tcp_peer_open_total{"))
+            .count();
+        assert_eq!(series, MAX_PEERS_PER_POD + 1, "{text}");
+        assert!(text.contains(r#"peer_identity="other"} 10"#), "{text}");
+        tcp.remove(&labels);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("nodemesh_tcp_peer_open_total{"), "{text}");
+    }
+
+    #[test]
+    fn connect_errors_are_classified() {
+        let e = |code| std::io::Error::from_raw_os_error(code);
+        assert_eq!(
+            ConnectError::classify(&e(libc::ECONNREFUSED)),
+            ConnectError::Refused
+        );
+        assert_eq!(
+            ConnectError::classify(&e(libc::EHOSTUNREACH)),
+            ConnectError::Unreachable
+        );
+        assert_eq!(
+            ConnectError::classify(&e(libc::ETIMEDOUT)),
+            ConnectError::Timeout
+        );
+        assert_eq!(ConnectError::classify(&e(libc::EPERM)), ConnectError::Other);
+    }
+}

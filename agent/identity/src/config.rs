@@ -1,0 +1,204 @@
+//! The flags of `nodemesh identity`, and the configuration they make once
+//! every one has been checked (all problems reported at once).
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+use nodemesh_core::{
+    config::{ConfigErrors, parse_duration},
+    identity::{Identity, MAX_CERT_LIFETIME, MIN_CERT_LIFETIME},
+    names::is_dns_subdomain,
+    pki::Signer,
+};
+
+/// Flags of `nodemesh identity`.
+#[derive(Args, Clone, Debug)]
+pub struct IdentityArgs {
+    /// Where to serve HTTPS.
+    #[arg(
+        long,
+        env = "NODEMESH_IDENTITY_ADDR",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    pub addr: String,
+
+    /// Where to serve /metrics, /live and /ready.
+    #[arg(
+        long,
+        env = "NODEMESH_ADMIN_ADDR",
+        default_value = "0.0.0.0:9990",
+        value_name = "ADDR"
+    )]
+    pub admin_addr: String,
+
+    /// The issuer certificate (PEM; intermediates may follow it).
+    #[arg(long, env = "NODEMESH_ISSUER_CERT", value_name = "PATH")]
+    pub issuer_certificate_file: PathBuf,
+
+    /// The issuer's private key (PEM).
+    #[arg(long, env = "NODEMESH_ISSUER_KEY", value_name = "PATH")]
+    pub issuer_key_file: PathBuf,
+
+    /// The trust anchors (PEM bundle) the issuer must chain to.
+    #[arg(long, env = "NODEMESH_TRUST_ANCHORS", value_name = "PATH")]
+    pub trust_anchors_file: PathBuf,
+
+    /// The SPIFFE trust domain.
+    #[arg(
+        long,
+        env = "NODEMESH_TRUST_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    pub trust_domain: String,
+
+    /// How long the workload certificates it signs are valid.
+    #[arg(
+        long,
+        env = "NODEMESH_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DURATION"
+    )]
+    pub cert_lifetime: String,
+
+    /// Service accounts (`namespace/name`) whose tokens may ask for
+    /// certificates: the agents'. Repeat or separate with commas.
+    #[arg(
+        long = "agent-service-account",
+        env = "NODEMESH_AGENT_SERVICE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "nodemesh/nodemesh-agent",
+        value_name = "NS/NAME"
+    )]
+    pub agent_service_accounts: Vec<String>,
+
+    /// DNS names of the service's own certificate (what agents dial).
+    /// Repeat or separate with commas.
+    #[arg(
+        long = "server-name",
+        env = "NODEMESH_IDENTITY_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "nodemesh-identity.nodemesh.svc",
+        value_name = "DNS"
+    )]
+    pub server_names: Vec<String>,
+
+    /// kubeconfig to reach the API server (default: in-cluster).
+    #[arg(long, env = "NODEMESH_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct IdentityConfig {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub signer: Signer,
+    pub cert_lifetime: Duration,
+    pub agent_service_accounts: Vec<String>,
+    pub server_names: Vec<String>,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl TryFrom<&IdentityArgs> for IdentityConfig {
+    type Error = ConfigErrors;
+
+    fn try_from(a: &IdentityArgs) -> Result<Self, ConfigErrors> {
+        let mut problems = Vec::new();
+        let addr = a
+            .addr
+            .parse()
+            .map_err(|e| problems.push(format!("--addr {:?}: {e}", a.addr)))
+            .ok();
+        let admin_addr = a
+            .admin_addr
+            .parse()
+            .map_err(|e| problems.push(format!("--admin-addr {:?}: {e}", a.admin_addr)))
+            .ok();
+        let cert_lifetime = match parse_duration(&a.cert_lifetime) {
+            Ok(d) if (MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(&d) => Some(d),
+            Ok(_) => {
+                problems.push(format!(
+                    "--cert-lifetime {:?}: must be between 10s and 7d",
+                    a.cert_lifetime
+                ));
+                None
+            }
+            Err(why) => {
+                problems.push(format!("--cert-lifetime {:?}: {why}", a.cert_lifetime));
+                None
+            }
+        };
+        for sa in &a.agent_service_accounts {
+            match sa.split_once('/') {
+                Some((ns, name)) if Identity::new(ns, name).is_ok() => {}
+                _ => problems.push(format!(
+                    "--agent-service-account {sa:?}: expected namespace/name"
+                )),
+            }
+        }
+        for name in &a.server_names {
+            if !is_dns_subdomain(name) {
+                problems.push(format!("--server-name {name:?}: not a DNS name"));
+            }
+        }
+        if !is_dns_subdomain(&a.trust_domain) {
+            problems.push(format!(
+                "--trust-domain {:?}: not a DNS name",
+                a.trust_domain
+            ));
+        }
+        let read =
+            |flag: &str, path: &PathBuf, problems: &mut Vec<String>| match std::fs::read_to_string(
+                path,
+            ) {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    problems.push(format!("--{flag} {}: {e}", path.display()));
+                    None
+                }
+            };
+        let cert = read(
+            "issuer-certificate-file",
+            &a.issuer_certificate_file,
+            &mut problems,
+        );
+        let key = read("issuer-key-file", &a.issuer_key_file, &mut problems);
+        let anchors = read("trust-anchors-file", &a.trust_anchors_file, &mut problems);
+        let signer = match (cert, key, anchors) {
+            (Some(cert), Some(key), Some(anchors)) => {
+                match Signer::load(&cert, &key, &anchors, &a.trust_domain) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        problems.push(format!("issuer: {e}"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        match (addr, admin_addr, cert_lifetime, signer) {
+            (Some(addr), Some(admin_addr), Some(cert_lifetime), Some(signer))
+                if problems.is_empty() =>
+            {
+                Ok(Self {
+                    addr,
+                    admin_addr,
+                    signer,
+                    cert_lifetime,
+                    agent_service_accounts: a
+                        .agent_service_accounts
+                        .iter()
+                        .map(|sa| {
+                            let (ns, name) = sa.split_once('/').unwrap_or_default();
+                            format!("system:serviceaccount:{ns}:{name}")
+                        })
+                        .collect(),
+                    server_names: a.server_names.clone(),
+                    kubeconfig: a.kubeconfig.clone(),
+                })
+            }
+            _ => Err(ConfigErrors(problems)),
+        }
+    }
+}

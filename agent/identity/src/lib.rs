@@ -1,0 +1,245 @@
+//! `nodemesh identity`: signs workload certificates for node agents. It
+//! depends on `nodemesh-core` only, never on the data plane.
+//!
+//! `POST /v1/certify` over HTTPS, with the agent's service-account token as
+//! a bearer token and `{"namespace", "serviceAccount", "csr"}` as the body.
+//! The service signs only when:
+//! 1. the API server accepts the token (TokenReview, audience
+//!    [`TOKEN_AUDIENCE`](nodemesh_core::identity::TOKEN_AUDIENCE));
+//! 2. it belongs to one of the agents' service accounts;
+//! 3. it is bound to a pod (a projected token), and that pod exists: its
+//!    node is the agent's node;
+//! 4. a pod with the requested service account runs on that node (node
+//!    authorization: an agent gets only the identities of its own pods).
+//!
+//! Any other request gets a clear JSON error and is counted by reason; no
+//! certificate ever leaves with an error. The service's own serving
+//! certificate is signed by the same issuer, so agents trust it through the
+//! trust anchors they already hold.
+mod certify;
+mod config;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use nodemesh_core::{
+    admin::{AdminError, AdminServer, AdminState, Ready},
+    kube::{self as kube_client, KubeError},
+    labels::PREFIX,
+    pki::{self, PkiError},
+};
+use prometheus_client::registry::Registry;
+use rcgen::KeyPair;
+use rustls::{
+    ServerConfig,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::certify::Service;
+pub use crate::config::{IdentityArgs, IdentityConfig};
+
+/// Connections served at once (each request is a TokenReview and a pod
+/// list; agents make one per identity per half-lifetime).
+const MAX_CONNECTIONS: usize = 512;
+/// A connection (handshake, request, answer) must be done within this.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityServiceError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Admin(#[from] AdminError),
+    #[error("{0}")]
+    Kube(#[from] KubeError),
+    #[error("cannot make the serving certificate: {0}")]
+    Pki(#[from] PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the service on its own runtime until SIGTERM or SIGINT: the whole
+/// of `nodemesh identity` once its flags are checked.
+pub fn main(cfg: IdentityConfig) -> Result<(), IdentityServiceError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("nodemesh-identity")
+        .build()
+        .map_err(IdentityServiceError::Runtime)?;
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                info!("shutting down");
+                signals.cancel();
+            }
+        });
+        run(cfg, shutdown).await
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Serves the current serving certificate, renewed in the background.
+#[derive(Debug)]
+struct ServingCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), PkiError> {
+    let key = KeyPair::generate()?;
+    // At least an hour, however short workload certificates are: renewed
+    // at half-life, never left to lapse between renewals.
+    let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
+    let issued = cfg.signer.sign_server(&key, &cfg.server_names, lifetime)?;
+    let left = issued
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Ok((pki::certified_key(&issued, &key)?, left))
+}
+
+/// Runs the service until `shutdown`.
+pub async fn run(
+    cfg: IdentityConfig,
+    shutdown: CancellationToken,
+) -> Result<(), IdentityServiceError> {
+    let client = kube_client::client(cfg.kubeconfig.as_deref()).await?;
+    let mut registry = Registry::with_prefix(PREFIX);
+    let (cert, left) = serving_cert(&cfg)?;
+    let addr = cfg.addr;
+    let service = Arc::new(Service::new(cfg, client, &mut registry));
+    let ready = Ready::default();
+    let admin = AdminServer::start(
+        service.cfg.admin_addr,
+        AdminState {
+            registry: Arc::new(registry),
+            ready: ready.clone(),
+            not_ready: "not ready: starting\n",
+            routes: None,
+        },
+    )?;
+
+    let resolver = Arc::new(ServingCert(RwLock::new(cert)));
+    let mut tls = ServerConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| IdentityServiceError::Bind { addr, source })?;
+    tokio::spawn(renew_serving_cert(
+        service.clone(),
+        resolver,
+        left,
+        shutdown.clone(),
+    ));
+    ready.set();
+    info!(%addr, trust_domain = %service.cfg.signer.trust_domain(), lifetime = ?service.cfg.cert_lifetime, "identity service ready");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(%peer, limit = MAX_CONNECTIONS, "too many connections to the identity service; closing this one");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        warn!(%peer, error = %e, "TLS handshake with a client failed");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%peer, "TLS handshake with a client timed out");
+                        return;
+                    }
+                };
+            let svc = service_fn(move |req| {
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(service.handle(req, peer).await) }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let conn = http.serve_connection(TokioIo::new(tls), svc);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Err(_) => debug!(%peer, "connection closed: open too long"),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "connection ended with an error"),
+            }
+        });
+    }
+    admin.stop();
+    Ok(())
+}
+
+async fn renew_serving_cert(
+    service: Arc<Service>,
+    resolver: Arc<ServingCert>,
+    mut left: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep((left / 2).max(Duration::from_secs(10))) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match serving_cert(&service.cfg) {
+            Ok((cert, l)) => {
+                *resolver.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
+                left = l;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew the serving certificate; retrying in 10s");
+                left = Duration::ZERO;
+            }
+        }
+    }
+}
