@@ -16,7 +16,10 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use nodemesh_core::{identity::Identity, pki::CertInfo};
+use nodemesh_core::{
+    identity::Identity,
+    pki::{self, CertInfo, PkiError, Signer},
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -79,6 +82,29 @@ struct StoreMetrics {
     held: Gauge,
     expiry: Family<IdentityLabels, Gauge>,
     requests: Family<RequestLabels, Counter>,
+}
+
+/// Signs with an issuer held in this process (tests, and trying the mesh
+/// on one machine without an identity service).
+#[derive(Debug)]
+pub struct LocalIssuer {
+    pub signer: Signer,
+    /// Validity of each certificate.
+    pub lifetime: Duration,
+}
+
+impl Issuer for LocalIssuer {
+    fn issue<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<Issued, IssueError>> {
+        Box::pin(async move {
+            let err = |e: PkiError| IssueError(e.to_string());
+            let (key, csr) = pki::new_csr(id, self.signer.trust_domain()).map_err(err)?;
+            let issued = self.signer.sign_csr(&csr, id, self.lifetime).map_err(err)?;
+            let leaf = pki::certs_from_pem(&issued.cert_pem, "certificate").map_err(err)?;
+            let info = pki::cert_info(&leaf[0]).map_err(err)?;
+            let key = pki::certified_key(&issued, &key).map_err(err)?;
+            Ok(Issued { key, info })
+        })
+    }
 }
 
 /// Certificates by identity.

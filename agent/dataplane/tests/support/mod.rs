@@ -1,0 +1,363 @@
+//! A two-node cluster in one process for the proxy's tests: each node a
+//! state store, a certificate store signing with a CA made here, and the
+//! real proxy, built from `ProxyInputs` the way the agent builds it, with
+//! a connector and original destinations injected so everything runs on
+//! 127.0.0.1 without root.
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::future::BoxFuture;
+use nodemesh_core::{
+    admin::encode,
+    identity::{Identity, SpiffeId},
+    names::{MeshLabel, PodUid},
+    pki::{self, Signer},
+};
+use nodemesh_dataplane::{
+    identity::{CertStore, LocalIssuer, client::roots},
+    netns::Netns,
+    proxy::{
+        Connector, Drain, OrigDsts, PodHandle, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics,
+        connect::connect_with_timeout,
+        tunnel::{OpenError, TunnelConfig, TunnelMetrics, TunnelPool},
+    },
+    state::{CgroupRef, PodInfo, StateStore, Workload},
+};
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const TUNNEL_PORT: u16 = 15008;
+const NODES: [(&str, &str); 2] = [("node-a", "192.168.0.1"), ("node-b", "192.168.0.2")];
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), port)
+}
+
+/// Where the "cluster" addresses really are: on loopback.
+type AddressMap = Arc<Mutex<HashMap<SocketAddr, SocketAddr>>>;
+
+/// Dials the loopback address a cluster address stands for (or the
+/// address itself when it stands for nothing).
+struct LoopbackConnector(AddressMap);
+
+impl Connector for LoopbackConnector {
+    fn connect(
+        &self,
+        _from: Option<&Arc<Netns>>,
+        dst: SocketAddr,
+    ) -> BoxFuture<'static, io::Result<TcpStream>> {
+        let real = self.0.lock().unwrap().get(&dst).copied().unwrap_or(dst);
+        connect_with_timeout(TcpSocket::new_v4(), real, Duration::from_secs(2))
+    }
+}
+
+/// Original destinations by the client's port, as a test dials.
+#[derive(Default)]
+struct Recorded(Mutex<HashMap<u16, SocketAddr>>);
+
+impl OrigDsts for Recorded {
+    fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
+        let port = conn.peer_addr().ok()?.port();
+        self.0.lock().unwrap().remove(&port)
+    }
+}
+
+/// One node: its state, certificates, proxy and served pods.
+pub struct Node {
+    certs: Arc<CertStore>,
+    /// Kept alive for the test.
+    _proxy: Proxy,
+    registry: Registry,
+    recorded: Arc<Recorded>,
+    /// Served pods by name: their outbound listener.
+    listeners: HashMap<String, SocketAddr>,
+    _handles: Vec<PodHandle>,
+}
+
+/// The test cluster.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    map: AddressMap,
+    echoes: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A pod `ns/name` (service account `name`) at `ip` on `node`.
+fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> PodInfo {
+    PodInfo {
+        uid: PodUid::new(&format!("{ns}-{name}")).unwrap(),
+        namespace: ns.into(),
+        name: name.into(),
+        ip: Some(ip.parse().unwrap()),
+        node: node
+            .map(|n| NODES[n].0.to_owned())
+            .or(Some("node-c".into())),
+        host_ip: node.map(|n| NODES[n].1.parse().unwrap()),
+        host_network: false,
+        service_account: name.into(),
+        workload: Workload {
+            kind: "pod".into(),
+            name: name.into(),
+        },
+        cgroup: CgroupRef::Kubelet { qos: None },
+        netns: None,
+        mesh_label: meshed.then_some(MeshLabel::Enabled),
+        terminal: false,
+        deletion: None,
+    }
+}
+
+/// The cluster's pods: `client` and `near` (meshed) on node a; `far`
+/// and `far2` (meshed), `server` (not), and two pods claiming one address
+/// on node b; `lost` (meshed) on a node whose address nobody knows.
+fn pods() -> Vec<PodInfo> {
+    vec![
+        pod("shop", "client", "10.1.0.2", Some(0), true),
+        pod("shop", "near", "10.1.0.3", Some(0), true),
+        pod("shop", "far", "10.2.0.3", Some(1), true),
+        pod("shop", "far2", "10.2.0.6", Some(1), true),
+        pod("plain", "server", "10.2.0.4", Some(1), false),
+        pod("plain", "twin1", "10.2.0.5", Some(1), false),
+        pod("plain", "twin2", "10.2.0.5", Some(1), false),
+        pod("shop", "lost", "10.3.0.3", None, true),
+    ]
+}
+
+impl Cluster {
+    pub async fn two_nodes() -> Self {
+        let anchor = pki::generate_trust_anchor(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+        let issuer =
+            pki::generate_issuer(&anchor, TRUST_DOMAIN, Duration::from_secs(1800)).unwrap();
+        let map = AddressMap::default();
+        let stop = CancellationToken::new();
+        let mut nodes = Vec::new();
+        for (name, ip) in NODES {
+            let state = StateStore::new(name, TRUST_DOMAIN);
+            state.update(|u| {
+                u.replace_namespaces(Vec::new());
+                u.replace_pods(pods());
+            });
+            let mut registry = Registry::with_prefix("nodemesh");
+            let signer = Signer::load(
+                &issuer.cert_pem,
+                &issuer.key_pem,
+                &anchor.cert_pem,
+                TRUST_DOMAIN,
+            )
+            .unwrap();
+            let certs = Arc::new(CertStore::new(
+                Arc::new(LocalIssuer {
+                    signer,
+                    lifetime: Duration::from_secs(600),
+                }),
+                roots(&anchor.cert_pem).unwrap(),
+                TRUST_DOMAIN,
+                &mut registry,
+            ));
+            tokio::spawn(certs.clone().run(state.clone(), stop.clone()));
+            let recorded = Arc::new(Recorded::default());
+            let proxy = Proxy::new(ProxyInputs {
+                cfg: ProxyConfig {
+                    buffer_size: 16 * 1024,
+                    max_connections: 100,
+                    tunnel: tunnel_config(),
+                },
+                state: state.clone(),
+                certs: Some(certs.clone()),
+                metrics: ProxyMetrics::new(&mut registry),
+                connector: Arc::new(LoopbackConnector(map.clone())),
+                orig_dst: recorded.clone(),
+                drain: Drain::default(),
+            })
+            .unwrap();
+            let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            map.lock()
+                .unwrap()
+                .insert(addr(ip, TUNNEL_PORT), tunnel.local_addr().unwrap());
+            proxy.serve_tunnel(tunnel, stop.clone());
+            let mut listeners = HashMap::new();
+            let mut handles = Vec::new();
+            for pod in state
+                .local_pods()
+                .unwrap()
+                .into_iter()
+                .filter(|p| p.meshed())
+            {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                listeners.insert(pod.name.clone(), listener.local_addr().unwrap());
+                handles.push(proxy.serve_pod(pod, None, listener));
+            }
+            nodes.push(Node {
+                certs,
+                _proxy: proxy,
+                registry,
+                recorded,
+                listeners,
+                _handles: handles,
+            });
+        }
+        Cluster {
+            nodes,
+            map,
+            echoes: Mutex::default(),
+            stop,
+        }
+    }
+
+    /// An echo server standing for `ip:port`; returns that address.
+    pub async fn echo(&self, ip: &str, port: u16) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = addr(ip, port);
+        self.map
+            .lock()
+            .unwrap()
+            .insert(at, listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        self.echoes.lock().unwrap().insert(at, accepted.clone());
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = stop.cancelled() => return,
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = conn.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        at
+    }
+
+    /// Connections the echo server for `at` accepted.
+    pub fn echo_accepted(&self, at: SocketAddr) -> usize {
+        self.echoes.lock().unwrap()[&at].load(Ordering::SeqCst)
+    }
+
+    /// Connects as pod `pod` of node `node` would after eBPF redirected
+    /// its `connect(dst)`: to its listener, with `dst` recorded.
+    pub async fn dial(&self, node: usize, pod: &str, dst: SocketAddr) -> TcpStream {
+        self.dial_inner(node, pod, Some(dst)).await
+    }
+
+    /// The same, with no original destination recorded.
+    pub async fn dial_unrecorded(&self, node: usize, pod: &str) -> TcpStream {
+        self.dial_inner(node, pod, None).await
+    }
+
+    async fn dial_inner(&self, node: usize, pod: &str, dst: Option<SocketAddr>) -> TcpStream {
+        let node = &self.nodes[node];
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        if let Some(dst) = dst {
+            node.recorded.0.lock().unwrap().insert(port, dst);
+        }
+        socket.connect(node.listeners[pod]).await.unwrap()
+    }
+
+    /// Waits until every node holds the certificates of its meshed pods.
+    pub async fn wait_certificates(&self) {
+        let wanted = [(0, "client"), (0, "near"), (1, "far"), (1, "far2")];
+        for _ in 0..200 {
+            if wanted.iter().all(|(n, sa)| {
+                self.nodes[*n]
+                    .certs
+                    .current(&Identity::new("shop", sa).unwrap())
+                    .is_some()
+            }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("certificates not issued within 4s");
+    }
+
+    /// Opens a tunnel stream from node a as `client`, over a connection
+    /// made for `far`'s identity, to `dst`: the HTTP status node b answers.
+    pub async fn connect_as_far(&self, dst: SocketAddr) -> u16 {
+        let a = &self.nodes[0];
+        let pool = TunnelPool::new(
+            tunnel_config(),
+            a.certs.clone(),
+            TunnelMetrics::new(&mut Registry::default()),
+            Arc::new(LoopbackConnector(self.map.clone())),
+        );
+        let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), TRUST_DOMAIN);
+        let node_b: IpAddr = NODES[1].1.parse().unwrap();
+        match pool.open(&id("client"), node_b, &id("far"), dst).await {
+            Ok(mut stream) => {
+                stream.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                stream.read_exact(&mut b).await.unwrap();
+                200
+            }
+            Err(OpenError::Refused { status, .. }) => status.as_u16(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A scrape of node `node`'s metrics.
+    pub fn metrics(&self, node: usize) -> Metrics {
+        Metrics {
+            text: encode(&self.nodes[node].registry).unwrap(),
+        }
+    }
+}
+
+fn tunnel_config() -> TunnelConfig {
+    TunnelConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        port: TUNNEL_PORT,
+        connect_timeout: Duration::from_secs(2),
+        handshake_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
+    }
+}
+
+/// A scrape, and sums over it.
+pub struct Metrics {
+    pub text: String,
+}
+
+impl Metrics {
+    /// The sum of the series of `name` carrying every label in `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+                (n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+            })
+            .sum()
+    }
+}
