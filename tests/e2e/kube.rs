@@ -63,11 +63,11 @@ pub fn a_labelled_pod_is_captured_from_the_api() {
     let server = cluster.run_pod(&node, PodSpec::new(&ns, "db-0").owner("StatefulSet", "db"));
     let agent = Agent::start_ready(&node, AgentOptions::default().kube(cluster));
     agent.wait_metric("both meshed pods captured", |m| meshed(m) == 2.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     assert!(redirected(&app.exchange_ok(echo(&server), 1000)));
-    let mut app2 = other.app();
+    let mut app2 = other.tcp();
     assert!(redirected(&app2.exchange_ok(echo(&server), 1000)));
     agent.wait_metric("connections counted with workload labels", |m| {
         m.sum(
@@ -104,10 +104,10 @@ pub fn a_namespace_label_meshes_its_pods_and_the_opt_out_wins() {
     let other_ns = namespace(cluster, &[]);
     let server = cluster.run_pod(&node, PodSpec::new(&other_ns, "server"));
     let agent = Agent::start_ready(&node, AgentOptions::default().kube(cluster));
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
     assert_eq!(meshed(&agent.metrics()), 0.0);
-    let (mut a_app, mut out_app) = (a.app(), out.app());
+    let (mut a_app, mut out_app) = (a.tcp(), out.tcp());
     assert!(!redirected(&a_app.exchange_ok(echo(&server), 100)));
 
     cluster.label_namespace(&ns, MESH_LABEL, Some("enabled"));
@@ -122,7 +122,7 @@ pub fn a_namespace_label_meshes_its_pods_and_the_opt_out_wins() {
         !redirected(&out_app.exchange_ok(echo(&server), 100)),
         "the pod label wins"
     );
-    let mut b_app = b.app();
+    let mut b_app = b.tcp();
     assert!(redirected(&b_app.exchange_ok(echo(&server), 100)));
 
     cluster.label_namespace(&ns, MESH_LABEL, None);
@@ -139,9 +139,9 @@ pub fn unlabelling_releases_and_deleting_cleans_up() {
     let server = cluster.run_pod(&node, PodSpec::new(&ns, "server"));
     let agent = Agent::start_ready(&node, AgentOptions::default().kube(cluster));
     agent.wait_metric("captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     assert!(redirected(&app.exchange_ok(echo(&server), 100)));
 
     cluster.label_pod(&client, MESH_LABEL, None);
@@ -199,16 +199,16 @@ pub fn bad_pods_are_reported_once_retried_and_the_rest_served() {
         "good and canary-1 are captured\n{}",
         m.text
     );
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = good.app();
+    let mut app = good.tcp();
     assert!(redirected(&app.exchange_ok(echo(&server), 1000)));
-    let mut typo = odd_label.app();
+    let mut typo = odd_label.tcp();
     assert!(
         !redirected(&typo.exchange_ok(echo(&server), 100)),
         "a malformed label does not mesh"
     );
-    let mut canary = odd_owner.app();
+    let mut canary = odd_owner.tcp();
     assert!(redirected(&canary.exchange_ok(echo(&server), 100)));
     agent.wait_metric("unknown owner used as is", |m| {
         m.sum(
@@ -378,9 +378,9 @@ pub fn the_api_server_going_away_loses_nothing() {
     let server = cluster.run_pod(&node, PodSpec::new(&ns, "server"));
     let agent = Agent::start_ready(&node, AgentOptions::default().kube(&cluster));
     agent.wait_metric("a captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let (mut a_app, mut b_app) = (a.app(), b.app());
+    let (mut a_app, mut b_app) = (a.tcp(), b.tcp());
 
     // 1. The API server restarts: the agent keeps serving, then resumes.
     cluster.stop_apiserver();
@@ -425,7 +425,7 @@ pub fn the_api_server_going_away_loses_nothing() {
         0.0,
         "a's series gone"
     );
-    let mut c_app = c.app();
+    let mut c_app = c.tcp();
     assert!(redirected(&c_app.exchange_ok(echo(&server), 1000)));
     assert!(!redirected(&b_app.exchange_ok(echo(&server), 1000)));
 }
@@ -541,9 +541,9 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
             .arg("nodemesh-agent"),
     );
     agent.wait_metric("captured with the agent's own token", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     assert!(redirected(&app.exchange_ok(echo(&server), 1000)));
     assert!(
         !agent.log().contains("403"),

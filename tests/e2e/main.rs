@@ -2,6 +2,7 @@
 //! sockets, the real agent. Needs root (CI runs as root).
 mod kube;
 mod mesh;
+mod protocols;
 mod skeleton;
 
 fn main() {
@@ -17,6 +18,7 @@ fn main() {
         mesh::the_identity_service_signs_only_for_pods_on_the_agents_node,
         mesh::the_tunnel_refuses_bad_peers_and_keeps_serving,
         mesh::certificates_rotate_under_a_long_lived_stream,
+        protocols::http_and_grpc_apps_pass_through_the_mesh,
         skeleton::meshed_pod_goes_through_the_agent,
         skeleton::unmeshed_pod_is_left_alone,
         skeleton::labelling_captures_and_unlabelling_releases_live,

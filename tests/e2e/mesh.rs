@@ -135,12 +135,12 @@ pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
         .wait_metric("server's and neighbour's certificates", |m| {
             certificates(m) == 2.0
         });
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut psrv = plain_server.app();
+    let mut psrv = plain_server.tcp();
     psrv.listen(ECHO);
-    let mut cli = client.app();
-    let mut pcli = plain_client.app();
+    let mut cli = client.tcp();
+    let mut pcli = plain_client.tcp();
 
     let marker = format!("NODEMESH-SECRET-{}-", std::process::id());
     let control = format!("NODEMESH-PLAINTEXT-{}-", std::process::id());
@@ -200,7 +200,7 @@ pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
     );
 
     // Same node: no TLS, both identities recorded.
-    let mut nb = neighbour.app();
+    let mut nb = neighbour.tcp();
     nb.exchange_ok(echo(&server), 1000);
     let neighbour_id = spiffe(&bed.ns, "neighbour");
     bed.agent_b.wait_metric("same-node identities", |m| {
@@ -608,9 +608,9 @@ pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
     assert!(log.contains("TLS handshake failed"), "{log}");
 
     // And it keeps serving.
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut cli = client.app();
+    let mut cli = client.tcp();
     cli.exchange_ok(echo(&server), 100_000);
     bed.agent_b.wait_metric("real traffic still flows", |m| {
         peer_opens(m, "server", "inbound", "true", &spiffe(&bed.ns, "client")) == 1.0
@@ -628,9 +628,9 @@ pub fn certificates_rotate_under_a_long_lived_stream() {
     let first_expiry = expiry(&m, &client_id);
     bed.agent_b
         .wait_metric("server's certificate", |m| certificates(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut cli = client.app();
+    let mut cli = client.tcp();
     // Longer than the first certificates live.
     let trips = cli
         .paced(echo(&server), 14, Duration::from_millis(100))

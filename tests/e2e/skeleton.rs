@@ -59,9 +59,9 @@ pub fn meshed_pod_goes_through_the_agent() {
     node.write_pods(&[&client, &server]);
     let agent = Agent::start_ready(&node, AgentOptions::default());
     agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
 
     let before = agent.metrics();
     assert_eq!(opened(&before, &client), 0.0);
@@ -118,9 +118,9 @@ pub fn unmeshed_pod_is_left_alone() {
     let server = node.pod(PodSpec::new("demo", "server"));
     node.write_pods(&[&client, &server]);
     let agent = Agent::start_ready(&node, AgentOptions::default());
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     let x = app.exchange_ok(echo(&server), MIB);
     assert_eq!(x.local.ip(), IpAddr::V4(client.ip), "not redirected: {x:?}");
     let m = agent.metrics();
@@ -135,10 +135,10 @@ pub fn labelling_captures_and_unlabelling_releases_live() {
     let server = node.pod(PodSpec::new("demo", "server"));
     node.write_pods(&[&client, &server]);
     let agent = Agent::start_ready(&node, AgentOptions::default());
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
     // One container process for the whole test: no pod restart.
-    let mut app = client.app();
+    let mut app = client.tcp();
 
     let x = app.exchange_ok(echo(&server), 1000);
     assert!(!was_redirected(x.local));
@@ -175,9 +175,9 @@ pub fn fast_path_carries_the_bytes_when_on_and_not_when_off() {
         node.write_pods(&[&client, &server]);
         let agent = Agent::start_ready(&node, AgentOptions::default().fast_path(fast_path));
         agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-        let mut srv = server.app();
+        let mut srv = server.tcp();
         srv.listen(ECHO);
-        let mut app = client.app();
+        let mut app = client.tcp();
         let bytes = 2 * MIB;
         app.exchange_ok(echo(&server), bytes);
         let m = settled(&agent, &client, 1.0);
@@ -218,9 +218,9 @@ pub fn agent_upstream_connections_are_never_redirected() {
     node.write_pods(&[&a, &b]);
     let agent = Agent::start_ready(&node, AgentOptions::default());
     agent.wait_metric("both captured", |m| meshed(m) == 2.0);
-    let mut b_app = b.app();
+    let mut b_app = b.tcp();
     b_app.listen(ECHO);
-    let mut a_app = a.app();
+    let mut a_app = a.tcp();
     a_app.listen(ECHO);
 
     // a → b: one connection reaches b, from a's address; the agent's own
@@ -254,12 +254,12 @@ pub fn bypassed_destinations_go_direct() {
             .arg(&format!("{}/32", other.ip)),
     );
     agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
     srv.listen(9000);
-    let mut oth = other.app();
+    let mut oth = other.tcp();
     oth.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
 
     let x = app.exchange_ok(SocketAddr::from((server.ip, 9000)), 100);
     assert!(!was_redirected(x.local), "bypassed port: {x:?}");
@@ -311,14 +311,14 @@ pub fn pods_that_cannot_be_captured_are_reported_and_retried() {
     );
 
     // The good pod is served.
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = good.app();
+    let mut app = good.tcp();
     assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
     // Nothing half-attached: only the good pod has a link, and the pod whose
     // netns was wrong is not redirected.
     assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&good.uid));
-    let mut stray = no_netns.app();
+    let mut stray = no_netns.tcp();
     assert!(!was_redirected(
         stray.exchange_ok(echo(&server), 1000).local
     ));
@@ -348,9 +348,9 @@ pub fn a_malformed_pod_file_keeps_the_last_good_pods() {
     node.write_pods(&[&client, &server]);
     let agent = Agent::start_ready(&node, AgentOptions::default());
     agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
 
     node.write_pod_file_raw("pods: [ {namespace: demo, name: ");
     agent.wait_metric("parse error counted", |m| {
@@ -386,9 +386,9 @@ pub fn unreachable_destinations_reset_the_client() {
         AgentOptions::default().arg("--connect-timeout").arg("4s"),
     );
     agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     let reason = |m: &Metrics, r: &str| {
         let [ns, pod, dir] = pod_labels(&client);
         m.sum(
@@ -444,9 +444,9 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
     node.write_pods(&[&client, &server]);
     let mut first = Agent::start_ready(&node, AgentOptions::default());
     first.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
 
     // A crash leaves eBPF attached: the pod's connections are refused while
@@ -509,9 +509,9 @@ pub fn cleanup_on_exit_removes_everything() {
     node.write_pods(&[&client, &server]);
     let mut agent = Agent::start_ready(&node, AgentOptions::default().arg("--cleanup-on-exit"));
     agent.wait_metric("client captured", |m| meshed(m) == 1.0);
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(ECHO);
-    let mut app = client.app();
+    let mut app = client.tcp();
     assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
     let status = agent.stop(Duration::from_secs(20)).expect("agent exited");
     assert!(status.success(), "{status:?}");

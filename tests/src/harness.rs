@@ -3,7 +3,7 @@
 //! part instead.
 pub use libtest_mimic::{Arguments, Trial};
 
-use crate::{agent, app};
+use crate::{agent, apps};
 
 /// Runs `trials`, or the role named by the first argument.
 pub fn main(trials: Vec<Trial>) -> ! {
@@ -19,7 +19,7 @@ pub fn main(trials: Vec<Trial>) -> ! {
 pub fn play_role() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some(app::ROLE) => app::main(),
+        Some(apps::ROLE) => apps::main(args.get(2).map(String::as_str)),
         Some(agent::ROLE) => {
             use clap::Parser;
             let argv = std::iter::once("nodemesh".to_owned()).chain(args[2..].iter().cloned());

@@ -9,6 +9,7 @@
 //! private one ([`Cluster::start`]). Its processes die with the test
 //! process (`PR_SET_PDEATHSIG` from a thread that lives as long) and sit in
 //! a cgroup named after the test process, which the leftover sweep clears.
+#![allow(unsafe_code)] // the cluster keeper's children die with it (PR_SET_PDEATHSIG)
 use std::{
     collections::BTreeMap,
     fs,

@@ -5,7 +5,8 @@
 //!   (its cgroup root) and its own bpffs pin directory;
 //! - a **pod** is a network namespace with a veth to the node's bridge and an
 //!   address, and a cgroup named the way kubelet names pod cgroups; its
-//!   *containers* are processes started inside both ([`app`]);
+//!   *containers* are processes started inside both ([`apps`]: a TCP, an
+//!   HTTP or a gRPC app);
 //! - the **agent** is the nodemesh agent, run as a process in the node's
 //!   netns and in its own cgroup under the node's;
 //! - several nodes are joined by a **link** ([`mesh::Link`]): a netns with
@@ -18,7 +19,7 @@
 //! Test binaries use [`harness::main`] as their `main`: the same binary
 //! runs as pod application and as agent when the test bed starts it so.
 pub mod agent;
-pub mod app;
+pub mod apps;
 pub mod harness;
 pub mod kube;
 pub mod mesh;
@@ -27,7 +28,11 @@ pub mod prom;
 pub mod sys;
 
 pub use agent::{Agent, AgentOptions};
-pub use app::{App, Exchange, Failure};
+pub use apps::{
+    grpc::GrpcApp,
+    http::HttpApp,
+    tcp::{Exchange, Failure, TcpApp},
+};
 pub use kube::Cluster;
 pub use node::{CgroupDriver, Node, Pod, PodSpec, Qos};
 pub use prom::Metrics;

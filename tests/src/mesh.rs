@@ -2,6 +2,7 @@
 //! bridge, where traffic between nodes can be captured), the install's
 //! identity objects in the API server, the identity service on one node,
 //! and agents with workload identity and the tunnel on every node.
+#![allow(unsafe_code)] // the AF_PACKET capture on the link
 use std::{
     fs::{self, File},
     net::{Ipv4Addr, SocketAddr},

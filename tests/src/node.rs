@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    app::App,
+    apps::{grpc::GrpcApp, http::HttpApp, tcp::TcpApp},
     sys::{self, cgroup2_mount, ip, ip_quiet, pid_alive, remove_cgroup_tree},
 };
 
@@ -119,21 +119,33 @@ pub struct Pod {
     pub qos: Qos,
     labels: Mutex<BTreeMap<String, String>>,
     containers: AtomicU32,
-    sandbox: Mutex<Option<App>>,
+    sandbox: Mutex<Option<TcpApp>>,
 }
 
 impl Pod {
-    /// Starts a container: a long-lived process in the pod's netns and in a
-    /// container cgroup below the pod's, driven over stdin/stdout.
-    pub fn app(&self) -> App {
+    /// A new container cgroup below the pod's, the way the runtime names
+    /// them.
+    fn container_cgroup(&self) -> PathBuf {
         let n = self.containers.fetch_add(1, Ordering::Relaxed);
         let dir = self.cgroup.join(format!("cri-containerd-{n:04}.scope"));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        App::start(
-            &self.netns,
-            &dir,
-            &format!("{}/{}", self.namespace, self.name),
-        )
+        dir
+    }
+
+    /// Starts a TCP container: a long-lived process in the pod's netns and
+    /// in a container cgroup, driven over stdin/stdout.
+    pub fn tcp(&self) -> TcpApp {
+        TcpApp::start(&self.netns, &self.container_cgroup(), &self.key())
+    }
+
+    /// Starts an HTTP container.
+    pub fn http(&self) -> HttpApp {
+        HttpApp::start(&self.netns, &self.container_cgroup(), &self.key())
+    }
+
+    /// Starts a gRPC container.
+    pub fn grpc(&self) -> GrpcApp {
+        GrpcApp::start(&self.netns, &self.container_cgroup(), &self.key())
     }
 
     /// Starts the pod's sandbox (kubelet's pause container): an idle
@@ -141,7 +153,7 @@ impl Pod {
     pub fn start_sandbox(&self) {
         let mut sandbox = self.sandbox.lock().unwrap();
         if sandbox.is_none() {
-            *sandbox = Some(self.app());
+            *sandbox = Some(self.tcp());
         }
     }
 

@@ -1,5 +1,6 @@
 //! Small system helpers: `ip` commands, cgroups, starting a process inside
 //! a netns and a cgroup, plain HTTP from inside a netns, polling.
+#![allow(unsafe_code)] // entering namespaces and cgroups between fork and exec
 use std::{
     ffi::OsStr,
     fs::{self, File},

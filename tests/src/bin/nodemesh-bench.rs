@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, App, Cluster, Node, Pod, PodSpec, harness,
+    Agent, AgentOptions, Cluster, Node, Pod, PodSpec, TcpApp, harness,
     kube::unique,
     mesh::{self, IdentityService, Install, Link},
 };
@@ -71,9 +71,9 @@ fn main() {
         ..AgentOptions::default().fast_path(fast_path)
     };
     let mut agent = Agent::start_ready(&node, opts(true));
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(PORT);
-    let mut app = client.app();
+    let mut app = client.tcp();
     let dst = SocketAddr::from((server.ip, PORT));
     let mut rss = Vec::new();
 
@@ -159,9 +159,9 @@ fn cross_node(s: &Settings) {
     agent_b.wait_metric("server's certificate", |m| {
         m.sum("nodemesh_identity_certificates", &[]) == 1.0
     });
-    let mut srv = server.app();
+    let mut srv = server.tcp();
     srv.listen(PORT);
-    let mut app = client.app();
+    let mut app = client.tcp();
     let dst = SocketAddr::from((server.ip, PORT));
 
     eprintln!("  running: cross-node direct (client not meshed)");
@@ -259,7 +259,7 @@ fn print_rows(title: &str, rows: &[(&str, Row)]) {
 }
 
 /// Connection setup times: (p50, p99, samples).
-fn setup(app: &mut App, dst: SocketAddr, count: u32, pause: Duration) -> (f64, f64, usize) {
+fn setup(app: &mut TcpApp, dst: SocketAddr, count: u32, pause: Duration) -> (f64, f64, usize) {
     let mut micros = app
         .setup(dst, count, pause)
         .unwrap_or_else(|f| panic!("connection setup: {f:?}"));
@@ -271,7 +271,7 @@ fn setup(app: &mut App, dst: SocketAddr, count: u32, pause: Duration) -> (f64, f
     )
 }
 
-fn measure(app: &mut App, dst: SocketAddr, s: &Settings) -> Row {
+fn measure(app: &mut TcpApp, dst: SocketAddr, s: &Settings) -> Row {
     let _ = app.round_trips(dst, 500, s.size).expect("warm-up");
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();

@@ -12,7 +12,7 @@ use std::{
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, App, Cluster, Metrics, Node, Pod, PodSpec, harness,
+    Agent, AgentOptions, Cluster, Metrics, Node, Pod, PodSpec, TcpApp, harness,
     mesh::{self, IdentityService, Install, Link},
 };
 
@@ -152,10 +152,10 @@ fn main() {
         6,
         "sending traffic: every pod talks to every other pod's echo server",
     );
-    let mut apps: Vec<(Arc<Pod>, App)> = [&web, &api, &db]
+    let mut apps: Vec<(Arc<Pod>, TcpApp)> = [&web, &api, &db]
         .iter()
         .map(|pod| {
-            let mut app = pod.app();
+            let mut app = pod.tcp();
             app.listen(PORT);
             ((*pod).clone(), app)
         })
@@ -192,7 +192,7 @@ fn main() {
         7,
         "across nodes: web and api → payments-0 through the mutual-TLS tunnel, watched on the link",
     );
-    let mut pay = payments.app();
+    let mut pay = payments.tcp();
     pay.listen(PORT);
     let marker = "CARD-NUMBER-4111-1111-1111-1111;";
     let capture = link.capture();

@@ -1,7 +1,4 @@
-//! The pod application: a long-lived process inside a pod (netns + cgroup)
-//! that the test drives with JSON lines on stdin and answers on stdout.
-//!
-//! It can serve TCP echo on a port (remembering who connected), exchange a
+//! The TCP role: serve TCP echo on a port (remembering who connected), exchange a
 //! deterministic byte pattern with a server both ways at once and check it,
 //! and measure request/response latency and bulk throughput.
 //!
@@ -10,22 +7,19 @@
 //! on the sk_msg fast path.
 use std::{
     collections::BTreeMap,
-    io::{self, BufRead, BufReader, ErrorKind, Read, Write},
+    io::{self, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    os::fd::AsFd,
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 
-use crate::sys::{self_exe, spawn_in};
-
-/// The role argument under which the test binary runs as a pod app.
-pub const ROLE: &str = "__nodemesh_pod_app";
+use super::{Container, Role, serve_lines};
 
 /// What the test asks the pod app to do.
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,63 +122,28 @@ impl Failure {
     }
 }
 
-/// A running pod app, seen from the test.
-pub struct App {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    pod: String,
-}
+/// A running TCP app, seen from the test.
+#[derive(Debug)]
+pub struct TcpApp(Container);
 
-impl std::fmt::Debug for App {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App")
-            .field("pod", &self.pod)
-            .field("pid", &self.child.id())
-            .finish()
-    }
-}
-
-impl App {
+impl TcpApp {
     pub(crate) fn start(netns: &Path, cgroup: &Path, pod: &str) -> Self {
-        let mut cmd = Command::new(self_exe());
-        cmd.arg(ROLE)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = spawn_in(cmd, netns, cgroup);
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        Self {
-            child,
-            stdin,
-            stdout,
-            pod: pod.into(),
-        }
+        Self(Container::start(netns, cgroup, pod, Role::Tcp))
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     fn call(&mut self, req: &Request) -> Response {
-        let line = serde_json::to_string(req).expect("encode request");
-        writeln!(self.stdin, "{line}")
-            .and_then(|_| self.stdin.flush())
-            .unwrap_or_else(|e| panic!("pod app in {} is gone: {e}", self.pod));
-        let mut answer = String::new();
-        self.stdout
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("pod app in {} is gone: {e}", self.pod));
-        serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("pod app in {} answered {answer:?}: {e}", self.pod))
+        self.0.call(req)
     }
 
     /// Serves echo on `port`.
     pub fn listen(&mut self, port: u16) {
         match self.call(&Request::Listen { port }) {
             Response::Listening { .. } => {}
-            other => panic!("{}: listen {port}: {other:?}", self.pod),
+            other => panic!("{}: listen {port}: {other:?}", self.0.pod()),
         }
     }
 
@@ -208,19 +167,19 @@ impl App {
         }) {
             Response::Exchanged(x) => Ok(x),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: exchange: {other:?}", self.pod),
+            other => panic!("{}: exchange: {other:?}", self.0.pod()),
         }
     }
 
-    /// Like [`App::exchange`], but panics unless every byte came back.
+    /// Like [`TcpApp::exchange`], but panics unless every byte came back.
     pub fn exchange_ok(&mut self, to: SocketAddr, bytes: u64) -> Exchange {
         let x = self
             .exchange(to, bytes)
-            .unwrap_or_else(|f| panic!("{}: exchange with {to} failed: {f:?}", self.pod));
+            .unwrap_or_else(|f| panic!("{}: exchange with {to} failed: {f:?}", self.0.pod()));
         assert!(
             x.intact && x.sent == bytes && x.received == bytes,
             "{}: exchange with {to} not intact: {x:?}",
-            self.pod
+            self.0.pod()
         );
         x
     }
@@ -229,7 +188,7 @@ impl App {
     pub fn peers(&mut self, port: u16) -> Vec<SocketAddr> {
         match self.call(&Request::Peers { port }) {
             Response::Peers { peers } => peers,
-            other => panic!("{}: peers: {other:?}", self.pod),
+            other => panic!("{}: peers: {other:?}", self.0.pod()),
         }
     }
 
@@ -243,7 +202,7 @@ impl App {
         match self.call(&Request::RoundTrips { to, count, size }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: round trips: {other:?}", self.pod),
+            other => panic!("{}: round trips: {other:?}", self.0.pod()),
         }
     }
 
@@ -256,7 +215,7 @@ impl App {
         }) {
             Response::Exchanged(x) => Ok(x),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: text: {other:?}", self.pod),
+            other => panic!("{}: text: {other:?}", self.0.pod()),
         }
     }
 
@@ -275,7 +234,7 @@ impl App {
         }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: paced: {other:?}", self.pod),
+            other => panic!("{}: paced: {other:?}", self.0.pod()),
         }
     }
 
@@ -293,7 +252,7 @@ impl App {
         }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: setup: {other:?}", self.pod),
+            other => panic!("{}: setup: {other:?}", self.0.pod()),
         }
     }
 
@@ -302,15 +261,8 @@ impl App {
         match self.call(&Request::Bulk { to, bytes }) {
             Response::Bulk { micros, .. } => Ok(Duration::from_micros(micros)),
             Response::Failed(f) => Err(f),
-            other => panic!("{}: bulk: {other:?}", self.pod),
+            other => panic!("{}: bulk: {other:?}", self.0.pod()),
         }
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -318,32 +270,20 @@ impl Drop for App {
 
 type PeerLog = Arc<Mutex<BTreeMap<u16, Vec<SocketAddr>>>>;
 
-/// The pod app's main loop: one request per stdin line, one answer per
-/// stdout line; exits when stdin closes.
+/// The TCP app's main loop.
 pub fn main() -> ! {
     let peers: PeerLog = Arc::default();
-    let stdin = io::stdin();
-    let mut stdout = io::stdout();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &peers),
-            Err(e) => Response::Failed(Failure {
+    serve_lines(
+        |req| handle(req, &peers),
+        |message| {
+            Response::Failed(Failure {
                 kind: "other".into(),
-                message: format!("bad request: {e}"),
+                message,
                 sent: 0,
                 received: 0,
-            }),
-        };
-        let out = serde_json::to_string(&response).expect("encode response");
-        if writeln!(stdout, "{out}")
-            .and_then(|_| stdout.flush())
-            .is_err()
-        {
-            break;
-        }
-    }
-    std::process::exit(0)
+            })
+        },
+    )
 }
 
 fn handle(req: Request, peers: &PeerLog) -> Response {
@@ -595,25 +535,22 @@ fn exchange(
         if left.is_zero() {
             return Err(fail(&io::Error::from(ErrorKind::TimedOut), sent, received));
         }
-        let mut events = libc::POLLIN;
+        let mut events = PollFlags::POLLIN;
         if !write_closed {
-            events |= libc::POLLOUT;
+            events |= PollFlags::POLLOUT;
         }
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(fail(&e, sent, received));
+        let mut fds = [PollFd::new(stream.as_fd(), events)];
+        let wait =
+            PollTimeout::try_from(left.min(Duration::from_secs(1))).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, wait) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(fail(&e.into(), sent, received)),
         }
-        if !write_closed && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if !write_closed
+            && revents.intersects(PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP)
+        {
             if out_pos == out.len() {
                 let n = (bytes - sent).min(64 * 1024) as usize;
                 out.resize(n, 0);
@@ -638,7 +575,7 @@ fn exchange(
                 Err(e) => return Err(fail(&e, sent, received)),
             }
         }
-        if pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
+        if revents.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
             match stream.read(&mut inbuf) {
                 Ok(0) => break,
                 Ok(n) => {
