@@ -14,21 +14,12 @@ fn main() {
     }
 }
 
-/// Where `cargo xtask setup` keeps bpf-linker (same rule as xtask/src/setup.rs).
-fn tools_dir() -> PathBuf {
-    if let Some(dir) = env::var_os("NODEMESH_TOOLS") {
-        return PathBuf::from(dir);
-    }
-    let cache = env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-        });
-    cache.join("nodemesh").join("tools")
-}
+// `tools_dir()`: where `cargo xtask setup` keeps bpf-linker.
+include!("../../xtask/src/tools.rs");
 
 fn build() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=NODEMESH_TOOLS");
+    println!("cargo:rerun-if-env-changed=XDG_CACHE_HOME");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let workspace = manifest
         .ancestors()

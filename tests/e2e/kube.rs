@@ -1,6 +1,9 @@
 //! Kubernetes discovery against a real API server: label opt-in, namespace
 //! opt-in, opt-out, release, deletion, bad input, the service index, API
 //! server restarts, and the install manifests with their RBAC.
+//!
+//! Longer than 500 lines on purpose: one scenario family, each test a
+//! story read top to bottom; splitting would scatter the shared checks.
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use nodemesh_core::names::MESH_LABEL;

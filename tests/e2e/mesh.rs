@@ -2,6 +2,9 @@
 //! the tunnel (not readable on the link, identities on both sides), node
 //! authorization by the identity service, peers the tunnel must refuse,
 //! and certificate rotation under a long-lived stream.
+//!
+//! Longer than 500 lines on purpose: one scenario family around one bed
+//! (two nodes, identity service), each test a story read top to bottom.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},

@@ -1,4 +1,7 @@
 //! Nodes and pods out of network namespaces, veth pairs and cgroups.
+//!
+//! Longer than 500 lines on purpose: a node and its pods share their
+//! set-up and clean-up (the leftover sweep), kept side by side.
 use std::{
     collections::BTreeMap,
     fs,

@@ -1,6 +1,8 @@
 //! `cargo xtask …`: the project's own set-up and orchestration. It never
 //! hides the build: `cargo build` alone builds everything once `setup` ran.
+mod layers;
 mod setup;
+mod tools;
 
 use std::{path::PathBuf, process::Command};
 
@@ -20,7 +22,8 @@ enum Task {
     /// bpf-linker). Idempotent and quick when everything is present.
     Setup,
     /// Set up, then run the whole suite: formatting, clippy (host and eBPF
-    /// target), unit tests and the end-to-end tests (needs root).
+    /// target), the dependency rules, unit tests, the in-process proxy
+    /// tests and the end-to-end tests (needs root).
     Test {
         /// Skip cargo fmt and clippy.
         #[arg(long)]
@@ -29,6 +32,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check the dependency rules of docs/architecture.md: crates one way,
+    /// data-plane modules pointing down only, unsafe only where allowed.
+    Layers,
     /// Set up, build the release agent, and run it on a simulated node with
     /// a few pods; prints what the proxy saw per pod, then cleans up.
     Demo,
@@ -56,6 +62,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup::run(),
         Task::Test { no_lint, args } => test(no_lint, &args),
+        Task::Layers => layers::run(&workspace()),
         Task::Demo => {
             setup::run()?;
             let bin = release_build()?;
@@ -91,8 +98,7 @@ fn env_cargo() -> String {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("{what} needs root (network namespaces, cgroups, BPF); run it as root");
     }
     Ok(())
@@ -104,6 +110,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         cargo(&["fmt", "--all", "--", "--check"])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
         clippy_ebpf()?;
+        layers::run(&workspace())?;
     }
     require_root("the end-to-end tests")?;
     let mut test_args = vec!["test"];

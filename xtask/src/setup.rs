@@ -7,7 +7,7 @@
 //!   `-Z build-std=core`);
 //! - `bpf-linker`, built against the pinned toolchain's own libLLVM (Debian's
 //!   LLVM is too old), in a project-owned prefix outside `target/` so
-//!   `cargo clean` does not throw it away. See shared/TOOLCHAIN.md;
+//!   `cargo clean` does not throw it away. The facts behind it: docs/datapath.md;
 //! - a kube-apiserver v1.20.2 built once from Debian's source package (the
 //!   registries here ship no binary; see xtask/scripts/build-apiserver.sh),
 //!   cached next to bpf-linker.
@@ -30,21 +30,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "make",
     "ca-certificates",
 ];
-/// The API server version the tests run (the newest Debian builds from source).
-pub const KUBE_VERSION: &str = "1.20.2";
-
-/// Where nodemesh keeps tools it builds (same rule as agent/build.rs).
-pub fn tools_dir() -> PathBuf {
-    if let Some(dir) = env::var_os("NODEMESH_TOOLS") {
-        return PathBuf::from(dir);
-    }
-    let cache = env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-        });
-    cache.join("nodemesh").join("tools")
-}
+pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 
 pub fn run() -> Result<()> {
     let t0 = Instant::now();
@@ -55,12 +41,6 @@ pub fn run() -> Result<()> {
     kube_apiserver()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// Where the built kube-apiserver lives (the test bed reads the same rule:
-/// tests/src/kube.rs).
-pub fn kube_bin_dir() -> PathBuf {
-    tools_dir().join(format!("kube-{KUBE_VERSION}"))
 }
 
 fn kube_apiserver() -> Result<()> {

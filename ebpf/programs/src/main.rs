@@ -1,7 +1,7 @@
 //! nodemesh's eBPF programs. Each program is a thin entry point over a
 //! `try_*` function; all maps are declared together below.
 //!
-//! The data path (see DESIGN.md):
+//! The data path (docs/datapath.md has the maps, pins and restarts):
 //! 1. `connect4`, attached to each meshed pod's cgroup, remembers where a TCP
 //!    `connect()` was going (by socket cookie) and sends it to the agent's
 //!    listener inside the pod's own netns instead.

@@ -1,0 +1,259 @@
+//! The store: addresses, liveness, conflicts, meshing, relists, Services.
+use std::time::Duration;
+
+use super::{pod::test_pods, *};
+
+fn store() -> StateStore {
+    let store = StateStore::new("node-a", "cluster.local");
+    store.update(|u| {
+        u.replace_namespaces(vec![(
+            "shop".into(),
+            Namespace {
+                mesh_label: Some(MeshLabel::Enabled),
+            },
+        )]);
+        u.replace_pods(vec![
+            test_pods::pod("shop", "web", "10.1.0.2", "node-a", "192.168.0.1"),
+            test_pods::pod("other", "db", "10.2.0.3", "node-b", "192.168.0.2"),
+        ]);
+    });
+    store
+}
+
+fn owner(store: &StateStore, ip: &str) -> Target {
+    store
+        .upstream(SocketAddr::new(ip.parse().unwrap(), 80))
+        .target
+}
+
+#[test]
+fn pods_are_found_by_address_with_their_identity_and_meshing() {
+    let store = store();
+    let Target::Pod(web) = owner(&store, "10.1.0.2") else {
+        panic!("web by its IP");
+    };
+    assert!(web.meshed(), "meshed by its namespace");
+    assert_eq!(
+        web.identity().map(|i| i.uri()),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    let Target::Pod(db) = owner(&store, "10.2.0.3") else {
+        panic!("db by its IP");
+    };
+    assert!(!db.meshed());
+    assert!(matches!(owner(&store, "10.9.9.9"), Target::Unknown));
+}
+
+#[test]
+fn finished_and_deleted_pods_own_no_address() {
+    let store = store();
+    let mut done = test_pods::pod("shop", "job", "10.1.0.7", "node-a", "192.168.0.1");
+    done.terminal = true;
+    let mut gone = test_pods::pod("shop", "old", "10.1.0.8", "node-a", "192.168.0.1");
+    gone.deletion = Some(SystemTime::now() - Duration::from_secs(1));
+    let mut going = test_pods::pod("shop", "going", "10.1.0.9", "node-a", "192.168.0.1");
+    going.deletion = Some(SystemTime::now() + Duration::from_secs(30));
+    store.update(|u| {
+        u.apply_pod(done);
+        u.apply_pod(gone);
+        u.apply_pod(going);
+    });
+    assert!(matches!(owner(&store, "10.1.0.7"), Target::Unknown));
+    assert!(matches!(owner(&store, "10.1.0.8"), Target::Unknown));
+    assert!(
+        matches!(owner(&store, "10.1.0.9"), Target::Pod(p) if p.name == "going"),
+        "still within its grace"
+    );
+    // A finished pod's address taken by a new pod: the new one owns it.
+    store.update(|u| {
+        u.apply_pod(test_pods::pod(
+            "shop",
+            "new",
+            "10.1.0.7",
+            "node-a",
+            "192.168.0.1",
+        ))
+    });
+    assert!(matches!(owner(&store, "10.1.0.7"), Target::Pod(p) if p.name == "new"));
+    let local: Vec<String> = store
+        .local_pods()
+        .unwrap()
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert!(!local.contains(&"job".to_owned()), "{local:?}");
+    assert!(local.contains(&"going".to_owned()), "{local:?}");
+}
+
+#[test]
+fn two_live_claims_on_one_address_are_a_conflict() {
+    let store = store();
+    store.update(|u| {
+        u.apply_pod(test_pods::pod(
+            "other",
+            "twin",
+            "10.1.0.2",
+            "node-b",
+            "192.168.0.2",
+        ))
+    });
+    assert!(matches!(owner(&store, "10.1.0.2"), Target::Conflict(2)));
+    store.update(|u| u.delete_pod(&PodUid::new("uid-other-twin").unwrap()));
+    assert!(matches!(owner(&store, "10.1.0.2"), Target::Pod(p) if p.name == "web"));
+}
+
+#[test]
+fn host_network_pods_own_no_pod_address() {
+    let store = store();
+    let mut host = test_pods::meshed(
+        "kube-system",
+        "proxy",
+        "192.168.0.1",
+        "node-a",
+        "192.168.0.1",
+    );
+    let mut flagged = test_pods::pod("kube-system", "cni", "192.168.0.9", "node-a", "192.168.0.1");
+    flagged.host_network = true;
+    store.update(|u| {
+        u.apply_pod(host.clone());
+        u.apply_pod(flagged);
+    });
+    assert!(matches!(owner(&store, "192.168.0.1"), Target::Unknown));
+    assert!(matches!(owner(&store, "192.168.0.9"), Target::Unknown));
+    // Moving off the host network gives it its address.
+    host.ip = Some("10.1.0.5".parse().unwrap());
+    store.update(|u| u.apply_pod(host));
+    assert!(matches!(owner(&store, "10.1.0.5"), Target::Pod(_)));
+}
+
+#[test]
+fn addresses_follow_their_pods_and_relists_replace_everything() {
+    let store = store();
+    let mut web = test_pods::pod("shop", "web", "10.1.0.4", "node-a", "192.168.0.1");
+    store.update(|u| u.apply_pod(web.clone()));
+    assert!(matches!(owner(&store, "10.1.0.2"), Target::Unknown));
+    assert!(matches!(owner(&store, "10.1.0.4"), Target::Pod(_)));
+    web.ip = Some("10.1.0.6".parse().unwrap());
+    store.update(|u| u.replace_pods(vec![web]));
+    assert!(
+        matches!(owner(&store, "10.2.0.3"), Target::Unknown),
+        "gone in the relist"
+    );
+    assert!(matches!(owner(&store, "10.1.0.4"), Target::Unknown));
+    assert!(matches!(owner(&store, "10.1.0.6"), Target::Pod(_)));
+}
+
+#[test]
+fn local_pods_wait_for_a_complete_picture_and_follow_labels() {
+    let store = StateStore::new("node-a", "cluster.local");
+    let mut changes = store.local_changes();
+    store.update(|u| {
+        u.replace_pods(vec![test_pods::pod(
+            "shop",
+            "web",
+            "10.1.0.2",
+            "node-a",
+            "192.168.0.1",
+        )])
+    });
+    assert!(store.local_pods().is_none(), "namespaces not listed yet");
+    store.update(|u| u.replace_namespaces(vec![]));
+    let pods = store.local_pods().expect("both listed");
+    assert_eq!(pods.len(), 1);
+    assert!(!pods[0].meshed());
+    assert!(changes.has_changed().unwrap());
+    changes.mark_unchanged();
+    // The namespace label meshes it; the pod label opts it out.
+    store.update(|u| {
+        u.apply_namespace(
+            "shop",
+            Namespace {
+                mesh_label: Some(MeshLabel::Enabled),
+            },
+        )
+    });
+    assert!(changes.has_changed().unwrap());
+    assert!(store.local_pods().unwrap()[0].meshed());
+    changes.mark_unchanged();
+    let mut out = test_pods::pod("shop", "web", "10.1.0.2", "node-a", "192.168.0.1");
+    out.mesh_label = Some(MeshLabel::Disabled);
+    store.update(|u| u.apply_pod(out));
+    assert!(!store.local_pods().unwrap()[0].meshed());
+    changes.mark_unchanged();
+    // Other nodes' pods do not disturb this node.
+    store.update(|u| {
+        u.apply_pod(test_pods::pod(
+            "shop",
+            "far",
+            "10.2.0.2",
+            "node-b",
+            "192.168.0.2",
+        ))
+    });
+    assert!(!changes.has_changed().unwrap());
+}
+
+#[test]
+fn services_list_their_endpoints_with_the_pods_behind_them() {
+    let store = store();
+    let key = |ns: &str, name: &str| ObjectKey {
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    store.update(|u| {
+        u.apply_service(
+            key("shop", "web"),
+            ServiceInfo {
+                cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                }],
+            },
+        );
+        u.apply_slice(
+            key("shop", "web-abc"),
+            SliceInfo {
+                service: key("shop", "web"),
+                ports: vec![(Some("http".into()), 8080)],
+                endpoints: vec![
+                    EndpointInfo {
+                        addresses: vec!["10.1.0.2".parse().unwrap()],
+                        node: None,
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                    },
+                    EndpointInfo {
+                        addresses: vec!["10.3.0.3".parse().unwrap()],
+                        node: None,
+                        ready: false,
+                        serving: true,
+                        terminating: true,
+                    },
+                ],
+            },
+        );
+    });
+    let views = store.services();
+    assert_eq!(views.len(), 1);
+    let view = &views[0];
+    assert_eq!(
+        (view.namespace.as_str(), view.name.as_str()),
+        ("shop", "web")
+    );
+    assert_eq!(view.addr, "10.96.0.10:80".parse().unwrap());
+    let first = &view.endpoints[0];
+    assert_eq!(first.addr, "10.1.0.2:8080".parse().unwrap());
+    assert_eq!(first.node.as_deref(), Some("node-a"), "from the pod");
+    assert_eq!(
+        first.identity.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    assert!(first.meshed);
+    let second = &view.endpoints[1];
+    assert!(second.terminating && !second.ready);
+    assert_eq!(second.identity, None, "pod unknown");
+    store.update(|u| u.replace_slices(vec![]));
+    assert!(store.services()[0].endpoints.is_empty());
+}

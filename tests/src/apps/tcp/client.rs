@@ -1,0 +1,243 @@
+//! The TCP app's client side: transfers checked byte for byte, round
+//! trips, paced and new-connection latencies.
+use std::{
+    io::{self, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsFd,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::{Exchange, Failure};
+
+/// Blocking reads on a socket redirected by sk_msg can fail with a
+/// spurious EAGAIN (see the README's limits); these retry until their own
+/// deadline, as a careful blocking client does.
+fn read_retrying(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e)
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+                    && Instant::now() < deadline =>
+            {
+                continue;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_exact_retrying(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_retrying(stream, buf, deadline)? {
+            0 => return Err(ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn text(to: SocketAddr, text: &str, repeat: u32) -> io::Result<Exchange> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let local = stream.local_addr()?;
+    let payload = text.repeat(repeat as usize).into_bytes();
+    // Small enough for the echo to fit in the socket buffers meanwhile.
+    stream.write_all(&payload)?;
+    stream.shutdown(Shutdown::Write)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match read_retrying(&mut stream, &mut buf, deadline)? {
+            0 => break,
+            n => back.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(Exchange {
+        sent: payload.len() as u64,
+        received: back.len() as u64,
+        intact: back == payload,
+        local,
+    })
+}
+
+pub(super) fn paced(to: SocketAddr, seconds: u32, interval_ms: u32) -> io::Result<Vec<u32>> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let end = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let msg = [0x42u8; 64];
+    let mut buf = [0u8; 64];
+    let mut micros = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        stream.write_all(&msg)?;
+        read_exact_retrying(&mut stream, &mut buf, t + Duration::from_secs(10))?;
+        if buf != msg {
+            return Err(io::Error::other("echo differs"));
+        }
+        micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        thread::sleep(Duration::from_millis(u64::from(interval_ms)));
+    }
+    Ok(micros)
+}
+
+pub(super) fn setup(to: SocketAddr, count: u32, pause_ms: u32) -> io::Result<Vec<u32>> {
+    let mut micros = Vec::new();
+    for i in 0..count {
+        if i > 0 {
+            thread::sleep(Duration::from_millis(u64::from(pause_ms)));
+        }
+        let t = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        read_exact_retrying(&mut stream, &mut b, t + Duration::from_secs(10))?;
+        micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(micros)
+}
+
+/// The deterministic byte at every offset of the stream for `seed`, so a
+/// chunk can be made or checked wherever it falls.
+fn pattern_at(seed: u64, offset: u64, out: &mut [u8]) {
+    let word = |i: u64| {
+        // splitmix64 of (seed, word index)
+        let mut z = seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)).to_le_bytes()
+    };
+    let mut current = (u64::MAX, [0u8; 8]);
+    for (k, b) in out.iter_mut().enumerate() {
+        let i = offset + k as u64;
+        if current.0 != i / 8 {
+            current = (i / 8, word(i / 8));
+        }
+        *b = current.1[(i % 8) as usize];
+    }
+}
+
+/// Full-duplex exchange on a non-blocking socket driven by poll(2). With a
+/// `seed` the bytes follow its pattern and are checked on the way back;
+/// without, they are zeros and only counted (for throughput).
+pub(super) fn exchange(
+    to: SocketAddr,
+    bytes: u64,
+    seed: Option<u64>,
+    timeout: Duration,
+) -> Result<Exchange, Failure> {
+    let fail = |e: &io::Error, s, r| Failure::from_io(e, s, r);
+    let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| fail(&e, 0, 0))?;
+    let local = stream.local_addr().map_err(|e| fail(&e, 0, 0))?;
+    stream.set_nonblocking(true).map_err(|e| fail(&e, 0, 0))?;
+    let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let mut out = vec![0u8; 0];
+    let mut out_pos = 0;
+    let mut inbuf = vec![0u8; 64 * 1024];
+    let mut expect = vec![0u8; 64 * 1024];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut intact = true;
+    let mut write_closed = bytes == 0;
+    if write_closed {
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| fail(&e, 0, 0))?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(&io::Error::from(ErrorKind::TimedOut), sent, received));
+        }
+        let mut events = PollFlags::POLLIN;
+        if !write_closed {
+            events |= PollFlags::POLLOUT;
+        }
+        let mut fds = [PollFd::new(stream.as_fd(), events)];
+        let wait =
+            PollTimeout::try_from(left.min(Duration::from_secs(1))).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, wait) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(fail(&e.into(), sent, received)),
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if !write_closed
+            && revents.intersects(PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP)
+        {
+            if out_pos == out.len() {
+                let n = (bytes - sent).min(64 * 1024) as usize;
+                out.resize(n, 0);
+                if let Some(seed) = seed {
+                    pattern_at(seed, sent, &mut out);
+                }
+                out_pos = 0;
+            }
+            match stream.write(&out[out_pos..]) {
+                Ok(n) => {
+                    out_pos += n;
+                    sent += n as u64;
+                    if sent == bytes {
+                        stream
+                            .shutdown(Shutdown::Write)
+                            .map_err(|e| fail(&e, sent, received))?;
+                        write_closed = true;
+                    }
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(fail(&e, sent, received)),
+            }
+        }
+        if revents.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
+            match stream.read(&mut inbuf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if received + n as u64 > bytes {
+                        intact = false;
+                    } else if let (true, Some(seed)) = (intact, seed) {
+                        pattern_at(seed, received, &mut expect[..n]);
+                        intact = inbuf[..n] == expect[..n];
+                    }
+                    received += n as u64;
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(fail(&e, sent, received)),
+            }
+        }
+    }
+    Ok(Exchange {
+        sent,
+        received,
+        intact: intact && received == bytes,
+        local,
+    })
+}
+
+pub(super) fn round_trips(to: SocketAddr, count: u32, size: u32) -> io::Result<Vec<u32>> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let msg = vec![0x5au8; size as usize];
+    let mut buf = vec![0u8; size as usize];
+    let mut micros = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let t = Instant::now();
+        stream.write_all(&msg)?;
+        read_exact_retrying(&mut stream, &mut buf, t + Duration::from_secs(10))?;
+        micros.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(micros)
+}
