@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The file is polled (cheap, and immune to editors that replace files by
-//! renaming). A file that does not parse leaves the last good snapshot in
+//! renaming). A file that does not parse leaves the last good pods in
 //! place; an invalid entry is skipped and the others still apply. Each
 //! problem is logged and counted once, when it first appears.
 use std::{

@@ -22,7 +22,7 @@ label_values! {
     pub enum SourceErrorReason {
         /// The input could not be read.
         Read => "read",
-        /// The input as a whole is malformed; the last good snapshot stays.
+        /// The input as a whole is malformed; the last good pods stay.
         Parse => "parse",
         /// One pod entry is invalid and was skipped.
         InvalidPod => "invalid_pod",
