@@ -35,7 +35,7 @@ Run `nodemesh agent` on every node (as root: it loads eBPF and enters pod namesp
 )]
 pub struct Cli {
     /// What to log: a level (error, warn, info, debug, trace) or tracing
-    /// directives like "info,nodemesh::proxy=debug".
+    /// directives like "info,nodemesh_dataplane::proxy=debug".
     #[arg(
         long,
         global = true,

@@ -315,9 +315,11 @@ impl App {
             "shutting down: no new connections; waiting for open ones"
         );
         shutdown.cancel();
-        let _ = capture_task.await;
+        // Listeners closed; the pods stay served while connections drain.
+        let served = capture_task.await.unwrap_or_default();
         let _ = source_task.await;
         let left = proxy.drain(cfg.shutdown_grace).await;
+        drop(served);
         if left > 0 {
             warn!(
                 connections = left,

@@ -182,7 +182,7 @@ struct Captured {
     pod: Arc<Pod>,
     netns: Arc<Netns>,
     /// Keeps it served; dropped on release.
-    _served: PodHandle,
+    served: PodHandle,
 }
 
 /// A meshed pod that could not be captured yet.
@@ -226,8 +226,14 @@ impl Captures {
     /// Follows the state's pods until `shutdown`; `ready` is set once the
     /// first complete picture is applied. Captured pods stay captured in
     /// eBPF when this returns (a restarted agent adopts them); their
-    /// listeners close.
-    pub async fn run(mut self, state: StateStore, ready: Ready, shutdown: CancellationToken) {
+    /// listeners close, and their handles are returned so the pods stay
+    /// served (tunnel streams, series) while open connections drain.
+    pub async fn run(
+        mut self,
+        state: StateStore,
+        ready: Ready,
+        shutdown: CancellationToken,
+    ) -> Vec<PodHandle> {
         let mut changes = state.local_changes();
         let mut first = true;
         loop {
@@ -247,7 +253,13 @@ impl Captures {
                 _ = shutdown.cancelled() => break,
             }
         }
-        self.captured.clear();
+        std::mem::take(&mut self.captured)
+            .into_values()
+            .map(|c| {
+                c.served.stop_accepting();
+                c.served
+            })
+            .collect()
     }
 
     /// Makes what is captured match `pods` (this node's, as the state has
@@ -353,7 +365,7 @@ impl Captures {
         Ok(Captured {
             pod: pod.clone(),
             netns,
-            _served: served,
+            served,
         })
     }
 

@@ -6,7 +6,7 @@
 //! Series are per pod and direction (bounded by the pods on the node), and
 //! removed when a pod stops being captured.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
 };
 
@@ -66,7 +66,20 @@ struct PeerLabels {
     peer_identity: String,
 }
 
-type PeerKeys = Arc<Mutex<HashMap<PodLabels, HashSet<(Tls, String)>>>>;
+/// What the pods with one label set share: how many hold it (a replaced
+/// pod and its successor can carry the same name for a while), and its
+/// peer series, looked up without allocating on every connection and
+/// created once per new peer.
+#[derive(Debug, Default)]
+struct PodSeries {
+    holders: usize,
+    /// Indexed by `tls as usize`; keyed by peer identity ("" for none).
+    by_tls: [HashMap<String, Counter>; 2],
+    /// The last holder let go: nothing is counted any more.
+    released: bool,
+}
+
+type Shared = Arc<Mutex<PodSeries>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectErrorLabels {
@@ -85,7 +98,8 @@ pub struct TcpMetrics {
     received: Family<PodLabels, Counter>,
     connect_errors: Family<ConnectErrorLabels, Counter>,
     peers: Family<PeerLabels, Counter>,
-    peer_keys: PeerKeys,
+    /// Who holds which label set.
+    holders: Arc<Mutex<HashMap<PodLabels, Shared>>>,
 }
 
 impl TcpMetrics {
@@ -98,7 +112,7 @@ impl TcpMetrics {
             received: Family::default(),
             connect_errors: Family::default(),
             peers: Family::default(),
-            peer_keys: PeerKeys::default(),
+            holders: Arc::default(),
         };
         registry.register(
             "tcp_open",
@@ -140,45 +154,26 @@ impl TcpMetrics {
         m
     }
 
-    /// Handles for one pod and direction, so the hot path never hashes labels.
+    /// Handles for one pod and direction, so the hot path never hashes
+    /// labels. Each call is paired with one [`PodTcpMetrics::remove`].
     pub fn pod(&self, labels: PodLabels) -> PodTcpMetrics {
+        let series = self
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(labels.clone())
+            .or_default()
+            .clone();
+        series.lock().unwrap_or_else(|p| p.into_inner()).holders += 1;
         PodTcpMetrics {
             open: self.open.get_or_create_owned(&labels),
             close: self.close.get_or_create_owned(&labels),
             open_now: self.open_now.get_or_create_owned(&labels),
             sent: self.sent.get_or_create_owned(&labels),
             received: self.received.get_or_create_owned(&labels),
-            connect_errors: self.connect_errors.clone(),
-            peers: self.peers.clone(),
-            peer_keys: self.peer_keys.clone(),
+            families: self.clone(),
+            series,
             labels,
-        }
-    }
-
-    /// Forgets a pod's series.
-    pub fn remove(&self, labels: &PodLabels) {
-        self.open.remove(labels);
-        self.close.remove(labels);
-        self.open_now.remove(labels);
-        self.sent.remove(labels);
-        self.received.remove(labels);
-        let peers = self
-            .peer_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(labels);
-        for (tls, peer_identity) in peers.into_iter().flatten() {
-            self.peers.remove(&PeerLabels {
-                pod: labels.clone(),
-                tls,
-                peer_identity,
-            });
-        }
-        for &reason in ConnectError::ALL {
-            self.connect_errors.remove(&ConnectErrorLabels {
-                pod: labels.clone(),
-                reason,
-            });
         }
     }
 }
@@ -194,9 +189,8 @@ pub struct PodTcpMetrics {
     pub sent: Counter,
     /// Bytes delivered to the pod (written to its socket).
     pub received: Counter,
-    connect_errors: Family<ConnectErrorLabels, Counter>,
-    peers: Family<PeerLabels, Counter>,
-    peer_keys: PeerKeys,
+    families: TcpMetrics,
+    series: Shared,
 }
 
 impl PodTcpMetrics {
@@ -217,27 +211,85 @@ impl PodTcpMetrics {
     /// Counts a connection by TLS state and peer identity (bounded: see
     /// [`MAX_PEERS_PER_POD`]).
     pub fn peer_open(&self, tls: bool, peer: Option<&str>) {
-        let tls = Tls::from(tls);
-        let mut key = (tls, peer.unwrap_or_default().to_owned());
-        {
-            let mut keys = self.peer_keys.lock().unwrap_or_else(|p| p.into_inner());
-            let seen = keys.entry(self.labels.clone()).or_default();
-            if !seen.contains(&key) && seen.len() >= MAX_PEERS_PER_POD {
-                key.1 = "other".into();
-            }
-            seen.insert(key.clone());
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if series.released {
+            return;
         }
-        self.peers
-            .get_or_create(&PeerLabels {
-                pod: self.labels.clone(),
-                tls: key.0,
-                peer_identity: key.1,
-            })
-            .inc();
+        let known: usize = series.by_tls.iter().map(HashMap::len).sum();
+        let by_peer = &mut series.by_tls[usize::from(tls)];
+        let mut peer = peer.unwrap_or_default();
+        if !by_peer.contains_key(peer) && known >= MAX_PEERS_PER_POD {
+            peer = "other";
+        }
+        if let Some(counter) = by_peer.get(peer) {
+            counter.inc();
+            return;
+        }
+        let counter = self.families.peers.get_or_create_owned(&PeerLabels {
+            pod: self.labels.clone(),
+            tls: Tls::from(tls),
+            peer_identity: peer.to_owned(),
+        });
+        counter.inc();
+        by_peer.insert(peer.to_owned(), counter);
+    }
+
+    /// Lets go of this pod's series; the last holder of its label set
+    /// removes them all, in every family.
+    pub fn remove(&self) {
+        let peers = {
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            series.holders = series.holders.saturating_sub(1);
+            if series.holders > 0 || series.released {
+                return;
+            }
+            series.released = true;
+            std::mem::take(&mut series.by_tls)
+        };
+        let f = &self.families;
+        let labels = &self.labels;
+        {
+            let mut holders = f.holders.lock().unwrap_or_else(|p| p.into_inner());
+            if holders
+                .get(labels)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.series))
+            {
+                holders.remove(labels);
+            }
+        }
+        f.open.remove(labels);
+        f.close.remove(labels);
+        f.open_now.remove(labels);
+        f.sent.remove(labels);
+        f.received.remove(labels);
+        for (tls, by_peer) in [false, true].into_iter().zip(peers) {
+            for peer_identity in by_peer.into_keys() {
+                f.peers.remove(&PeerLabels {
+                    pod: labels.clone(),
+                    tls: Tls::from(tls),
+                    peer_identity,
+                });
+            }
+        }
+        for &reason in ConnectError::ALL {
+            f.connect_errors.remove(&ConnectErrorLabels {
+                pod: labels.clone(),
+                reason,
+            });
+        }
     }
 
     pub fn connect_error(&self, reason: ConnectError) {
-        self.connect_errors
+        if self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .released
+        {
+            return;
+        }
+        self.families
+            .connect_errors
             .get_or_create(&ConnectErrorLabels {
                 pod: self.labels.clone(),
                 reason,
@@ -303,7 +355,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
-        tcp.remove(&labels);
+        pod.remove();
         let text = encode(&registry).unwrap();
         assert!(!text.contains("pod=\"client\""), "{text}");
     }
@@ -331,9 +383,41 @@ mod tests {
             .count();
         assert_eq!(series, MAX_PEERS_PER_POD + 1, "{text}");
         assert!(text.contains(r#"peer_identity="other"} 10"#), "{text}");
-        tcp.remove(&labels);
+        pod.remove();
         let text = encode(&registry).unwrap();
         assert!(!text.contains("nodemesh_tcp_peer_open_total{"), "{text}");
+    }
+
+    #[test]
+    fn a_label_set_two_pods_hold_goes_with_the_last_and_stays_gone() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let tcp = TcpMetrics::new(&mut registry);
+        let labels = PodLabels {
+            namespace: "demo".into(),
+            workload_kind: "statefulset".into(),
+            workload_name: "db".into(),
+            pod: "db-0".into(),
+            serviceaccount: "db".into(),
+            direction: Direction::Inbound,
+        };
+        // The old db-0 is terminating while its successor is captured.
+        let old = tcp.pod(labels.clone());
+        let new = tcp.pod(labels.clone());
+        old.peer_open(true, Some("spiffe://td/ns/demo/sa/web"));
+        old.remove();
+        new.peer_open(true, Some("spiffe://td/ns/demo/sa/web"));
+        let text = encode(&registry).unwrap();
+        assert!(
+            text.contains(r#"peer_identity="spiffe://td/ns/demo/sa/web"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("nodemesh_tcp_open_total{"), "{text}");
+        new.remove();
+        // A late connection of a released pod counts nowhere.
+        new.peer_open(false, None);
+        new.connect_error(ConnectError::Refused);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("pod=\"db-0\""), "{text}");
     }
 
     #[test]

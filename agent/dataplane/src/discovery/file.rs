@@ -262,10 +262,8 @@ impl FileSource {
                     "pod file read"
                 );
                 // No namespaces here: a pod is meshed by its own label.
-                self.state.update(|u| {
-                    u.replace_namespaces(Vec::new());
-                    u.replace_pods(parsed.pods);
-                });
+                self.state.update(|u| u.replace_namespaces(Vec::new()));
+                self.state.replace_pods(parsed.pods);
             }
             Err(problem) => {
                 error!(path = %self.path.display(), %problem, "pod file is malformed; keeping the last pods read");

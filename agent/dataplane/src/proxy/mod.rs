@@ -198,12 +198,7 @@ impl Proxy {
             pod,
         });
         let stop = CancellationToken::new();
-        let handle = PodHandle::new(
-            served.clone(),
-            self.pods.clone(),
-            self.tcp.clone(),
-            stop.clone(),
-        );
+        let handle = PodHandle::new(served.clone(), self.pods.clone(), stop.clone());
         let outbound = self.outbound.clone();
         let limit = self.limit.clone();
         let drain = self.drain.clone();
@@ -216,7 +211,12 @@ impl Proxy {
                 |client, peer, permit| {
                     let outbound = outbound.clone();
                     let served = served.clone();
-                    let span = info_span!("outbound", pod = %served.pod.key(), client = %peer);
+                    let pod = &served.pod;
+                    let span = info_span!(
+                        "outbound",
+                        pod = %format_args!("{}/{}", pod.namespace, pod.name),
+                        client = %peer,
+                    );
                     drain.spawn(
                         async move {
                             outbound.handle(client, served).await;

@@ -9,14 +9,21 @@ use crate::{netns::socket_cookie, redirect::Redirect};
 
 /// Gives the original destination of an accepted connection.
 pub trait OrigDsts: Send + Sync + 'static {
-    /// The destination recorded for `conn`, consumed; `None` if there is
+    /// What the destination of `conn` is recorded under (read once).
+    fn key(&self, conn: &TcpStream) -> Option<u64>;
+
+    /// The destination recorded under `key`, consumed; `None` if there is
     /// none (yet).
-    fn take(&self, conn: &TcpStream) -> Option<SocketAddr>;
+    fn take(&self, key: u64) -> Option<SocketAddr>;
 }
 
+/// eBPF records it by the accepted socket's cookie.
 impl OrigDsts for Redirect {
-    fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
-        let cookie = socket_cookie(conn).ok()?;
+    fn key(&self, conn: &TcpStream) -> Option<u64> {
+        socket_cookie(conn).ok()
+    }
+
+    fn take(&self, cookie: u64) -> Option<SocketAddr> {
         self.take_orig_dst(cookie).map(SocketAddr::V4)
     }
 }
@@ -27,9 +34,10 @@ const WAIT: Duration = Duration::from_millis(50);
 
 /// The original destination of `conn`, waiting briefly for it.
 pub async fn wait_for(source: &dyn OrigDsts, conn: &TcpStream) -> Option<SocketAddr> {
+    let key = source.key(conn)?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        if let Some(dst) = source.take(conn) {
+        if let Some(dst) = source.take(key) {
             return Some(dst);
         }
         if tokio::time::Instant::now() >= deadline {

@@ -13,11 +13,7 @@ use nodemesh_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    netns::Netns,
-    state::Pod,
-    telemetry::{PodTcpMetrics, TcpMetrics},
-};
+use crate::{netns::Netns, state::Pod, telemetry::PodTcpMetrics};
 
 /// One served pod.
 #[derive(Debug)]
@@ -93,29 +89,24 @@ impl ServedPods {
 pub struct PodHandle {
     served: Arc<ServedPod>,
     pods: ServedPods,
-    tcp: TcpMetrics,
     stop: CancellationToken,
 }
 
 impl PodHandle {
     /// Registers `served`; `stop` is its listener's.
-    pub(super) fn new(
-        served: Arc<ServedPod>,
-        pods: ServedPods,
-        tcp: TcpMetrics,
-        stop: CancellationToken,
-    ) -> Self {
+    pub(super) fn new(served: Arc<ServedPod>, pods: ServedPods, stop: CancellationToken) -> Self {
         pods.insert(served.clone());
-        Self {
-            served,
-            pods,
-            tcp,
-            stop,
-        }
+        Self { served, pods, stop }
     }
 
     pub fn served(&self) -> &Arc<ServedPod> {
         &self.served
+    }
+
+    /// Stops the pod's listener; its connections, inbound streams and
+    /// series stay until the handle is dropped (shutdown: after the drain).
+    pub fn stop_accepting(&self) {
+        self.stop.cancel();
     }
 }
 
@@ -123,9 +114,9 @@ impl Drop for PodHandle {
     fn drop(&mut self) {
         self.stop.cancel();
         self.pods.remove(&self.served);
-        self.tcp.remove(self.served.outbound.labels());
+        self.served.outbound.remove();
         if let Some(inbound) = &self.served.inbound {
-            self.tcp.remove(inbound.labels());
+            inbound.remove();
         }
     }
 }

@@ -7,8 +7,9 @@
 //!   validated identity and whether they are meshed (resolved once per
 //!   change, not per connection);
 //! - pods by IP: only live pods own an address (not finished, not past
-//!   their deletion grace), and two live claims on one address resolve to
-//!   [`Target::Conflict`], never to a guess;
+//!   their deletion grace); two live claims on one address resolve to
+//!   [`Target::Conflict`], never to a guess, and an address a meshed pod
+//!   just left is [`Target::Stale`], never plain;
 //! - namespaces (their mesh label);
 //! - Services → ports → endpoints.
 //!
@@ -19,7 +20,7 @@ pub mod pod;
 pub mod service;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::SystemTime,
@@ -57,9 +58,19 @@ pub enum Target {
     Unknown,
     /// The live pod that owns the address.
     Pod(Arc<Pod>),
-    /// This many live pods claim the address: nobody can tell which one a
+    /// Several live pods claim the address: nobody can tell which one a
     /// connection would reach.
-    Conflict(usize),
+    Conflict {
+        claims: usize,
+        /// One of them is meshed (so a guess could send its traffic in the
+        /// clear).
+        meshed: bool,
+    },
+    /// No live pod has the address, but a meshed pod that finished or is
+    /// past its deletion time had it: it may still be running (a late
+    /// kubelet, a skewed clock), so the address is not anybody's to reach
+    /// in the clear yet.
+    Stale,
 }
 
 /// Which kinds have been listed completely at least once.
@@ -78,6 +89,8 @@ struct ProxyState {
     /// Address → the pods claiming it (live or not: liveness is checked
     /// when asked, since deletion grace runs out with time).
     by_ip: HashMap<IpAddr, Vec<PodUid>>,
+    /// The pods on this node.
+    local: HashSet<PodUid>,
     namespaces: HashMap<String, Namespace>,
     services: Services,
     synced: Synced,
@@ -106,6 +119,7 @@ impl StateStore {
                     trust_domain: trust_domain.to_owned(),
                     pods: HashMap::new(),
                     by_ip: HashMap::new(),
+                    local: HashSet::new(),
                     namespaces: HashMap::new(),
                     services: Services::default(),
                     synced: Synced::default(),
@@ -137,12 +151,6 @@ impl StateStore {
         }
     }
 
-    /// Whether every pod of the cluster has been listed: before that, an
-    /// unknown address may still be a pod's.
-    pub fn pods_synced(&self) -> bool {
-        self.read().synced.pods
-    }
-
     /// The pods on this node whose containers may still run (terminating
     /// ones included), once pods and namespaces have been listed; `None`
     /// before, so nobody acts on half a picture.
@@ -152,9 +160,10 @@ impl StateStore {
             return None;
         }
         let mut pods: Vec<Arc<Pod>> = state
-            .pods
-            .values()
-            .filter(|p| state.is_local(p) && !p.terminal)
+            .local
+            .iter()
+            .filter_map(|uid| state.pods.get(uid))
+            .filter(|p| !p.terminal)
             .cloned()
             .collect();
         pods.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -175,6 +184,48 @@ impl StateStore {
             Target::Pod(p) => state.pods.get(&p.uid).map(Arc::as_ref),
             _ => None,
         })
+    }
+
+    /// Replaces every pod with a complete list (a relist): nothing stale
+    /// survives, nothing is counted twice. The pods are resolved before the
+    /// store is locked, so lookups keep flowing meanwhile. Only discovery
+    /// calls this.
+    pub fn replace_pods(&self, pods: Vec<PodInfo>) {
+        let (node, trust_domain, labels) = {
+            let state = self.read();
+            let labels: HashMap<String, Option<MeshLabel>> = state
+                .namespaces
+                .iter()
+                .map(|(name, ns)| (name.clone(), ns.mesh_label))
+                .collect();
+            (state.node.clone(), state.trust_domain.clone(), labels)
+        };
+        let mut fresh = HashMap::with_capacity(pods.len());
+        let mut by_ip: HashMap<IpAddr, Vec<PodUid>> = HashMap::new();
+        let mut local = HashSet::new();
+        for info in pods {
+            let ns = labels.get(&info.namespace).copied().flatten();
+            let pod = Pod::resolve(info, &trust_domain, ns);
+            if let Some(ip) = pod.claimed_ip() {
+                by_ip.entry(ip).or_default().push(pod.uid.clone());
+            }
+            if pod.node.as_deref() == Some(node.as_str()) {
+                local.insert(pod.uid.clone());
+            }
+            fresh.insert(pod.uid.clone(), Arc::new(pod));
+        }
+        self.update(|u| {
+            let state = &mut *u.state;
+            let changed = state.local.len() != local.len()
+                || local
+                    .iter()
+                    .any(|uid| state.pods.get(uid) != fresh.get(uid));
+            u.local_changed |= changed || !state.synced.pods;
+            state.pods = fresh;
+            state.by_ip = by_ip;
+            state.local = local;
+            state.synced.pods = true;
+        });
     }
 
     /// Applies a batch of changes. Only discovery calls this.
@@ -198,24 +249,58 @@ impl ProxyState {
         pod.node.as_deref() == Some(self.node.as_str())
     }
 
-    /// The live pod that owns `ip` at `now`.
+    /// Who owns `ip` at `now`.
     fn owner(&self, ip: IpAddr, now: SystemTime) -> Target {
         let Some(claims) = self.by_ip.get(&ip) else {
             return Target::Unknown;
         };
-        let mut live = claims
-            .iter()
-            .filter_map(|uid| self.pods.get(uid))
-            .filter(|p| p.is_live(now));
+        let claimants = || claims.iter().filter_map(|uid| self.pods.get(uid));
+        let mut live = claimants().filter(|p| p.is_live(now));
         match (live.next(), live.next()) {
-            (None, _) => Target::Unknown,
             (Some(pod), None) => Target::Pod(pod.clone()),
-            (Some(_), Some(_)) => Target::Conflict(2 + live.count()),
+            (Some(_), Some(_)) => Target::Conflict {
+                claims: claimants().filter(|p| p.is_live(now)).count(),
+                meshed: claimants().any(|p| p.is_live(now) && p.meshed()),
+            },
+            (None, _) if claimants().any(|p| p.meshed()) => Target::Stale,
+            (None, _) => Target::Unknown,
         }
     }
 
     fn namespace_label(&self, namespace: &str) -> Option<MeshLabel> {
         self.namespaces.get(namespace).and_then(|n| n.mesh_label)
+    }
+
+    /// Puts `pod` in place of whatever had its UID; whether this node's
+    /// pods changed.
+    fn insert(&mut self, pod: Pod) -> bool {
+        let old = self.pods.get(&pod.uid).cloned();
+        if old.as_deref() == Some(&pod) {
+            return false;
+        }
+        let mut local_changed = false;
+        if let Some(old) = &old {
+            local_changed |= self.is_local(old);
+            self.unclaim(old);
+        }
+        if self.is_local(&pod) {
+            local_changed = true;
+            self.local.insert(pod.uid.clone());
+        } else {
+            self.local.remove(&pod.uid);
+        }
+        self.claim(&pod);
+        self.pods.insert(pod.uid.clone(), Arc::new(pod));
+        local_changed
+    }
+
+    /// Forgets the pod with `uid`; whether this node's pods changed.
+    fn remove(&mut self, uid: &PodUid) -> bool {
+        let Some(old) = self.pods.remove(uid) else {
+            return false;
+        };
+        self.unclaim(&old);
+        self.local.remove(uid)
     }
 
     fn unclaim(&mut self, pod: &Pod) {
@@ -255,48 +340,12 @@ impl Update<'_> {
     pub fn apply_pod(&mut self, info: PodInfo) {
         let ns = self.state.namespace_label(&info.namespace);
         let pod = Pod::resolve(info, &self.state.trust_domain, ns);
-        let old = self.state.pods.get(&pod.uid).cloned();
-        if old.as_deref() == Some(&pod) {
-            return;
-        }
-        if let Some(old) = &old {
-            self.local_changed |= self.state.is_local(old);
-            self.state.unclaim(old);
-        }
-        self.local_changed |= self.state.is_local(&pod);
-        self.state.claim(&pod);
-        self.state.pods.insert(pod.uid.clone(), Arc::new(pod));
+        self.local_changed |= self.state.insert(pod);
     }
 
     /// Forgets a pod.
     pub fn delete_pod(&mut self, uid: &PodUid) {
-        if let Some(old) = self.state.pods.remove(uid) {
-            self.local_changed |= self.state.is_local(&old);
-            self.state.unclaim(&old);
-        }
-    }
-
-    /// Replaces every pod with a complete list (a relist): nothing stale
-    /// survives, nothing is counted twice.
-    pub fn replace_pods(&mut self, pods: Vec<PodInfo>) {
-        let keep: std::collections::HashSet<PodUid> = pods.iter().map(|p| p.uid.clone()).collect();
-        let gone: Vec<PodUid> = self
-            .state
-            .pods
-            .keys()
-            .filter(|uid| !keep.contains(*uid))
-            .cloned()
-            .collect();
-        for uid in gone {
-            self.delete_pod(&uid);
-        }
-        for pod in pods {
-            self.apply_pod(pod);
-        }
-        if !self.state.synced.pods {
-            self.state.synced.pods = true;
-            self.local_changed = true;
-        }
+        self.local_changed |= self.state.remove(uid);
     }
 
     /// Adds or replaces a namespace; its pods are meshed again accordingly.
@@ -305,19 +354,19 @@ impl Update<'_> {
             return;
         }
         self.state.namespaces.insert(name.to_owned(), ns);
-        self.remesh(name);
+        self.remesh(&HashSet::from([name.to_owned()]));
     }
 
     pub fn delete_namespace(&mut self, name: &str) {
         if self.state.namespaces.remove(name).is_some() {
-            self.remesh(name);
+            self.remesh(&HashSet::from([name.to_owned()]));
         }
     }
 
     /// Replaces every namespace with a complete list.
     pub fn replace_namespaces(&mut self, namespaces: Vec<(String, Namespace)>) {
         let fresh: HashMap<String, Namespace> = namespaces.into_iter().collect();
-        let changed: Vec<String> = self
+        let changed: HashSet<String> = self
             .state
             .namespaces
             .keys()
@@ -326,23 +375,31 @@ impl Update<'_> {
             .cloned()
             .collect();
         self.state.namespaces = fresh;
-        for name in changed {
-            self.remesh(&name);
-        }
+        self.remesh(&changed);
         if !self.state.synced.namespaces {
             self.state.synced.namespaces = true;
             self.local_changed = true;
         }
     }
 
-    /// Applies namespace `name`'s label to its pods again.
-    fn remesh(&mut self, name: &str) {
-        let label = self.state.namespace_label(name);
+    /// Applies the labels of the `changed` namespaces to their pods again
+    /// (one pass over the pods, however many changed).
+    fn remesh(&mut self, changed: &HashSet<String>) {
+        if changed.is_empty() {
+            return;
+        }
         let state = &mut *self.state;
-        for pod in state.pods.values_mut().filter(|p| p.namespace == name) {
-            let again = pod.with_namespace(label);
+        let labels: HashMap<&String, Option<MeshLabel>> = changed
+            .iter()
+            .map(|n| (n, state.namespaces.get(n).and_then(|ns| ns.mesh_label)))
+            .collect();
+        for pod in state.pods.values_mut() {
+            let Some(label) = labels.get(&pod.namespace) else {
+                continue;
+            };
+            let again = pod.with_namespace(*label);
             if again.meshed() != pod.meshed() {
-                self.local_changed |= pod.node.as_deref() == Some(state.node.as_str());
+                self.local_changed |= state.local.contains(&pod.uid);
                 *pod = Arc::new(again);
             }
         }

@@ -74,12 +74,16 @@ impl PodInfo {
         !self.terminal && self.deletion.is_none_or(|gone_by| now < gone_by)
     }
 
-    /// The address this pod claims as its own, if any: host-network pods
-    /// and finished pods claim none.
+    /// It runs in its node's network namespace: flagged so, or its address
+    /// is its node's.
+    pub fn on_host_network(&self) -> bool {
+        self.host_network || (self.ip.is_some() && self.ip == self.host_ip)
+    }
+
+    /// The address this pod claims (owns while it is live): host-network
+    /// pods claim none, their address is the node's.
     pub(super) fn claimed_ip(&self) -> Option<IpAddr> {
-        let ip = self.ip?;
-        let on_host = self.host_network || self.host_ip == Some(ip);
-        (!on_host && !self.terminal).then_some(ip)
+        self.ip.filter(|_| !self.on_host_network())
     }
 }
 
@@ -96,7 +100,7 @@ impl Pod {
         let identity = Identity::new(&info.namespace, &info.service_account)
             .ok()
             .map(|id| SpiffeId::new(id, trust_domain));
-        let meshed = nodemesh_core::names::mesh_decision(info.mesh_label, namespace);
+        let meshed = meshed(&info, namespace);
         Self {
             info,
             identity,
@@ -109,7 +113,7 @@ impl Pod {
         Self {
             info: self.info.clone(),
             identity: self.identity.clone(),
-            meshed: nodemesh_core::names::mesh_decision(self.info.mesh_label, namespace),
+            meshed: meshed(&self.info, namespace),
         }
     }
 
@@ -120,7 +124,8 @@ impl Pod {
     }
 
     /// Whether the mesh carries its connections: its own label, else its
-    /// namespace's.
+    /// namespace's; never for a host-network pod (its sockets are the
+    /// node's, shared with every other host-network pod).
     pub fn meshed(&self) -> bool {
         self.meshed
     }
@@ -136,6 +141,11 @@ impl Deref for Pod {
     fn deref(&self) -> &PodInfo {
         &self.info
     }
+}
+
+/// Its own label first, then its namespace's; host-network pods never.
+fn meshed(info: &PodInfo, namespace: Option<MeshLabel>) -> bool {
+    !info.on_host_network() && nodemesh_core::names::mesh_decision(info.mesh_label, namespace)
 }
 
 #[cfg(test)]

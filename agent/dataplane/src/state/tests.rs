@@ -11,12 +11,12 @@ fn store() -> StateStore {
             Namespace {
                 mesh_label: Some(MeshLabel::Enabled),
             },
-        )]);
-        u.replace_pods(vec![
-            test_pods::pod("shop", "web", "10.1.0.2", "node-a", "192.168.0.1"),
-            test_pods::pod("other", "db", "10.2.0.3", "node-b", "192.168.0.2"),
-        ]);
+        )])
     });
+    store.replace_pods(vec![
+        test_pods::pod("shop", "web", "10.1.0.2", "node-a", "192.168.0.1"),
+        test_pods::pod("other", "db", "10.2.0.3", "node-b", "192.168.0.2"),
+    ]);
     store
 }
 
@@ -46,6 +46,7 @@ fn pods_are_found_by_address_with_their_identity_and_meshing() {
 
 #[test]
 fn finished_and_deleted_pods_own_no_address() {
+    // `shop` is meshed: an address a meshed pod left is stale, never plain.
     let store = store();
     let mut done = test_pods::pod("shop", "job", "10.1.0.7", "node-a", "192.168.0.1");
     done.terminal = true;
@@ -58,8 +59,13 @@ fn finished_and_deleted_pods_own_no_address() {
         u.apply_pod(gone);
         u.apply_pod(going);
     });
-    assert!(matches!(owner(&store, "10.1.0.7"), Target::Unknown));
-    assert!(matches!(owner(&store, "10.1.0.8"), Target::Unknown));
+    assert!(matches!(owner(&store, "10.1.0.7"), Target::Stale));
+    assert!(matches!(owner(&store, "10.1.0.8"), Target::Stale));
+    // An unmeshed pod's old address is simply nobody's.
+    let mut plain = test_pods::pod("other", "cron", "10.2.0.7", "node-b", "192.168.0.2");
+    plain.terminal = true;
+    store.update(|u| u.apply_pod(plain));
+    assert!(matches!(owner(&store, "10.2.0.7"), Target::Unknown));
     assert!(
         matches!(owner(&store, "10.1.0.9"), Target::Pod(p) if p.name == "going"),
         "still within its grace"
@@ -97,9 +103,32 @@ fn two_live_claims_on_one_address_are_a_conflict() {
             "192.168.0.2",
         ))
     });
-    assert!(matches!(owner(&store, "10.1.0.2"), Target::Conflict(2)));
+    assert!(matches!(
+        owner(&store, "10.1.0.2"),
+        Target::Conflict {
+            claims: 2,
+            meshed: true
+        }
+    ));
     store.update(|u| u.delete_pod(&PodUid::new("uid-other-twin").unwrap()));
     assert!(matches!(owner(&store, "10.1.0.2"), Target::Pod(p) if p.name == "web"));
+    // Unmeshed twins: a conflict nobody's traffic depends on the mesh for.
+    store.update(|u| {
+        u.apply_pod(test_pods::pod(
+            "other",
+            "twin",
+            "10.2.0.3",
+            "node-b",
+            "192.168.0.2",
+        ))
+    });
+    assert!(matches!(
+        owner(&store, "10.2.0.3"),
+        Target::Conflict {
+            claims: 2,
+            meshed: false
+        }
+    ));
 }
 
 #[test]
@@ -120,6 +149,12 @@ fn host_network_pods_own_no_pod_address() {
     });
     assert!(matches!(owner(&store, "192.168.0.1"), Target::Unknown));
     assert!(matches!(owner(&store, "192.168.0.9"), Target::Unknown));
+    let local = store.local_pods().unwrap();
+    let proxy = local.iter().find(|p| p.name == "proxy").unwrap();
+    assert!(
+        !proxy.meshed(),
+        "a host-network pod is never meshed, whatever its label says"
+    );
     // Moving off the host network gives it its address.
     host.ip = Some("10.1.0.5".parse().unwrap());
     store.update(|u| u.apply_pod(host));
@@ -134,7 +169,7 @@ fn addresses_follow_their_pods_and_relists_replace_everything() {
     assert!(matches!(owner(&store, "10.1.0.2"), Target::Unknown));
     assert!(matches!(owner(&store, "10.1.0.4"), Target::Pod(_)));
     web.ip = Some("10.1.0.6".parse().unwrap());
-    store.update(|u| u.replace_pods(vec![web]));
+    store.replace_pods(vec![web]);
     assert!(
         matches!(owner(&store, "10.2.0.3"), Target::Unknown),
         "gone in the relist"
@@ -147,15 +182,13 @@ fn addresses_follow_their_pods_and_relists_replace_everything() {
 fn local_pods_wait_for_a_complete_picture_and_follow_labels() {
     let store = StateStore::new("node-a", "cluster.local");
     let mut changes = store.local_changes();
-    store.update(|u| {
-        u.replace_pods(vec![test_pods::pod(
-            "shop",
-            "web",
-            "10.1.0.2",
-            "node-a",
-            "192.168.0.1",
-        )])
-    });
+    store.replace_pods(vec![test_pods::pod(
+        "shop",
+        "web",
+        "10.1.0.2",
+        "node-a",
+        "192.168.0.1",
+    )]);
     assert!(store.local_pods().is_none(), "namespaces not listed yet");
     store.update(|u| u.replace_namespaces(vec![]));
     let pods = store.local_pods().expect("both listed");

@@ -69,9 +69,12 @@ impl Connector for LoopbackConnector {
 struct Recorded(Mutex<HashMap<u16, SocketAddr>>);
 
 impl OrigDsts for Recorded {
-    fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
-        let port = conn.peer_addr().ok()?.port();
-        self.0.lock().unwrap().remove(&port)
+    fn key(&self, conn: &TcpStream) -> Option<u64> {
+        Some(conn.peer_addr().ok()?.port().into())
+    }
+
+    fn take(&self, port: u64) -> Option<SocketAddr> {
+        self.0.lock().unwrap().remove(&(port as u16))
     }
 }
 
@@ -128,7 +131,8 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
 
 /// The cluster's pods: `client` and `near` (meshed) on node a; `far`
 /// and `far2` (meshed), `server` (not), and two pods claiming one address
-/// on node b; `lost` (meshed) on a node whose address nobody knows.
+/// (one of them meshed) on node b; `lost` (meshed) on a node whose
+/// address nobody knows.
 fn pods() -> Vec<PodInfo> {
     vec![
         pod("shop", "client", "10.1.0.2", Some(0), true),
@@ -137,7 +141,7 @@ fn pods() -> Vec<PodInfo> {
         pod("shop", "far2", "10.2.0.6", Some(1), true),
         pod("plain", "server", "10.2.0.4", Some(1), false),
         pod("plain", "twin1", "10.2.0.5", Some(1), false),
-        pod("plain", "twin2", "10.2.0.5", Some(1), false),
+        pod("shop", "twin2", "10.2.0.5", Some(1), true),
         pod("shop", "lost", "10.3.0.3", None, true),
     ]
 }
@@ -152,10 +156,8 @@ impl Cluster {
         let mut nodes = Vec::new();
         for (name, ip) in NODES {
             let state = StateStore::new(name, TRUST_DOMAIN);
-            state.update(|u| {
-                u.replace_namespaces(Vec::new());
-                u.replace_pods(pods());
-            });
+            state.update(|u| u.replace_namespaces(Vec::new()));
+            state.replace_pods(pods());
             let mut registry = Registry::with_prefix("nodemesh");
             let signer = Signer::load(
                 &issuer.cert_pem,

@@ -96,7 +96,11 @@ fn workload(p: &K8sPod) -> (Workload, Option<String>) {
 /// that cannot be kept at all.
 pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, String)>) {
     let mut problems = Vec::new();
-    let uid = match PodUid::new(p.metadata.uid.as_deref().unwrap_or_default()) {
+    // Every object the API server sends has a UID; skip one that does not.
+    let Some(uid) = p.metadata.uid.as_deref() else {
+        return (None, problems);
+    };
+    let uid = match PodUid::new(uid) {
         Ok(uid) => uid,
         Err(problem) => {
             problems.push((SourceErrorReason::InvalidPod, problem));

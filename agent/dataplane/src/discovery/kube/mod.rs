@@ -263,8 +263,10 @@ impl Source {
     /// nodes' agents report theirs).
     fn pod(&mut self, p: &K8sPod) -> Option<PodInfo> {
         let (info, problems) = convert::pod(p);
+        // This node's agent reports this node's pods; finished ones are no
+        // one's concern.
         let here = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
-        if here {
+        if here && !info.as_ref().is_some_and(|i| i.terminal) {
             let object = convert::object_name(&p.metadata);
             for (reason, problem) in problems {
                 self.report(&object, reason, problem);
@@ -331,7 +333,7 @@ impl Source {
                             .filter(|p| p.node.as_deref() == Some(&self.node))
                             .count(),
                     );
-                    state.update(|u| u.replace_pods(pods));
+                    state.replace_pods(pods);
                     info!(pods = all, on_this_node = here, "pods listed");
                 }
             },

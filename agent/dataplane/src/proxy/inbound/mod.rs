@@ -174,8 +174,12 @@ impl Destinations for Inbound {
             let accepted = self.open_tunnel(&req).await?;
             let buffer_size = self.buffer_size;
             let deliver: Delivery = Box::new(move |client: TunnelStream| {
-                let pod = accepted.accounting.pod.as_ref().map(|p| p.pod.key());
-                let span = info_span!("inbound", pod = ?pod);
+                let span = match accepted.accounting.pod.as_ref() {
+                    Some(p) => {
+                        info_span!("inbound", pod = %format_args!("{}/{}", p.pod.namespace, p.pod.name))
+                    }
+                    None => info_span!("inbound"),
+                };
                 Box::pin(relay_tunnel(client, accepted, buffer_size).instrument(span))
             });
             Ok(deliver)
@@ -190,9 +194,17 @@ async fn relay_tunnel(mut client: TunnelStream, accepted: Accepted, buffer_size:
         accounting,
     } = accepted;
     let inbound = accounting.inbound();
-    let received: Vec<_> = inbound.map(|i| &i.received).into_iter().collect();
-    let sent: Vec<_> = inbound.map(|i| &i.sent).into_iter().collect();
-    match relay(&mut client, &mut server, buffer_size, &received, &sent).await {
+    let received = inbound.map(|i| &i.received);
+    let sent = inbound.map(|i| &i.sent);
+    match relay(
+        &mut client,
+        &mut server,
+        buffer_size,
+        received.as_slice(),
+        sent.as_slice(),
+    )
+    .await
+    {
         Ok(n) => debug!(
             received = n.client_to_server,
             sent = n.server_to_client,

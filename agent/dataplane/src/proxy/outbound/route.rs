@@ -46,6 +46,8 @@ pub enum Refusal {
     NoSourceIdentity,
     /// Several live pods claim the destination address.
     Conflict { claims: usize },
+    /// A meshed pod had the address, and no live pod has it now.
+    Stale,
     /// Routed to the tunnel, but this node runs none.
     NoTunnel,
 }
@@ -61,6 +63,9 @@ impl fmt::Display for Refusal {
                 f,
                 "{claims} live pods claim the destination address; refusing to guess"
             ),
+            Self::Stale => f.write_str(
+                "a meshed pod that finished or is being deleted had this address, and no live pod has it",
+            ),
             Self::NoTunnel => f.write_str("this node runs no tunnel"),
         }
     }
@@ -73,7 +78,13 @@ pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Rou
     }
     let dst = match &upstream.target {
         Target::Unknown => return Route::Direct,
-        Target::Conflict(claims) => return Route::Refuse(Refusal::Conflict { claims: *claims }),
+        // Unmeshed claimants only: the kernel's choice is what it would be
+        // without the mesh.
+        Target::Conflict { meshed: false, .. } => return Route::Direct,
+        Target::Conflict { claims, .. } => {
+            return Route::Refuse(Refusal::Conflict { claims: *claims });
+        }
+        Target::Stale => return Route::Refuse(Refusal::Stale),
         Target::Pod(dst) => dst,
     };
     let Some(dst_id) = dst.identity().filter(|_| dst.meshed()) else {
@@ -120,10 +131,8 @@ mod tests {
             test_pods::pod("plain", "server", "10.2.0.4", "node-b", "192.168.0.2"),
         ];
         pods.extend(extra);
-        store.update(|u| {
-            u.replace_namespaces(vec![("shop".into(), Namespace::default())]);
-            u.replace_pods(pods);
-        });
+        store.update(|u| u.replace_namespaces(vec![("shop".into(), Namespace::default())]));
+        store.replace_pods(pods);
         store
     }
 
@@ -205,18 +214,37 @@ mod tests {
         gone.deletion = Some(SystemTime::now() - Duration::from_secs(5));
         // The address of the finished pod is now an unmeshed pod's.
         let reuse = test_pods::pod("plain", "reuse", "10.2.0.9", "node-b", "192.168.0.2");
-        let store = cluster(vec![done, gone, reuse]);
-        assert_eq!(route_to(&store, ON, "10.2.0.9"), "direct");
-        assert_eq!(route_to(&store, ON, "10.2.0.8"), "direct");
+        let mut cron = test_pods::pod("plain", "cron", "10.2.0.7", "node-b", "192.168.0.2");
+        cron.terminal = true;
+        let store = cluster(vec![done, gone, reuse, cron]);
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.9"),
+            "direct",
+            "the live owner's"
+        );
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.7"),
+            "direct",
+            "an unmeshed pod's old address"
+        );
+        // A meshed pod past its deletion time may still run (a late
+        // kubelet, a skewed clock): not in the clear.
+        assert!(route_to(&store, ON, "10.2.0.8").starts_with("refuse: a meshed pod that finished"));
     }
 
     #[test]
-    fn duplicate_claims_on_an_address_are_refused() {
+    fn duplicate_claims_on_an_address_are_refused_when_one_is_meshed() {
         let twin = test_pods::pod("plain", "twin", "10.2.0.3", "node-b", "192.168.0.2");
-        let store = cluster(vec![twin]);
+        let plain_twin = test_pods::pod("plain", "twin2", "10.2.0.4", "node-b", "192.168.0.2");
+        let store = cluster(vec![twin, plain_twin]);
         assert_eq!(
             route_to(&store, ON, "10.2.0.3"),
             "refuse: 2 live pods claim the destination address; refusing to guess"
+        );
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.4"),
+            "direct",
+            "two unmeshed pods: what the kernel picks, as without the mesh"
         );
     }
 

@@ -77,16 +77,16 @@ impl Outbound {
         let Opened { mut io, local, .. } = opened;
         // Bytes count for the client pod, and for the destination pod too
         // when it is served here.
-        let inbound = local.as_ref().and_then(Accounting::inbound);
-        let up: Vec<&Counter> = [Some(&pod.outbound.sent), inbound.map(|i| &i.received)]
-            .into_iter()
-            .flatten()
-            .collect();
-        let down: Vec<&Counter> = [Some(&pod.outbound.received), inbound.map(|i| &i.sent)]
-            .into_iter()
-            .flatten()
-            .collect();
-        match relay(&mut client, &mut io, self.buffer_size, &up, &down).await {
+        let (up, down, n): ([&Counter; 2], [&Counter; 2], usize) =
+            match local.as_ref().and_then(Accounting::inbound) {
+                Some(i) => (
+                    [&pod.outbound.sent, &i.received],
+                    [&pod.outbound.received, &i.sent],
+                    2,
+                ),
+                None => ([&pod.outbound.sent; 2], [&pod.outbound.received; 2], 1),
+            };
+        match relay(&mut client, &mut io, self.buffer_size, &up[..n], &down[..n]).await {
             Ok(n) => {
                 debug!(%dst, sent = n.client_to_server, received = n.server_to_client, "closed")
             }

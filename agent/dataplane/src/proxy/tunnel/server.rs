@@ -86,7 +86,9 @@ impl TunnelServer {
     /// Serves `listener` until `stop`; connections and streams in flight
     /// carry on (they are on the drain).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        info!(addr = ?listener.local_addr().ok(), "tunnel listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "tunnel listening");
+        }
         accept_loop(&listener, None, &stop, "tunnel", |tcp, peer, _| {
             let this = self.clone();
             let stop = stop.clone();
@@ -205,7 +207,12 @@ impl TunnelServer {
         });
         // The destination is connected before the answer: a refused one
         // becomes an error status, which the client turns into a reset.
-        let deliver = match open.await {
+        let opened = open.await;
+        if !matches!(opened, Err(TunnelError::UnknownDestination)) {
+            // A stream for a pod here, whether or not the pod answered.
+            self.metrics.stream(Direction::Inbound);
+        }
+        let deliver = match opened {
             Ok(deliver) => deliver,
             Err(reason) => {
                 self.refuse(reason);
@@ -215,7 +222,6 @@ impl TunnelServer {
                 });
             }
         };
-        self.metrics.stream(Direction::Inbound);
         let upgrade = hyper::upgrade::on(req);
         let span = info_span!("tunnel_stream", %client, %dst);
         self.drain.spawn(
