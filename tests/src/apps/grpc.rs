@@ -4,7 +4,7 @@
 //! defaults, overridden per call by metadata), and a client running call
 //! loops that reports every call with its `grpc-status`.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -29,7 +29,7 @@ use tonic::{
     transport::{Channel, Server},
 };
 
-use super::{Container, Role, serve_lines};
+use super::{Protocol, RequestApp, Role, count};
 
 /// The service's name, and its methods.
 pub const SERVICE: &str = "nodemesh.test.Echo";
@@ -117,54 +117,37 @@ pub struct Seen {
     pub peers: BTreeSet<IpAddr>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Ask {
-    Serve { port: u16, knobs: Knobs },
-    Run(Run),
-    Seen { port: u16 },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-enum Answer {
-    Serving { port: u16 },
-    Outcomes { outcomes: Vec<Outcome> },
-    Seen(Seen),
-    Failed { message: String },
-}
+/// The Grpc protocol of the test bed's request apps.
+#[derive(Debug)]
+pub struct Grpc;
 
 /// A running gRPC app, seen from the test.
-#[derive(Debug)]
-pub struct GrpcApp(Container);
+pub type GrpcApp = RequestApp<Grpc>;
 
-impl GrpcApp {
-    pub(crate) fn start(netns: &std::path::Path, cgroup: &std::path::Path, pod: &str) -> Self {
-        Self(Container::start(netns, cgroup, pod, Role::Grpc))
+impl Protocol for Grpc {
+    const ROLE: Role = Role::Grpc;
+    type Knobs = Knobs;
+    type Run = Run;
+    type Outcome = Outcome;
+    type Seen = Seen;
+
+    fn serve(
+        listener: TcpListener,
+        knobs: Knobs,
+        seen: Arc<Mutex<Seen>>,
+    ) -> BoxFuture<'static, ()> {
+        let svc = Echo {
+            knobs: Arc::new(knobs),
+            seen,
+        };
+        Box::pin(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = Server::builder().serve_with_incoming(svc, incoming).await;
+        })
     }
 
-    /// Serves the echo service on `port` with `knobs` as the defaults.
-    pub fn serve(&mut self, port: u16, knobs: Knobs) {
-        match self.0.call(&Ask::Serve { port, knobs }) {
-            Answer::Serving { .. } => {}
-            other => panic!("{}: serve {port}: {other:?}", self.0.pod()),
-        }
-    }
-
-    /// Runs a call loop; every call's outcome, in order.
-    pub fn run(&mut self, run: Run) -> Vec<Outcome> {
-        match self.0.call(&Ask::Run(run)) {
-            Answer::Outcomes { outcomes } => outcomes,
-            other => panic!("{}: run: {other:?}", self.0.pod()),
-        }
-    }
-
-    /// What the server on `port` saw so far.
-    pub fn seen(&mut self, port: u16) -> Seen {
-        match self.0.call(&Ask::Seen { port }) {
-            Answer::Seen(seen) => seen,
-            other => panic!("{}: seen {port}: {other:?}", self.0.pod()),
-        }
+    fn run(run: Run) -> BoxFuture<'static, Vec<Outcome>> {
+        Box::pin(run_calls(run))
     }
 }
 
@@ -206,50 +189,6 @@ impl Decoder for Raw {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
         Ok(Some(src.copy_to_bytes(src.remaining())))
     }
-}
-
-type Servers = Arc<Mutex<BTreeMap<u16, Arc<Mutex<Seen>>>>>;
-
-/// The gRPC app's main loop.
-pub fn main() -> ! {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let servers: Servers = Arc::default();
-    serve_lines(
-        |ask| match ask {
-            Ask::Serve { port, knobs } => match rt.block_on(TcpListener::bind(("0.0.0.0", port))) {
-                Ok(listener) => {
-                    let seen = Arc::new(Mutex::new(Seen::default()));
-                    servers.lock().unwrap().insert(port, seen.clone());
-                    let svc = Echo {
-                        knobs: Arc::new(knobs),
-                        seen,
-                    };
-                    rt.spawn(async move {
-                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                        let _ = Server::builder().serve_with_incoming(svc, incoming).await;
-                    });
-                    Answer::Serving { port }
-                }
-                Err(e) => Answer::Failed {
-                    message: e.to_string(),
-                },
-            },
-            Ask::Run(run) => Answer::Outcomes {
-                outcomes: rt.block_on(run_calls(run)),
-            },
-            Ask::Seen { port } => match servers.lock().unwrap().get(&port) {
-                Some(seen) => Answer::Seen(seen.lock().unwrap().clone()),
-                None => Answer::Failed {
-                    message: format!("no server on {port}"),
-                },
-            },
-        },
-        |message| Answer::Failed { message },
-    )
 }
 
 /// The echo service.
@@ -501,12 +440,5 @@ async fn one(run: &Run, grpc: &mut tonic::client::Grpc<Channel>) -> Outcome {
                 message: text,
             }
         }
-    }
-}
-
-fn count(counts: &mut Vec<(i32, u64)>, value: i32) {
-    match counts.binary_search_by_key(&value, |(v, _)| *v) {
-        Ok(i) => counts[i].1 += 1,
-        Err(i) => counts.insert(i, (value, 1)),
     }
 }

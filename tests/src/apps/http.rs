@@ -7,7 +7,7 @@
 //!
 //! Bodies are streamed both ways in 16 KiB chunks, never built whole.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -31,7 +31,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Container, Role, serve_lines};
+use futures_util::future::BoxFuture;
+
+use super::{Protocol, RequestApp, Role, count};
 
 /// The header a server names itself in (its `name` knob).
 pub const SERVER_HEADER: &str = "x-nodemesh-test-server";
@@ -120,100 +122,38 @@ pub struct Seen {
     pub by_status: Vec<(u16, u64)>,
     /// Request body bytes received.
     pub received: u64,
-    /// The clients' addresses, as the server saw them.
     /// The distinct client addresses, as the server saw them.
     pub peers: BTreeSet<IpAddr>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Ask {
-    Serve { port: u16, knobs: Knobs },
-    Run(Run),
-    Seen { port: u16 },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-enum Answer {
-    Serving { port: u16 },
-    Outcomes { outcomes: Vec<Outcome> },
-    Seen(Seen),
-    Failed { message: String },
-}
+/// The Http protocol of the test bed's request apps.
+#[derive(Debug)]
+pub struct Http;
 
 /// A running HTTP app, seen from the test.
-#[derive(Debug)]
-pub struct HttpApp(Container);
+pub type HttpApp = RequestApp<Http>;
 
-impl HttpApp {
-    pub(crate) fn start(netns: &std::path::Path, cgroup: &std::path::Path, pod: &str) -> Self {
-        Self(Container::start(netns, cgroup, pod, Role::Http))
+impl Protocol for Http {
+    const ROLE: Role = Role::Http;
+    type Knobs = Knobs;
+    type Run = Run;
+    type Outcome = Outcome;
+    type Seen = Seen;
+
+    fn serve(
+        listener: TcpListener,
+        knobs: Knobs,
+        seen: Arc<Mutex<Seen>>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(serve(listener, Arc::new(knobs), seen))
     }
 
-    /// Serves HTTP on `port` with `knobs` as the defaults.
-    pub fn serve(&mut self, port: u16, knobs: Knobs) {
-        match self.0.call(&Ask::Serve { port, knobs }) {
-            Answer::Serving { .. } => {}
-            other => panic!("{}: serve {port}: {other:?}", self.0.pod()),
-        }
-    }
-
-    /// Runs a request loop; every request's outcome, in order.
-    pub fn run(&mut self, run: Run) -> Vec<Outcome> {
-        match self.0.call(&Ask::Run(run)) {
-            Answer::Outcomes { outcomes } => outcomes,
-            other => panic!("{}: run: {other:?}", self.0.pod()),
-        }
-    }
-
-    /// What the server on `port` saw so far.
-    pub fn seen(&mut self, port: u16) -> Seen {
-        match self.0.call(&Ask::Seen { port }) {
-            Answer::Seen(seen) => seen,
-            other => panic!("{}: seen {port}: {other:?}", self.0.pod()),
-        }
+    fn run(run: Run) -> BoxFuture<'static, Vec<Outcome>> {
+        Box::pin(run_requests(run))
     }
 }
 
 // ---- inside the pod ---------------------------------------------------------
-
-type Servers = Arc<Mutex<BTreeMap<u16, Arc<Mutex<Seen>>>>>;
-
-/// The HTTP app's main loop.
-pub fn main() -> ! {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let servers: Servers = Arc::default();
-    serve_lines(
-        |ask| match ask {
-            Ask::Serve { port, knobs } => match rt.block_on(TcpListener::bind(("0.0.0.0", port))) {
-                Ok(listener) => {
-                    let seen = Arc::new(Mutex::new(Seen::default()));
-                    servers.lock().unwrap().insert(port, seen.clone());
-                    rt.spawn(serve(listener, Arc::new(knobs), seen));
-                    Answer::Serving { port }
-                }
-                Err(e) => Answer::Failed {
-                    message: e.to_string(),
-                },
-            },
-            Ask::Run(run) => Answer::Outcomes {
-                outcomes: rt.block_on(run_requests(run)),
-            },
-            Ask::Seen { port } => match servers.lock().unwrap().get(&port) {
-                Some(seen) => Answer::Seen(seen.lock().unwrap().clone()),
-                None => Answer::Failed {
-                    message: format!("no server on {port}"),
-                },
-            },
-        },
-        |message| Answer::Failed { message },
-    )
-}
 
 async fn serve(listener: TcpListener, knobs: Arc<Knobs>, seen: Arc<Mutex<Seen>>) {
     loop {
@@ -499,12 +439,5 @@ async fn finish(
         },
         Ok(Err(e)) => failed(started, e),
         Err(_) => failed(started, "timed out".into()),
-    }
-}
-
-fn count(counts: &mut Vec<(u16, u64)>, value: u16) {
-    match counts.binary_search_by_key(&value, |(v, _)| *v) {
-        Ok(i) => counts[i].1 += 1,
-        Err(i) => counts.insert(i, (value, 1)),
     }
 }
