@@ -4,6 +4,7 @@ mod kube;
 mod mesh;
 mod protocols;
 mod skeleton;
+mod transparency;
 
 fn main() {
     nodemesh_tests::harness::main(nodemesh_tests::trials![
@@ -31,5 +32,9 @@ fn main() {
         skeleton::a_restarted_agent_takes_over_without_bypass,
         skeleton::cleanup_on_exit_removes_everything,
         skeleton::bad_configuration_is_reported_all_at_once,
+        transparency::an_ordinary_blocking_client_works_with_the_default_settings,
+        transparency::iperf3_bulk_passes_with_the_default_settings,
+        transparency::a_dying_agent_resets_what_it_carries_and_new_connections_fail_closed,
+        transparency::an_agent_under_a_low_open_file_limit_serves_many_connections,
     ]);
 }

@@ -37,17 +37,22 @@ pub struct AgentOptions {
     /// node's name is the node's) instead of the node's pod file; the API
     /// server's port is made reachable from inside the node.
     pub kubeconfig: Option<(PathBuf, u16)>,
+    /// Start the agent under this soft open-file limit.
+    pub open_files: Option<u64>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
-            fast_path: true,
+            // The agent's default (off); NODEMESH_TEST_FAST_PATH=true runs
+            // the suite with the sk_msg fast path on.
+            fast_path: std::env::var("NODEMESH_TEST_FAST_PATH").is_ok_and(|v| v == "true"),
             args: Vec::new(),
             log: std::env::var("NODEMESH_TEST_LOG")
                 .unwrap_or_else(|_| "info,nodemesh=debug".into()),
             binary: None,
             kubeconfig: None,
+            open_files: None,
         }
     }
 }
@@ -132,6 +137,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
+        if let Some(soft) = opts.open_files {
+            crate::sys::limit_open_files(&mut cmd, soft);
+        }
         let child = spawn_in(cmd, &node.netns, &cgroup);
         Self {
             child: Some(child),

@@ -271,7 +271,7 @@ impl<'c> Install<'c> {
             image: "nodemesh.test/nodemesh:1".into(),
             agent_log_level: "info".into(),
             trust_domain: "cluster.local".into(),
-            fast_path: "true".into(),
+            fast_path: "false".into(),
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),

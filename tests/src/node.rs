@@ -151,6 +151,13 @@ impl Pod {
         GrpcApp::start(&self.netns, &self.container_cgroup(), &self.key())
     }
 
+    /// Runs `cmd` as a container of this pod (its netns, a container
+    /// cgroup): a real client or server (iperf3, …). Killed by the pod's
+    /// clean-up if still running.
+    pub fn spawn(&self, cmd: std::process::Command) -> std::process::Child {
+        crate::sys::spawn_in(cmd, &self.netns, &self.container_cgroup())
+    }
+
     /// Starts the pod's sandbox (kubelet's pause container): an idle
     /// process that holds the pod's netns and cgroup.
     pub fn start_sandbox(&self) {

@@ -150,6 +150,28 @@ pub fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Child {
     child
 }
 
+/// Starts `cmd` with a soft open-file limit of `soft` (the hard one kept).
+pub fn limit_open_files(cmd: &mut Command, soft: u64) {
+    // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = soft.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// This test binary, to be started again in another role.
 pub fn self_exe() -> PathBuf {
     std::env::current_exe().expect("current_exe")

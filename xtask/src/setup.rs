@@ -29,6 +29,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "rsync",
     "make",
     "ca-certificates",
+    // Real clients the tests and benchmarks drive through the mesh.
+    "iperf3",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 

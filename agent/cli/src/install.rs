@@ -35,8 +35,9 @@ pub struct InstallArgs {
     #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
     pub trust_domain: String,
 
-    /// sk_msg fast path between apps and the proxy (see the README's limits).
-    #[arg(long, default_value = "true", value_name = "BOOL")]
+    /// sk_msg fast path between apps and the proxy (off by default: see
+    /// docs/datapath.md for when it may be turned on).
+    #[arg(long, default_value = "false", value_name = "BOOL")]
     pub fast_path: String,
 
     /// Destination network the agents never redirect (repeatable).
@@ -258,7 +259,7 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         image: "unused".into(),
         agent_log_level: "info".into(),
         trust_domain: "cluster.local".into(),
-        fast_path: "true".into(),
+        fast_path: "false".into(),
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),

@@ -352,9 +352,45 @@ impl App {
     }
 }
 
+/// File descriptors the agent needs beyond its proxied connections:
+/// listeners (one per captured pod), the tunnel, the API server, logs.
+const SPARE_FDS: u64 = 4096;
+
+/// Raises the soft open-file limit to what `max_connections` needs (two
+/// sockets each, plus spares), up to the hard limit, so the agent is never
+/// the reason an app's connection hangs. Returns (before, after, needed).
+fn raise_fd_limit(max_connections: usize) -> (u64, u64, u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = 2 * max_connections as u64 + SPARE_FDS;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (0, 0, needed);
+    };
+    let want = needed.min(hard);
+    if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+        return (soft, want, needed);
+    }
+    (soft, soft, needed)
+}
+
 /// The whole of `nodemesh agent` once its flags are checked: a runtime,
 /// the app, signals.
-pub fn main(cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
+pub fn main(mut cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
+    let (before, after, needed) = raise_fd_limit(cfg.max_connections);
+    if after > before {
+        info!(from = before, to = after, "open-file limit raised");
+    }
+    if after < needed {
+        // Connections beyond what the descriptors allow wait in the
+        // listeners' backlogs rather than fail half-accepted.
+        let fits = (after.saturating_sub(SPARE_FDS) / 2).max(64) as usize;
+        warn!(
+            limit = after,
+            needed,
+            max_connections = fits,
+            "the open-file limit is below what --max-connections needs; proxying fewer connections at once (raise the hard limit, LimitNOFILE, for more)"
+        );
+        cfg.max_connections = cfg.max_connections.min(fits);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("nodemesh-proxy");
     if cfg.worker_threads > 0 {

@@ -111,7 +111,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), &'static str> {
     };
     let ip4 = sa.user_ip4;
     let port = u16::from_be(sa.user_port as u16) as u32;
-    if is_loopback(ip4) || port == cfg.outbound_port {
+    // Loopback stays inside the pod (the agent's own listener included);
+    // any other address is redirected, whatever its port.
+    if is_loopback(ip4) {
         return Ok(());
     }
     // The agent's sockets are never redirected, wherever they are made.

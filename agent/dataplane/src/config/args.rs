@@ -94,11 +94,14 @@ pub struct AgentArgs {
     pub outbound_port: String,
 
     /// Move bytes between apps and the proxy socket-to-socket with sk_msg
-    /// (true), or through the loopback TCP/IP stack (false).
+    /// (true), or through the loopback TCP/IP stack (false, the default).
+    /// On, blocking apps can see spurious EAGAIN and bulk senders ENOMEM
+    /// (kernel sockmap limits: docs/datapath.md); only for event-loop apps
+    /// doing small request/response exchanges.
     #[arg(
         long,
         env = "NODEMESH_FAST_PATH",
-        default_value = "true",
+        default_value = "false",
         value_name = "BOOL"
     )]
     pub fast_path: String,

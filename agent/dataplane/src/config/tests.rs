@@ -20,7 +20,7 @@ fn defaults_are_valid() {
     let cfg = AgentConfig::try_from(&args(&[])).expect("valid");
     assert_eq!(cfg.outbound_port, 15001);
     assert_eq!(cfg.admin_addr.port(), 4191);
-    assert!(cfg.fast_path);
+    assert!(!cfg.fast_path, "off unless asked for");
     assert_eq!(cfg.connect_timeout, Duration::from_secs(5));
     assert_eq!(cfg.bpffs, PathBuf::from("/sys/fs/bpf/nodemesh"));
 }

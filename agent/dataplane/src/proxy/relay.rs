@@ -16,14 +16,29 @@ use tokio::{
 
 /// A stream that can be made to end with a reset rather than a clean close.
 pub trait Reset {
+    /// The coming close sends RST instead of FIN.
     fn reset(&self);
+
+    /// The coming close is a normal one (FIN, after every byte is out).
+    fn close_gracefully(&self) {}
 }
 
 impl Reset for TcpStream {
-    /// The coming close sends RST instead of FIN.
     fn reset(&self) {
         let _ = self.set_zero_linger();
     }
+
+    fn close_gracefully(&self) {
+        let _ = socket2::SockRef::from(self).set_linger(None);
+    }
+}
+
+/// Makes `stream` end with a reset if the agent dies: the kernel closes a
+/// dead process's sockets, and without this a client reading a download
+/// would see a clean end of stream and take a truncated answer for a
+/// whole one. [`relay`] undoes it once both directions ended normally.
+pub fn reset_if_we_die(stream: &TcpStream) {
+    stream.reset();
 }
 
 impl Reset for TunnelStream {
@@ -47,6 +62,12 @@ impl Reset for UpstreamIo {
         match self {
             Self::Tcp(s) => s.reset(),
             Self::Tunnel(s) => s.reset(),
+        }
+    }
+
+    fn close_gracefully(&self) {
+        if let Self::Tcp(s) = self {
+            s.close_gracefully();
         }
     }
 }
@@ -168,10 +189,14 @@ where
         tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, buffer_size, buffer_size).await
     };
     match result {
-        Ok((up, down)) => Ok(Relayed {
-            client_to_server: up,
-            server_to_client: down,
-        }),
+        Ok((up, down)) => {
+            client.close_gracefully();
+            server.close_gracefully();
+            Ok(Relayed {
+                client_to_server: up,
+                server_to_client: down,
+            })
+        }
         Err(e) => {
             client.reset();
             server.reset();

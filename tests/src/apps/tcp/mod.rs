@@ -15,11 +15,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use serde::{Deserialize, Serialize};
 
 mod client;
 
-use self::client::{exchange, paced, round_trips, setup, text};
+pub use self::client::{Download, Reads};
+use self::client::{
+    download, duplex_blocking, exchange, hold, paced, pattern_at, round_trips, setup, text,
+};
 use super::{Container, Role, serve_lines};
 
 /// What the test asks the pod app to do.
@@ -43,6 +47,8 @@ pub enum Request {
         to: SocketAddr,
         count: u32,
         size: u32,
+        #[serde(default)]
+        reads: Reads,
     },
     /// Send `bytes` one way as fast as possible (the echo comes back and is
     /// read concurrently); elapsed time.
@@ -53,6 +59,8 @@ pub enum Request {
         to: SocketAddr,
         text: String,
         repeat: u32,
+        #[serde(default)]
+        reads: Reads,
     },
     /// One connection held for `seconds`, with a small round trip every
     /// `interval_ms`; latencies.
@@ -60,6 +68,8 @@ pub enum Request {
         to: SocketAddr,
         seconds: u32,
         interval_ms: u32,
+        #[serde(default)]
+        reads: Reads,
     },
     /// `count` new connections, `pause_ms` apart: for each, the time to
     /// connect and complete a first 1-byte round trip.
@@ -67,7 +77,26 @@ pub enum Request {
         to: SocketAddr,
         count: u32,
         pause_ms: u32,
+        #[serde(default)]
+        reads: Reads,
     },
+    /// An ordinary blocking client: a writer and a reader thread on one
+    /// socket, plain blocking reads (no retries); checks the echo.
+    Duplex {
+        to: SocketAddr,
+        bytes: u64,
+        seed: u64,
+        timeout_ms: u64,
+    },
+    /// `count` connections, each checked with a 1-byte round trip, held
+    /// open until [`Request::Release`].
+    Hold { to: SocketAddr, count: u32 },
+    /// Closes the held connections.
+    Release,
+    /// Serve an endless stream on `port` (a download source).
+    Source { port: u16 },
+    /// Read from `to` until the stream ends or `seconds` pass.
+    Download { to: SocketAddr, seconds: u32 },
 }
 
 /// What the pod app answers.
@@ -80,6 +109,9 @@ pub enum Response {
     Peers { peers: Vec<SocketAddr> },
     RoundTrips { micros: Vec<u32> },
     Bulk { bytes: u64, micros: u64 },
+    Held { held: u32, failures: Vec<Failure> },
+    Released { closed: u32 },
+    Downloaded(Download),
 }
 
 /// The outcome of a successful [`Request::Exchange`].
@@ -91,6 +123,8 @@ pub struct Exchange {
     pub intact: bool,
     /// The client socket's local address, as the app saw it.
     pub local: SocketAddr,
+    /// Its peer's address, as the app saw it (`getpeername`).
+    pub peer: SocketAddr,
 }
 
 /// Why a request failed.
@@ -125,11 +159,22 @@ impl Failure {
 
 /// A running TCP app, seen from the test.
 #[derive(Debug)]
-pub struct TcpApp(Container);
+pub struct TcpApp(Container, Reads);
 
 impl TcpApp {
     pub(crate) fn start(netns: &Path, cgroup: &Path, pod: &str) -> Self {
-        Self(Container::start(netns, cgroup, pod, Role::Tcp))
+        Self(
+            Container::start(netns, cgroup, pod, Role::Tcp),
+            Reads::Plain,
+        )
+    }
+
+    /// Blocking reads retry a spurious `EAGAIN` from now on: for measuring
+    /// the sk_msg fast path, whose kernel receive path returns one to
+    /// blocking sockets (docs/datapath.md). Tests never do this.
+    pub fn tolerating_fast_path_eagain(mut self) -> Self {
+        self.1 = Reads::TolerateEagain;
+        self
     }
 
     pub fn pid(&self) -> u32 {
@@ -200,7 +245,12 @@ impl TcpApp {
         count: u32,
         size: u32,
     ) -> Result<Vec<u32>, Failure> {
-        match self.call(&Request::RoundTrips { to, count, size }) {
+        match self.call(&Request::RoundTrips {
+            to,
+            count,
+            size,
+            reads: self.1,
+        }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
             other => panic!("{}: round trips: {other:?}", self.0.pod()),
@@ -213,6 +263,7 @@ impl TcpApp {
             to,
             text: text.into(),
             repeat,
+            reads: self.1,
         }) {
             Response::Exchanged(x) => Ok(x),
             Response::Failed(f) => Err(f),
@@ -232,6 +283,7 @@ impl TcpApp {
             to,
             seconds,
             interval_ms: interval.as_millis() as u32,
+            reads: self.1,
         }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
@@ -250,10 +302,59 @@ impl TcpApp {
             to,
             count,
             pause_ms: pause.as_millis() as u32,
+            reads: self.1,
         }) {
             Response::RoundTrips { micros } => Ok(micros),
             Response::Failed(f) => Err(f),
             other => panic!("{}: setup: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Exchanges `bytes` with an echo server the way an ordinary blocking
+    /// client does (a reader and a writer thread, no retries).
+    pub fn duplex_blocking(&mut self, to: SocketAddr, bytes: u64) -> Result<Exchange, Failure> {
+        match self.call(&Request::Duplex {
+            to,
+            bytes,
+            seed: bytes ^ 0x5eed,
+            timeout_ms: 20_000,
+        }) {
+            Response::Exchanged(x) => Ok(x),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: duplex: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Opens and holds `count` checked connections; how many worked, and
+    /// the first failures.
+    pub fn hold(&mut self, to: SocketAddr, count: u32) -> (u32, Vec<Failure>) {
+        match self.call(&Request::Hold { to, count }) {
+            Response::Held { held, failures } => (held, failures),
+            other => panic!("{}: hold: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Closes the held connections; how many.
+    pub fn release(&mut self) -> u32 {
+        match self.call(&Request::Release) {
+            Response::Released { closed } => closed,
+            other => panic!("{}: release: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Serves an endless stream on `port`.
+    pub fn source(&mut self, port: u16) {
+        match self.call(&Request::Source { port }) {
+            Response::Listening { .. } => {}
+            other => panic!("{}: source {port}: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Downloads from `to` for up to `seconds`; how it ended.
+    pub fn download(&mut self, to: SocketAddr, seconds: u32) -> Download {
+        match self.call(&Request::Download { to, seconds }) {
+            Response::Downloaded(d) => d,
+            other => panic!("{}: download: {other:?}", self.0.pod()),
         }
     }
 
@@ -273,9 +374,28 @@ type PeerLog = Arc<Mutex<BTreeMap<u16, Vec<SocketAddr>>>>;
 
 /// The TCP app's main loop.
 pub fn main() -> ! {
+    // Like a server tuned for many connections: the soft open-file limit
+    // up to the hard one.
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let peers: PeerLog = Arc::default();
+    let mut held = Vec::new();
     serve_lines(
-        |req| handle(req, &peers),
+        |req| match req {
+            Request::Hold { to, count } => {
+                let (mut streams, failures) = hold(to, count);
+                let n = streams.len() as u32;
+                held.append(&mut streams);
+                Response::Held { held: n, failures }
+            }
+            Request::Release => {
+                let closed = held.len() as u32;
+                held.clear();
+                Response::Released { closed }
+            }
+            req => handle(req, &peers),
+        },
         |message| {
             Response::Failed(Failure {
                 kind: "other".into(),
@@ -315,7 +435,12 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             Ok(x) => Response::Exchanged(x),
             Err(f) => Response::Failed(f),
         },
-        Request::RoundTrips { to, count, size } => match round_trips(to, count, size) {
+        Request::RoundTrips {
+            to,
+            count,
+            size,
+            reads,
+        } => match round_trips(to, count, size, reads) {
             Ok(micros) => Response::RoundTrips { micros },
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
@@ -323,7 +448,8 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             to,
             text: t,
             repeat,
-        } => match text(to, &t, repeat) {
+            reads,
+        } => match text(to, &t, repeat, reads) {
             Ok(x) => Response::Exchanged(x),
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
@@ -331,7 +457,8 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             to,
             seconds,
             interval_ms,
-        } => match paced(to, seconds, interval_ms) {
+            reads,
+        } => match paced(to, seconds, interval_ms, reads) {
             Ok(micros) => Response::RoundTrips { micros },
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
@@ -339,10 +466,35 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             to,
             count,
             pause_ms,
-        } => match setup(to, count, pause_ms) {
+            reads,
+        } => match setup(to, count, pause_ms, reads) {
             Ok(micros) => Response::RoundTrips { micros },
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
+        Request::Duplex {
+            to,
+            bytes,
+            seed,
+            timeout_ms,
+        } => match duplex_blocking(to, bytes, seed, Duration::from_millis(timeout_ms)) {
+            Ok(x) => Response::Exchanged(x),
+            Err(f) => Response::Failed(f),
+        },
+        Request::Source { port } => match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(listener) => {
+                thread::spawn(move || serve_source(listener));
+                Response::Listening { port }
+            }
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
+        Request::Download { to, seconds } => Response::Downloaded(download(to, seconds)),
+        // Handled by `main`, which holds the connections.
+        Request::Hold { .. } | Request::Release => Response::Failed(Failure {
+            kind: "other".into(),
+            message: "hold/release are handled by the main loop".into(),
+            sent: 0,
+            received: 0,
+        }),
         Request::Bulk { to, bytes } => {
             let start = Instant::now();
             match exchange(to, bytes, None, Duration::from_secs(120)) {
@@ -384,6 +536,24 @@ fn serve_echo(listener: TcpListener, port: u16, peers: PeerLog) {
                 }
             }
             let _ = conn.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+/// Streams the pattern to every client until it goes away.
+fn serve_source(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        thread::spawn(move || {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut offset = 0u64;
+            loop {
+                pattern_at(7, offset, &mut chunk);
+                if conn.write_all(&chunk).is_err() {
+                    return;
+                }
+                offset += chunk.len() as u64;
+            }
         });
     }
 }

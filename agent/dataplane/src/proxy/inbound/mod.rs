@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::{
     connect::Connector,
     pods::{ServedPod, ServedPods},
-    relay::{TunnelStream, relay},
+    relay::{TunnelStream, relay, reset_if_we_die},
     tunnel::{Destinations, TunnelError, server::Delivery, server::StreamRequest},
 };
 use crate::{
@@ -121,7 +121,10 @@ impl Inbound {
         };
         // The node's netns: the app sees the connection come from its node.
         let stream = match self.connector.connect(None, req.dst).await {
-            Ok(s) => s,
+            Ok(s) => {
+                reset_if_we_die(&s);
+                s
+            }
             Err(e) => {
                 let reason = ConnectError::classify(&e);
                 warn!(client = %req.client, dst = %req.dst, %reason, error = %e, "cannot connect to the destination pod; the client gets a reset");
@@ -150,6 +153,7 @@ impl Inbound {
         dst: SocketAddr,
     ) -> io::Result<Accepted> {
         let stream = self.connector.connect(src.netns.as_ref(), dst).await?;
+        reset_if_we_die(&stream);
         let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
         if let Some(inbound) = served.as_ref().and_then(|s| s.inbound.as_ref()) {
             inbound.peer_open(false, src.pod.identity().map(|id| id.uri()));

@@ -21,7 +21,11 @@ use tracing::warn;
 
 use self::route::{RouteCtx, route};
 use super::{
-    connect::Connector, inbound::Inbound, orig_dst, pods::ServedPod, relay::Reset,
+    connect::Connector,
+    inbound::Inbound,
+    orig_dst,
+    pods::ServedPod,
+    relay::{Reset, reset_if_we_die},
     tunnel::TunnelPool,
 };
 use crate::{state::StateStore, telemetry::ConnectError};
@@ -72,6 +76,7 @@ impl Outbound {
     pub(super) async fn handle(&self, client: TcpStream, pod: Arc<ServedPod>) {
         let _open = pod.outbound.open();
         let _ = client.set_nodelay(true);
+        reset_if_we_die(&client);
         let Some(dst) = orig_dst::wait_for(self.orig_dst.as_ref(), &client).await else {
             warn!("no original destination recorded for this connection; resetting it");
             pod.outbound

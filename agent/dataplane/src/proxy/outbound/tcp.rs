@@ -15,7 +15,7 @@ use crate::{
     proxy::{
         inbound::{Accepted, Accounting},
         pods::ServedPod,
-        relay::{Reset, UpstreamIo, relay},
+        relay::{Reset, UpstreamIo, relay, reset_if_we_die},
         tunnel::OpenError,
     },
     telemetry::ConnectError,
@@ -109,6 +109,7 @@ impl Outbound {
                     .connect(pod.netns.as_ref(), dst)
                     .await
                     .map_err(io_err)?;
+                reset_if_we_die(&stream);
                 Ok(Opened {
                     io: UpstreamIo::Tcp(stream),
                     tls: false,
