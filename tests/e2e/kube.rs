@@ -24,7 +24,7 @@ fn echo(pod: &Pod) -> SocketAddr {
 }
 
 fn redirected(x: &nodemesh_tests::Exchange) -> bool {
-    x.local.ip().is_loopback()
+    x.redirected()
 }
 
 fn source_errors(m: &Metrics, reason: &str) -> f64 {
@@ -191,7 +191,7 @@ pub fn bad_pods_are_reported_once_retried_and_the_rest_served() {
     let agent = Agent::start_ready(&node, AgentOptions::default().kube(cluster));
 
     let m = agent.wait_metric("problems counted", |m| {
-        capture_errors(m, "no_ip") == 1.0
+        capture_errors(m, "netns_not_found") == 1.0
             && capture_errors(m, "cgroup_not_found") == 1.0
             && source_errors(m, "unknown_owner") == 1.0
             && source_errors(m, "invalid_label") == 1.0
@@ -225,7 +225,7 @@ pub fn bad_pods_are_reported_once_retried_and_the_rest_served() {
     std::thread::sleep(Duration::from_millis(1500));
     let m = agent.metrics();
     assert_eq!(
-        capture_errors(&m, "no_ip") + capture_errors(&m, "cgroup_not_found"),
+        capture_errors(&m, "netns_not_found") + capture_errors(&m, "cgroup_not_found"),
         2.0,
         "{}",
         m.text
@@ -243,6 +243,21 @@ pub fn bad_pods_are_reported_once_retried_and_the_rest_served() {
             .count(),
         1,
         "logged once"
+    );
+
+    // The pods' owners are told, on the pods.
+    let events = cluster.events(&ns);
+    assert!(
+        events.iter().any(|(pod, reason, message)| pod == "pending"
+            && reason == "NodemeshCaptureFailed"
+            && message.contains("netns_not_found")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(pod, reason, _)| pod == "misplaced" && reason == "NodemeshCaptureFailed"),
+        "{events:?}"
     );
 
     // Once kubelet's part is done, both are captured without a restart.
@@ -480,6 +495,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         ("list", "", "namespaces"),
         ("list", "", "services"),
         ("list", "discovery.k8s.io", "endpointslices"),
+        ("create", "", "events"),
     ] {
         assert!(
             cluster.can(&kubeconfig, verb, group, resource, None),
@@ -492,6 +508,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         ("delete", "", "pods"),
         ("update", "", "namespaces"),
         ("list", "apps", "daemonsets"),
+        ("delete", "", "events"),
     ] {
         assert!(
             !cluster.can(&kubeconfig, verb, group, resource, None),

@@ -4,7 +4,7 @@
 //! Longer than 500 lines on purpose: one scenario family, each test a
 //! story read top to bottom; splitting would scatter the shared checks.
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     process::Command,
     time::Duration,
 };
@@ -41,9 +41,10 @@ fn echo(pod: &Pod) -> SocketAddr {
     SocketAddr::from((pod.ip, ECHO))
 }
 
-/// A redirected socket is connected to the listener in its own netns.
-fn was_redirected(local: SocketAddr) -> bool {
-    local.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)
+/// A redirected socket is connected to the listener in its own netns (the
+/// kernel's view: the app itself sees its pod's address and its server).
+fn was_redirected(x: &nodemesh_tests::Exchange) -> bool {
+    x.redirected()
 }
 
 /// Waits until every connection the agent opened for `pod` has closed and
@@ -71,8 +72,16 @@ pub fn meshed_pod_goes_through_the_agent() {
 
     let small = app.exchange_ok(echo(&server), 11);
     assert!(
-        was_redirected(small.local),
+        was_redirected(&small),
         "the connect was not redirected: {small:?}"
+    );
+    // The app sees what it would without the mesh: its own address, and
+    // the server it dialled.
+    assert_eq!(small.peer, echo(&server), "getpeername: {small:?}");
+    assert_eq!(
+        small.local.ip(),
+        IpAddr::V4(client.ip),
+        "getsockname: {small:?}"
     );
     let m = settled(&agent, &client, 1.0);
     assert_eq!(
@@ -144,14 +153,14 @@ pub fn labelling_captures_and_unlabelling_releases_live() {
     let mut app = client.tcp();
 
     let x = app.exchange_ok(echo(&server), 1000);
-    assert!(!was_redirected(x.local));
+    assert!(!was_redirected(&x));
     assert_eq!(opened(&agent.metrics(), &client), 0.0);
 
     client.set_label(MESH_LABEL, Some("enabled"));
     node.write_pods(&[&client, &server]);
     agent.wait_metric("client captured after labelling", |m| meshed(m) == 1.0);
     let x = app.exchange_ok(echo(&server), 1000);
-    assert!(was_redirected(x.local), "{x:?}");
+    assert!(was_redirected(&x), "{x:?}");
     settled(&agent, &client, 1.0);
     assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&client.uid));
 
@@ -164,7 +173,7 @@ pub fn labelling_captures_and_unlabelling_releases_live() {
         "the released pod's series are gone"
     );
     let x = app.exchange_ok(echo(&server), 1000);
-    assert!(!was_redirected(x.local), "{x:?}");
+    assert!(!was_redirected(&x), "{x:?}");
     assert_eq!(opened(&agent.metrics(), &client), 0.0);
     assert!(node.pinned_pod_links().is_empty());
     agent.wait_log("pod released");
@@ -265,15 +274,15 @@ pub fn bypassed_destinations_go_direct() {
     let mut app = client.tcp();
 
     let x = app.exchange_ok(SocketAddr::from((server.ip, 9000)), 100);
-    assert!(!was_redirected(x.local), "bypassed port: {x:?}");
+    assert!(!was_redirected(&x), "bypassed port: {x:?}");
     let x = app.exchange_ok(echo(&other), 100);
-    assert!(!was_redirected(x.local), "bypassed CIDR: {x:?}");
+    assert!(!was_redirected(&x), "bypassed CIDR: {x:?}");
     let x = app.exchange_ok(echo(&server), 100);
-    assert!(was_redirected(x.local), "not bypassed: {x:?}");
+    assert!(was_redirected(&x), "not bypassed: {x:?}");
     // The mesh's own port is no bypass on any other address.
     srv.listen(15001);
     let x = app.exchange_ok(SocketAddr::from((server.ip, 15001)), 100);
-    assert!(was_redirected(x.local), "port 15001 elsewhere: {x:?}");
+    assert!(was_redirected(&x), "port 15001 elsewhere: {x:?}");
     settled(&agent, &client, 2.0);
 }
 
@@ -321,14 +330,19 @@ pub fn pods_that_cannot_be_captured_are_reported_and_retried() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     let mut app = good.tcp();
-    assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
-    // Nothing half-attached: only the good pod has a link, and the pod whose
-    // netns was wrong is not redirected.
-    assert_eq!(node.pinned_pod_links(), std::slice::from_ref(&good.uid));
+    assert!(was_redirected(&app.exchange_ok(echo(&server), 1000)));
+    // The pod whose netns was wrong is attached but not served: its
+    // connections are refused, never made around the proxy. The one whose
+    // cgroup is missing has nothing attached.
+    let mut links = vec![good.uid.clone(), no_netns.uid.clone()];
+    links.sort();
+    assert_eq!(node.pinned_pod_links(), links);
     let mut stray = no_netns.tcp();
-    assert!(!was_redirected(
-        stray.exchange_ok(echo(&server), 1000).local
-    ));
+    let refused = stray
+        .exchange(echo(&server), 1000)
+        .expect_err("fail closed");
+    assert_eq!(refused.kind, "denied", "{refused:?}");
+    assert!(srv.peers(ECHO).iter().all(|p| p.ip() != no_netns.ip));
 
     // Retries do not log or count the same problem again.
     std::thread::sleep(Duration::from_millis(1500));
@@ -345,7 +359,7 @@ pub fn pods_that_cannot_be_captured_are_reported_and_retried() {
     // Fixed entries are captured on the next retry, with no restart.
     node.write_pods(&[&good, &no_cgroup, &no_netns, &server]);
     agent.wait_metric("all three captured", |m| meshed(m) == 3.0);
-    assert!(was_redirected(stray.exchange_ok(echo(&server), 1000).local));
+    assert!(was_redirected(&stray.exchange_ok(echo(&server), 1000)));
 }
 
 pub fn a_malformed_pod_file_keeps_the_last_good_pods() {
@@ -365,7 +379,7 @@ pub fn a_malformed_pod_file_keeps_the_last_good_pods() {
     });
     agent.wait_log("pod file is malformed");
     let x = app.exchange_ok(echo(&server), 1000);
-    assert!(was_redirected(x.local), "still captured: {x:?}");
+    assert!(was_redirected(&x), "still captured: {x:?}");
     assert_eq!(meshed(&agent.metrics()), 1.0);
 
     // One bad entry among good ones: skipped, counted, the rest applies.
@@ -380,7 +394,7 @@ pub fn a_malformed_pod_file_keeps_the_last_good_pods() {
                 &[("reason", "invalid_pod")],
             ) == 1.0
     });
-    assert!(!was_redirected(app.exchange_ok(echo(&server), 1000).local));
+    assert!(!was_redirected(&app.exchange_ok(echo(&server), 1000)));
 }
 
 pub fn unreachable_destinations_reset_the_client() {
@@ -436,7 +450,7 @@ pub fn unreachable_destinations_reset_the_client() {
     agent.wait_metric("timeout counted", |m| reason(m, "timeout") == 1.0);
 
     // And the agent goes on serving.
-    assert!(was_redirected(app.exchange_ok(echo(&server), MIB).local));
+    assert!(was_redirected(&app.exchange_ok(echo(&server), MIB)));
     let m = settled(&agent, &client, 4.0);
     assert_eq!(
         m.sum("nodemesh_tcp_connect_errors_total", &pod_labels(&client)),
@@ -454,7 +468,7 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     let mut app = client.tcp();
-    assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
+    assert!(was_redirected(&app.exchange_ok(echo(&server), 1000)));
 
     // A crash leaves eBPF attached: the pod's connections are refused while
     // no agent runs; they never bypass the mesh.
@@ -475,7 +489,7 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
         "{}",
         second.log_tail(20)
     );
-    assert!(was_redirected(app.exchange_ok(echo(&server), MIB).local));
+    assert!(was_redirected(&app.exchange_ok(echo(&server), MIB)));
     settled(&second, &client, 1.0);
 
     // `nodemesh cleanup` refuses while an agent runs…
@@ -496,7 +510,7 @@ pub fn a_restarted_agent_takes_over_without_bypass() {
     let out = cleanup(&node);
     assert!(out.status.success(), "{out:?}");
     assert!(!node.pins.exists());
-    assert!(!was_redirected(app.exchange_ok(echo(&server), 1000).local));
+    assert!(!was_redirected(&app.exchange_ok(echo(&server), 1000)));
 }
 
 fn cleanup(node: &Node) -> std::process::Output {
@@ -519,7 +533,7 @@ pub fn cleanup_on_exit_removes_everything() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     let mut app = client.tcp();
-    assert!(was_redirected(app.exchange_ok(echo(&server), 1000).local));
+    assert!(was_redirected(&app.exchange_ok(echo(&server), 1000)));
     let status = agent.stop(Duration::from_secs(20)).expect("agent exited");
     assert!(status.success(), "{status:?}");
     assert!(
@@ -532,7 +546,7 @@ pub fn cleanup_on_exit_removes_everything() {
         app.exchange(echo(&server), 1000)
             .map_err(|f| format!("{f:?}"))
     });
-    assert!(!was_redirected(x.local));
+    assert!(!was_redirected(&x));
 }
 
 pub fn bad_configuration_is_reported_all_at_once() {

@@ -30,7 +30,11 @@ use crate::{
     capture::{CaptureConfig, CaptureMetrics, Captures},
     cgroup::{self, CgroupDir, CgroupError},
     config::{AgentConfig, PodSourceConfig},
-    discovery::{SourceMetrics, file::FileSource, kube::KubeSource},
+    discovery::{
+        NoEvents, PodEvents, SourceMetrics,
+        file::FileSource,
+        kube::{KubeSource, events::KubeEvents},
+    },
     identity::{
         CertStore,
         client::{IdentityClient, IdentityClientConfig, IdentityClientError, roots},
@@ -201,20 +205,6 @@ impl App {
             orig_dst: redirect.clone(),
             drain: Drain::default(),
         })?);
-        let capture_metrics =
-            CaptureMetrics::new(&mut registry, redirect.clone(), proxy.pods().clone());
-        let captures = Captures::new(
-            CaptureConfig {
-                outbound_port: cfg.outbound_port,
-                retry_min: Duration::from_millis(500),
-                retry_max: Duration::from_secs(10),
-            },
-            cgroup_root,
-            redirect.clone(),
-            proxy.clone(),
-            capture_metrics,
-        );
-
         let source = match &cfg.source {
             PodSourceConfig::File { path, interval } => Source::File(FileSource {
                 path: path.clone(),
@@ -235,6 +225,29 @@ impl App {
                 daemonset: daemonset.clone(),
             },
         };
+        let events: Arc<dyn PodEvents> = match &source {
+            Source::Kube { source, .. } => Arc::new(KubeEvents {
+                client: source.client.clone(),
+                node: node.clone(),
+            }),
+            Source::File(_) => Arc::new(NoEvents),
+        };
+        let capture_metrics =
+            CaptureMetrics::new(&mut registry, redirect.clone(), proxy.pods().clone());
+        let captures = Captures::new(
+            CaptureConfig {
+                outbound_port: cfg.outbound_port,
+                // Quick at first: a new pod's first connection may be
+                // moments away (it is refused, not sent around, meanwhile).
+                retry_min: Duration::from_millis(50),
+                retry_max: Duration::from_secs(10),
+            },
+            cgroup_root,
+            redirect.clone(),
+            proxy.clone(),
+            capture_metrics,
+            events,
+        );
 
         let ready = Ready::default();
         let admin = AdminServer::start(

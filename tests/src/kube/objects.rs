@@ -232,6 +232,25 @@ impl Cluster {
         })
     }
 
+    /// The Events in `namespace`: (involved object's name, reason, message).
+    pub fn events(&self, namespace: &str) -> Vec<(String, String, String)> {
+        self.block_on(async {
+            let api: Api<k8s_openapi::api::core::v1::Event> =
+                Api::namespaced(self.client.clone(), namespace);
+            let list = api.list(&Default::default()).await.expect("list events");
+            list.items
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.involved_object.name.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.message.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     /// Sets (or removes) a pod label in the API.
     pub fn label_pod(&self, pod: &Pod, key: &str, value: Option<&str>) {
         let patch = json!({"metadata": {"labels": {key: value}}});

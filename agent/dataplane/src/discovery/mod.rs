@@ -10,6 +10,8 @@
 pub mod file;
 pub mod kube;
 
+use crate::state::Pod;
+
 use nodemesh_core::label_values;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -64,4 +66,19 @@ impl SourceMetrics {
             .get_or_create(&SourceErrorLabels { reason })
             .inc();
     }
+}
+
+/// Where capture reports a pod it cannot capture, besides its own log and
+/// metrics: a Kubernetes Event on the pod, with the Kubernetes source.
+pub trait PodEvents: Send + Sync + 'static {
+    /// `reason` is a capture error reason (`netns_not_found`, …).
+    fn capture_failed(&self, pod: &Pod, reason: &str, message: &str);
+}
+
+/// No events (the pod file has no API server to tell).
+#[derive(Debug, Default)]
+pub struct NoEvents;
+
+impl PodEvents for NoEvents {
+    fn capture_failed(&self, _pod: &Pod, _reason: &str, _message: &str) {}
 }

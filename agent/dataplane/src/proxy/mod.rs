@@ -181,13 +181,13 @@ impl Proxy {
         }
     }
 
-    /// Serves `pod`: its connections accepted on `listener` (inside its
+    /// Serves `pod`: its connections accepted on `listeners` (inside its
     /// netns) go through the proxy until the handle is dropped.
     pub fn serve_pod(
         &self,
         pod: Arc<Pod>,
         netns: Option<Arc<Netns>>,
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
     ) -> PodHandle {
         let served = Arc::new(ServedPod {
             outbound: self.tcp.pod(pods::labels(&pod, Direction::Outbound)),
@@ -199,35 +199,39 @@ impl Proxy {
         });
         let stop = CancellationToken::new();
         let handle = PodHandle::new(served.clone(), self.pods.clone(), stop.clone());
-        let outbound = self.outbound.clone();
-        let limit = self.limit.clone();
-        let drain = self.drain.clone();
-        tokio::spawn(async move {
-            accept::accept_loop(
-                &listener,
-                Some(&limit),
-                &stop,
-                "outbound",
-                |client, peer, permit| {
-                    let outbound = outbound.clone();
-                    let served = served.clone();
-                    let pod = &served.pod;
-                    let span = info_span!(
-                        "outbound",
-                        pod = %format_args!("{}/{}", pod.namespace, pod.name),
-                        client = %peer,
-                    );
-                    drain.spawn(
-                        async move {
-                            outbound.handle(client, served).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                },
-            )
-            .await;
-        });
+        for listener in listeners {
+            let outbound = self.outbound.clone();
+            let limit = self.limit.clone();
+            let drain = self.drain.clone();
+            let served = served.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                accept::accept_loop(
+                    &listener,
+                    Some(&limit),
+                    &stop,
+                    "outbound",
+                    |client, peer, permit| {
+                        let outbound = outbound.clone();
+                        let served = served.clone();
+                        let pod = &served.pod;
+                        let span = info_span!(
+                            "outbound",
+                            pod = %format_args!("{}/{}", pod.namespace, pod.name),
+                            client = %peer,
+                        );
+                        drain.spawn(
+                            async move {
+                                outbound.handle(client, served).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    },
+                )
+                .await;
+            });
+        }
         handle
     }
 

@@ -24,7 +24,7 @@ impl OrigDsts for Redirect {
     }
 
     fn take(&self, cookie: u64) -> Option<SocketAddr> {
-        self.take_orig_dst(cookie).map(SocketAddr::V4)
+        self.take_orig_dst(cookie)
     }
 }
 

@@ -1,20 +1,21 @@
 //! Redirect: the eBPF half of the data path. Loads the programs embedded in
 //! the binary, pins their maps and links under one directory on bpffs,
 //! attaches them, and gives the rest of the agent what it needs: capturing a
-//! pod (its cgroup gets `connect4`), releasing it, and reading the original
-//! destination of an accepted connection.
+//! pod (its cgroup gets the pod programs: `connect4/6`, `getpeername4/6`,
+//! `getsockname4/6`), marking it ready once its listener is up, releasing
+//! it, and reading the original destination of an accepted connection.
 //!
 //! Restarts: maps and links are pinned, so they outlive the agent. A new
 //! agent loads the programs again, reuses the pinned maps (in-flight entries
 //! and sockets stay), and swaps its programs into the pinned links with
 //! `BPF_LINK_UPDATE`: there is no moment where a meshed pod's connections
 //! bypass the mesh. Maps of another layout version live in a sibling
-//! directory and are removed once the new one is in place.
+//! directory and are removed once this agent has captured the pods again.
 //!
 //! ```text
-//! <pin dir>/v<layout>/maps/NM_*            pinned maps
-//! <pin dir>/v<layout>/links/sock_ops       sock_ops at the cgroup root
-//! <pin dir>/v<layout>/links/pods/<uid>     connect4 at each captured pod's cgroup
+//! <pin dir>/v<layout>/maps/NM_*                  pinned maps
+//! <pin dir>/v<layout>/links/sock_ops             sock_ops at the cgroup root
+//! <pin dir>/v<layout>/links/pods/<uid>/<program> each pod program at a captured pod's cgroup
 //! ```
 pub mod logs;
 mod pins;
@@ -24,7 +25,7 @@ use std::{
     collections::BTreeSet,
     fs::{self, File},
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -40,7 +41,7 @@ use aya::{
 };
 use nix::fcntl::{Flock, FlockArg};
 use nodemesh_common::{
-    self as common, Config, FLAG_FAST_PATH, FastPathKey, OrigDst, SockKey, TO_APP, TO_PROXY,
+    self as common, Config, FLAG_FAST_PATH, FastPathKey, OrigDst, PodNet, SockKey, TO_APP, TO_PROXY,
 };
 use tracing::{debug, info, warn};
 
@@ -149,6 +150,8 @@ pub struct Redirect {
     layout: Layout,
     ebpf: Mutex<Ebpf>,
     orig_dst: Mutex<HashMap<MapData, u64, OrigDst>>,
+    /// Ready pods by netns cookie.
+    pods: Mutex<HashMap<MapData, u64, PodNet>>,
     fastpath: Mutex<PerCpuHashMap<MapData, FastPathKey, u64>>,
     /// Shared lock on the pin directory: `cleanup` refuses while it is held.
     lock: Flock<File>,
@@ -238,30 +241,18 @@ impl Redirect {
             }
         }
 
-        {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, common::PROG_CONNECT4)?;
-            prog.load().map_err(prog_err(common::PROG_CONNECT4))?;
-            // Pods captured by an earlier agent run the new program from now on.
-            let prog_fd = prog.fd().map_err(prog_err(common::PROG_CONNECT4))?;
-            let pods = layout.pods();
-            for entry in fs::read_dir(&pods).map_err(io_err("cannot list", &pods))? {
-                let path = entry.map_err(io_err("cannot list", &pods))?.path();
-                match sys::obj_get(&path)
-                    .and_then(|link| sys::link_update(link.as_fd(), prog_fd.as_fd()))
-                {
-                    Ok(()) => debug!(pin = %path.display(), "connect4 link adopted"),
-                    Err(e) => {
-                        warn!(pin = %path.display(), error = %e, "stale connect4 pin removed");
-                        let _ = fs::remove_file(&path);
-                    }
-                }
-            }
+        // Pods captured by an earlier agent run the new programs from now
+        // on, each link swapped in place.
+        for name in common::POD_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
         }
+        adopt_pod_links(&mut ebpf, &layout)?;
 
         let orig_dst = take_map(&mut ebpf, common::MAP_ORIG_DST)?;
+        let pods = take_map(&mut ebpf, common::MAP_PODS)?;
         let fastpath = take_map(&mut ebpf, common::MAP_FASTPATH)?;
         drop(socks);
-        remove_other_layouts(&layout);
         info!(
             pins = %layout.root.display(),
             fast_path = cfg.fast_path,
@@ -273,6 +264,7 @@ impl Redirect {
                 layout,
                 ebpf: Mutex::new(ebpf),
                 orig_dst: Mutex::new(orig_dst),
+                pods: Mutex::new(pods),
                 fastpath: Mutex::new(fastpath),
                 lock,
             },
@@ -280,17 +272,34 @@ impl Redirect {
         ))
     }
 
-    /// Pods whose `connect4` link is pinned (captured by this or an earlier
-    /// agent).
+    /// Pods whose links are pinned (captured by this or an earlier agent).
     pub fn captured(&self) -> BTreeSet<PodUid> {
         adopted(&self.layout)
     }
 
-    /// Attaches `connect4` to the pod's cgroup (or keeps the pinned link if
-    /// it is already attached there). From now on the pod's new TCP
-    /// connections go to its outbound listener.
+    /// Attaches the pod programs to the pod's cgroup (keeping links already
+    /// pinned there). From now on the pod's connections are redirected once
+    /// it is [ready](Self::ready), and refused until then. Nothing stays
+    /// half-attached: on an error every link of the pod is removed.
     pub fn capture(&self, uid: &PodUid, cgroup: &CgroupDir) -> Result<(), RedirectError> {
-        let path = self.layout.pod_link(uid);
+        let dir = self.layout.pod_dir(uid);
+        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let attached = common::POD_PROGRAMS
+            .iter()
+            .try_for_each(|name| self.attach_pod_program(name, &dir, cgroup));
+        if attached.is_err() {
+            let _ = self.release(uid);
+        }
+        attached
+    }
+
+    fn attach_pod_program(
+        &self,
+        name: &'static str,
+        dir: &Path,
+        cgroup: &CgroupDir,
+    ) -> Result<(), RedirectError> {
+        let path = dir.join(name);
         if let Ok(link) = sys::obj_get(&path) {
             match sys::link_cgroup_id(link.as_fd()) {
                 Ok(id) if id == cgroup.id() => return Ok(()),
@@ -301,46 +310,70 @@ impl Redirect {
             }
         }
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, common::PROG_CONNECT4)?;
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         let id = prog
             .attach(cgroup.file(), CgroupAttachMode::Single)
             .map_err(|source| RedirectError::Attach {
-                program: common::PROG_CONNECT4,
+                program: name,
                 cgroup: cgroup.path().to_owned(),
                 source,
             })?;
-        let link = prog
-            .take_link(id)
-            .map_err(prog_err(common::PROG_CONNECT4))?;
-        let link = FdLink::try_from(link).map_err(link_err(common::PROG_CONNECT4))?;
-        // If pinning fails the link is dropped here, which detaches it:
-        // nothing stays half-attached.
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        let link = FdLink::try_from(link).map_err(link_err(name))?;
+        // If pinning fails the link is dropped here, which detaches it.
         link.pin(&path)
             .map_err(|source| RedirectError::Pin { path, source })?;
         Ok(())
     }
 
-    /// Detaches `connect4` from the pod's cgroup. Connections already made
-    /// are not affected.
+    /// Detaches the pod programs from the pod's cgroup: the redirecting
+    /// ones first. Connections already made are not affected.
     pub fn release(&self, uid: &PodUid) -> Result<(), RedirectError> {
-        let path = self.layout.pod_link(uid);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("cannot unpin", &path)(e)),
+        let dir = self.layout.pod_dir(uid);
+        for name in common::POD_PROGRAMS.iter().rev() {
+            let path = dir.join(name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot unpin", &path)(e)),
+            }
         }
+        remove_pins(&dir)
+    }
+
+    /// Lets the pod whose netns has `netns_cookie` be redirected (its
+    /// listener is up); `pod` holds its own addresses.
+    pub fn ready(&self, netns_cookie: u64, pod: PodNet) -> Result<(), RedirectError> {
+        let mut map = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(netns_cookie, pod, 0)
+            .map_err(map_err(common::MAP_PODS))
+    }
+
+    /// The pod's connections are refused again (its listener is going).
+    pub fn unready(&self, netns_cookie: u64) {
+        let mut map = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = map.remove(&netns_cookie);
+    }
+
+    /// The netns cookies marked ready (by this or an earlier agent).
+    pub fn ready_netns(&self) -> Vec<u64> {
+        let map = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Removes what older layout versions pinned: called once the pods are
+    /// captured in this layout, so no pod is ever left without programs.
+    pub fn forget_other_layouts(&self) {
+        remove_other_layouts(&self.layout);
     }
 
     /// The original destination of the accepted connection whose socket has
     /// `cookie`; the entry is consumed.
-    pub fn take_orig_dst(&self, cookie: u64) -> Option<SocketAddrV4> {
+    pub fn take_orig_dst(&self, cookie: u64) -> Option<SocketAddr> {
         let mut map = self.orig_dst.lock().unwrap_or_else(|p| p.into_inner());
         let orig = map.get(&cookie, 0).ok()?;
         let _ = map.remove(&cookie);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(orig.ip4.to_ne_bytes()),
-            orig.port as u16,
-        ))
+        Some(SocketAddr::new(ip_of(&orig.ip), orig.port as u16))
     }
 
     /// Bytes `sk_msg` carried for the pod whose netns has `netns_cookie`.
@@ -387,6 +420,70 @@ impl Redirect {
         remove_pins(&self.layout.base)?;
         Ok(true)
     }
+}
+
+/// An address as the programs store it (v4-mapped for IPv4).
+fn ip_of(words: &[u32; 4]) -> IpAddr {
+    match common::as_v4(words) {
+        Some(ip4) => IpAddr::V4(Ipv4Addr::from(ip4.to_ne_bytes())),
+        None => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+    }
+}
+
+/// A pod's addresses as the programs read them.
+pub fn pod_net(ips: &[IpAddr]) -> PodNet {
+    let mut net = PodNet::default();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(v4) if net.ip4 == 0 => net.ip4 = u32::from_ne_bytes(v4.octets()),
+            IpAddr::V6(v6) if net.ip6 == [0; 4] => {
+                let o = v6.octets();
+                for (i, w) in net.ip6.iter_mut().enumerate() {
+                    *w = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+                }
+            }
+            _ => {}
+        }
+    }
+    net
+}
+
+/// Swaps the loaded pod programs into every pinned pod link; removes pins
+/// that are not links of ours any more.
+fn adopt_pod_links(ebpf: &mut Ebpf, layout: &Layout) -> Result<(), RedirectError> {
+    let pods = layout.pods();
+    for entry in fs::read_dir(&pods).map_err(io_err("cannot list", &pods))? {
+        let dir = entry.map_err(io_err("cannot list", &pods))?.path();
+        if !dir.is_dir() {
+            warn!(pin = %dir.display(), "stray pin removed");
+            let _ = fs::remove_file(&dir);
+            continue;
+        }
+        for name in common::POD_PROGRAMS {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            let prog_fd = prog.fd().map_err(prog_err(name))?;
+            match sys::obj_get(&path)
+                .and_then(|link| sys::link_update(link.as_fd(), prog_fd.as_fd()))
+            {
+                Ok(()) => debug!(pin = %path.display(), "pod link adopted"),
+                Err(e) => {
+                    warn!(pin = %path.display(), error = %e, "stale pod link removed");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_config(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), RedirectError> {

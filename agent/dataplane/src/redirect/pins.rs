@@ -45,7 +45,8 @@ impl Layout {
     pub(super) fn pods(&self) -> PathBuf {
         self.root.join("links/pods")
     }
-    pub(super) fn pod_link(&self, uid: &PodUid) -> PathBuf {
+    /// One directory per captured pod, one link pin per pod program.
+    pub(super) fn pod_dir(&self, uid: &PodUid) -> PathBuf {
         self.pods().join(uid.as_str())
     }
 }

@@ -206,7 +206,7 @@ impl Cluster {
             {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 listeners.insert(pod.name.clone(), listener.local_addr().unwrap());
-                handles.push(proxy.serve_pod(pod, None, listener));
+                handles.push(proxy.serve_pod(pod, None, vec![listener]));
             }
             nodes.push(Node {
                 certs,

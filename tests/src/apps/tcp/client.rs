@@ -67,6 +67,7 @@ pub(super) fn text(to: SocketAddr, text: &str, repeat: u32, reads: Reads) -> io:
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let local = stream.local_addr()?;
     let peer = stream.peer_addr()?;
+    let kernel_local = kernel_local(&stream);
     let payload = text.repeat(repeat as usize).into_bytes();
     // Small enough for the echo to fit in the socket buffers meanwhile.
     stream.write_all(&payload)?;
@@ -86,6 +87,7 @@ pub(super) fn text(to: SocketAddr, text: &str, repeat: u32, reads: Reads) -> io:
         intact: back == payload,
         local,
         peer,
+        kernel_local,
     })
 }
 
@@ -171,6 +173,7 @@ pub(super) fn exchange(
     let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| fail(&e, 0, 0))?;
     let local = stream.local_addr().map_err(|e| fail(&e, 0, 0))?;
     let peer = stream.peer_addr().map_err(|e| fail(&e, 0, 0))?;
+    let kernel_local = kernel_local(&stream);
     stream.set_nonblocking(true).map_err(|e| fail(&e, 0, 0))?;
     let _ = stream.set_nodelay(true);
     let mut stream = stream;
@@ -256,6 +259,7 @@ pub(super) fn exchange(
         intact: intact && received == bytes,
         local,
         peer,
+        kernel_local,
     })
 }
 
@@ -294,6 +298,7 @@ pub(super) fn duplex_blocking(
     let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| fail(&e, 0, 0))?;
     let local = stream.local_addr().map_err(|e| fail(&e, 0, 0))?;
     let peer = stream.peer_addr().map_err(|e| fail(&e, 0, 0))?;
+    let kernel_local = kernel_local(&stream);
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| fail(&e, 0, 0))?;
@@ -340,6 +345,7 @@ pub(super) fn duplex_blocking(
         intact: intact && received == bytes,
         local,
         peer,
+        kernel_local,
     })
 }
 
@@ -417,4 +423,46 @@ pub(super) fn download(to: SocketAddr, seconds: u32) -> Download {
             }
         }
     }
+}
+
+/// The socket's local address as the kernel's socket table lists it
+/// (`/proc/self/net/tcp{,6}`, found by the socket's inode): what the
+/// socket really is bound to, whatever `getsockname()` answers.
+pub(super) fn kernel_local(stream: &TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", stream.as_raw_fd())).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_owned();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) != Some(&inode.as_str()) {
+                continue;
+            }
+            let (ip, port) = fields.get(1)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // Each 32-bit word is printed in host (little-endian) order.
+            let words: Vec<u32> = (0..ip.len() / 8)
+                .filter_map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+                .collect();
+            let ip: std::net::IpAddr = match words.as_slice() {
+                [w] => std::net::Ipv4Addr::from(w.to_le_bytes()).into(),
+                [a, b, c, d] => {
+                    let mut bytes = [0u8; 16];
+                    for (i, w) in [a, b, c, d].iter().enumerate() {
+                        bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+                    }
+                    let v6 = std::net::Ipv6Addr::from(bytes);
+                    v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+                }
+                _ => return None,
+            };
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    None
 }

@@ -125,6 +125,17 @@ pub struct Exchange {
     pub local: SocketAddr,
     /// Its peer's address, as the app saw it (`getpeername`).
     pub peer: SocketAddr,
+    /// The socket's real local address, as the kernel's socket table has
+    /// it (no hook answers that): loopback when the mesh redirected it.
+    pub kernel_local: Option<SocketAddr>,
+}
+
+impl Exchange {
+    /// Whether the connection was redirected to the agent's listener in the
+    /// pod (the kernel's view; the app sees what it would without the mesh).
+    pub fn redirected(&self) -> bool {
+        self.kernel_local.is_some_and(|a| a.ip().is_loopback())
+    }
 }
 
 /// Why a request failed.
@@ -146,6 +157,7 @@ impl Failure {
                 "reset"
             }
             ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+            ErrorKind::PermissionDenied => "denied",
             _ => "other",
         };
         Self {

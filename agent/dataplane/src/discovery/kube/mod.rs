@@ -13,6 +13,7 @@
 //! on this node (a malformed label, an unknown owner kind) are logged and
 //! counted once per object, and never stop the others.
 mod convert;
+pub mod events;
 
 use std::{collections::HashSet, pin::Pin, time::Duration};
 

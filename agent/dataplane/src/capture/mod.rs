@@ -1,0 +1,344 @@
+//! Capture: making the node's meshed pods go through the proxy, and letting
+//! go of the others. Follows this node's pods in the state store and
+//! reconciles them with what is in place, live: no agent restart, no pod
+//! restart.
+//!
+//! Capturing a pod happens in two stages, so its first connection is never
+//! made around the proxy:
+//! 1. **attached**: as soon as its cgroup exists, the pod programs go on it
+//!    (pinned). From then on its connections are refused (`EPERM`) until
+//!    stage 2: fail closed, never in the clear;
+//! 2. **served**: once a process holds its netns, the outbound listeners
+//!    (`127.0.0.1:<port>`, and `[::1]:<port>` where IPv6 is up) open inside
+//!    it, the proxy serves them, and eBPF is told the pod is ready: its
+//!    connections are redirected.
+//!
+//! A pod stuck before stage 2 stays attached (refused), is retried with a
+//! quick then slower backoff, and each distinct problem is logged, counted
+//! and reported as a Kubernetes Event once. Releasing marks the pod not
+//! ready, detaches it (new connections go direct again), then closes the
+//! listeners; connections already proxied finish on their own.
+mod listen;
+pub mod metrics;
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use nodemesh_core::{admin::Ready, names::PodUid};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::metrics::CaptureErrorLabels;
+pub use self::metrics::{CaptureError, CaptureErrorReason, CaptureMetrics};
+use crate::{
+    cgroup::{CgroupDir, CgroupError, kubelet_pod_cgroups},
+    discovery::PodEvents,
+    netns::Netns,
+    proxy::{PodHandle, Proxy},
+    redirect::{Redirect, pod_net},
+    state::{CgroupRef, Pod, StateStore},
+};
+
+/// Capture settings.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// The outbound listener's port inside each pod's netns.
+    pub outbound_port: u16,
+    /// First and longest wait before retrying a pod that is not served.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// A meshed pod this agent works on.
+struct Tracked {
+    pod: Arc<Pod>,
+    /// Its programs are on its cgroup.
+    attached: bool,
+    served: Option<Served>,
+    failing: Option<Failing>,
+}
+
+/// A pod whose connections go through the proxy.
+struct Served {
+    netns: Arc<Netns>,
+    /// Keeps it served; dropped on release.
+    handle: PodHandle,
+}
+
+/// Why a pod is not served yet, and when to try again.
+struct Failing {
+    problem: String,
+    backoff: Duration,
+    next: Instant,
+}
+
+/// Reconciles this node's meshed pods with what is captured.
+pub struct Captures {
+    cfg: CaptureConfig,
+    cgroup_root: CgroupDir,
+    redirect: Arc<Redirect>,
+    proxy: Arc<Proxy>,
+    metrics: CaptureMetrics,
+    events: Arc<dyn PodEvents>,
+    tracked: BTreeMap<PodUid, Tracked>,
+}
+
+impl Captures {
+    pub fn new(
+        cfg: CaptureConfig,
+        cgroup_root: CgroupDir,
+        redirect: Arc<Redirect>,
+        proxy: Arc<Proxy>,
+        metrics: CaptureMetrics,
+        events: Arc<dyn PodEvents>,
+    ) -> Self {
+        Self {
+            cfg,
+            cgroup_root,
+            redirect,
+            proxy,
+            metrics,
+            events,
+            tracked: BTreeMap::new(),
+        }
+    }
+
+    /// Follows the state's pods until `shutdown`; `ready` is set once the
+    /// first complete picture is applied. Captured pods stay captured in
+    /// eBPF when this returns (a restarted agent adopts them); their
+    /// listeners close, and their handles are returned so the pods stay
+    /// served (tunnel streams, series) while open connections drain.
+    pub async fn run(
+        mut self,
+        state: StateStore,
+        ready: Ready,
+        shutdown: CancellationToken,
+    ) -> Vec<PodHandle> {
+        let mut changes = state.local_changes();
+        let mut first = true;
+        loop {
+            changes.mark_unchanged();
+            if let Some(pods) = state.local_pods() {
+                self.reconcile(&pods);
+                if first {
+                    first = false;
+                    self.release_orphans();
+                    ready.set();
+                }
+            }
+            let retry = self
+                .tracked
+                .values()
+                .filter_map(|t| t.failing.as_ref())
+                .map(|f| f.next)
+                .min();
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = sleep_until(retry) => {
+                    if let Some(pods) = state.local_pods() {
+                        self.reconcile(&pods);
+                    }
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        std::mem::take(&mut self.tracked)
+            .into_values()
+            .filter_map(|t| t.served)
+            .map(|s| {
+                s.handle.stop_accepting();
+                s.handle
+            })
+            .collect()
+    }
+
+    /// Makes what is captured match `pods` (this node's, as the state has
+    /// them): the meshed ones captured, the others released.
+    pub fn reconcile(&mut self, pods: &[Arc<Pod>]) {
+        let wanted: BTreeMap<&PodUid, &Arc<Pod>> = pods
+            .iter()
+            .filter(|p| p.meshed())
+            .map(|p| (&p.uid, p))
+            .collect();
+        let gone: Vec<PodUid> = self
+            .tracked
+            .iter()
+            .filter(|(uid, t)| wanted.get(uid).is_none_or(|p| !p.same_placement(&t.pod)))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.release(&uid);
+        }
+        let now = Instant::now();
+        for pod in wanted.into_values() {
+            let tracked = self
+                .tracked
+                .entry(pod.uid.clone())
+                .or_insert_with(|| Tracked {
+                    pod: pod.clone(),
+                    attached: false,
+                    served: None,
+                    failing: None,
+                });
+            // Retry early when the pod's description changed.
+            let changed = *tracked.pod != **pod;
+            tracked.pod = pod.clone();
+            if tracked.served.is_some() {
+                continue;
+            }
+            if let Some(f) = &tracked.failing
+                && f.next > now
+                && !changed
+            {
+                continue;
+            }
+            self.advance(&pod.uid);
+        }
+        let served = self.tracked.values().filter(|t| t.served.is_some()).count();
+        self.metrics.meshed.set(served as i64);
+    }
+
+    /// Takes a pod as far as it goes now; records why it stops.
+    fn advance(&mut self, uid: &PodUid) {
+        let Some(tracked) = self.tracked.get(uid) else {
+            return;
+        };
+        let pod = tracked.pod.clone();
+        let mut attached = tracked.attached;
+        let result = self.capture(&pod, &mut attached);
+        let Some(tracked) = self.tracked.get_mut(uid) else {
+            return;
+        };
+        tracked.attached = attached;
+        match result {
+            Ok(served) => {
+                info!(pod = %pod.key(), uid = %pod.uid, netns = %served.netns.path().display(), "pod captured");
+                tracked.served = Some(served);
+                tracked.failing = None;
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                let (backoff, repeated) = match &tracked.failing {
+                    Some(f) => (
+                        (f.backoff * 2).min(self.cfg.retry_max),
+                        f.problem == problem,
+                    ),
+                    None => (self.cfg.retry_min, false),
+                };
+                if !repeated {
+                    let reason = e.reason();
+                    warn!(pod = %pod.key(), uid = %pod.uid, %reason, error = %problem, attached, "cannot capture pod; its connections are refused until it is; will retry");
+                    self.metrics
+                        .errors
+                        .get_or_create(&CaptureErrorLabels { reason })
+                        .inc();
+                    self.events.capture_failed(&pod, reason.as_str(), &problem);
+                }
+                tracked.failing = Some(Failing {
+                    problem,
+                    backoff,
+                    next: Instant::now() + backoff,
+                });
+            }
+        }
+    }
+
+    /// Attaches (unless `attached`, which it sets once done), then serves;
+    /// on an error, why the pod is not served.
+    fn capture(&self, pod: &Arc<Pod>, attached: &mut bool) -> Result<Served, CaptureError> {
+        let cgroup = self.pod_cgroup(pod)?;
+        if !*attached {
+            self.redirect.capture(&pod.uid, &cgroup)?;
+            *attached = true;
+        }
+        let netns_path = match &pod.netns {
+            Some(path) => path.clone(),
+            None => PathBuf::from(format!("/proc/{}/ns/net", cgroup.first_process()?)),
+        };
+        let netns = Arc::new(Netns::open(&netns_path)?);
+        let listeners = listen::open(&netns, self.cfg.outbound_port)?;
+        let handle = self
+            .proxy
+            .serve_pod(pod.clone(), Some(netns.clone()), listeners);
+        let ips: Vec<_> = pod.ip.into_iter().collect();
+        // Only now are its connections redirected rather than refused.
+        self.redirect.ready(netns.cookie(), pod_net(&ips))?;
+        Ok(Served { netns, handle })
+    }
+
+    /// The pod's cgroup under the root: its path, or where kubelet puts it.
+    fn pod_cgroup(&self, pod: &Pod) -> Result<CgroupDir, CgroupError> {
+        match &pod.cgroup {
+            CgroupRef::Path(path) => self.cgroup_root.open_child(path),
+            CgroupRef::Kubelet { qos } => {
+                let candidates = kubelet_pod_cgroups(pod.uid.as_str(), *qos);
+                for candidate in &candidates {
+                    match self.cgroup_root.open_child(candidate) {
+                        Err(CgroupError::NotFound { .. }) => continue,
+                        found => return found,
+                    }
+                }
+                Err(CgroupError::NoPodCgroup {
+                    uid: pod.uid.to_string(),
+                    root: self.cgroup_root.path().to_owned(),
+                    tried: candidates.len(),
+                })
+            }
+        }
+    }
+
+    fn release(&mut self, uid: &PodUid) {
+        let Some(t) = self.tracked.remove(uid) else {
+            return;
+        };
+        if let Some(served) = &t.served {
+            self.redirect.unready(served.netns.cookie());
+        }
+        if t.attached
+            && let Err(e) = self.redirect.release(uid)
+        {
+            warn!(pod = %t.pod.key(), error = %e, "cannot detach from pod");
+        }
+        if let Some(served) = t.served {
+            info!(pod = %t.pod.key(), uid = %uid, "pod released");
+            let cookie = served.netns.cookie();
+            // Dropping it stops the listeners and forgets the pod's series.
+            drop(served);
+            self.redirect.forget_fastpath(cookie);
+        }
+    }
+
+    /// Detaches pods an earlier agent captured that are no longer meshed,
+    /// forgets ready marks of namespaces no longer served, and removes
+    /// what older layout versions pinned.
+    fn release_orphans(&mut self) {
+        for uid in self.redirect.captured() {
+            if !self.tracked.get(&uid).is_some_and(|t| t.attached) {
+                match self.redirect.release(&uid) {
+                    Ok(()) => {
+                        info!(%uid, "released a pod captured by an earlier agent that is no longer meshed")
+                    }
+                    Err(e) => warn!(%uid, error = %e, "cannot release pod"),
+                }
+            }
+        }
+        let served: Vec<u64> = self
+            .tracked
+            .values()
+            .filter_map(|t| Some(t.served.as_ref()?.netns.cookie()))
+            .collect();
+        for cookie in self.redirect.ready_netns() {
+            if !served.contains(&cookie) {
+                self.redirect.unready(cookie);
+            }
+        }
+        self.redirect.forget_other_layouts();
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
