@@ -1,5 +1,6 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
+mod escape;
 mod kube;
 mod mesh;
 mod protocols;
@@ -8,6 +9,10 @@ mod transparency;
 
 fn main() {
     nodemesh_tests::harness::main(nodemesh_tests::trials![
+        escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
+        escape::a_new_pods_first_connection_is_never_in_the_clear,
+        escape::a_connection_to_port_15001_elsewhere_is_tunnelled,
+        escape::a_pod_whose_capture_fails_is_refused_and_gets_an_event,
         kube::a_labelled_pod_is_captured_from_the_api,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,

@@ -20,9 +20,9 @@ use nodemesh_dataplane::identity::client::{
     IdentityClient, IdentityClientConfig, IdentityClientError,
 };
 use nodemesh_tests::{
-    Agent, Cluster, Metrics, Node, Pod, PodSpec, eventually,
+    Metrics, Node, Pod, PodSpec, eventually,
     kube::unique,
-    mesh::{self, IdentityService, Install, Link},
+    mesh::{self, MeshBed},
     sys::in_netns,
 };
 
@@ -34,51 +34,6 @@ fn echo(pod: &Pod) -> SocketAddr {
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
-}
-
-/// Two nodes on a link, nodemesh installed, the identity service on node
-/// `a`, a meshed agent on each, and a meshed namespace for the apps.
-struct Bed {
-    agent_a: Agent,
-    agent_b: Agent,
-    identity: IdentityService,
-    link: Link,
-    a: Node,
-    b: Node,
-    install: Install<'static>,
-    cluster: &'static Cluster,
-    ns: String,
-}
-
-impl Bed {
-    fn new(cert_lifetime: &str) -> Bed {
-        let cluster = Cluster::shared();
-        let a = Node::new();
-        let b = Node::new();
-        let link = Link::connect(&[&a, &b]);
-        let install = Install::apply(cluster, &a.dir);
-        let identity = IdentityService::start(&a, &install, cert_lifetime);
-        let agent_a = mesh::mesh_agent(&install, &identity, &a);
-        let agent_b = mesh::mesh_agent(&install, &identity, &b);
-        let ns = unique("mesh");
-        cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
-        Bed {
-            agent_a,
-            agent_b,
-            identity,
-            link,
-            a,
-            b,
-            install,
-            cluster,
-            ns,
-        }
-    }
-
-    fn pod(&self, node: &Node, name: &str, sa: &str) -> Arc<Pod> {
-        self.cluster
-            .run_pod(node, PodSpec::new(&self.ns, name).service_account(sa))
-    }
 }
 
 fn certificates(m: &Metrics) -> f64 {
@@ -119,7 +74,7 @@ fn tunnel_errors(m: &Metrics, reason: &str) -> f64 {
 }
 
 pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
-    let bed = Bed::new("24h");
+    let bed = MeshBed::new("24h");
     let server = bed.pod(&bed.b, "server", "server");
     let neighbour = bed.pod(&bed.b, "neighbour", "neighbour");
     let client = bed.pod(&bed.a, "client", "client");
@@ -225,7 +180,7 @@ pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
 
 /// Asks the identity service for `identity` with `token`, from `node`.
 fn certify(
-    bed: &Bed,
+    bed: &MeshBed,
     node: &Node,
     token: &str,
     identity: Identity,
@@ -260,7 +215,7 @@ fn refused(r: Result<pki::CertInfo, IdentityClientError>) -> (u16, String) {
 }
 
 pub fn the_identity_service_signs_only_for_pods_on_the_agents_node() {
-    let bed = Bed::new("24h");
+    let bed = MeshBed::new("24h");
     let _server = bed.pod(&bed.b, "server", "server");
     let _client = bed.pod(&bed.a, "client", "client");
     bed.agent_a
@@ -445,7 +400,7 @@ fn raw_attempt(netns: &std::path::Path, addr: SocketAddr, bytes: &'static [u8]) 
 }
 
 pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
-    let bed = Bed::new("24h");
+    let bed = MeshBed::new("24h");
     let server = bed.pod(&bed.b, "server", "server");
     let neighbour = bed.pod(&bed.b, "neighbour", "neighbour");
     let client = bed.pod(&bed.a, "client", "client");
@@ -621,7 +576,7 @@ pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
 }
 
 pub fn certificates_rotate_under_a_long_lived_stream() {
-    let bed = Bed::new("10s");
+    let bed = MeshBed::new("10s");
     let server = bed.pod(&bed.b, "server", "server");
     let client = bed.pod(&bed.a, "client", "client");
     let client_id = spiffe(&bed.ns, "client");

@@ -5,7 +5,7 @@
 #![allow(unsafe_code)] // the AF_PACKET capture on the link
 use std::{
     fs::{self, File},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -23,7 +23,7 @@ use nodemesh_core::pki::{self, Signer};
 use crate::{
     Agent, AgentOptions, Cluster,
     kube::unique,
-    node::Node,
+    node::{Node, Pod, PodSpec},
     prom::Metrics,
     sys::{http_get, in_netns, ip, ip_quiet, read_or_empty, self_exe, spawn_in},
 };
@@ -55,6 +55,8 @@ impl Link {
             name,
         };
         let net = |i: usize| Ipv4Addr::new(172, 31, (k % 250) as u8, i as u8 + 1);
+        let net6 =
+            |i: usize| Ipv6Addr::new(0xfd00, 0xac1f, (k % 250) as u16, 0, 0, 0, 0, i as u16 + 1);
         ip(&["netns", "add", &link.name]);
         ip(&["-n", &link.name, "link", "set", "lo", "up"]);
         ip(&["-n", &link.name, "link", "add", "br0", "type", "bridge"]);
@@ -77,9 +79,21 @@ impl Link {
                 "dev",
                 "up0",
             ]);
+            ip(&[
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                &format!("{}/64", net6(i)),
+                "dev",
+                "up0",
+                "nodad",
+            ]);
             ip(&["-n", &node.name, "link", "set", "up0", "up"]);
             in_netns(&node.netns, || {
-                fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding")
+                fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
+                fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                    .expect("enable IPv6 forwarding");
             });
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -93,6 +107,16 @@ impl Link {
                         &other.pod_subnet(),
                         "via",
                         &net(j).to_string(),
+                    ]);
+                    ip(&[
+                        "-n",
+                        &node.name,
+                        "-6",
+                        "route",
+                        "add",
+                        &other.pod_subnet6(),
+                        "via",
+                        &net6(j).to_string(),
                     ]);
                 }
             }
@@ -450,10 +474,63 @@ pub fn mesh_agent_options(
         .arg("--identity-token-file")
         .arg(&token.to_string_lossy())
         .arg("--tunnel-addr")
-        .arg(&SocketAddr::from((node.ip, TUNNEL_PORT)).to_string())
+        .arg(&format!(
+            "{},{}",
+            SocketAddr::from((node.ip, TUNNEL_PORT)),
+            SocketAddr::from((node.ip6, TUNNEL_PORT))
+        ))
 }
 
 /// Starts a meshed agent on `node` and waits for it to be ready.
 pub fn mesh_agent(install: &Install, identity: &IdentityService, node: &Node) -> Agent {
     Agent::start_ready(node, mesh_agent_options(install, identity, node))
+}
+
+/// Two nodes on a link, nodemesh installed, the identity service on node
+/// `a`, a meshed agent on each, and a meshed namespace for the apps.
+pub struct MeshBed {
+    pub agent_a: Agent,
+    pub agent_b: Agent,
+    pub identity: IdentityService,
+    pub link: Link,
+    pub a: Node,
+    pub b: Node,
+    pub install: Install<'static>,
+    pub cluster: &'static Cluster,
+    pub ns: String,
+}
+
+impl MeshBed {
+    pub fn new(cert_lifetime: &str) -> MeshBed {
+        Self::with_nodes(Node::new(), Node::new(), cert_lifetime)
+    }
+
+    /// The same with the given nodes (e.g. one reporting IPv6 first).
+    pub fn with_nodes(a: Node, b: Node, cert_lifetime: &str) -> MeshBed {
+        let cluster = Cluster::shared();
+        let link = Link::connect(&[&a, &b]);
+        let install = Install::apply(cluster, &a.dir);
+        let identity = IdentityService::start(&a, &install, cert_lifetime);
+        let agent_a = mesh_agent(&install, &identity, &a);
+        let agent_b = mesh_agent(&install, &identity, &b);
+        let ns = unique("mesh");
+        cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+        MeshBed {
+            agent_a,
+            agent_b,
+            identity,
+            link,
+            a,
+            b,
+            install,
+            cluster,
+            ns,
+        }
+    }
+
+    /// A running pod in the meshed namespace.
+    pub fn pod(&self, node: &Node, name: &str, sa: &str) -> Arc<Pod> {
+        self.cluster
+            .run_pod(node, PodSpec::new(&self.ns, name).service_account(sa))
+    }
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, Once,
@@ -113,6 +113,10 @@ pub struct Pod {
     pub name: String,
     pub service_account: String,
     pub ip: Ipv4Addr,
+    /// Every pod is dual-stack: its IPv6 address.
+    pub ip6: Ipv6Addr,
+    /// Its node reports IPv6 first (`status.podIP`, `status.hostIP`).
+    pub ipv6_primary: bool,
     /// `/run/netns/<name>`.
     pub netns: PathBuf,
     /// The pod cgroup relative to the node's cgroup root (kubelet layout).
@@ -192,13 +196,24 @@ impl Pod {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// Its addresses, the primary first.
+    pub fn ips(&self) -> [IpAddr; 2] {
+        if self.ipv6_primary {
+            [self.ip6.into(), self.ip.into()]
+        } else {
+            [self.ip.into(), self.ip6.into()]
+        }
+    }
+
     /// Its entry in the agent's pod file.
     pub fn entry(&self) -> PodEntry {
+        let [primary, other] = self.ips();
         PodEntry {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             uid: self.uid.clone(),
-            ip: Some(self.ip.to_string()),
+            ip: Some(primary.to_string()),
+            ips: vec![other.to_string()],
             service_account: self.service_account.clone(),
             labels: self.labels(),
             cgroup: self.cgroup_rel.clone(),
@@ -216,6 +231,8 @@ pub struct PodEntry {
     pub uid: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub cgroup: PathBuf,
@@ -226,6 +243,12 @@ pub struct PodEntry {
 #[derive(Serialize)]
 struct PodFile<'a> {
     pods: &'a [PodEntry],
+}
+
+/// Host `host` of the IPv6 pod subnet numbered `subnet` (`fd00:a:<subnet>::/64`,
+/// the twin of `10.<subnet>.0.0/24`).
+fn v6(subnet: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0xa, u16::from(subnet), 0, 0, 0, 0, host)
 }
 
 /// Where kubelet puts a pod's cgroup (relative to its cgroup root), as
@@ -256,6 +279,11 @@ pub struct Node {
     /// `/run/netns/<name>`.
     pub netns: PathBuf,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address (every node is dual-stack).
+    pub ip6: Ipv6Addr,
+    /// It reports IPv6 first: its pods' `status.hostIP` and `podIP` are
+    /// IPv6 (as on an IPv6-primary dual-stack cluster).
+    pub ipv6_primary: bool,
     /// The node's cgroup root (what the agent gets as --cgroup-root).
     pub cgroup: PathBuf,
     /// The agent's --bpffs.
@@ -276,6 +304,15 @@ impl Node {
         reason = "a node creates namespaces and cgroups: not a default value"
     )]
     pub fn new() -> Self {
+        Self::create(false)
+    }
+
+    /// A node whose pods report IPv6 first (`status.hostIP` and `podIP`).
+    pub fn ipv6_primary() -> Self {
+        Self::create(true)
+    }
+
+    fn create(ipv6_primary: bool) -> Self {
         sweep_once();
         assert!(
             nix::unistd::Uid::effective().is_root(),
@@ -285,6 +322,7 @@ impl Node {
         let name = format!("{PREFIX}{}-{k}", std::process::id());
         let subnet = (k % 200 + 20) as u8;
         let node_ip = Ipv4Addr::new(10, subnet, 0, 1);
+        let node_ip6 = v6(subnet, 1);
         let node = Self {
             netns: PathBuf::from("/run/netns").join(&name),
             cgroup: cgroup2_mount().join(&name),
@@ -292,6 +330,8 @@ impl Node {
             dir: std::env::temp_dir().join(&name),
             name,
             ip: node_ip,
+            ip6: node_ip6,
+            ipv6_primary,
             subnet,
             next_host: AtomicU32::new(2),
             pod_netns: Mutex::default(),
@@ -309,6 +349,16 @@ impl Node {
             &format!("{node_ip}/24"),
             "dev",
             "nm0",
+        ]);
+        ip(&[
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("{node_ip6}/64"),
+            "dev",
+            "nm0",
+            "nodad",
         ]);
         ip(&["-n", &node.name, "link", "set", "nm0", "up"]);
         fs::create_dir_all(&node.cgroup).expect("create node cgroup");
@@ -361,6 +411,17 @@ impl Node {
             "dev",
             "eth0",
         ]);
+        let ip6_addr = v6(self.subnet, host as u16);
+        ip(&[
+            "-n",
+            &netns_name,
+            "addr",
+            "add",
+            &format!("{ip6_addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &netns_name, "link", "set", "eth0", "up"]);
         ip(&[
             "-n",
@@ -371,6 +432,16 @@ impl Node {
             "via",
             &self.ip.to_string(),
         ]);
+        ip(&[
+            "-n",
+            &netns_name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip6.to_string(),
+        ]);
         let cgroup_rel = kubelet_cgroup(&uid, spec.qos, spec.driver);
         let cgroup = self.cgroup.join(&cgroup_rel);
         fs::create_dir_all(&cgroup).expect("create pod cgroup");
@@ -380,6 +451,8 @@ impl Node {
             name: spec.name,
             service_account: spec.service_account,
             ip: ip_addr,
+            ip6: ip6_addr,
+            ipv6_primary: self.ipv6_primary,
             netns: PathBuf::from("/run/netns").join(netns_name),
             cgroup_rel,
             cgroup,
@@ -444,6 +517,20 @@ impl Node {
     /// The node's pod subnet (its address is in it too), CIDR.
     pub fn pod_subnet(&self) -> String {
         format!("10.{}.0.0/24", self.subnet)
+    }
+
+    /// The same for IPv6.
+    pub fn pod_subnet6(&self) -> String {
+        format!("{}/64", v6(self.subnet, 0))
+    }
+
+    /// Its primary address (what its pods' `status.hostIP` says).
+    pub fn host_ip(&self) -> IpAddr {
+        if self.ipv6_primary {
+            self.ip6.into()
+        } else {
+            self.ip.into()
+        }
     }
 
     /// An address in this node's pod subnet where nothing lives.

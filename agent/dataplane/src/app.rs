@@ -77,8 +77,8 @@ pub enum AgentError {
 pub struct Bound {
     /// The admin server (`/metrics`, `/live`, `/ready`).
     pub admin: SocketAddr,
-    /// The tunnel between nodes, with workload identity.
-    pub tunnel: Option<SocketAddr>,
+    /// The tunnel between nodes, with workload identity (none without).
+    pub tunnel: Vec<SocketAddr>,
 }
 
 /// A built agent, not running yet.
@@ -91,7 +91,7 @@ pub struct App {
     state: StateStore,
     certs: Option<Arc<CertStore>>,
     proxy: Arc<Proxy>,
-    tunnel: Option<TcpListener>,
+    tunnel: Vec<TcpListener>,
     captures: Captures,
     ready: Ready,
     source: Source,
@@ -161,19 +161,11 @@ impl App {
             None => None,
         };
         let tunnel_cfg = tunnel::TunnelConfig {
-            listen: cfg
-                .identity
-                .as_ref()
-                .map(|id| id.tunnel_addr)
-                .unwrap_or_else(|| {
-                    SocketAddr::from(([0, 0, 0, 0], nodemesh_core::names::TUNNEL_PORT))
-                }),
             port: cfg
                 .identity
                 .as_ref()
-                .map_or(nodemesh_core::names::TUNNEL_PORT, |id| {
-                    id.tunnel_addr.port()
-                }),
+                .and_then(|id| id.tunnel_addrs.first())
+                .map_or(nodemesh_core::names::TUNNEL_PORT, SocketAddr::port),
             connect_timeout: cfg.connect_timeout,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: cfg
@@ -182,13 +174,9 @@ impl App {
                 .map_or(Duration::from_secs(60), |id| id.tunnel_idle_timeout),
         };
         let tunnel = match &cfg.identity {
-            Some(id) => Some(TcpListener::bind(id.tunnel_addr).await.map_err(|source| {
-                AgentError::TunnelBind {
-                    addr: id.tunnel_addr,
-                    source,
-                }
-            })?),
-            None => None,
+            Some(id) => tunnel::server::bind(&id.tunnel_addrs)
+                .map_err(|(addr, source)| AgentError::TunnelBind { addr, source })?,
+            None => Vec::new(),
         };
         let proxy = Arc::new(Proxy::new(ProxyInputs {
             cfg: ProxyConfig {
@@ -241,6 +229,8 @@ impl App {
                 // moments away (it is refused, not sent around, meanwhile).
                 retry_min: Duration::from_millis(50),
                 retry_max: Duration::from_secs(10),
+                startup_grace: Duration::from_secs(5),
+                startup_poll: Duration::from_millis(10),
             },
             cgroup_root,
             redirect.clone(),
@@ -263,7 +253,7 @@ impl App {
         )?;
         let bound = Bound {
             admin: admin.addr,
-            tunnel: tunnel.as_ref().and_then(|l| l.local_addr().ok()),
+            tunnel: tunnel.iter().filter_map(|l| l.local_addr().ok()).collect(),
         };
         Ok(Self {
             cfg,
@@ -315,9 +305,7 @@ impl App {
         if let Some(store) = &certs {
             tokio::spawn(store.clone().run(state.clone(), shutdown.clone()));
         }
-        if let Some(listener) = tunnel {
-            proxy.serve_tunnel(listener, shutdown.clone());
-        }
+        proxy.serve_tunnel(tunnel, shutdown.clone());
         let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
 
         let reason = until.await;

@@ -72,11 +72,12 @@ impl Cluster {
 
     /// Patches the pod's status as kubelet does once its sandbox runs.
     pub fn pod_running(&self, node: &Node, pod: &Pod) {
+        let [primary, other] = pod.ips();
         let status = json!({"status": {
             "phase": "Running",
-            "hostIP": node.ip.to_string(),
-            "podIP": pod.ip.to_string(),
-            "podIPs": [{"ip": pod.ip.to_string()}],
+            "hostIP": node.host_ip().to_string(),
+            "podIP": primary.to_string(),
+            "podIPs": [{"ip": primary.to_string()}, {"ip": other.to_string()}],
             "qosClass": pod.qos_class(),
             "conditions": [{"type": "Ready", "status": "True"}],
         }});

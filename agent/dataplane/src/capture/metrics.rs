@@ -48,6 +48,19 @@ pub enum CaptureError {
 }
 
 impl CaptureError {
+    /// What a starting pod looks like: its cgroup, or a process in it, is
+    /// not there yet.
+    pub fn is_startup(&self) -> bool {
+        matches!(
+            self,
+            Self::Cgroup(
+                CgroupError::NotFound { .. }
+                    | CgroupError::NoPodCgroup { .. }
+                    | CgroupError::Empty { .. }
+            ) | Self::Netns(_)
+        )
+    }
+
     pub fn reason(&self) -> CaptureErrorReason {
         match self {
             Self::Cgroup(CgroupError::Empty { .. }) | Self::Netns(_) => {

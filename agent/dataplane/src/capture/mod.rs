@@ -13,9 +13,11 @@
 //!    it, the proxy serves them, and eBPF is told the pod is ready: its
 //!    connections are redirected.
 //!
-//! A pod stuck before stage 2 stays attached (refused), is retried with a
-//! quick then slower backoff, and each distinct problem is logged, counted
-//! and reported as a Kubernetes Event once. Releasing marks the pod not
+//! A new pod is looked for often while it starts (its cgroup, then a
+//! process in it), so stage 1 lands before its containers run. A pod stuck
+//! before stage 2 past that start-up grace stays attached (refused), is
+//! retried with a quick then slower backoff, and each distinct problem is
+//! logged, counted and reported as a Kubernetes Event once. Releasing marks the pod not
 //! ready, detaches it (new connections go direct again), then closes the
 //! listeners; connections already proxied finish on their own.
 mod listen;
@@ -26,7 +28,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 use nodemesh_core::{admin::Ready, names::PodUid};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::metrics::CaptureErrorLabels;
 pub use self::metrics::{CaptureError, CaptureErrorReason, CaptureMetrics};
@@ -47,11 +49,19 @@ pub struct CaptureConfig {
     /// First and longest wait before retrying a pod that is not served.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// A new pod's cgroup or first process not being there yet is its
+    /// start-up, not a failure, for this long: it is looked for every
+    /// `startup_poll` meanwhile (so it is caught before its containers
+    /// run), and only reported after.
+    pub startup_grace: Duration,
+    pub startup_poll: Duration,
 }
 
 /// A meshed pod this agent works on.
 struct Tracked {
     pod: Arc<Pod>,
+    /// When this agent first wanted it captured.
+    since: Instant,
     /// Its programs are on its cgroup.
     attached: bool,
     served: Option<Served>,
@@ -176,14 +186,25 @@ impl Captures {
                 .entry(pod.uid.clone())
                 .or_insert_with(|| Tracked {
                     pod: pod.clone(),
+                    since: now,
                     attached: false,
                     served: None,
                     failing: None,
                 });
             // Retry early when the pod's description changed.
             let changed = *tracked.pod != **pod;
+            let new_ips = tracked.pod.ips != pod.ips;
             tracked.pod = pod.clone();
-            if tracked.served.is_some() {
+            if let Some(served) = &tracked.served {
+                // Its addresses arrive once it runs (or change): what
+                // getsockname answers follows, nothing is recaptured.
+                if new_ips
+                    && let Err(e) = self
+                        .redirect
+                        .ready(served.netns.cookie(), pod_net(&pod.ips))
+                {
+                    warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
+                }
                 continue;
             }
             if let Some(f) = &tracked.failing
@@ -216,11 +237,19 @@ impl Captures {
                 tracked.served = Some(served);
                 tracked.failing = None;
             }
+            Err(e) if e.is_startup() && tracked.since.elapsed() < self.cfg.startup_grace => {
+                debug!(pod = %pod.key(), uid = %pod.uid, error = %e, attached, "pod not started yet");
+                tracked.failing = Some(Failing {
+                    problem: String::new(),
+                    backoff: Duration::ZERO,
+                    next: Instant::now() + self.cfg.startup_poll,
+                });
+            }
             Err(e) => {
                 let problem = e.to_string();
                 let (backoff, repeated) = match &tracked.failing {
                     Some(f) => (
-                        (f.backoff * 2).min(self.cfg.retry_max),
+                        (f.backoff * 2).clamp(self.cfg.retry_min, self.cfg.retry_max),
                         f.problem == problem,
                     ),
                     None => (self.cfg.retry_min, false),
@@ -260,9 +289,8 @@ impl Captures {
         let handle = self
             .proxy
             .serve_pod(pod.clone(), Some(netns.clone()), listeners);
-        let ips: Vec<_> = pod.ip.into_iter().collect();
         // Only now are its connections redirected rather than refused.
-        self.redirect.ready(netns.cookie(), pod_net(&ips))?;
+        self.redirect.ready(netns.cookie(), pod_net(&pod.ips))?;
         Ok(Served { netns, handle })
     }
 

@@ -207,14 +207,17 @@ pub struct AgentArgs {
     )]
     pub identity_token_file: PathBuf,
 
-    /// Where the mutual-TLS tunnel listens for other nodes (with identity).
+    /// Where the mutual-TLS tunnel listens for other nodes (with identity):
+    /// one or more addresses on one port, comma-separated. `[::]` takes
+    /// IPv4 and IPv6 (IPv4 only where the node has no IPv6).
     #[arg(
         long,
         env = "NODEMESH_TUNNEL_ADDR",
-        default_value = "0.0.0.0:15008",
-        value_name = "ADDR"
+        default_value = "[::]:15008",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
     )]
-    pub tunnel_addr: String,
+    pub tunnel_addr: Vec<String>,
 
     /// A pooled tunnel connection to another node with no new stream for
     /// this long is closed.

@@ -26,7 +26,8 @@ pub struct IdentitySettings {
     pub server_name: String,
     pub trust_anchors_pem: String,
     pub token_file: PathBuf,
-    pub tunnel_addr: SocketAddr,
+    /// Where the tunnel listens: one port, one or more addresses.
+    pub tunnel_addrs: Vec<SocketAddr>,
     pub tunnel_idle_timeout: Duration,
 }
 
@@ -170,13 +171,12 @@ impl TryFrom<&AgentArgs> for AgentConfig {
         let identity = match &a.identity_addr {
             None => None,
             Some(addr) => {
-                let tunnel_addr = p.check(
+                let tunnel_addrs = p.check(
                     "tunnel-addr",
-                    &a.tunnel_addr,
-                    a.tunnel_addr
-                        .parse::<SocketAddr>()
-                        .map_err(|_| "not an address:port (like 0.0.0.0:15008)".to_string()),
+                    &a.tunnel_addr.join(","),
+                    tunnel_addrs(&a.tunnel_addr),
                 );
+                let tunnel_addr = tunnel_addrs.as_ref().and_then(|t| t.first().copied());
                 let idle = p.check(
                     "tunnel-idle-timeout",
                     &a.tunnel_idle_timeout,
@@ -232,14 +232,14 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         }
                     },
                 };
-                match (tunnel_addr, idle, anchors) {
-                    (Some(tunnel_addr), Some(tunnel_idle_timeout), Some(trust_anchors_pem)) => {
+                match (tunnel_addrs, idle, anchors) {
+                    (Some(tunnel_addrs), Some(tunnel_idle_timeout), Some(trust_anchors_pem)) => {
                         Some(IdentitySettings {
                             addr: addr.clone(),
                             server_name: a.identity_server_name.clone(),
                             trust_anchors_pem,
                             token_file: a.identity_token_file.clone(),
-                            tunnel_addr,
+                            tunnel_addrs,
                             tunnel_idle_timeout,
                         })
                     }
@@ -273,3 +273,26 @@ impl TryFrom<&AgentArgs> for AgentConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// `--tunnel-addr`: addresses on one port (peers dial that port on any
+/// address of the node), none twice.
+fn tunnel_addrs(list: &[String]) -> Result<Vec<SocketAddr>, String> {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for text in list {
+        let addr = text
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("{text:?} is not an address:port (like [::]:15008)"))?;
+        if addrs.contains(&addr) {
+            return Err(format!("{addr} is given twice"));
+        }
+        addrs.push(addr);
+    }
+    match addrs.first() {
+        None => Err("no address".into()),
+        Some(first) if addrs.iter().any(|a| a.port() != first.port()) => {
+            Err("every address must use the same port (other nodes dial one port)".into())
+        }
+        Some(_) => Ok(addrs),
+    }
+}

@@ -89,7 +89,7 @@ fn identity_settings_are_checked_together() {
     ]))
     .expect("valid");
     let id = cfg.identity.expect("identity on");
-    assert_eq!(id.tunnel_addr.port(), 15008);
+    assert_eq!(id.tunnel_addrs, vec!["[::]:15008".parse().unwrap()]);
     assert_eq!(id.tunnel_idle_timeout, Duration::from_secs(60));
     let err = AgentConfig::try_from(&cli(&[
         "--pod-file",
@@ -153,4 +153,22 @@ fn kubernetes_needs_a_node_name() {
 fn same_port_twice_is_refused() {
     let err = AgentConfig::try_from(&args(&["--admin-addr", "0.0.0.0:15001"])).unwrap_err();
     assert!(err.to_string().contains("both use port 15001"), "{err}");
+}
+
+#[test]
+fn the_tunnel_listens_on_one_port_on_one_or_more_addresses() {
+    assert_eq!(
+        tunnel_addrs(&["10.0.0.1:15008".into(), " [fd00::1]:15008".into()]),
+        Ok(vec![
+            "10.0.0.1:15008".parse().unwrap(),
+            "[fd00::1]:15008".parse().unwrap()
+        ])
+    );
+    let err = |list: &[&str]| {
+        tunnel_addrs(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err()
+    };
+    assert!(err(&["10.0.0.1:15008", "[::]:15009"]).contains("same port"));
+    assert!(err(&["[::]:15008", "[::]:15008"]).contains("twice"));
+    assert!(err(&["fd00::1:15008"]).contains("not an address:port"));
+    assert!(err(&[]).contains("no address"));
 }

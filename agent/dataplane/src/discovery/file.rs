@@ -5,7 +5,7 @@
 //!   - namespace: demo
 //!     name: web-0
 //!     uid: 3f0c6f0e-7d8b-4c1e-9a55-0d6f5c1b2a10
-//!     ip: 10.42.0.2
+//!     ip: 10.42.0.2                # or ips: [10.42.0.2, fd00:42::2]
 //!     serviceAccount: web          # default: "default"
 //!     labels: {nodemesh.io/mesh: enabled}
 //!     cgroup: kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod3f0c6f0e_7d8b_4c1e_9a55_0d6f5c1b2a10.slice
@@ -54,6 +54,9 @@ struct PodEntry {
     uid: String,
     #[serde(default)]
     ip: Option<String>,
+    /// Dual-stack: at most one address per family (`ip` is the first).
+    #[serde(default)]
+    ips: Vec<String>,
     #[serde(default = "default_service_account")]
     service_account: String,
     #[serde(default)]
@@ -146,13 +149,22 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
     if e.namespace.is_empty() || e.name.is_empty() {
         return Err("namespace and name must not be empty".into());
     }
-    let ip =
-        e.ip.as_deref()
-            .map(|s| {
-                s.parse::<IpAddr>()
-                    .map_err(|_| format!("ip {s:?} is not an IP address"))
-            })
-            .transpose()?;
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for s in e.ip.iter().chain(&e.ips) {
+        let ip = s
+            .parse::<IpAddr>()
+            .map_err(|_| format!("ip {s:?} is not an IP address"))?;
+        if ips.contains(&ip) {
+            continue;
+        }
+        if ips.iter().any(|other| other.is_ipv6() == ip.is_ipv6()) {
+            return Err(format!(
+                "ips: more than one {} address (a pod has at most one per family)",
+                if ip.is_ipv6() { "IPv6" } else { "IPv4" }
+            ));
+        }
+        ips.push(ip);
+    }
     let cgroup = match (e.cgroup, e.qos_class) {
         (Some(path), _) if path.as_os_str().is_empty() => {
             return Err("cgroup must not be empty".into());
@@ -184,9 +196,9 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
             uid,
             namespace: e.namespace,
             name: e.name,
-            ip,
+            ips,
             node: Some(node.to_owned()),
-            host_ip: None,
+            host_ips: Vec::new(),
             host_network: false,
             service_account: e.service_account,
             workload,
@@ -305,7 +317,7 @@ pods:
         let client = by_uid("uid-client");
         assert_eq!(client.mesh_label, Some(MeshLabel::Enabled));
         assert_eq!(client.node.as_deref(), Some("node-1"));
-        assert_eq!(client.ip, Some("10.1.0.2".parse().unwrap()));
+        assert_eq!(client.ips, vec!["10.1.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(client.service_account, "default");
         assert_eq!(client.netns, Some(PathBuf::from("/run/netns/client")));
         let server = by_uid("uid-server");
@@ -337,6 +349,8 @@ pods:
   - {namespace: a, name: ok, uid: u1, cgroup: c1, labels: {nodemesh.io/mesh: enabled}}
   - {namespace: a, name: kubelet-cgroup, uid: u2, qosClass: Burstable}
   - {namespace: a, name: bad-ip, uid: u3, ip: "10.1.1", cgroup: c3}
+  - {namespace: a, name: dual, uid: u9, ips: [10.1.0.9, "fd00::9"], cgroup: c9}
+  - {namespace: a, name: two-v4, uid: u10, ip: 10.1.0.10, ips: [10.1.0.11], cgroup: c10}
   - {namespace: a, name: bad-uid, uid: "../x", cgroup: c4}
   - {namespace: a, name: dup, uid: u1, cgroup: c5}
   - {namespace: a, name: typo, uid: u6, cgroop: c6}
@@ -345,11 +359,12 @@ pods:
 "#;
         let parsed = parse(text, "n").expect("parses");
         let names: Vec<_> = parsed.pods.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["ok", "kubelet-cgroup", "odd-label"]);
+        assert_eq!(names, ["ok", "kubelet-cgroup", "dual", "odd-label"]);
         let reasons: Vec<_> = parsed.problems.iter().map(|(r, _)| *r).collect();
         assert_eq!(
             reasons,
             [
+                SourceErrorReason::InvalidPod,
                 SourceErrorReason::InvalidPod,
                 SourceErrorReason::InvalidPod,
                 SourceErrorReason::InvalidPod,
@@ -364,7 +379,13 @@ pods:
             parsed.problems
         );
         assert!(
-            parsed.problems[4].1.contains("qosClass"),
+            parsed.problems[1].1.contains("more than one IPv4"),
+            "{:?}",
+            parsed.problems
+        );
+        assert_eq!(parsed.pods[2].ips.len(), 2);
+        assert!(
+            parsed.problems[5].1.contains("qosClass"),
             "{:?}",
             parsed.problems
         );

@@ -172,11 +172,13 @@ impl Proxy {
         self.tunnel.is_some()
     }
 
-    /// Serves the tunnel on `listener` until `stop` (with workload identity
-    /// only; without, the listener is dropped).
-    pub fn serve_tunnel(&self, listener: TcpListener, stop: CancellationToken) {
+    /// Serves the tunnel on `listeners` until `stop` (with workload
+    /// identity only; without, the listeners are dropped).
+    pub fn serve_tunnel(&self, listeners: Vec<TcpListener>, stop: CancellationToken) {
         if let Some((server, pool)) = &self.tunnel {
-            tokio::spawn(server.clone().serve(listener, stop.clone()));
+            for listener in listeners {
+                tokio::spawn(server.clone().serve(listener, stop.clone()));
+            }
             tokio::spawn(pool.clone().evict_idle(stop));
         }
     }

@@ -147,7 +147,10 @@ impl StateStore {
     pub fn upstream(&self, dst: SocketAddr) -> Upstream {
         Upstream {
             dst,
-            target: self.read().owner(dst.ip(), SystemTime::now()),
+            // `::ffff:a.b.c.d` is the pod at a.b.c.d.
+            target: self
+                .read()
+                .owner(dst.ip().to_canonical(), SystemTime::now()),
         }
     }
 
@@ -206,8 +209,8 @@ impl StateStore {
         for info in pods {
             let ns = labels.get(&info.namespace).copied().flatten();
             let pod = Pod::resolve(info, &trust_domain, ns);
-            if let Some(ip) = pod.claimed_ip() {
-                by_ip.entry(ip).or_default().push(pod.uid.clone());
+            for ip in pod.claimed_ips() {
+                by_ip.entry(*ip).or_default().push(pod.uid.clone());
             }
             if pod.node.as_deref() == Some(node.as_str()) {
                 local.insert(pod.uid.clone());
@@ -304,19 +307,19 @@ impl ProxyState {
     }
 
     fn unclaim(&mut self, pod: &Pod) {
-        if let Some(ip) = pod.claimed_ip()
-            && let Some(claims) = self.by_ip.get_mut(&ip)
-        {
-            claims.retain(|uid| *uid != pod.uid);
-            if claims.is_empty() {
-                self.by_ip.remove(&ip);
+        for ip in pod.claimed_ips() {
+            if let Some(claims) = self.by_ip.get_mut(ip) {
+                claims.retain(|uid| *uid != pod.uid);
+                if claims.is_empty() {
+                    self.by_ip.remove(ip);
+                }
             }
         }
     }
 
     fn claim(&mut self, pod: &Pod) {
-        if let Some(ip) = pod.claimed_ip() {
-            let claims = self.by_ip.entry(ip).or_default();
+        for ip in pod.claimed_ips() {
+            let claims = self.by_ip.entry(*ip).or_default();
             if !claims.contains(&pod.uid) {
                 claims.push(pod.uid.clone());
             }

@@ -34,12 +34,14 @@ pub struct PodInfo {
     pub uid: PodUid,
     pub namespace: String,
     pub name: String,
-    /// The pod's address; a pod is captured only once it has one.
-    pub ip: Option<IpAddr>,
+    /// The pod's addresses (`status.podIPs`: the primary first, at most one
+    /// per family); a pod is captured only once it has one.
+    pub ips: Vec<IpAddr>,
     /// The node it is scheduled to.
     pub node: Option<String>,
-    /// Its node's address (`status.hostIP`): where the node's tunnel is.
-    pub host_ip: Option<IpAddr>,
+    /// Its node's addresses (`status.hostIPs`, else `status.hostIP`; the
+    /// primary first): where the node's tunnel is.
+    pub host_ips: Vec<IpAddr>,
     /// It runs in its node's network namespace (`spec.hostNetwork`): its
     /// address is the node's, never a meshed pod's.
     pub host_network: bool,
@@ -63,9 +65,10 @@ impl PodInfo {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Where the capture of this pod must be redone if it changes.
+    /// Where the capture of this pod must be redone if it changes (not its
+    /// addresses: a pod is captured before it has them).
     pub fn same_placement(&self, other: &PodInfo) -> bool {
-        self.cgroup == other.cgroup && self.netns == other.netns && self.ip == other.ip
+        self.cgroup == other.cgroup && self.netns == other.netns
     }
 
     /// Whether its containers may still run at `now`: not in a terminal
@@ -74,16 +77,31 @@ impl PodInfo {
         !self.terminal && self.deletion.is_none_or(|gone_by| now < gone_by)
     }
 
-    /// It runs in its node's network namespace: flagged so, or its address
-    /// is its node's.
+    /// It runs in its node's network namespace: flagged so, or an address
+    /// of it is its node's.
     pub fn on_host_network(&self) -> bool {
-        self.host_network || (self.ip.is_some() && self.ip == self.host_ip)
+        self.host_network || self.ips.iter().any(|ip| self.host_ips.contains(ip))
     }
 
-    /// The address this pod claims (owns while it is live): host-network
-    /// pods claim none, their address is the node's.
-    pub(super) fn claimed_ip(&self) -> Option<IpAddr> {
-        self.ip.filter(|_| !self.on_host_network())
+    /// The addresses this pod claims (owns while it is live): host-network
+    /// pods claim none, their addresses are the node's.
+    pub(super) fn claimed_ips(&self) -> &[IpAddr] {
+        if self.on_host_network() {
+            &[]
+        } else {
+            &self.ips
+        }
+    }
+
+    /// Where to reach its node's tunnel for a connection to `dst`: the
+    /// node's address of the same family if it has one (an IPv6 pod on a
+    /// dual-stack node is reached over IPv6), else its primary address.
+    pub fn tunnel_ip(&self, dst: IpAddr) -> Option<IpAddr> {
+        self.host_ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == dst.is_ipv6())
+            .or(self.host_ips.first())
+            .copied()
     }
 }
 
@@ -159,9 +177,9 @@ pub(crate) mod test_pods {
             uid: PodUid::new(&format!("uid-{ns}-{name}")).expect("uid"),
             namespace: ns.into(),
             name: name.into(),
-            ip: Some(ip.parse().expect("ip")),
+            ips: vec![ip.parse().expect("ip")],
             node: Some(node.into()),
-            host_ip: Some(node_ip.parse().expect("node ip")),
+            host_ips: vec![node_ip.parse().expect("node ip")],
             host_network: false,
             service_account: name.into(),
             workload: Workload {

@@ -156,7 +156,7 @@ fn host_network_pods_own_no_pod_address() {
         "a host-network pod is never meshed, whatever its label says"
     );
     // Moving off the host network gives it its address.
-    host.ip = Some("10.1.0.5".parse().unwrap());
+    host.ips = vec!["10.1.0.5".parse().unwrap()];
     store.update(|u| u.apply_pod(host));
     assert!(matches!(owner(&store, "10.1.0.5"), Target::Pod(_)));
 }
@@ -168,7 +168,7 @@ fn addresses_follow_their_pods_and_relists_replace_everything() {
     store.update(|u| u.apply_pod(web.clone()));
     assert!(matches!(owner(&store, "10.1.0.2"), Target::Unknown));
     assert!(matches!(owner(&store, "10.1.0.4"), Target::Pod(_)));
-    web.ip = Some("10.1.0.6".parse().unwrap());
+    web.ips = vec!["10.1.0.6".parse().unwrap()];
     store.replace_pods(vec![web]);
     assert!(
         matches!(owner(&store, "10.2.0.3"), Target::Unknown),
@@ -289,4 +289,25 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
     assert_eq!(second.identity, None, "pod unknown");
     store.update(|u| u.replace_slices(vec![]));
     assert!(store.services()[0].endpoints.is_empty());
+}
+
+#[test]
+fn a_dual_stack_pod_owns_both_its_addresses_and_gives_both_back() {
+    let store = store();
+    let mut dual = test_pods::pod("shop", "dual", "10.1.0.5", "node-a", "192.168.0.1");
+    dual.ips.push("fd00:1::5".parse().unwrap());
+    store.update(|u| u.apply_pod(dual.clone()));
+    for ip in ["10.1.0.5", "fd00:1::5", "::ffff:10.1.0.5"] {
+        let Target::Pod(p) = owner(&store, ip) else {
+            panic!("dual by {ip}");
+        };
+        assert_eq!(p.name, "dual");
+    }
+    // It loses its IPv6 address: only that one is let go.
+    dual.ips.truncate(1);
+    store.update(|u| u.apply_pod(dual.clone()));
+    assert!(matches!(owner(&store, "fd00:1::5"), Target::Unknown));
+    assert!(matches!(owner(&store, "10.1.0.5"), Target::Pod(_)));
+    store.update(|u| u.delete_pod(&dual.uid));
+    assert!(matches!(owner(&store, "10.1.0.5"), Target::Unknown));
 }

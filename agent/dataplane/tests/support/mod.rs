@@ -110,11 +110,14 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         uid: PodUid::new(&format!("{ns}-{name}")).unwrap(),
         namespace: ns.into(),
         name: name.into(),
-        ip: Some(ip.parse().unwrap()),
+        ips: vec![ip.parse().unwrap()],
         node: node
             .map(|n| NODES[n].0.to_owned())
             .or(Some("node-c".into())),
-        host_ip: node.map(|n| NODES[n].1.parse().unwrap()),
+        host_ips: node
+            .map(|n| NODES[n].1.parse().unwrap())
+            .into_iter()
+            .collect(),
         host_network: false,
         service_account: name.into(),
         workload: Workload {
@@ -195,7 +198,7 @@ impl Cluster {
             map.lock()
                 .unwrap()
                 .insert(addr(ip, TUNNEL_PORT), tunnel.local_addr().unwrap());
-            proxy.serve_tunnel(tunnel, stop.clone());
+            proxy.serve_tunnel(vec![tunnel], stop.clone());
             let mut listeners = HashMap::new();
             let mut handles = Vec::new();
             for pod in state
@@ -331,7 +334,6 @@ impl Cluster {
 
 fn tunnel_config() -> TunnelConfig {
     TunnelConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
         port: TUNNEL_PORT,
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),

@@ -30,8 +30,12 @@ use super::{Container, Role, serve_lines};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Serve echo on `port` (all addresses).
-    Listen { port: u16 },
+    /// Serve echo on `port`: on `ip` only if given, else all addresses.
+    Listen {
+        port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<std::net::IpAddr>,
+    },
     /// Connect to `to`, send `bytes` of the pattern for `seed` while
     /// reading the echo, half-close, read to the end, compare.
     Exchange {
@@ -134,7 +138,8 @@ impl Exchange {
     /// Whether the connection was redirected to the agent's listener in the
     /// pod (the kernel's view; the app sees what it would without the mesh).
     pub fn redirected(&self) -> bool {
-        self.kernel_local.is_some_and(|a| a.ip().is_loopback())
+        self.kernel_local
+            .is_some_and(|a| a.ip().to_canonical().is_loopback())
     }
 }
 
@@ -199,9 +204,21 @@ impl TcpApp {
 
     /// Serves echo on `port`.
     pub fn listen(&mut self, port: u16) {
-        match self.call(&Request::Listen { port }) {
+        match self.call(&Request::Listen { port, ip: None }) {
             Response::Listening { .. } => {}
             other => panic!("{}: listen {port}: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Serves echo on `addr` only (e.g. the pod's own address, leaving the
+    /// port free on loopback).
+    pub fn listen_on(&mut self, addr: SocketAddr) {
+        match self.call(&Request::Listen {
+            port: addr.port(),
+            ip: Some(addr.ip()),
+        }) {
+            Response::Listening { .. } => {}
+            other => panic!("{}: listen {addr}: {other:?}", self.0.pod()),
         }
     }
 
@@ -421,15 +438,17 @@ pub fn main() -> ! {
 
 fn handle(req: Request, peers: &PeerLog) -> Response {
     match req {
-        Request::Listen { port } => match TcpListener::bind(("0.0.0.0", port)) {
-            Ok(listener) => {
-                peers.lock().unwrap().entry(port).or_default();
-                let peers = peers.clone();
-                thread::spawn(move || serve_echo(listener, port, peers));
-                Response::Listening { port }
+        Request::Listen { port, ip } => {
+            match ip.map_or_else(|| bind_any(port), |ip| TcpListener::bind((ip, port))) {
+                Ok(listener) => {
+                    peers.lock().unwrap().entry(port).or_default();
+                    let peers = peers.clone();
+                    thread::spawn(move || serve_echo(listener, port, peers));
+                    Response::Listening { port }
+                }
+                Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
             }
-            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
-        },
+        }
         Request::Peers { port } => Response::Peers {
             peers: peers
                 .lock()
@@ -492,7 +511,7 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             Ok(x) => Response::Exchanged(x),
             Err(f) => Response::Failed(f),
         },
-        Request::Source { port } => match TcpListener::bind(("0.0.0.0", port)) {
+        Request::Source { port } => match bind_any(port) {
             Ok(listener) => {
                 thread::spawn(move || serve_source(listener));
                 Response::Listening { port }
@@ -526,10 +545,18 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
     }
 }
 
+/// Listens on every address of the pod, both families where it has IPv6
+/// (as most servers do), else IPv4's.
+fn bind_any(port: u16) -> io::Result<TcpListener> {
+    TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+}
+
 fn serve_echo(listener: TcpListener, port: u16, peers: PeerLog) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         if let Ok(peer) = conn.peer_addr() {
+            // An IPv4 client on the dual-stack socket is `::ffff:a.b.c.d`.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             peers.lock().unwrap().entry(port).or_default().push(peer);
         }
         let _ = conn.set_nodelay(true);

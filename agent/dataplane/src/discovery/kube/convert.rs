@@ -118,14 +118,38 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
     }
     let status = p.status.as_ref();
     let spec = p.spec.as_ref();
-    let ip = |s: Option<&String>| s.and_then(|ip| ip.parse::<IpAddr>().ok());
+    // The primary address first, then the others (`podIPs` / `hostIPs`,
+    // which older API servers leave out).
+    let addresses = |primary: Option<&String>, all: Vec<&String>| {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in primary.into_iter().chain(all) {
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && !ips.contains(&ip)
+            {
+                ips.push(ip);
+            }
+        }
+        ips
+    };
     let info = PodInfo {
         uid,
         namespace: p.metadata.namespace.clone().unwrap_or_default(),
         name: p.metadata.name.clone().unwrap_or_default(),
-        ip: ip(status.and_then(|s| s.pod_ip.as_ref())),
+        ips: addresses(
+            status.and_then(|s| s.pod_ip.as_ref()),
+            status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|ips| ips.iter().map(|p| &p.ip).collect())
+                .unwrap_or_default(),
+        ),
         node: spec.and_then(|s| s.node_name.clone()),
-        host_ip: ip(status.and_then(|s| s.host_ip.as_ref())),
+        host_ips: addresses(
+            status.and_then(|s| s.host_ip.as_ref()),
+            status
+                .and_then(|s| s.host_ips.as_ref())
+                .map(|ips| ips.iter().map(|h| &h.ip).collect())
+                .unwrap_or_default(),
+        ),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
@@ -447,14 +471,18 @@ mod tests {
             "spec": {"nodeName": "node-1", "serviceAccountName": "web", "hostNetwork": true,
                      "containers": []},
             "status": {"phase": "Succeeded", "podIP": "10.1.0.2", "hostIP": "192.168.0.1",
+                       "podIPs": [{"ip": "10.1.0.2"}, {"ip": "fd00:1::2"}],
+                       "hostIPs": [{"ip": "192.168.0.1"}, {"ip": "fd00:ff::1"}],
                        "qosClass": "Burstable"}
         }))
         .unwrap();
         let (info, problems) = pod(&p);
         let info = info.expect("kept");
         assert_eq!(info.node.as_deref(), Some("node-1"));
-        assert_eq!(info.ip, Some("10.1.0.2".parse().unwrap()));
-        assert_eq!(info.host_ip, Some("192.168.0.1".parse().unwrap()));
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(info.ips, ips(&["10.1.0.2", "fd00:1::2"]));
+        assert_eq!(info.host_ips, ips(&["192.168.0.1", "fd00:ff::1"]));
         assert!(info.host_network && info.terminal);
         assert_eq!(info.service_account, "web");
         assert_eq!(info.mesh_label, None, "a malformed label meshes nothing");

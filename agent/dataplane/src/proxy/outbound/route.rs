@@ -90,7 +90,7 @@ pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Rou
     let Some(dst_id) = dst.identity().filter(|_| dst.meshed()) else {
         return Route::Direct;
     };
-    match (&dst.node, dst.host_ip) {
+    match (&dst.node, dst.tunnel_ip(upstream.dst.ip().to_canonical())) {
         (Some(node), _) if node == ctx.node => Route::Local { dst, id: dst_id },
         (Some(_), Some(node_ip)) => match src.identity() {
             Some(src_id) => Route::Tunnel {
@@ -185,9 +185,38 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_pods_are_reached_by_either_address_over_the_matching_node_address() {
+        let mut dual = test_pods::meshed("shop", "dual", "10.2.0.5", "node-b", "192.168.0.2");
+        dual.ips.push("fd00:2::5".parse().unwrap());
+        dual.host_ips.push("fd00:ff::2".parse().unwrap());
+        let mut v4_node = test_pods::meshed("shop", "v6only", "fd00:3::6", "node-c", "192.168.0.3");
+        v4_node.ips = vec!["fd00:3::6".parse().unwrap()];
+        let store = cluster(vec![dual, v4_node]);
+        let far =
+            "spiffe://cluster.local/ns/shop/sa/client -> spiffe://cluster.local/ns/shop/sa/dual";
+        assert_eq!(
+            route_to(&store, ON, "10.2.0.5"),
+            format!("tunnel 192.168.0.2 {far}")
+        );
+        assert_eq!(
+            route_to(&store, ON, "fd00:2::5"),
+            format!("tunnel fd00:ff::2 {far}")
+        );
+        assert_eq!(
+            route_to(&store, ON, "::ffff:10.2.0.5"),
+            format!("tunnel 192.168.0.2 {far}"),
+            "an IPv4-mapped address is the IPv4 pod"
+        );
+        assert!(
+            route_to(&store, ON, "fd00:3::6").starts_with("tunnel 192.168.0.3 "),
+            "a node with one family is reached over it"
+        );
+    }
+
+    #[test]
     fn a_meshed_pod_whose_node_is_unknown_is_refused_never_plain() {
         let mut lost = test_pods::meshed("shop", "lost", "10.3.0.3", "node-c", "192.168.0.3");
-        lost.host_ip = None;
+        lost.host_ips.clear();
         let mut unscheduled = test_pods::meshed("shop", "nowhere", "10.3.0.4", "x", "192.168.0.3");
         unscheduled.node = None;
         let store = cluster(vec![lost, unscheduled]);

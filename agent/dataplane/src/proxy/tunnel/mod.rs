@@ -17,7 +17,7 @@ pub mod pool;
 pub mod server;
 pub mod tls;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use nodemesh_core::{label_values, labels::Direction};
 use prometheus_client::{
@@ -34,8 +34,6 @@ pub use self::{
 /// Tunnel settings.
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
-    /// Where the tunnel server listens (the node's `:15008`).
-    pub listen: SocketAddr,
     /// The port peers' tunnel servers listen on.
     pub port: u16,
     pub connect_timeout: Duration,

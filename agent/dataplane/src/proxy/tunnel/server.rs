@@ -3,7 +3,11 @@
 //! `CONNECT <addr>` stream goes to the [`Destinations`] (the inbound
 //! proxy), which decides, connects and relays. On shutdown: GOAWAY, and
 //! open streams finish within the grace period.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -11,6 +15,7 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use nodemesh_core::{identity::Identity, labels::Direction};
+use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +29,45 @@ use crate::{
         relay::TunnelStream,
     },
 };
+
+/// Opens the tunnel's listeners. An unspecified IPv6 address (`[::]`)
+/// takes IPv4 too; on a node without IPv6 it falls back to `0.0.0.0`.
+pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let listener = match bind_one(addr) {
+            Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && no_ipv6(&e) => {
+                let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+                info!(%addr, error = %e, fallback = %v4, "no IPv6 on this node; the tunnel listens on IPv4 only");
+                bind_one(v4).map_err(|e| (v4, e))?
+            }
+            other => other.map_err(|e| (addr, e))?,
+        };
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    if addr.is_ipv6() {
+        // `[::]` is both families; a given IPv6 address is only itself.
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The error of an IPv6 socket on a node with IPv6 off.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
 
 /// One CONNECT stream, as the server authenticated it.
 #[derive(Clone, Debug)]
