@@ -37,7 +37,7 @@ use crate::{
     },
     identity::{
         CertStore,
-        client::{IdentityClient, IdentityClientConfig, IdentityClientError, roots},
+        client::{IdentityClient, IdentityClientConfig, IdentityClientError, ServiceAddrs, roots},
     },
     netns,
     proxy::{Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics, tunnel},
@@ -57,6 +57,8 @@ pub enum AgentError {
     Netns(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("internal: {0}")]
+    Internal(&'static str),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{0}")]
@@ -70,6 +72,32 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Service addresses from the Kubernetes API (for the identity service's
+/// name, with no need for cluster DNS on the host network).
+struct ApiServices(kube::Client);
+
+impl ServiceAddrs for ApiServices {
+    fn cluster_ip<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Option<std::net::IpAddr>> {
+        Box::pin(async move {
+            let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+                kube::Api::namespaced(self.0.clone(), namespace);
+            match api.get_opt(name).await {
+                Ok(svc) => svc
+                    .and_then(|s| s.spec?.cluster_ip)
+                    .and_then(|ip| ip.parse().ok()),
+                Err(e) => {
+                    warn!(service = %format!("{namespace}/{name}"), error = %e, "cannot look the Service up in the API; trying DNS");
+                    None
+                }
+            }
+        })
+    }
 }
 
 /// What the agent bound.
@@ -116,7 +144,7 @@ impl App {
         let mount = cgroup::find_cgroup2_mount()?;
         let root_path = cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone());
         let cgroup_root = CgroupDir::open(&root_path)?;
-        let own = cgroup::own_cgroup(&mount)?;
+        let own = cgroup::own_cgroup()?;
         info!(cgroup_root = %cgroup_root.path().display(), agent_cgroup = %own.path().display(), "cgroups found");
 
         let (redirect, logger) = Redirect::install(&RedirectConfig {
@@ -140,10 +168,16 @@ impl App {
         let mut registry = Registry::with_prefix(PREFIX);
         let source_metrics = SourceMetrics::new(&mut registry);
 
+        let kube = match &cfg.source {
+            PodSourceConfig::Kube { kubeconfig, .. } => {
+                Some(kube_client::client(kubeconfig.as_deref()).await?)
+            }
+            PodSourceConfig::File { .. } => None,
+        };
         // Workload identity: certificates, and with them the tunnel.
         let certs = match &cfg.identity {
             Some(id) => {
-                let client = IdentityClient::new(IdentityClientConfig {
+                let mut client = IdentityClient::new(IdentityClientConfig {
                     addr: id.addr.clone(),
                     server_name: id.server_name.clone(),
                     trust_anchors_pem: id.trust_anchors_pem.clone(),
@@ -151,6 +185,9 @@ impl App {
                     trust_domain: cfg.trust_domain.clone(),
                     timeout: Duration::from_secs(10),
                 })?;
+                if let Some(kube) = &kube {
+                    client = client.with_services(Arc::new(ApiServices(kube.clone())));
+                }
                 Some(Arc::new(CertStore::new(
                     Arc::new(client),
                     roots(&id.trust_anchors_pem)?,
@@ -200,13 +237,11 @@ impl App {
                 metrics: source_metrics,
                 state: state.clone(),
             }),
-            PodSourceConfig::Kube {
-                kubeconfig,
-                daemonset,
-                ..
-            } => Source::Kube {
+            PodSourceConfig::Kube { daemonset, .. } => Source::Kube {
                 source: KubeSource {
-                    client: kube_client::client(kubeconfig.as_deref()).await?,
+                    client: kube
+                        .clone()
+                        .ok_or(AgentError::Internal("no Kubernetes client"))?,
                     metrics: source_metrics,
                     state: state.clone(),
                 },
@@ -309,6 +344,18 @@ impl App {
         let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
 
         let reason = until.await;
+        // Uninstall or restart? Asked now: in a minute the answer is gone
+        // with the service account (see `uninstalling`).
+        let uninstalling = match &uninstall_check {
+            Some((client, (namespace, name))) => {
+                let why = crate::discovery::kube::uninstalling(client, namespace, name).await;
+                if let Some(why) = why {
+                    info!(daemonset = %name, %namespace, why, "nodemesh is being uninstalled: the node's eBPF state goes when the agent stops");
+                }
+                why.is_some()
+            }
+            None => false,
+        };
         info!(
             signal = reason,
             in_flight = proxy.in_flight(),
@@ -328,16 +375,6 @@ impl App {
             );
         }
         admin.stop();
-        let uninstalling = match &uninstall_check {
-            Some((client, (namespace, name))) => {
-                let gone = crate::discovery::kube::daemonset_gone(client, namespace, name).await;
-                if gone {
-                    info!(daemonset = %name, %namespace, "the agent's DaemonSet is gone: nodemesh is being uninstalled");
-                }
-                gone
-            }
-            None => false,
-        };
         if cfg.cleanup_on_exit || uninstalling {
             match redirect.uninstall() {
                 Ok(true) => {

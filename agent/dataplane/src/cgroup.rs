@@ -37,28 +37,74 @@ pub enum CgroupError {
     },
 }
 
-/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`.
-pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_cgroup2_mount(&text).ok_or(CgroupError::NoHierarchy)
+/// One mount of the cgroup v2 hierarchy: where, and which of its
+/// directories is mounted there (`/` for the whole hierarchy; a container
+/// may get a subtree, e.g. a hostPath of the kubelet's cgroup root).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Cgroup2Mount {
+    mountpoint: PathBuf,
+    root: PathBuf,
 }
 
-/// The mount point of the first `cgroup2` line in mountinfo text.
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // id parent major:minor root mountpoint options... - fstype source superopts
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mountpoint = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mountpoint)))
+fn read_mountinfo() -> Result<String, CgroupError> {
+    let path = Path::new("/proc/self/mountinfo");
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
     })
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`
+/// (a mount of the whole hierarchy first).
+pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let mounts = parse_cgroup2_mounts(&read_mountinfo()?);
+    mounts
+        .iter()
+        .find(|m| m.root == Path::new("/"))
+        .or(mounts.first())
+        .map(|m| m.mountpoint.clone())
+        .ok_or(CgroupError::NoHierarchy)
+}
+
+/// Every `cgroup2` mount in mountinfo text, in order.
+fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint options... - fstype source superopts
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut fields = left.split_whitespace();
+            let root = fields.nth(3)?;
+            let mountpoint = fields.next()?;
+            Some(Cgroup2Mount {
+                mountpoint: PathBuf::from(unescape_mountinfo(mountpoint)),
+                root: PathBuf::from(unescape_mountinfo(root)),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    parse_cgroup2_mounts(mountinfo)
+        .into_iter()
+        .next()
+        .map(|m| m.mountpoint)
+}
+
+/// Where the cgroup at `path` (as `/proc/self/cgroup` names it) is, under
+/// whichever mount holds it.
+fn locate(mounts: &[Cgroup2Mount], path: &Path) -> Vec<PathBuf> {
+    mounts
+        .iter()
+        .filter_map(|m| {
+            let rest = path.strip_prefix(&m.root).ok()?;
+            Some(m.mountpoint.join(rest))
+        })
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -247,17 +293,28 @@ pub fn kubelet_pod_cgroups(uid: &str, qos: Option<QosClass>) -> Vec<PathBuf> {
 }
 
 /// The cgroup of the calling process, as an open directory.
-pub fn own_cgroup(mount: &Path) -> Result<CgroupDir, CgroupError> {
+pub fn own_cgroup() -> Result<CgroupDir, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let relative = text
+    let own = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or(CgroupError::NoHierarchy)?;
-    CgroupDir::open(&mount.join(relative.trim_start_matches('/')))
+    let candidates = locate(
+        &parse_cgroup2_mounts(&read_mountinfo()?),
+        Path::new(own.trim()),
+    );
+    let mut last = CgroupError::NoHierarchy;
+    for candidate in candidates {
+        match CgroupDir::open(&candidate) {
+            Ok(dir) => return Ok(dir),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]
@@ -284,6 +341,27 @@ mod tests {
         assert_eq!(
             parse_cgroup2_mount("35 33 0:30 / /x rw - cgroup cgroup rw\n"),
             None
+        );
+    }
+
+    #[test]
+    fn a_process_cgroup_is_found_under_a_mount_of_a_subtree() {
+        // A container: the v2 hierarchy's /k8s subtree at /host/cgroup.
+        let info = "\
+40 30 0:29 /k8s /host/cgroup ro,relatime - cgroup2 cgroup2 rw
+41 30 0:29 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        let mounts = parse_cgroup2_mounts(info);
+        assert_eq!(
+            locate(&mounts, Path::new("/k8s/kubepods/besteffort/pod1/c1")),
+            vec![
+                PathBuf::from("/host/cgroup/kubepods/besteffort/pod1/c1"),
+                PathBuf::from("/sys/fs/cgroup/unified/k8s/kubepods/besteffort/pod1/c1"),
+            ]
+        );
+        assert_eq!(
+            locate(&mounts, Path::new("/other/x")),
+            vec![PathBuf::from("/sys/fs/cgroup/unified/other/x")]
         );
     }
 

@@ -1,7 +1,12 @@
 //! The agent's client of the identity service: one certificate per
 //! request, for a fresh key made here (private keys never leave the
 //! agent), checked before it is used.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -68,11 +73,27 @@ pub enum IdentityClientError {
     Tls(String),
 }
 
+/// Finds a Service's cluster IP without DNS (the Kubernetes API): the
+/// agent runs on the host network, where cluster DNS may be absent, slow or
+/// not yet up.
+pub trait ServiceAddrs: Send + Sync + 'static {
+    fn cluster_ip<'a>(&'a self, namespace: &'a str, name: &'a str)
+    -> BoxFuture<'a, Option<IpAddr>>;
+}
+
 /// Talks to the identity service.
 pub struct IdentityClient {
     cfg: IdentityClientConfig,
     tls: TlsConnector,
     server_name: ServerName<'static>,
+    services: Option<Arc<dyn ServiceAddrs>>,
+}
+
+/// `<name>.<namespace>.svc[.<cluster domain>]`: a Service's DNS name.
+fn service_name(host: &str) -> Option<(&str, &str)> {
+    let mut labels = host.split('.');
+    let (name, namespace, svc) = (labels.next()?, labels.next()?, labels.next()?);
+    (svc == "svc" && !name.is_empty() && !namespace.is_empty()).then_some((name, namespace))
 }
 
 impl std::fmt::Debug for IdentityClient {
@@ -98,7 +119,42 @@ impl IdentityClient {
             cfg,
             tls: TlsConnector::from(Arc::new(tls)),
             server_name,
+            services: None,
         })
+    }
+
+    /// Resolves a Service name (`name.namespace.svc…`) through `services`
+    /// first, DNS only if that finds nothing.
+    pub fn with_services(mut self, services: Arc<dyn ServiceAddrs>) -> Self {
+        self.services = Some(services);
+        self
+    }
+
+    /// Where the identity service is now.
+    async fn resolve(&self) -> Result<SocketAddr, IdentityClientError> {
+        let resolve_err = |why: String| IdentityClientError::Resolve {
+            addr: self.cfg.addr.clone(),
+            why,
+        };
+        if let Ok(addr) = self.cfg.addr.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        let (host, port) = self
+            .cfg
+            .addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| resolve_err("expected host:port".into()))?;
+        if let (Some(services), Some((name, namespace))) = (&self.services, service_name(host))
+            && let Some(ip) = services.cluster_ip(namespace, name).await
+        {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        tokio::net::lookup_host(&self.cfg.addr)
+            .await
+            .map_err(|e| resolve_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve_err("no address".into()))
     }
 
     /// One request: a fresh key and CSR, signed by the identity service.
@@ -143,17 +199,7 @@ impl IdentityClient {
                 source,
             }
         })?;
-        let addr = tokio::net::lookup_host(&self.cfg.addr)
-            .await
-            .map_err(|e| IdentityClientError::Resolve {
-                addr: self.cfg.addr.clone(),
-                why: e.to_string(),
-            })?
-            .next()
-            .ok_or_else(|| IdentityClientError::Resolve {
-                addr: self.cfg.addr.clone(),
-                why: "no address".into(),
-            })?;
+        let addr = self.resolve().await?;
         let connect_err = |source| IdentityClientError::Connect {
             addr: self.cfg.addr.clone(),
             source,
@@ -222,4 +268,21 @@ pub fn roots(trust_anchors_pem: &str) -> Result<Arc<RootCertStore>, IdentityClie
             .map_err(|e| IdentityClientError::Tls(e.to_string()))?;
     }
     Ok(Arc::new(roots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_recognised() {
+        assert_eq!(
+            service_name("nodemesh-identity.nodemesh.svc"),
+            Some(("nodemesh-identity", "nodemesh"))
+        );
+        assert_eq!(service_name("id.ns.svc.cluster.local"), Some(("id", "ns")));
+        assert_eq!(service_name("example.com"), None);
+        assert_eq!(service_name("a.b.c"), None);
+        assert_eq!(service_name(".ns.svc"), None);
+    }
 }

@@ -33,16 +33,43 @@ use tracing::{info, warn};
 use super::{SourceErrorReason, SourceMetrics};
 use crate::state::{Namespace, ObjectKey, PodInfo, ServiceInfo, SliceInfo, StateStore, Update};
 
-/// Whether the agent's own DaemonSet is gone (deleted, or its RBAC with
-/// it): then nodemesh is being uninstalled. Any other answer, including no
-/// answer, means "keep the node's eBPF state".
-pub async fn daemonset_gone(client: &Client, namespace: &str, name: &str) -> bool {
-    use k8s_openapi::api::apps::v1::DaemonSet;
-    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
-    match tokio::time::timeout(Duration::from_secs(5), api.get(name)).await {
-        Ok(Ok(ds)) => ds.metadata.deletion_timestamp.is_some(),
-        Ok(Err(kube::Error::Api(status))) => status.code == 404 || status.code == 403,
-        _ => false,
+/// Why nodemesh is being uninstalled, as the agent sees it when told to
+/// stop: its DaemonSet deleted or being deleted, its namespace being
+/// deleted, or its credentials or permissions revoked (the service
+/// account, its token or its RBAC deleted with the rest). Checked at once
+/// on the stop signal: `kubectl delete -f` removes the service account and
+/// the RBAC within a second of the DaemonSet, so waiting (say, for open
+/// connections to drain) turns "deleted" into "forbidden". `None` —
+/// including no answer — means "keep the node's eBPF state" (a restart).
+pub async fn uninstalling(client: &Client, namespace: &str, name: &str) -> Option<&'static str> {
+    use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Namespace as K8sNamespace};
+    let revoked = |e: &kube::Error| match e {
+        kube::Error::Api(status) if status.code == 401 => {
+            Some("the agent's credentials were revoked")
+        }
+        kube::Error::Api(status) if status.code == 403 => {
+            Some("the agent's permissions were revoked")
+        }
+        _ => None,
+    };
+    let within = Duration::from_secs(5);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(within, daemonsets.get_opt(name)).await {
+        Ok(Ok(None)) => return Some("its DaemonSet is gone"),
+        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
+            return Some("its DaemonSet is being deleted");
+        }
+        Ok(Err(e)) if revoked(&e).is_some() => return revoked(&e),
+        _ => {}
+    }
+    let namespaces: Api<K8sNamespace> = Api::all(client.clone());
+    match tokio::time::timeout(within, namespaces.get_opt(namespace)).await {
+        Ok(Ok(None)) => Some("its namespace is gone"),
+        Ok(Ok(Some(ns))) if ns.metadata.deletion_timestamp.is_some() => {
+            Some("its namespace is being deleted")
+        }
+        Ok(Err(e)) => revoked(&e),
+        _ => None,
     }
 }
 
