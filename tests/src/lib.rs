@@ -25,6 +25,7 @@ pub mod kube;
 pub mod mesh;
 pub mod node;
 pub mod prom;
+pub mod realnode;
 pub mod sys;
 
 pub use agent::{Agent, AgentOptions};

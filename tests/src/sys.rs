@@ -12,7 +12,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -70,7 +70,9 @@ pub fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
-fn remove_cgroup_dirs(dir: &Path) {
+/// Removes a cgroup tree's directories, deepest first (its processes must be
+/// gone; a v1 hierarchy has no `cgroup.kill`).
+pub fn remove_cgroup_dirs(dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -147,6 +149,82 @@ pub fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Child {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
     drop((ns, procs));
+    child
+}
+
+/// Spawns processes from one thread that lives as long as the test process,
+/// so `PR_SET_PDEATHSIG` kills them when the test process ends, however.
+pub fn spawn_kept(cmd: Command, cgroup: PathBuf) -> Child {
+    type Job = (Command, PathBuf, mpsc::Sender<Child>);
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("testbed-keeper".into())
+            .spawn(move || {
+                for (mut cmd, cgroup, reply) in rx {
+                    let procs = fs::OpenOptions::new()
+                        .write(true)
+                        .open(cgroup.join("cgroup.procs"))
+                        .expect("cluster cgroup");
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+                    // SAFETY: only async-signal-safe calls before exec.
+                    unsafe {
+                        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let child = cmd
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+                    let _ = reply.send(child);
+                }
+                // Keep this thread alive: its death would kill the children.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("keeper thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap()
+        .send((cmd, cgroup, tx))
+        .expect("keeper alive");
+    rx.recv().expect("keeper spawned the process")
+}
+
+/// Starts `cmd` in `cgroup` (moved before `exec`), not tied to this
+/// process: for what must outlive it (`nodemesh-node up`).
+pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &Path) -> Child {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cgroup.display()));
+    let fd = procs.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (write, setsid) before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Its own session: no terminal signal reaches it.
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    drop(procs);
     child
 }
 

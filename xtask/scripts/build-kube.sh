@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver v1.20.2 offline from Debian bookworm's `kubernetes`
-# source package (the full upstream tree with vendor/), for the tests' real
-# API server. Called by `cargo xtask setup` when the cached binary is missing.
+# Builds Kubernetes v1.20.2 components offline from Debian bookworm's
+# `kubernetes` source package (the full upstream tree with vendor/): the
+# tests' real API server, and the real node's kubelet, controller-manager,
+# scheduler and kube-proxy. Called by `cargo xtask setup` for the cached
+# binaries that are missing.
 #
-#   build-apiserver.sh WORKDIR OUT
+#   build-kube.sh WORKDIR OUT COMPONENT...
 #
-# WORKDIR keeps the source and Go caches (about 1.5 GB); OUT gets the binary.
+# WORKDIR keeps the source and Go caches (about 1.5 GB); OUT gets the binaries.
 # Needs golang-go, rsync and make (setup installs them). /etc/apt is left
 # untouched: a private deb-src list is used.
 set -euo pipefail
 work=${1:?work directory}
 out=${2:?output directory}
+shift 2
+components=("$@")
+[ ${#components[@]} -gt 0 ] || components=(kube-apiserver)
 mkdir -p "$work" "$out"
 work=$(cd "$work" && pwd)
 out=$(cd "$out" && pwd)
@@ -19,7 +24,7 @@ version=1.20.2
 package=kubernetes=1.20.5+really1.20.2-1.1+deb12u1
 tarball=kubernetes_1.20.5+really1.20.2.orig.tar.gz
 
-step() { echo "build-apiserver: $*"; }
+step() { echo "build-kube: $*"; }
 
 if [ ! -f "$work/$tarball" ]; then
   step "fetching Debian's kubernetes source package"
@@ -56,13 +61,15 @@ if [ ! -s pkg/generated/openapi/zz_generated.openapi.go ]; then
   make gen_openapi >/dev/null 2>&1
 fi
 
-step "compiling kube-apiserver (about 3 minutes on 2 cores)"
 vendor=k8s.io/kubernetes/vendor/k8s.io
-go build -o "$out/kube-apiserver.tmp" -ldflags "-s -w \
-  -X $vendor/component-base/version.gitVersion=v$version \
-  -X $vendor/component-base/version.gitMajor=1 \
-  -X $vendor/component-base/version.gitMinor=20 \
-  -X $vendor/client-go/pkg/version.gitVersion=v$version" \
-  ./cmd/kube-apiserver
-mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
-"$out/kube-apiserver" --version
+for c in "${components[@]}"; do
+  step "compiling $c (1-3 minutes on 2 cores)"
+  go build -o "$out/$c.tmp" -ldflags "-s -w \
+    -X $vendor/component-base/version.gitVersion=v$version \
+    -X $vendor/component-base/version.gitMajor=1 \
+    -X $vendor/component-base/version.gitMinor=20 \
+    -X $vendor/client-go/pkg/version.gitVersion=v$version" \
+    "./cmd/$c"
+  mv "$out/$c.tmp" "$out/$c"
+  "$out/$c" --version
+done

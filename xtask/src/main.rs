@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's own set-up and orchestration. It never
 //! hides the build: `cargo build` alone builds everything once `setup` ran.
+mod image;
 mod layers;
 mod setup;
 mod tools;
@@ -23,7 +24,8 @@ enum Task {
     Setup,
     /// Set up, then run the whole suite: formatting, clippy (host and eBPF
     /// target), the dependency rules, unit tests, the in-process proxy
-    /// tests and the end-to-end tests (needs root).
+    /// tests, the end-to-end tests on the netns bed, and the real-node tier
+    /// (the images on a real kubelet and containerd). Needs root.
     Test {
         /// Skip cargo fmt and clippy.
         #[arg(long)]
@@ -38,6 +40,18 @@ enum Task {
     /// Set up, build the release agent, and run it on a simulated node with
     /// a few pods; prints what the proxy saw per pod, then cleans up.
     Demo,
+    /// Build the container images (no container engine needed): the
+    /// nodemesh image `nodemesh install` references, and the test bed's app
+    /// and pause images, as OCI archives in target/images.
+    Image,
+    /// A real Kubernetes node on this machine (etcd, API server,
+    /// controller-manager, scheduler, kube-proxy, containerd, kubelet) in
+    /// namespaces of its own, with the images imported: `up` starts it and
+    /// prints how to use it, `down` removes all of it.
+    Node {
+        #[arg(value_enum)]
+        action: NodeAction,
+    },
     /// Set up, build in release, and print the benchmark tables: same node
     /// (direct vs fast path on/off), then cross-node (direct vs mTLS tunnel).
     Bench {
@@ -46,6 +60,30 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NodeAction {
+    Up,
+    Down,
+}
+
+fn node(action: NodeAction) -> Result<()> {
+    match action {
+        NodeAction::Up => {
+            setup::run()?;
+            let images = build_images("release")?;
+            release_build()?;
+            run_bin(
+                "nodemesh-node",
+                &["up".into(), "--images".into(), images.display().to_string()],
+            )
+        }
+        NodeAction::Down => {
+            release_build()?;
+            run_bin("nodemesh-node", &["down".into()])
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +109,17 @@ fn run(cli: Cli) -> Result<()> {
                 &["--agent".into(), bin.display().to_string()],
             )
         }
+        Task::Image => {
+            let dir = build_images("release")?;
+            println!(
+                "xtask: push with e.g. `skopeo copy oci-archive:{}/nodemesh-{}.oci.tar docker://REGISTRY/nodemesh:{}`",
+                dir.display(),
+                image::VERSION,
+                image::VERSION
+            );
+            Ok(())
+        }
+        Task::Node { action } => node(action),
         Task::Bench { args } => {
             setup::run()?;
             let bin = release_build()?;
@@ -113,12 +162,24 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         layers::run(&workspace())?;
     }
     require_root("the end-to-end tests")?;
+    // The real-node tier runs the images, built from the test build's
+    // binaries (no second, release build).
+    let images = build_images("dev")?;
     let mut test_args = vec!["test"];
     if !args.is_empty() {
         test_args.push("--");
         test_args.extend(args.iter().map(String::as_str));
     }
-    cargo(&test_args)
+    println!("xtask: cargo {}", test_args.join(" "));
+    let status = Command::new(env_cargo())
+        .args(&test_args)
+        .env("NODEMESH_IMAGES", &images)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed", test_args.join(" "));
+    }
+    Ok(())
 }
 
 /// Clippy on the eBPF crate, for its own target.
@@ -175,6 +236,38 @@ fn release_build() -> Result<PathBuf> {
         "--bins",
     ])?;
     Ok(target_dir().join("release/nodemesh"))
+}
+
+/// Builds the binaries (`profile`: `release`, or `dev` for the tests) and
+/// writes every image's archive to target/images; returns that directory.
+fn build_images(profile: &str) -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--profile",
+        profile,
+        "--package",
+        "nodemesh",
+        "--package",
+        "nodemesh-tests",
+        "--bin",
+        "nodemesh",
+        "--bin",
+        "nodemesh-testapp",
+    ])?;
+    let bins = target_dir().join(if profile == "dev" { "debug" } else { profile });
+    let dir = target_dir().join("images");
+    for image in image::images(&bins)? {
+        let out = image::archive_path(&dir, &image);
+        image.write_archive(&out)?;
+        let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "xtask: image {} → {} ({:.1} MiB)",
+            image.reference(),
+            out.display(),
+            size as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(dir)
 }
 
 fn run_bin(name: &str, args: &[String]) -> Result<()> {

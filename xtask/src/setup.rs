@@ -8,9 +8,11 @@
 //! - `bpf-linker`, built against the pinned toolchain's own libLLVM (Debian's
 //!   LLVM is too old), in a project-owned prefix outside `target/` so
 //!   `cargo clean` does not throw it away. The facts behind it: docs/datapath.md;
-//! - a kube-apiserver v1.20.2 built once from Debian's source package (the
-//!   registries here ship no binary; see xtask/scripts/build-apiserver.sh),
-//!   cached next to bpf-linker.
+//! - Kubernetes v1.20.2 (kube-apiserver for the tests' API server; kubelet,
+//!   controller-manager, scheduler and kube-proxy for the real node) built
+//!   once from Debian's source package (the registries here ship no binary;
+//!   see xtask/scripts/build-kube.sh), cached next to bpf-linker; the real
+//!   node's containerd, runc and CNI plugins come from Debian.
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -31,6 +33,16 @@ pub const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     // Real clients the tests and benchmarks drive through the mesh.
     "iperf3",
+    // The real node: container runtime, CNI plugins, kube-proxy's tools,
+    // and the static busybox its test images are made of.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "busybox-static",
+    // What the real-node tests check eBPF attachments with.
+    "bpftool",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 
@@ -40,32 +52,51 @@ pub fn run() -> Result<()> {
     let toolchain = Toolchain::current()?;
     rust_src(&toolchain)?;
     bpf_linker(&toolchain)?;
-    kube_apiserver()?;
+    kube_components()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn kube_apiserver() -> Result<()> {
+/// The Kubernetes components built from source: the API server for every
+/// Kubernetes test, the rest for the real node.
+pub const KUBE_COMPONENTS: &[&str] = &[
+    "kube-apiserver",
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+];
+
+fn kube_components() -> Result<()> {
     let out = kube_bin_dir();
-    let bin = out.join("kube-apiserver");
-    if runs(&bin) {
-        println!("setup: kube-apiserver present ({})", bin.display());
+    let missing: Vec<&str> = KUBE_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| !runs(&out.join(c)))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: Kubernetes v{KUBE_VERSION} components present ({})",
+            out.display()
+        );
         return Ok(());
     }
     println!(
-        "setup: building kube-apiserver v{KUBE_VERSION} from Debian's source package (once; 3-5 minutes)"
+        "setup: building {} v{KUBE_VERSION} from Debian's source package (once; 2-4 minutes each)",
+        missing.join(", ")
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-apiserver.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-kube.sh");
     let work = tools_dir().join("kube-build");
     let ok = Command::new("bash")
         .arg(&script)
         .arg(&work)
         .arg(&out)
+        .args(&missing)
         .status()
-        .context("cannot run build-apiserver.sh")?
+        .context("cannot run build-kube.sh")?
         .success();
-    if !ok || !runs(&bin) {
-        bail!("building kube-apiserver failed (see the output above)");
+    if !ok || missing.iter().any(|c| !runs(&out.join(c))) {
+        bail!("building Kubernetes components failed (see the output above)");
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ pub mod http;
 pub mod tcp;
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
@@ -55,11 +55,13 @@ impl Role {
     }
 }
 
-/// A running pod app process, seen from the test.
+/// A running pod app, seen from the test: a process the test started
+/// (requests over its stdin), or a container on a real node (requests over
+/// its control port).
 pub struct Container {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    child: Option<Child>,
+    writer: Box<dyn Write + Send>,
+    reader: BufReader<Box<dyn Read + Send>>,
     pod: String,
 }
 
@@ -67,7 +69,7 @@ impl std::fmt::Debug for Container {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Container")
             .field("pod", &self.pod)
-            .field("pid", &self.child.id())
+            .field("pid", &self.child.as_ref().map(Child::id))
             .finish()
     }
 }
@@ -81,18 +83,38 @@ impl Container {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = spawn_in(cmd, netns, cgroup);
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let stdin: ChildStdin = child.stdin.take().expect("piped stdin");
+        let stdout: ChildStdout = child.stdout.take().expect("piped stdout");
         Self {
-            child,
-            stdin,
-            stdout,
+            child: Some(child),
+            writer: Box::new(stdin),
+            reader: BufReader::new(Box::new(stdout)),
             pod: pod.into(),
         }
     }
 
+    /// Drives an app that serves its control port at `addr` (a container
+    /// of `nodemesh-testapp … --control PORT`), connecting from `netns`.
+    pub fn connect(netns: &Path, addr: std::net::SocketAddr, pod: &str) -> std::io::Result<Self> {
+        let stream = crate::sys::in_netns(netns, move || {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        })?;
+        let _ = stream.set_nodelay(true);
+        let reader = stream.try_clone()?;
+        Ok(Self {
+            child: None,
+            writer: Box::new(stream),
+            reader: BufReader::new(Box::new(reader)),
+            pod: pod.into(),
+        })
+    }
+
+    /// The app's process id (a process the test started).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("{} runs on a real node: no pid here", self.pod))
     }
 
     /// The pod, for messages.
@@ -103,11 +125,11 @@ impl Container {
     /// One request, one answer.
     pub fn call<Req: Serialize, Resp: DeserializeOwned>(&mut self, req: &Req) -> Resp {
         let line = serde_json::to_string(req).expect("encode request");
-        writeln!(self.stdin, "{line}")
-            .and_then(|_| self.stdin.flush())
+        writeln!(self.writer, "{line}")
+            .and_then(|_| self.writer.flush())
             .unwrap_or_else(|e| panic!("pod app in {} is gone: {e}", self.pod));
         let mut answer = String::new();
-        self.stdout
+        self.reader
             .read_line(&mut answer)
             .unwrap_or_else(|e| panic!("pod app in {} is gone: {e}", self.pod));
         serde_json::from_str(&answer)
@@ -117,14 +139,29 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
-/// The pod app's side: one request per stdin line, one answer per stdout
-/// line, until stdin closes. `handle` answers a request; a line that is not
-/// a request gets `bad(message)`.
+/// How a pod app gets its requests: from the test over stdin (the netns
+/// bed), or, as a container image's entrypoint on a real node, from its
+/// arguments and then from control connections (see [`standalone`]).
+enum Input {
+    Stdin,
+    Standalone {
+        requests: Vec<String>,
+        control: Option<u16>,
+    },
+}
+
+static INPUT: std::sync::OnceLock<Input> = std::sync::OnceLock::new();
+
+/// The pod app's side: one request per line, one answer per line. `handle`
+/// answers a request; a line that is not a request gets `bad(message)`.
+/// With stdin, it ends when stdin closes; standalone, see [`standalone`].
 pub(crate) fn serve_lines<Req, Resp>(
     mut handle: impl FnMut(Req) -> Resp,
     bad: impl Fn(String) -> Resp,
@@ -133,23 +170,114 @@ where
     Req: DeserializeOwned,
     Resp: Serialize,
 {
-    let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        let response = match serde_json::from_str::<Req>(&line) {
+    let mut answer = |line: &str| -> String {
+        let response = match serde_json::from_str::<Req>(line) {
             Ok(req) => handle(req),
             Err(e) => bad(format!("bad request: {e}")),
         };
-        let out = serde_json::to_string(&response).expect("encode response");
-        if writeln!(stdout, "{out}")
-            .and_then(|_| stdout.flush())
-            .is_err()
-        {
-            break;
+        serde_json::to_string(&response).expect("encode response")
+    };
+    match INPUT.get().unwrap_or(&Input::Stdin) {
+        Input::Stdin => {
+            let stdin = std::io::stdin();
+            let mut stdout = std::io::stdout();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                let out = answer(&line);
+                if writeln!(stdout, "{out}")
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            std::process::exit(0)
+        }
+        Input::Standalone { requests, control } => {
+            let mut failed = false;
+            for line in requests {
+                let out = answer(line);
+                failed |= is_failure(&out);
+                println!("{out}");
+            }
+            let Some(port) = control else {
+                std::process::exit(i32::from(failed))
+            };
+            let listener = std::net::TcpListener::bind(("::", *port))
+                .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", *port)))
+                .unwrap_or_else(|e| panic!("control port {port}: {e}"));
+            eprintln!("nodemesh-testapp: control on port {port}");
+            // One driver at a time, as over stdin.
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let Ok(mut writer) = conn.try_clone() else {
+                    continue;
+                };
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { break };
+                    let out = answer(&line);
+                    if writeln!(writer, "{out}").is_err() {
+                        break;
+                    }
+                }
+            }
+            std::process::exit(0)
         }
     }
-    std::process::exit(0)
+}
+
+/// Whether an answer says the request failed (every role's failure is
+/// tagged `"result": "failed"`).
+fn is_failure(answer: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(answer)
+        .is_ok_and(|v| v.get("result").and_then(|r| r.as_str()) == Some("failed"))
+}
+
+/// The test apps as a container's entrypoint (`nodemesh-testapp`):
+///
+/// ```text
+/// nodemesh-testapp ROLE [--do REQUEST-JSON]... [--control PORT]
+/// ```
+///
+/// Answers each `--do` request in order on stdout; then, with `--control`,
+/// serves request lines on TCP `PORT` (what [`Container::connect`] drives);
+/// without, exits, 1 if a request failed. ROLE is `tcp`, `http` or `grpc`.
+pub fn standalone(args: &[String]) -> ! {
+    let usage = "usage: nodemesh-testapp tcp|http|grpc [--do REQUEST-JSON]... [--control PORT]";
+    let mut role = None;
+    let mut requests = Vec::new();
+    let mut control = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--do" => requests.push(it.next().cloned().unwrap_or_else(|| {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            })),
+            "--control" => {
+                control = it.next().and_then(|p| p.parse::<u16>().ok());
+                if control.is_none() {
+                    eprintln!("--control needs a port\n{usage}");
+                    std::process::exit(2)
+                }
+            }
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0)
+            }
+            r @ ("tcp" | "http" | "grpc") if role.is_none() => role = Some(r.to_owned()),
+            other => {
+                eprintln!("unexpected {other:?}\n{usage}");
+                std::process::exit(2)
+            }
+        }
+    }
+    let Some(role) = role else {
+        eprintln!("{usage}");
+        std::process::exit(2)
+    };
+    let _ = INPUT.set(Input::Standalone { requests, control });
+    main(Some(&role))
 }
 
 /// A request-level protocol (HTTP, gRPC): servers with knobs, client loops

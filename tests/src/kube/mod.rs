@@ -9,7 +9,6 @@
 //! private one ([`Cluster::start`]). Its processes die with the test
 //! process (`PR_SET_PDEATHSIG` from a thread that lives as long) and sit in
 //! a cgroup named after the test process, which the leftover sweep clears.
-#![allow(unsafe_code)] // the cluster keeper's children die with it (PR_SET_PDEATHSIG)
 mod objects;
 
 use std::{
@@ -21,7 +20,6 @@ use std::{
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU32, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -37,7 +35,7 @@ use serde_json::json;
 
 use crate::{
     node::{Node, Pod, PodSpec},
-    sys::{cgroup2_mount, remove_cgroup_tree},
+    sys::{cgroup2_mount, remove_cgroup_tree, spawn_kept},
 };
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -68,56 +66,6 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         NAMES.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Spawns processes from one thread that lives as long as the test process,
-/// so `PR_SET_PDEATHSIG` kills them when the test process ends, however.
-fn spawn_kept(cmd: Command, cgroup: PathBuf) -> Child {
-    type Job = (Command, PathBuf, mpsc::Sender<Child>);
-    static KEEPER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-    let keeper = KEEPER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("testbed-keeper".into())
-            .spawn(move || {
-                for (mut cmd, cgroup, reply) in rx {
-                    let procs = fs::OpenOptions::new()
-                        .write(true)
-                        .open(cgroup.join("cgroup.procs"))
-                        .expect("cluster cgroup");
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
-                    // SAFETY: only async-signal-safe calls before exec.
-                    unsafe {
-                        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                            Ok(())
-                        });
-                    }
-                    let child = cmd
-                        .spawn()
-                        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
-                    let _ = reply.send(child);
-                }
-                // Keep this thread alive: its death would kill the children.
-                loop {
-                    std::thread::park();
-                }
-            })
-            .expect("keeper thread");
-        Mutex::new(tx)
-    });
-    let (tx, rx) = mpsc::channel();
-    keeper
-        .lock()
-        .unwrap()
-        .send((cmd, cgroup, tx))
-        .expect("keeper alive");
-    rx.recv().expect("keeper spawned the process")
 }
 
 fn free_port() -> u16 {
@@ -226,6 +174,23 @@ impl Cluster {
             t0.elapsed().as_secs_f64()
         );
         cluster
+    }
+
+    /// An API server run by somebody else (the real node's): the client
+    /// helpers only; `dir` is this handle's scratch, removed on drop.
+    pub fn external(dir: PathBuf, kubeconfig: PathBuf, port: u16) -> Cluster {
+        let client = runtime().block_on(client_from(&kubeconfig));
+        let _ = fs::create_dir_all(&dir);
+        Cluster {
+            cgroup: dir.join("no-cgroup"),
+            dir,
+            port,
+            etcd_port: 0,
+            etcd: Mutex::new(None),
+            apiserver: Mutex::new(None),
+            kubeconfig,
+            client,
+        }
     }
 
     fn wait_ready(&self, timeout: Duration) {

@@ -186,6 +186,12 @@ impl TcpApp {
         )
     }
 
+    /// Drives a `nodemesh-testapp tcp --control PORT` container on a real
+    /// node, at `control`, connecting from `netns` (the node's).
+    pub fn connect(netns: &Path, control: SocketAddr, pod: &str) -> io::Result<Self> {
+        Ok(Self(Container::connect(netns, control, pod)?, Reads::Plain))
+    }
+
     /// Blocking reads retry a spurious `EAGAIN` from now on: for measuring
     /// the sk_msg fast path, whose kernel receive path returns one to
     /// blocking sockets (docs/datapath.md). Tests never do this.
