@@ -37,6 +37,7 @@ fn main() {
         skeleton::a_restarted_agent_takes_over_without_bypass,
         skeleton::cleanup_on_exit_removes_everything,
         skeleton::bad_configuration_is_reported_all_at_once,
+        skeleton::a_hybrid_hosts_cgroup_mount_as_root_is_followed_to_its_v2_hierarchy,
         transparency::an_ordinary_blocking_client_works_with_the_default_settings,
         transparency::iperf3_bulk_passes_with_the_default_settings,
         transparency::a_dying_agent_resets_what_it_carries_and_new_connections_fail_closed,

@@ -571,3 +571,58 @@ pub fn bad_configuration_is_reported_all_at_once() {
         assert!(stderr.contains(flag), "{flag} not reported:\n{stderr}");
     }
 }
+
+/// A hybrid host's `/sys/fs/cgroup`, in small: a tmpfs with the node's
+/// part of the v2 hierarchy bind-mounted at `unified/`. Unmounted on drop.
+struct HybridCgroupRoot(std::path::PathBuf);
+
+impl HybridCgroupRoot {
+    fn new(node: &Node) -> Self {
+        let root = node.dir.join("hybrid-cgroup");
+        std::fs::create_dir_all(&root).expect("mount point");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("mount")
+                .args(args)
+                .output()
+                .expect("run mount");
+            assert!(out.status.success(), "mount {args:?}: {out:?}");
+        };
+        run(&["-t", "tmpfs", "nmt-hybrid", &root.to_string_lossy()]);
+        let guard = Self(root.clone());
+        std::fs::create_dir_all(root.join("unified")).expect("unified");
+        run(&[
+            "--bind",
+            &node.cgroup.to_string_lossy(),
+            &root.join("unified").to_string_lossy(),
+        ]);
+        guard
+    }
+}
+
+impl Drop for HybridCgroupRoot {
+    fn drop(&mut self) {
+        for dir in [self.0.join("unified"), self.0.clone()] {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&dir)
+                .status();
+        }
+    }
+}
+
+pub fn a_hybrid_hosts_cgroup_mount_as_root_is_followed_to_its_v2_hierarchy() {
+    let node = Node::new();
+    let client = node.pod(PodSpec::new("demo", "client").meshed());
+    let server = node.pod(PodSpec::new("demo", "server"));
+    node.write_pods(&[&client, &server]);
+    let hybrid = HybridCgroupRoot::new(&node);
+    let agent = Agent::start_ready(&node, AgentOptions::default().cgroup_root(&hybrid.0));
+    let log = agent.wait_log("using its cgroup v2 hierarchy");
+    assert!(log.contains("hybrid-cgroup/unified"), "{log}");
+    agent.wait_metric("client captured", |m| meshed(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let mut app = client.tcp();
+    assert!(was_redirected(&app.exchange_ok(echo(&server), 1000)));
+    drop(agent);
+}

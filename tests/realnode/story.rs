@@ -526,15 +526,21 @@ spec:
         let stop = stop.clone();
         thread::spawn(move || {
             let (mut meshed, mut bypassed, mut refused) = (0u32, Vec::new(), 0u32);
+            let mut window: Option<(Instant, Instant)> = None;
             while !stop.load(Ordering::Relaxed) {
                 match client.exchange_with_timeout(to_server, 4096, Duration::from_secs(5)) {
                     Ok(x) if x.redirected() => meshed += 1,
                     Ok(x) => bypassed.push(x),
-                    Err(_) => refused += 1,
+                    Err(_) => {
+                        refused += 1;
+                        let now = Instant::now();
+                        window = Some((window.map_or(now, |w| w.0), now));
+                    }
                 }
                 thread::sleep(Duration::from_millis(20));
             }
-            (meshed, bypassed, refused)
+            let refusing = window.map_or(Duration::ZERO, |(a, b)| b - a);
+            (meshed, bypassed, refused, refusing)
         })
     };
     thread::sleep(Duration::from_millis(500));
@@ -569,7 +575,7 @@ spec:
     );
     thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
-    let (meshed, bypassed, refused) = looping.join().expect("the client loop");
+    let (meshed, bypassed, refused, refusing) = looping.join().expect("the client loop");
     assert!(
         bypassed.is_empty(),
         "{} connections bypassed the mesh during the restart: {bypassed:#?}",
@@ -580,7 +586,8 @@ spec:
         "the loop ran ({meshed} meshed, {refused} refused)"
     );
     story.step(&format!(
-        "rollout restart: {meshed} connections meshed, {refused} refused, 0 bypassed"
+        "rollout restart: {meshed} connections meshed, {refused} refused over {:.1}s, 0 bypassed",
+        refusing.as_secs_f64()
     ));
 
     // 8. Every documented way to uninstall leaves the node clean.

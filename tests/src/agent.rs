@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub kubeconfig: Option<(PathBuf, u16)>,
     /// Start the agent under this soft open-file limit.
     pub open_files: Option<u64>,
+    /// `--cgroup-root` (default: the node's cgroup).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -53,6 +55,7 @@ impl Default for AgentOptions {
             binary: None,
             kubeconfig: None,
             open_files: None,
+            cgroup_root: None,
         }
     }
 }
@@ -71,6 +74,11 @@ impl AgentOptions {
     /// Kubernetes discovery from `cluster` with another kubeconfig.
     pub fn kube_as(mut self, cluster: &crate::Cluster, kubeconfig: &std::path::Path) -> Self {
         self.kubeconfig = Some((kubeconfig.to_owned(), cluster.port));
+        self
+    }
+
+    pub fn cgroup_root(mut self, root: &std::path::Path) -> Self {
+        self.cgroup_root = Some(root.to_owned());
         self
     }
 
@@ -126,7 +134,7 @@ impl Agent {
                 .arg("100ms"),
         };
         cmd.arg("--cgroup-root")
-            .arg(&node.cgroup)
+            .arg(opts.cgroup_root.as_ref().unwrap_or(&node.cgroup))
             .arg("--bpffs")
             .arg(&node.pins)
             .arg("--admin-addr")

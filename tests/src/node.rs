@@ -614,6 +614,13 @@ fn sweep_leftovers() {
             .collect()
     };
     let mut removed = 0;
+    // Real nodes first: their containers, v1 cgroups and /var/lib/cni.
+    for name in names(&std::env::temp_dir()) {
+        if name.ends_with("-node") {
+            crate::realnode::RealNode::remove(&name);
+            removed += 1;
+        }
+    }
     for name in names(cgroup2_mount()) {
         remove_cgroup_tree(&cgroup2_mount().join(name));
         removed += 1;
@@ -627,11 +634,31 @@ fn sweep_leftovers() {
         removed += 1;
     }
     for name in names(&std::env::temp_dir()) {
-        let _ = fs::remove_dir_all(std::env::temp_dir().join(name));
+        let dir = std::env::temp_dir().join(name);
+        unmount_below(&dir);
+        let _ = fs::remove_dir_all(dir);
         removed += 1;
     }
     if removed > 0 {
         eprintln!("test bed: removed {removed} leftovers of earlier runs");
+    }
+}
+
+/// Lazily unmounts whatever a crashed test mounted below `dir`, deepest
+/// first, so removing `dir` never reaches into another file system.
+fn unmount_below(dir: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&point)
+            .status();
     }
 }
 

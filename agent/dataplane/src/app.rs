@@ -143,7 +143,18 @@ impl App {
         netns::init().map_err(AgentError::Netns)?;
         let mount = cgroup::find_cgroup2_mount()?;
         let root_path = cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-        let cgroup_root = CgroupDir::open(&root_path)?;
+        let cgroup_root = match CgroupDir::open(&root_path) {
+            // A hybrid host's /sys/fs/cgroup (v1 controllers on a tmpfs)
+            // given as the root: its v2 hierarchy is `unified` below it.
+            Err(CgroupError::NotCgroup2 { .. })
+                if CgroupDir::open(&root_path.join("unified")).is_ok() =>
+            {
+                let unified = root_path.join("unified");
+                info!(given = %root_path.display(), using = %unified.display(), "the cgroup root is a hybrid layout's v1 mount; using its cgroup v2 hierarchy");
+                CgroupDir::open(&unified)?
+            }
+            other => other?,
+        };
         let own = cgroup::own_cgroup()?;
         info!(cgroup_root = %cgroup_root.path().display(), agent_cgroup = %own.path().display(), "cgroups found");
 
