@@ -22,7 +22,7 @@ use kube::{
 };
 use nodemesh_tests::{
     Metrics, TcpApp, eventually,
-    realnode::{self, RealNode, RealNodeOptions},
+    realnode::{self, AGENT_PINS, RealNode, RealNodeOptions},
     sys::{http_get, read_or_empty},
 };
 use serde_json::json;
@@ -30,7 +30,6 @@ use serde_json::json;
 const ECHO: u16 = 8080;
 const CONTROL: u16 = 7000;
 const SYSTEM: &str = "nodemesh";
-const AGENT_PINS: &str = "/sys/fs/bpf/nodemesh";
 
 /// The image archives `cargo xtask image` wrote.
 fn image_archives() -> Vec<PathBuf> {

@@ -58,6 +58,9 @@ pub fn nodemesh_image() -> String {
     format!("ghcr.io/nodemesh/nodemesh:{IMAGE_VERSION}")
 }
 
+/// Where the installed agent pins (the install's `NODEMESH_BPFFS`).
+pub const AGENT_PINS: &str = "/sys/fs/bpf/nodemesh";
+
 /// How to make a node.
 #[derive(Clone, Debug)]
 pub struct RealNodeOptions {
@@ -616,6 +619,11 @@ exec sleep 2147483647",
         }
         ip_quiet(&["netns", "del", name]);
         let dir = std::env::temp_dir().join(name);
+        if dir.exists() {
+            // What an agent this node ran pinned, if it was killed rather
+            // than uninstalled (the install's --bpffs default).
+            let _ = fs::remove_dir_all(AGENT_PINS);
+        }
         if dir.join("created-var-lib-cni").exists() {
             let _ = fs::remove_dir("/var/lib/cni");
         }
