@@ -4,6 +4,7 @@ mod escape;
 mod kube;
 mod mesh;
 mod protocols;
+mod services;
 mod skeleton;
 mod transparency;
 
@@ -25,6 +26,8 @@ fn main() {
         mesh::the_tunnel_refuses_bad_peers_and_keeps_serving,
         mesh::certificates_rotate_under_a_long_lived_stream,
         protocols::http_and_grpc_apps_pass_through_the_mesh,
+        services::connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes,
+        services::unmeshed_endpoints_are_plain_and_no_endpoints_is_a_reset,
         skeleton::meshed_pod_goes_through_the_agent,
         skeleton::unmeshed_pod_is_left_alone,
         skeleton::labelling_captures_and_unlabelling_releases_live,

@@ -36,7 +36,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["outbound"],
     &["inbound"],
     &["tunnel"],
-    &["accept", "connect", "orig_dst", "pods", "relay"],
+    &["accept", "balance", "connect", "orig_dst", "pods", "relay"],
 ];
 
 /// Which nodemesh crates each crate may depend on.
@@ -53,7 +53,6 @@ const UNSAFE_ALLOWED: &[&str] = &[
     "agent/dataplane/src/netns.rs",
     "agent/dataplane/src/redirect/logs.rs",
     "agent/dataplane/src/redirect/sys.rs",
-    "tests/src/kube/mod.rs",
     "tests/src/mesh.rs",
     "tests/src/sys.rs",
 ];

@@ -34,6 +34,8 @@ label_values! {
         /// The mutual-TLS tunnel to the destination's node failed (see
         /// `nodemesh_tunnel_errors_total` for why).
         Tunnel => "tunnel",
+        /// A Service with no ready endpoint, or none that could be reached.
+        NoEndpoints => "no_endpoints",
         /// Anything else.
         Other => "other",
     }

@@ -22,6 +22,7 @@
 //! destinations on 127.0.0.1). Protocol detection (`detect`), HTTP
 //! (`http`) and balancing (a `balance` leaf) land beside these.
 pub mod accept;
+pub mod balance;
 pub mod connect;
 pub mod inbound;
 pub mod orig_dst;
@@ -45,6 +46,7 @@ pub use self::{
     pods::{PodHandle, ServedPod, ServedPods},
 };
 use self::{
+    balance::Balancer,
     inbound::Inbound,
     outbound::Outbound,
     tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
@@ -155,6 +157,7 @@ impl Proxy {
             connector,
             inbound,
             tunnel.as_ref().map(|(_, pool)| pool.clone()),
+            Arc::new(Balancer::default()),
             cfg.buffer_size,
         ));
         Ok(Self {

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use self::service::Services;
 pub use self::{
     pod::{CgroupRef, Pod, PodInfo, Workload},
-    service::{EndpointInfo, ObjectKey, ServiceInfo, ServicePort, SliceInfo},
+    service::{EndpointInfo, ObjectKey, ServiceInfo, ServicePort, ServiceTarget, SliceInfo},
 };
 
 /// What a namespace contributes.
@@ -71,6 +71,8 @@ pub enum Target {
     /// kubelet, a skewed clock), so the address is not anybody's to reach
     /// in the clear yet.
     Stale,
+    /// A Service's cluster IP and port: the proxy picks an endpoint.
+    Service(Arc<ServiceTarget>),
 }
 
 /// Which kinds have been listed completely at least once.
@@ -145,13 +147,14 @@ impl StateStore {
     /// Where a connection to `dst` goes: the one question the proxy asks
     /// per connection.
     pub fn upstream(&self, dst: SocketAddr) -> Upstream {
-        Upstream {
-            dst,
-            // `::ffff:a.b.c.d` is the pod at a.b.c.d.
-            target: self
-                .read()
-                .owner(dst.ip().to_canonical(), SystemTime::now()),
-        }
+        // `::ffff:a.b.c.d` is the pod (or the Service) at a.b.c.d.
+        let canonical = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        let state = self.read();
+        let target = match state.services.target(canonical) {
+            Some(service) => Target::Service(service),
+            None => state.owner(canonical.ip(), SystemTime::now()),
+        };
+        Upstream { dst, target }
     }
 
     /// The pods on this node whose containers may still run (terminating
@@ -236,8 +239,12 @@ impl StateStore {
         let mut update = Update {
             state: self.inner.state.write().unwrap_or_else(|p| p.into_inner()),
             local_changed: false,
+            services_changed: false,
         };
         let r = f(&mut update);
+        if update.services_changed {
+            update.state.services.reindex();
+        }
         let changed = update.local_changed;
         drop(update);
         if changed {
@@ -331,6 +338,9 @@ impl ProxyState {
 pub struct Update<'a> {
     state: RwLockWriteGuard<'a, ProxyState>,
     local_changed: bool,
+    /// Services or slices changed: the cluster IP index is rebuilt once,
+    /// at the end of the batch.
+    services_changed: bool,
 }
 
 impl Update<'_> {
@@ -409,28 +419,36 @@ impl Update<'_> {
     }
 
     pub fn apply_service(&mut self, key: ObjectKey, service: ServiceInfo) {
-        self.state.services.services.insert(key, service);
+        if self.state.services.services.get(&key) != Some(&service) {
+            self.state.services.services.insert(key, service);
+            self.services_changed = true;
+        }
     }
 
     pub fn delete_service(&mut self, key: &ObjectKey) {
-        self.state.services.services.remove(key);
+        self.services_changed |= self.state.services.services.remove(key).is_some();
     }
 
     pub fn replace_services(&mut self, services: Vec<(ObjectKey, ServiceInfo)>) {
         self.state.services.services = services.into_iter().collect();
+        self.services_changed = true;
     }
 
     /// Adds or replaces one EndpointSlice (or Endpoints object).
     pub fn apply_slice(&mut self, key: ObjectKey, slice: SliceInfo) {
-        self.state.services.slices.insert(key, slice);
+        if self.state.services.slices.get(&key) != Some(&slice) {
+            self.state.services.slices.insert(key, slice);
+            self.services_changed = true;
+        }
     }
 
     pub fn delete_slice(&mut self, key: &ObjectKey) {
-        self.state.services.slices.remove(key);
+        self.services_changed |= self.state.services.slices.remove(key).is_some();
     }
 
     pub fn replace_slices(&mut self, slices: Vec<(ObjectKey, SliceInfo)>) {
         self.state.services.slices = slices.into_iter().collect();
+        self.services_changed = true;
     }
 }
 

@@ -2,8 +2,9 @@
 //! endpoints its EndpointSlices (or Endpoints) list, joined with the pods
 //! behind them when asked. Only the fields used are kept.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use nodemesh_core::wire::{EndpointView, ServiceView};
@@ -28,6 +29,20 @@ pub struct ServiceInfo {
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
+    /// `appProtocol` (`http`, `kubernetes.io/h2c`, `grpc`, `tcp`, …).
+    pub app_protocol: Option<String>,
+}
+
+/// A Service port as a connection to one of its cluster IPs sees it: what
+/// the proxy balances over. Rebuilt when Services or endpoints change,
+/// shared by every connection meanwhile.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceTarget {
+    pub service: ObjectKey,
+    pub port: ServicePort,
+    /// The ready endpoints' addresses, with the target port (named target
+    /// ports are resolved per endpoint by the endpoints controller), sorted.
+    pub endpoints: Arc<[SocketAddr]>,
 }
 
 /// One EndpointSlice (or one Endpoints object).
@@ -53,9 +68,57 @@ pub struct EndpointInfo {
 pub(super) struct Services {
     pub(super) services: HashMap<ObjectKey, ServiceInfo>,
     pub(super) slices: HashMap<ObjectKey, SliceInfo>,
+    /// Cluster IP:port → what is behind it ([`Services::reindex`]).
+    vips: HashMap<SocketAddr, Arc<ServiceTarget>>,
 }
 
 impl Services {
+    /// What a connection to `dst` reaches, if it is a Service's cluster
+    /// IP and port.
+    pub(super) fn target(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
+        self.vips.get(&dst).cloned()
+    }
+
+    /// Rebuilds the cluster IP index after Services or slices changed:
+    /// per Service port, the ready endpoints of every slice of the Service
+    /// with a port of that name.
+    pub(super) fn reindex(&mut self) {
+        let mut by_service: HashMap<&ObjectKey, Vec<&SliceInfo>> = HashMap::new();
+        for slice in self.slices.values() {
+            by_service.entry(&slice.service).or_default().push(slice);
+        }
+        let mut vips = HashMap::new();
+        for (key, svc) in &self.services {
+            let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
+            for port in &svc.ports {
+                let mut endpoints = BTreeSet::new();
+                for slice in slices {
+                    let Some(target) = slice
+                        .ports
+                        .iter()
+                        .find(|(name, _)| *name == port.name)
+                        .map(|(_, p)| *p)
+                    else {
+                        continue;
+                    };
+                    for ep in slice.endpoints.iter().filter(|e| e.ready && !e.terminating) {
+                        endpoints
+                            .extend(ep.addresses.iter().map(|ip| SocketAddr::new(*ip, target)));
+                    }
+                }
+                let target = Arc::new(ServiceTarget {
+                    service: key.clone(),
+                    port: port.clone(),
+                    endpoints: endpoints.into_iter().collect(),
+                });
+                for ip in &svc.cluster_ips {
+                    vips.insert(SocketAddr::new(*ip, port.port), target.clone());
+                }
+            }
+        }
+        self.vips = vips;
+    }
+
     /// Every Service VIP:port with its endpoints, sorted; `pod` finds the
     /// pod that owns an endpoint address.
     pub(super) fn views<'a>(&'a self, pod: impl Fn(IpAddr) -> Option<&'a Pod>) -> Vec<ServiceView> {

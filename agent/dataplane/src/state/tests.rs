@@ -241,6 +241,7 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
                 ports: vec![ServicePort {
                     name: Some("http".into()),
                     port: 80,
+                    app_protocol: None,
                 }],
             },
         );
@@ -287,8 +288,26 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
     let second = &view.endpoints[1];
     assert!(second.terminating && !second.ready);
     assert_eq!(second.identity, None, "pod unknown");
+
+    // A connection to the cluster IP and port: the ready endpoints only.
+    let Target::Service(target) = owner(&store, "10.96.0.10") else {
+        panic!("the cluster IP is a Service's")
+    };
+    assert_eq!(target.service, key("shop", "web"));
+    assert_eq!(&target.endpoints[..], &["10.1.0.2:8080".parse().unwrap()]);
+    assert!(
+        !matches!(
+            store.upstream("10.96.0.10:81".parse().unwrap()).target,
+            Target::Service(_)
+        ),
+        "another port is not the Service's"
+    );
     store.update(|u| u.replace_slices(vec![]));
     assert!(store.services()[0].endpoints.is_empty());
+    let Target::Service(target) = owner(&store, "10.96.0.10") else {
+        panic!("still the Service's")
+    };
+    assert!(target.endpoints.is_empty(), "no endpoints left");
 }
 
 #[test]

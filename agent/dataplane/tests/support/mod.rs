@@ -313,7 +313,7 @@ impl Cluster {
         let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), TRUST_DOMAIN);
         let node_b: IpAddr = NODES[1].1.parse().unwrap();
         match pool.open(&id("client"), node_b, &id("far"), dst).await {
-            Ok(mut stream) => {
+            Ok((mut stream, _)) => {
                 stream.write_all(b"x").await.unwrap();
                 let mut b = [0u8; 1];
                 stream.read_exact(&mut b).await.unwrap();

@@ -207,6 +207,7 @@ pub(super) fn service_info(s: &Service) -> ServiceInfo {
             Some(ServicePort {
                 name: p.name.filter(|n| !n.is_empty()),
                 port: u16::try_from(p.port).ok()?,
+                app_protocol: p.app_protocol.filter(|a| !a.is_empty()),
             })
         })
         .collect();

@@ -2,15 +2,18 @@
 //! the pod's own `127.0.0.1:15001`. For each one, in this order:
 //! 1. its original destination ([`super::orig_dst`]);
 //! 2. what is there ([`crate::state::StateStore::upstream`]);
-//! 3. how to get there ([`route`]: direct, a pod on this node, the tunnel
-//!    to another node, or refused);
-//! 4. the TCP path ([`tcp`]): open that, relay.
+//! 3. a Service's cluster IP and port: an endpoint, chosen by the
+//!    [`Balancer`] among the ready ones (power of two choices over
+//!    peak-EWMA × load), another one tried if it cannot be reached;
+//! 4. how to get there ([`route`]: direct, a pod on this node, the tunnel
+//!    to another node, or refused — a refused endpoint is skipped);
+//! 5. the TCP path ([`tcp`]): open that, relay.
 //!
-//! Protocol detection and per-request balancing will sit between 3 and 4
-//! (`detect`, `http`), with endpoint choice in `route`.
+//! Protocol detection and per-request balancing will sit between 4 and 5
+//! (`detect`, `http`).
 //!
-//! A destination that cannot be reached gives the client a reset, a log
-//! line and a metric.
+//! A destination that cannot be reached (or a Service with no endpoint
+//! that can) gives the client a reset, a log line and a metric.
 pub mod route;
 mod tcp;
 
@@ -21,6 +24,7 @@ use tracing::warn;
 
 use self::route::{RouteCtx, route};
 use super::{
+    balance::Balancer,
     connect::Connector,
     inbound::Inbound,
     orig_dst,
@@ -28,7 +32,10 @@ use super::{
     relay::{Reset, reset_if_we_die},
     tunnel::TunnelPool,
 };
-use crate::{state::StateStore, telemetry::ConnectError};
+use crate::{
+    state::{StateStore, Target},
+    telemetry::ConnectError,
+};
 
 /// The outbound side of the node's proxy, shared by every pod's listener.
 pub struct Outbound {
@@ -40,6 +47,7 @@ pub struct Outbound {
     /// The tunnel to other nodes; meshed pods are routed as such only when
     /// it is there.
     tunnel: Option<Arc<TunnelPool>>,
+    balancer: Arc<Balancer>,
     buffer_size: usize,
 }
 
@@ -59,6 +67,7 @@ impl Outbound {
         connector: Arc<dyn Connector>,
         inbound: Arc<Inbound>,
         tunnel: Option<Arc<TunnelPool>>,
+        balancer: Arc<Balancer>,
         buffer_size: usize,
     ) -> Self {
         Self {
@@ -68,7 +77,15 @@ impl Outbound {
             connector,
             inbound,
             tunnel,
+            balancer,
             buffer_size,
+        }
+    }
+
+    fn ctx(&self) -> RouteCtx<'_> {
+        RouteCtx {
+            node: &self.node,
+            mesh: self.tunnel.is_some(),
         }
     }
 
@@ -85,11 +102,10 @@ impl Outbound {
             return;
         };
         let upstream = self.state.upstream(dst);
-        let ctx = RouteCtx {
-            node: &self.node,
-            mesh: self.tunnel.is_some(),
-        };
-        let route = route(ctx, &pod.pod, &upstream);
+        if let Target::Service(service) = &upstream.target {
+            return self.service_tcp(client, &pod, service, dst).await;
+        }
+        let route = route(self.ctx(), &pod.pod, &upstream);
         self.tcp(client, &pod, route, dst).await;
     }
 }

@@ -85,6 +85,9 @@ pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Rou
             return Route::Refuse(Refusal::Conflict { claims: *claims });
         }
         Target::Stale => return Route::Refuse(Refusal::Stale),
+        // The caller picks an endpoint first; a cluster IP itself is what
+        // kube-proxy would make of it.
+        Target::Service(_) => return Route::Direct,
         Target::Pod(dst) => dst,
     };
     let Some(dst_id) = dst.identity().filter(|_| dst.meshed()) else {

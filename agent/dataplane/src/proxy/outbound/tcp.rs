@@ -1,6 +1,9 @@
 //! The TCP path: opening the upstream side a route names, then one relay
 //! for every route.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use nodemesh_core::identity::SpiffeId;
 use prometheus_client::metrics::counter::Counter;
@@ -9,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::{
     Outbound,
-    route::{Refusal, Route},
+    route::{Refusal, Route, route},
 };
 use crate::{
     proxy::{
@@ -18,6 +21,7 @@ use crate::{
         relay::{Reset, UpstreamIo, relay, reset_if_we_die},
         tunnel::OpenError,
     },
+    state::ServiceTarget,
     telemetry::ConnectError,
 };
 
@@ -26,6 +30,28 @@ enum Failure {
     Refused(Refusal),
     Connect(std::io::Error),
     Tunnel(IpAddr, OpenError),
+}
+
+impl Failure {
+    /// Logs it (for a connection to `dst`) and says which metric reason
+    /// it is.
+    fn log(&self, dst: SocketAddr) -> ConnectError {
+        match self {
+            Failure::Refused(why) => {
+                warn!(%dst, %why, "refusing to send a meshed connection in the clear");
+                ConnectError::Tunnel
+            }
+            Failure::Connect(e) => {
+                let reason = ConnectError::classify(e);
+                warn!(%dst, %reason, error = %e, "cannot connect to destination");
+                reason
+            }
+            Failure::Tunnel(node, e) => {
+                warn!(%dst, %node, error = %e, "cannot open a tunnel stream");
+                ConnectError::Tunnel
+            }
+        }
+    }
 }
 
 /// An upstream connection made for a route.
@@ -38,40 +64,92 @@ struct Opened {
     /// A pod on this node reached through the inbound side: its
     /// accounting.
     local: Option<Accounting>,
+    /// A new tunnel connection was dialled for it: the time it took says
+    /// little about the endpoint.
+    dialled: bool,
 }
+
+/// At most this many endpoints are tried for one connection to a Service.
+const SERVICE_ATTEMPTS: usize = 3;
 
 impl Outbound {
     /// Carries `client` to `dst` the way `route` says.
     pub(super) async fn tcp(
         &self,
-        mut client: TcpStream,
+        client: TcpStream,
         pod: &ServedPod,
         route: Route<'_>,
         dst: SocketAddr,
     ) {
-        let opened = match self.open(route, pod, dst).await {
-            Ok(opened) => opened,
+        match self.open(route, pod, dst).await {
+            Ok(opened) => self.carry(client, pod, opened, dst).await,
             Err(failure) => {
-                let reason = match &failure {
-                    Failure::Refused(why) => {
-                        warn!(%dst, %why, "refusing to send a meshed connection in the clear; resetting the client");
-                        ConnectError::Tunnel
-                    }
-                    Failure::Connect(e) => {
-                        let reason = ConnectError::classify(e);
-                        warn!(%dst, %reason, error = %e, "cannot connect to destination; resetting the client");
-                        reason
-                    }
-                    Failure::Tunnel(node, e) => {
-                        warn!(%dst, %node, error = %e, "cannot open a tunnel stream; resetting the client");
-                        ConnectError::Tunnel
-                    }
-                };
+                let reason = failure.log(dst);
                 pod.outbound.connect_error(reason);
                 client.reset();
-                return;
             }
-        };
+        }
+    }
+
+    /// Carries `client` to an endpoint of `service` (dialled at `vip`):
+    /// the balancer's choice, another if that one cannot be reached (a
+    /// meshed endpoint whose node is unknown is skipped, never reached in
+    /// the clear); a reset if none can.
+    pub(super) async fn service_tcp(
+        &self,
+        client: TcpStream,
+        pod: &ServedPod,
+        service: &Arc<ServiceTarget>,
+        vip: SocketAddr,
+    ) {
+        let svc = format!("{}/{}", service.service.namespace, service.service.name);
+        let mut tried = Vec::new();
+        let mut last = None;
+        while tried.len() < SERVICE_ATTEMPTS {
+            let Some(work) = self.balancer.pick(&service.endpoints, &tried) else {
+                break;
+            };
+            let endpoint = work.endpoint().addr;
+            tried.push(endpoint);
+            let upstream = self.state.upstream(endpoint);
+            let route = route(self.ctx(), &pod.pod, &upstream);
+            match self.open(route, pod, endpoint).await {
+                Ok(opened) => {
+                    if opened.dialled {
+                        work.reached();
+                    } else {
+                        work.success();
+                    }
+                    debug!(service = %svc, %vip, %endpoint, "connected to a Service endpoint");
+                    // The connection is the endpoint's load while it lasts.
+                    self.carry(client, pod, opened, endpoint).await;
+                    drop(work);
+                    return;
+                }
+                Err(failure) => {
+                    if !matches!(failure, Failure::Refused(_)) {
+                        work.failure();
+                    }
+                    let reason = failure.log(endpoint);
+                    debug!(service = %svc, %endpoint, %reason, "trying another endpoint");
+                    last = Some(reason);
+                }
+            }
+        }
+        match last {
+            Some(reason) => {
+                warn!(service = %svc, %vip, tried = tried.len(), %reason, "no endpoint of the Service could be reached; resetting the client");
+            }
+            None => {
+                warn!(service = %svc, %vip, "the Service has no ready endpoints; resetting the client")
+            }
+        }
+        pod.outbound.connect_error(ConnectError::NoEndpoints);
+        client.reset();
+    }
+
+    /// Relays between `client` and what was opened for it.
+    async fn carry(&self, mut client: TcpStream, pod: &ServedPod, opened: Opened, dst: SocketAddr) {
         pod.outbound
             .peer_open(opened.tls, opened.peer.as_ref().map(SpiffeId::uri));
         let Opened { mut io, local, .. } = opened;
@@ -115,6 +193,7 @@ impl Outbound {
                     tls: false,
                     peer: None,
                     local: None,
+                    dialled: false,
                 })
             }
             Route::Local { dst: dst_pod, id } => {
@@ -128,6 +207,7 @@ impl Outbound {
                     tls: false,
                     peer: Some(id.clone()),
                     local: Some(accounting),
+                    dialled: false,
                 })
             }
             Route::Tunnel {
@@ -138,7 +218,7 @@ impl Outbound {
                 let Some(pool) = &self.tunnel else {
                     return Err(Failure::Refused(Refusal::NoTunnel));
                 };
-                let stream = pool
+                let (stream, dialled) = pool
                     .open(src, node_ip, dst_id, dst)
                     .await
                     .map_err(|e| Failure::Tunnel(node_ip, e))?;
@@ -147,6 +227,7 @@ impl Outbound {
                     tls: true,
                     peer: Some(dst_id.clone()),
                     local: None,
+                    dialled,
                 })
             }
         }

@@ -120,14 +120,15 @@ impl TunnelPool {
     }
 
     /// Opens a stream to `dst` (a pod of `dst_id` on the node at
-    /// `node_ip`) as `src`.
+    /// `node_ip`) as `src`; with it, whether a new tunnel connection was
+    /// dialled for it (its time then says little about the endpoint).
     pub async fn open(
         &self,
         src: &SpiffeId,
         node_ip: IpAddr,
         dst_id: &SpiffeId,
         dst: SocketAddr,
-    ) -> Result<TunnelStream, OpenError> {
+    ) -> Result<(TunnelStream, bool), OpenError> {
         let limit = self.cfg.connect_timeout + self.cfg.handshake_timeout;
         let result =
             match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst)).await {
@@ -147,7 +148,7 @@ impl TunnelPool {
         node_ip: IpAddr,
         dst_id: &SpiffeId,
         dst: SocketAddr,
-    ) -> Result<TunnelStream, OpenError> {
+    ) -> Result<(TunnelStream, bool), OpenError> {
         let current = self
             .store
             .wait(src.identity(), self.cfg.connect_timeout)
@@ -166,12 +167,14 @@ impl TunnelPool {
             .or_default()
             .clone();
         // One connect per key at a time; the others wait and reuse it.
+        let mut dialled = false;
         let mut send = {
             let mut pooled = slot.lock().await;
             let reusable = pooled
                 .as_ref()
                 .is_some_and(|p| !p.send.is_closed() && p.generation == current.generation);
             if !reusable {
+                dialled = true;
                 *pooled = Some(Pooled {
                     send: self.dial(&key, &current).await?,
                     generation: current.generation,
@@ -202,7 +205,7 @@ impl TunnelPool {
             });
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(http_err)?;
-        Ok(TokioIo::new(upgraded))
+        Ok((TokioIo::new(upgraded), dialled))
     }
 
     fn client_config(&self, src: &Identity) -> Result<Arc<ClientConfig>, OpenError> {
