@@ -5,6 +5,48 @@ use std::{collections::BTreeMap, fmt};
 /// The opt-in label, on a pod or its namespace.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 
+/// Ports whose connections are relayed as bytes, never inspected for HTTP
+/// (on a Service, a namespace or a pod): `3306,5432,8000-8100`.
+pub const OPAQUE_PORTS_ANNOTATION: &str = "config.nodemesh.io/opaque-ports";
+
+/// Ports opaque with no configuration: server-first protocols (SMTP,
+/// MySQL/MariaDB, PostgreSQL, Redis, memcached, …) a client never speaks
+/// first on.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// A set of ports, as the opaque-ports annotation writes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<(u16, u16)>);
+
+impl PortSet {
+    /// `3306,5432,8000-8100` (spaces allowed).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let port = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{s:?} is not a port"))
+            };
+            let range = match part.split_once('-') {
+                Some((a, b)) => (port(a)?, port(b)?),
+                None => (port(part)?, port(part)?),
+            };
+            if range.0 > range.1 {
+                return Err(format!("{part:?}: the range is backwards"));
+            }
+            ranges.push(range);
+        }
+        Ok(Self(ranges))
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+}
+
 /// The outbound listener's port inside each meshed pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The mutual-TLS tunnel between nodes, on each node's address.
@@ -96,6 +138,17 @@ pub fn is_dns_subdomain(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_sets_parse_lists_and_ranges() {
+        let set = PortSet::parse("3306, 8000-8100,25").unwrap();
+        assert!(set.contains(3306) && set.contains(8050) && set.contains(25));
+        assert!(!set.contains(80));
+        assert!(PortSet::parse("").unwrap() == PortSet::default());
+        assert!(PortSet::parse("http").is_err());
+        assert!(PortSet::parse("90-80").is_err());
+        assert!(PortSet::parse("0").is_err());
+    }
 
     #[test]
     fn uids_that_could_be_paths_are_refused() {

@@ -231,6 +231,7 @@ impl App {
                 buffer_size: cfg.buffer_size,
                 max_connections: cfg.max_connections,
                 tunnel: tunnel_cfg,
+                detect_timeout: cfg.detect_timeout,
             },
             state: state.clone(),
             certs: certs.clone(),
@@ -352,6 +353,7 @@ impl App {
             tokio::spawn(store.clone().run(state.clone(), shutdown.clone()));
         }
         proxy.serve_tunnel(tunnel, shutdown.clone());
+        tokio::spawn(proxy.clone().tidy(shutdown.clone()));
         let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
 
         let reason = until.await;

@@ -135,6 +135,17 @@ pub struct AgentArgs {
     )]
     pub connect_timeout: String,
 
+    /// How long an outbound connection may stay silent both ways before
+    /// it is relayed as bytes (the destination is dialled meanwhile, so a
+    /// server that speaks first never waits for it).
+    #[arg(
+        long,
+        env = "NODEMESH_DETECT_TIMEOUT",
+        default_value = "1s",
+        value_name = "DURATION"
+    )]
+    pub detect_timeout: String,
+
     /// On SIGTERM/SIGINT: how long open connections may take to finish.
     #[arg(
         long,

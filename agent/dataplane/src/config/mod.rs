@@ -58,6 +58,7 @@ pub struct AgentConfig {
     pub bypass_nets: Vec<(Ipv4Addr, u8)>,
     pub bypass_ports: Vec<u16>,
     pub connect_timeout: Duration,
+    pub detect_timeout: Duration,
     pub shutdown_grace: Duration,
     pub buffer_size: usize,
     pub max_connections: usize,
@@ -112,6 +113,11 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             "connect-timeout",
             &a.connect_timeout,
             parse_duration(&a.connect_timeout),
+        );
+        let detect_timeout = p.check(
+            "detect-timeout",
+            &a.detect_timeout,
+            parse_positive_duration(&a.detect_timeout),
         );
         let shutdown_grace = p.check(
             "shutdown-grace",
@@ -261,6 +267,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             bypass_nets,
             bypass_ports,
             connect_timeout: connect_timeout.ok_or_else(missing)?,
+            detect_timeout: detect_timeout.ok_or_else(missing)?,
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
             buffer_size: buffer_size.ok_or_else(missing)?,
             max_connections: max_connections.ok_or_else(missing)?,

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use nodemesh_core::names::{MeshLabel, PodUid};
+use nodemesh_core::names::{MeshLabel, PodUid, PortSet};
 
 use super::{SourceErrorReason, SourceMetrics};
 use crate::{
@@ -205,6 +205,7 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
             cgroup,
             netns: e.netns,
             mesh_label,
+            opaque_ports: PortSet::default(),
             terminal: false,
             deletion: None,
         },

@@ -30,6 +30,9 @@ label_values! {
         InvalidPod => "invalid_pod",
         /// A label value is malformed and was ignored.
         InvalidLabel => "invalid_label",
+        /// An annotation value (`config.nodemesh.io/opaque-ports`) is
+        /// malformed and was ignored.
+        InvalidAnnotation => "invalid_annotation",
         /// A pod's owner is of a kind the agent does not know; its kind
         /// and name are used as they are.
         UnknownOwner => "unknown_owner",

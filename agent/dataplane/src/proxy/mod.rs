@@ -48,11 +48,15 @@ pub use self::{
 use self::{
     balance::Balancer,
     inbound::Inbound,
-    outbound::Outbound,
+    outbound::{Outbound, OutboundConfig},
     tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
 };
 use crate::{
-    identity::CertStore, netns::Netns, state::Pod, state::StateStore, telemetry::TcpMetrics,
+    identity::CertStore,
+    netns::Netns,
+    state::Pod,
+    state::StateStore,
+    telemetry::{TcpMetrics, http::HttpMetrics},
 };
 
 /// Proxy settings.
@@ -65,6 +69,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// The tunnel between nodes (used with workload identity).
     pub tunnel: TunnelConfig,
+    /// How long an outbound connection may stay silent both ways before
+    /// it is taken as opaque.
+    pub detect_timeout: Duration,
 }
 
 /// The proxy's metric families.
@@ -72,6 +79,7 @@ pub struct ProxyConfig {
 pub struct ProxyMetrics {
     pub tcp: TcpMetrics,
     pub tunnel: TunnelMetrics,
+    pub http: HttpMetrics,
 }
 
 impl ProxyMetrics {
@@ -79,6 +87,7 @@ impl ProxyMetrics {
         Self {
             tcp: TcpMetrics::new(registry),
             tunnel: TunnelMetrics::new(registry),
+            http: HttpMetrics::new(registry),
         }
     }
 }
@@ -102,6 +111,7 @@ pub struct Proxy {
     tunnel: Option<(Arc<TunnelServer>, Arc<TunnelPool>)>,
     pods: ServedPods,
     tcp: TcpMetrics,
+    http: HttpMetrics,
     limit: Arc<Semaphore>,
     drain: Drain,
 }
@@ -158,12 +168,17 @@ impl Proxy {
             inbound,
             tunnel.as_ref().map(|(_, pool)| pool.clone()),
             Arc::new(Balancer::default()),
-            cfg.buffer_size,
+            metrics.http.clone(),
+            OutboundConfig {
+                buffer_size: cfg.buffer_size,
+                detect_timeout: cfg.detect_timeout,
+            },
         ));
         Ok(Self {
             outbound,
             tunnel,
             pods,
+            http: metrics.http,
             tcp: metrics.tcp,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             drain,
@@ -194,7 +209,11 @@ impl Proxy {
         netns: Option<Arc<Netns>>,
         listeners: Vec<TcpListener>,
     ) -> PodHandle {
+        let source = pods::workload(&pod);
+        self.http.hold(&source);
         let served = Arc::new(ServedPod {
+            http: self.http.clone(),
+            source,
             outbound: self.tcp.pod(pods::labels(&pod, Direction::Outbound)),
             inbound: self
                 .meshes()
@@ -238,6 +257,18 @@ impl Proxy {
             });
         }
         handle
+    }
+
+    /// Closes idle pooled upstream connections and forgets idle endpoint
+    /// statistics, every few seconds until `stop`.
+    pub async fn tidy(self: Arc<Self>, stop: CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = every.tick() => self.outbound.tidy(),
+                _ = stop.cancelled() => return,
+            }
+        }
     }
 
     /// The pods served now.

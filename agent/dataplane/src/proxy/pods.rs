@@ -13,7 +13,14 @@ use nodemesh_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{netns::Netns, state::Pod, telemetry::PodTcpMetrics};
+use crate::{
+    netns::Netns,
+    state::Pod,
+    telemetry::{
+        PodTcpMetrics,
+        http::{HttpMetrics, Workload},
+    },
+};
 
 /// One served pod.
 #[derive(Debug)]
@@ -26,6 +33,19 @@ pub struct ServedPod {
     pub outbound: PodTcpMetrics,
     /// Its series as a server, when the mesh routes between pods.
     pub inbound: Option<PodTcpMetrics>,
+    /// Its request series are its workload's, held while it is served.
+    pub http: HttpMetrics,
+    pub source: Workload,
+}
+
+/// `pod`'s workload, as the request metrics name it.
+pub fn workload(pod: &Pod) -> Workload {
+    Workload {
+        namespace: pod.namespace.clone(),
+        kind: pod.workload.kind.clone(),
+        name: pod.workload.name.clone(),
+        serviceaccount: pod.service_account.clone(),
+    }
 }
 
 /// The metric labels of `pod` in `direction`.
@@ -118,5 +138,6 @@ impl Drop for PodHandle {
         if let Some(inbound) = &self.served.inbound {
             inbound.remove();
         }
+        self.served.http.release(&self.served.source);
     }
 }

@@ -204,3 +204,69 @@ where
         }
     }
 }
+
+/// A stream that counts the bytes read from it and written to it, as they
+/// pass (for the HTTP path, where hyper owns the stream).
+pub struct CountedIo<T> {
+    inner: T,
+    /// Bytes read from `inner` go to each of these.
+    read: Vec<Counter>,
+    /// Bytes written to `inner` go to each of these.
+    written: Vec<Counter>,
+}
+
+impl<T> CountedIo<T> {
+    pub fn new(inner: T, read: Vec<Counter>, written: Vec<Counter>) -> Self {
+        Self {
+            inner,
+            read,
+            written,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            for c in &self.read {
+                c.inc_by(n);
+            }
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            for c in &self.written {
+                c.inc_by(*n as u64);
+            }
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -26,13 +26,19 @@ use std::{
     time::SystemTime,
 };
 
-use nodemesh_core::{names::MeshLabel, names::PodUid, wire::ServiceView};
+use nodemesh_core::{
+    names::{MeshLabel, PodUid, PortSet},
+    wire::ServiceView,
+};
 use tokio::sync::watch;
 
 use self::service::Services;
 pub use self::{
     pod::{CgroupRef, Pod, PodInfo, Workload},
-    service::{EndpointInfo, ObjectKey, ServiceInfo, ServicePort, ServiceTarget, SliceInfo},
+    service::{
+        ConfiguredProtocol, EndpointInfo, ObjectKey, ServiceInfo, ServicePort, ServiceTarget,
+        SliceInfo,
+    },
 };
 
 /// What a namespace contributes.
@@ -40,6 +46,8 @@ pub use self::{
 pub struct Namespace {
     /// Its `nodemesh.io/mesh` label: meshes its pods that have none.
     pub mesh_label: Option<MeshLabel>,
+    /// Its `config.nodemesh.io/opaque-ports`: ports of its pods.
+    pub opaque_ports: PortSet,
 }
 
 /// The answer to "where does this connection go?".
@@ -180,6 +188,15 @@ impl StateStore {
     /// change.
     pub fn local_changes(&self) -> watch::Receiver<u64> {
         self.inner.local.subscribe()
+    }
+
+    /// Whether connections to port `port` of a pod in `namespace` are
+    /// opaque by the namespace's annotation.
+    pub fn namespace_opaque(&self, namespace: &str, port: u16) -> bool {
+        self.read()
+            .namespaces
+            .get(namespace)
+            .is_some_and(|n| n.opaque_ports.contains(port))
     }
 
     /// Every Service VIP:port with its endpoints (the admin API).

@@ -5,7 +5,7 @@ use std::{net::IpAddr, ops::Deref, path::PathBuf, time::SystemTime};
 
 use nodemesh_core::{
     identity::{Identity, SpiffeId},
-    names::{MeshLabel, PodUid},
+    names::{MeshLabel, PodUid, PortSet},
 };
 
 use crate::cgroup::QosClass;
@@ -52,6 +52,8 @@ pub struct PodInfo {
     pub netns: Option<PathBuf>,
     /// Its own `nodemesh.io/mesh` label.
     pub mesh_label: Option<MeshLabel>,
+    /// Its `config.nodemesh.io/opaque-ports` annotation (its own ports).
+    pub opaque_ports: PortSet,
     /// Its phase is `Succeeded` or `Failed`: its containers are done.
     pub terminal: bool,
     /// When it is being deleted: the time by which it is gone
@@ -189,6 +191,7 @@ pub(crate) mod test_pods {
             cgroup: CgroupRef::Kubelet { qos: None },
             netns: None,
             mesh_label: None,
+            opaque_ports: PortSet::default(),
             terminal: false,
             deletion: None,
         }

@@ -7,7 +7,10 @@ use std::{
     sync::Arc,
 };
 
-use nodemesh_core::wire::{EndpointView, ServiceView};
+use nodemesh_core::{
+    names::{DEFAULT_OPAQUE_PORTS, PortSet},
+    wire::{EndpointView, ServiceView},
+};
 
 use super::pod::Pod;
 
@@ -23,6 +26,8 @@ pub struct ObjectKey {
 pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// Its `config.nodemesh.io/opaque-ports` (Service ports).
+    pub opaque_ports: PortSet,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +48,37 @@ pub struct ServiceTarget {
     /// The ready endpoints' addresses, with the target port (named target
     /// ports are resolved per endpoint by the endpoints controller), sorted.
     pub endpoints: Arc<[SocketAddr]>,
+    /// What its port carries, as configured.
+    pub protocol: ConfiguredProtocol,
+}
+
+/// What a destination carries, as configured (before any detection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfiguredProtocol {
+    /// Nothing said: detect.
+    Detect,
+    /// Bytes only (`appProtocol: tcp`, the opaque-ports annotation, or a
+    /// server-first port).
+    Opaque,
+    /// HTTP/2 with prior knowledge (`kubernetes.io/h2c`, `grpc`).
+    H2,
+}
+
+impl ConfiguredProtocol {
+    /// From a Service port's `appProtocol`, the opaque-ports annotations
+    /// that apply, and the ports (dialled and target).
+    pub fn of(app_protocol: Option<&str>, opaque: bool, ports: &[u16]) -> Self {
+        match app_protocol {
+            Some("tcp") => return Self::Opaque,
+            Some("kubernetes.io/h2c" | "grpc") => return Self::H2,
+            _ => {}
+        }
+        if opaque || ports.iter().any(|p| DEFAULT_OPAQUE_PORTS.contains(p)) {
+            Self::Opaque
+        } else {
+            Self::Detect
+        }
+    }
 }
 
 /// One EndpointSlice (or one Endpoints object).
@@ -106,10 +142,18 @@ impl Services {
                             .extend(ep.addresses.iter().map(|ip| SocketAddr::new(*ip, target)));
                     }
                 }
+                let targets: Vec<u16> = endpoints.iter().map(SocketAddr::port).collect();
+                let mut ports = vec![port.port];
+                ports.extend(targets);
                 let target = Arc::new(ServiceTarget {
                     service: key.clone(),
                     port: port.clone(),
                     endpoints: endpoints.into_iter().collect(),
+                    protocol: ConfiguredProtocol::of(
+                        port.app_protocol.as_deref(),
+                        svc.opaque_ports.contains(port.port),
+                        &ports,
+                    ),
                 });
                 for ip in &svc.cluster_ips {
                     vips.insert(SocketAddr::new(*ip, port.port), target.clone());

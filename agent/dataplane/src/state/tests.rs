@@ -10,6 +10,7 @@ fn store() -> StateStore {
             "shop".into(),
             Namespace {
                 mesh_label: Some(MeshLabel::Enabled),
+                opaque_ports: Default::default(),
             },
         )])
     });
@@ -202,6 +203,7 @@ fn local_pods_wait_for_a_complete_picture_and_follow_labels() {
             "shop",
             Namespace {
                 mesh_label: Some(MeshLabel::Enabled),
+                opaque_ports: Default::default(),
             },
         )
     });
@@ -237,6 +239,7 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
         u.apply_service(
             key("shop", "web"),
             ServiceInfo {
+                opaque_ports: Default::default(),
                 cluster_ips: vec!["10.96.0.10".parse().unwrap()],
                 ports: vec![ServicePort {
                     name: Some("http".into()),

@@ -127,6 +127,7 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         cgroup: CgroupRef::Kubelet { qos: None },
         netns: None,
         mesh_label: meshed.then_some(MeshLabel::Enabled),
+        opaque_ports: Default::default(),
         terminal: false,
         deletion: None,
     }
@@ -185,6 +186,7 @@ impl Cluster {
                     buffer_size: 16 * 1024,
                     max_connections: 100,
                     tunnel: tunnel_config(),
+                    detect_timeout: std::time::Duration::from_millis(300),
                 },
                 state: state.clone(),
                 certs: Some(certs.clone()),

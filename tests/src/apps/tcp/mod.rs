@@ -158,9 +158,11 @@ impl Failure {
     fn from_io(e: &io::Error, sent: u64, received: u64) -> Self {
         let kind = match e.kind() {
             ErrorKind::ConnectionRefused => "refused",
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-                "reset"
-            }
+            // Not connected: what a socket a reset ended says to shutdown.
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::NotConnected => "reset",
             ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
             ErrorKind::PermissionDenied => "denied",
             _ => "other",

@@ -11,7 +11,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::api::DynamicObject;
-use nodemesh_core::names::{MeshLabel, PodUid};
+use nodemesh_core::names::{MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid, PortSet};
 use serde::Deserialize;
 use tracing::warn;
 
@@ -91,6 +91,17 @@ fn workload(p: &K8sPod) -> (Workload, Option<String>) {
     }
 }
 
+/// The opaque-ports annotation of an object: the ports, or why not.
+fn opaque_ports(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<PortSet, String> {
+    match annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) {
+        None => Ok(PortSet::default()),
+        Some(text) => PortSet::parse(text)
+            .map_err(|e| format!("annotation {OPAQUE_PORTS_ANNOTATION}={text:?}: {e}; ignored")),
+    }
+}
+
 /// A pod reduced to what the state keeps, with the problems found on the
 /// way (reported by the caller, for pods on its node). `None` for a pod
 /// that cannot be kept at all.
@@ -111,6 +122,10 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
     let mesh_label = MeshLabel::parse(&labels).unwrap_or_else(|problem| {
         problems.push((SourceErrorReason::InvalidLabel, problem));
         None
+    });
+    let opaque = opaque_ports(p.metadata.annotations.as_ref()).unwrap_or_else(|problem| {
+        problems.push((SourceErrorReason::InvalidAnnotation, problem));
+        PortSet::default()
     });
     let (workload, owner_problem) = workload(p);
     if let Some(problem) = owner_problem {
@@ -162,6 +177,7 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
         },
         netns: None,
         mesh_label,
+        opaque_ports: opaque,
         terminal: matches!(
             status.and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
@@ -180,11 +196,22 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
 pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>) {
     let name = ns.metadata.name.clone().unwrap_or_default();
     let labels = ns.metadata.labels.clone().unwrap_or_default();
-    let (mesh_label, problem) = match MeshLabel::parse(&labels) {
+    let (mesh_label, mut problem) = match MeshLabel::parse(&labels) {
         Ok(l) => (l, None),
         Err(problem) => (None, Some(problem)),
     };
-    (name, Namespace { mesh_label }, problem)
+    let opaque_ports = opaque_ports(ns.metadata.annotations.as_ref()).unwrap_or_else(|p| {
+        problem = Some(p);
+        PortSet::default()
+    });
+    (
+        name,
+        Namespace {
+            mesh_label,
+            opaque_ports,
+        },
+        problem,
+    )
 }
 
 pub(super) fn service_info(s: &Service) -> ServiceInfo {
@@ -211,7 +238,15 @@ pub(super) fn service_info(s: &Service) -> ServiceInfo {
             })
         })
         .collect();
-    ServiceInfo { cluster_ips, ports }
+    let opaque_ports = opaque_ports(s.metadata.annotations.as_ref()).unwrap_or_else(|problem| {
+        tracing::warn!(service = ?s.metadata.name, namespace = ?s.metadata.namespace, %problem, "Service annotation ignored");
+        PortSet::default()
+    });
+    ServiceInfo {
+        cluster_ips,
+        ports,
+        opaque_ports,
+    }
 }
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -7,22 +7,33 @@
 //!    peak-EWMA × load), another one tried if it cannot be reached;
 //! 4. how to get there ([`route`]: direct, a pod on this node, the tunnel
 //!    to another node, or refused — a refused endpoint is skipped);
-//! 5. the TCP path ([`tcp`]): open that, relay.
-//!
-//! Protocol detection and per-request balancing will sit between 4 and 5
-//! (`detect`, `http`).
+//! 5. what it speaks ([`detect`]): unless configured (opaque ports,
+//!    `appProtocol`), the destination is dialled at once while the client's
+//!    first bytes are awaited, so a server-first protocol never waits;
+//!    whichever side speaks first decides, within the detect timeout;
+//! 6. HTTP ([`http`]): every request balanced on its own over pooled
+//!    upstream connections, golden request metrics; anything else: the TCP
+//!    path ([`tcp`]), bytes relayed over the connection already made.
 //!
 //! A destination that cannot be reached (or a Service with no endpoint
-//! that can) gives the client a reset, a log line and a metric.
+//! that can) gives the client a reset (a 502/503 for HTTP), a log line and
+//! a metric.
+pub mod detect;
+pub mod http;
 pub mod route;
 mod tcp;
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpStream;
-use tracing::warn;
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream};
+use tracing::{debug, warn};
 
-use self::route::{RouteCtx, route};
+use self::{
+    detect::{Detected, classify},
+    http::{Dest, Early, pool::Pool},
+    route::{RouteCtx, route},
+    tcp::Failure,
+};
 use super::{
     balance::Balancer,
     connect::Connector,
@@ -33,9 +44,18 @@ use super::{
     tunnel::TunnelPool,
 };
 use crate::{
-    state::{StateStore, Target},
-    telemetry::ConnectError,
+    state::{ConfiguredProtocol, StateStore, Target, Upstream},
+    telemetry::{ConnectError, http::HttpMetrics},
 };
+
+/// Outbound settings.
+#[derive(Clone, Debug)]
+pub struct OutboundConfig {
+    pub buffer_size: usize,
+    /// How long a connection may stay silent both ways before it is taken
+    /// as opaque.
+    pub detect_timeout: Duration,
+}
 
 /// The outbound side of the node's proxy, shared by every pod's listener.
 pub struct Outbound {
@@ -48,7 +68,9 @@ pub struct Outbound {
     /// it is there.
     tunnel: Option<Arc<TunnelPool>>,
     balancer: Arc<Balancer>,
-    buffer_size: usize,
+    pool: Arc<Pool>,
+    http_metrics: HttpMetrics,
+    cfg: OutboundConfig,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -60,7 +82,18 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
+/// What detection found, and what it dialled meanwhile.
+struct Detection {
+    detected: Detected,
+    /// The connection dialled meanwhile (the one dial, awaited either
+    /// way: it is what the connection goes over).
+    early: Result<Early, Failure>,
+    /// What the server said first, to be passed on.
+    server_first: Vec<u8>,
+}
+
 impl Outbound {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         state: StateStore,
         orig_dst: Arc<dyn orig_dst::OrigDsts>,
@@ -68,7 +101,8 @@ impl Outbound {
         inbound: Arc<Inbound>,
         tunnel: Option<Arc<TunnelPool>>,
         balancer: Arc<Balancer>,
-        buffer_size: usize,
+        http_metrics: HttpMetrics,
+        cfg: OutboundConfig,
     ) -> Self {
         Self {
             node: state.node(),
@@ -78,7 +112,9 @@ impl Outbound {
             inbound,
             tunnel,
             balancer,
-            buffer_size,
+            pool: Arc::default(),
+            http_metrics,
+            cfg,
         }
     }
 
@@ -89,8 +125,14 @@ impl Outbound {
         }
     }
 
+    /// Closes idle pooled connections and forgets idle endpoints.
+    pub(super) fn tidy(&self) {
+        self.pool.tidy();
+        self.balancer.tidy();
+    }
+
     /// Serves one connection accepted on `pod`'s listener.
-    pub(super) async fn handle(&self, client: TcpStream, pod: Arc<ServedPod>) {
+    pub(super) async fn handle(self: Arc<Self>, client: TcpStream, pod: Arc<ServedPod>) {
         let _open = pod.outbound.open();
         let _ = client.set_nodelay(true);
         reset_if_we_die(&client);
@@ -102,10 +144,234 @@ impl Outbound {
             return;
         };
         let upstream = self.state.upstream(dst);
-        if let Target::Service(service) = &upstream.target {
-            return self.service_tcp(client, &pod, service, dst).await;
+        let dest = match &upstream.target {
+            Target::Service(svc) => Dest::Service(svc.clone()),
+            _ => Dest::Single(dst),
+        };
+        match self.configured(&upstream) {
+            ConfiguredProtocol::Opaque => {
+                self.http_metrics.detected(Detected::Configured);
+                return self.opaque(client, &pod, &upstream, dst).await;
+            }
+            ConfiguredProtocol::H2 => {
+                self.http_metrics.detected(Detected::H2);
+                return self.clone().http(client, pod, dest, true, None).await;
+            }
+            ConfiguredProtocol::Detect => {}
         }
-        let route = route(self.ctx(), &pod.pod, &upstream);
-        self.tcp(client, &pod, route, dst).await;
+        let detection = self.detect(&client, &pod, &upstream, dst).await;
+        self.http_metrics.detected(detection.detected);
+        let early = detection.early;
+        match detection.detected {
+            Detected::Http1 | Detected::H2 => {
+                let h2 = detection.detected == Detected::H2;
+                self.clone().http(client, pod, dest, h2, early.ok()).await;
+            }
+            _ => match early {
+                Ok(early) => {
+                    self.relay_early(client, &pod, early, &detection.server_first)
+                        .await
+                }
+                // The endpoint first dialled failed: others (a Service),
+                // or a reset.
+                Err(failure) => match &upstream.target {
+                    Target::Service(svc) if !matches!(failure, Failure::NoEndpoints) => {
+                        self.service_tcp(client, &pod, svc, dst).await
+                    }
+                    _ => {
+                        let reason = failure.log(dst);
+                        pod.outbound.connect_error(reason);
+                        client.reset();
+                    }
+                },
+            },
+        }
+    }
+
+    /// What the destination carries by configuration: `appProtocol`, the
+    /// opaque-ports annotations (Service, destination pod, namespace), the
+    /// server-first ports.
+    fn configured(&self, upstream: &Upstream) -> ConfiguredProtocol {
+        let port = upstream.dst.port();
+        match &upstream.target {
+            Target::Service(svc) => {
+                if svc.protocol == ConfiguredProtocol::Detect
+                    && self.state.namespace_opaque(&svc.service.namespace, port)
+                {
+                    ConfiguredProtocol::Opaque
+                } else {
+                    svc.protocol
+                }
+            }
+            Target::Pod(pod) => ConfiguredProtocol::of(
+                None,
+                pod.opaque_ports.contains(port)
+                    || self.state.namespace_opaque(&pod.namespace, port),
+                &[port],
+            ),
+            _ => ConfiguredProtocol::of(None, false, &[port]),
+        }
+    }
+
+    /// Opaque by configuration: the TCP path.
+    async fn opaque(
+        &self,
+        client: TcpStream,
+        pod: &ServedPod,
+        upstream: &Upstream,
+        dst: SocketAddr,
+    ) {
+        if let Target::Service(service) = &upstream.target {
+            return self.service_tcp(client, pod, service, dst).await;
+        }
+        let route = route(self.ctx(), &pod.pod, upstream);
+        self.tcp(client, pod, route, dst).await;
+    }
+
+    /// Dials the destination (a Service's: the balancer's choice) before
+    /// knowing what will be said on it.
+    async fn open_early(
+        &self,
+        pod: &ServedPod,
+        upstream: &Upstream,
+        dst: SocketAddr,
+    ) -> Result<Early, Failure> {
+        match &upstream.target {
+            Target::Service(svc) => {
+                let work = self
+                    .balancer
+                    .pick(&svc.endpoints, &[])
+                    .ok_or(Failure::NoEndpoints)?;
+                let endpoint = work.endpoint().addr;
+                let up = self.state.upstream(endpoint);
+                let route = route(self.ctx(), &pod.pod, &up);
+                match self.open(route, pod, endpoint).await {
+                    Ok(opened) => {
+                        if opened.dialled {
+                            work.reached();
+                        } else {
+                            work.success();
+                        }
+                        Ok(Early {
+                            endpoint,
+                            opened,
+                            work: Some(work),
+                        })
+                    }
+                    Err(failure) => {
+                        if !matches!(failure, Failure::Refused(_)) {
+                            work.failure();
+                        }
+                        Err(failure)
+                    }
+                }
+            }
+            _ => {
+                let route = route(self.ctx(), &pod.pod, upstream);
+                let opened = self.open(route, pod, dst).await?;
+                Ok(Early {
+                    endpoint: dst,
+                    opened,
+                    work: None,
+                })
+            }
+        }
+    }
+
+    /// Waits for whichever speaks first, the client or (once dialled) the
+    /// server, within the detect timeout.
+    async fn detect(
+        &self,
+        client: &TcpStream,
+        pod: &ServedPod,
+        upstream: &Upstream,
+        dst: SocketAddr,
+    ) -> Detection {
+        let deadline = tokio::time::sleep(self.cfg.detect_timeout);
+        tokio::pin!(deadline);
+        let open = self.open_early(pod, upstream, dst);
+        tokio::pin!(open);
+        // 1. The client speaks, the dial finishes, or time runs out.
+        let early = tokio::select! {
+            biased;
+            d = client_bytes(client) => {
+                return Detection { detected: d, early: open.await, server_first: Vec::new() };
+            }
+            early = &mut open => early,
+            _ = &mut deadline => {
+                return Detection { detected: Detected::Timeout, early: open.await, server_first: Vec::new() };
+            }
+        };
+        let mut early = match early {
+            Ok(early) => early,
+            // Nothing to listen to on that side: the client decides.
+            Err(failure) => {
+                let detected = tokio::select! {
+                    d = client_bytes(client) => d,
+                    _ = &mut deadline => Detected::Timeout,
+                };
+                return Detection {
+                    detected,
+                    early: Err(failure),
+                    server_first: Vec::new(),
+                };
+            }
+        };
+        // 2. Dialled: the client, or the server, or the timeout.
+        let mut buf = vec![0u8; 16 * 1024];
+        let (detected, n) = tokio::select! {
+            biased;
+            d = client_bytes(client) => (d, 0),
+            r = early.opened.io.read(&mut buf) => match r {
+                Ok(n) => (Detected::ServerFirst, n),
+                Err(_) => (Detected::Opaque, 0),
+            },
+            _ = &mut deadline => (Detected::Timeout, 0),
+        };
+        buf.truncate(n);
+        Detection {
+            detected,
+            early: Ok(early),
+            server_first: buf,
+        }
+    }
+
+    /// Relays bytes over the connection dialled while detecting; what the
+    /// server already said goes first.
+    async fn relay_early(&self, mut client: TcpStream, pod: &ServedPod, early: Early, said: &[u8]) {
+        let Early {
+            endpoint,
+            opened,
+            work,
+        } = early;
+        if !said.is_empty() {
+            if let Err(e) = client.write_all(said).await {
+                debug!(error = %e, "the client left before the server's first bytes");
+                return;
+            }
+            pod.outbound.received.inc_by(said.len() as u64);
+            if let Some(i) = opened.local.as_ref().and_then(|a| a.inbound()) {
+                i.sent.inc_by(said.len() as u64);
+            }
+        }
+        self.carry(client, pod, opened, endpoint).await;
+        drop(work);
+    }
+}
+
+/// What the client's first bytes are, once they say (peeked, not taken).
+async fn client_bytes(client: &TcpStream) -> Detected {
+    let mut buf = [0u8; 32];
+    loop {
+        match client.peek(&mut buf).await {
+            // Closed (or half-closed) before saying anything.
+            Ok(0) | Err(_) => return Detected::Opaque,
+            Ok(n) => match classify(&buf[..n]) {
+                Some(d) => return d,
+                None if n == buf.len() => return Detected::Opaque,
+                // The start of something: wait for more of it.
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            },
+        }
     }
 }

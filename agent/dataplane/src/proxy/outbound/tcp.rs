@@ -26,16 +26,18 @@ use crate::{
 };
 
 /// Why a route could not be followed.
-enum Failure {
+pub(super) enum Failure {
     Refused(Refusal),
     Connect(std::io::Error),
     Tunnel(IpAddr, OpenError),
+    /// A Service with no endpoint to dial.
+    NoEndpoints,
 }
 
 impl Failure {
     /// Logs it (for a connection to `dst`) and says which metric reason
     /// it is.
-    fn log(&self, dst: SocketAddr) -> ConnectError {
+    pub(super) fn log(&self, dst: SocketAddr) -> ConnectError {
         match self {
             Failure::Refused(why) => {
                 warn!(%dst, %why, "refusing to send a meshed connection in the clear");
@@ -50,23 +52,27 @@ impl Failure {
                 warn!(%dst, %node, error = %e, "cannot open a tunnel stream");
                 ConnectError::Tunnel
             }
+            Failure::NoEndpoints => {
+                warn!(%dst, "the Service has no ready endpoints");
+                ConnectError::NoEndpoints
+            }
         }
     }
 }
 
 /// An upstream connection made for a route.
-struct Opened {
-    io: UpstreamIo,
+pub struct Opened {
+    pub io: UpstreamIo,
     /// Carried over mutual TLS.
-    tls: bool,
+    pub tls: bool,
     /// The other end's identity, when it is a meshed pod.
-    peer: Option<SpiffeId>,
+    pub peer: Option<SpiffeId>,
     /// A pod on this node reached through the inbound side: its
     /// accounting.
-    local: Option<Accounting>,
+    pub local: Option<Accounting>,
     /// A new tunnel connection was dialled for it: the time it took says
     /// little about the endpoint.
-    dialled: bool,
+    pub dialled: bool,
 }
 
 /// At most this many endpoints are tried for one connection to a Service.
@@ -149,7 +155,13 @@ impl Outbound {
     }
 
     /// Relays between `client` and what was opened for it.
-    async fn carry(&self, mut client: TcpStream, pod: &ServedPod, opened: Opened, dst: SocketAddr) {
+    pub(super) async fn carry(
+        &self,
+        mut client: TcpStream,
+        pod: &ServedPod,
+        opened: Opened,
+        dst: SocketAddr,
+    ) {
         pod.outbound
             .peer_open(opened.tls, opened.peer.as_ref().map(SpiffeId::uri));
         let Opened { mut io, local, .. } = opened;
@@ -164,7 +176,15 @@ impl Outbound {
                 ),
                 None => ([&pod.outbound.sent; 2], [&pod.outbound.received; 2], 1),
             };
-        match relay(&mut client, &mut io, self.buffer_size, &up[..n], &down[..n]).await {
+        match relay(
+            &mut client,
+            &mut io,
+            self.cfg.buffer_size,
+            &up[..n],
+            &down[..n],
+        )
+        .await
+        {
             Ok(n) => {
                 debug!(%dst, sent = n.client_to_server, received = n.server_to_client, "closed")
             }
@@ -172,7 +192,7 @@ impl Outbound {
         }
     }
 
-    async fn open(
+    pub(super) async fn open(
         &self,
         route: Route<'_>,
         pod: &ServedPod,

@@ -5,6 +5,8 @@
 //!
 //! Series are per pod and direction (bounded by the pods on the node), and
 //! removed when a pod stops being captured.
+pub mod http;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -1,0 +1,566 @@
+//! The HTTP path: a detected HTTP/1 or HTTP/2 client connection served by
+//! hyper, every request (every HTTP/2 stream) forwarded on its own: to the
+//! endpoint the [`Balancer`](crate::proxy::balance::Balancer) picks for it
+//! (a Service), or the one destination (a pod), over a pooled upstream
+//! connection ([`pool`]) reached the way [`super::route`] says.
+//!
+//! Semantics kept end to end: bodies stream (nothing is buffered whole),
+//! trailers pass (gRPC status), `Host`/`:authority` are untouched,
+//! hop-by-hop headers stop here (RFC 9110 §7.6.1), `Upgrade` (WebSocket)
+//! and `CONNECT` become an opaque relay after the server agrees, and there
+//! is no request timeout. A request that never reached an endpoint (the
+//! connection could not be made, or the pooled one closed before it was
+//! written) goes to another. A response the proxy makes says so in
+//! `nodemesh-proxy-error`.
+pub mod pool;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Frame, Incoming, SizeHint},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use self::pool::{Body, Conn, Key};
+use super::{Outbound, route::route, tcp::Opened};
+use crate::{
+    proxy::{balance::InFlight, pods::ServedPod, relay::CountedIo},
+    state::{ServiceTarget, Target},
+    telemetry::http::{Destination, Protocol, Request as RequestMetric, Workload},
+};
+
+/// The header on every response the proxy made itself.
+pub const PROXY_ERROR_HEADER: &str = "nodemesh-proxy-error";
+/// Endpoints tried for one request at most.
+const ATTEMPTS: usize = 3;
+
+/// Where a connection's requests go.
+#[derive(Clone, Debug)]
+pub enum Dest {
+    /// A Service: each request to an endpoint of its own.
+    Service(Arc<ServiceTarget>),
+    /// One address (a pod, or outside the cluster).
+    Single(SocketAddr),
+}
+
+/// A connection opened before the protocol was known: the first pooled
+/// connection to its endpoint.
+pub struct Early {
+    pub endpoint: SocketAddr,
+    pub opened: Opened,
+    pub work: Option<InFlight>,
+}
+
+/// One client connection's requests.
+struct Forwarder {
+    outbound: Arc<Outbound>,
+    pod: Arc<ServedPod>,
+    dest: Dest,
+    h2: bool,
+    source: Workload,
+}
+
+impl Outbound {
+    /// Serves an HTTP client connection (`h2`: HTTP/2 with prior
+    /// knowledge) of `pod` to `dest` until it closes.
+    pub(super) async fn http(
+        self: Arc<Self>,
+        client: TcpStream,
+        pod: Arc<ServedPod>,
+        dest: Dest,
+        h2: bool,
+        early: Option<Early>,
+    ) {
+        let forwarder = Arc::new(Forwarder {
+            source: pod.source.clone(),
+            outbound: self.clone(),
+            pod: pod.clone(),
+            dest,
+            h2,
+        });
+        if let Some(early) = early {
+            forwarder.pool_early(early).await;
+        }
+        let io = TokioIo::new(CountedIo::new(
+            client,
+            vec![pod.outbound.sent.clone()],
+            vec![pod.outbound.received.clone()],
+        ));
+        let service = service_fn(move |req| forwarder.clone().forward(req));
+        let result = if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "HTTP client connection ended with an error");
+        }
+    }
+}
+
+/// Why no upstream connection could be had.
+enum Unreachable {
+    /// No endpoint to try (a Service with none ready, or all tried).
+    NoEndpoint,
+    /// The last one tried failed so.
+    Failed(String),
+}
+
+impl Forwarder {
+    fn key(&self, endpoint: SocketAddr) -> Key {
+        Key {
+            pod: self.pod.pod.uid.clone(),
+            endpoint,
+            h2: self.h2,
+        }
+    }
+
+    /// The next endpoint to try, with its load accounting (Services).
+    fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Option<InFlight>)> {
+        match &self.dest {
+            Dest::Service(svc) => {
+                let work = self.outbound.balancer.pick(&svc.endpoints, tried)?;
+                Some((work.endpoint().addr, Some(work)))
+            }
+            Dest::Single(addr) => (!tried.contains(addr)).then_some((*addr, None)),
+        }
+    }
+
+    /// Where `endpoint` is, for the request metrics.
+    fn destination(&self, endpoint: SocketAddr) -> Destination {
+        let workload = match self.outbound.state.upstream(endpoint).target {
+            Target::Pod(p) => Workload {
+                namespace: p.namespace.clone(),
+                kind: p.workload.kind.clone(),
+                name: p.workload.name.clone(),
+                serviceaccount: p.service_account.clone(),
+            },
+            _ => Workload::default(),
+        };
+        let service = match &self.dest {
+            Dest::Service(svc) => format!(
+                "{}/{}:{}",
+                svc.service.namespace, svc.service.name, svc.port.port
+            ),
+            Dest::Single(_) => String::new(),
+        };
+        Destination { workload, service }
+    }
+
+    async fn conn_from(&self, endpoint: SocketAddr, opened: Opened) -> Result<Conn, String> {
+        self.pod
+            .outbound
+            .peer_open(opened.tls, opened.peer.as_ref().map(|p| p.uri()));
+        Conn::handshake(
+            opened.io,
+            self.h2,
+            opened.tls,
+            opened.peer,
+            Arc::new(self.destination(endpoint)),
+            opened.local,
+        )
+        .await
+        .map_err(|e| format!("HTTP handshake with {endpoint}: {e}"))
+    }
+
+    /// The connection dialled while detecting becomes a pooled one.
+    async fn pool_early(&self, early: Early) {
+        let Early {
+            endpoint,
+            opened,
+            work,
+        } = early;
+        match self.conn_from(endpoint, opened).await {
+            Ok(conn) => {
+                if let Some(work) = &work {
+                    work.reached();
+                }
+                self.outbound.pool.put(self.key(endpoint), conn);
+            }
+            Err(e) => {
+                if let Some(work) = &work {
+                    work.failure();
+                }
+                debug!(%endpoint, error = %e, "the connection opened while detecting is unusable");
+            }
+        }
+    }
+
+    /// A new upstream connection to `endpoint`.
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Conn, String> {
+        let upstream = self.outbound.state.upstream(endpoint);
+        let route = route(self.outbound.ctx(), &self.pod.pod, &upstream);
+        let opened = self
+            .outbound
+            .open(route, &self.pod, endpoint)
+            .await
+            .map_err(|f| {
+                let reason = f.log(endpoint);
+                self.pod.outbound.connect_error(reason);
+                format!("cannot reach {endpoint}: {reason}")
+            })?;
+        self.conn_from(endpoint, opened).await
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let protocol = match (self.h2, is_grpc(req.headers())) {
+            (false, _) => Protocol::Http1,
+            (true, true) => Protocol::Grpc,
+            (true, false) => Protocol::H2,
+        };
+        let upgrade = !self.h2 && (wants_upgrade(req.headers()) || req.method() == Method::CONNECT);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if !self.h2 {
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+        }
+        let mut req = Some(req.map(|b| b.boxed()));
+        let mut tried = Vec::new();
+        let mut why = Unreachable::NoEndpoint;
+        while tried.len() < ATTEMPTS {
+            let Some((endpoint, work)) = self.pick(&tried) else {
+                break;
+            };
+            tried.push(endpoint);
+            let key = self.key(endpoint);
+            // An upgraded connection is the client's alone: never pooled.
+            let pooled = if upgrade {
+                None
+            } else {
+                self.outbound.pool.take(&key)
+            };
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => match self.connect(endpoint).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        if let Some(w) = &work {
+                            w.failure();
+                        }
+                        debug!(%endpoint, error = %e, "trying another endpoint");
+                        why = Unreachable::Failed(e);
+                        continue;
+                    }
+                },
+            };
+            let Some(request) = req.take() else {
+                break;
+            };
+            let metric =
+                self.outbound
+                    .http_metrics
+                    .request(&self.source, &conn.dst, conn.tls, protocol);
+            match conn.send(request).await {
+                Ok(mut resp) => {
+                    if let Some(w) = &work {
+                        w.success();
+                    }
+                    if let Some(m) = &metric {
+                        m.latency(started.elapsed());
+                    }
+                    let status = resp.status();
+                    if upgrade {
+                        if status == StatusCode::SWITCHING_PROTOCOLS
+                            || (status.is_success() && client_upgrade.is_some())
+                        {
+                            let server = hyper::upgrade::on(&mut resp);
+                            if let Some(client) = client_upgrade {
+                                tokio::spawn(splice(client, server));
+                            }
+                        }
+                    } else {
+                        self.outbound.pool.put(key, conn);
+                    }
+                    if !self.h2 {
+                        strip_hop_by_hop(resp.headers_mut(), upgrade);
+                    }
+                    let grpc_status = grpc_status(resp.headers());
+                    return Ok(resp.map(|body| {
+                        Observed {
+                            inner: body,
+                            done: Some(Done {
+                                metric,
+                                status: status.as_u16(),
+                                grpc_status,
+                                _work: work,
+                            }),
+                        }
+                        .boxed()
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: it may go elsewhere.
+                    Some(back) => {
+                        if let Some(w) = &work {
+                            w.failure();
+                        }
+                        debug!(%endpoint, error = %e.error(), "request not sent; trying another endpoint");
+                        why = Unreachable::Failed(e.error().to_string());
+                        req = Some(back);
+                    }
+                    None => {
+                        if let Some(w) = &work {
+                            w.failure();
+                        }
+                        warn!(%endpoint, error = %e.error(), "the request failed upstream");
+                        if let Some(m) = &metric {
+                            m.response(502, None, true);
+                        }
+                        return Ok(proxy_error(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("upstream {endpoint}: {}", e.error()),
+                        ));
+                    }
+                },
+            }
+        }
+        let (status, message) = match why {
+            Unreachable::NoEndpoint => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no endpoint available".to_owned(),
+            ),
+            Unreachable::Failed(e) => (StatusCode::BAD_GATEWAY, e),
+        };
+        warn!(%status, %message, "answering the request with a proxy error");
+        let dst = match &self.dest {
+            Dest::Service(_) => self.destination(SocketAddr::from(([0, 0, 0, 0], 0))),
+            Dest::Single(addr) => self.destination(*addr),
+        };
+        if let Some(m) = self
+            .outbound
+            .http_metrics
+            .request(&self.source, &dst, false, protocol)
+        {
+            m.response(status.as_u16(), None, true);
+        }
+        Ok(proxy_error(status, &message))
+    }
+}
+
+/// Carries an upgraded connection (WebSocket after 101, a CONNECT tunnel)
+/// as bytes.
+async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(server)) = (client.await, server.await) else {
+        debug!("an upgrade did not complete");
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut server = TokioIo::new(server);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// A response the proxy made.
+fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("nodemesh: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let value =
+        HeaderValue::from_str(message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+    resp.headers_mut()
+        .insert(HeaderName::from_static(PROXY_ERROR_HEADER), value);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
+/// names, and the fixed list; for an upgrade, `Upgrade` and
+/// `Connection: upgrade` go on.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// What is recorded when a response ends.
+struct Done {
+    metric: Option<RequestMetric>,
+    status: u16,
+    grpc_status: Option<u32>,
+    /// The endpoint's load lasts as long as the response.
+    _work: Option<InFlight>,
+}
+
+impl Done {
+    fn finish(self, error: bool) {
+        if let Some(m) = &self.metric {
+            m.response(self.status, self.grpc_status, error);
+        }
+    }
+}
+
+/// A response body passed through as it streams; its end (or error)
+/// records the response, its trailers the gRPC status.
+struct Observed {
+    inner: Incoming,
+    done: Option<Done>,
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(done)) = (frame.trailers_ref(), self.done.as_mut())
+                    && let Some(s) = grpc_status(trailers)
+                {
+                    done.grpc_status = Some(s);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = self.done.take() {
+                    done.finish(true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = self.done.take() {
+                    done.finish(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // The client went away before the end (or the body was never
+        // polled to it): counted as it stood.
+        if let Some(done) = self.done.take() {
+            done.finish(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stop_at_the_proxy() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("web.shop:80"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::HOST], "web.shop:80", "Host untouched");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn grpc_is_told_by_content_type_and_status_by_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        assert!(is_grpc(&h));
+        assert_eq!(grpc_status(&h), Some(14));
+    }
+}

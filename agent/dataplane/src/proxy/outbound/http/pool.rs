@@ -1,0 +1,234 @@
+//! Upstream HTTP connections, pooled per (client pod, endpoint, protocol):
+//! HTTP/1 keep-alive connections reused one request at a time, one HTTP/2
+//! connection multiplexed. Through the tunnel a pooled connection is a
+//! tunnel stream, so no request pays a TLS handshake. Bounded: at most
+//! [`MAX_IDLE_H1`] HTTP/1 connections kept per key, and connections idle for
+//! [`IDLE_TIMEOUT`] are closed.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::{TrySendError, http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodemesh_core::{identity::SpiffeId, names::PodUid};
+use tracing::debug;
+
+use crate::{
+    proxy::{
+        inbound::Accounting,
+        relay::{CountedIo, UpstreamIo},
+    },
+    telemetry::http::Destination,
+};
+
+/// Request and response bodies on the proxy's HTTP path.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// HTTP/1 connections kept idle per key.
+pub const MAX_IDLE_H1: usize = 32;
+/// A pooled connection unused this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which pooled connections a request may use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Key {
+    pub pod: PodUid,
+    pub endpoint: SocketAddr,
+    pub h2: bool,
+}
+
+#[derive(Debug)]
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// One upstream HTTP connection.
+pub struct Conn {
+    sender: Sender,
+    /// Carried over mutual TLS.
+    pub tls: bool,
+    /// The other end's identity, when it is a meshed pod.
+    pub peer: Option<SpiffeId>,
+    /// Where it goes, for the request metrics.
+    pub dst: Arc<Destination>,
+    last_used: Instant,
+    /// The destination pod's accounting, when it is served here: counted
+    /// open while the connection lives.
+    _accounting: Option<Arc<Accounting>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("sender", &self.sender)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Another handle on a multiplexed (HTTP/2) connection.
+    fn share(&self) -> Option<Conn> {
+        match &self.sender {
+            Sender::H2(s) => Some(Conn {
+                sender: Sender::H2(s.clone()),
+                tls: self.tls,
+                peer: self.peer.clone(),
+                dst: self.dst.clone(),
+                last_used: self.last_used,
+                _accounting: self._accounting.clone(),
+            }),
+            Sender::H1(_) => None,
+        }
+    }
+
+    /// An HTTP connection over `io` (HTTP/2 when `h2`; HTTP/1 with
+    /// upgrades otherwise).
+    pub async fn handshake(
+        io: UpstreamIo,
+        h2: bool,
+        tls: bool,
+        peer: Option<SpiffeId>,
+        dst: Arc<Destination>,
+        accounting: Option<Accounting>,
+    ) -> Result<Self, hyper::Error> {
+        // Bytes to and from a destination pod served here count for it.
+        let counters = accounting.as_ref().and_then(Accounting::inbound);
+        let io = CountedIo::new(
+            io,
+            counters.map(|i| vec![i.sent.clone()]).unwrap_or_default(),
+            counters
+                .map(|i| vec![i.received.clone()])
+                .unwrap_or_default(),
+        );
+        let io = TokioIo::new(io);
+        let sender = if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(error = %e, "upstream HTTP/1 connection ended");
+                }
+            });
+            Sender::H1(sender)
+        };
+        Ok(Self {
+            sender,
+            tls,
+            peer,
+            dst,
+            last_used: Instant::now(),
+            _accounting: accounting.map(Arc::new),
+        })
+    }
+
+    fn usable(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => !s.is_closed() && s.is_ready(),
+            Sender::H2(s) => !s.is_closed() && s.is_ready(),
+        }
+    }
+
+    fn closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Sends `req`; a request that was never written comes back in the
+    /// error (it may go elsewhere).
+    pub async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        self.last_used = Instant::now();
+        match &mut self.sender {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
+/// The pool.
+#[derive(Debug, Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<Key, Vec<Conn>>>,
+}
+
+impl Pool {
+    /// A connection for `key` that can take a request now.
+    pub fn take(&self, key: &Key) -> Option<Conn> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed());
+        let found = if key.h2 {
+            // Multiplexed: shared, stays in the pool.
+            list.iter().find(|c| c.usable()).and_then(Conn::share)
+        } else {
+            let i = list.iter().position(Conn::usable)?;
+            Some(list.swap_remove(i))
+        };
+        if list.is_empty() {
+            conns.remove(key);
+        }
+        found
+    }
+
+    /// Puts a connection (back) for later requests.
+    pub fn put(&self, key: Key, conn: Conn) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(key.clone()).or_default();
+        if key.h2 {
+            if !list.iter().any(|c| !c.closed()) {
+                list.clear();
+                list.push(conn);
+            }
+        } else if list.len() < MAX_IDLE_H1 {
+            list.push(conn);
+        }
+    }
+
+    /// Closes connections idle too long, forgets closed ones.
+    pub fn tidy(&self) {
+        let now = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|_, list| {
+            list.retain(|c| !c.closed() && now.duration_since(c.last_used) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+
+    /// Connections pooled now.
+    pub fn len(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

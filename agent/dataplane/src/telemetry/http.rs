@@ -1,0 +1,378 @@
+//! Golden request metrics: requests, responses (status, gRPC status,
+//! success or failure) and response latency, per source workload and
+//! destination (workload, Service), TLS and protocol.
+//!
+//! Bounded: series are per source *workload*, not pod; each source keeps at
+//! most [`MAX_DESTINATIONS`] destination label sets (more count as
+//! `dst_workload_name="other"`); a source's series go when its last served
+//! pod does; the latency histogram has [`BUCKETS`] buckets.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nodemesh_core::{label_values, labels::Direction};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Destination label sets kept per source workload.
+pub const MAX_DESTINATIONS: usize = 64;
+/// Latency buckets, seconds: sub-millisecond to ten seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+label_values! {
+    /// What carried the request.
+    pub enum Protocol {
+        Http1 => "http1",
+        H2 => "h2",
+        /// HTTP/2 with `content-type: application/grpc`.
+        Grpc => "grpc",
+    }
+}
+
+label_values! {
+    /// What detection concluded for a connection.
+    pub enum Detected {
+        /// HTTP/1.x: a method and a space.
+        Http1 => "http1",
+        /// The HTTP/2 preface (gRPC included).
+        H2 => "h2",
+        /// A TLS ClientHello: relayed as bytes.
+        Tls => "tls",
+        /// Anything else the client sent first: relayed as bytes.
+        Opaque => "opaque",
+        /// The server spoke first: relayed as bytes.
+        ServerFirst => "server_first",
+        /// Nobody spoke within the detect timeout: relayed as bytes.
+        Timeout => "timeout",
+        /// Opaque by configuration (a port, an annotation, `appProtocol`).
+        Configured => "configured",
+    }
+}
+
+label_values! {
+    /// Whether a response counts as a success.
+    pub enum Classification {
+        Success => "success",
+        /// 5xx, a gRPC status other than OK, or made by the proxy.
+        Failure => "failure",
+    }
+}
+
+/// A workload, as the labels name it.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub kind: String,
+    pub name: String,
+    pub serviceaccount: String,
+}
+
+/// Where a request went.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Destination {
+    /// The destination pod's workload; empty when it is not a known pod.
+    pub workload: Workload,
+    /// `namespace/name:port` of the Service dialled, or empty.
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    direction: Direction,
+    namespace: String,
+    workload_kind: String,
+    workload_name: String,
+    serviceaccount: String,
+    dst_namespace: String,
+    dst_workload_kind: String,
+    dst_workload_name: String,
+    dst_serviceaccount: String,
+    dst_service: String,
+    tls: String,
+    protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetectLabels {
+    result: Detected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    #[prometheus(flatten)]
+    request: RequestLabels,
+    status_code: String,
+    grpc_status: String,
+    classification: Classification,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.into_iter())
+}
+
+type Latency = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// What one source workload has made.
+#[derive(Debug, Default)]
+struct Source {
+    holders: usize,
+    requests: HashSet<RequestLabels>,
+    responses: HashSet<ResponseLabels>,
+}
+
+/// The request families.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    responses: Family<ResponseLabels, Counter>,
+    latency: Latency,
+    detected: Family<DetectLabels, Counter>,
+    sources: Arc<Mutex<HashMap<Workload, Source>>>,
+}
+
+impl HttpMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(histogram as fn() -> Histogram),
+            detected: Family::default(),
+            sources: Arc::default(),
+        };
+        registry.register(
+            "protocol_detect",
+            "Outbound connections of meshed pods by what detection concluded (node-wide)",
+            m.detected.clone(),
+        );
+        registry.register(
+            "request",
+            "HTTP requests (HTTP/2 streams) the proxy carried for a meshed pod",
+            m.requests.clone(),
+        );
+        registry.register(
+            "response",
+            "Responses, by status code, gRPC status and classification (5xx, gRPC errors and proxy errors are failures)",
+            m.responses.clone(),
+        );
+        registry.register_with_unit(
+            "response_latency",
+            "Time from a request to its response's head",
+            prometheus_client::registry::Unit::Seconds,
+            m.latency.clone(),
+        );
+        m
+    }
+
+    /// Counts what detection concluded for one connection.
+    pub fn detected(&self, result: Detected) {
+        self.detected.get_or_create(&DetectLabels { result }).inc();
+    }
+
+    /// A served pod of `workload` starts making requests; paired with one
+    /// [`HttpMetrics::release`].
+    pub fn hold(&self, workload: &Workload) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.entry(workload.clone()).or_default().holders += 1;
+    }
+
+    /// The last pod of `workload` let go: its series go.
+    pub fn release(&self, workload: &Workload) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(source) = sources.get_mut(workload) else {
+            return;
+        };
+        source.holders = source.holders.saturating_sub(1);
+        if source.holders > 0 {
+            return;
+        }
+        if let Some(source) = sources.remove(workload) {
+            for labels in &source.requests {
+                self.requests.remove(labels);
+                self.latency.remove(labels);
+            }
+            for labels in &source.responses {
+                self.responses.remove(labels);
+            }
+        }
+    }
+
+    /// One request of `source` to `dst`: counted now; its response counted
+    /// with [`Request::response`].
+    pub fn request(
+        &self,
+        source: &Workload,
+        dst: &Destination,
+        tls: bool,
+        protocol: Protocol,
+    ) -> Option<Request> {
+        let mut labels = RequestLabels {
+            direction: Direction::Outbound,
+            namespace: source.namespace.clone(),
+            workload_kind: source.kind.clone(),
+            workload_name: source.name.clone(),
+            serviceaccount: source.serviceaccount.clone(),
+            dst_namespace: dst.workload.namespace.clone(),
+            dst_workload_kind: dst.workload.kind.clone(),
+            dst_workload_name: dst.workload.name.clone(),
+            dst_serviceaccount: dst.workload.serviceaccount.clone(),
+            dst_service: dst.service.clone(),
+            tls: tls.to_string(),
+            protocol,
+        };
+        {
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            // A pod no longer served: nothing is counted.
+            let src = sources.get_mut(source).filter(|s| s.holders > 0)?;
+            if !src.requests.contains(&labels) {
+                if src.requests.len() >= MAX_DESTINATIONS {
+                    labels.dst_namespace = "other".into();
+                    labels.dst_workload_kind = "other".into();
+                    labels.dst_workload_name = "other".into();
+                    labels.dst_serviceaccount = "other".into();
+                    labels.dst_service = "other".into();
+                }
+                src.requests.insert(labels.clone());
+            }
+        }
+        self.requests.get_or_create(&labels).inc();
+        Some(Request {
+            metrics: self.clone(),
+            source: source.clone(),
+            labels,
+        })
+    }
+}
+
+/// A counted request.
+#[derive(Debug)]
+pub struct Request {
+    metrics: HttpMetrics,
+    source: Workload,
+    labels: RequestLabels,
+}
+
+impl Request {
+    /// Its response's head arrived after `latency`.
+    pub fn latency(&self, latency: Duration) {
+        self.metrics
+            .latency
+            .get_or_create(&self.labels)
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Its response ended: `status` (0 when the proxy made none), the gRPC
+    /// status if any, and whether the proxy made it.
+    pub fn response(&self, status: u16, grpc_status: Option<u32>, proxy_error: bool) {
+        let failure = proxy_error || status >= 500 || grpc_status.is_some_and(|s| s != 0);
+        let labels = ResponseLabels {
+            request: self.labels.clone(),
+            status_code: status.to_string(),
+            grpc_status: grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            classification: if failure {
+                Classification::Failure
+            } else {
+                Classification::Success
+            },
+        };
+        {
+            let mut sources = self
+                .metrics
+                .sources
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let Some(src) = sources.get_mut(&self.source).filter(|s| s.holders > 0) else {
+                return;
+            };
+            src.responses.insert(labels.clone());
+        }
+        self.metrics.responses.get_or_create(&labels).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_core::{admin::encode, labels::PREFIX};
+
+    use super::*;
+
+    fn workload(name: &str) -> Workload {
+        Workload {
+            namespace: "shop".into(),
+            kind: "deployment".into(),
+            name: name.into(),
+            serviceaccount: name.into(),
+        }
+    }
+
+    #[test]
+    fn requests_and_responses_are_counted_and_classified() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let m = HttpMetrics::new(&mut registry);
+        let web = workload("web");
+        m.hold(&web);
+        let dst = Destination {
+            workload: workload("api"),
+            service: "shop/api:80".into(),
+        };
+        for status in [200, 200, 503] {
+            let r = m.request(&web, &dst, true, Protocol::Http1).unwrap();
+            r.latency(Duration::from_millis(2));
+            r.response(status, None, false);
+        }
+        let r = m.request(&web, &dst, true, Protocol::Grpc).unwrap();
+        r.response(200, Some(14), false);
+        let text = encode(&registry).unwrap();
+        assert!(text.contains(r#"nodemesh_request_total{direction="outbound",namespace="shop",workload_kind="deployment",workload_name="web",serviceaccount="web",dst_namespace="shop",dst_workload_kind="deployment",dst_workload_name="api",dst_serviceaccount="api",dst_service="shop/api:80",tls="true",protocol="http1"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"status_code="200",grpc_status="",classification="success"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"status_code="503",grpc_status="",classification="failure"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"protocol="grpc",status_code="200",grpc_status="14",classification="failure"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodemesh_response_latency_seconds_bucket"),
+            "{text}"
+        );
+        m.release(&web);
+        let text = encode(&registry).unwrap();
+        assert!(!text.contains("workload_name=\"web\""), "released: {text}");
+        assert!(m.request(&web, &dst, true, Protocol::Http1).is_none());
+    }
+
+    #[test]
+    fn destinations_per_source_are_capped() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let m = HttpMetrics::new(&mut registry);
+        let web = workload("web");
+        m.hold(&web);
+        for i in 0..(MAX_DESTINATIONS + 10) {
+            let dst = Destination {
+                workload: workload(&format!("api-{i}")),
+                service: String::new(),
+            };
+            m.request(&web, &dst, false, Protocol::Http1).unwrap();
+        }
+        let text = encode(&registry).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("nodemesh_request_total{"))
+            .count();
+        assert_eq!(series, MAX_DESTINATIONS + 1, "{text}");
+        assert!(text.contains(r#"dst_workload_name="other""#));
+    }
+}
