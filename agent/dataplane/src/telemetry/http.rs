@@ -114,7 +114,7 @@ struct ResponseLabels {
 }
 
 fn histogram() -> Histogram {
-    Histogram::new(BUCKETS.into_iter())
+    Histogram::new(BUCKETS)
 }
 
 type Latency = Family<RequestLabels, Histogram, fn() -> Histogram>;
