@@ -4,6 +4,7 @@ mod escape;
 mod kube;
 mod mesh;
 mod protocols;
+mod requests;
 mod services;
 mod skeleton;
 mod transparency;
@@ -26,6 +27,9 @@ fn main() {
         mesh::the_tunnel_refuses_bad_peers_and_keeps_serving,
         mesh::certificates_rotate_under_a_long_lived_stream,
         protocols::http_and_grpc_apps_pass_through_the_mesh,
+        requests::requests_to_a_service_are_balanced_one_by_one_across_nodes,
+        requests::grpc_upgrades_and_large_uploads_pass_through_a_service,
+        requests::a_server_first_protocol_never_waits_for_detection,
         services::connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes,
         services::unmeshed_endpoints_are_plain_and_no_endpoints_is_a_reset,
         skeleton::meshed_pod_goes_through_the_agent,

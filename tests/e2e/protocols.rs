@@ -1,6 +1,6 @@
-//! The test bed's HTTP and gRPC apps through the mesh (carried as TCP for
-//! now): every request and call is answered as the server was asked to,
-//! bodies arrive whole, and the proxy saw the connections.
+//! The test bed's HTTP and gRPC apps through the mesh: detected, served
+//! request by request, every request and call answered as the server was
+//! asked to, bodies whole, and the golden request metrics exact.
 use std::net::SocketAddr;
 
 use nodemesh_tests::{
@@ -113,8 +113,70 @@ pub fn http_and_grpc_apps_pass_through_the_mesh() {
     );
     assert_eq!(gsrv.seen(GRPC).calls, 33);
 
+    // Golden metrics, exact: per protocol, status and gRPC status.
+    let m = agent.wait_metric("every response counted", |m| {
+        m.sum("nodemesh_response_total", &[]) == 173.0
+    });
+    let requests = |protocol: &str| {
+        m.sum(
+            "nodemesh_request_total",
+            &[
+                ("workload_name", "client"),
+                ("dst_workload_name", "server"),
+                ("protocol", protocol),
+            ],
+        )
+    };
+    assert_eq!(
+        (requests("http1"), requests("h2"), requests("grpc")),
+        (100.0, 40.0, 33.0),
+        "{}",
+        m.text
+    );
+    let responses = |labels: &[(&str, &str)]| m.sum("nodemesh_response_total", labels);
+    assert_eq!(
+        responses(&[("protocol", "http1"), ("classification", "success")]),
+        90.0
+    );
+    assert_eq!(
+        responses(&[
+            ("protocol", "http1"),
+            ("status_code", "500"),
+            ("classification", "failure")
+        ]),
+        10.0
+    );
+    assert_eq!(
+        responses(&[("protocol", "grpc"), ("grpc_status", "0")]),
+        26.0
+    );
+    assert_eq!(
+        responses(&[
+            ("protocol", "grpc"),
+            ("grpc_status", "5"),
+            ("classification", "failure")
+        ]),
+        5.0
+    );
+    assert_eq!(
+        responses(&[("protocol", "grpc"), ("grpc_status", "13")]),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_latency_seconds_count",
+            &[("protocol", "h2")]
+        ),
+        40.0
+    );
+    assert!(
+        m.sum("nodemesh_protocol_detect_total", &[("result", "http1")]) >= 1.0
+            && m.sum("nodemesh_protocol_detect_total", &[("result", "h2")]) >= 2.0,
+        "{}",
+        m.text
+    );
+
     // All of it went through the agent, over a handful of connections.
-    let m = agent.metrics();
     let opened = m.sum(
         "nodemesh_tcp_open_total",
         &[("pod", "client"), ("direction", "outbound")],

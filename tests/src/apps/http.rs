@@ -194,12 +194,39 @@ fn knobs_for(uri: &hyper::Uri, defaults: &Knobs) -> Knobs {
 }
 
 async fn answer(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     defaults: &Knobs,
     seen: &Mutex<Seen>,
     peer: SocketAddr,
 ) -> Response<Pattern> {
     let knobs = knobs_for(req.uri(), defaults);
+    // An upgrade (WebSocket, say): 101, then the bytes echoed.
+    if req.headers().contains_key(header::UPGRADE) {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        {
+            let mut s = seen.lock().unwrap();
+            s.requests += 1;
+            count(&mut s.by_status, 101);
+            s.peers.insert(peer.ip());
+        }
+        let mut resp = Response::new(Pattern::new(0));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
+        return resp;
+    }
     // Read the request body as it comes (Expect: 100-continue is answered
     // by hyper when we start reading).
     let mut body = req.into_body();

@@ -466,3 +466,55 @@ pub(super) fn kernel_local(stream: &TcpStream) -> Option<SocketAddr> {
     }
     None
 }
+
+/// Reads the `bytes` a server-first server says on connect.
+pub(super) fn greeting(to: SocketAddr, bytes: u32, timeout: Duration) -> io::Result<(String, u64)> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; bytes as usize];
+    stream.read_exact(&mut buf)?;
+    let micros = start.elapsed().as_micros() as u64;
+    Ok((String::from_utf8_lossy(&buf).into_owned(), micros))
+}
+
+/// `GET /` with `Upgrade: websocket` on a raw socket; after the response
+/// head, `bytes` of the pattern written and read back.
+pub(super) fn upgrade(to: SocketAddr, bytes: u64) -> io::Result<(String, u64, bool)> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "GET /chat HTTP/1.1\r\nHost: {to}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )?;
+    // The response head, byte by byte (what follows it is the echo).
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "no response head",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status_line = head.lines().next().unwrap_or_default().to_owned();
+    if !status_line.contains(" 101 ") {
+        return Ok((status_line, 0, false));
+    }
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut w = stream.try_clone()?;
+        let payload = payload.clone();
+        std::thread::spawn(move || w.write_all(&payload))
+    };
+    let mut back = vec![0u8; bytes as usize];
+    stream.read_exact(&mut back)?;
+    writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    Ok((status_line, bytes, back == payload))
+}

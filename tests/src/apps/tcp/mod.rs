@@ -101,20 +101,58 @@ pub enum Request {
     Source { port: u16 },
     /// Read from `to` until the stream ends or `seconds` pass.
     Download { to: SocketAddr, seconds: u32 },
+    /// Serve on `port` a server-first protocol: `banner` is written as
+    /// soon as a client connects, then whatever it sends is echoed.
+    Banner { port: u16, banner: String },
+    /// Connect to `to` and read `bytes` bytes the server says first,
+    /// sending nothing.
+    Greeting {
+        to: SocketAddr,
+        bytes: u32,
+        timeout_ms: u64,
+    },
+    /// An HTTP/1.1 `Upgrade: websocket` request to `to` on a raw socket;
+    /// after `101`, `bytes` of the pattern echoed both ways.
+    Upgrade { to: SocketAddr, bytes: u64 },
 }
 
 /// What the pod app answers.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Listening { port: u16 },
+    Listening {
+        port: u16,
+    },
     Exchanged(Exchange),
     Failed(Failure),
-    Peers { peers: Vec<SocketAddr> },
-    RoundTrips { micros: Vec<u32> },
-    Bulk { bytes: u64, micros: u64 },
-    Held { held: u32, failures: Vec<Failure> },
-    Released { closed: u32 },
+    Peers {
+        peers: Vec<SocketAddr>,
+    },
+    RoundTrips {
+        micros: Vec<u32>,
+    },
+    Bulk {
+        bytes: u64,
+        micros: u64,
+    },
+    Held {
+        held: u32,
+        failures: Vec<Failure>,
+    },
+    Released {
+        closed: u32,
+    },
+    /// What the server said first, and when (from the connect).
+    Greeted {
+        text: String,
+        micros: u64,
+    },
+    /// The upgrade's response head, and how the bytes after it fared.
+    Upgraded {
+        status_line: String,
+        echoed: u64,
+        intact: bool,
+    },
     Downloaded(Download),
 }
 
@@ -186,6 +224,46 @@ impl TcpApp {
             Container::start(netns, cgroup, pod, Role::Tcp),
             Reads::Plain,
         )
+    }
+
+    /// Serves a server-first protocol on `port`: `banner` on connect, then
+    /// echo.
+    pub fn banner(&mut self, port: u16, banner: &str) {
+        match self.call(&Request::Banner {
+            port,
+            banner: banner.into(),
+        }) {
+            Response::Listening { .. } => {}
+            other => panic!("{}: banner {port}: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// Connects to `to` and reads the `bytes` the server says first: the
+    /// text and the time from the connect.
+    pub fn greeting(&mut self, to: SocketAddr, bytes: u32) -> Result<(String, Duration), Failure> {
+        match self.call(&Request::Greeting {
+            to,
+            bytes,
+            timeout_ms: 20_000,
+        }) {
+            Response::Greeted { text, micros } => Ok((text, Duration::from_micros(micros))),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: greeting: {other:?}", self.0.pod()),
+        }
+    }
+
+    /// An HTTP/1.1 upgrade to `to` and `bytes` echoed after it: the status
+    /// line, bytes echoed, intact.
+    pub fn upgrade(&mut self, to: SocketAddr, bytes: u64) -> Result<(String, u64, bool), Failure> {
+        match self.call(&Request::Upgrade { to, bytes }) {
+            Response::Upgraded {
+                status_line,
+                echoed,
+                intact,
+            } => Ok((status_line, echoed, intact)),
+            Response::Failed(f) => Err(f),
+            other => panic!("{}: upgrade: {other:?}", self.0.pod()),
+        }
     }
 
     /// Drives a `nodemesh-testapp tcp --control PORT` container on a real
@@ -527,6 +605,31 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
         Request::Download { to, seconds } => Response::Downloaded(download(to, seconds)),
+        Request::Banner { port, banner } => match bind_any(port) {
+            Ok(listener) => {
+                peers.lock().unwrap().entry(port).or_default();
+                let peers = peers.clone();
+                thread::spawn(move || serve_banner(listener, port, banner, peers));
+                Response::Listening { port }
+            }
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
+        Request::Greeting {
+            to,
+            bytes,
+            timeout_ms,
+        } => match client::greeting(to, bytes, Duration::from_millis(timeout_ms)) {
+            Ok((text, micros)) => Response::Greeted { text, micros },
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
+        Request::Upgrade { to, bytes } => match client::upgrade(to, bytes) {
+            Ok((status_line, echoed, intact)) => Response::Upgraded {
+                status_line,
+                echoed,
+                intact,
+            },
+            Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
+        },
         // Handled by `main`, which holds the connections.
         Request::Hold { .. } | Request::Release => Response::Failed(Failure {
             kind: "other".into(),
@@ -583,6 +686,29 @@ fn serve_echo(listener: TcpListener, port: u16, peers: PeerLog) {
                 }
             }
             let _ = conn.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+/// A server-first server: the banner on connect, then echo.
+fn serve_banner(listener: TcpListener, port: u16, banner: String, peers: PeerLog) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        if let Ok(peer) = conn.peer_addr() {
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            peers.lock().unwrap().entry(port).or_default().push(peer);
+        }
+        let banner = banner.clone();
+        thread::spawn(move || {
+            if conn.write_all(banner.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
         });
     }
 }

@@ -1,0 +1,356 @@
+//! Requests through Services: every HTTP request (every HTTP/2 stream) is
+//! balanced on its own over the endpoints on both nodes, slow and refusing
+//! endpoints get less or nothing, gRPC, upgrades and large uploads pass,
+//! a server-first protocol never waits for detection, and the golden
+//! request metrics say what happened.
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use nodemesh_core::wire::ServiceView;
+use nodemesh_tests::{
+    Agent, AgentOptions, Cluster, Metrics, Node, PodSpec,
+    apps::{grpc, http},
+    eventually,
+    kube::unique,
+    mesh::{self, MeshBed},
+    sys::http_get,
+};
+
+const HTTP: u16 = 8080;
+const GRPC: u16 = 50051;
+
+/// Waits until `agent` lists `ready` ready endpoints for the Service at
+/// `vip`.
+fn wait_endpoints(node: &Node, agent: &Agent, vip: SocketAddr, ready: usize) {
+    eventually(
+        &format!("{vip}: {ready} ready"),
+        Duration::from_secs(15),
+        || {
+            let (_, body) =
+                http_get(&node.netns, agent.admin, "/v1/services").map_err(|e| e.to_string())?;
+            let views: Vec<ServiceView> = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            let n = views
+                .iter()
+                .find(|v| v.addr == vip)
+                .map(|v| v.endpoints.iter().filter(|e| e.ready).count());
+            if n == Some(ready) {
+                Ok(())
+            } else {
+                Err(format!("{n:?}"))
+            }
+        },
+    );
+}
+
+fn by_server(outcomes: &[http::Outcome]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for o in outcomes {
+        assert_eq!(o.status, Some(200), "{o:?}");
+        *counts
+            .entry(o.server.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn requests(m: &Metrics, labels: &[(&str, &str)]) -> f64 {
+    m.sum("nodemesh_request_total", labels)
+}
+
+pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
+    let bed = MeshBed::new("24h");
+    let near = bed.pod(&bed.a, "web-near", "web");
+    let far = bed.pod(&bed.b, "web-far", "web");
+    let slow = bed.pod(&bed.b, "web-slow", "web");
+    let idle = bed.pod(&bed.a, "web-idle", "web");
+    let client = bed.pod(&bed.a, "client", "client");
+    bed.agent_b.wait_metric("web's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let serve = |pod: &nodemesh_tests::Pod, name: &str, delay_ms: u64| {
+        let mut app = pod.http();
+        app.serve(
+            HTTP,
+            http::Knobs {
+                name: Some(name.into()),
+                delay_ms,
+                ..http::Knobs::default()
+            },
+        );
+        app
+    };
+    let _near = serve(&near, "near", 0);
+    let _far = serve(&far, "far", 0);
+    let _slow = serve(&slow, "slow", 50);
+    let vip = SocketAddr::from((bed.cluster.service(&bed.ns, "web", 80, HTTP), 80));
+    bed.cluster.endpoint_slice(
+        &bed.ns,
+        "web",
+        HTTP,
+        &[
+            (&near, &bed.a, true),
+            (&far, &bed.b, true),
+            (&slow, &bed.b, true),
+        ],
+    );
+    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    let mut cli = client.http();
+    let marker = format!("/NODEMESH-REQUEST-{}", std::process::id());
+
+    // Three keep-alive connections, 150 requests: each balanced on its
+    // own; the endpoint 50 ms slower gets clearly fewer.
+    let capture = bed.link.capture();
+    let outcomes = cli.run(http::Run {
+        requests: 150,
+        concurrency: 3,
+        ..http::Run::get(vip, &marker, 0)
+    });
+    let seen = capture.finish();
+    let counts = by_server(&outcomes);
+    assert!(
+        counts.get("near").copied().unwrap_or(0) >= 20
+            && counts.get("far").copied().unwrap_or(0) >= 20,
+        "requests spread over the fast endpoints on both nodes: {counts:?}"
+    );
+    let slow_share = counts.get("slow").copied().unwrap_or(0);
+    assert!(
+        slow_share >= 1 && slow_share * 4 < counts["near"].min(counts["far"]),
+        "the slow endpoint gets clearly fewer: {counts:?}"
+    );
+    assert!(
+        !mesh::contains(&seen, marker.as_bytes()),
+        "a request visible in the clear on the link"
+    );
+
+    // Golden metrics on the client's node: per destination workload and
+    // Service, TLS where it crossed nodes.
+    let client_ns = bed.ns.clone();
+    let service = format!("{client_ns}/web:80");
+    let m = bed.agent_a.wait_metric("150 requests counted", |m| {
+        requests(m, &[("workload_name", "client"), ("dst_service", &service)]) == 150.0
+    });
+    let far_tls = requests(
+        &m,
+        &[
+            ("dst_workload_name", "web-far"),
+            ("tls", "true"),
+            ("dst_service", &service),
+        ],
+    ) + requests(&m, &[("dst_workload_name", "web-slow"), ("tls", "true")]);
+    assert_eq!(
+        far_tls,
+        (counts["far"] + slow_share) as f64,
+        "requests to the other node carried over mutual TLS\n{}",
+        m.text
+    );
+    assert_eq!(
+        requests(&m, &[("dst_workload_name", "web-near"), ("tls", "false")]),
+        counts["near"] as f64
+    );
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_total",
+            &[("dst_service", &service), ("classification", "success")]
+        ),
+        150.0
+    );
+
+    // An endpoint that refuses (nothing listens in web-idle): no request
+    // fails; the others take its share.
+    bed.cluster.endpoint_slice(
+        &bed.ns,
+        "web",
+        HTTP,
+        &[
+            (&near, &bed.a, true),
+            (&far, &bed.b, true),
+            (&idle, &bed.a, true),
+        ],
+    );
+    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    let outcomes = cli.run(http::Run {
+        requests: 60,
+        concurrency: 2,
+        ..http::Run::get(vip, "/", 0)
+    });
+    let counts = by_server(&outcomes);
+    assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+
+    // Scaled down to one, live; then 100 requests, 10 answered 500.
+    bed.cluster
+        .endpoint_slice(&bed.ns, "web", HTTP, &[(&far, &bed.b, true)]);
+    wait_endpoints(&bed.a, &bed.agent_a, vip, 1);
+    let before = bed.agent_a.metrics();
+    let ok = cli.run(http::Run::get(vip, "/", 90));
+    let failed = cli.run(http::Run::get(vip, "/?status=500", 10));
+    assert!(
+        ok.iter().all(|o| o.server.as_deref() == Some("far")),
+        "{ok:?}"
+    );
+    assert!(failed.iter().all(|o| o.status == Some(500)), "{failed:?}");
+    let labels =
+        |class: &'static str| [("dst_workload_name", "web-far"), ("classification", class)];
+    let m = bed.agent_a.wait_metric("100 more responses counted", |m| {
+        m.sum("nodemesh_response_total", &labels("success"))
+            + m.sum("nodemesh_response_total", &labels("failure"))
+            == before.sum("nodemesh_response_total", &labels("success"))
+                + before.sum("nodemesh_response_total", &labels("failure"))
+                + 100.0
+    });
+    assert_eq!(
+        m.sum("nodemesh_response_total", &labels("success"))
+            - before.sum("nodemesh_response_total", &labels("success")),
+        90.0
+    );
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_total",
+            &[
+                ("dst_workload_name", "web-far"),
+                ("status_code", "500"),
+                ("classification", "failure")
+            ]
+        ),
+        10.0
+    );
+    drop(bed.identity);
+}
+
+pub fn grpc_upgrades_and_large_uploads_pass_through_a_service() {
+    let bed = MeshBed::new("24h");
+    let server = bed.pod(&bed.b, "api", "api");
+    let client = bed.pod(&bed.a, "client", "client");
+    bed.agent_b.wait_metric("api's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let mut hsrv = server.http();
+    hsrv.serve(HTTP, http::Knobs::default());
+    let mut gsrv = server.grpc();
+    gsrv.serve(GRPC, grpc::Knobs::default());
+    let web = SocketAddr::from((bed.cluster.service(&bed.ns, "web", 80, HTTP), 80));
+    let rpc = SocketAddr::from((bed.cluster.service(&bed.ns, "rpc", 9090, GRPC), 9090));
+    bed.cluster
+        .endpoint_slice(&bed.ns, "web", HTTP, &[(&server, &bed.b, true)]);
+    bed.cluster
+        .endpoint_slice(&bed.ns, "rpc", GRPC, &[(&server, &bed.b, true)]);
+    wait_endpoints(&bed.a, &bed.agent_a, web, 1);
+    wait_endpoints(&bed.a, &bed.agent_a, rpc, 1);
+
+    // gRPC unary and server streaming, statuses intact and counted.
+    let mut gcli = client.grpc();
+    let unary = gcli.run(grpc::Run::unary(rpc, 20));
+    assert!(unary.iter().all(|o| o.code == 0), "{unary:?}");
+    let unavailable = gcli.run(grpc::Run {
+        ask: Some(grpc::Knobs {
+            code: 14,
+            ..grpc::Knobs::default()
+        }),
+        ..grpc::Run::unary(rpc, 5)
+    });
+    assert!(unavailable.iter().all(|o| o.code == 14), "{unavailable:?}");
+    let streams = gcli.run(grpc::Run {
+        method: grpc::Method::Stream,
+        concurrency: 2,
+        ask: Some(grpc::Knobs {
+            messages: 5,
+            ..grpc::Knobs::default()
+        }),
+        ..grpc::Run::unary(rpc, 4)
+    });
+    assert!(
+        streams.iter().all(|o| o.code == 0 && o.messages == 5),
+        "{streams:?}"
+    );
+    let m = bed.agent_a.wait_metric("gRPC responses counted", |m| {
+        m.sum("nodemesh_response_total", &[("protocol", "grpc")]) == 29.0
+    });
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_total",
+            &[("protocol", "grpc"), ("grpc_status", "0"), ("tls", "true")]
+        ),
+        24.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_total",
+            &[
+                ("protocol", "grpc"),
+                ("grpc_status", "14"),
+                ("classification", "failure")
+            ]
+        ),
+        5.0
+    );
+
+    // An HTTP/1.1 upgrade (WebSocket): 101, then bytes both ways.
+    let mut raw = client.tcp();
+    let (status, echoed, intact) = raw.upgrade(web, 1 << 20).expect("upgrade");
+    assert!(status.contains(" 101 "), "{status}");
+    assert!(intact && echoed == 1 << 20);
+
+    // A 1 GiB upload streams through; the agent's memory stays bounded.
+    let mut hcli = client.http();
+    let rss_before = bed.agent_a.rss_kib().unwrap_or(0);
+    let upload = hcli.run(http::Run {
+        method: "POST".into(),
+        body_bytes: 1 << 30,
+        timeout_ms: 300_000,
+        ..http::Run::get(web, "/", 1)
+    });
+    assert_eq!(upload[0].status, Some(200), "{upload:?}");
+    assert_eq!(hsrv.seen(HTTP).received, 1 << 30, "the whole body arrived");
+    let rss_after = bed.agent_a.rss_kib().unwrap_or(0);
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "the agent's RSS grew from {rss_before} KiB to {rss_after} KiB for a 1 GiB upload"
+    );
+    eprintln!("agent RSS {rss_before} KiB before a 1 GiB upload, {rss_after} KiB after");
+}
+
+/// A server that speaks first, behind a Service, with a detect timeout of
+/// 10 s: the client has the banner long before.
+pub fn a_server_first_protocol_never_waits_for_detection() {
+    let cluster = Cluster::shared();
+    let ns = unique("nmt");
+    cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+    let node = Node::new();
+    let server = cluster.run_pod(&node, PodSpec::new(&ns, "smtp"));
+    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client"));
+    let agent = Agent::start_ready(
+        &node,
+        AgentOptions::default()
+            .kube(cluster)
+            .arg("--detect-timeout")
+            .arg("10s"),
+    );
+    agent.wait_metric("both captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+    });
+    let banner = "220 mail.example ESMTP ready\r\n";
+    let mut srv = server.tcp();
+    srv.banner(2525, banner);
+    // Port 2525: no list names it (25 would be opaque with no detection).
+    let vip = SocketAddr::from((cluster.service(&ns, "mail", 2525, 2525), 2525));
+    cluster.endpoint_slice(&ns, "mail", 2525, &[(&server, &node, true)]);
+    wait_endpoints(&node, &agent, vip, 1);
+    let mut cli = client.tcp();
+    for to in [vip, SocketAddr::from((server.ip, 2525))] {
+        let (text, took) = cli.greeting(to, banner.len() as u32).expect("the banner");
+        assert_eq!(text, banner);
+        assert!(
+            took < Duration::from_secs(1),
+            "the banner from {to} took {took:?} (detect timeout 10 s)"
+        );
+    }
+    let m = agent.metrics();
+    assert!(
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("result", "server_first")]
+        ) >= 1.0,
+        "{}",
+        m.text
+    );
+}
