@@ -354,3 +354,144 @@ pub fn a_server_first_protocol_never_waits_for_detection() {
         m.text
     );
 }
+
+/// What configuration says wins over detection, live: `appProtocol: tcp`
+/// and the opaque-ports annotation (Service, namespace) relay HTTP as
+/// bytes; a client silent past the detect timeout is relayed as bytes too.
+pub fn configuration_overrides_detection_live() {
+    let cluster = Cluster::shared();
+    let ns = unique("nmt");
+    cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+    let node = Node::new();
+    let server = cluster.run_pod(&node, PodSpec::new(&ns, "web"));
+    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client"));
+    let agent = Agent::start_ready(
+        &node,
+        AgentOptions::default()
+            .kube(cluster)
+            .arg("--detect-timeout")
+            .arg("300ms"),
+    );
+    agent.wait_metric("both captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+    });
+    let mut srv = server.http();
+    srv.serve(HTTP, http::Knobs::default());
+    let service = |name: &str| {
+        cluster
+            .apply_manifests(
+                &format!(
+                    "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}{extra}}}
+spec:
+  ports: [{{name: tcp, protocol: TCP, port: 80, targetPort: {HTTP}, appProtocol: {app}}}]
+",
+                    app = if name == "as-tcp" { "tcp" } else { "http" },
+                    extra = if name == "annotated" {
+                        ", annotations: {config.nodemesh.io/opaque-ports: \"80\"}"
+                    } else {
+                        ""
+                    },
+                ),
+                false,
+            )
+            .expect("the Service");
+        cluster.endpoint_slice(&ns, name, HTTP, &[(&server, &node, true)]);
+    };
+    service("detected");
+    service("as-tcp");
+    service("annotated");
+    let vips: BTreeMap<&str, SocketAddr> = ["detected", "as-tcp", "annotated"]
+        .into_iter()
+        .map(|name| {
+            let svc: k8s_openapi::api::core::v1::Service = cluster
+                .block_on(
+                    kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(
+                        cluster.client.clone(),
+                        &ns,
+                    )
+                    .get(name),
+                )
+                .expect("get Service");
+            let ip: std::net::IpAddr = svc
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .and_then(|ip| ip.parse().ok())
+                .expect("cluster IP");
+            (name, SocketAddr::new(ip, 80))
+        })
+        .collect();
+    for vip in vips.values() {
+        wait_endpoints(&node, &agent, *vip, 1);
+    }
+    let mut cli = client.http();
+    let counted = |m: &Metrics, name: &str| {
+        m.sum(
+            "nodemesh_request_total",
+            &[("dst_service", &format!("{ns}/{name}:80"))],
+        )
+    };
+    for name in ["detected", "as-tcp", "annotated"] {
+        let out = cli.run(http::Run::get(vips[name], "/", 5));
+        assert!(out.iter().all(|o| o.status == Some(200)), "{name}: {out:?}");
+    }
+    let m = agent.wait_metric("the detected Service's requests", |m| {
+        counted(m, "detected") == 5.0
+    });
+    assert_eq!(
+        counted(&m, "as-tcp"),
+        0.0,
+        "appProtocol: tcp is relayed as bytes"
+    );
+    assert_eq!(counted(&m, "annotated"), 0.0, "the opaque-ports annotation");
+    assert!(
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("result", "configured")]
+        ) >= 2.0
+    );
+
+    // The namespace's annotation, live: the detected Service goes opaque.
+    cluster
+        .apply_manifests(
+            &format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, annotations: {{config.nodemesh.io/opaque-ports: \"80\"}}}}\n"
+            ),
+            false,
+        )
+        .expect("annotate the namespace");
+    eventually(
+        "the namespace's annotation applies",
+        Duration::from_secs(15),
+        || {
+            let out = cli.run(http::Run::get(vips["detected"], "/", 1));
+            let m = agent.metrics();
+            if out[0].status == Some(200) && counted(&m, "detected") == 5.0 {
+                Ok(())
+            } else {
+                Err(format!("{out:?} {}", counted(&m, "detected")))
+            }
+        },
+    );
+
+    // A client silent past the detect timeout: relayed as bytes, intact.
+    let mut echo_srv = server.tcp();
+    echo_srv.listen(7070);
+    let mut tcp = client.tcp();
+    let before = agent
+        .metrics()
+        .sum("nodemesh_protocol_detect_total", &[("result", "timeout")]);
+    let x = tcp
+        .text_after(
+            SocketAddr::from((server.ip, 7070)),
+            "GET / HTTP/1.1\r\n\r\n",
+            1,
+            Duration::from_millis(800),
+        )
+        .expect("a late talker");
+    assert!(x.intact && x.redirected(), "{x:?}");
+    agent.wait_metric("the timeout counted", |m| {
+        m.sum("nodemesh_protocol_detect_total", &[("result", "timeout")]) == before + 1.0
+    });
+}

@@ -62,8 +62,15 @@ fn read_exact_with(
     Ok(())
 }
 
-pub(super) fn text(to: SocketAddr, text: &str, repeat: u32, reads: Reads) -> io::Result<Exchange> {
+pub(super) fn text(
+    to: SocketAddr,
+    text: &str,
+    repeat: u32,
+    reads: Reads,
+    pause: Duration,
+) -> io::Result<Exchange> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    thread::sleep(pause);
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let local = stream.local_addr()?;
     let peer = stream.peer_addr()?;

@@ -65,6 +65,9 @@ pub enum Request {
         repeat: u32,
         #[serde(default)]
         reads: Reads,
+        /// Silence after connecting, before the text (milliseconds).
+        #[serde(default)]
+        pause_ms: u64,
     },
     /// One connection held for `seconds`, with a small round trip every
     /// `interval_ms`; latencies.
@@ -374,11 +377,23 @@ impl TcpApp {
 
     /// Sends `text` × `repeat` through an echo server and checks the echo.
     pub fn text(&mut self, to: SocketAddr, text: &str, repeat: u32) -> Result<Exchange, Failure> {
+        self.text_after(to, text, repeat, Duration::ZERO)
+    }
+
+    /// The same, staying silent for `pause` after connecting.
+    pub fn text_after(
+        &mut self,
+        to: SocketAddr,
+        text: &str,
+        repeat: u32,
+        pause: Duration,
+    ) -> Result<Exchange, Failure> {
         match self.call(&Request::Text {
             to,
             text: text.into(),
             repeat,
             reads: self.1,
+            pause_ms: pause.as_millis() as u64,
         }) {
             Response::Exchanged(x) => Ok(x),
             Response::Failed(f) => Err(f),
@@ -566,7 +581,8 @@ fn handle(req: Request, peers: &PeerLog) -> Response {
             text: t,
             repeat,
             reads,
-        } => match text(to, &t, repeat, reads) {
+            pause_ms,
+        } => match text(to, &t, repeat, reads, Duration::from_millis(pause_ms)) {
             Ok(x) => Response::Exchanged(x),
             Err(e) => Response::Failed(Failure::from_io(&e, 0, 0)),
         },
