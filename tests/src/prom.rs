@@ -59,6 +59,53 @@ impl Metrics {
             .map(|(_, l, _)| l.clone())
     }
 
+    /// The `q` quantile of histogram `name` over the series that include
+    /// `labels` (summed per bucket), interpolated within its bucket as
+    /// Prometheus's `histogram_quantile` does; `None` with no samples.
+    pub fn quantile(&self, name: &str, labels: &[(&str, &str)], q: f64) -> Option<f64> {
+        let bucket = format!("{name}_bucket");
+        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for (n, l, v) in &self.samples {
+            if *n != bucket
+                || !labels
+                    .iter()
+                    .all(|(k, val)| l.get(*k).map(String::as_str) == Some(*val))
+            {
+                continue;
+            }
+            let le = match l.get("le").map(String::as_str) {
+                Some("+Inf") => f64::INFINITY,
+                Some(x) => x.parse().ok()?,
+                None => continue,
+            };
+            by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
+        }
+        let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut prev = (0.0, 0.0);
+        for (le, count) in buckets {
+            if count >= rank {
+                if le.is_infinite() {
+                    return Some(prev.0);
+                }
+                let within = count - prev.1;
+                let frac = if within > 0.0 {
+                    (rank - prev.1) / within
+                } else {
+                    1.0
+                };
+                return Some(prev.0 + (le - prev.0) * frac);
+            }
+            prev = (le, count);
+        }
+        None
+    }
+
     fn matching<'a>(
         &'a self,
         name: &'a str,

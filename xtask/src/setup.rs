@@ -33,6 +33,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     // Real clients the tests and benchmarks drive through the mesh.
     "iperf3",
+    "wrk",
     // The real node: container runtime, CNI plugins, kube-proxy's tools,
     // and the static busybox its test images are made of.
     "containerd",

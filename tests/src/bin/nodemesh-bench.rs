@@ -1,17 +1,26 @@
 //! `cargo xtask bench`: the same-node path, direct vs meshed with and
 //! without the sk_msg fast path; then the cross-node path, direct vs the
-//! mutual-TLS tunnel, with connection-setup times. Prints tables; asserts
-//! nothing about speed (these machines are shared and noisy).
+//! mutual-TLS tunnel, with connection-setup times; on both, HTTP/1.1
+//! keep-alive requests (wrk) and gRPC unary calls, direct vs meshed, with
+//! the agents' CPU per 1000 requests. Prints tables; asserts nothing about
+//! speed (these machines are shared and noisy).
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, Cluster, Node, Pod, PodSpec, TcpApp, harness,
+    Agent, AgentOptions, Cluster, Node, Pod, PodSpec, TcpApp,
+    apps::{grpc, http},
+    harness,
     kube::unique,
     mesh::{self, IdentityService, Install, Link},
 };
 
 const PORT: u16 = 8080;
+const HTTP_PORT: u16 = 8081;
+const GRPC_PORT: u16 = 50051;
+/// wrk's connections (fixed concurrency) and seconds per run.
+const WRK_CONNECTIONS: u32 = 16;
+const WRK_SECONDS: u32 = 5;
 
 struct Settings {
     agent: PathBuf,
@@ -79,8 +88,27 @@ fn main() {
     let dst = SocketAddr::from((server.ip, PORT));
     let mut rss = Vec::new();
 
+    let mut hsrv = server.http();
+    hsrv.serve(
+        HTTP_PORT,
+        http::Knobs {
+            bytes: 1024,
+            ..http::Knobs::default()
+        },
+    );
+    let mut gsrv = server.grpc();
+    gsrv.serve(GRPC_PORT, grpc::Knobs::default());
+    let mut gcli = client.grpc();
+    let url = format!("http://{}:{HTTP_PORT}/", server.ip);
+    let rpc = SocketAddr::from((server.ip, GRPC_PORT));
+
     eprintln!("  running: direct (client not meshed)");
     let direct = measure(&mut app, dst, &s);
+    let mut hcli = client.http();
+    let hto = SocketAddr::from((server.ip, HTTP_PORT));
+    let http_direct = wrk(&client, &url, &s, &[]);
+    let seq_direct = sequential(&mut hcli, hto, &s, &[]);
+    let grpc_direct = grpc_calls(&mut gcli, rpc, &s, &[]);
 
     client.set_label(MESH_LABEL, Some("enabled"));
     node.write_pods(&[&client, &server]);
@@ -89,8 +117,12 @@ fn main() {
     });
     eprintln!("  running: meshed, fast path off (the default)");
     let off = measure(&mut app, dst, &s);
+    let http_meshed = wrk(&client, &url, &s, &[&agent]);
+    let seq_meshed = sequential(&mut hcli, hto, &s, &[&agent]);
+    let grpc_meshed = grpc_calls(&mut gcli, rpc, &s, &[&agent]);
     rss.push(agent.rss_kib());
     check_captured(&agent, &client, &s);
+    check_requests(&agent);
 
     agent.stop(std::time::Duration::from_secs(10));
     let agent = Agent::start_ready(&node, opts(true));
@@ -120,7 +152,18 @@ fn main() {
     println!(
         "(bulk: bytes sent one way per second while the echo comes back on the same connection)"
     );
-    drop((app, srv, agent));
+    print_requests(
+        "same node",
+        &[
+            ("HTTP/1.1 1 KiB, direct", http_direct),
+            ("HTTP/1.1 1 KiB, meshed", http_meshed),
+            ("one at a time, direct", seq_direct),
+            ("one at a time, meshed", seq_meshed),
+            ("gRPC unary, direct", grpc_direct),
+            ("gRPC unary, meshed", grpc_meshed),
+        ],
+    );
+    drop((app, srv, agent, hsrv, gsrv, gcli, hcli));
     drop(node);
     cross_node(&s);
 }
@@ -165,10 +208,28 @@ fn cross_node(s: &Settings) {
     srv.listen(PORT);
     let mut app = client.tcp();
     let dst = SocketAddr::from((server.ip, PORT));
+    let mut hsrv = server.http();
+    hsrv.serve(
+        HTTP_PORT,
+        http::Knobs {
+            bytes: 1024,
+            ..http::Knobs::default()
+        },
+    );
+    let mut gsrv = server.grpc();
+    gsrv.serve(GRPC_PORT, grpc::Knobs::default());
+    let mut gcli = client.grpc();
+    let url = format!("http://{}:{HTTP_PORT}/", server.ip);
+    let rpc = SocketAddr::from((server.ip, GRPC_PORT));
 
     eprintln!("  running: cross-node direct (client not meshed)");
     let direct = measure(&mut app, dst, s);
     let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
+    let mut hcli = client.http();
+    let hto = SocketAddr::from((server.ip, HTTP_PORT));
+    let http_direct = wrk(&client, &url, s, &[]);
+    let seq_direct = sequential(&mut hcli, hto, s, &[]);
+    let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
 
     cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
     agent_a.wait_metric("client captured with its certificate", |m| {
@@ -177,6 +238,10 @@ fn cross_node(s: &Settings) {
     });
     eprintln!("  running: cross-node meshed (mTLS tunnel)");
     let meshed = measure(&mut app, dst, s);
+    let http_meshed = wrk(&client, &url, s, &[&agent_a, &agent_b]);
+    let seq_meshed = sequential(&mut hcli, hto, s, &[&agent_a, &agent_b]);
+    let grpc_meshed = grpc_calls(&mut gcli, rpc, s, &[&agent_a, &agent_b]);
+    check_requests(&agent_a);
     let reused_setup = setup(&mut app, dst, 200, Duration::ZERO);
     eprintln!("  running: connection setup with a new tunnel each time (idle timeout 1s)");
     let new_setup = setup(&mut app, dst, 8, Duration::from_millis(2500));
@@ -233,6 +298,245 @@ fn cross_node(s: &Settings) {
     );
     println!(
         "(setup: connect plus a first 1-byte round trip; {tunnels} tunnel connections carried {streams} streams)"
+    );
+    print_requests(
+        "cross-node (mTLS)",
+        &[
+            ("HTTP/1.1 1 KiB, direct", http_direct),
+            ("HTTP/1.1 1 KiB, meshed", http_meshed),
+            ("one at a time, direct", seq_direct),
+            ("one at a time, meshed", seq_meshed),
+            ("gRPC unary, direct", grpc_direct),
+            ("gRPC unary, meshed", grpc_meshed),
+        ],
+    );
+}
+
+/// Requests: medians over the repeats.
+#[derive(Clone, Copy, Debug)]
+struct RequestRow {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// CPU seconds of the agents per 1000 requests (none for direct).
+    cpu_per_1000: Option<f64>,
+}
+
+/// Clock ticks of user and system time `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces), 1-based 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+fn agents_cpu_seconds(agents: &[&Agent]) -> f64 {
+    let ticks: u64 = agents.iter().filter_map(|a| a.pid()).map(cpu_ticks).sum();
+    // /proc counts in USER_HZ, 100 on Linux whatever the kernel tick.
+    ticks as f64 / 100.0
+}
+
+/// Parses one wrk duration ("152.00us", "1.20ms", "2.00s") to µs.
+fn wrk_micros(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+/// HTTP/1.1 keep-alive GETs with wrk from the client pod (16
+/// connections, fixed), the agents' CPU measured around each run.
+fn wrk(client: &Pod, url: &str, s: &Settings, agents: &[&Agent]) -> RequestRow {
+    let mut rows = Vec::new();
+    for _ in 0..s.repeats {
+        let cpu0 = agents_cpu_seconds(agents);
+        let mut cmd = std::process::Command::new("wrk");
+        cmd.args([
+            "-t2",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{WRK_SECONDS}s"),
+            "--latency",
+            url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let out = client
+            .spawn(cmd)
+            .wait_with_output()
+            .expect("run wrk (cargo xtask setup installs it)");
+        let cpu = agents_cpu_seconds(agents) - cpu0;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = |prefix: &str| {
+            text.lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(prefix))
+                .map(|l| l[prefix.len()..].trim().to_owned())
+        };
+        let rps: f64 = line("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "wrk said:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let p50 = line("50%").and_then(|v| wrk_micros(&v)).unwrap_or(f64::NAN);
+        let p99 = line("99%").and_then(|v| wrk_micros(&v)).unwrap_or(f64::NAN);
+        let requests = rps * f64::from(WRK_SECONDS);
+        rows.push(RequestRow {
+            rps,
+            p50_us: p50,
+            p99_us: p99,
+            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (requests / 1000.0)),
+        });
+    }
+    median_row(rows)
+}
+
+/// HTTP/1.1 requests one at a time on one keep-alive connection (the
+/// latency the mesh adds to an unloaded request).
+fn sequential(
+    app: &mut nodemesh_tests::HttpApp,
+    to: SocketAddr,
+    s: &Settings,
+    agents: &[&Agent],
+) -> RequestRow {
+    let requests = 5_000;
+    let _ = app.run(http::Run::get(to, "/", 200));
+    let mut rows = Vec::new();
+    for _ in 0..s.repeats {
+        let cpu0 = agents_cpu_seconds(agents);
+        let start = std::time::Instant::now();
+        let outcomes = app.run(http::Run::get(to, "/", requests));
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = agents_cpu_seconds(agents) - cpu0;
+        assert!(
+            outcomes.iter().all(|o| o.status == Some(200)),
+            "requests failed"
+        );
+        let mut micros: Vec<u32> = outcomes
+            .iter()
+            .map(|o| o.micros.min(u64::from(u32::MAX)) as u32)
+            .collect();
+        micros.sort_unstable();
+        rows.push(RequestRow {
+            rps: f64::from(requests) / elapsed,
+            p50_us: percentile(&micros, 0.50),
+            p99_us: percentile(&micros, 0.99),
+            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (f64::from(requests) / 1000.0)),
+        });
+    }
+    median_row(rows)
+}
+
+/// gRPC unary calls, 16 at a time, from the client pod's gRPC app.
+fn grpc_calls(
+    app: &mut nodemesh_tests::GrpcApp,
+    to: SocketAddr,
+    s: &Settings,
+    agents: &[&Agent],
+) -> RequestRow {
+    let calls = 20_000;
+    let _ = app.run(grpc::Run::unary(to, 200));
+    let mut rows = Vec::new();
+    for _ in 0..s.repeats {
+        let cpu0 = agents_cpu_seconds(agents);
+        let start = std::time::Instant::now();
+        let outcomes = app.run(grpc::Run {
+            concurrency: WRK_CONNECTIONS,
+            ..grpc::Run::unary(to, calls)
+        });
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = agents_cpu_seconds(agents) - cpu0;
+        assert!(outcomes.iter().all(|o| o.code == 0), "gRPC calls failed");
+        let mut micros: Vec<u32> = outcomes
+            .iter()
+            .map(|o| o.micros.min(u64::from(u32::MAX)) as u32)
+            .collect();
+        micros.sort_unstable();
+        rows.push(RequestRow {
+            rps: f64::from(calls) / elapsed,
+            p50_us: percentile(&micros, 0.50),
+            p99_us: percentile(&micros, 0.99),
+            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (f64::from(calls) / 1000.0)),
+        });
+    }
+    median_row(rows)
+}
+
+fn median_row(rows: Vec<RequestRow>) -> RequestRow {
+    RequestRow {
+        rps: median(rows.iter().map(|r| r.rps).collect()),
+        p50_us: median(rows.iter().map(|r| r.p50_us).collect()),
+        p99_us: median(rows.iter().map(|r| r.p99_us).collect()),
+        cpu_per_1000: rows
+            .iter()
+            .map(|r| r.cpu_per_1000)
+            .collect::<Option<Vec<f64>>>()
+            .map(median),
+    }
+}
+
+/// Request rows in pairs (direct, meshed): the meshed one shows what the
+/// mesh adds.
+fn print_requests(title: &str, rows: &[(&str, RequestRow)]) {
+    println!();
+    println!(
+        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14}",
+        format!("requests, {title}"),
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "+p50 µs",
+        "+p99 µs",
+        "agent CPU s/1k"
+    );
+    for pair in rows.chunks(2) {
+        let base = pair[0].1;
+        for (name, row) in pair {
+            let added = |v: f64, b: f64| {
+                if row.cpu_per_1000.is_some() {
+                    format!("{:.0}", v - b)
+                } else {
+                    "-".into()
+                }
+            };
+            println!(
+                "{:<28} {:>10.0} {:>9.0} {:>9.0} {:>9} {:>9} {:>14}",
+                name,
+                row.rps,
+                row.p50_us,
+                row.p99_us,
+                added(row.p50_us, base.p50_us),
+                added(row.p99_us, base.p99_us),
+                row.cpu_per_1000.map_or("-".into(), |c| format!("{c:.3}")),
+            );
+        }
+    }
+    println!(
+        "(HTTP: wrk, {WRK_CONNECTIONS} keep-alive connections, {WRK_SECONDS} s; one at a time: the test app, 5000 requests on one connection; gRPC: the test app, {WRK_CONNECTIONS} calls at a time; CPU: the meshed path's agents, user+system)"
+    );
+}
+
+/// The meshed request runs really went through the HTTP path.
+fn check_requests(agent: &Agent) {
+    let m = agent.metrics();
+    let n = m.sum("nodemesh_request_total", &[]);
+    assert!(
+        n >= 1000.0,
+        "the meshed runs were not seen as requests: {n}"
     );
 }
 

@@ -2,7 +2,9 @@
 //! with a few pods, nodemesh installed (identity PKI, the identity service,
 //! release agents discovering pods from the API), labels that mesh and
 //! unmesh pods live, traffic between the pods (across nodes through the
-//! mutual-TLS tunnel, checked on the wire), and what the proxies saw.
+//! mutual-TLS tunnel, checked on the wire), HTTP requests through a
+//! Service balanced over both nodes, and what the proxies saw: per pod,
+//! and per workload (success rate, requests, latency percentiles).
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -12,12 +14,15 @@ use std::{
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, Cluster, Metrics, Node, Pod, PodSpec, TcpApp, harness,
+    Agent, AgentOptions, Cluster, Metrics, Node, Pod, PodSpec, TcpApp,
+    apps::http,
+    harness,
     mesh::{self, IdentityService, Install, Link},
 };
 
 const PORT: u16 = 8080;
-const STEPS: u32 = 9;
+const HTTP_PORT: u16 = 8081;
+const STEPS: u32 = 10;
 
 fn main() {
     harness::play_role();
@@ -69,8 +74,19 @@ fn main() {
             .owner("StatefulSet", "db")
             .service_account("db"),
     );
-    let vip = cluster.service("shop", "api", 80, PORT);
-    cluster.endpoint_slice("shop", "api", PORT, &[(&api, &node, true)]);
+    let api_b = cluster.run_pod(
+        &node_b,
+        PodSpec::new("shop", "api-1")
+            .owner("StatefulSet", "api")
+            .service_account("api"),
+    );
+    let vip = cluster.service("shop", "api", 80, HTTP_PORT);
+    cluster.endpoint_slice(
+        "shop",
+        "api",
+        HTTP_PORT,
+        &[(&api, &node, true), (&api_b, &node_b, true)],
+    );
     let payments = cluster.run_pod(
         &node_b,
         PodSpec::new("shop", "payments-0")
@@ -81,6 +97,7 @@ fn main() {
         (&web, &node),
         (&api, &node),
         (&db, &node),
+        (&api_b, &node_b),
         (&payments, &node_b),
     ] {
         println!(
@@ -91,7 +108,10 @@ fn main() {
             on.ip
         );
     }
-    println!("      service shop/api {vip}:80 → {}:{PORT}", api.ip);
+    println!(
+        "      service shop/api {vip}:80 → {}:{HTTP_PORT}, {}:{HTTP_PORT}",
+        api.ip, api_b.ip
+    );
 
     step(
         3,
@@ -126,9 +146,9 @@ fn main() {
         m.sum("nodemesh_meshed_pods", &[]) == 3.0
             && m.sum("nodemesh_identity_certificates", &[]) == 3.0
     });
-    let mb = agent_b.wait_metric("payments captured with its certificate", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 1.0
-            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    let mb = agent_b.wait_metric("api-1 and payments captured with their certificates", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 2.0
     });
     println!(
         "      captured live, no pod restarted: {} pods; each agent got one certificate per service account (node authorization: only for its own pods): {} + {}",
@@ -246,6 +266,58 @@ fn main() {
 
     step(
         8,
+        "HTTP through the Service shop/api: web sends 300 requests (10% asked to fail), each balanced on its own over api-0 (this node) and api-1 (the other node, mTLS)",
+    );
+    let mut api_servers: Vec<_> = [(&api, "api-0"), (&api_b, "api-1")]
+        .into_iter()
+        .map(|(pod, name)| {
+            let mut app = pod.http();
+            app.serve(
+                HTTP_PORT,
+                http::Knobs {
+                    name: Some(name.into()),
+                    bytes: 1024,
+                    ..http::Knobs::default()
+                },
+            );
+            app
+        })
+        .collect();
+    let mut web_http = web.http();
+    let to = SocketAddr::from((vip, 80));
+    let mut outcomes = web_http.run(http::Run {
+        requests: 270,
+        concurrency: 4,
+        ..http::Run::get(to, "/", 0)
+    });
+    outcomes.extend(web_http.run(http::Run::get(to, "/?status=503", 30)));
+    let by_server = |name: &str| {
+        outcomes
+            .iter()
+            .filter(|o| o.server.as_deref() == Some(name))
+            .count()
+    };
+    println!(
+        "      answered by api-0: {}, by api-1: {}; 2xx: {}, 5xx: {}",
+        by_server("api-0"),
+        by_server("api-1"),
+        outcomes
+            .iter()
+            .filter(|o| o.status.is_some_and(|s| s < 300))
+            .count(),
+        outcomes
+            .iter()
+            .filter(|o| o.status.is_some_and(|s| s >= 500))
+            .count(),
+    );
+    let m = agent.wait_metric("web's requests counted", |m| {
+        m.sum("nodemesh_response_total", &[("workload_name", "web")]) == 300.0
+    });
+    print_requests(&m);
+    drop(api_servers.drain(..));
+
+    step(
+        9,
         "what the agent on the first node knows: per-pod metrics and the service index (from :4191)",
     );
     let m = agent.wait_metric("all connections closed", |m| {
@@ -278,7 +350,7 @@ fn main() {
     }
 
     step(
-        9,
+        10,
         "cleaning up: agents, identity service, pods, nodes, link, pins, API server",
     );
     drop(apps);
@@ -294,6 +366,60 @@ fn main() {
 
 fn step(n: u32, what: &str) {
     println!("[{n}/{STEPS}] {what}");
+}
+
+/// The golden request metrics per (source, destination) workload pair:
+/// requests, success rate, latency percentiles (from the histogram).
+fn print_requests(m: &Metrics) {
+    println!(
+        "      {:<18} {:<16} {:<5} {:>8} {:>9} {:>9} {:>9}",
+        "FROM", "TO", "TLS", "REQUESTS", "SUCCESS", "P50 ms", "P99 ms"
+    );
+    let mut pairs: Vec<(String, String, String)> = Vec::new();
+    for line in m
+        .text
+        .lines()
+        .filter(|l| l.starts_with("nodemesh_request_total{"))
+    {
+        let get = |key: &str| {
+            line.split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let pair = (get("workload_name"), get("dst_workload_name"), get("tls"));
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    pairs.sort();
+    for (from, to, tls) in pairs {
+        let l = [
+            ("workload_name", from.as_str()),
+            ("dst_workload_name", to.as_str()),
+            ("tls", tls.as_str()),
+        ];
+        let total = m.sum("nodemesh_response_total", &l);
+        let ok = m.sum(
+            "nodemesh_response_total",
+            &[l[0], l[1], l[2], ("classification", "success")],
+        );
+        let q = |q: f64| {
+            m.quantile("nodemesh_response_latency_seconds", &l, q)
+                .map_or("-".into(), |s| format!("{:.2}", s * 1000.0))
+        };
+        println!(
+            "      {:<18} {:<16} {:<5} {:>8.0} {:>8.1}% {:>9} {:>9}",
+            from,
+            if to.is_empty() { "(outside)" } else { &to },
+            tls,
+            m.sum("nodemesh_request_total", &l),
+            if total > 0.0 { 100.0 * ok / total } else { 0.0 },
+            q(0.5),
+            q(0.99),
+        );
+    }
 }
 
 fn print_table(m: &Metrics, pods: &[&Arc<Pod>]) {
