@@ -465,12 +465,13 @@ spec:
         "the namespace's annotation applies",
         Duration::from_secs(15),
         || {
+            let before = counted(&agent.metrics(), "detected");
             let out = cli.run(http::Run::get(vips["detected"], "/", 1));
-            let m = agent.metrics();
-            if out[0].status == Some(200) && counted(&m, "detected") == 5.0 {
+            let after = counted(&agent.metrics(), "detected");
+            if out[0].status == Some(200) && after == before {
                 Ok(())
             } else {
-                Err(format!("{out:?} {}", counted(&m, "detected")))
+                Err(format!("{out:?}: {before} → {after}"))
             }
         },
     );
