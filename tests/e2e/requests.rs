@@ -212,6 +212,19 @@ pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
         ),
         10.0
     );
+
+    // No ready endpoint: the proxy answers 503 itself, counted a failure.
+    bed.cluster
+        .endpoint_slice(&bed.ns, "web", HTTP, &[(&far, &bed.b, false)]);
+    wait_endpoints(&bed.a, &bed.agent_a, vip, 0);
+    let none = cli.run(http::Run::get(vip, "/", 3));
+    assert!(none.iter().all(|o| o.status == Some(503)), "{none:?}");
+    bed.agent_a.wait_metric("proxy errors counted as failures", |m| {
+        m.sum(
+            "nodemesh_response_total",
+            &[("dst_service", &service), ("status_code", "503"), ("classification", "failure")],
+        ) == 3.0
+    });
     drop(bed.identity);
 }
 
