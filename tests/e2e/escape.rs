@@ -11,7 +11,7 @@ use std::{
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, Cluster, Metrics, Node, PodSpec,
+    Agent, AgentOptions, Cluster, Node, PodSpec,
     kube::unique,
     mesh::{self, MeshBed},
     sys::in_netns,
@@ -21,19 +21,6 @@ const ECHO: u16 = 8080;
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
-}
-
-/// Connections the server's agent accepted through the tunnel from `peer`.
-fn tunnelled_in(m: &Metrics, pod: &str, peer: &str) -> f64 {
-    m.sum(
-        "nodemesh_tcp_peer_open_total",
-        &[
-            ("pod", pod),
-            ("direction", "inbound"),
-            ("tls", "true"),
-            ("peer_identity", peer),
-        ],
-    )
 }
 
 /// The established connections of `netns` to port `port` (`ss`).
@@ -111,7 +98,7 @@ pub fn ipv6_and_ipv4_mapped_connections_are_tunnelled() {
     let client_id = spiffe(&bed.ns, "client");
     bed.agent_b
         .wait_metric("three connections with the client's identity", |m| {
-            tunnelled_in(m, "server", &client_id) == 3.0
+            mesh::tunnelled_in(m, "server", &client_id) == 3.0
         });
     // The server sees its own node (the tunnel's end), in the family the
     // client dialled.
@@ -207,7 +194,7 @@ pub fn a_new_pods_first_connection_is_never_in_the_clear() {
     let client_id = spiffe(&bed.ns, "client");
     bed.agent_b
         .wait_metric("each with the client's identity", |m| {
-            tunnelled_in(m, "server", &client_id) == PODS as f64
+            mesh::tunnelled_in(m, "server", &client_id) == PODS as f64
         });
     eprintln!(
         "{refused_first} of {PODS} new pods had their first connect refused (not served yet)"
@@ -239,7 +226,7 @@ pub fn a_connection_to_port_15001_elsewhere_is_tunnelled() {
     );
     let client_id = spiffe(&bed.ns, "client");
     bed.agent_b.wait_metric("through the tunnel", |m| {
-        tunnelled_in(m, "server", &client_id) == 1.0
+        mesh::tunnelled_in(m, "server", &client_id) == 1.0
     });
 }
 

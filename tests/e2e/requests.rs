@@ -5,41 +5,16 @@
 //! request metrics say what happened.
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use nodemesh_core::wire::ServiceView;
 use nodemesh_tests::{
     Agent, AgentOptions, Cluster, Metrics, Node, PodSpec,
     apps::{grpc, http},
     eventually,
     kube::unique,
     mesh::{self, MeshBed},
-    sys::http_get,
 };
 
 const HTTP: u16 = 8080;
 const GRPC: u16 = 50051;
-
-/// Waits until `agent` lists `ready` ready endpoints for the Service at
-/// `vip`.
-fn wait_endpoints(node: &Node, agent: &Agent, vip: SocketAddr, ready: usize) {
-    eventually(
-        &format!("{vip}: {ready} ready"),
-        Duration::from_secs(15),
-        || {
-            let (_, body) =
-                http_get(&node.netns, agent.admin, "/v1/services").map_err(|e| e.to_string())?;
-            let views: Vec<ServiceView> = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-            let n = views
-                .iter()
-                .find(|v| v.addr == vip)
-                .map(|v| v.endpoints.iter().filter(|e| e.ready).count());
-            if n == Some(ready) {
-                Ok(())
-            } else {
-                Err(format!("{n:?}"))
-            }
-        },
-    );
-}
 
 fn by_server(outcomes: &[http::Outcome]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
@@ -92,7 +67,7 @@ pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
             (&slow, &bed.b, true),
         ],
     );
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    bed.agent_a.wait_service(vip, 3);
     let mut cli = client.http();
     let marker = format!("/NODEMESH-REQUEST-{}", std::process::id());
 
@@ -166,7 +141,7 @@ pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
             (&idle, &bed.a, true),
         ],
     );
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    bed.agent_a.wait_service(vip, 3);
     let outcomes = cli.run(http::Run {
         requests: 60,
         concurrency: 2,
@@ -178,7 +153,7 @@ pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
     // Scaled down to one, live; then 100 requests, 10 answered 500.
     bed.cluster
         .endpoint_slice(&bed.ns, "web", HTTP, &[(&far, &bed.b, true)]);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 1);
+    bed.agent_a.wait_service(vip, 1);
     let before = bed.agent_a.metrics();
     let ok = cli.run(http::Run::get(vip, "/", 90));
     let failed = cli.run(http::Run::get(vip, "/?status=500", 10));
@@ -216,15 +191,20 @@ pub fn requests_to_a_service_are_balanced_one_by_one_across_nodes() {
     // No ready endpoint: the proxy answers 503 itself, counted a failure.
     bed.cluster
         .endpoint_slice(&bed.ns, "web", HTTP, &[(&far, &bed.b, false)]);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 0);
+    bed.agent_a.wait_service(vip, 0);
     let none = cli.run(http::Run::get(vip, "/", 3));
     assert!(none.iter().all(|o| o.status == Some(503)), "{none:?}");
-    bed.agent_a.wait_metric("proxy errors counted as failures", |m| {
-        m.sum(
-            "nodemesh_response_total",
-            &[("dst_service", &service), ("status_code", "503"), ("classification", "failure")],
-        ) == 3.0
-    });
+    bed.agent_a
+        .wait_metric("proxy errors counted as failures", |m| {
+            m.sum(
+                "nodemesh_response_total",
+                &[
+                    ("dst_service", &service),
+                    ("status_code", "503"),
+                    ("classification", "failure"),
+                ],
+            ) == 3.0
+        });
     drop(bed.identity);
 }
 
@@ -245,8 +225,8 @@ pub fn grpc_upgrades_and_large_uploads_pass_through_a_service() {
         .endpoint_slice(&bed.ns, "web", HTTP, &[(&server, &bed.b, true)]);
     bed.cluster
         .endpoint_slice(&bed.ns, "rpc", GRPC, &[(&server, &bed.b, true)]);
-    wait_endpoints(&bed.a, &bed.agent_a, web, 1);
-    wait_endpoints(&bed.a, &bed.agent_a, rpc, 1);
+    bed.agent_a.wait_service(web, 1);
+    bed.agent_a.wait_service(rpc, 1);
 
     // gRPC unary and server streaming, statuses intact and counted.
     let mut gcli = client.grpc();
@@ -322,32 +302,64 @@ pub fn grpc_upgrades_and_large_uploads_pass_through_a_service() {
     eprintln!("agent RSS {rss_before} KiB before a 1 GiB upload, {rss_after} KiB after");
 }
 
+/// One node on the shared API server, a meshed namespace with a server
+/// and a client pod, the agent with the given detect timeout.
+struct OneNode {
+    cluster: &'static Cluster,
+    ns: String,
+    node: Node,
+    server: std::sync::Arc<nodemesh_tests::Pod>,
+    client: std::sync::Arc<nodemesh_tests::Pod>,
+    agent: Agent,
+}
+
+impl OneNode {
+    fn new(server: &str, detect_timeout: &str) -> Self {
+        let cluster = Cluster::shared();
+        let ns = unique("nmt");
+        cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+        let node = Node::new();
+        let server = cluster.run_pod(&node, PodSpec::new(&ns, server));
+        let client = cluster.run_pod(&node, PodSpec::new(&ns, "client"));
+        let agent = Agent::start_ready(
+            &node,
+            AgentOptions::default()
+                .kube(cluster)
+                .arg("--detect-timeout")
+                .arg(detect_timeout),
+        );
+        agent.wait_metric("both captured", |m| {
+            m.sum("nodemesh_meshed_pods", &[]) == 2.0
+        });
+        Self {
+            cluster,
+            ns,
+            node,
+            server,
+            client,
+            agent,
+        }
+    }
+}
+
 /// A server that speaks first, behind a Service, with a detect timeout of
 /// 10 s: the client has the banner long before.
 pub fn a_server_first_protocol_never_waits_for_detection() {
-    let cluster = Cluster::shared();
-    let ns = unique("nmt");
-    cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
-    let node = Node::new();
-    let server = cluster.run_pod(&node, PodSpec::new(&ns, "smtp"));
-    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client"));
-    let agent = Agent::start_ready(
-        &node,
-        AgentOptions::default()
-            .kube(cluster)
-            .arg("--detect-timeout")
-            .arg("10s"),
-    );
-    agent.wait_metric("both captured", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 2.0
-    });
+    let OneNode {
+        cluster,
+        ns,
+        node,
+        server,
+        client,
+        agent,
+    } = OneNode::new("smtp", "10s");
     let banner = "220 mail.example ESMTP ready\r\n";
     let mut srv = server.tcp();
     srv.banner(2525, banner);
     // Port 2525: no list names it (25 would be opaque with no detection).
     let vip = SocketAddr::from((cluster.service(&ns, "mail", 2525, 2525), 2525));
     cluster.endpoint_slice(&ns, "mail", 2525, &[(&server, &node, true)]);
-    wait_endpoints(&node, &agent, vip, 1);
+    agent.wait_service(vip, 1);
     let mut cli = client.tcp();
     for to in [vip, SocketAddr::from((server.ip, 2525))] {
         let (text, took) = cli.greeting(to, banner.len() as u32).expect("the banner");
@@ -372,22 +384,14 @@ pub fn a_server_first_protocol_never_waits_for_detection() {
 /// and the opaque-ports annotation (Service, namespace) relay HTTP as
 /// bytes; a client silent past the detect timeout is relayed as bytes too.
 pub fn configuration_overrides_detection_live() {
-    let cluster = Cluster::shared();
-    let ns = unique("nmt");
-    cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
-    let node = Node::new();
-    let server = cluster.run_pod(&node, PodSpec::new(&ns, "web"));
-    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client"));
-    let agent = Agent::start_ready(
-        &node,
-        AgentOptions::default()
-            .kube(cluster)
-            .arg("--detect-timeout")
-            .arg("300ms"),
-    );
-    agent.wait_metric("both captured", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 2.0
-    });
+    let OneNode {
+        cluster,
+        ns,
+        node,
+        server,
+        client,
+        agent,
+    } = OneNode::new("web", "300ms");
     let mut srv = server.http();
     srv.serve(HTTP, http::Knobs::default());
     let service = |name: &str| {
@@ -436,7 +440,7 @@ spec:
         })
         .collect();
     for vip in vips.values() {
-        wait_endpoints(&node, &agent, *vip, 1);
+        agent.wait_service(*vip, 1);
     }
     let mut cli = client.http();
     let counted = |m: &Metrics, name: &str| {

@@ -2,14 +2,12 @@
 //! agent (kube-proxy never sees it), balanced over the ready endpoints on
 //! both nodes, each reached the right way (tunnel, same node, plain), and
 //! follows the endpoints live.
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
-use nodemesh_core::wire::ServiceView;
 use nodemesh_tests::{
-    Agent, Metrics, Node, Pod, PodSpec, TcpApp, eventually,
+    Node, Pod, PodSpec, TcpApp,
     kube::unique,
     mesh::{self, MeshBed},
-    sys::http_get,
 };
 
 const ECHO: u16 = 8080;
@@ -17,32 +15,6 @@ const PORT: u16 = 80;
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
-}
-
-/// Waits until `agent` lists `ready` ready endpoints for the Service at
-/// `vip`.
-fn wait_endpoints(node: &Node, agent: &Agent, vip: SocketAddr, ready: usize) {
-    eventually(
-        &format!("{vip} with {ready} ready endpoints"),
-        Duration::from_secs(15),
-        || {
-            let (status, body) =
-                http_get(&node.netns, agent.admin, "/v1/services").map_err(|e| e.to_string())?;
-            if status != 200 {
-                return Err(format!("{status}: {body}"));
-            }
-            let views: Vec<ServiceView> = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-            let n = views
-                .iter()
-                .find(|v| v.addr == vip)
-                .map(|v| v.endpoints.iter().filter(|e| e.ready).count());
-            if n == Some(ready) {
-                Ok(())
-            } else {
-                Err(format!("{n:?}: {body}"))
-            }
-        },
-    );
 }
 
 /// Which server answered each of `n` connections to `to` (by the servers'
@@ -71,18 +43,6 @@ fn spread(
         .collect()
 }
 
-fn tunnelled_in(m: &Metrics, pod: &str, peer: &str) -> f64 {
-    m.sum(
-        "nodemesh_tcp_peer_open_total",
-        &[
-            ("pod", pod),
-            ("direction", "inbound"),
-            ("tls", "true"),
-            ("peer_identity", peer),
-        ],
-    )
-}
-
 pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
     let bed = MeshBed::new("24h");
     let near = bed.pod(&bed.a, "echo-near", "echo");
@@ -108,7 +68,7 @@ pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
         (&far2, &bed.b, true),
     ];
     bed.cluster.endpoint_slice(&bed.ns, "echo", ECHO, &all);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    bed.agent_a.wait_service(vip, 3);
     let mut cli = client.tcp();
 
     // Spread over all three; nothing readable on the link.
@@ -131,7 +91,8 @@ pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
     let client_id = spiffe(&bed.ns, "client");
     bed.agent_b
         .wait_metric("the far endpoints saw the client's identity", |m| {
-            tunnelled_in(m, "echo-far1", &client_id) + tunnelled_in(m, "echo-far2", &client_id)
+            mesh::tunnelled_in(m, "echo-far1", &client_id)
+                + mesh::tunnelled_in(m, "echo-far2", &client_id)
                 == (counts["far1"] + counts["far2"]) as f64
         });
     let m = bed.agent_a.metrics();
@@ -157,7 +118,7 @@ pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
         (&far2, &bed.b, true),
     ];
     bed.cluster.endpoint_slice(&bed.ns, "echo", ECHO, &some);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 2);
+    bed.agent_a.wait_service(vip, 2);
     let counts = spread(&mut cli, vip, 20, &marker, &mut servers);
     assert_eq!(
         counts["near"], 0,
@@ -165,7 +126,7 @@ pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
     );
     bed.cluster
         .endpoint_slice(&bed.ns, "echo", ECHO, &[(&far1, &bed.b, true)]);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 1);
+    bed.agent_a.wait_service(vip, 1);
     let counts = spread(&mut cli, vip, 10, &marker, &mut servers);
     assert_eq!(counts["far1"], 10, "scaled down to one: {counts:?}");
 
@@ -181,7 +142,7 @@ pub fn connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes() {
             (&far2, &bed.b, true),
         ],
     );
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 3);
+    bed.agent_a.wait_service(vip, 3);
     let counts = spread(&mut cli, vip, 30, &marker, &mut servers);
     assert_eq!(counts["far1"] + counts["far2"], 30, "{counts:?}");
     drop(bed.identity);
@@ -200,7 +161,7 @@ pub fn unmeshed_endpoints_are_plain_and_no_endpoints_is_a_reset() {
     let vip = SocketAddr::from((bed.cluster.service(&plain_ns, "plain", PORT, ECHO), PORT));
     bed.cluster
         .endpoint_slice(&plain_ns, "plain", ECHO, &[(&plain, &bed.b, true)]);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 1);
+    bed.agent_a.wait_service(vip, 1);
     let mut cli = client.tcp();
     let x = cli.exchange_ok(vip, 64 << 10);
     assert!(x.redirected(), "{x:?}");
@@ -225,7 +186,7 @@ pub fn unmeshed_endpoints_are_plain_and_no_endpoints_is_a_reset() {
 
     bed.cluster
         .endpoint_slice(&plain_ns, "plain", ECHO, &[(&plain, &bed.b, false)]);
-    wait_endpoints(&bed.a, &bed.agent_a, vip, 0);
+    bed.agent_a.wait_service(vip, 0);
     let refused = cli.exchange(vip, 1000).expect_err("no ready endpoint");
     assert_eq!(refused.kind, "reset", "{refused:?}");
     bed.agent_a.wait_metric("counted", |m| {

@@ -204,6 +204,32 @@ impl Agent {
         })
     }
 
+    /// Waits until the agent lists `ready` ready endpoints for the Service
+    /// at `vip` (its `/v1/services`).
+    pub fn wait_service(&self, vip: std::net::SocketAddr, ready: usize) {
+        eventually(
+            &format!("{vip} with {ready} ready endpoints"),
+            Duration::from_secs(15),
+            || {
+                let (status, body) = self.get("/v1/services").map_err(|e| e.to_string())?;
+                if status != 200 {
+                    return Err(format!("{status}: {body}"));
+                }
+                let views: Vec<nodemesh_core::wire::ServiceView> =
+                    serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                let n = views
+                    .iter()
+                    .find(|v| v.addr == vip)
+                    .map(|v| v.endpoints.iter().filter(|e| e.ready).count());
+                if n == Some(ready) {
+                    Ok(())
+                } else {
+                    Err(format!("{n:?}: {body}"))
+                }
+            },
+        );
+    }
+
     /// The agent's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

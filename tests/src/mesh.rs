@@ -229,6 +229,20 @@ impl Drop for Capture {
     }
 }
 
+/// Connections `pod`'s agent accepted for it through the tunnel from
+/// `peer` (a SPIFFE ID).
+pub fn tunnelled_in(m: &Metrics, pod: &str, peer: &str) -> f64 {
+    m.sum(
+        "nodemesh_tcp_peer_open_total",
+        &[
+            ("pod", pod),
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("peer_identity", peer),
+        ],
+    )
+}
+
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)

@@ -88,24 +88,18 @@ fn main() {
     let dst = SocketAddr::from((server.ip, PORT));
     let mut rss = Vec::new();
 
-    let mut hsrv = server.http();
-    hsrv.serve(
-        HTTP_PORT,
-        http::Knobs {
-            bytes: 1024,
-            ..http::Knobs::default()
-        },
-    );
-    let mut gsrv = server.grpc();
-    gsrv.serve(GRPC_PORT, grpc::Knobs::default());
-    let mut gcli = client.grpc();
-    let url = format!("http://{}:{HTTP_PORT}/", server.ip);
-    let rpc = SocketAddr::from((server.ip, GRPC_PORT));
+    let RequestApps {
+        _hsrv: hsrv,
+        _gsrv: gsrv,
+        mut gcli,
+        mut hcli,
+        url,
+        hto,
+        rpc,
+    } = request_apps(&client, &server);
 
     eprintln!("  running: direct (client not meshed)");
     let direct = measure(&mut app, dst, &s);
-    let mut hcli = client.http();
-    let hto = SocketAddr::from((server.ip, HTTP_PORT));
     let http_direct = wrk(&client, &url, &s, &[]);
     let seq_direct = sequential(&mut hcli, hto, &s, &[]);
     let grpc_direct = grpc_calls(&mut gcli, rpc, &s, &[]);
@@ -208,25 +202,19 @@ fn cross_node(s: &Settings) {
     srv.listen(PORT);
     let mut app = client.tcp();
     let dst = SocketAddr::from((server.ip, PORT));
-    let mut hsrv = server.http();
-    hsrv.serve(
-        HTTP_PORT,
-        http::Knobs {
-            bytes: 1024,
-            ..http::Knobs::default()
-        },
-    );
-    let mut gsrv = server.grpc();
-    gsrv.serve(GRPC_PORT, grpc::Knobs::default());
-    let mut gcli = client.grpc();
-    let url = format!("http://{}:{HTTP_PORT}/", server.ip);
-    let rpc = SocketAddr::from((server.ip, GRPC_PORT));
+    let RequestApps {
+        _hsrv: _http_server,
+        _gsrv: _grpc_server,
+        mut gcli,
+        mut hcli,
+        url,
+        hto,
+        rpc,
+    } = request_apps(&client, &server);
 
     eprintln!("  running: cross-node direct (client not meshed)");
     let direct = measure(&mut app, dst, s);
     let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
-    let mut hcli = client.http();
-    let hto = SocketAddr::from((server.ip, HTTP_PORT));
     let http_direct = wrk(&client, &url, s, &[]);
     let seq_direct = sequential(&mut hcli, hto, s, &[]);
     let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
@@ -310,6 +298,42 @@ fn cross_node(s: &Settings) {
             ("gRPC unary, meshed", grpc_meshed),
         ],
     );
+}
+
+/// The servers and clients of the request rows.
+struct RequestApps {
+    _hsrv: nodemesh_tests::HttpApp,
+    _gsrv: nodemesh_tests::GrpcApp,
+    gcli: nodemesh_tests::GrpcApp,
+    hcli: nodemesh_tests::HttpApp,
+    /// wrk's URL, the HTTP app's and the gRPC app's addresses.
+    url: String,
+    hto: SocketAddr,
+    rpc: SocketAddr,
+}
+
+/// An HTTP server answering 1 KiB and a gRPC server in `server`; their
+/// clients in `client`.
+fn request_apps(client: &Pod, server: &Pod) -> RequestApps {
+    let mut hsrv = server.http();
+    hsrv.serve(
+        HTTP_PORT,
+        http::Knobs {
+            bytes: 1024,
+            ..http::Knobs::default()
+        },
+    );
+    let mut gsrv = server.grpc();
+    gsrv.serve(GRPC_PORT, grpc::Knobs::default());
+    RequestApps {
+        _hsrv: hsrv,
+        _gsrv: gsrv,
+        gcli: client.grpc(),
+        hcli: client.http(),
+        url: format!("http://{}:{HTTP_PORT}/", server.ip),
+        hto: SocketAddr::from((server.ip, HTTP_PORT)),
+        rpc: SocketAddr::from((server.ip, GRPC_PORT)),
+    }
 }
 
 /// Requests: medians over the repeats.

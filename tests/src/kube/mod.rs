@@ -341,17 +341,14 @@ fn log_file(dir: &Path, name: &str) -> fs::File {
         .expect("log file")
 }
 
-/// A CA, the API server's serving certificate, the service account signing
-/// key pair and the admin token.
-fn write_pki(pki: &Path) {
+/// A CA for a test API server: the issuer and its certificate (PEM).
+pub(crate) fn test_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
     let ca_key = KeyPair::generate().expect("ca key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca.distinguished_name
-        .push(DnType::CommonName, "nodemesh test CA");
+    ca.distinguished_name.push(DnType::CommonName, name);
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -359,7 +356,14 @@ fn write_pki(pki: &Path) {
         KeyUsagePurpose::DigitalSignature,
     ];
     let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca, ca_key);
+    (Issuer::new(ca, ca_key), ca_cert.pem())
+}
+
+/// A CA, the API server's serving certificate, the service account signing
+/// key pair and the admin token.
+fn write_pki(pki: &Path) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let (issuer, ca_pem) = test_ca("nodemesh test CA");
 
     let server_key = KeyPair::generate().expect("server key");
     let mut server = CertificateParams::new(vec![
@@ -375,7 +379,7 @@ fn write_pki(pki: &Path) {
     let server_cert = server.signed_by(&server_key, &issuer).expect("server cert");
 
     let sa_key = KeyPair::generate().expect("sa key");
-    fs::write(pki.join("ca.crt"), ca_cert.pem()).expect("write");
+    fs::write(pki.join("ca.crt"), ca_pem).expect("write");
     fs::write(pki.join("apiserver.crt"), server_cert.pem()).expect("write");
     fs::write(pki.join("apiserver.key"), server_key.serialize_pem()).expect("write");
     fs::write(pki.join("sa.key"), sa_key.serialize_pem()).expect("write");

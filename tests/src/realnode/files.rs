@@ -3,10 +3,7 @@
 //! into the node's directory; nothing is written elsewhere on the host.
 use std::{fs, net::Ipv4Addr, path::Path};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
 
 /// The admin token (group `system:masters`): the tests, controller-manager,
 /// scheduler and kube-proxy use it.
@@ -31,18 +28,7 @@ fn write(path: &Path, text: impl AsRef<[u8]>) {
 /// pair, and the token file.
 pub fn pki(dir: &Path, node: &str, node_ip: Ipv4Addr) {
     fs::create_dir_all(dir).expect("pki dir");
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca.distinguished_name
-        .push(DnType::CommonName, "nodemesh real-node CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca, ca_key);
+    let (issuer, ca_pem) = crate::kube::test_ca("nodemesh real-node CA");
 
     let server_key = KeyPair::generate().expect("server key");
     let mut server = CertificateParams::new(vec![
@@ -64,7 +50,7 @@ pub fn pki(dir: &Path, node: &str, node_ip: Ipv4Addr) {
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &issuer).expect("server cert");
     let sa_key = KeyPair::generate().expect("sa key");
-    write(&dir.join("ca.crt"), ca_cert.pem());
+    write(&dir.join("ca.crt"), ca_pem);
     write(&dir.join("apiserver.crt"), server_cert.pem());
     write(&dir.join("apiserver.key"), server_key.serialize_pem());
     write(&dir.join("sa.key"), sa_key.serialize_pem());

@@ -90,6 +90,16 @@ pub struct SliceInfo {
     pub endpoints: Vec<EndpointInfo>,
 }
 
+impl SliceInfo {
+    /// The target port for `port`: the slice's port of the same name.
+    fn target_port(&self, port: &ServicePort) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|(name, _)| *name == port.name)
+            .map(|(_, p)| *p)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub addresses: Vec<IpAddr>,
@@ -129,12 +139,7 @@ impl Services {
             for port in &svc.ports {
                 let mut endpoints = BTreeSet::new();
                 for slice in slices {
-                    let Some(target) = slice
-                        .ports
-                        .iter()
-                        .find(|(name, _)| *name == port.name)
-                        .map(|(_, p)| *p)
-                    else {
+                    let Some(target) = slice.target_port(port) else {
                         continue;
                     };
                     for ep in slice.endpoints.iter().filter(|e| e.ready && !e.terminating) {
@@ -191,13 +196,7 @@ impl Services {
     ) -> ServiceView {
         let mut endpoints = Vec::new();
         for slice in self.slices.values().filter(|s| &s.service == key) {
-            // The slice port with the Service port's name carries the target port.
-            let Some(target) = slice
-                .ports
-                .iter()
-                .find(|(name, _)| *name == port.name)
-                .map(|(_, p)| *p)
-            else {
+            let Some(target) = slice.target_port(port) else {
                 continue;
             };
             for ep in &slice.endpoints {

@@ -242,29 +242,12 @@ impl Outbound {
                     .balancer
                     .pick(&svc.endpoints, &[])
                     .ok_or(Failure::NoEndpoints)?;
-                let endpoint = work.endpoint().addr;
-                let up = self.state.upstream(endpoint);
-                let route = route(self.ctx(), &pod.pod, &up);
-                match self.open(route, pod, endpoint).await {
-                    Ok(opened) => {
-                        if opened.dialled {
-                            work.reached();
-                        } else {
-                            work.success();
-                        }
-                        Ok(Early {
-                            endpoint,
-                            opened,
-                            work: Some(work),
-                        })
-                    }
-                    Err(failure) => {
-                        if !matches!(failure, Failure::Refused(_)) {
-                            work.failure();
-                        }
-                        Err(failure)
-                    }
-                }
+                let opened = self.open_endpoint(pod, &work).await?;
+                Ok(Early {
+                    endpoint: work.endpoint().addr,
+                    opened,
+                    work: Some(work),
+                })
             }
             _ => {
                 let route = route(self.ctx(), &pod.pod, upstream);

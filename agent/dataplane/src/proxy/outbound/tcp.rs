@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     proxy::{
+        balance::InFlight,
         inbound::{Accepted, Accounting},
         pods::ServedPod,
         relay::{Reset, UpstreamIo, relay, reset_if_we_die},
@@ -117,15 +118,8 @@ impl Outbound {
             };
             let endpoint = work.endpoint().addr;
             tried.push(endpoint);
-            let upstream = self.state.upstream(endpoint);
-            let route = route(self.ctx(), &pod.pod, &upstream);
-            match self.open(route, pod, endpoint).await {
+            match self.open_endpoint(pod, &work).await {
                 Ok(opened) => {
-                    if opened.dialled {
-                        work.reached();
-                    } else {
-                        work.success();
-                    }
                     debug!(service = %svc, %vip, %endpoint, "connected to a Service endpoint");
                     // The connection is the endpoint's load while it lasts.
                     self.carry(client, pod, opened, endpoint).await;
@@ -133,9 +127,6 @@ impl Outbound {
                     return;
                 }
                 Err(failure) => {
-                    if !matches!(failure, Failure::Refused(_)) {
-                        work.failure();
-                    }
                     let reason = failure.log(endpoint);
                     debug!(service = %svc, %endpoint, %reason, "trying another endpoint");
                     last = Some(reason);
@@ -152,6 +143,36 @@ impl Outbound {
         }
         pod.outbound.connect_error(ConnectError::NoEndpoints);
         client.reset();
+    }
+
+    /// Opens the endpoint the balancer picked for `work` (routed as any
+    /// destination), telling the balancer how it went: reached (its time
+    /// sampled unless a new tunnel connection was in it), or failed (unless
+    /// refused by routing, which is not the endpoint's doing).
+    pub(super) async fn open_endpoint(
+        &self,
+        pod: &ServedPod,
+        work: &InFlight,
+    ) -> Result<Opened, Failure> {
+        let endpoint = work.endpoint().addr;
+        let upstream = self.state.upstream(endpoint);
+        let route = route(self.ctx(), &pod.pod, &upstream);
+        match self.open(route, pod, endpoint).await {
+            Ok(opened) => {
+                if opened.dialled {
+                    work.reached();
+                } else {
+                    work.success();
+                }
+                Ok(opened)
+            }
+            Err(failure) => {
+                if !matches!(failure, Failure::Refused(_)) {
+                    work.failure();
+                }
+                Err(failure)
+            }
+        }
     }
 
     /// Relays between `client` and what was opened for it.
