@@ -277,6 +277,36 @@ pub fn grpc_upgrades_and_large_uploads_pass_through_a_service() {
         5.0
     );
 
+    // One long-lived HTTP/2 connection follows the endpoints: one added
+    // while calls flow gets its share, with no new connection.
+    let second = bed.pod(&bed.a, "api-2", "api");
+    let mut gsrv2 = second.grpc();
+    gsrv2.serve(GRPC, grpc::Knobs::default());
+    let calls = std::thread::spawn(move || {
+        let outcomes = gcli.run(grpc::Run {
+            ask: Some(grpc::Knobs {
+                delay_ms: 10,
+                ..grpc::Knobs::default()
+            }),
+            ..grpc::Run::unary(rpc, 200)
+        });
+        (gcli, outcomes)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    bed.cluster.endpoint_slice(
+        &bed.ns,
+        "rpc",
+        GRPC,
+        &[(&server, &bed.b, true), (&second, &bed.a, true)],
+    );
+    let (_gcli, outcomes) = calls.join().expect("the calls");
+    assert!(outcomes.iter().all(|o| o.code == 0), "{outcomes:?}");
+    let joined = gsrv2.seen(GRPC).calls;
+    assert!(
+        joined >= 10,
+        "the endpoint added mid-connection got {joined} of 200 calls"
+    );
+
     // An HTTP/1.1 upgrade (WebSocket): 101, then bytes both ways.
     let mut raw = client.tcp();
     let (status, echoed, intact) = raw.upgrade(web, 1 << 20).expect("upgrade");

@@ -7,10 +7,11 @@
 //! - **Peak EWMA**: a sample above the average replaces it at once (a slow
 //!   endpoint is noticed on its first slow answer); below, the average
 //!   decays toward it with a 10 s time constant.
-//! - **Failure accrual**: an endpoint that refuses a connection, or fails
-//!   [`FAILURES_TO_TRIP`] requests in a row with connection errors, gets no
-//!   new work until its backoff (1 s, doubling to 30 s) is over; then one
-//!   probe may go, and its success clears the record.
+//! - **Failure accrual**: an endpoint that cannot be connected to
+//!   ([`FAILURES_TO_TRIP`] times in a row) gets no new work until its
+//!   backoff (1 s, doubling per failed probe to 30 s) is over; then one
+//!   probe may go, and its success clears the record. Only connection
+//!   failures count: an answer, even an error, is the app's.
 //! - Bounded: endpoints unused for [`FORGET_AFTER`] are forgotten, and at
 //!   most [`MAX_ENDPOINTS`] are tracked.
 use std::{
@@ -64,6 +65,9 @@ struct Stats {
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     started: Instant,
+    /// Whether an outcome was recorded (a probe with none is let go on
+    /// drop, so the endpoint is not left out).
+    told: std::sync::atomic::AtomicBool,
 }
 
 impl InFlight {
@@ -74,6 +78,7 @@ impl InFlight {
     /// The work reached the endpoint and it answered (connected, or sent a
     /// response head): its latency counts, its failures are forgotten.
     pub fn success(&self) {
+        self.told.store(true, Ordering::Relaxed);
         self.endpoint.observe(self.started.elapsed(), true);
     }
 
@@ -81,11 +86,13 @@ impl InFlight {
     /// tunnel connection's handshake was in it): failures are forgotten,
     /// the latency is not sampled.
     pub fn reached(&self) {
+        self.told.store(true, Ordering::Relaxed);
         self.endpoint.reached();
     }
 
     /// It never reached the endpoint (refused, unreachable, timed out).
     pub fn failure(&self) {
+        self.told.store(true, Ordering::Relaxed);
         self.endpoint.observe(self.started.elapsed(), false);
     }
 }
@@ -93,6 +100,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.told.load(Ordering::Relaxed) {
+            // Cancelled, or not the endpoint's doing: a probe may go again.
+            self.endpoint.stats().probing = false;
+        }
     }
 }
 
@@ -155,7 +166,10 @@ impl Endpoint {
             stats.backoff = BACKOFF_MIN;
         } else {
             stats.failures += 1;
-            if stats.failures >= FAILURES_TO_TRIP {
+            // Resting already: concurrent failures of the same outage do
+            // not stretch the rest; a failed probe does.
+            let resting = stats.down_until.is_some_and(|until| now < until);
+            if stats.failures >= FAILURES_TO_TRIP && !resting {
                 let backoff = stats.backoff;
                 stats.down_until = Some(now + backoff);
                 stats.backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -259,6 +273,36 @@ impl Balancer {
             .len()
     }
 
+    /// Work for the endpoint `addr` itself (a connection already made to
+    /// it), unless it rests.
+    pub fn choose(&self, addr: SocketAddr) -> Option<InFlight> {
+        let now = Instant::now();
+        let endpoint = self.endpoint(addr, now);
+        if !endpoint.available(now) {
+            return None;
+        }
+        Some(self.start(endpoint, now))
+    }
+
+    fn start(&self, chosen: Arc<Endpoint>, now: Instant) -> InFlight {
+        {
+            let mut stats = chosen.stats();
+            if stats.down_until.is_some() {
+                stats.probing = true;
+            }
+        }
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        chosen.last_used.store(
+            now.saturating_duration_since(self.epoch).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        InFlight {
+            endpoint: chosen,
+            started: now,
+            told: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// Picks one of `candidates` (minus `exclude`): the cheaper of two
     /// random available ones. When every one rests, the one whose rest
     /// ends first is tried anyway (better a probe than a certain failure).
@@ -294,21 +338,7 @@ impl Balancer {
                 }
             }
         };
-        {
-            let mut stats = chosen.stats();
-            if stats.down_until.is_some() {
-                stats.probing = true;
-            }
-        }
-        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        chosen.last_used.store(
-            now.saturating_duration_since(self.epoch).as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        Some(InFlight {
-            endpoint: chosen,
-            started: now,
-        })
+        Some(self.start(chosen, now))
     }
 }
 

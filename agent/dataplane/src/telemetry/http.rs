@@ -240,8 +240,8 @@ impl HttpMetrics {
                 }
                 src.requests.insert(labels.clone());
             }
+            self.requests.get_or_create(&labels).inc();
         }
-        self.requests.get_or_create(&labels).inc();
         Some(Request {
             metrics: self.clone(),
             source: source.clone(),
@@ -261,10 +261,18 @@ pub struct Request {
 impl Request {
     /// Its response's head arrived after `latency`.
     pub fn latency(&self, latency: Duration) {
-        self.metrics
-            .latency
-            .get_or_create(&self.labels)
-            .observe(latency.as_secs_f64());
+        let sources = self
+            .metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Its source let go meanwhile: no series to bring back.
+        if sources.get(&self.source).is_some_and(|s| s.holders > 0) {
+            self.metrics
+                .latency
+                .get_or_create(&self.labels)
+                .observe(latency.as_secs_f64());
+        }
     }
 
     /// Its response ended: `status` (0 when the proxy made none), the gRPC
@@ -274,7 +282,16 @@ impl Request {
         let labels = ResponseLabels {
             request: self.labels.clone(),
             status_code: status.to_string(),
-            grpc_status: grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            // The 17 codes gRPC defines; anything else is one value.
+            grpc_status: grpc_status
+                .map(|s| {
+                    if s <= 16 {
+                        s.to_string()
+                    } else {
+                        "other".into()
+                    }
+                })
+                .unwrap_or_default(),
             classification: if failure {
                 Classification::Failure
             } else {
@@ -291,8 +308,9 @@ impl Request {
                 return;
             };
             src.responses.insert(labels.clone());
+            // Counted under the lock: a release cannot slip in between.
+            self.metrics.responses.get_or_create(&labels).inc();
         }
-        self.metrics.responses.get_or_create(&labels).inc();
     }
 }
 

@@ -86,8 +86,9 @@ impl std::fmt::Debug for Outbound {
 struct Detection {
     detected: Detected,
     /// The connection dialled meanwhile (the one dial, awaited either
-    /// way: it is what the connection goes over).
-    early: Result<Early, Failure>,
+    /// way: it is what the connection goes over), or why there is none
+    /// (and which endpoint failed, not to be tried again).
+    early: Result<Early, (Option<SocketAddr>, Failure)>,
     /// What the server said first, to be passed on.
     server_first: Vec<u8>,
 }
@@ -145,7 +146,8 @@ impl Outbound {
         };
         let upstream = self.state.upstream(dst);
         let dest = match &upstream.target {
-            Target::Service(svc) => Dest::Service(svc.clone()),
+            // Resolved again for every request: endpoints change.
+            Target::Service(_) => Dest::Service(dst),
             _ => Dest::Single(dst),
         };
         match self.configured(&upstream) {
@@ -174,9 +176,10 @@ impl Outbound {
                 }
                 // The endpoint first dialled failed: others (a Service),
                 // or a reset.
-                Err(failure) => match &upstream.target {
+                Err((failed, failure)) => match &upstream.target {
                     Target::Service(svc) if !matches!(failure, Failure::NoEndpoints) => {
-                        self.service_tcp(client, &pod, svc, dst).await
+                        let exclude: Vec<SocketAddr> = failed.into_iter().collect();
+                        self.service_tcp(client, &pod, svc, dst, &exclude).await
                     }
                     _ => {
                         let reason = failure.log(dst);
@@ -222,7 +225,7 @@ impl Outbound {
         dst: SocketAddr,
     ) {
         if let Target::Service(service) = &upstream.target {
-            return self.service_tcp(client, pod, service, dst).await;
+            return self.service_tcp(client, pod, service, dst, &[]).await;
         }
         let route = route(self.ctx(), &pod.pod, upstream);
         self.tcp(client, pod, route, dst).await;
@@ -235,23 +238,30 @@ impl Outbound {
         pod: &ServedPod,
         upstream: &Upstream,
         dst: SocketAddr,
-    ) -> Result<Early, Failure> {
+    ) -> Result<Early, (Option<SocketAddr>, Failure)> {
         match &upstream.target {
             Target::Service(svc) => {
                 let work = self
                     .balancer
                     .pick(&svc.endpoints, &[])
-                    .ok_or(Failure::NoEndpoints)?;
-                let opened = self.open_endpoint(pod, &work).await?;
+                    .ok_or((None, Failure::NoEndpoints))?;
+                let endpoint = work.endpoint().addr;
+                let opened = self
+                    .open_endpoint(pod, &work)
+                    .await
+                    .map_err(|f| (Some(endpoint), f))?;
                 Ok(Early {
-                    endpoint: work.endpoint().addr,
+                    endpoint,
                     opened,
                     work: Some(work),
                 })
             }
             _ => {
                 let route = route(self.ctx(), &pod.pod, upstream);
-                let opened = self.open(route, pod, dst).await?;
+                let opened = self
+                    .open(route, pod, dst)
+                    .await
+                    .map_err(|f| (Some(dst), f))?;
                 Ok(Early {
                     endpoint: dst,
                     opened,
@@ -302,20 +312,41 @@ impl Outbound {
         };
         // 2. Dialled: the client, or the server, or the timeout.
         let mut buf = vec![0u8; 16 * 1024];
-        let (detected, n) = tokio::select! {
+        let said = tokio::select! {
             biased;
-            d = client_bytes(client) => (d, 0),
-            r = early.opened.io.read(&mut buf) => match r {
-                Ok(n) => (Detected::ServerFirst, n),
-                Err(_) => (Detected::Opaque, 0),
-            },
-            _ = &mut deadline => (Detected::Timeout, 0),
+            d = client_bytes(client) => return Detection { detected: d, early: Ok(early), server_first: Vec::new() },
+            r = early.opened.io.read(&mut buf) => r,
+            _ = &mut deadline => return Detection { detected: Detected::Timeout, early: Ok(early), server_first: Vec::new() },
         };
-        buf.truncate(n);
-        Detection {
-            detected,
-            early: Ok(early),
-            server_first: buf,
+        match said {
+            Ok(n) if n > 0 => {
+                buf.truncate(n);
+                Detection {
+                    detected: Detected::ServerFirst,
+                    early: Ok(early),
+                    server_first: buf,
+                }
+            }
+            // Closed or failed before a word: as if the dial had failed
+            // (a Service tries another endpoint); the client decides.
+            other => {
+                let e = other
+                    .err()
+                    .unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+                if let Some(work) = &early.work {
+                    work.failure();
+                }
+                let failed = (Some(early.endpoint), Failure::Connect(e));
+                let detected = tokio::select! {
+                    d = client_bytes(client) => d,
+                    _ = &mut deadline => Detected::Timeout,
+                };
+                Detection {
+                    detected,
+                    early: Err(failed),
+                    server_first: Vec::new(),
+                }
+            }
         }
     }
 

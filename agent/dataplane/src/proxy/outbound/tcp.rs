@@ -108,11 +108,12 @@ impl Outbound {
         pod: &ServedPod,
         service: &Arc<ServiceTarget>,
         vip: SocketAddr,
+        exclude: &[SocketAddr],
     ) {
         let svc = format!("{}/{}", service.service.namespace, service.service.name);
-        let mut tried = Vec::new();
+        let mut tried: Vec<SocketAddr> = exclude.to_vec();
         let mut last = None;
-        while tried.len() < SERVICE_ATTEMPTS {
+        while tried.len() < SERVICE_ATTEMPTS + exclude.len() {
             let Some(work) = self.balancer.pick(&service.endpoints, &tried) else {
                 break;
             };
@@ -128,6 +129,7 @@ impl Outbound {
                 }
                 Err(failure) => {
                     let reason = failure.log(endpoint);
+                    pod.outbound.connect_error(reason);
                     debug!(service = %svc, %endpoint, %reason, "trying another endpoint");
                     last = Some(reason);
                 }

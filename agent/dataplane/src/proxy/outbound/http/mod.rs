@@ -36,7 +36,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use self::pool::{Body, Conn, Key};
-use super::{Outbound, route::route, tcp::Opened};
+use super::{
+    Outbound,
+    route::{Route, route},
+    tcp::Opened,
+};
 use crate::{
     proxy::{balance::InFlight, pods::ServedPod, relay::CountedIo},
     state::{ServiceTarget, Target},
@@ -51,8 +55,9 @@ const ATTEMPTS: usize = 3;
 /// Where a connection's requests go.
 #[derive(Clone, Debug)]
 pub enum Dest {
-    /// A Service: each request to an endpoint of its own.
-    Service(Arc<ServiceTarget>),
+    /// A Service's cluster IP and port: each request to an endpoint of its
+    /// own, among the ready ones at that moment.
+    Service(SocketAddr),
     /// One address (a pod, or outside the cluster).
     Single(SocketAddr),
 }
@@ -72,6 +77,18 @@ struct Forwarder {
     dest: Dest,
     h2: bool,
     source: Workload,
+    /// The endpoint dialled while detecting: the first request goes there
+    /// (its connection is waiting in the pool).
+    early: std::sync::Mutex<Option<SocketAddr>>,
+}
+
+/// What a connection to an endpoint must be now (its route): over TLS,
+/// and to which identity. A pooled one that no longer matches (the
+/// destination became meshed, say) is not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Expected {
+    tls: bool,
+    peer: Option<String>,
 }
 
 impl Outbound {
@@ -91,6 +108,7 @@ impl Outbound {
             pod: pod.clone(),
             dest,
             h2,
+            early: std::sync::Mutex::new(early.as_ref().map(|e| e.endpoint)),
         });
         if let Some(early) = early {
             forwarder.pool_early(early).await;
@@ -134,14 +152,60 @@ impl Forwarder {
         }
     }
 
-    /// The next endpoint to try, with its load accounting (Services).
+    /// The Service behind the cluster IP now (its endpoints change).
+    fn service(&self) -> Option<Arc<ServiceTarget>> {
+        match &self.dest {
+            Dest::Service(vip) => match self.outbound.state.upstream(*vip).target {
+                Target::Service(svc) => Some(svc),
+                _ => None,
+            },
+            Dest::Single(_) => None,
+        }
+    }
+
+    /// The next endpoint to try, with its load accounting (Services): the
+    /// early connection's endpoint first, then the balancer's choice.
     fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Option<InFlight>)> {
         match &self.dest {
-            Dest::Service(svc) => {
+            Dest::Service(_) => {
+                let svc = self.service()?;
+                let early = self
+                    .early
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .filter(|e| svc.endpoints.contains(e) && !tried.contains(e));
+                if let Some(work) = early.and_then(|e| self.outbound.balancer.choose(e)) {
+                    return Some((work.endpoint().addr, Some(work)));
+                }
                 let work = self.outbound.balancer.pick(&svc.endpoints, tried)?;
                 Some((work.endpoint().addr, Some(work)))
             }
             Dest::Single(addr) => (!tried.contains(addr)).then_some((*addr, None)),
+        }
+    }
+
+    /// What a connection to `endpoint` must be, by its route now; `None`
+    /// when routing refuses it (a meshed pod whose node is unknown, …).
+    fn expected(&self, endpoint: SocketAddr) -> Option<Expected> {
+        let upstream = self.outbound.state.upstream(endpoint);
+        match route(self.outbound.ctx(), &self.pod.pod, &upstream) {
+            Route::Direct => Some(Expected {
+                tls: false,
+                peer: None,
+            }),
+            Route::Local { id, .. } => Some(Expected {
+                tls: false,
+                peer: Some(id.uri().to_owned()),
+            }),
+            Route::Tunnel { dst, .. } => Some(Expected {
+                tls: true,
+                peer: Some(dst.uri().to_owned()),
+            }),
+            Route::Refuse(why) => {
+                debug!(%endpoint, %why, "endpoint skipped");
+                None
+            }
         }
     }
 
@@ -157,10 +221,15 @@ impl Forwarder {
             _ => Workload::default(),
         };
         let service = match &self.dest {
-            Dest::Service(svc) => format!(
-                "{}/{}:{}",
-                svc.service.namespace, svc.service.name, svc.port.port
-            ),
+            Dest::Service(vip) => self
+                .service()
+                .map(|svc| {
+                    format!(
+                        "{}/{}:{}",
+                        svc.service.namespace, svc.service.name, svc.port.port
+                    )
+                })
+                .unwrap_or_else(|| vip.to_string()),
             Dest::Single(_) => String::new(),
         };
         Destination { workload, service }
@@ -238,24 +307,45 @@ impl Forwarder {
         }
         let mut req = Some(req.map(|b| b.boxed()));
         let mut tried = Vec::new();
+        // A pooled connection closed before the request was written: the
+        // same endpoint again, on a new connection.
+        let mut again: Option<(SocketAddr, Option<InFlight>)> = None;
         let mut why = Unreachable::NoEndpoint;
-        while tried.len() < ATTEMPTS {
-            let Some((endpoint, work)) = self.pick(&tried) else {
-                break;
+        loop {
+            let (endpoint, work, fresh) = match again.take() {
+                Some((endpoint, work)) => (endpoint, work, true),
+                None => {
+                    if tried.len() >= ATTEMPTS {
+                        break;
+                    }
+                    let Some((endpoint, work)) = self.pick(&tried) else {
+                        break;
+                    };
+                    tried.push(endpoint);
+                    (endpoint, work, false)
+                }
             };
-            tried.push(endpoint);
+            let Some(expected) = self.expected(endpoint) else {
+                why = Unreachable::Failed(format!("{endpoint}: refused by routing"));
+                continue;
+            };
             let key = self.key(endpoint);
             // An upgraded connection is the client's alone: never pooled.
-            let pooled = if upgrade {
+            let pooled = if upgrade || fresh {
                 None
             } else {
-                self.outbound.pool.take(&key)
+                self.outbound
+                    .pool
+                    .take(&key)
+                    .filter(|c| c.tls == expected.tls && c.peer_uri() == expected.peer.as_deref())
             };
+            let was_pooled = pooled.is_some();
             let mut conn = match pooled {
                 Some(conn) => conn,
                 None => match self.connect(endpoint).await {
                     Ok(conn) => conn,
                     Err(e) => {
+                        // Only connection failures count against it.
                         if let Some(w) = &work {
                             w.failure();
                         }
@@ -268,33 +358,34 @@ impl Forwarder {
             let Some(request) = req.take() else {
                 break;
             };
-            let metric =
-                self.outbound
-                    .http_metrics
-                    .request(&self.source, &conn.dst, conn.tls, protocol);
             match conn.send(request).await {
                 Ok(mut resp) => {
                     if let Some(w) = &work {
                         w.success();
                     }
+                    let metric = self.outbound.http_metrics.request(
+                        &self.source,
+                        &conn.dst,
+                        conn.tls,
+                        protocol,
+                    );
                     if let Some(m) = &metric {
                         m.latency(started.elapsed());
                     }
                     let status = resp.status();
-                    if upgrade {
-                        if status == StatusCode::SWITCHING_PROTOCOLS
-                            || (status.is_success() && client_upgrade.is_some())
-                        {
-                            let server = hyper::upgrade::on(&mut resp);
-                            if let Some(client) = client_upgrade {
-                                tokio::spawn(splice(client, server));
-                            }
+                    let switched = upgrade
+                        && (status == StatusCode::SWITCHING_PROTOCOLS
+                            || (status.is_success() && client_upgrade.is_some()));
+                    if switched {
+                        let server = hyper::upgrade::on(&mut resp);
+                        if let Some(client) = client_upgrade {
+                            tokio::spawn(splice(client, server));
                         }
-                    } else {
+                    } else if !upgrade {
                         self.outbound.pool.put(key, conn);
                     }
                     if !self.h2 {
-                        strip_hop_by_hop(resp.headers_mut(), upgrade);
+                        strip_hop_by_hop(resp.headers_mut(), switched);
                     }
                     let grpc_status = grpc_status(resp.headers());
                     return Ok(resp.map(|body| {
@@ -311,21 +402,28 @@ impl Forwarder {
                     }));
                 }
                 Err(mut e) => match e.take_message() {
-                    // Never written: it may go elsewhere.
+                    // Never written: it may go again.
                     Some(back) => {
-                        if let Some(w) = &work {
-                            w.failure();
-                        }
-                        debug!(%endpoint, error = %e.error(), "request not sent; trying another endpoint");
-                        why = Unreachable::Failed(e.error().to_string());
                         req = Some(back);
+                        if was_pooled {
+                            // A keep-alive race, not the endpoint's fault.
+                            again = Some((endpoint, work));
+                        } else {
+                            if let Some(w) = &work {
+                                w.failure();
+                            }
+                            why = Unreachable::Failed(e.error().to_string());
+                        }
+                        debug!(%endpoint, error = %e.error(), "request not sent; trying again");
                     }
                     None => {
-                        if let Some(w) = &work {
-                            w.failure();
-                        }
                         warn!(%endpoint, error = %e.error(), "the request failed upstream");
-                        if let Some(m) = &metric {
+                        if let Some(m) = self.outbound.http_metrics.request(
+                            &self.source,
+                            &conn.dst,
+                            conn.tls,
+                            protocol,
+                        ) {
                             m.response(502, None, true);
                         }
                         return Ok(proxy_error(
@@ -345,7 +443,10 @@ impl Forwarder {
         };
         warn!(%status, %message, "answering the request with a proxy error");
         let dst = match &self.dest {
-            Dest::Service(_) => self.destination(SocketAddr::from(([0, 0, 0, 0], 0))),
+            Dest::Service(vip) => Destination {
+                service: self.destination(*vip).service,
+                ..Destination::default()
+            },
             Dest::Single(addr) => self.destination(*addr),
         };
         if let Some(m) = self
@@ -417,7 +518,8 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
-/// names, and the fixed list; for an upgrade, `Upgrade` and
+/// names, and the fixed list (`TE: trailers` stays); for an upgrade (a
+/// request asking for one, a `101` granting it), `Upgrade` and
 /// `Connection: upgrade` go on.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
@@ -431,6 +533,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
+    // `TE: trailers` says the client takes trailers: that goes on.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for name in [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
@@ -446,6 +555,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -540,8 +652,9 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::HOST, HeaderValue::from_static("web.shop:80"));
         strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::HOST], "web.shop:80", "Host untouched");
+        assert_eq!(h[header::TE], "trailers", "TE: trailers stays");
 
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -7,7 +7,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -61,7 +64,9 @@ pub struct Conn {
     pub peer: Option<SpiffeId>,
     /// Where it goes, for the request metrics.
     pub dst: Arc<Destination>,
-    last_used: Instant,
+    /// When it last carried a request (shared by every handle on an
+    /// HTTP/2 connection), milliseconds since [`now_ms`]'s epoch.
+    last_used: Arc<AtomicU64>,
     /// The destination pod's accounting, when it is served here: counted
     /// open while the connection lives.
     _accounting: Option<Arc<Accounting>>,
@@ -85,7 +90,7 @@ impl Conn {
                 tls: self.tls,
                 peer: self.peer.clone(),
                 dst: self.dst.clone(),
-                last_used: self.last_used,
+                last_used: self.last_used.clone(),
                 _accounting: self._accounting.clone(),
             }),
             Sender::H1(_) => None,
@@ -131,14 +136,26 @@ impl Conn {
             });
             Sender::H1(sender)
         };
-        Ok(Self {
+        let mut conn = Self {
             sender,
             tls,
             peer,
             dst,
-            last_used: Instant::now(),
+            last_used: Arc::new(AtomicU64::new(now_ms())),
             _accounting: accounting.map(Arc::new),
-        })
+        };
+        // Ready before it is pooled (an HTTP/1 sender is not until its
+        // connection task has run).
+        match &mut conn.sender {
+            Sender::H1(s) => s.ready().await?,
+            Sender::H2(s) => s.ready().await?,
+        }
+        Ok(conn)
+    }
+
+    /// The other end's SPIFFE ID, if any.
+    pub fn peer_uri(&self) -> Option<&str> {
+        self.peer.as_ref().map(SpiffeId::uri)
     }
 
     fn usable(&self) -> bool {
@@ -161,12 +178,18 @@ impl Conn {
         &mut self,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
-        self.last_used = Instant::now();
+        self.last_used.store(now_ms(), Ordering::Relaxed);
         match &mut self.sender {
             Sender::H1(s) => s.try_send_request(req).await,
             Sender::H2(s) => s.try_send_request(req).await,
         }
     }
+}
+
+/// Milliseconds since the first call (the pool's clock).
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// The pool.
@@ -210,10 +233,13 @@ impl Pool {
 
     /// Closes connections idle too long, forgets closed ones.
     pub fn tidy(&self) {
-        let now = Instant::now();
+        let now = now_ms();
+        let idle = IDLE_TIMEOUT.as_millis() as u64;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|_, list| {
-            list.retain(|c| !c.closed() && now.duration_since(c.last_used) < IDLE_TIMEOUT);
+            list.retain(|c| {
+                !c.closed() && now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle
+            });
             !list.is_empty()
         });
     }
