@@ -81,6 +81,10 @@ pub enum Target {
     Stale,
     /// A Service's cluster IP and port: the proxy picks an endpoint.
     Service(Arc<ServiceTarget>),
+    /// No pod is known at the address, but a Service's endpoints list it on
+    /// a node: a pod whose object has not arrived yet, meshed or not — not
+    /// to be reached in the clear on a guess.
+    Unseen,
 }
 
 /// Which kinds have been listed completely at least once.
@@ -160,7 +164,10 @@ impl StateStore {
         let state = self.read();
         let target = match state.services.target(canonical) {
             Some(service) => Target::Service(service),
-            None => state.owner(canonical.ip(), SystemTime::now()),
+            None => match state.owner(canonical.ip(), SystemTime::now()) {
+                Target::Unknown if state.services.on_a_node(canonical.ip()) => Target::Unseen,
+                owner => owner,
+            },
         };
         Upstream { dst, target }
     }

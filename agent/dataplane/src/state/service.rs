@@ -2,7 +2,7 @@
 //! endpoints its EndpointSlices (or Endpoints) list, joined with the pods
 //! behind them when asked. Only the fields used are kept.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -116,6 +116,9 @@ pub(super) struct Services {
     pub(super) slices: HashMap<ObjectKey, SliceInfo>,
     /// Cluster IP:port → what is behind it ([`Services::reindex`]).
     vips: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// Addresses the slices list on a node: pods, even if their pod object
+    /// has not arrived yet.
+    on_nodes: HashSet<IpAddr>,
 }
 
 impl Services {
@@ -123,6 +126,11 @@ impl Services {
     /// IP and port.
     pub(super) fn target(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
         self.vips.get(&dst).cloned()
+    }
+
+    /// Whether a slice lists `ip` as an endpoint on a node (a pod's).
+    pub(super) fn on_a_node(&self, ip: IpAddr) -> bool {
+        self.on_nodes.contains(&ip)
     }
 
     /// Rebuilds the cluster IP index after Services or slices changed:
@@ -133,6 +141,13 @@ impl Services {
         for slice in self.slices.values() {
             by_service.entry(&slice.service).or_default().push(slice);
         }
+        self.on_nodes = self
+            .slices
+            .values()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.node.is_some())
+            .flat_map(|e| e.addresses.iter().copied())
+            .collect();
         let mut vips = HashMap::new();
         for (key, svc) in &self.services {
             let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();

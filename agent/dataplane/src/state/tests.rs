@@ -333,3 +333,53 @@ fn a_dual_stack_pod_owns_both_its_addresses_and_gives_both_back() {
     store.update(|u| u.delete_pod(&dual.uid));
     assert!(matches!(owner(&store, "10.1.0.5"), Target::Unknown));
 }
+
+#[test]
+fn an_address_a_slice_puts_on_a_node_is_never_taken_for_outside_the_cluster() {
+    let store = store();
+    let key = ObjectKey {
+        namespace: "shop".into(),
+        name: "api-abc".into(),
+    };
+    let endpoint = |ip: &str, node: Option<&str>| EndpointInfo {
+        addresses: vec![ip.parse().unwrap()],
+        node: node.map(Into::into),
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    store.update(|u| {
+        u.apply_slice(
+            key.clone(),
+            SliceInfo {
+                service: ObjectKey {
+                    namespace: "shop".into(),
+                    name: "api".into(),
+                },
+                ports: vec![(None, 8080)],
+                endpoints: vec![
+                    endpoint("10.1.0.9", Some("node-a")),
+                    endpoint("192.0.2.7", None),
+                ],
+            },
+        )
+    });
+    assert!(
+        matches!(owner(&store, "10.1.0.9"), Target::Unseen),
+        "a pod whose object has not arrived: not plain on a guess"
+    );
+    assert!(
+        matches!(owner(&store, "192.0.2.7"), Target::Unknown),
+        "an endpoint outside the cluster (no node) is what it says"
+    );
+    store.update(|u| {
+        u.apply_pod(test_pods::pod(
+            "shop",
+            "api",
+            "10.1.0.9",
+            "node-a",
+            "192.168.0.1",
+        ))
+    });
+    assert!(matches!(owner(&store, "10.1.0.9"), Target::Pod(_)));
+}

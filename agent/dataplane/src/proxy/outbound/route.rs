@@ -50,6 +50,8 @@ pub enum Refusal {
     Stale,
     /// Routed to the tunnel, but this node runs none.
     NoTunnel,
+    /// A Service lists the address on a node, but its pod is not known yet.
+    Unseen,
 }
 
 impl fmt::Display for Refusal {
@@ -67,6 +69,9 @@ impl fmt::Display for Refusal {
                 "a meshed pod that finished or is being deleted had this address, and no live pod has it",
             ),
             Self::NoTunnel => f.write_str("this node runs no tunnel"),
+            Self::Unseen => f.write_str(
+                "a Service lists this address on a node, but its pod is not known yet",
+            ),
         }
     }
 }
@@ -85,6 +90,7 @@ pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Rou
             return Route::Refuse(Refusal::Conflict { claims: *claims });
         }
         Target::Stale => return Route::Refuse(Refusal::Stale),
+        Target::Unseen => return Route::Refuse(Refusal::Unseen),
         // The caller picks an endpoint first; a cluster IP itself is what
         // kube-proxy would make of it.
         Target::Service(_) => return Route::Direct,
