@@ -150,10 +150,10 @@ pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
         });
     assert_eq!(tunnel(&m, "connections", "outbound"), 1.0, "{}", m.text);
     assert_eq!(tunnel(&m, "streams", "outbound"), 2.0, "{}", m.text);
-    // The server sees the connection come from its node (the tunnel's end).
+    // The server sees its client's pod address, not the tunnel's end.
     let peers = srv.peers(ECHO);
     assert!(
-        !peers.is_empty() && peers.iter().all(|p| p.ip() == bed.b.ip),
+        !peers.is_empty() && peers.iter().all(|p| p.ip() == client.ip),
         "{peers:?}"
     );
 

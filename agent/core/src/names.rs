@@ -9,6 +9,57 @@ pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 /// (on a Service, a namespace or a pod): `3306,5432,8000-8100`.
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.nodemesh.io/opaque-ports";
 
+/// Ports of a pod whose inbound connections are not captured (on a pod):
+/// `9100,8000-8100`.
+pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "config.nodemesh.io/skip-inbound-ports";
+
+/// Who may connect to a pod (on a pod or a namespace; else the agent's
+/// `--default-inbound-policy`).
+pub const INBOUND_POLICY_ANNOTATION: &str = "config.nodemesh.io/default-inbound-policy";
+
+/// Who may connect to a meshed pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InboundPolicy {
+    /// Everyone; mutual TLS where the client is meshed.
+    AllUnauthenticated,
+    /// Only meshed clients of the trust domain (mutual TLS).
+    AllAuthenticated,
+    /// Meshed clients, and plaintext from the cluster's pods and nodes.
+    ClusterUnauthenticated,
+    /// Nobody.
+    Deny,
+}
+
+impl InboundPolicy {
+    pub const ALL: [InboundPolicy; 4] = [
+        Self::AllUnauthenticated,
+        Self::AllAuthenticated,
+        Self::ClusterUnauthenticated,
+        Self::Deny,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllUnauthenticated => "all-unauthenticated",
+            Self::AllAuthenticated => "all-authenticated",
+            Self::ClusterUnauthenticated => "cluster-unauthenticated",
+            Self::Deny => "deny",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text.trim())
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a policy (one of {})",
+                    Self::ALL.map(Self::as_str).join(", ")
+                )
+            })
+    }
+}
+
 /// Ports opaque with no configuration: server-first protocols (SMTP,
 /// MySQL/MariaDB, PostgreSQL, Redis, memcached, …) a client never speaks
 /// first on.
@@ -46,6 +97,10 @@ impl PortSet {
         self.0.iter().any(|(a, b)| (*a..=*b).contains(&port))
     }
 }
+
+/// The inbound listener's port inside each meshed pod's netns: what
+/// inbound capture hands connections to (never dialled by anyone).
+pub const INBOUND_PORT: u16 = 15006;
 
 /// The outbound listener's port inside each meshed pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -40,7 +40,10 @@ use crate::{
         client::{IdentityClient, IdentityClientConfig, IdentityClientError, ServiceAddrs, roots},
     },
     netns,
-    proxy::{Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics, tunnel},
+    proxy::{
+        Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics,
+        inbound::InboundConfig, tunnel,
+    },
     redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
     state::StateStore,
 };
@@ -232,6 +235,10 @@ impl App {
                 max_connections: cfg.max_connections,
                 tunnel: tunnel_cfg,
                 detect_timeout: cfg.detect_timeout,
+                inbound: InboundConfig {
+                    default_policy: cfg.default_inbound_policy,
+                    connect_timeout: cfg.connect_timeout,
+                },
             },
             state: state.clone(),
             certs: certs.clone(),
@@ -240,6 +247,7 @@ impl App {
                 timeout: cfg.connect_timeout,
             }),
             orig_dst: redirect.clone(),
+            clients: Some(redirect.clone()),
             drain: Drain::default(),
         })?);
         let source = match &cfg.source {

@@ -86,6 +86,17 @@ impl Netns {
         &self.path
     }
 
+    /// The open namespace file (what `sk_lookup` attaches to).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its inode: names the namespace (what a netns link reports).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.ino()).unwrap_or(0)
+    }
+
     /// The kernel's id for this netns (what eBPF's `bpf_get_netns_cookie` sees).
     pub fn cookie(&self) -> u64 {
         self.cookie

@@ -13,7 +13,7 @@
 /// Bump when any map's key, value or type changes, or the pin layout does:
 /// pins live in a directory named after it, so an agent never reuses a map
 /// with another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Original destinations of redirected connections, keyed by socket cookie
 /// (first the client's, then the accepted socket's).
@@ -38,6 +38,19 @@ pub const MAP_BYPASS_NETS: &str = "NM_BYPASS_NETS";
 pub const MAP_BYPASS_PORTS: &str = "NM_BYPASS_PORTS";
 /// Bytes carried socket-to-socket by `sk_msg`, per pod netns and direction.
 pub const MAP_FASTPATH: &str = "NM_FASTPATH";
+/// Pod addresses whose inbound is captured (value: unused); an address in
+/// here with no listener in [`MAP_INBOUND_LISTENERS`] refuses connections
+/// (fail closed).
+pub const MAP_INBOUND: &str = "NM_INBOUND";
+/// The agent's inbound listener inside each captured pod's netns, by pod
+/// address: `sk_lookup` hands new connections to it.
+pub const MAP_INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
+/// Pod ports whose inbound is not captured ([`InboundPort`]).
+pub const MAP_INBOUND_SKIP: &str = "NM_INBOUND_SKIP";
+/// The real client of each connection the agent makes to an app, by the
+/// agent's end ([`InboundPeerKey`]), until `sock_ops` moves it to
+/// [`MAP_PEERS`] under the app's socket.
+pub const MAP_INBOUND_PEERS: &str = "NM_INBOUND_PEERS";
 
 /// Program (function) names in the object.
 pub const PROG_CONNECT4: &str = "nodemesh_connect4";
@@ -48,6 +61,8 @@ pub const PROG_GETSOCKNAME4: &str = "nodemesh_getsockname4";
 pub const PROG_GETSOCKNAME6: &str = "nodemesh_getsockname6";
 pub const PROG_SOCK_OPS: &str = "nodemesh_sock_ops";
 pub const PROG_SK_MSG: &str = "nodemesh_sk_msg";
+/// `sk_lookup`, attached to each captured pod's netns.
+pub const PROG_INBOUND: &str = "nodemesh_inbound";
 
 /// The programs attached to each captured pod's cgroup, in attach order:
 /// the address hooks first, the redirecting `connect` hooks last, so no
@@ -68,6 +83,8 @@ pub const PODS_ENTRIES: u32 = 4096;
 pub const SOCKS_ENTRIES: u32 = 65536;
 pub const BYPASS_ENTRIES: u32 = 1024;
 pub const FASTPATH_ENTRIES: u32 = 8192;
+pub const INBOUND_ENTRIES: u32 = 8192;
+pub const INBOUND_PEERS_ENTRIES: u32 = 65536;
 
 /// `Config::flags`: move app↔proxy bytes socket-to-socket with `sk_msg`.
 pub const FLAG_FAST_PATH: u32 = 1;
@@ -178,6 +195,26 @@ pub struct FastPathKey {
     pub _pad: u32,
 }
 
+/// A port of a pod address ([`MAP_INBOUND_SKIP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundPort {
+    pub ip: [u32; 4],
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// The agent's end of a connection it makes to an app inside the app's pod
+/// (from the pod's own address): the address, the agent's port, the app's
+/// port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundPeerKey {
+    pub ip: [u32; 4],
+    pub from_port: u32,
+    pub to_port: u32,
+}
+
 /// Key of [`MAP_BYPASS_PORTS`] entries is the port (host order, `u32`); the
 /// value is ignored.
 pub type BypassPort = u32;
@@ -191,4 +228,6 @@ mod user {
     unsafe impl aya::Pod for super::PodNet {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::FastPathKey {}
+    unsafe impl aya::Pod for super::InboundPort {}
+    unsafe impl aya::Pod for super::InboundPeerKey {}
 }

@@ -18,6 +18,14 @@
 //!    the app sees what it would without the mesh.
 //! 4. `sk_msg` moves each message straight to the peer socket's receive
 //!    queue, skipping the loopback TCP/IP stack, and counts the bytes.
+//! 5. `sk_lookup` (`nodemesh_inbound`), attached to each captured pod's
+//!    netns, hands every new TCP connection to the pod's address to the
+//!    agent's inbound listener in that netns (the accepted socket keeps the
+//!    original destination as its local address) — unless it comes from
+//!    the pod itself (the agent delivering, the app calling itself) or its
+//!    port is exempt. A captured address with no listener (no agent) drops
+//!    the SYN: fail closed. `sock_ops` then gives the app's accepted socket
+//!    the real client's address, which `getpeername` (and `accept`) answer.
 #![no_std]
 #![no_main]
 
@@ -25,21 +33,23 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        bpf_sock_addr, sk_action::SK_PASS,
+        bpf_sock_addr,
+        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{
         Array, HashMap, LruHashMap, LruPerCpuHashMap, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use nodemesh_common::{
     BYPASS_ENTRIES, BypassPort, ClientKey, Config, FASTPATH_ENTRIES, FLAG_FAST_PATH, FastPathKey,
-    ORIG_DST_ENTRIES, OrigDst, PEERS_ENTRIES, PODS_ENTRIES, PodNet, SOCKS_ENTRIES, SockKey, TO_APP,
-    TO_PROXY, as_v4, v4_mapped,
+    INBOUND_ENTRIES, INBOUND_PEERS_ENTRIES, InboundPeerKey, InboundPort, ORIG_DST_ENTRIES, OrigDst,
+    PEERS_ENTRIES, PODS_ENTRIES, PodNet, SOCKS_ENTRIES, SockKey, TO_APP, TO_PROXY, as_v4,
+    v4_mapped,
 };
 
 // ---- maps -----------------------------------------------------------------
@@ -73,6 +83,19 @@ static NM_BYPASS_PORTS: HashMap<BypassPort, u8> = HashMap::pinned(BYPASS_ENTRIES
 #[map]
 static NM_FASTPATH: LruPerCpuHashMap<FastPathKey, u64> =
     LruPerCpuHashMap::pinned(FASTPATH_ENTRIES, 0);
+
+#[map]
+static NM_INBOUND: HashMap<[u32; 4], u32> = HashMap::pinned(INBOUND_ENTRIES, 0);
+
+#[map]
+static NM_INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(INBOUND_ENTRIES, 0);
+
+#[map]
+static NM_INBOUND_SKIP: HashMap<InboundPort, u8> = HashMap::pinned(INBOUND_ENTRIES, 0);
+
+#[map]
+static NM_INBOUND_PEERS: LruHashMap<InboundPeerKey, OrigDst> =
+    LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
 
 // ---- constants --------------------------------------------------------------
 
@@ -427,6 +450,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     let remote_ip = endpoint(ctx, family, false);
     let local_port = ctx.local_port();
     let remote_port = remote_port(ctx.remote_port());
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && local_ip == remote_ip
+        && !is_loopback_endpoint(&local_ip)
+    {
+        return inbound_delivered(ctx, local_ip, remote_port, local_port);
+    }
     if !is_loopback_endpoint(&local_ip) || !is_loopback_endpoint(&remote_ip) {
         return Ok(());
     }
@@ -489,6 +518,93 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
             .map_err(|_| "sockhash update failed")?;
     }
     Ok(())
+}
+
+/// An app accepted a connection from inside its own pod: if the agent
+/// made it (delivering an inbound connection), the app's socket answers
+/// `getpeername` with the real client.
+#[inline(always)]
+fn inbound_delivered(
+    ctx: &SockOpsContext,
+    ip: [u32; 4],
+    from_port: u32,
+    to_port: u32,
+) -> Result<(), &'static str> {
+    let key = InboundPeerKey {
+        ip,
+        from_port,
+        to_port,
+    };
+    // SAFETY: copied out at once.
+    let Some(client) = (unsafe { NM_INBOUND_PEERS.get(key) }).copied() else {
+        return Ok(());
+    };
+    // SAFETY: the context is a valid bpf_sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    NM_PEERS
+        .insert(cookie, client, BPF_ANY as u64)
+        .map_err(|_| "peers map update failed")?;
+    let _ = NM_INBOUND_PEERS.remove(key);
+    // Tell us when it closes, to forget its peer.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    Ok(())
+}
+
+// ---- sk_lookup ------------------------------------------------------------
+
+#[sk_lookup]
+pub fn nodemesh_inbound(ctx: SkLookupContext) -> u32 {
+    try_inbound(&ctx)
+}
+
+#[inline(always)]
+fn try_inbound(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the context is a valid bpf_sk_lookup.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let (local, remote) = if l.family == AF_INET {
+        (v4_mapped(l.local_ip4), v4_mapped(l.remote_ip4))
+    } else if l.family == AF_INET6 {
+        let mut local = [0u32; 4];
+        let mut remote = [0u32; 4];
+        for i in 0..4 {
+            // SAFETY: a valid context; each word read on its own.
+            unsafe {
+                local[i] =
+                    core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).local_ip6[i]));
+                remote[i] =
+                    core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).remote_ip6[i]));
+            }
+        }
+        (local, remote)
+    } else {
+        return SK_PASS;
+    };
+    // SAFETY: a read-only presence check.
+    if unsafe { NM_INBOUND.get(local) }.is_none() {
+        return SK_PASS;
+    }
+    // From the pod itself: the agent delivering, or the app calling its
+    // own address.
+    if local == remote {
+        return SK_PASS;
+    }
+    let port = InboundPort {
+        ip: local,
+        port: l.local_port,
+        _pad: 0,
+    };
+    // SAFETY: a read-only presence check.
+    if unsafe { NM_INBOUND_SKIP.get(port) }.is_some() {
+        return SK_PASS;
+    }
+    match NM_INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0) {
+        Ok(()) => SK_PASS,
+        // Captured, and no agent to take it: closed, never around.
+        Err(_) => SK_DROP,
+    }
 }
 
 // ---- sk_msg ---------------------------------------------------------------

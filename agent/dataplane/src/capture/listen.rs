@@ -32,6 +32,27 @@ pub(super) fn open(netns: &Netns, port: u16) -> Result<Vec<TcpListener>, Capture
     Ok(listeners)
 }
 
+/// The inbound listeners inside a pod's netns (`0.0.0.0:<port>`, and
+/// `[::]:<port>` where the pod has IPv6): inbound capture hands them the
+/// connections to the pod's addresses. The IPv6 one is `None` without IPv6.
+pub(super) fn open_inbound(
+    netns: &Netns,
+    port: u16,
+) -> Result<(TcpListener, Option<TcpListener>), CaptureError> {
+    let listen_err = |source| CaptureError::Listen {
+        port,
+        netns: netns.path().to_owned(),
+        source,
+    };
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let (v4, v6) = netns
+        .enter(|| (bind(v4), bind(v6)))
+        .map_err(|e| listen_err(e.into()))?;
+    let v4 = TcpListener::from_std(v4.map_err(listen_err)?).map_err(listen_err)?;
+    Ok((v4, v6.and_then(TcpListener::from_std).ok()))
+}
+
 /// One listener. `SO_REUSEPORT` lets a new agent listen before the old one
 /// has closed, so an upgrade refuses no connection.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -25,7 +25,10 @@ pub mod metrics;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
-use nodemesh_core::{admin::Ready, names::PodUid};
+use nodemesh_core::{
+    admin::Ready,
+    names::{INBOUND_PORT, PodUid},
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -37,7 +40,7 @@ use crate::{
     discovery::PodEvents,
     netns::Netns,
     proxy::{PodHandle, Proxy},
-    redirect::{Redirect, pod_net},
+    redirect::{PodInbound, Redirect, pod_net},
     state::{CgroupRef, Pod, StateStore},
 };
 
@@ -71,8 +74,34 @@ struct Tracked {
 /// A pod whose connections go through the proxy.
 struct Served {
     netns: Arc<Netns>,
+    /// Its inbound capture, when the mesh is on.
+    inbound: Option<InboundCapture>,
     /// Keeps it served; dropped on release.
     handle: PodHandle,
+}
+
+/// What a pod's inbound capture needs again when its addresses change.
+struct InboundCapture {
+    /// Handles on its inbound listeners (the proxy owns them).
+    v4: std::os::fd::OwnedFd,
+    v6: Option<std::os::fd::OwnedFd>,
+    /// The addresses captured now.
+    addrs: Vec<std::net::IpAddr>,
+    skip: Vec<u16>,
+}
+
+impl InboundCapture {
+    /// Each address with its family's listener.
+    fn listeners(&self, addrs: &[std::net::IpAddr]) -> Vec<(std::net::IpAddr, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        addrs
+            .iter()
+            .filter_map(|ip| match ip.to_canonical() {
+                std::net::IpAddr::V4(_) => Some((*ip, self.v4.as_raw_fd())),
+                std::net::IpAddr::V6(_) => self.v6.as_ref().map(|fd| (*ip, fd.as_raw_fd())),
+            })
+            .collect()
+    }
 }
 
 /// Why a pod is not served yet, and when to try again.
@@ -195,15 +224,38 @@ impl Captures {
             let changed = *tracked.pod != **pod;
             let new_ips = tracked.pod.ips != pod.ips;
             tracked.pod = pod.clone();
-            if let Some(served) = &tracked.served {
+            if let Some(served) = &mut tracked.served {
                 // Its addresses arrive once it runs (or change): what
-                // getsockname answers follows, nothing is recaptured.
-                if new_ips
-                    && let Err(e) = self
+                // getsockname answers and inbound capture follow, nothing
+                // is recaptured.
+                if new_ips {
+                    if let Err(e) = self
                         .redirect
                         .ready(served.netns.cookie(), pod_net(&pod.ips))
-                {
-                    warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
+                    {
+                        warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
+                    }
+                    if let Some(inbound) = &mut served.inbound {
+                        let gone: Vec<_> = inbound
+                            .addrs
+                            .iter()
+                            .filter(|ip| !pod.ips.contains(ip))
+                            .copied()
+                            .collect();
+                        self.redirect.release_inbound_addrs(&gone, &inbound.skip);
+                        let captured = self.redirect.capture_inbound(&PodInbound {
+                            uid: &pod.uid,
+                            netns: &served.netns,
+                            listeners: inbound.listeners(&pod.ips),
+                            skip_ports: &inbound.skip,
+                        });
+                        match captured {
+                            Ok(()) => inbound.addrs = pod.ips.clone(),
+                            Err(e) => {
+                                warn!(pod = %pod.key(), error = %e, "cannot capture the pod's new addresses inbound")
+                            }
+                        }
+                    }
                 }
                 continue;
             }
@@ -286,12 +338,52 @@ impl Captures {
         };
         let netns = Arc::new(Netns::open(&netns_path)?);
         let listeners = listen::open(&netns, self.cfg.outbound_port)?;
-        let handle = self
-            .proxy
-            .serve_pod(pod.clone(), Some(netns.clone()), listeners);
+        // Inbound, with the mesh on: connections to the pod's addresses go
+        // to these listeners in its netns.
+        let (inbound_listeners, inbound) = if self.proxy.meshes() {
+            let (v4, v6) = listen::open_inbound(&netns, INBOUND_PORT)?;
+            let dup = |l: &tokio::net::TcpListener| {
+                use std::os::fd::AsFd;
+                l.as_fd().try_clone_to_owned()
+            };
+            let listen_err = |source| CaptureError::Listen {
+                port: INBOUND_PORT,
+                netns: netns.path().to_owned(),
+                source,
+            };
+            let capture = InboundCapture {
+                v4: dup(&v4).map_err(listen_err)?,
+                v6: v6.as_ref().map(dup).transpose().map_err(listen_err)?,
+                addrs: Vec::new(),
+                skip: pod.skip_inbound_ports.clone(),
+            };
+            (v6.into_iter().chain([v4]).collect(), Some(capture))
+        } else {
+            (Vec::new(), None)
+        };
+        let handle = self.proxy.serve_pod(
+            pod.clone(),
+            Some(netns.clone()),
+            listeners,
+            inbound_listeners,
+        );
+        let mut inbound = inbound;
+        if let Some(capture) = &mut inbound {
+            self.redirect.capture_inbound(&PodInbound {
+                uid: &pod.uid,
+                netns: &netns,
+                listeners: capture.listeners(&pod.ips),
+                skip_ports: &capture.skip,
+            })?;
+            capture.addrs = pod.ips.clone();
+        }
         // Only now are its connections redirected rather than refused.
         self.redirect.ready(netns.cookie(), pod_net(&pod.ips))?;
-        Ok(Served { netns, handle })
+        Ok(Served {
+            netns,
+            inbound,
+            handle,
+        })
     }
 
     /// The pod's cgroup under the root: its path, or where kubelet puts it.
@@ -321,6 +413,10 @@ impl Captures {
         };
         if let Some(served) = &t.served {
             self.redirect.unready(served.netns.cookie());
+            if let Some(inbound) = &served.inbound {
+                self.redirect
+                    .release_inbound(uid, &inbound.addrs, &inbound.skip);
+            }
         }
         if t.attached
             && let Err(e) = self.redirect.release(uid)
@@ -350,6 +446,13 @@ impl Captures {
                 }
             }
         }
+        let inbound: Vec<std::net::IpAddr> = self
+            .tracked
+            .values()
+            .filter_map(|t| t.served.as_ref()?.inbound.as_ref())
+            .flat_map(|i| i.addrs.iter().copied())
+            .collect();
+        self.redirect.prune_inbound(&inbound);
         let served: Vec<u64> = self
             .tracked
             .values()

@@ -146,6 +146,19 @@ pub struct AgentArgs {
     )]
     pub detect_timeout: String,
 
+    /// Who may connect to a meshed pod whose annotations (and namespace's)
+    /// do not say: all-unauthenticated (mutual TLS where the client is
+    /// meshed, plaintext from the others), all-authenticated (meshed
+    /// clients only), cluster-unauthenticated (plaintext only from the
+    /// cluster's pods and nodes), or deny.
+    #[arg(
+        long,
+        env = "NODEMESH_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated",
+        value_name = "POLICY"
+    )]
+    pub default_inbound_policy: String,
+
     /// On SIGTERM/SIGINT: how long open connections may take to finish.
     #[arg(
         long,

@@ -13,6 +13,7 @@ use nodemesh_core::{
         ConfigErrors, Problems, parse_bool, parse_cidr, parse_count, parse_duration, parse_port,
         parse_positive_duration,
     },
+    names::InboundPolicy,
     names::is_dns_subdomain,
     pki,
 };
@@ -59,6 +60,7 @@ pub struct AgentConfig {
     pub bypass_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub detect_timeout: Duration,
+    pub default_inbound_policy: InboundPolicy,
     pub shutdown_grace: Duration,
     pub buffer_size: usize,
     pub max_connections: usize,
@@ -118,6 +120,11 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             "detect-timeout",
             &a.detect_timeout,
             parse_positive_duration(&a.detect_timeout),
+        );
+        let default_inbound_policy = p.check(
+            "default-inbound-policy",
+            &a.default_inbound_policy,
+            InboundPolicy::parse(&a.default_inbound_policy),
         );
         let shutdown_grace = p.check(
             "shutdown-grace",
@@ -268,6 +275,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             bypass_ports,
             connect_timeout: connect_timeout.ok_or_else(missing)?,
             detect_timeout: detect_timeout.ok_or_else(missing)?,
+            default_inbound_policy: default_inbound_policy.ok_or_else(missing)?,
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
             buffer_size: buffer_size.ok_or_else(missing)?,
             max_connections: max_connections.ok_or_else(missing)?,

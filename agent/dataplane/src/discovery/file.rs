@@ -29,7 +29,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use nodemesh_core::names::{MeshLabel, PodUid, PortSet};
+use nodemesh_core::names::{InboundPolicy, MeshLabel, PodUid, PortSet};
 
 use super::{SourceErrorReason, SourceMetrics};
 use crate::{
@@ -72,6 +72,15 @@ struct PodEntry {
     /// What runs the pod (default: the pod itself).
     #[serde(default)]
     workload: Option<WorkloadEntry>,
+    /// Who may connect to it (default: the agent's).
+    #[serde(default)]
+    inbound_policy: Option<String>,
+    /// Its probes' ports (reached from the node whatever the policy).
+    #[serde(default)]
+    probe_ports: Vec<u16>,
+    /// Ports not captured inbound.
+    #[serde(default)]
+    skip_inbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +190,12 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
         Ok(label) => (label, None),
         Err(problem) => (None, Some(problem)),
     };
+    let inbound_policy = e
+        .inbound_policy
+        .as_deref()
+        .map(InboundPolicy::parse)
+        .transpose()
+        .map_err(|e| format!("inboundPolicy: {e}"))?;
     let workload = match e.workload {
         Some(w) => Workload {
             kind: w.kind.to_ascii_lowercase(),
@@ -206,6 +221,9 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
             netns: e.netns,
             mesh_label,
             opaque_ports: PortSet::default(),
+            skip_inbound_ports: e.skip_inbound_ports,
+            inbound_policy,
+            probe_ports: e.probe_ports,
             terminal: false,
             deletion: None,
         },

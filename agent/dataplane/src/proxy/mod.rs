@@ -42,12 +42,12 @@ use tracing::{Instrument, info_span};
 pub use self::{
     accept::Drain,
     connect::{Connector, NetnsConnector},
-    orig_dst::OrigDsts,
+    orig_dst::{ClientAddrs, OrigDsts},
     pods::{PodHandle, ServedPod, ServedPods},
 };
 use self::{
     balance::Balancer,
-    inbound::Inbound,
+    inbound::{Inbound, InboundConfig},
     outbound::{Outbound, OutboundConfig},
     tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
 };
@@ -72,6 +72,8 @@ pub struct ProxyConfig {
     /// How long an outbound connection may stay silent both ways before
     /// it is taken as opaque.
     pub detect_timeout: Duration,
+    /// Inbound: the default policy, the delivery timeout.
+    pub inbound: InboundConfig,
 }
 
 /// The proxy's metric families.
@@ -102,12 +104,16 @@ pub struct ProxyInputs {
     pub metrics: ProxyMetrics,
     pub connector: Arc<dyn Connector>,
     pub orig_dst: Arc<dyn OrigDsts>,
+    /// Tells eBPF whom the agent's deliveries to apps carry (none in
+    /// tests without eBPF).
+    pub clients: Option<Arc<dyn ClientAddrs>>,
     pub drain: Drain,
 }
 
 /// The node's proxy.
 pub struct Proxy {
     outbound: Arc<Outbound>,
+    inbound: Arc<Inbound>,
     tunnel: Option<(Arc<TunnelServer>, Arc<TunnelPool>)>,
     pods: ServedPods,
     tcp: TcpMetrics,
@@ -133,14 +139,17 @@ impl Proxy {
             metrics,
             connector,
             orig_dst,
+            clients,
             drain,
         } = inputs;
         let pods = ServedPods::default();
-        let inbound = Arc::new(Inbound::new(
+        let inbound_side = Arc::new(Inbound::new(
             state.clone(),
             pods.clone(),
             connector.clone(),
             cfg.buffer_size,
+            cfg.inbound.clone(),
+            clients,
         ));
         let tunnel = match certs {
             Some(store) => {
@@ -148,7 +157,7 @@ impl Proxy {
                     cfg.tunnel.clone(),
                     store.clone(),
                     metrics.tunnel.clone(),
-                    inbound.clone(),
+                    inbound_side.clone(),
                     drain.clone(),
                 )?;
                 let pool = TunnelPool::new(
@@ -165,7 +174,7 @@ impl Proxy {
             state,
             orig_dst,
             connector,
-            inbound,
+            inbound_side.clone(),
             tunnel.as_ref().map(|(_, pool)| pool.clone()),
             Arc::new(Balancer::default()),
             metrics.http.clone(),
@@ -176,6 +185,7 @@ impl Proxy {
         ));
         Ok(Self {
             outbound,
+            inbound: inbound_side,
             tunnel,
             pods,
             http: metrics.http,
@@ -202,12 +212,14 @@ impl Proxy {
     }
 
     /// Serves `pod`: its connections accepted on `listeners` (inside its
-    /// netns) go through the proxy until the handle is dropped.
+    /// netns) go through the proxy, and those inbound capture hands to
+    /// `inbound` (listeners in its netns too), until the handle is dropped.
     pub fn serve_pod(
         &self,
         pod: Arc<Pod>,
         netns: Option<Arc<Netns>>,
         listeners: Vec<TcpListener>,
+        inbound: Vec<TcpListener>,
     ) -> PodHandle {
         let source = pods::workload(&pod);
         self.http.hold(&source);
@@ -247,6 +259,39 @@ impl Proxy {
                         drain.spawn(
                             async move {
                                 outbound.handle(client, served).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    },
+                )
+                .await;
+            });
+        }
+        for listener in inbound {
+            let side = self.inbound.clone();
+            let limit = self.limit.clone();
+            let drain = self.drain.clone();
+            let served = served.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                accept::accept_loop(
+                    &listener,
+                    Some(&limit),
+                    &stop,
+                    "inbound",
+                    |client, peer, permit| {
+                        let side = side.clone();
+                        let served = served.clone();
+                        let pod = &served.pod;
+                        let span = info_span!(
+                            "inbound",
+                            pod = %format_args!("{}/{}", pod.namespace, pod.name),
+                            client = %peer,
+                        );
+                        drain.spawn(
+                            async move {
+                                side.captured(client, served).await;
                                 drop(permit);
                             }
                             .instrument(span),

@@ -1,7 +1,7 @@
 //! Where a redirected connection was going: recorded by eBPF (`connect4`,
 //! re-keyed by `sock_ops` to the accepted socket's cookie) and read once
 //! by the proxy. Injected ([`OrigDsts`]) so tests can say it themselves.
-use std::{net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpStream;
 
@@ -25,6 +25,28 @@ impl OrigDsts for Redirect {
 
     fn take(&self, cookie: u64) -> Option<SocketAddr> {
         self.take_orig_dst(cookie)
+    }
+}
+
+/// Tells eBPF which real client a connection the agent makes to an app
+/// (from inside its pod) carries, so the app's `accept`/`getpeername` see
+/// that client. Injected: tests without eBPF have none.
+pub trait ClientAddrs: Send + Sync + 'static {
+    /// The agent's end `from`, the app's `to`, the real `client`.
+    fn record(&self, from: SocketAddr, to: SocketAddr, client: SocketAddr) -> io::Result<()>;
+
+    /// Forgets a record whose connection never reached the app.
+    fn forget(&self, from: SocketAddr, to: SocketAddr);
+}
+
+impl ClientAddrs for Redirect {
+    fn record(&self, from: SocketAddr, to: SocketAddr, client: SocketAddr) -> io::Result<()> {
+        self.inbound_peer(from, to, client)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn forget(&self, from: SocketAddr, to: SocketAddr) {
+        self.forget_inbound_peer(from, to);
     }
 }
 

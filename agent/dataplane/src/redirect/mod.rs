@@ -17,9 +17,12 @@
 //! <pin dir>/v<layout>/links/sock_ops             sock_ops at the cgroup root
 //! <pin dir>/v<layout>/links/pods/<uid>/<program> each pod program at a captured pod's cgroup
 //! ```
+mod inbound;
 pub mod logs;
 mod pins;
 mod sys;
+
+pub use self::inbound::{PodInbound, key as inbound_key};
 
 use std::{
     collections::BTreeSet,
@@ -153,6 +156,7 @@ pub struct Redirect {
     /// Ready pods by netns cookie.
     pods: Mutex<HashMap<MapData, u64, PodNet>>,
     fastpath: Mutex<PerCpuHashMap<MapData, FastPathKey, u64>>,
+    inbound: Mutex<inbound::InboundMaps>,
     /// Shared lock on the pin directory: `cleanup` refuses while it is held.
     lock: Flock<File>,
 }
@@ -248,6 +252,8 @@ impl Redirect {
             prog.load().map_err(prog_err(name))?;
         }
         adopt_pod_links(&mut ebpf, &layout)?;
+        Self::load_inbound(&mut ebpf, &layout.pods())?;
+        let inbound = inbound::InboundMaps::take(&mut ebpf)?;
 
         let orig_dst = take_map(&mut ebpf, common::MAP_ORIG_DST)?;
         let pods = take_map(&mut ebpf, common::MAP_PODS)?;
@@ -266,6 +272,7 @@ impl Redirect {
                 orig_dst: Mutex::new(orig_dst),
                 pods: Mutex::new(pods),
                 fastpath: Mutex::new(fastpath),
+                inbound: Mutex::new(inbound),
                 lock,
             },
             logger,
@@ -470,6 +477,7 @@ fn adopt_pod_links(ebpf: &mut Ebpf, layout: &Layout) -> Result<(), RedirectError
             if !path.exists() {
                 continue;
             }
+
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;
             let prog_fd = prog.fd().map_err(prog_err(name))?;
             match sys::obj_get(&path)

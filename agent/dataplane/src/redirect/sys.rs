@@ -98,6 +98,31 @@ struct CgroupLinkInfo {
 /// `BPF_LINK_TYPE_CGROUP`.
 const LINK_TYPE_CGROUP: u32 = 3;
 
+/// `BPF_LINK_TYPE_NETNS`.
+const LINK_TYPE_NETNS: u32 = 5;
+
+/// The inode of the netns a netns link (`sk_lookup`) is attached to (its
+/// `netns_ino` sits where a cgroup link's id does).
+pub fn link_netns_ino(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = CgroupLinkInfo::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<CgroupLinkInfo>() as u32,
+        info: (&mut info as *mut CgroupLinkInfo) as u64,
+    };
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != LINK_TYPE_NETNS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "pinned object is a link of type {}, not a netns link",
+                info.type_
+            ),
+        ));
+    }
+    Ok(info.cgroup_id as u32)
+}
+
 /// The cgroup a cgroup link is attached to (0 once that cgroup is gone).
 pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
     let mut info = CgroupLinkInfo::default();

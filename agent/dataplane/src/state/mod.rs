@@ -27,7 +27,7 @@ use std::{
 };
 
 use nodemesh_core::{
-    names::{MeshLabel, PodUid, PortSet},
+    names::{InboundPolicy, MeshLabel, PodUid, PortSet},
     wire::ServiceView,
 };
 use tokio::sync::watch;
@@ -48,6 +48,8 @@ pub struct Namespace {
     pub mesh_label: Option<MeshLabel>,
     /// Its `config.nodemesh.io/opaque-ports`: ports of its pods.
     pub opaque_ports: PortSet,
+    /// Its `config.nodemesh.io/default-inbound-policy`.
+    pub inbound_policy: Option<InboundPolicy>,
 }
 
 /// The answer to "where does this connection go?".
@@ -191,6 +193,12 @@ impl StateStore {
         Some(pods)
     }
 
+    /// The pod as known now (a served pod's snapshot may predate its
+    /// addresses, annotations or labels).
+    pub fn pod(&self, uid: &PodUid) -> Option<Arc<Pod>> {
+        self.read().pods.get(uid).cloned()
+    }
+
     /// Changes whenever this node's pods, or whether they are meshed,
     /// change.
     pub fn local_changes(&self) -> watch::Receiver<u64> {
@@ -204,6 +212,22 @@ impl StateStore {
             .namespaces
             .get(namespace)
             .is_some_and(|n| n.opaque_ports.contains(port))
+    }
+
+    /// The inbound policy of a namespace's annotation, if any.
+    pub fn namespace_policy(&self, namespace: &str) -> Option<InboundPolicy> {
+        self.read()
+            .namespaces
+            .get(namespace)
+            .and_then(|n| n.inbound_policy)
+    }
+
+    /// Whether `ip` is a pod's or a node's address in the cluster (what
+    /// `cluster-unauthenticated` lets in).
+    pub fn in_cluster(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let state = self.read();
+        state.by_ip.contains_key(&ip) || state.pods.values().any(|p| p.host_ips.contains(&ip))
     }
 
     /// Every Service VIP:port with its endpoints (the admin API).

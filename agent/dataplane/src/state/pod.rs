@@ -5,7 +5,7 @@ use std::{net::IpAddr, ops::Deref, path::PathBuf, time::SystemTime};
 
 use nodemesh_core::{
     identity::{Identity, SpiffeId},
-    names::{MeshLabel, PodUid, PortSet},
+    names::{InboundPolicy, MeshLabel, PodUid, PortSet},
 };
 
 use crate::cgroup::QosClass;
@@ -54,6 +54,13 @@ pub struct PodInfo {
     pub mesh_label: Option<MeshLabel>,
     /// Its `config.nodemesh.io/opaque-ports` annotation (its own ports).
     pub opaque_ports: PortSet,
+    /// Its `config.nodemesh.io/skip-inbound-ports`: not captured inbound.
+    pub skip_inbound_ports: Vec<u16>,
+    /// Its `config.nodemesh.io/default-inbound-policy`.
+    pub inbound_policy: Option<InboundPolicy>,
+    /// The ports its containers' probes use: the kubelet reaches them from
+    /// the node whatever the policy.
+    pub probe_ports: Vec<u16>,
     /// Its phase is `Succeeded` or `Failed`: its containers are done.
     pub terminal: bool,
     /// When it is being deleted: the time by which it is gone
@@ -192,6 +199,9 @@ pub(crate) mod test_pods {
             netns: None,
             mesh_label: None,
             opaque_ports: PortSet::default(),
+            skip_inbound_ports: Vec::new(),
+            inbound_policy: None,
+            probe_ports: Vec::new(),
             terminal: false,
             deletion: None,
         }

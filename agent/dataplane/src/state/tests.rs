@@ -11,6 +11,7 @@ fn store() -> StateStore {
             Namespace {
                 mesh_label: Some(MeshLabel::Enabled),
                 opaque_ports: Default::default(),
+                inbound_policy: None,
             },
         )])
     });
@@ -204,6 +205,7 @@ fn local_pods_wait_for_a_complete_picture_and_follow_labels() {
             Namespace {
                 mesh_label: Some(MeshLabel::Enabled),
                 opaque_ports: Default::default(),
+                inbound_policy: None,
             },
         )
     });

@@ -57,6 +57,25 @@ impl ConnectError {
     }
 }
 
+label_values! {
+    /// Why an inbound connection to a meshed pod was refused.
+    pub enum InboundDenial {
+        /// The policy wants mutual TLS; the client is not meshed.
+        Unauthenticated => "unauthenticated",
+        /// Plaintext from outside the cluster's pods and nodes.
+        OutsideCluster => "outside_cluster",
+        /// The policy lets nobody in.
+        Denied => "denied",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    reason: InboundDenial,
+}
+
 /// Distinct peer identities kept per pod and direction in the peer series;
 /// connections with more peers than that count as `peer_identity="other"`.
 pub const MAX_PEERS_PER_POD: usize = 64;
@@ -102,6 +121,7 @@ pub struct TcpMetrics {
     received: Family<PodLabels, Counter>,
     connect_errors: Family<ConnectErrorLabels, Counter>,
     peers: Family<PeerLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
     /// Who holds which label set.
     holders: Arc<Mutex<HashMap<PodLabels, Shared>>>,
 }
@@ -116,8 +136,14 @@ impl TcpMetrics {
             received: Family::default(),
             connect_errors: Family::default(),
             peers: Family::default(),
+            denied: Family::default(),
             holders: Arc::default(),
         };
+        registry.register(
+            "inbound_denied",
+            "Connections to a meshed pod its inbound policy refused, by reason",
+            m.denied.clone(),
+        );
         registry.register(
             "tcp_open",
             "TCP connections the proxy accepted for a meshed pod",
@@ -281,6 +307,31 @@ impl PodTcpMetrics {
                 reason,
             });
         }
+        for &reason in InboundDenial::ALL {
+            f.denied.remove(&DeniedLabels {
+                pod: labels.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// Counts an inbound connection the policy refused.
+    pub fn denied(&self, reason: InboundDenial) {
+        if self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .released
+        {
+            return;
+        }
+        self.families
+            .denied
+            .get_or_create(&DeniedLabels {
+                pod: self.labels.clone(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn connect_error(&self, reason: ConnectError) {

@@ -27,6 +27,7 @@ use nodemesh_dataplane::{
     proxy::{
         Connector, Drain, OrigDsts, PodHandle, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics,
         connect::connect_with_timeout,
+        inbound::InboundConfig,
         tunnel::{OpenError, TunnelConfig, TunnelMetrics, TunnelPool},
     },
     state::{CgroupRef, PodInfo, StateStore, Workload},
@@ -128,6 +129,9 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         netns: None,
         mesh_label: meshed.then_some(MeshLabel::Enabled),
         opaque_ports: Default::default(),
+        skip_inbound_ports: Vec::new(),
+        inbound_policy: None,
+        probe_ports: Vec::new(),
         terminal: false,
         deletion: None,
     }
@@ -187,12 +191,17 @@ impl Cluster {
                     max_connections: 100,
                     tunnel: tunnel_config(),
                     detect_timeout: std::time::Duration::from_millis(300),
+                    inbound: InboundConfig {
+                        default_policy: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
+                        connect_timeout: Duration::from_secs(2),
+                    },
                 },
                 state: state.clone(),
                 certs: Some(certs.clone()),
                 metrics: ProxyMetrics::new(&mut registry),
                 connector: Arc::new(LoopbackConnector(map.clone())),
                 orig_dst: recorded.clone(),
+                clients: None,
                 drain: Drain::default(),
             })
             .unwrap();
@@ -211,7 +220,7 @@ impl Cluster {
             {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 listeners.insert(pod.name.clone(), listener.local_addr().unwrap());
-                handles.push(proxy.serve_pod(pod, None, vec![listener]));
+                handles.push(proxy.serve_pod(pod, None, vec![listener], Vec::new()));
             }
             nodes.push(Node {
                 certs,
@@ -314,7 +323,10 @@ impl Cluster {
         );
         let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), TRUST_DOMAIN);
         let node_b: IpAddr = NODES[1].1.parse().unwrap();
-        match pool.open(&id("client"), node_b, &id("far"), dst).await {
+        match pool
+            .open(&id("client"), node_b, &id("far"), dst, None)
+            .await
+        {
             Ok((mut stream, _)) => {
                 stream.write_all(b"x").await.unwrap();
                 let mut b = [0u8; 1];

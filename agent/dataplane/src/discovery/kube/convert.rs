@@ -11,7 +11,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::api::DynamicObject;
-use nodemesh_core::names::{MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid, PortSet};
+use nodemesh_core::names::{
+    INBOUND_POLICY_ANNOTATION, InboundPolicy, MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid, PortSet,
+    SKIP_INBOUND_PORTS_ANNOTATION,
+};
 use serde::Deserialize;
 use tracing::warn;
 
@@ -102,6 +105,82 @@ fn opaque_ports(
     }
 }
 
+/// The ports a pod's probes use (numbers, or container port names).
+fn probe_ports(spec: Option<&k8s_openapi::api::core::v1::PodSpec>) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = spec else {
+        return Vec::new();
+    };
+    let mut ports = Vec::new();
+    for c in &spec.containers {
+        let named = |name: &str| {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => named(name),
+        };
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+        {
+            let port = probe
+                .http_get
+                .as_ref()
+                .and_then(|h| resolve(&h.port))
+                .or_else(|| probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)))
+                .or_else(|| probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+            if let Some(port) = port
+                && !ports.contains(&port)
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
+/// At most this many ports a pod may exempt from inbound capture.
+const MAX_SKIP_PORTS: usize = 1024;
+
+/// The skip-inbound-ports annotation, expanded.
+fn skip_ports(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Vec<u16>, String> {
+    let Some(text) = annotations.and_then(|a| a.get(SKIP_INBOUND_PORTS_ANNOTATION)) else {
+        return Ok(Vec::new());
+    };
+    let set = PortSet::parse(text).map_err(|e| {
+        format!("annotation {SKIP_INBOUND_PORTS_ANNOTATION}={text:?}: {e}; ignored")
+    })?;
+    let ports: Vec<u16> = (1..=u16::MAX)
+        .filter(|p| set.contains(*p))
+        .take(MAX_SKIP_PORTS + 1)
+        .collect();
+    if ports.len() > MAX_SKIP_PORTS {
+        return Err(format!(
+            "annotation {SKIP_INBOUND_PORTS_ANNOTATION}={text:?}: more than {MAX_SKIP_PORTS} ports; ignored"
+        ));
+    }
+    Ok(ports)
+}
+
+/// The inbound-policy annotation of an object.
+fn inbound_policy(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Option<InboundPolicy>, String> {
+    match annotations.and_then(|a| a.get(INBOUND_POLICY_ANNOTATION)) {
+        None => Ok(None),
+        Some(text) => InboundPolicy::parse(text)
+            .map(Some)
+            .map_err(|e| format!("annotation {INBOUND_POLICY_ANNOTATION}: {e}; ignored")),
+    }
+}
+
 /// A pod reduced to what the state keeps, with the problems found on the
 /// way (reported by the caller, for pods on its node). `None` for a pod
 /// that cannot be kept at all.
@@ -126,6 +205,15 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
     let opaque = opaque_ports(p.metadata.annotations.as_ref()).unwrap_or_else(|problem| {
         problems.push((SourceErrorReason::InvalidAnnotation, problem));
         PortSet::default()
+    });
+    let annotations = p.metadata.annotations.as_ref();
+    let skip_inbound_ports = skip_ports(annotations).unwrap_or_else(|problem| {
+        problems.push((SourceErrorReason::InvalidAnnotation, problem));
+        Vec::new()
+    });
+    let policy = inbound_policy(annotations).unwrap_or_else(|problem| {
+        problems.push((SourceErrorReason::InvalidAnnotation, problem));
+        None
     });
     let (workload, owner_problem) = workload(p);
     if let Some(problem) = owner_problem {
@@ -178,6 +266,9 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
         netns: None,
         mesh_label,
         opaque_ports: opaque,
+        skip_inbound_ports,
+        inbound_policy: policy,
+        probe_ports: probe_ports(spec),
         terminal: matches!(
             status.and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
@@ -204,11 +295,16 @@ pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>
         problem = Some(p);
         PortSet::default()
     });
+    let inbound_policy = inbound_policy(ns.metadata.annotations.as_ref()).unwrap_or_else(|p| {
+        problem = Some(p);
+        None
+    });
     (
         name,
         Namespace {
             mesh_label,
             opaque_ports,
+            inbound_policy,
         },
         problem,
     )

@@ -6,22 +6,32 @@
 //! Policy today: tunnel clients must be identities of this trust domain,
 //! and a stream may only reach a meshed pod on this node of the identity
 //! the client asked for (and whose certificate it verified).
-use std::{io, net::SocketAddr, sync::Arc};
+pub mod policy;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures_util::future::BoxFuture;
-use nodemesh_core::identity::Identity;
+use nodemesh_core::{identity::Identity, names::InboundPolicy};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
+use self::policy::{Client, Facts};
 use super::{
     connect::Connector,
+    orig_dst::ClientAddrs,
     pods::{ServedPod, ServedPods},
-    relay::{TunnelStream, relay, reset_if_we_die},
+    relay::{Reset, TunnelStream, relay, reset_if_we_die},
     tunnel::{Destinations, TunnelError, server::Delivery, server::StreamRequest},
 };
 use crate::{
     state::{Pod, StateStore, Target},
-    telemetry::{ConnectError, OpenGuard, PodTcpMetrics},
+    telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
 
 /// The inbound side of the node's proxy.
@@ -31,7 +41,25 @@ pub struct Inbound {
     connector: Arc<dyn Connector>,
     buffer_size: usize,
     trust_domain: String,
+    cfg: InboundConfig,
+    clients: Option<Arc<dyn ClientAddrs>>,
+    /// When each (client, reason) refusal was last logged.
+    denials_logged: Mutex<HashMap<(IpAddr, InboundDenial), Instant>>,
 }
+
+/// Inbound settings.
+#[derive(Clone, Debug)]
+pub struct InboundConfig {
+    /// Who may connect to a pod whose annotations (and namespace's) say
+    /// nothing.
+    pub default_policy: InboundPolicy,
+    pub connect_timeout: Duration,
+}
+
+/// A refusal is logged once per client and reason in this window.
+const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many (client, reason) pairs are remembered for that.
+const DENIAL_LOG_ENTRIES: usize = 4096;
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,6 +101,8 @@ impl Inbound {
         pods: ServedPods,
         connector: Arc<dyn Connector>,
         buffer_size: usize,
+        cfg: InboundConfig,
+        clients: Option<Arc<dyn ClientAddrs>>,
     ) -> Self {
         let trust_domain = state.trust_domain();
         Self {
@@ -81,6 +111,162 @@ impl Inbound {
             connector,
             buffer_size,
             trust_domain,
+            cfg,
+            clients,
+            denials_logged: Mutex::default(),
+        }
+    }
+
+    /// The policy that applies to `pod`.
+    fn policy_for(&self, pod: &Pod) -> InboundPolicy {
+        pod.inbound_policy
+            .or_else(|| self.state.namespace_policy(&pod.namespace))
+            .unwrap_or(self.cfg.default_policy)
+    }
+
+    /// Whether `client` may reach `served` on `port`; a refusal is counted
+    /// on the pod and logged (once per client and reason in a window).
+    fn authorize(
+        &self,
+        served: &ServedPod,
+        client: Client<'_>,
+        client_ip: IpAddr,
+        port: u16,
+    ) -> Result<(), InboundDenial> {
+        // As known now: annotations change live.
+        let pod = self
+            .state
+            .pod(&served.pod.uid)
+            .unwrap_or_else(|| served.pod.clone());
+        let policy = self.policy_for(&pod);
+        let facts = Facts {
+            probe: pod.probe_ports.contains(&port)
+                && pod.host_ips.contains(&client_ip.to_canonical()),
+            in_cluster: matches!(policy, InboundPolicy::ClusterUnauthenticated)
+                && self.state.in_cluster(client_ip),
+        };
+        let decided = policy::decide(policy, client, facts);
+        if let Err(reason) = decided {
+            if let Some(inbound) = &served.inbound {
+                inbound.denied(reason);
+            }
+            let now = Instant::now();
+            let mut logged = self
+                .denials_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if logged.len() >= DENIAL_LOG_ENTRIES {
+                logged.retain(|_, at| now.duration_since(*at) < DENIAL_LOG_WINDOW);
+            }
+            let due = logged
+                .get(&(client_ip, reason))
+                .is_none_or(|at| now.duration_since(*at) >= DENIAL_LOG_WINDOW);
+            if due && logged.len() < DENIAL_LOG_ENTRIES {
+                logged.insert((client_ip, reason), now);
+                warn!(pod = %pod.key(), client = %client_ip, port, policy = policy.as_str(), %reason, "inbound connection refused by policy");
+            }
+        }
+        decided
+    }
+
+    /// Connects to the app at `dst` in `served`'s pod as `client`: from
+    /// inside the pod (its own address, so inbound capture lets it by), with
+    /// eBPF told which client it carries (the app sees that address). A port
+    /// of 0 in `client` takes the agent's own. Without a netns (tests): from
+    /// the agent, as it is.
+    async fn deliver(
+        &self,
+        served: &ServedPod,
+        dst: SocketAddr,
+        client: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let Some(netns) = &served.netns else {
+            return self.connector.connect(None, dst).await;
+        };
+        let socket = netns.tcp_socket(dst)?;
+        socket.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+        let from = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("a socket with no address"))?;
+        let client = if client.port() == 0 {
+            SocketAddr::new(client.ip(), from.port())
+        } else {
+            client
+        };
+        if let Some(clients) = &self.clients {
+            clients.record(from, dst, client)?;
+        }
+        socket.set_nonblocking(true)?;
+        let connected = crate::proxy::connect::connect_with_timeout(
+            Ok(tokio::net::TcpSocket::from_std_stream(socket.into())),
+            dst,
+            self.cfg.connect_timeout,
+        )
+        .await;
+        if connected.is_err()
+            && let Some(clients) = &self.clients
+        {
+            clients.forget(from, dst);
+        }
+        let stream = connected?;
+        reset_if_we_die(&stream);
+        Ok(stream)
+    }
+
+    /// A connection inbound capture handed over: someone dialled a served
+    /// pod's address directly (plaintext: an unmeshed client, the node, or
+    /// outside). The policy decides; then it goes to the app, which sees the
+    /// client's address.
+    pub async fn captured(&self, mut client: TcpStream, served: Arc<ServedPod>) {
+        let _ = client.set_nodelay(true);
+        reset_if_we_die(&client);
+        let (Ok(dst), Ok(peer)) = (client.local_addr(), client.peer_addr()) else {
+            client.reset();
+            return;
+        };
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        if self
+            .authorize(&served, Client::Plain(peer.ip()), peer.ip(), dst.port())
+            .is_err()
+        {
+            client.reset();
+            return;
+        }
+        let accounting = Accounting::new(Some(served.clone()));
+        let mut server = match self.deliver(&served, dst, peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = ConnectError::classify(&e);
+                warn!(pod = %served.pod.key(), %dst, client = %peer, %reason, error = %e, "cannot deliver an inbound connection; the client gets a reset");
+                if let Some(inbound) = &served.inbound {
+                    inbound.connect_error(reason);
+                }
+                client.reset();
+                return;
+            }
+        };
+        if let Some(inbound) = &served.inbound {
+            inbound.peer_open(false, None);
+        }
+        let inbound = accounting.inbound();
+        let received = inbound.map(|i| &i.received);
+        let sent = inbound.map(|i| &i.sent);
+        match relay(
+            &mut client,
+            &mut server,
+            self.buffer_size,
+            received.as_slice(),
+            sent.as_slice(),
+        )
+        .await
+        {
+            Ok(n) => {
+                debug!(%dst, client = %peer, received = n.client_to_server, sent = n.server_to_client, "inbound closed")
+            }
+            Err(e) => {
+                debug!(%dst, error = %e, "inbound relay ended with an error; both sides reset")
+            }
         }
     }
 
@@ -119,12 +305,27 @@ impl Inbound {
             warn!(client = %req.client, dst = %req.dst, reason = %TunnelError::UnknownDestination, "refused a tunnel stream: the destination is not a meshed pod of the authenticated identity on this node");
             return Err(TunnelError::UnknownDestination);
         };
-        // The node's netns: the app sees the connection come from its node.
-        let stream = match self.connector.connect(None, req.dst).await {
-            Ok(s) => {
-                reset_if_we_die(&s);
-                s
-            }
+        // The client pod's address as its agent says, if it is a pod of the
+        // authenticated identity.
+        let claimed = req.client_addr.filter(|a| {
+            matches!(self.state.upstream(*a).target, Target::Pod(p)
+                if p.identity().is_some_and(|id| id.uri() == &*req.client))
+        });
+        // Else the tunnel's other end, the client's node: all that is known.
+        let client_addr = claimed.unwrap_or(SocketAddr::new(req.peer.ip(), 0));
+        if self
+            .authorize(
+                &served,
+                Client::Meshed(&req.client),
+                client_addr.ip(),
+                req.dst.port(),
+            )
+            .is_err()
+        {
+            return Err(TunnelError::PolicyDenied);
+        }
+        let stream = match self.deliver(&served, req.dst, client_addr).await {
+            Ok(s) => s,
             Err(e) => {
                 let reason = ConnectError::classify(&e);
                 warn!(client = %req.client, dst = %req.dst, %reason, error = %e, "cannot connect to the destination pod; the client gets a reset");
@@ -152,9 +353,41 @@ impl Inbound {
         dst_pod: &Pod,
         dst: SocketAddr,
     ) -> io::Result<Accepted> {
-        let stream = self.connector.connect(src.netns.as_ref(), dst).await?;
-        reset_if_we_die(&stream);
         let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
+        let stream = match &served {
+            // Once through the proxy: delivered inside the destination pod
+            // (its inbound capture lets the agent by), as the client pod.
+            Some(dst_served) => {
+                let src_ip = src
+                    .pod
+                    .ips
+                    .iter()
+                    .find(|ip| ip.is_ipv6() == dst.is_ipv6())
+                    .copied()
+                    .unwrap_or(dst.ip());
+                let client = match src.pod.identity() {
+                    Some(id) => Client::Meshed(id.uri()),
+                    None => Client::Plain(src_ip),
+                };
+                if self
+                    .authorize(dst_served, client, src_ip, dst.port())
+                    .is_err()
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "refused by the destination's inbound policy",
+                    ));
+                }
+                self.deliver(dst_served, dst, SocketAddr::new(src_ip, 0))
+                    .await?
+            }
+            // Not served (yet): from the client's netns, as without the mesh.
+            None => {
+                let stream = self.connector.connect(src.netns.as_ref(), dst).await?;
+                reset_if_we_die(&stream);
+                stream
+            }
+        };
         if let Some(inbound) = served.as_ref().and_then(|s| s.inbound.as_ref()) {
             inbound.peer_open(false, src.pod.identity().map(|id| id.uri()));
         }

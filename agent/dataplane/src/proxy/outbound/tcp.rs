@@ -261,8 +261,21 @@ impl Outbound {
                 let Some(pool) = &self.tunnel else {
                     return Err(Failure::Refused(Refusal::NoTunnel));
                 };
+                // The app at the other end sees the client pod's address
+                // (as known now: the pod may have been served before its
+                // addresses were).
+                let client = self
+                    .state
+                    .pod(&pod.pod.uid)
+                    .and_then(|p| {
+                        p.ips
+                            .iter()
+                            .find(|ip| ip.is_ipv6() == dst.is_ipv6())
+                            .copied()
+                    })
+                    .map(|ip| SocketAddr::new(ip, 0));
                 let (stream, dialled) = pool
-                    .open(src, node_ip, dst_id, dst)
+                    .open(src, node_ip, dst_id, dst, client)
                     .await
                     .map_err(|e| Failure::Tunnel(node_ip, e))?;
                 Ok(Opened {

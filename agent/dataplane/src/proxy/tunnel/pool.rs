@@ -128,10 +128,13 @@ impl TunnelPool {
         node_ip: IpAddr,
         dst_id: &SpiffeId,
         dst: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Result<(TunnelStream, bool), OpenError> {
         let limit = self.cfg.connect_timeout + self.cfg.handshake_timeout;
         let result =
-            match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst)).await {
+            match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst, client))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(OpenError::Timeout(limit)),
             };
@@ -148,6 +151,7 @@ impl TunnelPool {
         node_ip: IpAddr,
         dst_id: &SpiffeId,
         dst: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Result<(TunnelStream, bool), OpenError> {
         let current = self
             .store
@@ -191,9 +195,13 @@ impl TunnelPool {
             addr: key.node,
             source,
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
-            .uri(dst.to_string())
+            .uri(dst.to_string());
+        if let Some(client) = client {
+            req = req.header(super::server::FORWARDED, format!("for=\"{client}\""));
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| OpenError::Name(e.to_string()))?;
         send.ready().await.map_err(http_err)?;

@@ -69,6 +69,18 @@ fn no_ipv6(e: &std::io::Error) -> bool {
     )
 }
 
+/// The header a tunnel client names its app's address in (RFC 7239).
+pub const FORWARDED: &str = "forwarded";
+
+/// `forwarded: for="10.1.0.2:41000"` (or `for="[fd00::2]:41000"`).
+fn forwarded_for(headers: &hyper::HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get(FORWARDED)?.to_str().ok()?;
+    value.split(';').find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        v.trim_matches('"').parse().ok()
+    })
+}
+
 /// One CONNECT stream, as the server authenticated it.
 #[derive(Clone, Debug)]
 pub struct StreamRequest {
@@ -79,6 +91,11 @@ pub struct StreamRequest {
     pub served: Option<Identity>,
     /// Where the stream goes.
     pub dst: SocketAddr,
+    /// The client pod's address, as its agent says (`forwarded: for=`);
+    /// inbound checks it belongs to the authenticated identity.
+    pub client_addr: Option<SocketAddr>,
+    /// The tunnel connection's other end (the client's node).
+    pub peer: SocketAddr,
 }
 
 /// What carries an accepted stream's bytes once the client has its answer.
@@ -150,6 +167,10 @@ impl TunnelServer {
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, stop: CancellationToken) {
         let _ = tcp.set_nodelay(true);
+        let Ok(peer) = tcp.peer_addr() else {
+            return;
+        };
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let timeout = self.cfg.handshake_timeout;
         // A TLS connection starts with a handshake record (0x16).
         let mut first = [0u8; 1];
@@ -206,7 +227,7 @@ impl TunnelServer {
             let this = this.clone();
             let client = client.clone();
             let served = served.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, client, served).await) }
+            async move { Ok::<_, Infallible>(this.stream(req, client, served, peer).await) }
         });
         let builder = h2::server();
         let conn = builder.serve_connection(TokioIo::new(tls), service);
@@ -230,6 +251,7 @@ impl TunnelServer {
         req: Request<Incoming>,
         client: Arc<str>,
         served: Option<Identity>,
+        peer: SocketAddr,
     ) -> Response<Empty<Bytes>> {
         let status = |code| {
             let mut r = Response::new(Empty::new());
@@ -244,10 +266,13 @@ impl TunnelServer {
             self.refuse(TunnelError::BadRequest);
             return status(StatusCode::BAD_REQUEST);
         };
+        let client_addr = forwarded_for(req.headers());
         let open = self.destinations.clone().open(StreamRequest {
             client: client.clone(),
             served,
             dst,
+            client_addr,
+            peer,
         });
         // The destination is connected before the answer: a refused one
         // becomes an error status, which the client turns into a reset.

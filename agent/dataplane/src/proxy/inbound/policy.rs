@@ -1,0 +1,96 @@
+//! Who may connect to a meshed pod: the policy of the pod's annotation,
+//! else its namespace's, else the agent's default; decided per connection
+//! from what the agent knows of the client. A pure function, tested below.
+use std::net::IpAddr;
+
+use nodemesh_core::names::InboundPolicy;
+
+use crate::telemetry::InboundDenial;
+
+/// The client of an inbound connection, as the agent knows it.
+#[derive(Clone, Copy, Debug)]
+pub enum Client<'a> {
+    /// A meshed workload: its SPIFFE ID (from mutual TLS, or the agent's
+    /// own knowledge of a pod on this node).
+    Meshed(&'a str),
+    /// Plaintext from this address.
+    Plain(IpAddr),
+}
+
+/// What else the decision needs about the connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts {
+    /// The kubelet probing a probe port from the pod's node.
+    pub probe: bool,
+    /// The client's address is a pod's or a node's of the cluster.
+    pub in_cluster: bool,
+}
+
+/// Whether `policy` lets `client` in.
+pub fn decide(
+    policy: InboundPolicy,
+    client: Client<'_>,
+    facts: Facts,
+) -> Result<(), InboundDenial> {
+    if facts.probe {
+        return Ok(());
+    }
+    match (policy, client) {
+        (InboundPolicy::Deny, _) => Err(InboundDenial::Denied),
+        (InboundPolicy::AllUnauthenticated, _) => Ok(()),
+        (_, Client::Meshed(_)) => Ok(()),
+        (InboundPolicy::AllAuthenticated, Client::Plain(_)) => Err(InboundDenial::Unauthenticated),
+        (InboundPolicy::ClusterUnauthenticated, Client::Plain(_)) => {
+            if facts.in_cluster {
+                Ok(())
+            } else {
+                Err(InboundDenial::OutsideCluster)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAIN: Client<'static> = Client::Plain(IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 9)));
+    const MESHED: Client<'static> = Client::Meshed("spiffe://cluster.local/ns/shop/sa/web");
+
+    fn facts(probe: bool, in_cluster: bool) -> Facts {
+        Facts { probe, in_cluster }
+    }
+
+    #[test]
+    fn each_policy_lets_in_whom_it_says() {
+        use InboundPolicy::*;
+        let anyone = facts(false, false);
+        assert_eq!(decide(AllUnauthenticated, PLAIN, anyone), Ok(()));
+        assert_eq!(decide(AllAuthenticated, MESHED, anyone), Ok(()));
+        assert_eq!(
+            decide(AllAuthenticated, PLAIN, anyone),
+            Err(InboundDenial::Unauthenticated)
+        );
+        assert_eq!(
+            decide(ClusterUnauthenticated, PLAIN, anyone),
+            Err(InboundDenial::OutsideCluster)
+        );
+        assert_eq!(
+            decide(ClusterUnauthenticated, PLAIN, facts(false, true)),
+            Ok(())
+        );
+        assert_eq!(decide(ClusterUnauthenticated, MESHED, anyone), Ok(()));
+        assert_eq!(decide(Deny, MESHED, anyone), Err(InboundDenial::Denied));
+    }
+
+    #[test]
+    fn probes_from_the_node_pass_every_policy() {
+        for policy in InboundPolicy::ALL {
+            assert_eq!(
+                decide(policy, PLAIN, facts(true, false)),
+                Ok(()),
+                "{policy:?}"
+            );
+        }
+    }
+}
