@@ -82,6 +82,14 @@ impl InFlight {
         self.endpoint.observe(self.started.elapsed(), true);
     }
 
+    /// The endpoint answered a request sent at `sent`: that latency
+    /// counts (not the connection's setup before it, which would make a
+    /// new endpoint look slow and starve it), its failures are forgotten.
+    pub fn answered(&self, sent: Instant) {
+        self.told.store(true, Ordering::Relaxed);
+        self.endpoint.observe(sent.elapsed(), true);
+    }
+
     /// It reached the endpoint, but its time is not the endpoint's (a new
     /// tunnel connection's handshake was in it): failures are forgotten,
     /// the latency is not sampled.

@@ -358,10 +358,17 @@ impl Forwarder {
             let Some(request) = req.take() else {
                 break;
             };
+            let sent = Instant::now();
             match conn.send(request).await {
                 Ok(mut resp) => {
-                    if let Some(w) = &work {
-                        w.success();
+                    // A new connection's first answer carries its warm-up
+                    // (HTTP/2 settings, an app's Nagle meeting a delayed
+                    // ACK: tens of ms once) and would make a new endpoint
+                    // look slow for the decay's seconds: not sampled.
+                    match &work {
+                        Some(w) if was_pooled => w.answered(sent),
+                        Some(w) => w.reached(),
+                        None => {}
                     }
                     let metric = self.outbound.http_metrics.request(
                         &self.source,
