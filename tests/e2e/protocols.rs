@@ -117,6 +117,17 @@ pub fn http_and_grpc_apps_pass_through_the_mesh() {
     let m = agent.wait_metric("every response counted", |m| {
         m.sum("nodemesh_response_total", &[]) == 173.0
     });
+    // The gRPC server greets first (HTTP/2 SETTINGS): still detected as
+    // HTTP/2, never as a server-first protocol.
+    assert_eq!(
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("result", "server_first")]
+        ),
+        0.0,
+        "{}",
+        m.text
+    );
     let requests = |protocol: &str| {
         m.sum(
             "nodemesh_request_total",

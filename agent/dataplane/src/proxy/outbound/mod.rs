@@ -167,7 +167,10 @@ impl Outbound {
         match detection.detected {
             Detected::Http1 | Detected::H2 => {
                 let h2 = detection.detected == Detected::H2;
-                self.clone().http(client, pod, dest, h2, early.ok()).await;
+                // A connection whose server already spoke (read while
+                // detecting) cannot start an HTTP client: a new one will.
+                let early = early.ok().filter(|_| detection.server_first.is_empty());
+                self.clone().http(client, pod, dest, h2, early).await;
             }
             _ => match early {
                 Ok(early) => {
@@ -319,6 +322,20 @@ impl Outbound {
             _ = &mut deadline => return Detection { detected: Detected::Timeout, early: Ok(early), server_first: Vec::new() },
         };
         match said {
+            // An HTTP/2 server greets with its SETTINGS at once, without
+            // waiting for the client's preface: still the client's turn.
+            Ok(n) if n > 0 && is_h2_settings(&buf[..n]) => {
+                buf.truncate(n);
+                let detected = tokio::select! {
+                    d = client_bytes(client) => d,
+                    _ = &mut deadline => Detected::Timeout,
+                };
+                Detection {
+                    detected,
+                    early: Ok(early),
+                    server_first: buf,
+                }
+            }
             Ok(n) if n > 0 => {
                 buf.truncate(n);
                 Detection {
@@ -374,6 +391,17 @@ impl Outbound {
 }
 
 /// What the client's first bytes are, once they say (peeked, not taken).
+/// Whether `said` starts with an HTTP/2 SETTINGS frame on stream 0 (what
+/// an HTTP/2 server sends first, unprompted).
+fn is_h2_settings(said: &[u8]) -> bool {
+    const SETTINGS: u8 = 0x4;
+    said.len() >= 9
+        && said[3] == SETTINGS
+        && said[4] & !0x1 == 0
+        && said[5..9] == [0, 0, 0, 0]
+        && (u32::from(said[0]) << 16 | u32::from(said[1]) << 8 | u32::from(said[2])) % 6 == 0
+}
+
 async fn client_bytes(client: &TcpStream) -> Detected {
     let mut buf = [0u8; 32];
     loop {
@@ -387,5 +415,25 @@ async fn client_bytes(client: &TcpStream) -> Detected {
                 None => tokio::time::sleep(Duration::from_millis(1)).await,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_h2_settings;
+
+    #[test]
+    fn an_http2_servers_greeting_is_not_server_first() {
+        // Empty SETTINGS, and one with two settings (12 bytes).
+        assert!(is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        let mut two = vec![0, 0, 12, 4, 0, 0, 0, 0, 0];
+        two.extend_from_slice(&[0, 3, 0, 0, 0, 100, 0, 4, 0, 1, 0, 0]);
+        assert!(is_h2_settings(&two));
+        // A banner, a DATA frame, SETTINGS on a stream, a bad length.
+        assert!(!is_h2_settings(b"220 smtp.example ESMTP\r\n"));
+        assert!(!is_h2_settings(&[0, 0, 6, 0, 0, 0, 0, 0, 0]));
+        assert!(!is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 1]));
+        assert!(!is_h2_settings(&[0, 0, 5, 4, 0, 0, 0, 0, 0]));
+        assert!(!is_h2_settings(&[0, 0, 0, 4]));
     }
 }
