@@ -1,6 +1,7 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
 mod escape;
+mod inbound;
 mod kube;
 mod mesh;
 mod protocols;
@@ -15,6 +16,9 @@ fn main() {
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,
         escape::a_pod_whose_capture_fails_is_refused_and_gets_an_event,
+        inbound::the_app_sees_its_client_and_plaintext_is_captured,
+        inbound::all_authenticated_refuses_plaintext_and_changes_apply_live,
+        inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,
         kube::a_labelled_pod_is_captured_from_the_api,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,

@@ -550,6 +550,20 @@ pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
         502,
         "the right pod, nothing listening yet"
     );
+    // Never to the node itself: its admin port, or a host-network pod
+    // (labelled meshed, of the right identity) whose address is the node's.
+    bed.cluster
+        .host_network_pod(&bed.ns, "on-host", &bed.b, "server");
+    assert_eq!(
+        status(SocketAddr::from((bed.b.ip, 4191))),
+        404,
+        "the node's admin port"
+    );
+    assert_eq!(
+        status(SocketAddr::from((bed.b.ip, ECHO))),
+        404,
+        "a host-network pod"
+    );
 
     let m = bed.agent_b.wait_metric("every refusal counted", |m| {
         tunnel_errors(m, "not_tls") >= 2.0
@@ -557,10 +571,11 @@ pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
             && tunnel_errors(m, "expired_certificate") == 1.0
             && tunnel_errors(m, "policy_denied") == 1.0
             && tunnel_errors(m, "unknown_server_name") == 1.0
-            && tunnel_errors(m, "unknown_destination") == 2.0
+            && tunnel_errors(m, "unknown_destination") == 4.0
             && tunnel_errors(m, "connect") == 1.0
     });
-    assert_eq!(tunnel(&m, "connections", "inbound"), 4.0, "{}", m.text);
+    // The valid control, and one per CONNECT attempt above.
+    assert_eq!(tunnel(&m, "connections", "inbound"), 6.0, "{}", m.text);
     let log = bed.agent_b.log();
     assert!(log.contains("not TLS (plaintext or garbage)"), "{log}");
     assert!(log.contains("TLS handshake failed"), "{log}");

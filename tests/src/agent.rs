@@ -312,7 +312,12 @@ impl Drop for Agent {
             eprintln!(
                 "---- agent log ({}) ----\n{}\n---- end of agent log ----",
                 self.log_path.display(),
-                self.log_tail(80)
+                self.log_tail(
+                    std::env::var("NODEMESH_TEST_LOG_LINES")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(80)
+                )
             );
         }
         self.kill();

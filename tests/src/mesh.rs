@@ -310,6 +310,7 @@ impl<'c> Install<'c> {
             agent_log_level: "info".into(),
             trust_domain: "cluster.local".into(),
             fast_path: "false".into(),
+            default_inbound_policy: "all-unauthenticated".into(),
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),
@@ -477,6 +478,15 @@ pub fn mesh_agent_options(
     node: &Node,
 ) -> AgentOptions {
     let token = agent_identity_token(install, node);
+    agent_options_with_token(install, identity, node, &token)
+}
+
+fn agent_options_with_token(
+    install: &Install,
+    identity: &IdentityService,
+    node: &Node,
+    token: &Path,
+) -> AgentOptions {
     AgentOptions::default()
         .kube(install.cluster)
         .arg("--identity-addr")
@@ -498,6 +508,15 @@ pub fn mesh_agent_options(
 /// Starts a meshed agent on `node` and waits for it to be ready.
 pub fn mesh_agent(install: &Install, identity: &IdentityService, node: &Node) -> Agent {
     Agent::start_ready(node, mesh_agent_options(install, identity, node))
+}
+
+/// Starts the next meshed agent on `node` (after one stopped), with the
+/// same agent pod and token.
+pub fn next_mesh_agent(install: &Install, identity: &IdentityService, node: &Node) -> Agent {
+    Agent::start_ready(
+        node,
+        agent_options_with_token(install, identity, node, &identity_token_file(node)),
+    )
 }
 
 /// Two nodes on a link, nodemesh installed, the identity service on node

@@ -58,6 +58,10 @@ pub struct PodSpec {
     pub owner: Option<(String, String)>,
     pub qos: Qos,
     pub driver: CgroupDriver,
+    pub annotations: BTreeMap<String, String>,
+    /// A TCP readiness probe on this port (what kubelet dials from the
+    /// node).
+    pub probe_port: Option<u16>,
 }
 
 impl PodSpec {
@@ -71,7 +75,19 @@ impl PodSpec {
             owner: None,
             qos: Qos::BestEffort,
             driver: CgroupDriver::Systemd,
+            annotations: BTreeMap::new(),
+            probe_port: None,
         }
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn tcp_probe(mut self, port: u16) -> Self {
+        self.probe_port = Some(port);
+        self
     }
 
     pub fn service_account(mut self, sa: &str) -> Self {

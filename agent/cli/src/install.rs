@@ -6,7 +6,7 @@ use clap::Args;
 use nodemesh_core::{
     config::{ConfigErrors, parse_cidr, parse_duration},
     identity::{MAX_CERT_LIFETIME, MIN_CERT_LIFETIME},
-    names::{is_dns_label, is_dns_subdomain},
+    names::{InboundPolicy, is_dns_label, is_dns_subdomain},
     pki,
 };
 
@@ -39,6 +39,15 @@ pub struct InstallArgs {
     /// docs/datapath.md for when it may be turned on).
     #[arg(long, default_value = "false", value_name = "BOOL")]
     pub fast_path: String,
+
+    /// Who may connect to a meshed pod whose own and namespace's
+    /// `config.nodemesh.io/default-inbound-policy` annotations say nothing:
+    /// all-unauthenticated (anyone; mTLS where the client is meshed),
+    /// all-authenticated (only mTLS clients of the trust domain),
+    /// cluster-unauthenticated (plaintext only from the cluster's pod and
+    /// node addresses) or deny.
+    #[arg(long, default_value = "all-unauthenticated", value_name = "POLICY")]
+    pub default_inbound_policy: String,
 
     /// Destination network the agents never redirect (repeatable).
     #[arg(long = "bypass-cidr", value_delimiter = ',', value_name = "CIDR")]
@@ -201,6 +210,12 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             String::new()
         }
     };
+    if let Err(why) = InboundPolicy::parse(&a.default_inbound_policy) {
+        problems.push(format!(
+            "--default-inbound-policy {:?}: {why}",
+            a.default_inbound_policy
+        ));
+    }
     for c in a.bypass_cidrs.iter().filter(|c| !c.is_empty()) {
         if let Err(why) = parse_cidr(c) {
             problems.push(format!("--bypass-cidr {c:?}: {why}"));
@@ -241,6 +256,10 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         .replace("{{log_level}}", &quoted(&a.agent_log_level))
         .replace("{{trust_domain}}", &quoted(&a.trust_domain))
         .replace("{{fast_path}}", &quoted(&fast_path))
+        .replace(
+            "{{default_inbound_policy}}",
+            &quoted(&a.default_inbound_policy),
+        )
         .replace("{{bypass_cidrs}}", &quoted(&join(&a.bypass_cidrs)))
         .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
         .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
@@ -260,6 +279,7 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         agent_log_level: "info".into(),
         trust_domain: "cluster.local".into(),
         fast_path: "false".into(),
+        default_inbound_policy: "all-unauthenticated".into(),
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),
@@ -365,9 +385,20 @@ mod tests {
         args.image = "registry.example/nm:1 # oops".into();
         args.namespace = "Bad_NS".into();
         args.bypass_cidrs = vec!["10.0.0.0/99".into()];
+        args.default_inbound_policy = "allow".into();
         let err = render(&args).unwrap_err();
-        assert_eq!(err.0.len(), 3, "{err}");
+        assert_eq!(err.0.len(), 4, "{err}");
+        assert!(
+            err.to_string().contains("--default-inbound-policy"),
+            "{err}"
+        );
         let mut args = defaults();
+        assert!(
+            render(&args)
+                .expect("renders")
+                .contains(r#"NODEMESH_DEFAULT_INBOUND_POLICY: "all-unauthenticated""#)
+        );
+        args.default_inbound_policy = "all-authenticated".into();
         args.agent_log_level = "info,nodemesh=debug".into();
         args.bypass_ports = vec!["22".into(), "53".into()];
         let out = render(&args).expect("renders");
@@ -376,6 +407,10 @@ mod tests {
             "{out}"
         );
         assert!(out.contains(r#"NODEMESH_BYPASS_PORTS: "22,53""#), "{out}");
+        assert!(
+            out.contains(r#"NODEMESH_DEFAULT_INBOUND_POLICY: "all-authenticated""#),
+            "{out}"
+        );
     }
 
     #[test]

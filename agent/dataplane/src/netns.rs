@@ -146,6 +146,27 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     getsockopt_u64(socket, libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: a `bind` to an address and port 0 leaves
+/// the port to `connect`, which picks it by the whole 4-tuple.
+pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a valid c_int for the option's size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `SO_COOKIE` of a socket: what eBPF's `bpf_get_socket_cookie` sees.
 pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     getsockopt_u64(socket, libc::SOL_SOCKET, libc::SO_COOKIE)

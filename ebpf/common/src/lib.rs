@@ -47,9 +47,13 @@ pub const MAP_INBOUND: &str = "NM_INBOUND";
 pub const MAP_INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
 /// Pod ports whose inbound is not captured ([`InboundPort`]).
 pub const MAP_INBOUND_SKIP: &str = "NM_INBOUND_SKIP";
-/// The real client of each connection the agent makes to an app, by the
-/// agent's end ([`InboundPeerKey`]), until `sock_ops` moves it to
-/// [`MAP_PEERS`] under the app's socket.
+/// The real client of each connection the agent is making to an app, by
+/// the agent socket's cookie (its port is not chosen until it connects);
+/// a client port 0 means "the agent socket's". `sock_ops` moves it to
+/// [`MAP_INBOUND_PEERS`] once that socket is established.
+pub const MAP_INBOUND_PENDING: &str = "NM_INBOUND_PENDING";
+/// The same by the connection's ends ([`InboundPeerKey`]), until
+/// `sock_ops` moves it to [`MAP_PEERS`] under the app's socket.
 pub const MAP_INBOUND_PEERS: &str = "NM_INBOUND_PEERS";
 
 /// Program (function) names in the object.

@@ -94,6 +94,9 @@ static NM_INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(INBOUND_ENTRI
 static NM_INBOUND_SKIP: HashMap<InboundPort, u8> = HashMap::pinned(INBOUND_ENTRIES, 0);
 
 #[map]
+static NM_INBOUND_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
+
+#[map]
 static NM_INBOUND_PEERS: LruHashMap<InboundPeerKey, OrigDst> =
     LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
 
@@ -450,11 +453,14 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     let remote_ip = endpoint(ctx, family, false);
     let local_port = ctx.local_port();
     let remote_port = remote_port(ctx.remote_port());
-    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && local_ip == remote_ip
-        && !is_loopback_endpoint(&local_ip)
-    {
-        return inbound_delivered(ctx, local_ip, remote_port, local_port);
+    // A connection inside a pod from its own address to itself: the agent
+    // delivering an inbound connection (or the app calling itself).
+    if local_ip == remote_ip && !is_loopback_endpoint(&local_ip) {
+        return if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            inbound_dialled(ctx, local_ip, local_port, remote_port)
+        } else {
+            inbound_delivered(ctx, local_ip, remote_port, local_port)
+        };
     }
     if !is_loopback_endpoint(&local_ip) || !is_loopback_endpoint(&remote_ip) {
         return Ok(());
@@ -518,6 +524,35 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
             .map_err(|_| "sockhash update failed")?;
     }
     Ok(())
+}
+
+/// The agent's delivering socket is established (its port known now):
+/// key its client by the connection's ends, for the app's side.
+#[inline(always)]
+fn inbound_dialled(
+    ctx: &SockOpsContext,
+    ip: [u32; 4],
+    from_port: u32,
+    to_port: u32,
+) -> Result<(), &'static str> {
+    // SAFETY: the context is a valid bpf_sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: copied out at once.
+    let Some(mut client) = (unsafe { NM_INBOUND_PENDING.get(cookie) }).copied() else {
+        return Ok(());
+    };
+    let _ = NM_INBOUND_PENDING.remove(cookie);
+    if client.port == 0 {
+        client.port = from_port;
+    }
+    let key = InboundPeerKey {
+        ip,
+        from_port,
+        to_port,
+    };
+    NM_INBOUND_PEERS
+        .insert(key, client, BPF_ANY as u64)
+        .map_err(|_| "inbound peers map update failed")
 }
 
 /// An app accepted a connection from inside its own pod: if the agent

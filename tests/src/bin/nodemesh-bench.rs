@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the same-node path, direct vs meshed with and
-//! without the sk_msg fast path; then the cross-node path, direct vs the
-//! mutual-TLS tunnel, with connection-setup times; on both, HTTP/1.1
+//! without the sk_msg fast path; then, with an API server, inbound capture
+//! (unmeshed clients to a meshed server, same node and across nodes),
+//! same-node meshed to meshed, and the cross-node mutual-TLS tunnel, with
+//! connection-setup times; on both, HTTP/1.1
 //! keep-alive requests (wrk) and gRPC unary calls, direct vs meshed, with
 //! the agents' CPU per 1000 requests. Prints tables; asserts nothing about
 //! speed (these machines are shared and noisy).
@@ -188,20 +190,16 @@ fn cross_node(s: &Settings) {
     let agent_b = Agent::start_ready(&b, opts(&b));
     let ns = unique("bench");
     cluster.namespace(&ns, &[]);
-    let server = cluster.run_pod(
-        &b,
-        PodSpec::new(&ns, "server")
-            .service_account("server")
-            .meshed(),
-    );
+    let server = cluster.run_pod(&b, PodSpec::new(&ns, "server").service_account("server"));
     let client = cluster.run_pod(&a, PodSpec::new(&ns, "client").service_account("client"));
-    agent_b.wait_metric("server's certificate", |m| {
-        m.sum("nodemesh_identity_certificates", &[]) == 1.0
-    });
+    // A client on the server's node, for the same-node rows.
+    let near = cluster.run_pod(&b, PodSpec::new(&ns, "near").service_account("near"));
     let mut srv = server.tcp();
     srv.listen(PORT);
     let mut app = client.tcp();
+    let mut near_app = near.tcp();
     let dst = SocketAddr::from((server.ip, PORT));
+
     let RequestApps {
         _hsrv: _http_server,
         _gsrv: _grpc_server,
@@ -212,12 +210,53 @@ fn cross_node(s: &Settings) {
         rpc,
     } = request_apps(&client, &server);
 
-    eprintln!("  running: cross-node direct (client not meshed)");
+    eprintln!("  running: direct, nothing meshed (same node, then cross-node)");
+    let near_direct = measure(&mut near_app, dst, s);
     let direct = measure(&mut app, dst, s);
     let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
     let http_direct = wrk(&client, &url, s, &[]);
     let seq_direct = sequential(&mut hcli, hto, s, &[]);
     let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
+    // Inbound capture alone: the server meshed, its clients not.
+    cluster.label_pod(&server, MESH_LABEL, Some("enabled"));
+    agent_b.wait_metric("server captured with its certificate", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    eprintln!("  running: unmeshed clients to the meshed server (inbound capture)");
+    let near_inbound = measure(&mut near_app, dst, s);
+    let inbound = measure(&mut app, dst, s);
+    // Same node, both meshed: once through the proxy.
+    cluster.label_pod(&near, MESH_LABEL, Some("enabled"));
+    agent_b.wait_metric("near client captured with its certificate", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+            && m.sum("nodemesh_identity_certificates", &[]) == 2.0
+    });
+    eprintln!("  running: same node, meshed to meshed");
+    let near_meshed = measure(&mut near_app, dst, s);
+    let m = agent_b.metrics();
+    let plain_in = m.sum(
+        "nodemesh_tcp_peer_open_total",
+        &[
+            ("pod", "server"),
+            ("direction", "inbound"),
+            ("tls", "false"),
+            ("peer_identity", ""),
+        ],
+    );
+    assert!(
+        plain_in >= (s.repeats * 4) as f64,
+        "the inbound runs were not captured: {plain_in} connections"
+    );
+    print_rows(
+        "same node (API server bed)",
+        &[
+            ("direct (not meshed)", near_direct),
+            ("unmeshed → meshed (inbound)", near_inbound),
+            ("meshed → meshed (one pass)", near_meshed),
+        ],
+    );
+    drop(near_app);
 
     cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
     agent_a.wait_metric("client captured with its certificate", |m| {
@@ -251,7 +290,8 @@ fn cross_node(s: &Settings) {
         "cross-node path",
         &[
             ("direct (not meshed)", direct),
-            ("meshed (mTLS tunnel)", meshed),
+            ("unmeshed → meshed (inbound)", inbound),
+            ("meshed (mTLS, two agents)", meshed),
         ],
     );
     println!();

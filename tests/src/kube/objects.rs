@@ -44,6 +44,7 @@ impl Cluster {
             "name": spec.name,
             "namespace": spec.namespace,
             "labels": spec.labels,
+            "annotations": spec.annotations,
         });
         if let Some((kind, name)) = &spec.owner {
             metadata["ownerReferences"] = json!([{
@@ -51,12 +52,16 @@ impl Cluster {
                 "uid": "00000000-0000-4000-8000-000000000000", "controller": true
             }]);
         }
+        let mut container = json!({"name": "app", "image": "nodemesh.test/app:1"});
+        if let Some(port) = spec.probe_port {
+            container["readinessProbe"] = json!({"tcpSocket": {"port": port}});
+        }
         let api_pod: K8sPod = serde_json::from_value(json!({
             "metadata": metadata,
             "spec": {
                 "nodeName": node.name,
                 "serviceAccountName": spec.service_account,
-                "containers": [{"name": "app", "image": "nodemesh.test/app:1"}],
+                "containers": [container],
             }
         }))
         .expect("pod");
@@ -263,6 +268,48 @@ impl Cluster {
             ),
         )
         .unwrap_or_else(|e| panic!("label pod {}: {e}", pod.key()));
+    }
+
+    /// Sets (or removes) a pod annotation in the API.
+    pub fn annotate_pod(&self, pod: &Pod, key: &str, value: Option<&str>) {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        self.block_on(
+            Api::<K8sPod>::namespaced(self.client.clone(), &pod.namespace).patch(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .unwrap_or_else(|e| panic!("annotate pod {}: {e}", pod.key()));
+    }
+
+    /// A Running host-network pod on `node` (its address is the node's),
+    /// labelled meshed: one the agent must never capture nor tunnel to.
+    pub fn host_network_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &Node,
+        service_account: &str,
+    ) {
+        let api_pod: K8sPod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {nodemesh_core::names::MESH_LABEL: "enabled"}},
+            "spec": {
+                "nodeName": node.name,
+                "hostNetwork": true,
+                "serviceAccountName": service_account,
+                "containers": [{"name": "app", "image": "nodemesh.test/app:1"}],
+            }
+        }))
+        .expect("pod");
+        let api = Api::<K8sPod>::namespaced(self.client.clone(), namespace);
+        self.block_on(api.create(&PostParams::default(), &api_pod))
+            .unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e}"));
+        let ip = node.host_ip().to_string();
+        let status = json!({"status": {"phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}]}});
+        self.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
+            .unwrap_or_else(|e| panic!("patch status of {namespace}/{name}: {e}"));
     }
 
     /// Deletes a pod at once (grace period 0).

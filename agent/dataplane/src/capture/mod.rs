@@ -228,32 +228,38 @@ impl Captures {
                 // Its addresses arrive once it runs (or change): what
                 // getsockname answers and inbound capture follow, nothing
                 // is recaptured.
-                if new_ips {
-                    if let Err(e) = self
+                if new_ips
+                    && let Err(e) = self
                         .redirect
                         .ready(served.netns.cookie(), pod_net(&pod.ips))
-                    {
-                        warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
-                    }
-                    if let Some(inbound) = &mut served.inbound {
-                        let gone: Vec<_> = inbound
-                            .addrs
-                            .iter()
-                            .filter(|ip| !pod.ips.contains(ip))
-                            .copied()
-                            .collect();
-                        self.redirect.release_inbound_addrs(&gone, &inbound.skip);
-                        let captured = self.redirect.capture_inbound(&PodInbound {
-                            uid: &pod.uid,
-                            netns: &served.netns,
-                            listeners: inbound.listeners(&pod.ips),
-                            skip_ports: &inbound.skip,
-                        });
-                        match captured {
-                            Ok(()) => inbound.addrs = pod.ips.clone(),
-                            Err(e) => {
-                                warn!(pod = %pod.key(), error = %e, "cannot capture the pod's new addresses inbound")
-                            }
+                {
+                    warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
+                }
+                // Inbound capture follows the addresses and the exempt
+                // ports (the annotation may change live).
+                if let Some(inbound) = &mut served.inbound
+                    && (inbound.addrs != pod.ips || inbound.skip != pod.skip_inbound_ports)
+                {
+                    let gone: Vec<_> = inbound
+                        .addrs
+                        .iter()
+                        .filter(|ip| !pod.ips.contains(ip))
+                        .copied()
+                        .collect();
+                    self.redirect.release_inbound_addrs(&gone, &[]);
+                    self.redirect
+                        .forget_skip_ports(&inbound.addrs, &inbound.skip);
+                    inbound.skip = pod.skip_inbound_ports.clone();
+                    let captured = self.redirect.capture_inbound(&PodInbound {
+                        uid: &pod.uid,
+                        netns: &served.netns,
+                        listeners: inbound.listeners(&pod.ips),
+                        skip_ports: &inbound.skip,
+                    });
+                    match captured {
+                        Ok(()) => inbound.addrs = pod.ips.clone(),
+                        Err(e) => {
+                            warn!(pod = %pod.key(), error = %e, "cannot capture the pod's new addresses inbound")
                         }
                     }
                 }

@@ -32,21 +32,22 @@ impl OrigDsts for Redirect {
 /// (from inside its pod) carries, so the app's `accept`/`getpeername` see
 /// that client. Injected: tests without eBPF have none.
 pub trait ClientAddrs: Send + Sync + 'static {
-    /// The agent's end `from`, the app's `to`, the real `client`.
-    fn record(&self, from: SocketAddr, to: SocketAddr, client: SocketAddr) -> io::Result<()>;
+    /// The agent's socket `cookie` (not yet connected) carries `client`'s
+    /// connection (port 0: the agent socket's own port).
+    fn record(&self, cookie: u64, client: SocketAddr) -> io::Result<()>;
 
     /// Forgets a record whose connection never reached the app.
-    fn forget(&self, from: SocketAddr, to: SocketAddr);
+    fn forget(&self, cookie: u64);
 }
 
 impl ClientAddrs for Redirect {
-    fn record(&self, from: SocketAddr, to: SocketAddr, client: SocketAddr) -> io::Result<()> {
-        self.inbound_peer(from, to, client)
+    fn record(&self, cookie: u64, client: SocketAddr) -> io::Result<()> {
+        self.inbound_peer(cookie, client)
             .map_err(|e| io::Error::other(e.to_string()))
     }
 
-    fn forget(&self, from: SocketAddr, to: SocketAddr) {
-        self.forget_inbound_peer(from, to);
+    fn forget(&self, cookie: u64) {
+        self.forget_inbound_peer(cookie);
     }
 }
 

@@ -16,7 +16,7 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::{SkLookup, links::FdLink},
 };
-use nodemesh_common::{self as common, InboundPeerKey, InboundPort, OrigDst};
+use nodemesh_common::{self as common, InboundPort, OrigDst};
 use nodemesh_core::names::PodUid;
 use tracing::{debug, warn};
 
@@ -28,7 +28,7 @@ pub(super) struct InboundMaps {
     captured: HashMap<MapData, [u32; 4], u32>,
     listeners: SockHash<MapData, [u32; 4]>,
     skip: HashMap<MapData, InboundPort, u8>,
-    peers: HashMap<MapData, InboundPeerKey, OrigDst>,
+    pending: HashMap<MapData, u64, OrigDst>,
 }
 
 impl InboundMaps {
@@ -37,7 +37,7 @@ impl InboundMaps {
             captured: take_map(ebpf, common::MAP_INBOUND)?,
             listeners: take_map(ebpf, common::MAP_INBOUND_LISTENERS)?,
             skip: take_map(ebpf, common::MAP_INBOUND_SKIP)?,
-            peers: take_map(ebpf, common::MAP_INBOUND_PEERS)?,
+            pending: take_map(ebpf, common::MAP_INBOUND_PENDING)?,
         })
     }
 }
@@ -166,9 +166,19 @@ impl Redirect {
             let k = key(*ip);
             let _ = maps.captured.remove(&k);
             let _ = maps.listeners.remove(&k);
+        }
+        drop(maps);
+        self.forget_skip_ports(addrs, skip_ports);
+    }
+
+    /// Captures these exempt ports again (the pod's annotation changed;
+    /// [`capture_inbound`](Self::capture_inbound) adds the new ones).
+    pub fn forget_skip_ports(&self, addrs: &[IpAddr], skip_ports: &[u16]) {
+        let mut maps = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        for ip in addrs {
             for port in skip_ports {
                 let _ = maps.skip.remove(&InboundPort {
-                    ip: k,
+                    ip: key(*ip),
                     port: u32::from(*port),
                     _pad: 0,
                 });
@@ -202,19 +212,15 @@ impl Redirect {
         }
     }
 
-    /// Records that the agent's connection from `from` (inside a pod, its
-    /// own address) to the app at `to` carries `client`'s connection: the
-    /// app's socket will answer `getpeername` with `client`.
-    pub fn inbound_peer(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        client: SocketAddr,
-    ) -> Result<(), RedirectError> {
+    /// Records that the agent's socket `cookie`, about to connect to an
+    /// app from inside its pod, carries `client`'s connection: the app's
+    /// socket will answer `getpeername` with `client` (port 0: the agent
+    /// socket's port).
+    pub fn inbound_peer(&self, cookie: u64, client: SocketAddr) -> Result<(), RedirectError> {
         let mut maps = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        maps.peers
+        maps.pending
             .insert(
-                peer_key(from, to),
+                cookie,
                 OrigDst {
                     ip: key(client.ip()),
                     port: u32::from(client.port()),
@@ -222,21 +228,13 @@ impl Redirect {
                 },
                 0,
             )
-            .map_err(map_err(common::MAP_INBOUND_PEERS))
+            .map_err(map_err(common::MAP_INBOUND_PENDING))
     }
 
     /// Forgets an [`inbound_peer`](Self::inbound_peer) entry (the
-    /// connection failed before the app accepted it).
-    pub fn forget_inbound_peer(&self, from: SocketAddr, to: SocketAddr) {
+    /// connection failed before it was established).
+    pub fn forget_inbound_peer(&self, cookie: u64) {
         let mut maps = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = maps.peers.remove(&peer_key(from, to));
-    }
-}
-
-fn peer_key(from: SocketAddr, to: SocketAddr) -> InboundPeerKey {
-    InboundPeerKey {
-        ip: key(from.ip()),
-        from_port: u32::from(from.port()),
-        to_port: u32::from(to.port()),
+        let _ = maps.pending.remove(&cookie);
     }
 }

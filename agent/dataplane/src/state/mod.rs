@@ -199,6 +199,17 @@ impl StateStore {
         self.read().pods.get(uid).cloned()
     }
 
+    /// The pod's address in the family asked for, as known now.
+    pub fn pod_ip(&self, uid: &PodUid, v6: bool) -> Option<IpAddr> {
+        self.read()
+            .pods
+            .get(uid)?
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == v6)
+            .copied()
+    }
+
     /// Changes whenever this node's pods, or whether they are meshed,
     /// change.
     pub fn local_changes(&self) -> watch::Receiver<u64> {

@@ -184,18 +184,16 @@ impl Inbound {
             return self.connector.connect(None, dst).await;
         };
         let socket = netns.tcp_socket(dst)?;
+        // The port is chosen at connect, by the whole 4-tuple (as any
+        // client's): the agent's connections do not use up the pod's
+        // ports, and SO_REUSEADDR lets the app bind a port one of them
+        // holds, as it could without the mesh.
+        socket.set_reuse_address(true)?;
+        crate::netns::set_bind_address_no_port(&socket)?;
         socket.bind(&SocketAddr::new(dst.ip(), 0).into())?;
-        let from = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("a socket with no address"))?;
-        let client = if client.port() == 0 {
-            SocketAddr::new(client.ip(), from.port())
-        } else {
-            client
-        };
+        let cookie = crate::netns::socket_cookie(&socket)?;
         if let Some(clients) = &self.clients {
-            clients.record(from, dst, client)?;
+            clients.record(cookie, client)?;
         }
         socket.set_nonblocking(true)?;
         let connected = crate::proxy::connect::connect_with_timeout(
@@ -207,7 +205,7 @@ impl Inbound {
         if connected.is_err()
             && let Some(clients) = &self.clients
         {
-            clients.forget(from, dst);
+            clients.forget(cookie);
         }
         let stream = connected?;
         reset_if_we_die(&stream);
@@ -358,13 +356,17 @@ impl Inbound {
             // Once through the proxy: delivered inside the destination pod
             // (its inbound capture lets the agent by), as the client pod.
             Some(dst_served) => {
-                let src_ip = src
-                    .pod
-                    .ips
-                    .iter()
-                    .find(|ip| ip.is_ipv6() == dst.is_ipv6())
-                    .copied()
-                    .unwrap_or(dst.ip());
+                // The client pod's address as known now (it may have been
+                // served before its addresses were).
+                let Some(src_ip) = self
+                    .state
+                    .pod_ip(&src.pod.uid, dst.ip().to_canonical().is_ipv6())
+                else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        "the client pod has no address in the destination's family",
+                    ));
+                };
                 let client = match src.pod.identity() {
                     Some(id) => Client::Meshed(id.uri()),
                     None => Client::Plain(src_ip),

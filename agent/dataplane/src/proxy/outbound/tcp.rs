@@ -266,13 +266,7 @@ impl Outbound {
                 // addresses were).
                 let client = self
                     .state
-                    .pod(&pod.pod.uid)
-                    .and_then(|p| {
-                        p.ips
-                            .iter()
-                            .find(|ip| ip.is_ipv6() == dst.is_ipv6())
-                            .copied()
-                    })
+                    .pod_ip(&pod.pod.uid, dst.ip().to_canonical().is_ipv6())
                     .map(|ip| SocketAddr::new(ip, 0));
                 let (stream, dialled) = pool
                     .open(src, node_ip, dst_id, dst, client)

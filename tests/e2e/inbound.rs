@@ -1,0 +1,348 @@
+//! Inbound capture on two nodes with a real API server: every connection
+//! to a meshed pod enters its node's agent first, the app sees its real
+//! client, and the inbound policy decides who gets in.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use nodemesh_core::names::{INBOUND_POLICY_ANNOTATION, MESH_LABEL, SKIP_INBOUND_PORTS_ANNOTATION};
+use nodemesh_tests::{
+    Metrics, Node, Pod, PodSpec, eventually,
+    kube::unique,
+    mesh::{MeshBed, next_mesh_agent},
+    sys::in_netns,
+};
+
+const ECHO: u16 = 8080;
+const SKIPPED: u16 = 9090;
+const OTHER: u16 = 7070;
+
+fn at(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::from((pod.ip, port))
+}
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+fn certificates(m: &Metrics) -> f64 {
+    m.sum("nodemesh_identity_certificates", &[])
+}
+
+/// Inbound connections to `pod` by TLS and peer identity ("" = none).
+fn inbound_opens(m: &Metrics, pod: &str, tls: &str, peer: &str) -> f64 {
+    m.sum(
+        "nodemesh_tcp_peer_open_total",
+        &[
+            ("pod", pod),
+            ("direction", "inbound"),
+            ("tls", tls),
+            ("peer_identity", peer),
+        ],
+    )
+}
+
+fn denied(m: &Metrics, pod: &str, reason: &str) -> f64 {
+    m.sum(
+        "nodemesh_inbound_denied_total",
+        &[("pod", pod), ("reason", reason)],
+    )
+}
+
+fn sorted(mut ips: Vec<IpAddr>) -> Vec<IpAddr> {
+    ips.sort();
+    ips
+}
+
+/// An unmeshed namespace for plaintext clients.
+fn plain_namespace(bed: &MeshBed) -> String {
+    let ns = unique("plain");
+    bed.cluster.namespace(&ns, &[]);
+    ns
+}
+
+/// A connection from the node itself (as kubelet's probes come) that
+/// sends a line and reads it back.
+fn from_node(node: &Node, to: SocketAddr) -> Result<(), String> {
+    in_netns(&node.netns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"probe\n").map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        (&buf == b"probe\n")
+            .then_some(())
+            .ok_or_else(|| "a different answer".to_string())
+    })
+}
+
+/// A meshed server on node b and four clients, meshed and not, on both
+/// nodes: each connection enters node b's agent once (its inbound metrics
+/// count all four, the plaintext ones too), and the server app sees each
+/// client pod's own address.
+pub fn the_app_sees_its_client_and_plaintext_is_captured() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let server = bed.pod(&bed.b, "server", "server");
+    let near = bed.pod(&bed.b, "near", "web");
+    let far = bed.pod(&bed.a, "far", "web");
+    let plain_near = bed
+        .cluster
+        .run_pod(&bed.b, PodSpec::new(&plain, "plain-near"));
+    let plain_far = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain, "plain-far"));
+    bed.agent_b
+        .wait_metric("server's and web's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    for client in [&near, &far, &plain_near, &plain_far] {
+        let x = client.tcp().exchange_ok(at(&server, ECHO), 64 * 1024);
+        assert!(x.intact, "{}: {x:?}", client.name);
+    }
+    let peers = srv.peers(ECHO);
+    assert_eq!(
+        sorted(peers.iter().map(|p| p.ip()).collect()),
+        sorted(vec![
+            near.ip.into(),
+            far.ip.into(),
+            plain_near.ip.into(),
+            plain_far.ip.into()
+        ]),
+        "the app sees each client pod: {peers:?}"
+    );
+    // A tunnelled client's port is the agent's delivering socket's: the
+    // app can still listen on it (it could without the mesh).
+    let used = peers
+        .iter()
+        .find(|p| p.ip() == IpAddr::from(far.ip))
+        .expect("the far client")
+        .port();
+    srv.listen(used);
+    let web = spiffe(&bed.ns, "web");
+    let m = bed
+        .agent_b
+        .wait_metric("four inbound connections on the server", |m| {
+            m.sum(
+                "nodemesh_tcp_peer_open_total",
+                &[("pod", "server"), ("direction", "inbound")],
+            ) == 4.0
+        });
+    // Same node: once through the proxy, both ends known, no TLS inside
+    // the node. Other node: the tunnel. Unmeshed: captured plaintext, no
+    // identity.
+    assert_eq!(
+        inbound_opens(&m, "server", "false", &web),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(inbound_opens(&m, "server", "true", &web), 1.0, "{}", m.text);
+    assert_eq!(inbound_opens(&m, "server", "false", ""), 2.0, "{}", m.text);
+    assert!(
+        m.sum(
+            "nodemesh_tcp_received_bytes_total",
+            &[("pod", "server"), ("direction", "inbound")]
+        ) >= (4 * 64 * 1024) as f64,
+        "{}",
+        m.text
+    );
+}
+
+/// `all-authenticated` on a pod: plaintext is refused before the app
+/// accepts anything, mTLS clients are served, the skipped port and the
+/// probe port (from the node) stay open; annotation and label changes
+/// apply live.
+pub fn all_authenticated_refuses_plaintext_and_changes_apply_live() {
+    let bed = MeshBed::new("24h");
+    let plain_ns = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "all-authenticated")
+            .annotation(SKIP_INBOUND_PORTS_ANNOTATION, &SKIPPED.to_string())
+            .tcp_probe(ECHO),
+    );
+    let web = bed.pod(&bed.a, "web", "web");
+    let plain = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    for port in [ECHO, SKIPPED, OTHER] {
+        srv.listen(port);
+    }
+
+    // Plaintext from another node: reset, and the app never accepted.
+    let refused = plain
+        .tcp()
+        .exchange(at(&server, ECHO), 1000)
+        .expect_err("plaintext refused under all-authenticated");
+    assert!(
+        refused.kind == "reset" || refused.kind == "other",
+        "{refused:?}"
+    );
+    assert!(srv.peers(ECHO).is_empty(), "the app accepted nothing");
+    bed.agent_b.wait_metric("the refusal counted", |m| {
+        denied(m, "server", "unauthenticated") == 1.0
+    });
+    // mTLS from the same place: served, as itself.
+    web.tcp().exchange_ok(at(&server, ECHO), 1000);
+    assert_eq!(
+        srv.peers(ECHO).iter().map(|p| p.ip()).collect::<Vec<_>>(),
+        vec![IpAddr::from(web.ip)]
+    );
+    // The exempt port is not captured: plaintext reaches the app directly.
+    plain.tcp().exchange_ok(at(&server, SKIPPED), 1000);
+    assert_eq!(
+        srv.peers(SKIPPED)
+            .iter()
+            .map(|p| p.ip())
+            .collect::<Vec<_>>(),
+        vec![IpAddr::from(plain.ip)]
+    );
+    // Exemptions change live: without it, the port is captured again.
+    bed.cluster
+        .annotate_pod(&server, SKIP_INBOUND_PORTS_ANNOTATION, Some("1"));
+    eventually(
+        "the port is captured again",
+        Duration::from_secs(15),
+        || match plain.tcp().exchange(at(&server, SKIPPED), 1000) {
+            Err(_) => Ok(()),
+            Ok(x) => Err(format!("still exempt: {x:?}")),
+        },
+    );
+    // The node may reach the probe port, and only that one.
+    from_node(&bed.b, at(&server, ECHO)).expect("the probe port from the node");
+    assert!(
+        from_node(&bed.b, at(&server, OTHER)).is_err(),
+        "another port from the node is refused"
+    );
+    assert!(srv.peers(OTHER).is_empty());
+    let m = bed.agent_b.wait_metric("the node's refusal counted", |m| {
+        denied(m, "server", "unauthenticated") >= 3.0
+    });
+    assert!(
+        m.text.contains("nodemesh_inbound_denied_total"),
+        "{}",
+        m.text
+    );
+    assert!(
+        bed.agent_b
+            .log()
+            .contains("inbound connection refused by policy"),
+        "{}",
+        bed.agent_b.log_tail(30)
+    );
+
+    // `deny`, live: the meshed client is refused too.
+    bed.cluster
+        .annotate_pod(&server, INBOUND_POLICY_ANNOTATION, Some("deny"));
+    eventually("deny applies", Duration::from_secs(15), || {
+        match web.tcp().exchange(at(&server, ECHO), 1000) {
+            Err(_) => Ok(()),
+            Ok(x) => Err(format!("still served: {x:?}")),
+        }
+    });
+    bed.agent_b.wait_metric("the denial counted", |m| {
+        denied(m, "server", "denied") >= 1.0
+    });
+    // The namespace's default does not override the pod's own annotation;
+    // removing the pod's falls back to it.
+    bed.cluster
+        .apply_manifests(
+            &format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {{{MESH_LABEL}: enabled}}, annotations: {{{INBOUND_POLICY_ANNOTATION}: all-unauthenticated}}}}\n",
+                bed.ns
+            ),
+            false,
+        )
+        .expect("annotate the namespace");
+    bed.cluster
+        .annotate_pod(&server, INBOUND_POLICY_ANNOTATION, None);
+    eventually(
+        "the namespace's policy applies",
+        Duration::from_secs(15),
+        || match plain.tcp().exchange(at(&server, ECHO), 1000) {
+            Ok(_) => Ok(()),
+            Err(f) => Err(format!("still refused: {f:?}")),
+        },
+    );
+    assert!(
+        srv.peers(ECHO)
+            .iter()
+            .any(|p| p.ip() == IpAddr::from(plain.ip)),
+        "the app sees the plaintext client"
+    );
+
+    // Opting the pod out releases it live: nothing captured any more.
+    bed.cluster
+        .annotate_pod(&server, INBOUND_POLICY_ANNOTATION, Some("deny"));
+    bed.cluster.label_pod(&server, MESH_LABEL, Some("disabled"));
+    bed.agent_b.wait_metric("the server released", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 0.0
+    });
+    let before = srv.peers(ECHO).len();
+    plain.tcp().exchange_ok(at(&server, ECHO), 1000);
+    assert_eq!(srv.peers(ECHO).len(), before + 1, "straight to the app");
+}
+
+/// With no agent on the node, captured inbound fails closed (the app sees
+/// nothing); the next agent takes the pod's inbound back.
+pub fn without_an_agent_inbound_fails_closed_and_a_new_one_takes_over() {
+    let mut bed = MeshBed::new("24h");
+    let plain_ns = plain_namespace(&bed);
+    let server = bed.pod(&bed.b, "server", "server");
+    let plain = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    plain.tcp().exchange_ok(at(&server, ECHO), 1000);
+    assert_eq!(srv.peers(ECHO).len(), 1);
+
+    bed.agent_b.kill();
+    let cut = plain
+        .tcp()
+        .exchange_with_timeout(at(&server, ECHO), 1000, Duration::from_secs(2))
+        .expect_err("no agent, no inbound connection");
+    assert_eq!(srv.peers(ECHO).len(), 1, "nothing reached the app: {cut:?}");
+
+    bed.agent_b = next_mesh_agent(&bed.install, &bed.identity, &bed.b);
+    bed.agent_b.wait_metric("the server served again", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+    });
+    eventually(
+        "the new agent takes inbound",
+        Duration::from_secs(15),
+        || {
+            plain
+                .tcp()
+                .exchange_with_timeout(at(&server, ECHO), 1000, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(|f| format!("{f:?}"))
+        },
+    );
+    bed.agent_b.wait_metric("captured by the new agent", |m| {
+        inbound_opens(m, "server", "false", "") >= 1.0
+    });
+    let peers = srv.peers(ECHO);
+    assert!(
+        peers.iter().all(|p| p.ip() == IpAddr::from(plain.ip)),
+        "{peers:?}"
+    );
+}
