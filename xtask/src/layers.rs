@@ -131,6 +131,19 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 /// The `crate::`/`super::`/`self::` paths a file uses, as module paths:
 /// every `use` tree expanded, and every path written in the code.
 fn uses(module: &[String], text: &str) -> Vec<Vec<String>> {
+    // An inline `mod tests { … }` (by convention last in its file) is a
+    // child module: its `super::` is this file's module.
+    if let Some(at) = text.find("\nmod tests {") {
+        let mut child = module.to_vec();
+        child.push("tests".to_owned());
+        let mut found = uses_in(module, &text[..at]);
+        found.extend(uses_in(&child, &text[at..]));
+        return found;
+    }
+    uses_in(module, text)
+}
+
+fn uses_in(module: &[String], text: &str) -> Vec<Vec<String>> {
     let code: String = text
         .lines()
         .map(|l| l.split("//").next().unwrap_or_default())
@@ -373,6 +386,13 @@ mod tests {
         ] {
             assert!(found.contains(&m(want)), "{want} not in {found:?}");
         }
+        // A test module's `super::` is the file's own module.
+        let found = uses(
+            &m("proxy::outbound"),
+            "use super::route;\n#[cfg(test)]\nmod tests {\n    use super::is_h2;\n}\n",
+        );
+        assert!(found.contains(&m("proxy::route")), "{found:?}");
+        assert!(found.contains(&m("proxy::outbound::is_h2")), "{found:?}");
         assert_eq!(
             module_of(Path::new("/s"), Path::new("/s/proxy/mod.rs")),
             m("proxy")
