@@ -346,3 +346,170 @@ pub fn without_an_agent_inbound_fails_closed_and_a_new_one_takes_over() {
         "{peers:?}"
     );
 }
+
+/// An `AuthorizationPolicy` (manifest text) in `ns`.
+fn authz_policy(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: policy.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+/// The policy's `Accepted` condition: (status, message).
+fn accepted(bed: &MeshBed, name: &str) -> Option<(String, String)> {
+    let o = bed.cluster.get_object(
+        "policy.nodemesh.io/v1alpha1",
+        "AuthorizationPolicy",
+        &bed.ns,
+        name,
+    )?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?
+        .clone();
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// An `AuthorizationPolicy` allowing only `sa/web` on one port: `web`
+/// (another node, through the tunnel) is served, `api` (the same node, one
+/// proxy pass) and plaintext are refused and counted; another port keeps
+/// the default; the API server validates the schema and the identity
+/// service reports what it cannot; changes and deletion apply live.
+pub fn an_authorization_policy_lets_in_only_whom_it_names() {
+    let bed = MeshBed::new("24h");
+    let plain_ns = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .label("app", "server"),
+    );
+    let web = bed.pod(&bed.a, "web", "web");
+    let api = bed.pod(&bed.b, "api", "api");
+    let plain = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain"));
+    bed.agent_b
+        .wait_metric("server's and api's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    for port in [ECHO, OTHER] {
+        srv.listen(port);
+    }
+    // Before any policy: everyone in (the default, all-unauthenticated).
+    api.tcp().exchange_ok(at(&server, ECHO), 100);
+
+    let only_web = authz_policy(
+        &bed.ns,
+        "server",
+        &format!(
+            "{{selector: {{matchLabels: {{app: server}}}}, ports: [{ECHO}], clients: {{serviceAccounts: [{{name: web}}]}}}}"
+        ),
+    );
+    bed.cluster
+        .apply_manifests(&only_web, false)
+        .expect("apply the policy");
+    eventually(
+        "the policy is accepted",
+        Duration::from_secs(15),
+        || match accepted(&bed, "server") {
+            Some((s, _)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    eventually("api is refused", Duration::from_secs(15), || {
+        match api.tcp().exchange(at(&server, ECHO), 100) {
+            Err(_) => Ok(()),
+            Ok(x) => Err(format!("still served: {x:?}")),
+        }
+    });
+    let accepted_before = srv.peers(ECHO).len();
+    web.tcp().exchange_ok(at(&server, ECHO), 1000);
+    plain
+        .tcp()
+        .exchange(at(&server, ECHO), 100)
+        .expect_err("plaintext refused");
+    let peers = srv.peers(ECHO);
+    assert_eq!(
+        peers[accepted_before..]
+            .iter()
+            .map(|p| p.ip())
+            .collect::<Vec<_>>(),
+        vec![IpAddr::from(web.ip)],
+        "only web reached the app"
+    );
+    bed.agent_b.wait_metric("the refusals counted", |m| {
+        denied(m, "server", "unauthorized") >= 2.0
+    });
+    // A port the policy does not name keeps the default.
+    api.tcp().exchange_ok(at(&server, OTHER), 100);
+    plain.tcp().exchange_ok(at(&server, OTHER), 100);
+
+    // The schema is the API server's to check.
+    for bad in [
+        "{ports: [0], clients: {authenticated: true}}",
+        "{clients: {}}",
+        "{clients: {namespaces: [Not_A_Name]}}",
+        "{selector: {matchExpressions: [{key: a, operator: Near}]}, clients: {authenticated: true}}",
+    ] {
+        let err = bed
+            .cluster
+            .apply_manifests(&authz_policy(&bed.ns, "bad", bad), false)
+            .expect_err(bad);
+        assert!(err.contains("AuthorizationPolicy"), "{bad}: {err}");
+    }
+    // What it cannot check is reported in the status, and not enforced.
+    bed.cluster
+        .apply_manifests(
+            &authz_policy(
+                &bed.ns,
+                "unenforced",
+                "{selector: {matchExpressions: [{key: app, operator: In}]}, clients: {serviceAccounts: [{name: nobody}]}}",
+            ),
+            false,
+        )
+        .expect("a policy the schema lets by");
+    eventually(
+        "the status says why",
+        Duration::from_secs(15),
+        || match accepted(&bed, "unenforced") {
+            Some((s, m)) if s == "False" && m.contains("In needs values") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    web.tcp().exchange_ok(at(&server, ECHO), 100);
+
+    // Changed live: now api, not web.
+    bed.cluster
+        .apply_manifests(&only_web.replace("name: web", "name: api"), false)
+        .expect("change the policy");
+    eventually(
+        "web is refused, api served",
+        Duration::from_secs(15),
+        || {
+            if web.tcp().exchange(at(&server, ECHO), 100).is_ok() {
+                return Err("web still served".into());
+            }
+            api.tcp()
+                .exchange(at(&server, ECHO), 100)
+                .map(|_| ())
+                .map_err(|f| format!("api refused: {f:?}"))
+        },
+    );
+    // Deleted: the default again, plaintext included.
+    bed.cluster.delete_manifests(&only_web);
+    eventually("the default applies again", Duration::from_secs(15), || {
+        plain
+            .tcp()
+            .exchange(at(&server, ECHO), 100)
+            .map(|_| ())
+            .map_err(|f| format!("still refused: {f:?}"))
+    });
+    web.tcp().exchange_ok(at(&server, ECHO), 100);
+}

@@ -19,6 +19,7 @@ fn main() {
         inbound::the_app_sees_its_client_and_plaintext_is_captured,
         inbound::all_authenticated_refuses_plaintext_and_changes_apply_live,
         inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,
+        inbound::an_authorization_policy_lets_in_only_whom_it_names,
         kube::a_labelled_pod_is_captured_from_the_api,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,

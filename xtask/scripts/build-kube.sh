@@ -49,6 +49,19 @@ if [ ! -d "$src" ]; then
   tar -C "$work" -xzf "$work/$tarball"
 fi
 
+# reflect2 1.0.1 (vendored in v1.20) iterates maps through runtime
+# internals that changed in Go 1.18: with Debian's Go 1.19 the API server
+# faults (SIGSEGV in mapiternext) the first time it encodes a custom
+# resource. Debian's 1.0.2 is the upstream fix (Kubernetes 1.21+ vendor it).
+reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+[ -d "$reflect2" ] || { echo "build-kube: $reflect2 is missing (apt package golang-github-modern-go-reflect2-dev)" >&2; exit 1; }
+if ! cmp -s "$reflect2/reflect2.go" "$src/vendor/github.com/modern-go/reflect2/reflect2.go"; then
+  step "replacing the vendored reflect2 1.0.1 with Debian's 1.0.2"
+  rm -rf "$src/vendor/github.com/modern-go/reflect2"
+  mkdir -p "$src/vendor/github.com/modern-go/reflect2"
+  find "$reflect2" -maxdepth 1 -name '*.go' ! -name '*_test.go' -exec cp {} "$src/vendor/github.com/modern-go/reflect2/" \;
+fi
+
 export GOPATH="$work/gopath" GOCACHE="$work/gocache" GOPROXY=off GO111MODULE=off CGO_ENABLED=0
 mkdir -p "$GOPATH/src/k8s.io"
 ln -sfn "$src" "$GOPATH/src/k8s.io/kubernetes"

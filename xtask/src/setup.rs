@@ -28,6 +28,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "etcd-server",
     "golang-go",
+    // Replaces the Kubernetes tree's vendored reflect2 1.0.1 (see
+    // build-kube.sh).
+    "golang-github-modern-go-reflect2-dev",
     "rsync",
     "make",
     "ca-certificates",

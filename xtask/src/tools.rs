@@ -22,9 +22,13 @@ pub fn tools_dir() -> std::path::PathBuf {
 /// source).
 #[allow(dead_code)]
 pub const KUBE_VERSION: &str = "1.20.2";
+/// What changed in the build: `reflect2`, Debian's 1.0.2 replacing the
+/// vendored 1.0.1, whose map iteration faults under Go 1.18+ (the API
+/// server died on its first custom resource). A new value rebuilds.
+pub const KUBE_BUILD: &str = "reflect2-1.0.2";
 
 /// Where the built Kubernetes binaries live.
 #[allow(dead_code)]
 pub fn kube_bin_dir() -> std::path::PathBuf {
-    tools_dir().join(format!("kube-{KUBE_VERSION}"))
+    tools_dir().join(format!("kube-{KUBE_VERSION}-{KUBE_BUILD}"))
 }

@@ -360,6 +360,7 @@ mod tests {
             kinds,
             [
                 "Namespace",
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -471,11 +472,13 @@ mod tests {
     fn uninstall_lists_every_object_daemonset_first() {
         let out = uninstall("mesh-system").expect("renders");
         let docs = documents(&out);
-        assert_eq!(docs.len(), 15);
+        assert_eq!(docs.len(), 16);
         // The agents stop first, while the identity service and their RBAC
         // are still there.
         assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
         assert!(docs[1].contains("kind: Deployment"));
-        assert!(docs[14].contains("kind: Namespace") && docs[14].contains("name: mesh-system"));
+        // The CRD goes with the users' policies, before the namespace.
+        assert!(docs[14].contains("kind: CustomResourceDefinition"));
+        assert!(docs[15].contains("kind: Namespace") && docs[15].contains("name: mesh-system"));
     }
 }

@@ -7,6 +7,7 @@
 //! - [`identity`]: a workload's identity and its SPIFFE and DNS forms;
 //! - [`pki`]: trust anchors, issuers and workload certificates;
 //! - [`labels`]: the metric prefix, closed label sets, per-pod labels;
+//! - [`policy`]: `AuthorizationPolicy`, its validation and matching;
 //! - [`wire`]: JSON bodies exchanged between nodemesh processes;
 //! - [`config`]: flag parsing that reports every problem at once;
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/live`, `/ready`);
@@ -22,6 +23,7 @@ pub mod kube;
 pub mod labels;
 pub mod names;
 pub mod pki;
+pub mod policy;
 pub mod wire;
 
 #[doc(hidden)]

@@ -119,6 +119,20 @@ impl Netns {
         Ok(f())
     }
 
+    /// The address this netns would send from to `dst` (a connected UDP
+    /// socket: a route lookup, no packet).
+    pub fn source_ip(&self, dst: std::net::SocketAddr) -> io::Result<std::net::IpAddr> {
+        let socket = self
+            .enter(|| Socket::new(Domain::for_address(dst), Type::DGRAM.cloexec(), None))
+            .map_err(io::Error::from)??;
+        socket.connect(&dst.into())?;
+        socket
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.ip().to_canonical())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))
+    }
+
     /// A new TCP socket that lives in this netns, of `dst`'s address
     /// family.
     pub fn tcp_socket(&self, dst: std::net::SocketAddr) -> io::Result<Socket> {

@@ -12,12 +12,16 @@
 //! 4. a pod with the requested service account runs on that node (node
 //!    authorization: an agent gets only the identities of its own pods).
 //!
+//! It also keeps the `Accepted` condition of every `AuthorizationPolicy`
+//! (the cluster's one writer of it).
+//!
 //! Any other request gets a clear JSON error and is counted by reason; no
 //! certificate ever leaves with an error. The service's own serving
 //! certificate is signed by the same issuer, so agents trust it through the
 //! trust anchors they already hold.
 mod certify;
 mod config;
+mod policies;
 
 use std::{
     convert::Infallible,
@@ -138,6 +142,7 @@ pub async fn run(
     let mut registry = Registry::with_prefix(PREFIX);
     let (cert, left) = serving_cert(&cfg)?;
     let addr = cfg.addr;
+    tokio::spawn(policies::keep_status(client.clone(), shutdown.clone()));
     let service = Arc::new(Service::new(cfg, client, &mut registry));
     let ready = Ready::default();
     let admin = AdminServer::start(

@@ -188,7 +188,31 @@ impl Cluster {
         })
     }
 
-    /// Deletes every object a manifest names (missing ones are fine).
+    /// An object as the API server has it now (`None`: there is none).
+    pub fn get_object(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<serde_json::Value> {
+        self.block_on(async {
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+            let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+            let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+            api.get_opt(name)
+                .await
+                .unwrap_or_else(|e| panic!("get {kind} {namespace}/{name}: {e}"))
+                .map(|o| serde_json::to_value(o).expect("JSON"))
+        })
+    }
+
+    /// Deletes every object a manifest names (missing ones are fine) but
+    /// CustomResourceDefinitions: cluster-wide, they serve every test of
+    /// the shared API server at once, and go with it.
     pub fn delete_manifests(&self, text: &str) {
         self.block_on(async {
             for doc in nodemesh_cli::install::documents(text) {
@@ -199,6 +223,9 @@ impl Cluster {
                 else {
                     continue;
                 };
+                if types.kind == "CustomResourceDefinition" {
+                    continue;
+                }
                 let Ok(gvk) = kube::api::GroupVersionKind::try_from(&types) else {
                     continue;
                 };

@@ -39,6 +39,9 @@ label_values! {
         /// The API server could not be reached or refused a watch; it is
         /// retried with backoff.
         Watch => "watch",
+        /// An `AuthorizationPolicy` is invalid: not enforced (its status
+        /// says why).
+        InvalidPolicy => "invalid_policy",
     }
 }
 

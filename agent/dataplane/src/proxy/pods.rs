@@ -4,6 +4,7 @@
 //! them. A [`PodHandle`] keeps a pod served; dropping it lets go.
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     netns::Netns,
-    state::Pod,
+    state::{Pod, StateStore},
     telemetry::{
         PodTcpMetrics,
         http::{HttpMetrics, Workload},
@@ -36,6 +37,24 @@ pub struct ServedPod {
     /// Its request series are its workload's, held while it is served.
     pub http: HttpMetrics,
     pub source: Workload,
+}
+
+impl ServedPod {
+    /// Its address a connection to `dst` comes from: as the state knows
+    /// it, else (a pod whose address is not published yet — a Job's
+    /// container can connect before the kubelet reports it) as its netns
+    /// would send.
+    pub fn address_for(&self, state: &StateStore, dst: SocketAddr) -> Option<IpAddr> {
+        let v6 = dst.ip().to_canonical().is_ipv6();
+        state.pod_ip(&self.pod.uid, v6).or_else(|| {
+            let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+            self.netns
+                .as_ref()?
+                .source_ip(dst)
+                .ok()
+                .filter(|ip| ip.is_ipv6() == v6 && !ip.is_loopback() && !ip.is_unspecified())
+        })
+    }
 }
 
 /// `pod`'s workload, as the request metrics name it.

@@ -28,6 +28,7 @@ use std::{
 
 use nodemesh_core::{
     names::{InboundPolicy, MeshLabel, PodUid, PortSet},
+    policy::{Policy, PolicyClient},
     wire::ServiceView,
 };
 use tokio::sync::watch;
@@ -94,6 +95,17 @@ pub enum Target {
 struct Synced {
     pods: bool,
     namespaces: bool,
+    /// Whether the source has authorization policies to list first (the
+    /// Kubernetes source), and whether it has.
+    policies_expected: bool,
+    policies: bool,
+}
+
+impl Synced {
+    /// Everything the agent acts on has been listed.
+    fn complete(&self) -> bool {
+        self.pods && self.namespaces && (self.policies || !self.policies_expected)
+    }
 }
 
 /// The store's contents.
@@ -109,6 +121,8 @@ struct ProxyState {
     local: HashSet<PodUid>,
     namespaces: HashMap<String, Namespace>,
     services: Services,
+    /// Accepted `AuthorizationPolicy` objects.
+    policies: HashMap<ObjectKey, Policy>,
     synced: Synced,
 }
 
@@ -138,6 +152,7 @@ impl StateStore {
                     local: HashSet::new(),
                     namespaces: HashMap::new(),
                     services: Services::default(),
+                    policies: HashMap::new(),
                     synced: Synced::default(),
                 }),
                 local: watch::Sender::new(0),
@@ -179,7 +194,7 @@ impl StateStore {
     /// before, so nobody acts on half a picture.
     pub fn local_pods(&self) -> Option<Vec<Arc<Pod>>> {
         let state = self.read();
-        if !(state.synced.pods && state.synced.namespaces) {
+        if !state.synced.complete() {
             return None;
         }
         let mut pods: Vec<Arc<Pod>> = state
@@ -231,6 +246,34 @@ impl StateStore {
             .namespaces
             .get(namespace)
             .and_then(|n| n.inbound_policy)
+    }
+
+    /// What the `AuthorizationPolicy` objects say about `client` on `port`
+    /// of `pod`: `None` when none selects them (the default policy
+    /// decides), else whether one of those that do allows the client.
+    pub fn authorized(&self, pod: &Pod, port: u16, client: PolicyClient<'_>) -> Option<bool> {
+        let state = self.read();
+        let mut selected = false;
+        for policy in state.policies.values() {
+            if policy.selects(&pod.namespace, &pod.labels, port) {
+                if policy.allows(client) {
+                    return Some(true);
+                }
+                selected = true;
+            }
+        }
+        selected.then_some(false)
+    }
+
+    /// The source lists authorization policies: nothing is captured before
+    /// they are known (a pod they restrict would be open meanwhile).
+    pub fn expect_policies(&self) {
+        self.inner
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .synced
+            .policies_expected = true;
     }
 
     /// Whether `ip` is a pod's or a node's address in the cluster (what
@@ -474,6 +517,33 @@ impl Update<'_> {
                 self.local_changed |= state.local.contains(&pod.uid);
                 *pod = Arc::new(again);
             }
+        }
+    }
+
+    /// Adds or replaces an accepted policy (`None`: the object is not one
+    /// that can be enforced, so any earlier version goes).
+    pub fn apply_policy(&mut self, key: ObjectKey, policy: Option<Policy>) {
+        match policy {
+            Some(p) => {
+                self.state.policies.insert(key, p);
+            }
+            None => {
+                self.state.policies.remove(&key);
+            }
+        }
+    }
+
+    pub fn delete_policy(&mut self, key: &ObjectKey) {
+        self.state.policies.remove(key);
+    }
+
+    /// Replaces every policy with a complete list (or none: the API has no
+    /// such kind).
+    pub fn replace_policies(&mut self, policies: Vec<(ObjectKey, Policy)>) {
+        self.state.policies = policies.into_iter().collect();
+        if !self.state.synced.policies {
+            self.state.synced.policies = true;
+            self.local_changed = true;
         }
     }
 

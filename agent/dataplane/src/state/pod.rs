@@ -1,7 +1,7 @@
 //! Pods as the state store keeps them: what discovery learnt ([`PodInfo`]),
 //! plus what the store resolves once per change, never per connection (the
 //! validated identity, whether the pod is meshed).
-use std::{net::IpAddr, ops::Deref, path::PathBuf, time::SystemTime};
+use std::{collections::BTreeMap, net::IpAddr, ops::Deref, path::PathBuf, time::SystemTime};
 
 use nodemesh_core::{
     identity::{Identity, SpiffeId},
@@ -58,6 +58,8 @@ pub struct PodInfo {
     pub skip_inbound_ports: Vec<u16>,
     /// Its `config.nodemesh.io/default-inbound-policy`.
     pub inbound_policy: Option<InboundPolicy>,
+    /// Its labels (what `AuthorizationPolicy` selectors match).
+    pub labels: BTreeMap<String, String>,
     /// The ports its containers' probes use: the kubelet reaches them from
     /// the node whatever the policy.
     pub probe_ports: Vec<u16>,
@@ -201,6 +203,7 @@ pub(crate) mod test_pods {
             opaque_ports: PortSet::default(),
             skip_inbound_ports: Vec::new(),
             inbound_policy: None,
+            labels: BTreeMap::new(),
             probe_ports: Vec::new(),
             terminal: false,
             deletion: None,

@@ -66,6 +66,9 @@ label_values! {
         OutsideCluster => "outside_cluster",
         /// The policy lets nobody in.
         Denied => "denied",
+        /// `AuthorizationPolicy` objects select the pod and port, and none
+        /// of them allows this client.
+        Unauthorized => "unauthorized",
     }
 }
 

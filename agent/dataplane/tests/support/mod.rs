@@ -132,6 +132,7 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         skip_inbound_ports: Vec::new(),
         inbound_policy: None,
         probe_ports: Vec::new(),
+        labels: Default::default(),
         terminal: false,
         deletion: None,
     }

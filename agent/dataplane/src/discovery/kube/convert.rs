@@ -1,6 +1,6 @@
 //! Kubernetes objects reduced to what the state store keeps: pods,
 //! namespaces, Services, EndpointSlices (`v1` and `v1beta1`) and core
-//! Endpoints. Pure functions, tested on hand-made objects.
+//! Endpoints, AuthorizationPolicies. Pure functions, tested on hand-made objects.
 use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
 use k8s_openapi::{
@@ -11,9 +11,12 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::api::DynamicObject;
-use nodemesh_core::names::{
-    INBOUND_POLICY_ANNOTATION, InboundPolicy, MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid, PortSet,
-    SKIP_INBOUND_PORTS_ANNOTATION,
+use nodemesh_core::{
+    names::{
+        INBOUND_POLICY_ANNOTATION, InboundPolicy, MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid,
+        PortSet, SKIP_INBOUND_PORTS_ANNOTATION,
+    },
+    policy::{Policy, PolicySpec},
 };
 use serde::Deserialize;
 use tracing::warn;
@@ -269,6 +272,7 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
         skip_inbound_ports,
         inbound_policy: policy,
         probe_ports: probe_ports(spec),
+        labels,
         terminal: matches!(
             status.and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
@@ -510,6 +514,18 @@ pub(super) fn endpoints_v1(e: &Endpoints) -> Option<SliceInfo> {
         ports,
         endpoints,
     })
+}
+
+/// An `AuthorizationPolicy` as the agents enforce it, or why it cannot be
+/// (the same check the identity service reports in its status).
+pub(super) fn policy(o: &DynamicObject) -> Option<Result<Policy, String>> {
+    let key = meta_key(&o.metadata)?;
+    let spec = o.data.get("spec").cloned().unwrap_or_default();
+    Some(
+        serde_json::from_value::<PolicySpec>(spec)
+            .map_err(|e| format!("spec: {e}"))
+            .and_then(|spec| Policy::new(&key.namespace, &key.name, &spec)),
+    )
 }
 
 #[cfg(test)]

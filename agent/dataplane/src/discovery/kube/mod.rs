@@ -6,7 +6,9 @@
 //! - every Pod of the cluster, once: this node's are the ones to capture;
 //!   every pod's address, node and identity route connections;
 //! - Namespaces (their `nodemesh.io/mesh` label meshes all their pods);
-//! - Services and EndpointSlices (v1, else v1beta1, else core Endpoints).
+//! - Services and EndpointSlices (v1, else v1beta1, else core Endpoints);
+//! - `AuthorizationPolicy` objects (where the API server has none — an
+//!   older install — none apply, and a warning says so).
 //!
 //! A relist replaces what the state had for that kind at once (nothing
 //! stale survives, nothing is counted twice). Problems with single objects
@@ -29,6 +31,8 @@ use kube::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use nodemesh_core::policy::{self, Policy};
 
 use super::{SourceErrorReason, SourceMetrics};
 use crate::state::{Namespace, ObjectKey, PodInfo, ServiceInfo, SliceInfo, StateStore, Update};
@@ -119,6 +123,8 @@ impl EndpointsApi {
     }
 }
 
+const POLICIES: &str = "authorizationpolicies";
+
 type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
 fn watch<K, F>(api: Api<K>, config: watcher::Config, kind: &'static str, wrap: F) -> Events
@@ -145,6 +151,7 @@ enum Event {
     Slice(watcher::Event<EndpointSlice>),
     SliceBeta(watcher::Event<DynamicObject>),
     Endpoints(watcher::Event<Endpoints>),
+    Policy(watcher::Event<DynamicObject>),
     /// A watch failed; it retries by itself.
     Error(&'static str, watcher::Error),
 }
@@ -167,7 +174,16 @@ impl KubeSource {
         info!(%node, endpoints = ?endpoints_api, "watching the Kubernetes API");
         let c = &self.client;
         let all = watcher::Config::default;
+        let gvk = GroupVersionKind::gvk(policy::GROUP, policy::VERSION, policy::KIND);
+        let policies = ApiResource::from_gvk_with_plural(&gvk, policy::PLURAL);
+        self.state.expect_policies();
         let mut streams: Vec<Events> = vec![
+            watch(
+                Api::<DynamicObject>::all_with(c.clone(), &policies),
+                all(),
+                POLICIES,
+                Event::Policy,
+            ),
             watch(Api::<K8sPod>::all(c.clone()), all(), "pods", Event::Pod),
             watch(
                 Api::<K8sNamespace>::all(c.clone()),
@@ -248,6 +264,7 @@ struct Source {
     namespaces: Relist<(String, Namespace)>,
     services: Relist<(ObjectKey, ServiceInfo)>,
     slices: Relist<(ObjectKey, SliceInfo)>,
+    policies: Relist<(ObjectKey, Policy)>,
     /// (object, problem) pairs already logged and counted.
     reported: HashSet<(String, String)>,
     /// Watches currently failing, so an outage is logged once.
@@ -263,6 +280,7 @@ impl Source {
             namespaces: Relist::default(),
             services: Relist::default(),
             slices: Relist::default(),
+            policies: Relist::default(),
             reported: HashSet::new(),
             failing: HashSet::new(),
             metrics,
@@ -320,6 +338,19 @@ impl Source {
         use watcher::Event::*;
         let kind = match &event {
             Event::Error(kind, e) => {
+                // No such kind (an older install), or no right to list it:
+                // none applies rather than nothing ever being captured.
+                if *kind == POLICIES
+                    && let watcher::Error::InitialListFailed(kube::Error::Api(status)) = e
+                    && matches!(status.code, 403 | 404)
+                    && !self.failing.contains(kind)
+                {
+                    warn!(
+                        code = status.code,
+                        "cannot list AuthorizationPolicies (is the CRD installed, and may the agent read it?); none applies until it can"
+                    );
+                    state.update(|u| u.replace_policies(Vec::new()));
+                }
                 if self.failing.insert(kind) {
                     warn!(watch = kind, error = %e, "Kubernetes watch failed; retrying with backoff");
                     self.metrics.error(SourceErrorReason::Watch);
@@ -332,6 +363,7 @@ impl Source {
             Event::Slice(_) => "endpointslices",
             Event::SliceBeta(_) => "endpointslices (v1beta1)",
             Event::Endpoints(_) => "endpoints",
+            Event::Policy(_) => POLICIES,
         };
         self.recovered(kind);
         match event {
@@ -423,6 +455,31 @@ impl Source {
                 |u, k| u.delete_slice(k),
                 |u, all| u.replace_slices(all),
             ),
+            Event::Policy(event) => {
+                let mut invalid = Vec::new();
+                sync(
+                    event,
+                    &mut self.policies,
+                    state,
+                    |o: &DynamicObject| match convert::policy(o)? {
+                        Ok(p) => Some((convert::meta_key(&o.metadata)?, p)),
+                        Err(why) => {
+                            invalid.push((convert::meta_key(&o.metadata)?, why));
+                            None
+                        }
+                    },
+                    |u, k, v| u.apply_policy(k, Some(v)),
+                    |u, k| u.delete_policy(k),
+                    |u, all| u.replace_policies(all),
+                );
+                for (key, why) in invalid {
+                    self.report(
+                        &format!("authorizationpolicy/{}/{}", key.namespace, key.name),
+                        SourceErrorReason::InvalidPolicy,
+                        why,
+                    );
+                }
+            }
             Event::Error(..) => {}
         }
     }
@@ -434,7 +491,7 @@ fn sync<O: kube::Resource, V>(
     event: watcher::Event<O>,
     relist: &mut Relist<(ObjectKey, V)>,
     state: &StateStore,
-    reduce: impl Fn(&O) -> Option<(ObjectKey, V)>,
+    mut reduce: impl FnMut(&O) -> Option<(ObjectKey, V)>,
     apply: impl FnOnce(&mut Update<'_>, ObjectKey, V),
     delete: impl FnOnce(&mut Update<'_>, &ObjectKey),
     replace: impl FnOnce(&mut Update<'_>, Vec<(ObjectKey, V)>),

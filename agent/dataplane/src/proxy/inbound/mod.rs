@@ -17,7 +17,7 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use nodemesh_core::{identity::Identity, names::InboundPolicy};
+use nodemesh_core::{identity::Identity, names::InboundPolicy, policy::PolicyClient};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -139,11 +139,23 @@ impl Inbound {
             .pod(&served.pod.uid)
             .unwrap_or_else(|| served.pod.clone());
         let policy = self.policy_for(&pod);
+        // An identity of another trust domain is no one a policy names.
+        let identity = match client {
+            Client::Meshed(uri) => Identity::parse_spiffe(uri)
+                .ok()
+                .filter(|(td, _)| *td == self.trust_domain)
+                .map(|(_, id)| id),
+            Client::Plain(_) => None,
+        };
+        let policy_client = identity
+            .as_ref()
+            .map_or(PolicyClient::Unauthenticated, PolicyClient::Meshed);
         let facts = Facts {
             probe: pod.probe_ports.contains(&port)
                 && pod.host_ips.contains(&client_ip.to_canonical()),
             in_cluster: matches!(policy, InboundPolicy::ClusterUnauthenticated)
                 && self.state.in_cluster(client_ip),
+            authorized: self.state.authorized(&pod, port, policy_client),
         };
         let decided = policy::decide(policy, client, facts);
         if let Err(reason) = decided {
@@ -358,10 +370,7 @@ impl Inbound {
             Some(dst_served) => {
                 // The client pod's address as known now (it may have been
                 // served before its addresses were).
-                let Some(src_ip) = self
-                    .state
-                    .pod_ip(&src.pod.uid, dst.ip().to_canonical().is_ipv6())
-                else {
+                let Some(src_ip) = src.address_for(&self.state, dst) else {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrNotAvailable,
                         "the client pod has no address in the destination's family",

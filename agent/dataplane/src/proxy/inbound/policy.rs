@@ -1,6 +1,8 @@
-//! Who may connect to a meshed pod: the policy of the pod's annotation,
-//! else its namespace's, else the agent's default; decided per connection
-//! from what the agent knows of the client. A pure function, tested below.
+//! Who may connect to a meshed pod: the `AuthorizationPolicy` objects that
+//! select the pod and port, else the default policy of the pod's
+//! annotation, else its namespace's, else the agent's; decided per
+//! connection from what the agent knows of the client. A pure function,
+//! tested below.
 use std::net::IpAddr;
 
 use nodemesh_core::names::InboundPolicy;
@@ -24,6 +26,9 @@ pub struct Facts {
     pub probe: bool,
     /// The client's address is a pod's or a node's of the cluster.
     pub in_cluster: bool,
+    /// What the authorization policies selecting the pod and port say:
+    /// `None` when none does.
+    pub authorized: Option<bool>,
 }
 
 /// Whether `policy` lets `client` in.
@@ -34,6 +39,11 @@ pub fn decide(
 ) -> Result<(), InboundDenial> {
     if facts.probe {
         return Ok(());
+    }
+    match facts.authorized {
+        Some(true) => return Ok(()),
+        Some(false) => return Err(InboundDenial::Unauthorized),
+        None => {}
     }
     match (policy, client) {
         (InboundPolicy::Deny, _) => Err(InboundDenial::Denied),
@@ -58,7 +68,33 @@ mod tests {
     const MESHED: Client<'static> = Client::Meshed("spiffe://cluster.local/ns/shop/sa/web");
 
     fn facts(probe: bool, in_cluster: bool) -> Facts {
-        Facts { probe, in_cluster }
+        Facts {
+            probe,
+            in_cluster,
+            authorized: None,
+        }
+    }
+
+    #[test]
+    fn authorization_policies_decide_before_the_default() {
+        let allowed = Facts {
+            authorized: Some(true),
+            ..facts(false, false)
+        };
+        let refused = Facts {
+            authorized: Some(false),
+            ..facts(false, false)
+        };
+        assert_eq!(decide(InboundPolicy::Deny, PLAIN, allowed), Ok(()));
+        assert_eq!(
+            decide(InboundPolicy::AllUnauthenticated, MESHED, refused),
+            Err(InboundDenial::Unauthorized)
+        );
+        let probe = Facts {
+            authorized: Some(false),
+            ..facts(true, false)
+        };
+        assert_eq!(decide(InboundPolicy::Deny, PLAIN, probe), Ok(()));
     }
 
     #[test]

@@ -264,9 +264,8 @@ impl Outbound {
                 // The app at the other end sees the client pod's address
                 // (as known now: the pod may have been served before its
                 // addresses were).
-                let client = self
-                    .state
-                    .pod_ip(&pod.pod.uid, dst.ip().to_canonical().is_ipv6())
+                let client = pod
+                    .address_for(&self.state, dst)
                     .map(|ip| SocketAddr::new(ip, 0));
                 let (stream, dialled) = pool
                     .open(src, node_ip, dst_id, dst, client)
