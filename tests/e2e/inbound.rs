@@ -513,3 +513,164 @@ pub fn an_authorization_policy_lets_in_only_whom_it_names() {
     });
     web.tcp().exchange_ok(at(&server, ECHO), 100);
 }
+
+/// Inbound requests to `server` (the pod's workload) by labels.
+fn inbound_requests(m: &Metrics, labels: &[(&str, &str)]) -> f64 {
+    let mut all = vec![("direction", "inbound"), ("workload_name", "server")];
+    all.extend_from_slice(labels);
+    m.sum("nodemesh_request_total", &all)
+}
+
+/// HTTP and gRPC to a meshed pod are detected and measured at the server's
+/// edge — per client identity (tunnel, same node through the proxy once,
+/// plaintext), status and latency — while the app still sees each client;
+/// a server-first app is not held up by inbound detection; and a client
+/// the policy refuses gets a `403` over HTTP, never reaching the app.
+pub fn requests_are_measured_at_the_servers_edge_and_refused_with_403() {
+    use nodemesh_tests::apps::{grpc, http};
+    const HTTP: u16 = 8080;
+    const GRPC: u16 = 50051;
+    const SMTP: u16 = 2525;
+    let bed = MeshBed::new("24h");
+    let plain_ns = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .label("app", "server"),
+    );
+    let web = bed.pod(&bed.a, "web", "web");
+    let api = bed.pod(&bed.b, "api", "api");
+    let plain = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain"));
+    bed.agent_b
+        .wait_metric("server's and api's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut hsrv = server.http();
+    hsrv.serve(HTTP, http::Knobs::default());
+    let mut gsrv = server.grpc();
+    gsrv.serve(GRPC, grpc::Knobs::default());
+    let to = at(&server, HTTP);
+    for client in [&web, &api, &plain] {
+        let out = client.http().run(http::Run::get(to, "/", 10));
+        assert!(out.iter().all(|o| o.status == Some(200)), "{out:?}");
+    }
+    let failed = plain.http().run(http::Run::get(to, "/?status=500", 2));
+    assert!(failed.iter().all(|o| o.status == Some(500)), "{failed:?}");
+    let calls = web.grpc().run(grpc::Run::unary(at(&server, GRPC), 5));
+    assert!(calls.iter().all(|o| o.code == 0), "{calls:?}");
+    let seen = hsrv.seen(HTTP);
+    assert_eq!(seen.requests, 32);
+    assert_eq!(
+        seen.peers.into_iter().collect::<Vec<_>>(),
+        sorted(vec![web.ip.into(), api.ip.into(), plain.ip.into()]),
+        "the app sees every client"
+    );
+
+    let web_id = spiffe(&bed.ns, "web");
+    let api_id = spiffe(&bed.ns, "api");
+    let m = bed
+        .agent_b
+        .wait_metric("every inbound response counted", |m| {
+            m.sum(
+                "nodemesh_response_total",
+                &[("direction", "inbound"), ("workload_name", "server")],
+            ) == 37.0
+        });
+    let by = |client: &str, tls: &str, protocol: &str| {
+        inbound_requests(
+            &m,
+            &[("client_id", client), ("tls", tls), ("protocol", protocol)],
+        )
+    };
+    assert_eq!(by(&web_id, "true", "http1"), 10.0, "{}", m.text);
+    assert_eq!(by(&api_id, "false", "http1"), 10.0, "one pass: {}", m.text);
+    assert_eq!(by("", "false", "http1"), 12.0, "{}", m.text);
+    assert_eq!(by(&web_id, "true", "grpc"), 5.0, "{}", m.text);
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_total",
+            &[
+                ("direction", "inbound"),
+                ("status_code", "500"),
+                ("classification", "failure")
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "nodemesh_response_latency_seconds_count",
+            &[("direction", "inbound"), ("workload_name", "server")]
+        ),
+        37.0
+    );
+    // Detected on the server's side: the plaintext and tunnelled
+    // connections (same-node ones were detected once, as the client's).
+    assert!(
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("direction", "inbound"), ("result", "http1")]
+        ) >= 2.0
+            && m.sum(
+                "nodemesh_protocol_detect_total",
+                &[("direction", "inbound"), ("result", "h2")]
+            ) >= 1.0,
+        "{}",
+        m.text
+    );
+
+    // A server-first app: its banner decides, not the detect timeout.
+    let banner = "220 mail.example ESMTP ready\r\n";
+    let mut smtp = server.tcp();
+    smtp.banner(SMTP, banner);
+    for client in [&plain, &web] {
+        let (text, _) = client
+            .tcp()
+            .greeting(at(&server, SMTP), banner.len() as u32)
+            .expect("the banner");
+        assert_eq!(text, banner);
+    }
+    bed.agent_b.wait_metric("the banner decided", |m| {
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("direction", "inbound"), ("result", "server_first")],
+        ) >= 2.0
+    });
+
+    // Refused over HTTP: a 403 from the proxy, nothing reaches the app.
+    bed.cluster
+        .apply_manifests(
+            &authz_policy(
+                &bed.ns,
+                "server",
+                &format!("{{ports: [{HTTP}], clients: {{serviceAccounts: [{{name: web}}]}}}}"),
+            ),
+            false,
+        )
+        .expect("apply the policy");
+    eventually("api gets a 403", Duration::from_secs(15), || {
+        let out = api.http().run(http::Run::get(to, "/", 1));
+        match out.first().and_then(|o| o.status) {
+            Some(403) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let before = hsrv.seen(HTTP).requests;
+    let refused = plain.http().run(http::Run::get(to, "/", 3));
+    assert!(refused.iter().all(|o| o.status == Some(403)), "{refused:?}");
+    let served = web.http().run(http::Run::get(to, "/", 3));
+    assert!(served.iter().all(|o| o.status == Some(200)), "{served:?}");
+    assert_eq!(
+        hsrv.seen(HTTP).requests,
+        before + 3,
+        "only web's requests reached the app"
+    );
+    bed.agent_b.wait_metric("the refusals counted", |m| {
+        denied(m, "server", "unauthorized") >= 2.0
+    });
+}

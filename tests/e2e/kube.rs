@@ -472,7 +472,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         .apply_manifests(&namespace_doc, false)
         .expect("the namespace");
     let kinds = cluster.apply_manifests(&manifests, true).expect("dry run");
-    assert_eq!(kinds.len(), 15, "{kinds:?}");
+    assert_eq!(kinds.len(), 16, "{kinds:?}");
     // …for real too.
     cluster.apply_manifests(&manifests, false).expect("apply");
     let uninstall =
@@ -495,6 +495,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         ("list", "", "namespaces"),
         ("list", "", "services"),
         ("list", "discovery.k8s.io", "endpointslices"),
+        ("watch", "policy.nodemesh.io", "authorizationpolicies"),
         ("create", "", "events"),
     ] {
         assert!(
@@ -509,6 +510,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         ("update", "", "namespaces"),
         ("list", "apps", "daemonsets"),
         ("delete", "", "events"),
+        ("update", "policy.nodemesh.io", "authorizationpolicies"),
     ] {
         assert!(
             !cluster.can(&kubeconfig, verb, group, resource, None),
@@ -529,6 +531,14 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         ("watch", "", "pods", false),
         ("list", "", "secrets", false),
         ("create", "", "pods", false),
+        // Policies: read, and only their status written.
+        ("watch", "policy.nodemesh.io", "authorizationpolicies", true),
+        (
+            "update",
+            "policy.nodemesh.io",
+            "authorizationpolicies",
+            false,
+        ),
     ] {
         assert_eq!(
             cluster.can(&identity_kubeconfig, verb, group, resource, None),

@@ -20,6 +20,7 @@ fn main() {
         inbound::all_authenticated_refuses_plaintext_and_changes_apply_live,
         inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,
         inbound::an_authorization_policy_lets_in_only_whom_it_names,
+        inbound::requests_are_measured_at_the_servers_edge_and_refused_with_403,
         kube::a_labelled_pod_is_captured_from_the_api,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,

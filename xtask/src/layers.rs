@@ -36,7 +36,11 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["outbound"],
     &["inbound"],
     &["tunnel"],
-    &["accept", "balance", "connect", "orig_dst", "pods", "relay"],
+    // What both sides' HTTP paths share (over the balancer's load).
+    &["http"],
+    &[
+        "accept", "balance", "connect", "detect", "orig_dst", "pods", "relay",
+    ],
 ];
 
 /// Which nodemesh crates each crate may depend on.

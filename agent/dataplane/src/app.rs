@@ -238,6 +238,8 @@ impl App {
                 inbound: InboundConfig {
                     default_policy: cfg.default_inbound_policy,
                     connect_timeout: cfg.connect_timeout,
+                    // The proxy's own.
+                    detect_timeout: Duration::ZERO,
                 },
             },
             state: state.clone(),

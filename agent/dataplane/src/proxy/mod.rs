@@ -15,15 +15,19 @@
 //!   pool, tls, h2);
 //! - leaves shared by all: [`relay`] (the opaque relay), [`connect`]
 //!   (dialling, injected), [`orig_dst`] (where a redirected connection was
-//!   going, injected), [`pods`] (what is served).
+//!   going, injected), [`pods`] (what is served), [`http`] (what both
+//!   sides' HTTP paths share).
 //!
 //! Everything it needs comes in one [`ProxyInputs`]; the agent and the
 //! tests build it the same way (the tests inject a connector and original
-//! destinations on 127.0.0.1). Protocol detection (`detect`), HTTP
-//! (`http`) and balancing (a `balance` leaf) land beside these.
+//! destinations on 127.0.0.1). Protocol detection ([`detect`]),
+//! balancing ([`balance`]) and the HTTP pieces both sides share
+//! ([`http`]) are leaves too.
 pub mod accept;
 pub mod balance;
 pub mod connect;
+pub mod detect;
+pub mod http;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
@@ -148,7 +152,10 @@ impl Proxy {
             pods.clone(),
             connector.clone(),
             cfg.buffer_size,
-            cfg.inbound.clone(),
+            InboundConfig {
+                detect_timeout: cfg.detect_timeout,
+                ..cfg.inbound.clone()
+            },
             clients,
         ));
         let tunnel = match certs {

@@ -1,11 +1,13 @@
 //! Golden request metrics: requests, responses (status, gRPC status,
-//! success or failure) and response latency, per source workload and
-//! destination (workload, Service), TLS and protocol.
+//! success or failure) and response latency, on both sides of a request:
+//! `outbound` (at the client's proxy: per source workload and destination
+//! workload and Service) and `inbound` (at the server's: per server
+//! workload and client identity), by TLS and protocol.
 //!
-//! Bounded: series are per source *workload*, not pod; each source keeps at
-//! most [`MAX_DESTINATIONS`] destination label sets (more count as
-//! `dst_workload_name="other"`); a source's series go when its last served
-//! pod does; the latency histogram has [`BUCKETS`] buckets.
+//! Bounded: series are per *workload* of a served pod, not per pod; each
+//! keeps at most [`MAX_DESTINATIONS`] peer label sets (more count as
+//! `other`); its series go when its last served pod does; the latency
+//! histogram has [`BUCKETS`] buckets.
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -95,12 +97,15 @@ pub struct RequestLabels {
     dst_workload_name: String,
     dst_serviceaccount: String,
     dst_service: String,
+    /// Inbound: the client's SPIFFE ID (empty: not authenticated).
+    client_id: String,
     tls: String,
     protocol: Protocol,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DetectLabels {
+    direction: Direction,
     result: Detected,
 }
 
@@ -148,7 +153,7 @@ impl HttpMetrics {
         };
         registry.register(
             "protocol_detect",
-            "Outbound connections of meshed pods by what detection concluded (node-wide)",
+            "Connections of meshed pods by direction and what detection concluded (node-wide)",
             m.detected.clone(),
         );
         registry.register(
@@ -171,8 +176,10 @@ impl HttpMetrics {
     }
 
     /// Counts what detection concluded for one connection.
-    pub fn detected(&self, result: Detected) {
-        self.detected.get_or_create(&DetectLabels { result }).inc();
+    pub fn detected(&self, direction: Direction, result: Detected) {
+        self.detected
+            .get_or_create(&DetectLabels { direction, result })
+            .inc();
     }
 
     /// A served pod of `workload` starts making requests; paired with one
@@ -212,7 +219,7 @@ impl HttpMetrics {
         tls: bool,
         protocol: Protocol,
     ) -> Option<Request> {
-        let mut labels = RequestLabels {
+        let labels = RequestLabels {
             direction: Direction::Outbound,
             namespace: source.namespace.clone(),
             workload_kind: source.kind.clone(),
@@ -223,20 +230,63 @@ impl HttpMetrics {
             dst_workload_name: dst.workload.name.clone(),
             dst_serviceaccount: dst.workload.serviceaccount.clone(),
             dst_service: dst.service.clone(),
+            client_id: String::new(),
             tls: tls.to_string(),
             protocol,
         };
+        self.count(source, labels)
+    }
+
+    /// One request to a pod of `server` (a served pod) from `client` (its
+    /// SPIFFE ID; `None`: not authenticated), at the server's edge.
+    pub fn inbound_request(
+        &self,
+        server: &Workload,
+        client: Option<&str>,
+        tls: bool,
+        protocol: Protocol,
+    ) -> Option<Request> {
+        let labels = RequestLabels {
+            direction: Direction::Inbound,
+            namespace: server.namespace.clone(),
+            workload_kind: server.kind.clone(),
+            workload_name: server.name.clone(),
+            serviceaccount: server.serviceaccount.clone(),
+            dst_namespace: String::new(),
+            dst_workload_kind: String::new(),
+            dst_workload_name: String::new(),
+            dst_serviceaccount: String::new(),
+            dst_service: String::new(),
+            client_id: client.unwrap_or_default().to_owned(),
+            tls: tls.to_string(),
+            protocol,
+        };
+        self.count(server, labels)
+    }
+
+    /// Counts a request in `holder`'s series (capped: see
+    /// [`MAX_DESTINATIONS`]).
+    fn count(&self, holder: &Workload, mut labels: RequestLabels) -> Option<Request> {
         {
             let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
             // A pod no longer served: nothing is counted.
-            let src = sources.get_mut(source).filter(|s| s.holders > 0)?;
+            let src = sources.get_mut(holder).filter(|s| s.holders > 0)?;
             if !src.requests.contains(&labels) {
                 if src.requests.len() >= MAX_DESTINATIONS {
-                    labels.dst_namespace = "other".into();
-                    labels.dst_workload_kind = "other".into();
-                    labels.dst_workload_name = "other".into();
-                    labels.dst_serviceaccount = "other".into();
-                    labels.dst_service = "other".into();
+                    let other = |s: &mut String| {
+                        if !s.is_empty() {
+                            *s = "other".into();
+                        }
+                    };
+                    other(&mut labels.dst_namespace);
+                    other(&mut labels.dst_workload_kind);
+                    other(&mut labels.dst_workload_name);
+                    other(&mut labels.dst_serviceaccount);
+                    other(&mut labels.dst_service);
+                    other(&mut labels.client_id);
+                    if labels.direction == Direction::Outbound {
+                        labels.dst_workload_name = "other".into();
+                    }
                 }
                 src.requests.insert(labels.clone());
             }
@@ -244,7 +294,7 @@ impl HttpMetrics {
         }
         Some(Request {
             metrics: self.clone(),
-            source: source.clone(),
+            source: holder.clone(),
             labels,
         })
     }
@@ -347,7 +397,7 @@ mod tests {
         let r = m.request(&web, &dst, true, Protocol::Grpc).unwrap();
         r.response(200, Some(14), false);
         let text = encode(&registry).unwrap();
-        assert!(text.contains(r#"nodemesh_request_total{direction="outbound",namespace="shop",workload_kind="deployment",workload_name="web",serviceaccount="web",dst_namespace="shop",dst_workload_kind="deployment",dst_workload_name="api",dst_serviceaccount="api",dst_service="shop/api:80",tls="true",protocol="http1"} 3"#), "{text}");
+        assert!(text.contains(r#"nodemesh_request_total{direction="outbound",namespace="shop",workload_kind="deployment",workload_name="web",serviceaccount="web",dst_namespace="shop",dst_workload_kind="deployment",dst_workload_name="api",dst_serviceaccount="api",dst_service="shop/api:80",client_id="",tls="true",protocol="http1"} 3"#), "{text}");
         assert!(
             text.contains(r#"status_code="200",grpc_status="",classification="success"} 2"#),
             "{text}"

@@ -195,6 +195,8 @@ impl Cluster {
                     inbound: InboundConfig {
                         default_policy: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
                         connect_timeout: Duration::from_secs(2),
+                        // The proxy's own.
+                        detect_timeout: Duration::ZERO,
                     },
                 },
                 state: state.clone(),

@@ -3,9 +3,14 @@
 //! from meshed pods on this node — with the inbound policy and the
 //! server-side accounting.
 //!
-//! Policy today: tunnel clients must be identities of this trust domain,
-//! and a stream may only reach a meshed pod on this node of the identity
-//! the client asked for (and whose certificate it verified).
+//! Every connection delivered to the app is detected like an outbound one
+//! (the app is dialled at once, so a server-first protocol never waits):
+//! HTTP is served at the server's edge ([`http`]: inbound request
+//! metrics), the rest relayed as bytes. Tunnel clients must be identities
+//! of this trust domain, and a stream may only reach a meshed pod on this
+//! node of the identity the client asked for (and whose certificate it
+//! verified); then the pod's policy decides ([`policy`]).
+pub mod http;
 pub mod policy;
 
 use std::{
@@ -17,20 +22,28 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
+use nodemesh_core::labels::Direction;
 use nodemesh_core::{identity::Identity, names::InboundPolicy, policy::PolicyClient};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::{Instrument, debug, info_span, warn};
 
-use self::policy::{Client, Facts};
+use self::{
+    http::{Peer, Rewind},
+    policy::{Client, Facts},
+};
 use super::{
     connect::Connector,
+    detect::{Detected, classify, is_h2_settings},
     orig_dst::ClientAddrs,
     pods::{ServedPod, ServedPods},
     relay::{Reset, TunnelStream, relay, reset_if_we_die},
     tunnel::{Destinations, TunnelError, server::Delivery, server::StreamRequest},
 };
 use crate::{
-    state::{Pod, StateStore, Target},
+    state::{ConfiguredProtocol, Pod, StateStore, Target},
     telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
 
@@ -54,6 +67,43 @@ pub struct InboundConfig {
     /// nothing.
     pub default_policy: InboundPolicy,
     pub connect_timeout: Duration,
+    /// How long a connection may stay silent both ways before it is taken
+    /// as opaque (set by the proxy: the outbound side's).
+    pub detect_timeout: Duration,
+}
+
+/// A connection the destination's inbound policy refused (inside an
+/// `io::Error`, so callers can tell it from a failure to connect).
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the destination's inbound policy ({0})")]
+pub struct PolicyRefused(pub InboundDenial);
+
+/// Whether `e` is a [`PolicyRefused`].
+pub fn is_policy_refusal(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<PolicyRefused>())
+}
+
+/// Decides again, for each HTTP request of a connection, whether its client
+/// may still in (policies change live; an HTTP connection may be reused
+/// long after it was let in).
+pub struct Recheck {
+    inbound: Arc<Inbound>,
+    served: Arc<ServedPod>,
+    /// The client's SPIFFE ID, when authenticated.
+    identity: Option<String>,
+    ip: IpAddr,
+    port: u16,
+}
+
+impl Recheck {
+    pub fn check(&self) -> Result<(), InboundDenial> {
+        let client = match &self.identity {
+            Some(id) => Client::Meshed(id),
+            None => Client::Plain(self.ip),
+        };
+        self.inbound
+            .authorize(&self.served, client, self.ip, self.port)
+    }
 }
 
 /// A refusal is logged once per client and reason in this window.
@@ -71,6 +121,8 @@ impl std::fmt::Debug for Inbound {
 pub struct Accepted {
     pub stream: TcpStream,
     pub accounting: Accounting,
+    /// The client's address as delivered to the app.
+    pub client: SocketAddr,
 }
 
 /// The destination's side of a connection's accounting: counted open until
@@ -87,6 +139,11 @@ impl Accounting {
             .and_then(|p| p.inbound.as_ref())
             .map(|i| i.open());
         Self { pod, _open: open }
+    }
+
+    /// The destination pod, when it is served here.
+    pub fn served(&self) -> Option<&Arc<ServedPod>> {
+        self.pod.as_ref()
     }
 
     /// The destination pod's inbound series, when it has them.
@@ -228,7 +285,7 @@ impl Inbound {
     /// pod's address directly (plaintext: an unmeshed client, the node, or
     /// outside). The policy decides; then it goes to the app, which sees the
     /// client's address.
-    pub async fn captured(&self, mut client: TcpStream, served: Arc<ServedPod>) {
+    pub async fn captured(self: &Arc<Self>, client: TcpStream, served: Arc<ServedPod>) {
         let _ = client.set_nodelay(true);
         reset_if_we_die(&client);
         let (Ok(dst), Ok(peer)) = (client.local_addr(), client.peer_addr()) else {
@@ -236,15 +293,13 @@ impl Inbound {
             return;
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if self
-            .authorize(&served, Client::Plain(peer.ip()), peer.ip(), dst.port())
-            .is_err()
+        if let Err(reason) =
+            self.authorize(&served, Client::Plain(peer.ip()), peer.ip(), dst.port())
         {
-            client.reset();
-            return;
+            return self.refuse(client, &served, dst.port(), reason).await;
         }
         let accounting = Accounting::new(Some(served.clone()));
-        let mut server = match self.deliver(&served, dst, peer).await {
+        let server = match self.deliver(&served, dst, peer).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = ConnectError::classify(&e);
@@ -259,7 +314,94 @@ impl Inbound {
         if let Some(inbound) = &served.inbound {
             inbound.peer_open(false, None);
         }
-        let inbound = accounting.inbound();
+        let _ = server.set_nodelay(true);
+        self.carry(client, server, &served, Peer::default(), peer, dst.port())
+            .await;
+        drop(accounting);
+    }
+
+    /// A refused client: a `403` for each request if it speaks HTTP (within
+    /// the detect timeout), else a reset. The app sees nothing.
+    async fn refuse(
+        &self,
+        mut client: TcpStream,
+        served: &ServedPod,
+        port: u16,
+        why: InboundDenial,
+    ) {
+        if self.opaque_port(served, port) {
+            client.reset();
+            return;
+        }
+        let mut said = Vec::new();
+        let detected =
+            tokio::time::timeout(self.cfg.detect_timeout, first_bytes(&mut client, &mut said))
+                .await
+                .unwrap_or(Detected::Timeout);
+        match detected {
+            Detected::Http1 | Detected::H2 => {
+                client.close_gracefully();
+                http::refuse(Rewind::new(said, client), detected == Detected::H2, why).await;
+            }
+            _ => client.reset(),
+        }
+    }
+
+    /// Whether connections to `port` of the pod are opaque by
+    /// configuration (its or its namespace's annotation, the server-first
+    /// ports).
+    fn opaque_port(&self, served: &ServedPod, port: u16) -> bool {
+        let pod = self
+            .state
+            .pod(&served.pod.uid)
+            .unwrap_or_else(|| served.pod.clone());
+        ConfiguredProtocol::of(
+            None,
+            pod.opaque_ports.contains(port) || self.state.namespace_opaque(&pod.namespace, port),
+            &[port],
+        ) == ConfiguredProtocol::Opaque
+    }
+
+    /// Carries a connection to the app, delivered as `server`: detected
+    /// first (whoever speaks first decides, within the detect timeout),
+    /// then HTTP at the server's edge, or bytes.
+    async fn carry<C>(
+        self: &Arc<Self>,
+        client: C,
+        server: TcpStream,
+        served: &Arc<ServedPod>,
+        peer: Peer,
+        from: SocketAddr,
+        port: u16,
+    ) where
+        C: AsyncRead + AsyncWrite + Unpin + Send + Reset + 'static,
+    {
+        let (mut client, mut server) = (client, server);
+        let (detected, said, server_said) = if self.opaque_port(served, port) {
+            (Detected::Configured, Vec::new(), Vec::new())
+        } else {
+            detect(&mut client, &mut server, self.cfg.detect_timeout).await
+        };
+        served.http.detected(Direction::Inbound, detected);
+        let client = Rewind::new(said, client);
+        let server = Rewind::new(server_said, server);
+        if matches!(detected, Detected::Http1 | Detected::H2) {
+            let h2 = detected == Detected::H2;
+            // HTTP frames its messages: a close is a close (a reset on
+            // drop would cut a `Connection: close` response short).
+            client.close_gracefully();
+            server.close_gracefully();
+            let recheck = Recheck {
+                inbound: self.clone(),
+                served: served.clone(),
+                identity: peer.identity.clone(),
+                ip: from.ip(),
+                port,
+            };
+            return http::serve(client, server, h2, served.clone(), peer, recheck).await;
+        }
+        let (mut client, mut server) = (client, server);
+        let inbound = served.inbound.as_ref();
         let received = inbound.map(|i| &i.received);
         let sent = inbound.map(|i| &i.sent);
         match relay(
@@ -271,12 +413,12 @@ impl Inbound {
         )
         .await
         {
-            Ok(n) => {
-                debug!(%dst, client = %peer, received = n.client_to_server, sent = n.server_to_client, "inbound closed")
-            }
-            Err(e) => {
-                debug!(%dst, error = %e, "inbound relay ended with an error; both sides reset")
-            }
+            Ok(n) => debug!(
+                received = n.client_to_server,
+                sent = n.server_to_client,
+                "inbound closed"
+            ),
+            Err(e) => debug!(error = %e, "inbound relay ended with an error; both sides reset"),
         }
     }
 
@@ -351,7 +493,38 @@ impl Inbound {
         Ok(Accepted {
             stream,
             accounting: Accounting::new(Some(served)),
+            client: client_addr,
         })
+    }
+
+    /// Whether `src`, a served pod on this node, may reach `dst` in
+    /// `dst_served` (through the proxy once): per connection, and again per
+    /// HTTP request over a pooled one. Its address, when it may.
+    pub fn authorize_local(
+        &self,
+        src: &ServedPod,
+        dst_served: &ServedPod,
+        dst: SocketAddr,
+    ) -> io::Result<IpAddr> {
+        // The client pod's address as known now (it may have been served
+        // before its addresses were).
+        let Some(src_ip) = src.address_for(&self.state, dst) else {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "the client pod has no address in the destination's family",
+            ));
+        };
+        let client = match src.pod.identity() {
+            Some(id) => Client::Meshed(id.uri()),
+            None => Client::Plain(src_ip),
+        };
+        match self.authorize(dst_served, client, src_ip, dst.port()) {
+            Ok(()) => Ok(src_ip),
+            Err(reason) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                PolicyRefused(reason),
+            )),
+        }
     }
 
     /// A connection from `src`, a served pod on this node, to `dst`, a
@@ -364,39 +537,19 @@ impl Inbound {
         dst: SocketAddr,
     ) -> io::Result<Accepted> {
         let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
-        let stream = match &served {
+        let (stream, client) = match &served {
             // Once through the proxy: delivered inside the destination pod
             // (its inbound capture lets the agent by), as the client pod.
             Some(dst_served) => {
-                // The client pod's address as known now (it may have been
-                // served before its addresses were).
-                let Some(src_ip) = src.address_for(&self.state, dst) else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrNotAvailable,
-                        "the client pod has no address in the destination's family",
-                    ));
-                };
-                let client = match src.pod.identity() {
-                    Some(id) => Client::Meshed(id.uri()),
-                    None => Client::Plain(src_ip),
-                };
-                if self
-                    .authorize(dst_served, client, src_ip, dst.port())
-                    .is_err()
-                {
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        "refused by the destination's inbound policy",
-                    ));
-                }
-                self.deliver(dst_served, dst, SocketAddr::new(src_ip, 0))
-                    .await?
+                let client = SocketAddr::new(self.authorize_local(src, dst_served, dst)?, 0);
+                (self.deliver(dst_served, dst, client).await?, client)
             }
             // Not served (yet): from the client's netns, as without the mesh.
             None => {
                 let stream = self.connector.connect(src.netns.as_ref(), dst).await?;
                 reset_if_we_die(&stream);
-                stream
+                let client = stream.local_addr()?;
+                (stream, client)
             }
         };
         if let Some(inbound) = served.as_ref().and_then(|s| s.inbound.as_ref()) {
@@ -405,6 +558,7 @@ impl Inbound {
         Ok(Accepted {
             stream,
             accounting: Accounting::new(served),
+            client,
         })
     }
 }
@@ -420,7 +574,12 @@ impl Destinations for Inbound {
     ) -> BoxFuture<'static, Result<Delivery, TunnelError>> {
         Box::pin(async move {
             let accepted = self.open_tunnel(&req).await?;
-            let buffer_size = self.buffer_size;
+            let peer = Peer {
+                tls: true,
+                identity: Some(req.client.to_string()),
+            };
+            let port = req.dst.port();
+            let from = accepted.client;
             let deliver: Delivery = Box::new(move |client: TunnelStream| {
                 let span = match accepted.accounting.pod.as_ref() {
                     Some(p) => {
@@ -428,36 +587,110 @@ impl Destinations for Inbound {
                     }
                     None => info_span!("inbound"),
                 };
-                Box::pin(relay_tunnel(client, accepted, buffer_size).instrument(span))
+                Box::pin(
+                    async move {
+                        let Accepted {
+                            stream, accounting, ..
+                        } = accepted;
+                        match accounting.served().cloned() {
+                            Some(served) => {
+                                self.carry(client, stream, &served, peer, from, port).await
+                            }
+                            None => relay_tunnel(client, stream, self.buffer_size).await,
+                        }
+                        drop(accounting);
+                    }
+                    .instrument(span),
+                )
             });
             Ok(deliver)
         })
     }
 }
 
-/// Carries a tunnel stream to its pod, counting on the pod's inbound side.
-async fn relay_tunnel(mut client: TunnelStream, accepted: Accepted, buffer_size: usize) {
-    let Accepted {
-        stream: mut server,
-        accounting,
-    } = accepted;
-    let inbound = accounting.inbound();
-    let received = inbound.map(|i| &i.received);
-    let sent = inbound.map(|i| &i.sent);
-    match relay(
-        &mut client,
-        &mut server,
-        buffer_size,
-        received.as_slice(),
-        sent.as_slice(),
-    )
-    .await
-    {
+/// Carries a tunnel stream to a destination that is not a served pod
+/// (nothing to count it on).
+async fn relay_tunnel(mut client: TunnelStream, mut server: TcpStream, buffer_size: usize) {
+    match relay(&mut client, &mut server, buffer_size, &[], &[]).await {
         Ok(n) => debug!(
             received = n.client_to_server,
             sent = n.server_to_client,
             "closed"
         ),
         Err(e) => debug!(error = %e, "tunnel relay ended with an error; both sides reset"),
+    }
+}
+
+/// Reads the client's first bytes into `said` until they say what they are
+/// (or end).
+async fn first_bytes<C: AsyncRead + Unpin>(client: &mut C, said: &mut Vec<u8>) -> Detected {
+    let mut buf = [0u8; DETECT_BYTES];
+    loop {
+        let room = DETECT_BYTES - said.len();
+        match client.read(&mut buf[..room]).await {
+            Ok(0) | Err(_) => return Detected::Opaque,
+            Ok(n) => {
+                said.extend_from_slice(&buf[..n]);
+                match classify(said) {
+                    Some(d) => return d,
+                    None if said.len() >= DETECT_BYTES => return Detected::Opaque,
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of the client read at most to tell what it speaks.
+const DETECT_BYTES: usize = 32;
+
+/// Whoever speaks first decides, within `timeout`: the client's first bytes
+/// (classified), or the app's (server first: opaque; an HTTP/2 server's
+/// unprompted SETTINGS is not, it waits for its client like any). Returns
+/// what was read from each, to be put back.
+async fn detect<C>(
+    client: &mut C,
+    server: &mut TcpStream,
+    timeout: Duration,
+) -> (Detected, Vec<u8>, Vec<u8>)
+where
+    C: AsyncRead + Unpin,
+{
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut said = Vec::new();
+    let mut server_said = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    // Boxed so it can be dropped (ending its borrow of `said`) before
+    // `said` is returned; cancelling it loses nothing (`read` is
+    // cancel-safe, and what it read is in `said`).
+    let mut client_first = Box::pin(first_bytes(client, &mut said));
+    loop {
+        tokio::select! {
+            biased;
+            d = &mut client_first => {
+                drop(client_first);
+                return (d, said, server_said);
+            }
+            r = server.read(&mut buf), if server_said.is_empty() => match r {
+                Ok(n) if n > 0 && is_h2_settings(&buf[..n]) => {
+                    server_said.extend_from_slice(&buf[..n]);
+                }
+                Ok(n) if n > 0 => {
+                    server_said.extend_from_slice(&buf[..n]);
+                    drop(client_first);
+                    return (Detected::ServerFirst, said, server_said);
+                }
+                // The app closed or failed before a word: bytes from here.
+                _ => {
+                    drop(client_first);
+                    return (Detected::Opaque, said, server_said);
+                }
+            },
+            _ = &mut deadline => {
+                drop(client_first);
+                return (Detected::Timeout, said, server_said);
+            }
+        }
     }
 }

@@ -18,18 +18,17 @@
 //! A destination that cannot be reached (or a Service with no endpoint
 //! that can) gives the client a reset (a 502/503 for HTTP), a log line and
 //! a metric.
-pub mod detect;
 pub mod http;
 pub mod route;
 mod tcp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use nodemesh_core::labels::Direction;
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, warn};
 
 use self::{
-    detect::{Detected, classify},
     http::{Dest, Early, pool::Pool},
     route::{RouteCtx, route},
     tcp::Failure,
@@ -37,6 +36,7 @@ use self::{
 use super::{
     balance::Balancer,
     connect::Connector,
+    detect::{Detected, classify, is_h2_settings},
     inbound::Inbound,
     orig_dst,
     pods::ServedPod,
@@ -152,17 +152,20 @@ impl Outbound {
         };
         match self.configured(&upstream) {
             ConfiguredProtocol::Opaque => {
-                self.http_metrics.detected(Detected::Configured);
+                self.http_metrics
+                    .detected(Direction::Outbound, Detected::Configured);
                 return self.opaque(client, &pod, &upstream, dst).await;
             }
             ConfiguredProtocol::H2 => {
-                self.http_metrics.detected(Detected::H2);
+                self.http_metrics
+                    .detected(Direction::Outbound, Detected::H2);
                 return self.clone().http(client, pod, dest, true, None).await;
             }
             ConfiguredProtocol::Detect => {}
         }
         let detection = self.detect(&client, &pod, &upstream, dst).await;
-        self.http_metrics.detected(detection.detected);
+        self.http_metrics
+            .detected(Direction::Outbound, detection.detected);
         let early = detection.early;
         match detection.detected {
             Detected::Http1 | Detected::H2 => {
@@ -391,17 +394,6 @@ impl Outbound {
 }
 
 /// What the client's first bytes are, once they say (peeked, not taken).
-/// Whether `said` starts with an HTTP/2 SETTINGS frame on stream 0 (what
-/// an HTTP/2 server sends first, unprompted).
-fn is_h2_settings(said: &[u8]) -> bool {
-    const SETTINGS: u8 = 0x4;
-    said.len() >= 9
-        && said[3] == SETTINGS
-        && said[4] & !0x1 == 0
-        && said[5..9] == [0, 0, 0, 0]
-        && (u32::from(said[0]) << 16 | u32::from(said[1]) << 8 | u32::from(said[2])) % 6 == 0
-}
-
 async fn client_bytes(client: &TcpStream) -> Detected {
     let mut buf = [0u8; 32];
     loop {
@@ -415,25 +407,5 @@ async fn client_bytes(client: &TcpStream) -> Detected {
                 None => tokio::time::sleep(Duration::from_millis(1)).await,
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_h2_settings;
-
-    #[test]
-    fn an_http2_servers_greeting_is_not_server_first() {
-        // Empty SETTINGS, and one with two settings (12 bytes).
-        assert!(is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
-        let mut two = vec![0, 0, 12, 4, 0, 0, 0, 0, 0];
-        two.extend_from_slice(&[0, 3, 0, 0, 0, 100, 0, 4, 0, 1, 0, 0]);
-        assert!(is_h2_settings(&two));
-        // A banner, a DATA frame, SETTINGS on a stream, a bad length.
-        assert!(!is_h2_settings(b"220 smtp.example ESMTP\r\n"));
-        assert!(!is_h2_settings(&[0, 0, 6, 0, 0, 0, 0, 0, 0]));
-        assert!(!is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 1]));
-        assert!(!is_h2_settings(&[0, 0, 5, 4, 0, 0, 0, 0, 0]));
-        assert!(!is_h2_settings(&[0, 0, 0, 4]));
     }
 }

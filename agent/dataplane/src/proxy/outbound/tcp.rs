@@ -36,6 +36,18 @@ pub(super) enum Failure {
 }
 
 impl Failure {
+    /// The destination's inbound policy refused the client (an HTTP
+    /// client gets a 403).
+    pub(super) fn forbidden(&self) -> bool {
+        match self {
+            Failure::Connect(e) => crate::proxy::inbound::is_policy_refusal(e),
+            Failure::Tunnel(_, OpenError::Refused { status, .. }) => {
+                *status == hyper::StatusCode::FORBIDDEN
+            }
+            _ => false,
+        }
+    }
+
     /// Logs it (for a connection to `dst`) and says which metric reason
     /// it is.
     pub(super) fn log(&self, dst: SocketAddr) -> ConnectError {
@@ -240,7 +252,9 @@ impl Outbound {
                 })
             }
             Route::Local { dst: dst_pod, id } => {
-                let Accepted { stream, accounting } = self
+                let Accepted {
+                    stream, accounting, ..
+                } = self
                     .inbound
                     .open_local(pod, dst_pod, dst)
                     .await

@@ -287,6 +287,8 @@ impl TunnelServer {
                 self.refuse(reason);
                 return status(match reason {
                     TunnelError::UnknownDestination => StatusCode::NOT_FOUND,
+                    // The client's proxy answers an HTTP client with a 403.
+                    TunnelError::PolicyDenied => StatusCode::FORBIDDEN,
                     _ => StatusCode::BAD_GATEWAY,
                 });
             }

@@ -14,41 +14,36 @@
 //! `nodemesh-proxy-error`.
 pub mod pool;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{
-    Method, Request, Response, StatusCode,
-    body::{Frame, Incoming, SizeHint},
-    header::{self, HeaderMap, HeaderName, HeaderValue},
-    service::service_fn,
-};
+use http_body_util::BodyExt;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use self::pool::{Body, Conn, Key};
+use self::pool::{Conn, Key};
 use super::{
     Outbound,
     route::{Route, route},
     tcp::Opened,
 };
+pub use crate::proxy::http::PROXY_ERROR_HEADER;
 use crate::{
-    proxy::{balance::InFlight, pods::ServedPod, relay::CountedIo},
+    proxy::{
+        balance::InFlight,
+        http::{
+            Body, Done, Observed, grpc_status, is_grpc, proxy_error, splice, strip_hop_by_hop,
+            wants_upgrade,
+        },
+        inbound::is_policy_refusal,
+        pods::ServedPod,
+        relay::{CountedIo, Reset},
+    },
     state::{ServiceTarget, Target},
-    telemetry::http::{Destination, Protocol, Request as RequestMetric, Workload},
+    telemetry::http::{Destination, Protocol, Workload},
 };
 
-/// The header on every response the proxy made itself.
-pub const PROXY_ERROR_HEADER: &str = "nodemesh-proxy-error";
 /// Endpoints tried for one request at most.
 const ATTEMPTS: usize = 3;
 
@@ -113,6 +108,9 @@ impl Outbound {
         if let Some(early) = early {
             forwarder.pool_early(early).await;
         }
+        // HTTP frames its messages: a close is a close (a reset on drop
+        // would cut a `Connection: close` response short).
+        client.close_gracefully();
         let io = TokioIo::new(CountedIo::new(
             client,
             vec![pod.outbound.sent.clone()],
@@ -141,6 +139,8 @@ enum Unreachable {
     NoEndpoint,
     /// The last one tried failed so.
     Failed(String),
+    /// The last one tried refused the client by its inbound policy.
+    Forbidden(String),
 }
 
 impl Forwarder {
@@ -274,8 +274,9 @@ impl Forwarder {
         }
     }
 
-    /// A new upstream connection to `endpoint`.
-    async fn connect(&self, endpoint: SocketAddr) -> Result<Conn, String> {
+    /// A new upstream connection to `endpoint`; the error says whether
+    /// the destination's policy refused it.
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Conn, (String, bool)> {
         let upstream = self.outbound.state.upstream(endpoint);
         let route = route(self.outbound.ctx(), &self.pod.pod, &upstream);
         let opened = self
@@ -283,11 +284,17 @@ impl Forwarder {
             .open(route, &self.pod, endpoint)
             .await
             .map_err(|f| {
+                if f.forbidden() {
+                    debug!(%endpoint, "refused by the destination's inbound policy");
+                    return (format!("{endpoint}: refused by its inbound policy"), true);
+                }
                 let reason = f.log(endpoint);
                 self.pod.outbound.connect_error(reason);
-                format!("cannot reach {endpoint}: {reason}")
+                (format!("cannot reach {endpoint}: {reason}"), false)
             })?;
-        self.conn_from(endpoint, opened).await
+        self.conn_from(endpoint, opened)
+            .await
+            .map_err(|e| (e, false))
     }
 
     async fn forward(
@@ -344,7 +351,12 @@ impl Forwarder {
                 Some(conn) => conn,
                 None => match self.connect(endpoint).await {
                     Ok(conn) => conn,
-                    Err(e) => {
+                    // Not the endpoint's fault: it is up, and says no.
+                    Err((e, true)) => {
+                        why = Unreachable::Forbidden(e);
+                        continue;
+                    }
+                    Err((e, false)) => {
                         // Only connection failures count against it.
                         if let Some(w) = &work {
                             w.failure();
@@ -355,6 +367,23 @@ impl Forwarder {
                     }
                 },
             };
+            // A pod here, through the proxy once, over a connection it let
+            // in earlier: its policy decides again (it changes live).
+            if was_pooled
+                && let Some(dst) = conn.local()
+                && let Err(e) = self
+                    .outbound
+                    .inbound
+                    .authorize_local(&self.pod, dst, endpoint)
+            {
+                self.outbound.pool.put(key, conn);
+                why = if is_policy_refusal(&e) {
+                    Unreachable::Forbidden(format!("{endpoint}: refused by its inbound policy"))
+                } else {
+                    Unreachable::Failed(format!("{endpoint}: {e}"))
+                };
+                continue;
+            }
             let Some(request) = req.take() else {
                 break;
             };
@@ -376,7 +405,17 @@ impl Forwarder {
                         conn.tls,
                         protocol,
                     );
-                    if let Some(m) = &metric {
+                    // A pod served here, reached through the proxy once: its
+                    // side of the request too.
+                    let inbound = conn.local().and_then(|dst| {
+                        dst.http.inbound_request(
+                            &dst.source,
+                            self.pod.pod.identity().map(|id| id.uri()),
+                            false,
+                            protocol,
+                        )
+                    });
+                    for m in [&metric, &inbound].into_iter().flatten() {
                         m.latency(started.elapsed());
                     }
                     let status = resp.status();
@@ -399,10 +438,10 @@ impl Forwarder {
                         Observed {
                             inner: body,
                             done: Some(Done {
-                                metric,
+                                metrics: [metric, inbound],
                                 status: status.as_u16(),
                                 grpc_status,
-                                _work: work,
+                                work,
                             }),
                         }
                         .boxed()
@@ -447,6 +486,7 @@ impl Forwarder {
                 "no endpoint available".to_owned(),
             ),
             Unreachable::Failed(e) => (StatusCode::BAD_GATEWAY, e),
+            Unreachable::Forbidden(e) => (StatusCode::FORBIDDEN, e),
         };
         warn!(%status, %message, "answering the request with a proxy error");
         let dst = match &self.dest {
@@ -464,223 +504,5 @@ impl Forwarder {
             m.response(status.as_u16(), None, true);
         }
         Ok(proxy_error(status, &message))
-    }
-}
-
-/// Carries an upgraded connection (WebSocket after 101, a CONNECT tunnel)
-/// as bytes.
-async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
-    let (Ok(client), Ok(server)) = (client.await, server.await) else {
-        debug!("an upgrade did not complete");
-        return;
-    };
-    let mut client = TokioIo::new(client);
-    let mut server = TokioIo::new(server);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        debug!(error = %e, "upgraded connection ended with an error");
-    }
-}
-
-/// A response the proxy made.
-fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(format!("nodemesh: {message}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    let value =
-        HeaderValue::from_str(message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
-    resp.headers_mut()
-        .insert(HeaderName::from_static(PROXY_ERROR_HEADER), value);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
-/// names, and the fixed list (`TE: trailers` stays); for an upgrade (a
-/// request asking for one, a `101` granting it), `Upgrade` and
-/// `Connection: upgrade` go on.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    // `TE: trailers` says the client takes trailers: that goes on.
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
-            continue;
-        }
-        headers.remove(name);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// What is recorded when a response ends.
-struct Done {
-    metric: Option<RequestMetric>,
-    status: u16,
-    grpc_status: Option<u32>,
-    /// The endpoint's load lasts as long as the response.
-    _work: Option<InFlight>,
-}
-
-impl Done {
-    fn finish(self, error: bool) {
-        if let Some(m) = &self.metric {
-            m.response(self.status, self.grpc_status, error);
-        }
-    }
-}
-
-/// A response body passed through as it streams; its end (or error)
-/// records the response, its trailers the gRPC status.
-struct Observed {
-    inner: Incoming,
-    done: Option<Done>,
-}
-
-impl hyper::body::Body for Observed {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(done)) = (frame.trailers_ref(), self.done.as_mut())
-                    && let Some(s) = grpc_status(trailers)
-                {
-                    done.grpc_status = Some(s);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(done) = self.done.take() {
-                    done.finish(true);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(done) = self.done.take() {
-                    done.finish(false);
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        // The client went away before the end (or the body was never
-        // polled to it): counted as it stood.
-        if let Some(done) = self.done.take() {
-            done.finish(false);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_stop_at_the_proxy() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::HOST, HeaderValue::from_static("web.shop:80"));
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 2, "{h:?}");
-        assert_eq!(h[header::HOST], "web.shop:80", "Host untouched");
-        assert_eq!(h[header::TE], "trailers", "TE: trailers stays");
-
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(wants_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h[header::UPGRADE], "websocket");
-        assert_eq!(h[header::CONNECTION], "upgrade");
-    }
-
-    #[test]
-    fn grpc_is_told_by_content_type_and_status_by_header() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc+proto"),
-        );
-        h.insert("grpc-status", HeaderValue::from_static("14"));
-        assert!(is_grpc(&h));
-        assert_eq!(grpc_status(&h), Some(14));
     }
 }

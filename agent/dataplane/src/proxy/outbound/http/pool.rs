@@ -14,8 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::{
     Request, Response,
     body::Incoming,
@@ -28,13 +26,13 @@ use tracing::debug;
 use crate::{
     proxy::{
         inbound::Accounting,
+        pods::ServedPod,
         relay::{CountedIo, UpstreamIo},
     },
     telemetry::http::Destination,
 };
 
-/// Request and response bodies on the proxy's HTTP path.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub use crate::proxy::http::Body;
 
 /// HTTP/1 connections kept idle per key.
 pub const MAX_IDLE_H1: usize = 32;
@@ -69,7 +67,7 @@ pub struct Conn {
     last_used: Arc<AtomicU64>,
     /// The destination pod's accounting, when it is served here: counted
     /// open while the connection lives.
-    _accounting: Option<Arc<Accounting>>,
+    accounting: Option<Arc<Accounting>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -91,7 +89,7 @@ impl Conn {
                 peer: self.peer.clone(),
                 dst: self.dst.clone(),
                 last_used: self.last_used.clone(),
-                _accounting: self._accounting.clone(),
+                accounting: self.accounting.clone(),
             }),
             Sender::H1(_) => None,
         }
@@ -142,7 +140,7 @@ impl Conn {
             peer,
             dst,
             last_used: Arc::new(AtomicU64::new(now_ms())),
-            _accounting: accounting.map(Arc::new),
+            accounting: accounting.map(Arc::new),
         };
         // Ready before it is pooled (an HTTP/1 sender is not until its
         // connection task has run).
@@ -151,6 +149,12 @@ impl Conn {
             Sender::H2(s) => s.ready().await?,
         }
         Ok(conn)
+    }
+
+    /// The destination pod, when it is served on this node (reached
+    /// through the proxy once).
+    pub fn local(&self) -> Option<&Arc<ServedPod>> {
+        self.accounting.as_ref()?.served()
     }
 
     /// The other end's SPIFFE ID, if any.

@@ -1,7 +1,8 @@
 //! What a connection speaks, from its first bytes — and never by waiting
-//! on a server-first protocol: the outbound side dials the destination at
-//! once while it looks, and whichever side speaks first decides
-//! ([`super::Outbound::handle`]). This module only classifies bytes.
+//! on a server-first protocol: both sides dial the destination at once
+//! while they look, and whichever speaks first decides (outbound:
+//! `Outbound::handle`; inbound: `Inbound::carry`). This module only
+//! classifies bytes.
 pub use crate::telemetry::http::Detected;
 
 /// The HTTP/2 connection preface (prior knowledge).
@@ -50,6 +51,17 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     Some(Detected::Opaque)
 }
 
+/// Whether `said` starts with an HTTP/2 SETTINGS frame on stream 0 (what
+/// an HTTP/2 server sends first, unprompted).
+pub fn is_h2_settings(said: &[u8]) -> bool {
+    const SETTINGS: u8 = 0x4;
+    said.len() >= 9
+        && said[3] == SETTINGS
+        && said[4] & !0x1 == 0
+        && said[5..9] == [0, 0, 0, 0]
+        && (u32::from(said[0]) << 16 | u32::from(said[1]) << 8 | u32::from(said[2])) % 6 == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +88,20 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2"), None);
         assert_eq!(classify(b"P"), None, "PRI, POST, PUT or PATCH");
         assert_eq!(classify(&[0x16]), None);
+    }
+
+    #[test]
+    fn an_http2_servers_greeting_is_not_server_first() {
+        // Empty SETTINGS, and one with two settings (12 bytes).
+        assert!(is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        let mut two = vec![0, 0, 12, 4, 0, 0, 0, 0, 0];
+        two.extend_from_slice(&[0, 3, 0, 0, 0, 100, 0, 4, 0, 1, 0, 0]);
+        assert!(is_h2_settings(&two));
+        // A banner, a DATA frame, SETTINGS on a stream, a bad length.
+        assert!(!is_h2_settings(b"220 smtp.example ESMTP\r\n"));
+        assert!(!is_h2_settings(&[0, 0, 6, 0, 0, 0, 0, 0, 0]));
+        assert!(!is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 1]));
+        assert!(!is_h2_settings(&[0, 0, 5, 4, 0, 0, 0, 0, 0]));
+        assert!(!is_h2_settings(&[0, 0, 0, 4]));
     }
 }

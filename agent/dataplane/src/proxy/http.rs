@@ -1,0 +1,245 @@
+//! What both sides' HTTP paths share: hop-by-hop headers, gRPC status,
+//! upgrades, responses the proxy makes, and the response body that records
+//! a request's outcome when it ends.
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Response, StatusCode,
+    body::{Frame, Incoming, SizeHint},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use crate::{proxy::balance::InFlight, telemetry::http::Request as RequestMetric};
+
+/// Request and response bodies on the proxy's HTTP paths.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The header on every response the proxy made itself.
+pub const PROXY_ERROR_HEADER: &str = "nodemesh-proxy-error";
+
+/// Carries an upgraded connection (WebSocket after 101, a CONNECT tunnel)
+/// as bytes.
+pub async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(server)) = (client.await, server.await) else {
+        debug!("an upgrade did not complete");
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut server = TokioIo::new(server);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// A response the proxy made.
+pub fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("nodemesh: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let value =
+        HeaderValue::from_str(message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+    resp.headers_mut()
+        .insert(HeaderName::from_static(PROXY_ERROR_HEADER), value);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
+/// names, and the fixed list (`TE: trailers` stays); for an upgrade (a
+/// request asking for one, a `101` granting it), `Upgrade` and
+/// `Connection: upgrade` go on.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    // `TE: trailers` says the client takes trailers: that goes on.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// What is recorded when a response ends.
+pub struct Done {
+    /// The request as each side counted it (a same-node request through
+    /// the proxy once: the client's outbound and the server's inbound).
+    pub metrics: [Option<RequestMetric>; 2],
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    /// The endpoint's load lasts as long as the response.
+    pub work: Option<InFlight>,
+}
+
+impl Done {
+    fn finish(self, error: bool) {
+        for m in self.metrics.iter().flatten() {
+            m.response(self.status, self.grpc_status, error);
+        }
+    }
+}
+
+/// A response body passed through as it streams; its end (or error)
+/// records the response, its trailers the gRPC status.
+pub struct Observed {
+    pub inner: Incoming,
+    pub done: Option<Done>,
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(done)) = (frame.trailers_ref(), self.done.as_mut())
+                    && let Some(s) = grpc_status(trailers)
+                {
+                    done.grpc_status = Some(s);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = self.done.take() {
+                    done.finish(true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = self.done.take() {
+                    done.finish(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // The client went away before the end (or the body was never
+        // polled to it): counted as it stood.
+        if let Some(done) = self.done.take() {
+            done.finish(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stop_at_the_proxy() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("web.shop:80"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::HOST], "web.shop:80", "Host untouched");
+        assert_eq!(h[header::TE], "trailers", "TE: trailers stays");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn grpc_is_told_by_content_type_and_status_by_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        assert!(is_grpc(&h));
+        assert_eq!(grpc_status(&h), Some(14));
+    }
+}

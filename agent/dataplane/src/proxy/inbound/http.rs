@@ -1,0 +1,360 @@
+//! The server's edge of HTTP: a detected HTTP/1 or HTTP/2 connection to a
+//! served pod, served by hyper on the client side and forwarded over one
+//! connection to the app (its own, as without the mesh: one client
+//! connection, one app connection), every request counted in the inbound
+//! request metrics with the client's identity and the latency the app
+//! took. The same semantics as the outbound side: bodies stream, trailers
+//! pass, hop-by-hop headers stop, upgrades become a relay.
+//!
+//! A client the policy refuses gets a `403` for every request instead, and
+//! the app never sees a byte.
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    client::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::debug;
+
+use crate::{
+    proxy::{
+        http::{
+            Body, Done, Observed, grpc_status, is_grpc, proxy_error, splice, strip_hop_by_hop,
+            wants_upgrade,
+        },
+        inbound::Recheck,
+        pods::ServedPod,
+        relay::{CountedIo, Reset},
+    },
+    telemetry::{InboundDenial, http::Protocol},
+};
+
+/// Who is on the other end, as the server-side metrics record it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// Over mutual TLS (the tunnel).
+    pub tls: bool,
+    /// Its SPIFFE ID, when authenticated (mTLS, or a meshed pod on this
+    /// node).
+    pub identity: Option<String>,
+}
+
+/// A stream with bytes already read from it put back in front (what
+/// detection consumed).
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix: Bytes::from(prefix),
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: Reset> Reset for Rewind<T> {
+    fn reset(&self) {
+        self.inner.reset();
+    }
+
+    fn close_gracefully(&self) {
+        self.inner.close_gracefully();
+    }
+}
+
+/// The app's side: one connection, one request at a time (HTTP/1) or
+/// multiplexed (HTTP/2).
+enum Sender {
+    H1(tokio::sync::Mutex<http1::SendRequest<Body>>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    async fn send(&self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                let mut s = s.clone();
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+/// What one connection's requests share.
+struct Edge {
+    sender: Sender,
+    served: Arc<ServedPod>,
+    peer: Peer,
+    h2: bool,
+    recheck: Recheck,
+}
+
+/// Serves `client` (HTTP/2 when `h2`) to the app over `server` until the
+/// client closes.
+pub async fn serve<C, S>(
+    client: C,
+    server: S,
+    h2: bool,
+    served: Arc<ServedPod>,
+    peer: Peer,
+    recheck: Recheck,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The pod's bytes, counted as they pass its socket.
+    let (sent, received) = match &served.inbound {
+        Some(i) => (vec![i.sent.clone()], vec![i.received.clone()]),
+        None => (Vec::new(), Vec::new()),
+    };
+    let app = TokioIo::new(CountedIo::new(server, sent, received));
+    let sender = if h2 {
+        match http2::Builder::new(TokioExecutor::new())
+            .handshake(app)
+            .await
+        {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "HTTP/2 connection to the app ended");
+                    }
+                });
+                Sender::H2(sender)
+            }
+            Err(e) => {
+                debug!(error = %e, "HTTP/2 handshake with the app failed");
+                return;
+            }
+        }
+    } else {
+        match http1::Builder::new().handshake(app).await {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "HTTP/1 connection to the app ended");
+                    }
+                });
+                Sender::H1(tokio::sync::Mutex::new(sender))
+            }
+            Err(e) => {
+                debug!(error = %e, "HTTP/1 handshake with the app failed");
+                return;
+            }
+        }
+    };
+    let edge = Arc::new(Edge {
+        sender,
+        served,
+        peer,
+        h2,
+        recheck,
+    });
+    let service = service_fn(move |req| edge.clone().forward(req));
+    let io = TokioIo::new(client);
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+impl Edge {
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        // Policies change live, and a connection is reused: each request
+        // is let in again (a refusal is counted and logged there).
+        if let Err(reason) = self.recheck.check() {
+            return Ok(forbidden(reason));
+        }
+        let protocol = match (self.h2, is_grpc(req.headers())) {
+            (false, _) => Protocol::Http1,
+            (true, true) => Protocol::Grpc,
+            (true, false) => Protocol::H2,
+        };
+        let upgrade = !self.h2 && (wants_upgrade(req.headers()) || req.method() == Method::CONNECT);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if !self.h2 {
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+        }
+        let metric = self.served.http.inbound_request(
+            &self.served.source,
+            self.peer.identity.as_deref(),
+            self.peer.tls,
+            protocol,
+        );
+        match self.sender.send(req.map(|b| b.boxed())).await {
+            Ok(mut resp) => {
+                if let Some(m) = &metric {
+                    m.latency(started.elapsed());
+                }
+                let status = resp.status();
+                let switched = upgrade
+                    && (status == StatusCode::SWITCHING_PROTOCOLS
+                        || (status.is_success() && client_upgrade.is_some()));
+                if switched {
+                    let server = hyper::upgrade::on(&mut resp);
+                    if let Some(client) = client_upgrade {
+                        tokio::spawn(splice(client, server));
+                    }
+                }
+                if !self.h2 {
+                    strip_hop_by_hop(resp.headers_mut(), switched);
+                }
+                let grpc_status = grpc_status(resp.headers());
+                Ok(resp.map(|body| {
+                    Observed {
+                        inner: body,
+                        done: Some(Done {
+                            metrics: [metric, None],
+                            status: status.as_u16(),
+                            grpc_status,
+                            work: None,
+                        }),
+                    }
+                    .boxed()
+                }))
+            }
+            Err(e) => {
+                debug!(error = %e, "the app did not answer");
+                if let Some(m) = &metric {
+                    m.response(502, None, true);
+                }
+                Ok(proxy_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the app did not answer: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// The answer to a request the policy refuses.
+pub fn forbidden(reason: InboundDenial) -> Response<Body> {
+    proxy_error(
+        StatusCode::FORBIDDEN,
+        &format!("refused by the inbound policy ({reason})"),
+    )
+}
+
+/// Answers every request of a refused client with a `403` (the app never
+/// sees the connection).
+pub async fn refuse<C>(client: C, h2: bool, reason: InboundDenial)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |_req: Request<Incoming>| {
+        let resp = forbidden(reason);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let io = TokioIo::new(client);
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "refused HTTP connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn what_detection_read_is_read_again_first() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b" world")
+            .await
+            .unwrap();
+        drop(a);
+        let mut r = Rewind::new(b"hello".to_vec(), b);
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+}
