@@ -247,6 +247,22 @@ pub fn all_authenticated_refuses_plaintext_and_changes_apply_live() {
         bed.agent_b.log_tail(30)
     );
 
+    // `cluster-unauthenticated`, live: plaintext from a pod of the cluster
+    // is let in.
+    bed.cluster.annotate_pod(
+        &server,
+        INBOUND_POLICY_ANNOTATION,
+        Some("cluster-unauthenticated"),
+    );
+    eventually(
+        "plaintext from the cluster is let in",
+        Duration::from_secs(15),
+        || match plain.tcp().exchange(at(&server, ECHO), 1000) {
+            Ok(_) => Ok(()),
+            Err(f) => Err(format!("still refused: {f:?}")),
+        },
+    );
+
     // `deny`, live: the meshed client is refused too.
     bed.cluster
         .annotate_pod(&server, INBOUND_POLICY_ANNOTATION, Some("deny"));
