@@ -295,6 +295,9 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
 
 fn apps_yaml(ns: &str, plain: &str) -> String {
     let image = realnode::testapp_image();
+    // The control port is the test's channel to the app, not the app's
+    // traffic: exempt from inbound capture, so it survives the agent's
+    // restart (a captured connection is reset when its agent goes).
     let deployment = |ns: &str, app: &str, args: &str| {
         format!(
             "apiVersion: apps/v1
@@ -304,7 +307,9 @@ spec:
   replicas: 1
   selector: {{matchLabels: {{app: {app}}}}}
   template:
-    metadata: {{labels: {{app: {app}}}}}
+    metadata:
+      labels: {{app: {app}}}
+      annotations: {{config.nodemesh.io/skip-inbound-ports: \"{CONTROL}\"}}
     spec:
       terminationGracePeriodSeconds: 1
       containers:
