@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::install;
+use nodemesh_cli::{install, stat};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -72,6 +72,11 @@ pub enum Command {
         #[arg(long, default_value = "nodemesh", value_name = "NAME")]
         namespace: String,
     },
+    /// Golden metrics per workload (success rate, requests per second,
+    /// latency percentiles, TCP connections), merged from agents' sliding
+    /// windows (no Prometheus). Today from agents directly, on their node:
+    /// `nodemesh stat deploy -n shop --agent 127.0.0.1:4191`.
+    Stat(Box<stat::StatArgs>),
     /// Detach the mesh's eBPF programs from this node and remove everything
     /// pinned (refused while an agent runs).
     Cleanup {
@@ -105,6 +110,20 @@ pub fn run(cli: Cli) -> u8 {
         Command::Identity(args) => run_identity(&args),
         Command::Install(args) => print_or_fail(install::render(&args)),
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
+        Command::Stat(args) => match stat::run(&args) {
+            Ok(text) => {
+                print!("{text}");
+                EXIT_OK
+            }
+            Err(e @ (stat::StatError::Window(_) | stat::StatError::FromAndTo)) => {
+                eprintln!("error: {e}");
+                EXIT_USAGE
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILURE
+            }
+        },
         Command::Cleanup { bpffs } => match nodemesh_dataplane::redirect::cleanup(&bpffs) {
             Ok(report) if report.removed => {
                 println!(

@@ -4,6 +4,7 @@ mod escape;
 mod inbound;
 mod kube;
 mod mesh;
+mod operate;
 mod protocols;
 mod requests;
 mod services;
@@ -22,6 +23,7 @@ fn main() {
         inbound::an_authorization_policy_lets_in_only_whom_it_names,
         inbound::requests_are_measured_at_the_servers_edge_and_refused_with_403,
         kube::a_labelled_pod_is_captured_from_the_api,
+        operate::stat_shows_what_the_agents_saw,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,
         kube::bad_pods_are_reported_once_retried_and_the_rest_served,

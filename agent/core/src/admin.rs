@@ -45,10 +45,31 @@ pub enum AdminError {
 /// A response of the admin server.
 pub type AdminResponse = Response<Full<Bytes>>;
 
+/// A `GET` the standard paths do not answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Get<'a> {
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// Who asks (a route may answer only some: the node itself, say).
+    pub peer: SocketAddr,
+    /// The address it asked on.
+    pub local: SocketAddr,
+}
+
+impl Get<'_> {
+    /// The request comes from this host itself: over loopback, or from the
+    /// very address it reached (a pod's connection to the node's address
+    /// comes from the pod's).
+    pub fn from_this_host(&self) -> bool {
+        let peer = self.peer.ip().to_canonical();
+        peer.is_loopback() || peer == self.local.ip().to_canonical()
+    }
+}
+
 /// More `GET` paths a process serves beside the standard ones.
 pub trait Routes: Send + Sync + 'static {
-    /// The answer for `path`, or `None` when the path is not one of these.
-    fn get(&self, path: &str) -> Option<AdminResponse>;
+    /// The answer, or `None` when the path is not one of these.
+    fn get(&self, get: Get<'_>) -> Option<AdminResponse>;
 }
 
 /// A readiness flag: the process sets it once it can serve.
@@ -162,10 +183,11 @@ async fn serve(
             _ = &mut stop => return,
         };
         let state = state.clone();
+        let local = stream.local_addr().unwrap_or(peer);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
+                async move { Ok::<_, Infallible>(route(&req, &state, peer, local)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -177,7 +199,12 @@ async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, state: &AdminState) -> AdminResponse {
+fn route(
+    req: &Request<Incoming>,
+    state: &AdminState,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> AdminResponse {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
@@ -195,7 +222,14 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> AdminResponse {
         path => state
             .routes
             .as_ref()
-            .and_then(|r| r.get(path))
+            .and_then(|r| {
+                r.get(Get {
+                    path,
+                    query: req.uri().query(),
+                    peer,
+                    local,
+                })
+            })
             .unwrap_or_else(|| {
                 text(
                     StatusCode::NOT_FOUND,

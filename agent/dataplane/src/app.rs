@@ -305,6 +305,7 @@ impl App {
                 not_ready: NOT_READY,
                 routes: Some(Arc::new(AgentRoutes {
                     services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
+                    stats: Some((proxy.stats().clone(), state.node())),
                 })),
             },
         )?;

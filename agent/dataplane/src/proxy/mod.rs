@@ -35,9 +35,9 @@ pub mod pods;
 pub mod relay;
 pub mod tunnel;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use nodemesh_core::labels::Direction;
+use nodemesh_core::{labels::Direction, wire::WorkloadRef};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +60,11 @@ use crate::{
     netns::Netns,
     state::Pod,
     state::StateStore,
-    telemetry::{TcpMetrics, http::HttpMetrics},
+    telemetry::{
+        TcpMetrics,
+        http::HttpMetrics,
+        stats::{Stats, TcpSample},
+    },
 };
 
 /// Proxy settings.
@@ -314,13 +318,55 @@ impl Proxy {
     /// Closes idle pooled upstream connections and forgets idle endpoint
     /// statistics, every few seconds until `stop`.
     pub async fn tidy(self: Arc<Self>, stop: CancellationToken) {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
-                _ = every.tick() => self.outbound.tidy(),
+                _ = every.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(10) {
+                        self.outbound.tidy();
+                    }
+                    self.sample_tcp();
+                }
                 _ = stop.cancelled() => return,
             }
         }
+    }
+
+    /// Each served pod's TCP counters, by workload and direction, into the
+    /// windowed stats (once a second).
+    fn sample_tcp(&self) {
+        let mut samples: HashMap<(String, WorkloadRef), TcpSample> = HashMap::new();
+        for served in self.pods.all() {
+            let workload = WorkloadRef {
+                namespace: served.source.namespace.clone(),
+                kind: served.source.kind.clone(),
+                name: served.source.name.clone(),
+            };
+            let sides = [
+                (Direction::Outbound, Some(&served.outbound)),
+                (Direction::Inbound, served.inbound.as_ref()),
+            ];
+            for (direction, m) in sides {
+                let Some(m) = m else { continue };
+                let (opened, open) = m.counts();
+                let s = samples
+                    .entry((direction.as_str().to_owned(), workload.clone()))
+                    .or_default();
+                s.pods += 1;
+                s.open += open;
+                s.opened += opened;
+                s.sent += m.sent.get();
+                s.received += m.received.get();
+            }
+        }
+        self.http.stats().sample_tcp(samples);
+    }
+
+    /// The windowed request and TCP stats (`/v1/stat`).
+    pub fn stats(&self) -> &Stats {
+        self.http.stats()
     }
 
     /// The pods served now.

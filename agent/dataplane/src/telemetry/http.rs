@@ -10,16 +10,25 @@
 //! histogram has [`BUCKETS`] buckets.
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
-use nodemesh_core::{label_values, labels::Direction};
+use nodemesh_core::{
+    label_values,
+    labels::Direction,
+    wire::{StatKey, WorkloadRef},
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+use super::stats::Stats;
 
 /// Destination label sets kept per source workload.
 pub const MAX_DESTINATIONS: usize = 64;
@@ -140,6 +149,8 @@ pub struct HttpMetrics {
     latency: Latency,
     detected: Family<DetectLabels, Counter>,
     sources: Arc<Mutex<HashMap<Workload, Source>>>,
+    /// The same requests over sliding windows (`/v1/stat`).
+    stats: Stats,
 }
 
 impl HttpMetrics {
@@ -150,6 +161,7 @@ impl HttpMetrics {
             latency: Family::new_with_constructor(histogram as fn() -> Histogram),
             detected: Family::default(),
             sources: Arc::default(),
+            stats: Stats::default(),
         };
         registry.register(
             "protocol_detect",
@@ -173,6 +185,11 @@ impl HttpMetrics {
             m.latency.clone(),
         );
         m
+    }
+
+    /// The windowed view of the same requests.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Counts what detection concluded for one connection.
@@ -296,6 +313,7 @@ impl HttpMetrics {
             metrics: self.clone(),
             source: holder.clone(),
             labels,
+            latency_us: AtomicU64::new(u64::MAX),
         })
     }
 }
@@ -306,11 +324,17 @@ pub struct Request {
     metrics: HttpMetrics,
     source: Workload,
     labels: RequestLabels,
+    /// Its latency once known (`u64::MAX`: not yet), for the windows.
+    latency_us: AtomicU64,
 }
 
 impl Request {
     /// Its response's head arrived after `latency`.
     pub fn latency(&self, latency: Duration) {
+        self.latency_us.store(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX - 1),
+            Ordering::Relaxed,
+        );
         let sources = self
             .metrics
             .sources
@@ -361,6 +385,30 @@ impl Request {
             // Counted under the lock: a release cannot slip in between.
             self.metrics.responses.get_or_create(&labels).inc();
         }
+        let l = &self.labels;
+        let latency_us = match self.latency_us.load(Ordering::Relaxed) {
+            u64::MAX => 0,
+            us => us,
+        };
+        self.metrics.stats.record(
+            StatKey {
+                direction: l.direction.as_str().to_owned(),
+                workload: WorkloadRef {
+                    namespace: l.namespace.clone(),
+                    kind: l.workload_kind.clone(),
+                    name: l.workload_name.clone(),
+                },
+                peer: WorkloadRef {
+                    namespace: l.dst_namespace.clone(),
+                    kind: l.dst_workload_kind.clone(),
+                    name: l.dst_workload_name.clone(),
+                },
+                peer_identity: l.client_id.clone(),
+            },
+            !failure,
+            l.tls == "true",
+            latency_us as f64 / 1000.0,
+        );
     }
 }
 

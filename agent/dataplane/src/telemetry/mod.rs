@@ -6,6 +6,7 @@
 //! Series are per pod and direction (bounded by the pods on the node), and
 //! removed when a pod stops being captured.
 pub mod http;
+pub mod stats;
 
 use std::{
     collections::HashMap,
@@ -229,6 +230,11 @@ pub struct PodTcpMetrics {
 impl PodTcpMetrics {
     pub fn labels(&self) -> &PodLabels {
         &self.labels
+    }
+
+    /// Connections opened so far, and open now.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.open.get(), self.open_now.get().max(0) as u64)
     }
 
     /// Counts a connection as open until the guard drops.

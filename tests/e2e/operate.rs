@@ -1,0 +1,186 @@
+//! Operating the mesh without Prometheus: `nodemesh stat` reads the golden
+//! metrics the agents keep over sliding windows — exact request counts,
+//! success rates and latency buckets for known traffic, TCP-only
+//! workloads by their connections — and the agents give them to their
+//! node only.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use nodemesh_tests::{Node, Pod, PodSpec, agent, apps::http, mesh::MeshBed, sys::in_netns};
+use serde_json::Value;
+
+const HTTP: u16 = 8080;
+const REDIS: u16 = 6379;
+
+fn at(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::from((pod.ip, port))
+}
+
+/// `nodemesh stat …` run on `node` (in its netns), asking its agent (on
+/// the node's address here; `0.0.0.0:4191`, so also 127.0.0.1, installed).
+fn stat(node: &Node, args: &[&str]) -> (bool, String, String) {
+    let exe: PathBuf = std::env::current_exe().expect("current_exe");
+    let mut argv: Vec<String> = vec![agent::ROLE.into(), "stat".into()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    argv.extend(["--agent".into(), node.admin_addr().to_string()]);
+    in_netns(&node.netns, move || {
+        let out = Command::new(exe)
+            .args(&argv)
+            .output()
+            .expect("run nodemesh stat");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+}
+
+fn stat_json(node: &Node, args: &[&str]) -> Vec<Value> {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out, err) = stat(node, &all);
+    assert!(ok, "nodemesh stat failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn line<'a>(lines: &'a [Value], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no line for {name}: {lines:#?}"))
+}
+
+/// A plain HTTP GET of the agent's `/v1/stat` from wherever this runs:
+/// the status line.
+fn get_stat(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(
+        s,
+        "GET /v1/stat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer.lines().next().unwrap_or_default();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    format!("{status} {}", body.trim())
+}
+
+fn deployment(bed: &MeshBed, node: &Node, app: &str, pod: &str) -> Arc<Pod> {
+    bed.cluster.run_pod(
+        node,
+        PodSpec::new(&bed.ns, pod)
+            .service_account(app)
+            .label("pod-template-hash", "5f7c9d")
+            .owner("ReplicaSet", &format!("{app}-5f7c9d")),
+    )
+}
+
+/// Known traffic → exact numbers: `web` sends 100 requests to each of two
+/// `api` pods (one per node; 10 of each answered 500; the other node's
+/// pod 30 ms slower), and opens 3 connections to a TCP-only `cache`.
+pub fn stat_shows_what_the_agents_saw() {
+    let bed = MeshBed::new("24h");
+    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
+    let api_a = deployment(&bed, &bed.a, "api", "api-5f7c9d-a1");
+    let api_b = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
+    let cache = deployment(&bed, &bed.b, "cache", "cache-5f7c9d-b1");
+    bed.agent_a
+        .wait_metric("web's and api's certificates", |m| {
+            m.sum("nodemesh_identity_certificates", &[]) == 2.0
+        });
+    bed.agent_b
+        .wait_metric("api's and cache's certificates", |m| {
+            m.sum("nodemesh_identity_certificates", &[]) == 2.0
+        });
+    let mut srv_a = api_a.http();
+    srv_a.serve(HTTP, http::Knobs::default());
+    let mut srv_b = api_b.http();
+    srv_b.serve(
+        HTTP,
+        http::Knobs {
+            delay_ms: 30,
+            ..http::Knobs::default()
+        },
+    );
+    let mut redis = cache.tcp();
+    redis.listen(REDIS);
+    let mut cli = web.http();
+    for api in [&api_a, &api_b] {
+        let ok = cli.run(http::Run::get(at(api, HTTP), "/", 90));
+        let failed = cli.run(http::Run::get(at(api, HTTP), "/?status=500", 10));
+        assert!(ok.iter().all(|o| o.status == Some(200)), "{ok:?}");
+        assert!(failed.iter().all(|o| o.status == Some(500)), "{failed:?}");
+    }
+    let mut tcp = web.tcp();
+    for _ in 0..3 {
+        tcp.exchange_ok(at(&cache, REDIS), 100);
+    }
+    // The TCP counters are sampled once a second.
+    thread::sleep(Duration::from_millis(2500));
+
+    // Node b: api's pod there served 100 (90 OK) over mTLS, all slower
+    // than 30 ms (the (25, 50] ms bucket); cache: connections, no requests.
+    let b = stat_json(&bed.b, &["deploy", "-n", &bed.ns, "-t", "1m"]);
+    let api = line(&b, "api");
+    assert_eq!(api["requests"], 100, "{api:#}");
+    assert_eq!(api["successes"], 90);
+    assert_eq!(api["success_rate"], 0.9);
+    assert_eq!(api["latency_ms_p50"], 50.0, "{api:#}");
+    assert_eq!(api["latency_ms_p99"], 50.0);
+    assert_eq!(api["tls_share"], 1.0, "through the tunnel");
+    assert_eq!(api["meshed_pods"], 1);
+    let cache_line = line(&b, "cache");
+    assert_eq!(cache_line["requests"], 0);
+    assert!(cache_line["success_rate"].is_null(), "{cache_line:#}");
+    assert_eq!(cache_line["tcp_opened"], 3, "{cache_line:#}");
+    // Node a: api's pod there, same node (no TLS inside the node), fast.
+    let a = stat_json(&bed.a, &["deploy", "api", "-n", &bed.ns, "-t", "10s"]);
+    assert_eq!(a.len(), 1, "{a:#?}");
+    let api = line(&a, "api");
+    assert_eq!(
+        (api["requests"].as_u64(), api["successes"].as_u64()),
+        (Some(100), Some(90))
+    );
+    assert_eq!(api["tls_share"], 0.0);
+    assert!(
+        api["latency_ms_p99"].as_f64().is_some_and(|ms| ms < 25.0),
+        "{api:#}"
+    );
+    // `--to`: what web sent to api, as web saw it (both pods: 200 requests,
+    // 180 OK, the slow half in the 50 ms bucket).
+    let to = stat_json(&bed.a, &["deploy", "-n", &bed.ns, "--to", "deploy/api"]);
+    let web_line = line(&to, "web");
+    assert_eq!(web_line["requests"], 200, "{web_line:#}");
+    assert_eq!(web_line["successes"], 180);
+    assert_eq!(web_line["latency_ms_p99"], 50.0);
+    // `--from`: the same requests, shown for api.
+    let from = stat_json(&bed.a, &["deploy", "-n", &bed.ns, "--from", "deploy/web"]);
+    assert_eq!(line(&from, "api")["requests"], 200);
+    // The table.
+    let (ok, table, err) = stat(&bed.b, &["deploy", "-n", &bed.ns, "-o", "wide"]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(
+        table.contains("90.00%") && table.contains("cache"),
+        "{table}"
+    );
+    let (ok, _, err) = stat(&bed.b, &["deploy", "-t", "5m"]);
+    assert!(!ok && err.contains("one of 10s, 1m, 10m"), "{err}");
+
+    // Nobody but the node itself: not another node, not a pod.
+    let agent_b = bed.b.admin_addr();
+    let from_node_a = in_netns(&bed.a.netns, move || get_stat(agent_b));
+    assert!(from_node_a.contains("403"), "from node a: {from_node_a}");
+    let from_pod = in_netns(&web.netns, move || get_stat(agent_b));
+    assert!(from_pod.contains("403"), "from a pod: {from_pod}");
+}
