@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::{install, stat};
+use nodemesh_cli::{install, stat, tap};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -77,6 +77,10 @@ pub enum Command {
     /// windows (no Prometheus). Today from agents directly, on their node:
     /// `nodemesh stat deploy -n shop --agent 127.0.0.1:4191`.
     Stat(Box<stat::StatArgs>),
+    /// Live requests as they happen (method, authority, path, status,
+    /// latency, both identities; never headers or bodies), filtered by the
+    /// agents: `nodemesh tap deploy/web -n shop --agent 127.0.0.1:4191`.
+    Tap(Box<tap::TapArgs>),
     /// Detach the mesh's eBPF programs from this node and remove everything
     /// pinned (refused while an agent runs).
     Cleanup {
@@ -110,6 +114,17 @@ pub fn run(cli: Cli) -> u8 {
         Command::Identity(args) => run_identity(&args),
         Command::Install(args) => print_or_fail(install::render(&args)),
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
+        Command::Tap(args) => match tap::run(&args) {
+            Ok(()) => EXIT_OK,
+            Err(e @ tap::TapError::Resource(_)) => {
+                eprintln!("error: {e}");
+                EXIT_USAGE
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILURE
+            }
+        },
         Command::Stat(args) => match stat::run(&args) {
             Ok(text) => {
                 print!("{text}");

@@ -24,6 +24,7 @@ fn main() {
         inbound::requests_are_measured_at_the_servers_edge_and_refused_with_403,
         kube::a_labelled_pod_is_captured_from_the_api,
         operate::stat_shows_what_the_agents_saw,
+        operate::tap_shows_live_requests_with_both_identities,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,
         kube::bad_pods_are_reported_once_retried_and_the_rest_served,

@@ -184,3 +184,147 @@ pub fn stat_shows_what_the_agents_saw() {
     let from_pod = in_netns(&web.netns, move || get_stat(agent_b));
     assert!(from_pod.contains("403"), "from a pod: {from_pod}");
 }
+
+/// `nodemesh tap` on `node`, started now, ending after `count` events:
+/// feeds `traffic` until it ends (it may start listening a moment later),
+/// then its JSON lines.
+fn tap_while(node: &Node, args: &[&str], mut traffic: impl FnMut()) -> Vec<Value> {
+    let exe: PathBuf = std::env::current_exe().expect("current_exe");
+    let mut argv: Vec<String> = vec![agent::ROLE.into(), "tap".into()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    argv.extend([
+        "-o".into(),
+        "json".into(),
+        "--agent".into(),
+        node.admin_addr().to_string(),
+    ]);
+    let mut child = in_netns(&node.netns, move || {
+        Command::new(exe)
+            .args(&argv)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nodemesh tap")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().expect("tap").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        traffic();
+        thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().expect("tap output");
+    assert!(
+        out.status.success(),
+        "nodemesh tap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// One request's `req`, `rsp` and `end`, in order, with both identities.
+fn one_request(events: &[Value], direction: &str, src: &str, dst: &str) {
+    assert_eq!(events.len(), 3, "{events:#?}");
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["req", "rsp", "end"], "{events:#?}");
+    assert!(events.iter().all(|e| e["id"] == events[0]["id"]));
+    for e in events {
+        assert_eq!(e["direction"], direction, "{e:#}");
+        assert_eq!(e["src"]["identity"], src, "{e:#}");
+        assert_eq!(e["dst"]["identity"], dst, "{e:#}");
+        assert_eq!(e["tls"], true, "{e:#}");
+        assert_eq!(e["method"], "GET");
+        assert!(
+            e["path"].as_str().is_some_and(|p| p.starts_with("/tapme")),
+            "{e:#}"
+        );
+    }
+    assert_eq!(events[1]["status"], 200);
+    assert!(events[1]["latency_us"].as_u64().is_some());
+    assert_eq!(events[2]["response_bytes"], 16);
+}
+
+/// `tap` sees requests made while it runs — on the server's node (inbound)
+/// and on the client's (outbound) — filtered by path and peer, with both
+/// identities; pods get nothing.
+pub fn tap_shows_live_requests_with_both_identities() {
+    let bed = MeshBed::new("24h");
+    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
+    let api = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
+    bed.agent_a.wait_metric("web's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    bed.agent_b.wait_metric("api's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let mut srv = api.http();
+    srv.serve(HTTP, http::Knobs::default());
+    let to = at(&api, HTTP);
+    let web_id = format!("spiffe://cluster.local/ns/{}/sa/web", bed.ns);
+    let api_id = format!("spiffe://cluster.local/ns/{}/sa/api", bed.ns);
+    let mut traffic = || {
+        // One the filter skips, one it takes.
+        let mut cli = web.http();
+        let other = cli.run(http::Run::get(to, "/other", 1));
+        let tapped = cli.run(http::Run::get(to, "/tapme/1?secret=x", 1));
+        assert!(
+            other.iter().chain(&tapped).all(|o| o.status == Some(200)),
+            "{other:?} {tapped:?}"
+        );
+    };
+    let inbound = tap_while(
+        &bed.b,
+        &[
+            "deploy/api",
+            "-n",
+            &bed.ns,
+            "--path",
+            "/tapme",
+            "--count",
+            "3",
+        ],
+        &mut traffic,
+    );
+    one_request(&inbound, "inbound", &web_id, &api_id);
+    assert_eq!(inbound[0]["path"], "/tapme/1", "no query string");
+    let outbound = tap_while(
+        &bed.a,
+        &[
+            "deploy/web",
+            "--to",
+            "deploy/api",
+            "--path",
+            "/tapme",
+            "--count",
+            "3",
+        ],
+        &mut traffic,
+    );
+    one_request(&outbound, "outbound", &web_id, &api_id);
+    // Pods get nothing.
+    let agent_b = bed.b.admin_addr();
+    let from_pod = in_netns(&web.netns, move || {
+        let mut s = TcpStream::connect_timeout(&agent_b, Duration::from_secs(3)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        write!(
+            s,
+            "GET /v1/tap HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    });
+    assert!(
+        from_pod.starts_with("HTTP/1.1 403"),
+        "a pod tapping: {from_pod}"
+    );
+}

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
@@ -42,8 +42,15 @@ pub enum AdminError {
     Thread(std::io::Error),
 }
 
+/// A response body of the admin server: whole, or streamed (a tap).
+pub type AdminBody = BoxBody<Bytes, Infallible>;
+
 /// A response of the admin server.
-pub type AdminResponse = Response<Full<Bytes>>;
+pub type AdminResponse = Response<AdminBody>;
+
+fn whole(body: impl Into<Bytes>) -> AdminBody {
+    Full::new(body.into()).boxed()
+}
 
 /// A `GET` the standard paths do not answer.
 #[derive(Clone, Copy, Debug)]
@@ -211,7 +218,7 @@ fn route(
     match req.uri().path() {
         "/metrics" => match encode(&state.registry) {
             Ok(body) => with_type(
-                Response::new(Full::new(Bytes::from(body))),
+                Response::new(whole(body)),
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
@@ -248,7 +255,7 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
 
 /// A plain-text answer.
 pub fn text(status: StatusCode, body: &'static str) -> AdminResponse {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut resp = Response::new(whole(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     with_type(resp, "text/plain; charset=utf-8")
 }
@@ -256,10 +263,7 @@ pub fn text(status: StatusCode, body: &'static str) -> AdminResponse {
 /// A JSON answer (pretty, for people with curl).
 pub fn json(value: &impl Serialize) -> AdminResponse {
     match serde_json::to_vec_pretty(value) {
-        Ok(body) => with_type(
-            Response::new(Full::new(Bytes::from(body))),
-            "application/json",
-        ),
+        Ok(body) => with_type(Response::new(whole(body)), "application/json"),
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode JSON\n"),
     }
 }

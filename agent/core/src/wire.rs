@@ -303,3 +303,237 @@ mod tests {
         assert_eq!(slow.quantile_ms(0.5), Some(10000.0), "above the last bound");
     }
 }
+
+/// One end of a tapped request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapPeer {
+    pub namespace: String,
+    /// `kind/name` of its workload, when known.
+    pub workload: String,
+    pub pod: String,
+    /// Its SPIFFE ID, when authenticated or meshed.
+    pub identity: String,
+}
+
+/// One line of `GET /v1/tap` (NDJSON): a request's start (`req`), its
+/// response's head (`rsp`), its end (`end`) — or `dropped` (this reader
+/// fell behind and missed `count` events). Never header values or bodies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapEvent {
+    pub kind: String,
+    /// Ties a request's events together (per agent).
+    pub id: u64,
+    /// `outbound` (seen by the client's proxy) or `inbound` (the server's).
+    pub direction: String,
+    pub src: TapPeer,
+    pub dst: TapPeer,
+    pub tls: bool,
+    pub method: String,
+    pub authority: String,
+    /// Without the query string.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// `rsp`: from the request to the response's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// `end`: from the request to the response's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_bytes: Option<u64>,
+    /// `dropped`: how many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+/// What a tap reader wants (`/v1/tap?namespace=…&workload=…`): every field
+/// set must match; `max_rps` samples requests (their three events go
+/// together).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapFilter {
+    /// Of either end.
+    pub namespace: Option<String>,
+    /// The name of either end's workload.
+    pub workload: Option<String>,
+    pub pod: Option<String>,
+    /// The other end's workload name (`--to`).
+    pub to: Option<String>,
+    pub direction: Option<String>,
+    pub method: Option<String>,
+    pub path_prefix: Option<String>,
+    pub authority: Option<String>,
+    pub max_rps: Option<u32>,
+}
+
+impl TapFilter {
+    /// From a query string (unknown keys are an error).
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let mut f = TapFilter::default();
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let v = percent_decode(v);
+            match k {
+                "namespace" => f.namespace = Some(v),
+                "workload" => f.workload = Some(v),
+                "pod" => f.pod = Some(v),
+                "to" => f.to = Some(v),
+                "direction" => f.direction = Some(v),
+                "method" => f.method = Some(v),
+                "path" => f.path_prefix = Some(v),
+                "authority" => f.authority = Some(v),
+                "max_rps" => {
+                    f.max_rps = Some(v.parse().map_err(|_| format!("max_rps={v}: a number"))?)
+                }
+                other => return Err(format!("unknown filter {other:?}")),
+            }
+        }
+        Ok(f)
+    }
+
+    /// As a query string.
+    pub fn query(&self) -> String {
+        let mut q = Vec::new();
+        let mut add = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", percent_encode(v)));
+            }
+        };
+        add("namespace", &self.namespace);
+        add("workload", &self.workload);
+        add("pod", &self.pod);
+        add("to", &self.to);
+        add("direction", &self.direction);
+        add("method", &self.method);
+        add("path", &self.path_prefix);
+        add("authority", &self.authority);
+        if let Some(n) = self.max_rps {
+            q.push(format!("max_rps={n}"));
+        }
+        q.join("&")
+    }
+
+    /// Whether a request (its `req` event) is wanted.
+    pub fn matches(&self, e: &TapEvent) -> bool {
+        let name = |w: &str| w.rsplit('/').next().unwrap_or_default().to_owned();
+        let either = |want: &Option<String>, a: &str, b: &str| {
+            want.as_ref().is_none_or(|w| w == a || w == b)
+        };
+        let (src_w, dst_w) = (name(&e.src.workload), name(&e.dst.workload));
+        // The selected end: the one whose workload is asked for (else
+        // either); `to` is then the other one.
+        let to_ok = self.to.as_ref().is_none_or(|to| match &self.workload {
+            Some(w) if *w == src_w => *to == dst_w,
+            Some(w) if *w == dst_w => *to == src_w,
+            _ => *to == dst_w || *to == src_w,
+        });
+        either(&self.namespace, &e.src.namespace, &e.dst.namespace)
+            && either(&self.workload, &src_w, &dst_w)
+            && either(&self.pod, &e.src.pod, &e.dst.pod)
+            && to_ok
+            && self.direction.as_ref().is_none_or(|d| *d == e.direction)
+            && self
+                .method
+                .as_ref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(&e.method))
+            && self
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| e.path.starts_with(p.as_str()))
+            && self.authority.as_ref().is_none_or(|a| *a == e.authority)
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tap_tests {
+    use super::*;
+
+    #[test]
+    fn filters_travel_as_a_query_and_match_requests() {
+        let f = TapFilter {
+            namespace: Some("shop".into()),
+            workload: Some("web".into()),
+            to: Some("api".into()),
+            path_prefix: Some("/a b".into()),
+            max_rps: Some(5),
+            ..TapFilter::default()
+        };
+        let q = f.query();
+        assert_eq!(TapFilter::parse(&q).unwrap(), f, "{q}");
+        assert!(TapFilter::parse("color=red").is_err());
+        // Whatever the network sends decodes without a panic.
+        assert_eq!(
+            TapFilter::parse("path=%a\u{e9}%zz%41")
+                .unwrap()
+                .path_prefix
+                .as_deref(),
+            Some("%a\u{e9}%zzA")
+        );
+        let e = TapEvent {
+            kind: "req".into(),
+            direction: "outbound".into(),
+            src: TapPeer {
+                namespace: "shop".into(),
+                workload: "deployment/web".into(),
+                ..TapPeer::default()
+            },
+            dst: TapPeer {
+                namespace: "shop".into(),
+                workload: "deployment/api".into(),
+                ..TapPeer::default()
+            },
+            method: "GET".into(),
+            path: "/a b/c".into(),
+            ..TapEvent::default()
+        };
+        assert!(f.matches(&e));
+        let other_path = TapEvent {
+            path: "/b".into(),
+            ..e.clone()
+        };
+        assert!(!f.matches(&other_path));
+        let to_db = TapFilter {
+            to: Some("db".into()),
+            ..f.clone()
+        };
+        assert!(!to_db.matches(&e));
+    }
+}

@@ -2,12 +2,31 @@
 //! `nodemesh_core::admin`): `/metrics`, `/live`, `/ready` (eBPF attached
 //! and the first complete picture of the node's pods applied),
 //! `/v1/services`, the Services and endpoints the agent knows, as JSON, and
-//! `/v1/stat?window=10s|1m|10m`, the golden metrics of the window (to the
-//! node itself only: `nodemesh stat --agent` on the node).
-use hyper::StatusCode;
-use nodemesh_core::admin::{AdminResponse, Get, Routes, json, text};
+//! `/v1/stat?window=10s|1m|10m`, the golden metrics of the window, and
+//! `/v1/tap?…`, live requests as NDJSON (both to the node itself only:
+//! `nodemesh stat|tap --agent` on the node).
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-use crate::{state::StateStore, telemetry::stats::Stats};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    Response, StatusCode,
+    body::{Frame, SizeHint},
+};
+use nodemesh_core::{
+    admin::{AdminResponse, Get, Routes, json, text},
+    wire::TapFilter,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    state::StateStore,
+    telemetry::{stats::Stats, tap::Tap},
+};
 
 /// What `/ready` says before the agent is ready.
 pub const NOT_READY: &str = "not ready: pods not read yet\n";
@@ -20,6 +39,8 @@ pub struct AgentRoutes {
     pub services: Option<StateStore>,
     /// The windowed stats, and the node's name for them.
     pub stats: Option<(Stats, String)>,
+    /// Live requests.
+    pub tap: Option<Tap>,
 }
 
 impl Routes for AgentRoutes {
@@ -33,20 +54,64 @@ impl Routes for AgentRoutes {
                 ),
             }),
             "/v1/stat" => Some(self.stat(get)),
+            "/v1/tap" => Some(self.tap(get)),
             _ => None,
         }
     }
 }
 
+/// What `/v1/stat` and `/v1/tap` tell anyone else.
+const NODE_ONLY: &str = "this answers the node itself only (run nodemesh stat|tap --agent 127.0.0.1:4191 on the node)\n";
+
 impl AgentRoutes {
+    fn tap(&self, get: Get<'_>) -> AdminResponse {
+        if !get.from_this_host() {
+            return text(StatusCode::FORBIDDEN, NODE_ONLY);
+        }
+        let Some(tap) = &self.tap else {
+            return text(StatusCode::NOT_FOUND, "no tap here\n");
+        };
+        let filter = match TapFilter::parse(get.query.unwrap_or_default()) {
+            Ok(f) => f,
+            Err(_) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "filters: namespace, workload, pod, to, direction, method, path, authority, max_rps\n",
+                );
+            }
+        };
+        let mut reader = tap.subscribe(filter);
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    e = reader.next() => e,
+                    // The reader went away.
+                    _ = tx.closed() => return,
+                };
+                let Some(event) = event else { return };
+                let Ok(mut line) = serde_json::to_vec(&*event) else {
+                    continue;
+                };
+                line.push(b'\n');
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(Lines(rx).boxed());
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        resp
+    }
+
     fn stat(&self, get: Get<'_>) -> AdminResponse {
         // Paths and identities of the node's workloads: not for any pod
         // that can reach the node's address.
         if !get.from_this_host() {
-            return text(
-                StatusCode::FORBIDDEN,
-                "/v1/stat answers the node itself only (run nodemesh stat --agent 127.0.0.1:4191 on the node)\n",
-            );
+            return text(StatusCode::FORBIDDEN, NODE_ONLY);
         }
         let Some((stats, node)) = &self.stats else {
             return text(StatusCode::NOT_FOUND, "no stats here\n");
@@ -61,5 +126,26 @@ impl AgentRoutes {
             Some(report) => json(&report),
             None => text(StatusCode::BAD_REQUEST, "window: one of 10s, 1m, 10m\n"),
         }
+    }
+}
+
+/// A streamed body of lines, as they come.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
     }
 }

@@ -306,6 +306,7 @@ impl App {
                 routes: Some(Arc::new(AgentRoutes {
                     services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
                     stats: Some((proxy.stats().clone(), state.node())),
+                    tap: Some(proxy.tap().clone()),
                 })),
             },
         )?;

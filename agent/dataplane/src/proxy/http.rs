@@ -16,7 +16,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use crate::{proxy::balance::InFlight, telemetry::http::Request as RequestMetric};
+use crate::{
+    proxy::balance::InFlight,
+    telemetry::{http::Request as RequestMetric, tap::Tapped},
+};
 
 /// Request and response bodies on the proxy's HTTP paths.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -134,12 +137,17 @@ pub struct Done {
     pub grpc_status: Option<u32>,
     /// The endpoint's load lasts as long as the response.
     pub work: Option<InFlight>,
+    /// The request as a tap sees it, when someone listens.
+    pub tap: Option<Tapped>,
 }
 
 impl Done {
-    fn finish(self, error: bool) {
+    fn finish(self, error: bool, bytes: u64) {
         for m in self.metrics.iter().flatten() {
             m.response(self.status, self.grpc_status, error);
+        }
+        if let Some(t) = self.tap {
+            t.end(bytes, self.grpc_status);
         }
     }
 }
@@ -149,6 +157,8 @@ impl Done {
 pub struct Observed {
     pub inner: Incoming,
     pub done: Option<Done>,
+    /// Body bytes passed so far.
+    pub bytes: u64,
 }
 
 impl hyper::body::Body for Observed {
@@ -162,6 +172,9 @@ impl hyper::body::Body for Observed {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
                 if let (Some(trailers), Some(done)) = (frame.trailers_ref(), self.done.as_mut())
                     && let Some(s) = grpc_status(trailers)
                 {
@@ -170,12 +183,12 @@ impl hyper::body::Body for Observed {
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(done) = self.done.take() {
-                    done.finish(true);
+                    done.finish(true, self.bytes);
                 }
             }
             Poll::Ready(None) => {
                 if let Some(done) = self.done.take() {
-                    done.finish(false);
+                    done.finish(false, self.bytes);
                 }
             }
             Poll::Pending => {}
@@ -197,7 +210,7 @@ impl Drop for Observed {
         // The client went away before the end (or the body was never
         // polled to it): counted as it stood.
         if let Some(done) = self.done.take() {
-            done.finish(false);
+            done.finish(false, self.bytes);
         }
     }
 }

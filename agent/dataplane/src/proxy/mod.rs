@@ -364,6 +364,11 @@ impl Proxy {
         self.http.stats().sample_tcp(samples);
     }
 
+    /// Live requests (`/v1/tap`).
+    pub fn tap(&self) -> &crate::telemetry::tap::Tap {
+        self.http.tap()
+    }
+
     /// The windowed request and TCP stats (`/v1/stat`).
     pub fn stats(&self) -> &Stats {
         self.http.stats()

@@ -11,6 +11,7 @@ use std::{
 use nodemesh_core::{
     labels::{Direction, PodLabels},
     names::PodUid,
+    wire::TapPeer,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,19 @@ impl ServedPod {
                 .ok()
                 .filter(|ip| ip.is_ipv6() == v6 && !ip.is_loopback() && !ip.is_unspecified())
         })
+    }
+}
+
+/// `pod` as a tap event names one end.
+pub fn tap_peer(pod: &Pod) -> TapPeer {
+    TapPeer {
+        namespace: pod.namespace.clone(),
+        workload: format!("{}/{}", pod.workload.kind, pod.workload.name),
+        pod: pod.name.clone(),
+        identity: pod
+            .identity()
+            .map(|id| id.uri().to_owned())
+            .unwrap_or_default(),
     }
 }
 

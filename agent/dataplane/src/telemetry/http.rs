@@ -28,7 +28,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::stats::Stats;
+use super::{stats::Stats, tap::Tap};
 
 /// Destination label sets kept per source workload.
 pub const MAX_DESTINATIONS: usize = 64;
@@ -151,6 +151,8 @@ pub struct HttpMetrics {
     sources: Arc<Mutex<HashMap<Workload, Source>>>,
     /// The same requests over sliding windows (`/v1/stat`).
     stats: Stats,
+    /// Live requests (`/v1/tap`).
+    tap: Tap,
 }
 
 impl HttpMetrics {
@@ -162,6 +164,7 @@ impl HttpMetrics {
             detected: Family::default(),
             sources: Arc::default(),
             stats: Stats::default(),
+            tap: Tap::default(),
         };
         registry.register(
             "protocol_detect",
@@ -185,6 +188,11 @@ impl HttpMetrics {
             m.latency.clone(),
         );
         m
+    }
+
+    /// Where live requests are published.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
     }
 
     /// The windowed view of the same requests.

@@ -7,6 +7,7 @@
 //! removed when a pod stops being captured.
 pub mod http;
 pub mod stats;
+pub mod tap;
 
 use std::{
     collections::HashMap,

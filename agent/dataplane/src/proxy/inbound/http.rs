@@ -35,7 +35,7 @@ use crate::{
             wants_upgrade,
         },
         inbound::Recheck,
-        pods::ServedPod,
+        pods::{ServedPod, tap_peer},
         relay::{CountedIo, Reset},
     },
     telemetry::{InboundDenial, http::Protocol},
@@ -260,12 +260,25 @@ impl Edge {
             self.peer.tls,
             protocol,
         );
+        let mut tapped = self.served.http.tap().start(
+            "inbound",
+            self.recheck.client(),
+            tap_peer(&self.served.pod),
+            self.peer.tls,
+            &req,
+        );
+        if let Some(t) = &tapped {
+            t.sent();
+        }
         match self.sender.send(req.map(|b| b.boxed())).await {
             Ok(mut resp) => {
                 if let Some(m) = &metric {
                     m.latency(started.elapsed());
                 }
                 let status = resp.status();
+                if let Some(t) = &mut tapped {
+                    t.response(status.as_u16(), grpc_status(resp.headers()));
+                }
                 let switched = upgrade
                     && (status == StatusCode::SWITCHING_PROTOCOLS
                         || (status.is_success() && client_upgrade.is_some()));
@@ -287,7 +300,9 @@ impl Edge {
                             status: status.as_u16(),
                             grpc_status,
                             work: None,
+                            tap: tapped,
                         }),
+                        bytes: 0,
                     }
                     .boxed()
                 }))
@@ -296,6 +311,10 @@ impl Edge {
                 debug!(error = %e, "the app did not answer");
                 if let Some(m) = &metric {
                     m.response(502, None, true);
+                }
+                if let Some(mut t) = tapped {
+                    t.response(502, None);
+                    t.end(0, None);
                 }
                 Ok(proxy_error(
                     StatusCode::BAD_GATEWAY,

@@ -22,8 +22,8 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use nodemesh_core::labels::Direction;
 use nodemesh_core::{identity::Identity, names::InboundPolicy, policy::PolicyClient};
+use nodemesh_core::{labels::Direction, wire::TapPeer};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::TcpStream,
@@ -96,6 +96,24 @@ pub struct Recheck {
 }
 
 impl Recheck {
+    /// The client as a tap names it: its pod, when the address is one's.
+    pub fn client(&self) -> TapPeer {
+        let mut peer = match self
+            .inbound
+            .state
+            .upstream(SocketAddr::new(self.ip, 0))
+            .target
+        {
+            Target::Pod(p) => super::pods::tap_peer(&p),
+            _ => TapPeer::default(),
+        };
+        peer.identity = self.identity.clone().unwrap_or_default();
+        if peer.pod.is_empty() {
+            peer.pod = self.ip.to_string();
+        }
+        peer
+    }
+
     pub fn check(&self) -> Result<(), InboundDenial> {
         let client = match &self.identity {
             Some(id) => Client::Meshed(id),

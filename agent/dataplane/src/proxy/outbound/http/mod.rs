@@ -19,6 +19,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodemesh_core::wire::TapPeer;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -37,7 +38,7 @@ use crate::{
             wants_upgrade,
         },
         inbound::is_policy_refusal,
-        pods::ServedPod,
+        pods::{ServedPod, tap_peer},
         relay::{CountedIo, Reset},
     },
     state::{ServiceTarget, Target},
@@ -209,6 +210,17 @@ impl Forwarder {
         }
     }
 
+    /// Where `endpoint` is, for a tap.
+    fn tap_dst(&self, endpoint: SocketAddr) -> TapPeer {
+        match self.outbound.state.upstream(endpoint).target {
+            Target::Pod(p) => tap_peer(&p),
+            _ => TapPeer {
+                pod: endpoint.to_string(),
+                ..TapPeer::default()
+            },
+        }
+    }
+
     /// Where `endpoint` is, for the request metrics.
     fn destination(&self, endpoint: SocketAddr) -> Destination {
         let workload = match self.outbound.state.upstream(endpoint).target {
@@ -312,12 +324,22 @@ impl Forwarder {
         if !self.h2 {
             strip_hop_by_hop(req.headers_mut(), upgrade);
         }
+        // What a tap sees of it (when someone listens): out once, to the
+        // endpoint it first went to.
+        let mut tapped = self.outbound.http_metrics.tap().start(
+            "outbound",
+            tap_peer(&self.pod.pod),
+            TapPeer::default(),
+            false,
+            &req,
+        );
         let mut req = Some(req.map(|b| b.boxed()));
         let mut tried = Vec::new();
         // A pooled connection closed before the request was written: the
         // same endpoint again, on a new connection.
         let mut again: Option<(SocketAddr, Option<InFlight>)> = None;
         let mut why = Unreachable::NoEndpoint;
+        let mut tap_sent = false;
         loop {
             let (endpoint, work, fresh) = match again.take() {
                 Some((endpoint, work)) => (endpoint, work, true),
@@ -387,6 +409,13 @@ impl Forwarder {
             let Some(request) = req.take() else {
                 break;
             };
+            if let Some(t) = &mut tapped
+                && !tap_sent
+            {
+                t.to(self.tap_dst(endpoint), conn.tls);
+                t.sent();
+                tap_sent = true;
+            }
             let sent = Instant::now();
             match conn.send(request).await {
                 Ok(mut resp) => {
@@ -419,6 +448,9 @@ impl Forwarder {
                         m.latency(started.elapsed());
                     }
                     let status = resp.status();
+                    if let Some(t) = &mut tapped {
+                        t.response(status.as_u16(), grpc_status(resp.headers()));
+                    }
                     let switched = upgrade
                         && (status == StatusCode::SWITCHING_PROTOCOLS
                             || (status.is_success() && client_upgrade.is_some()));
@@ -442,7 +474,9 @@ impl Forwarder {
                                 status: status.as_u16(),
                                 grpc_status,
                                 work,
+                                tap: tapped,
                             }),
+                            bytes: 0,
                         }
                         .boxed()
                     }));
@@ -472,6 +506,10 @@ impl Forwarder {
                         ) {
                             m.response(502, None, true);
                         }
+                        if let Some(mut t) = tapped {
+                            t.response(502, None);
+                            t.end(0, None);
+                        }
                         return Ok(proxy_error(
                             StatusCode::BAD_GATEWAY,
                             &format!("upstream {endpoint}: {}", e.error()),
@@ -489,6 +527,13 @@ impl Forwarder {
             Unreachable::Forbidden(e) => (StatusCode::FORBIDDEN, e),
         };
         warn!(%status, %message, "answering the request with a proxy error");
+        if let Some(mut t) = tapped {
+            if !tap_sent {
+                t.sent();
+            }
+            t.response(status.as_u16(), None);
+            t.end(0, None);
+        }
         let dst = match &self.dest {
             Dest::Service(vip) => Destination {
                 service: self.destination(*vip).service,

@@ -1,0 +1,319 @@
+//! `nodemesh tap`: live requests from agents' `/v1/tap` (NDJSON), filtered
+//! by the agents, printed as they come: `req`, `rsp` and `end` lines per
+//! request, with both ends' identities. Never header values or bodies.
+//!
+//! Today it asks agents directly (`--agent ADDR`, repeatable), which they
+//! answer for the node itself only.
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use nodemesh_core::wire::{TapEvent, TapFilter};
+use tokio::sync::mpsc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TapOutput {
+    Text,
+    Json,
+}
+
+/// `nodemesh tap`.
+#[derive(Args, Debug)]
+pub struct TapArgs {
+    /// What to tap: `deploy/web`, `pod/web-1`, `ns/shop` (or a bare
+    /// workload name).
+    pub resource: String,
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only requests between it and this workload (`deploy/api`).
+    #[arg(long, value_name = "RES")]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only paths starting so.
+    #[arg(long, value_name = "PREFIX")]
+    pub path: Option<String>,
+    #[arg(long)]
+    pub authority: Option<String>,
+    /// Requests a second at most, per agent (sampled; a request's three
+    /// events go together).
+    #[arg(long, default_value_t = 100)]
+    pub max_rps: u32,
+    /// Stop after this many events (0: until interrupted).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: TapOutput,
+    /// An agent's admin address (repeatable). Agents answer the node itself
+    /// only: run on the node, with 127.0.0.1:4191.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub agent: Vec<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("{0:?}: not KIND/NAME (deploy/web, pod/web-1, ns/shop)")]
+    Resource(String),
+    #[error("agent {addr}: {message}")]
+    Agent { addr: SocketAddr, message: String },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The filter the arguments ask for.
+pub fn filter(args: &TapArgs) -> Result<TapFilter, TapError> {
+    let mut f = TapFilter {
+        namespace: args.namespace.clone(),
+        to: args.to.as_deref().map(|t| name_of(t).to_owned()),
+        method: args.method.clone(),
+        path_prefix: args.path.clone(),
+        authority: args.authority.clone(),
+        max_rps: Some(args.max_rps),
+        ..TapFilter::default()
+    };
+    let (kind, name) = match args.resource.split_once('/') {
+        Some((k, n)) if !n.is_empty() => (k, n),
+        Some(_) => return Err(TapError::Resource(args.resource.clone())),
+        None => ("", args.resource.as_str()),
+    };
+    match kind {
+        "ns" | "namespace" => f.namespace = Some(name.to_owned()),
+        "po" | "pod" => f.pod = Some(name.to_owned()),
+        "" | "deploy" | "deployment" | "sts" | "statefulset" | "ds" | "daemonset" | "job" => {
+            f.workload = Some(name.to_owned())
+        }
+        _ => return Err(TapError::Resource(args.resource.clone())),
+    }
+    Ok(f)
+}
+
+fn name_of(res: &str) -> &str {
+    res.rsplit('/').next().unwrap_or(res)
+}
+
+/// Runs `tap`, printing to stdout until `--count` events (or interrupted).
+pub fn run(args: &TapArgs) -> Result<(), TapError> {
+    let filter = filter(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(TapError::Runtime)?;
+    runtime.block_on(async {
+        let (tx, mut rx) = mpsc::channel::<Result<(SocketAddr, TapEvent), TapError>>(256);
+        for addr in &args.agent {
+            tokio::spawn(follow(*addr, filter.query(), tx.clone()));
+        }
+        drop(tx);
+        let mut seen = 0;
+        while let Some(item) = rx.recv().await {
+            let (addr, event) = item?;
+            let line = match args.output {
+                TapOutput::Json => serde_json::to_string(&event).unwrap_or_default(),
+                TapOutput::Text => text(addr, &event),
+            };
+            println!("{line}");
+            seen += 1;
+            if args.count > 0 && seen >= args.count {
+                break;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Reads one agent's stream into `tx`.
+async fn follow(
+    addr: SocketAddr,
+    query: String,
+    tx: mpsc::Sender<Result<(SocketAddr, TapEvent), TapError>>,
+) {
+    let err = |message: String| TapError::Agent { addr, message };
+    let stream = async {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| err("cannot connect within 10s".into()))?
+        .map_err(|e| err(format!("cannot connect: {e}")))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::get(format!("/v1/tap?{query}"))
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| err(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(err(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| err(e.to_string()))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                match serde_json::from_slice::<TapEvent>(&line) {
+                    Ok(event) => {
+                        if tx.send(Ok((addr, event))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(err(format!("bad event: {e}"))),
+                }
+            }
+            // A line longer than any event: the stream is not a tap.
+            if pending.len() > 1 << 20 {
+                return Err(err("an event over 1 MiB".into()));
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = stream.await {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+/// A Linkerd-shaped line.
+pub fn text(addr: SocketAddr, e: &TapEvent) -> String {
+    let proxy = if e.direction == "inbound" {
+        "in"
+    } else {
+        "out"
+    };
+    let end = |p: &nodemesh_core::wire::TapPeer| {
+        if p.namespace.is_empty() {
+            p.pod.clone()
+        } else {
+            format!("{}/{}", p.namespace, p.pod)
+        }
+    };
+    let head = format!(
+        "{} id={}:{} proxy={proxy} src={} dst={} tls={}",
+        e.kind,
+        addr.ip(),
+        e.id,
+        end(&e.src),
+        end(&e.dst),
+        e.tls,
+    );
+    let ids = format!(
+        "src_id={} dst_id={}",
+        if e.src.identity.is_empty() {
+            "-"
+        } else {
+            &e.src.identity
+        },
+        if e.dst.identity.is_empty() {
+            "-"
+        } else {
+            &e.dst.identity
+        },
+    );
+    match e.kind.as_str() {
+        "req" => format!(
+            "{head} :method={} :authority={} :path={} {ids}",
+            e.method, e.authority, e.path
+        ),
+        "rsp" => format!(
+            "{head} :status={} latency={}µs{}",
+            e.status.unwrap_or_default(),
+            e.latency_us.unwrap_or_default(),
+            e.grpc_status
+                .map(|s| format!(" grpc-status={s}"))
+                .unwrap_or_default()
+        ),
+        "end" => format!(
+            "{head} duration={}µs response-length={}B{}",
+            e.duration_us.unwrap_or_default(),
+            e.response_bytes.unwrap_or_default(),
+            e.grpc_status
+                .map(|s| format!(" grpc-status={s}"))
+                .unwrap_or_default()
+        ),
+        "dropped" => format!(
+            "dropped {} events from {} (reading too slowly)",
+            e.count.unwrap_or_default(),
+            addr
+        ),
+        other => format!("{other} id={}:{}", addr.ip(), e.id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(resource: &str) -> TapArgs {
+        TapArgs {
+            resource: resource.into(),
+            namespace: Some("shop".into()),
+            to: Some("deploy/api".into()),
+            method: Some("GET".into()),
+            path: Some("/v1".into()),
+            authority: None,
+            max_rps: 10,
+            count: 0,
+            output: TapOutput::Text,
+            agent: vec![],
+        }
+    }
+
+    #[test]
+    fn resources_become_filters() {
+        let f = filter(&args("deploy/web")).unwrap();
+        assert_eq!(f.workload.as_deref(), Some("web"));
+        assert_eq!(f.to.as_deref(), Some("api"));
+        assert_eq!(f.max_rps, Some(10));
+        assert_eq!(
+            filter(&args("pod/web-1")).unwrap().pod.as_deref(),
+            Some("web-1")
+        );
+        assert_eq!(
+            filter(&args("ns/other")).unwrap().namespace.as_deref(),
+            Some("other")
+        );
+        assert!(filter(&args("svc/web")).is_err());
+        assert!(filter(&args("deploy/")).is_err());
+    }
+
+    #[test]
+    fn lines_look_like_linkerds() {
+        let e = TapEvent {
+            kind: "rsp".into(),
+            id: 7,
+            direction: "outbound".into(),
+            status: Some(200),
+            latency_us: Some(1234),
+            tls: true,
+            ..TapEvent::default()
+        };
+        let line = text("10.0.0.1:4191".parse().unwrap(), &e);
+        assert!(
+            line.starts_with("rsp id=10.0.0.1:7 proxy=out")
+                && line.contains(":status=200 latency=1234µs"),
+            "{line}"
+        );
+    }
+}
