@@ -686,7 +686,9 @@ pub fn requests_are_measured_at_the_servers_edge_and_refused_with_403() {
         before + 3,
         "only web's requests reached the app"
     );
-    bed.agent_b.wait_metric("the refusals counted", |m| {
+    let m = bed.agent_b.wait_metric("the refusals counted", |m| {
         denied(m, "server", "unauthorized") >= 2.0
     });
+    // Every kind of series the Grafana dashboard shows exists here.
+    crate::operate::the_dashboard_uses_only_exported_names(&m);
 }

@@ -328,3 +328,46 @@ pub fn tap_shows_live_requests_with_both_identities() {
         "a pod tapping: {from_pod}"
     );
 }
+
+/// Prometheus users: the Grafana dashboard (deploy/grafana) uses only names
+/// the agent at `metrics` exports (a family shows once it has a series, so
+/// call this where every kind the dashboard shows has happened).
+pub fn the_dashboard_uses_only_exported_names(metrics: &nodemesh_tests::Metrics) {
+    let exported: Vec<String> = metrics
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/grafana/nodemesh.json"),
+        )
+        .expect("deploy/grafana/nodemesh.json"),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{panel:#}");
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("nodemesh_"))
+            {
+                let family = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(
+                    exported.iter().any(|e| e == family),
+                    "the dashboard's {name} is not exported ({family}); exported: {exported:?}"
+                );
+            }
+        }
+    }
+}

@@ -378,6 +378,15 @@ mod tests {
             ]
         );
         assert!(out.contains("name: nodemesh-nodemesh-agent"));
+        // Both pods say where their metrics are.
+        for doc in documents(&out) {
+            let v: serde_norway::Value = serde_norway::from_str(doc).unwrap();
+            if matches!(v["kind"].as_str(), Some("DaemonSet" | "Deployment")) {
+                let a = &v["spec"]["template"]["metadata"]["annotations"];
+                assert_eq!(a["prometheus.io/scrape"].as_str(), Some("true"), "{doc}");
+                assert!(a["prometheus.io/port"].as_str().is_some(), "{doc}");
+            }
+        }
     }
 
     #[test]
