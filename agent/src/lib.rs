@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::{install, stat, tap};
+use nodemesh_cli::{check, install, stat, tap};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -77,6 +77,11 @@ pub enum Command {
     /// windows (no Prometheus). Today from agents directly, on their node:
     /// `nodemesh stat deploy -n shop --agent 127.0.0.1:4191`.
     Stat(Box<stat::StatArgs>),
+    /// Check a cluster before installing (`--pre`: version, RBAC, this
+    /// machine's kernel BTF, cgroup v2, bpffs) or after (agents ready and
+    /// current, identity service, certificate validity, capture errors):
+    /// one line per check with a hint; exit code 1 if any fails.
+    Check(Box<check::CheckArgs>),
     /// Live requests as they happen (method, authority, path, status,
     /// latency, both identities; never headers or bodies), filtered by the
     /// agents: `nodemesh tap deploy/web -n shop --agent 127.0.0.1:4191`.
@@ -114,6 +119,11 @@ pub fn run(cli: Cli) -> u8 {
         Command::Identity(args) => run_identity(&args),
         Command::Install(args) => print_or_fail(install::render(&args)),
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
+        Command::Check(args) => {
+            let (text, ok) = check::run(&args);
+            print!("{text}");
+            if ok { EXIT_OK } else { EXIT_FAILURE }
+        }
         Command::Tap(args) => match tap::run(&args) {
             Ok(()) => EXIT_OK,
             Err(e @ tap::TapError::Resource(_)) => {

@@ -119,6 +119,16 @@ impl Story {
         self.wait_installed();
     }
 
+    /// `nodemesh check [--pre]` against the node's API server, as its admin.
+    fn check(&self, pre: bool) -> (String, bool) {
+        nodemesh_cli::check::run(&nodemesh_cli::check::CheckArgs {
+            pre,
+            namespace: SYSTEM.into(),
+            kubeconfig: Some(self.node.dir.join("admin.kubeconfig")),
+            output: "text".into(),
+        })
+    }
+
     fn wait_installed(&self) {
         let ds: Api<DaemonSet> = Api::namespaced(self.client(), SYSTEM);
         let deploy: Api<Deployment> = Api::namespaced(self.client(), SYSTEM);
@@ -361,9 +371,18 @@ pub fn nodemesh_runs_on_a_real_node_as_installed() {
         plain: format!("plain-{pid}"),
     };
 
-    // 1. Install as a user does; agent and identity service become Ready.
+    // 1. Install as a user does; agent and identity service become Ready;
+    //    `nodemesh check` says so (and `--pre` that this node can run it).
     story.install();
-    story.step("installed: agent DaemonSet and identity Deployment Ready");
+    for pre in [true, false] {
+        let (text, ok) = story.check(pre);
+        assert!(
+            ok,
+            "nodemesh check{}:\n{text}",
+            if pre { " --pre" } else { "" }
+        );
+    }
+    story.step("installed: agent DaemonSet and identity Deployment Ready; nodemesh check passes");
 
     // 2. Apps running unmeshed, then the namespace labelled: captured with
     //    no restart.
@@ -433,7 +452,13 @@ pub fn nodemesh_runs_on_a_real_node_as_installed() {
         .expect("a cluster IP");
     let vip = SocketAddr::new(svc_ip, 80);
     let mut plain = story.app(&story.plain, "plain-client");
-    let x = plain.exchange_ok(vip, 256 << 10);
+    // kube-proxy programs a new Service's rules on its next sync (until
+    // then the VIP refuses): wait for that, not for the mesh.
+    let x = eventually(
+        "kube-proxy serves the Service",
+        Duration::from_secs(30),
+        || plain.exchange(vip, 256 << 10).map_err(|f| format!("{f:?}")),
+    );
     assert!(x.intact && !x.redirected(), "{x:?}");
     let x = client.exchange_ok(vip, 256 << 10);
     assert!(x.intact && x.redirected(), "{x:?}");
@@ -629,6 +654,39 @@ spec:
         .block_on(ds.delete("nodemesh-agent", &DeleteParams::default()))
         .expect("delete the DaemonSet");
     story.assert_clean("kubectl delete daemonset nodemesh-agent");
-    story.step("uninstalled (DaemonSet alone deleted): nothing attached, nothing pinned");
+    // `nodemesh check` names what is missing, with a hint: the agents, and
+    // (scaled to zero) the identity service.
+    let deploy: Api<Deployment> = Api::namespaced(story.client(), SYSTEM);
+    story
+        .block_on(deploy.patch(
+            "nodemesh-identity",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"replicas": 0}})),
+        ))
+        .expect("scale the identity service to 0");
+    eventually(
+        "the identity service stopped",
+        Duration::from_secs(60),
+        || {
+            let d = story
+                .block_on(deploy.get("nodemesh-identity"))
+                .map_err(|e| e.to_string())?;
+            match d.status.and_then(|s| s.available_replicas).unwrap_or(0) {
+                0 => Ok(()),
+                n => Err(format!("{n} available")),
+            }
+        },
+    );
+    let (text, ok) = story.check(false);
+    assert!(!ok, "{text}");
+    for want in [
+        "× agents: no DaemonSet nodemesh-agent in nodemesh: apply nodemesh install again",
+        "× identity service: none available",
+        "√ trust anchors: valid",
+        "Status check results are ×",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    story.step("uninstalled (DaemonSet alone deleted): nothing attached, nothing pinned; nodemesh check says what is missing");
     story.node.cluster.delete_manifests(&uninstall);
 }

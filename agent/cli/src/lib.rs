@@ -1,11 +1,12 @@
 //! nodemesh-cli: the operator's commands: `install` and `uninstall` (print
 //! the manifests for `kubectl apply -f -` / `kubectl delete -f -`), `stat`
-//! (golden metrics from the agents), `tap` (live requests); `check` and
-//! `dashboard` come here too. It depends on
+//! (golden metrics from the agents), `tap` (live requests), `check`
+//! (before and after installing); `dashboard` comes here too. It depends on
 //! `nodemesh-core` only: what it learns from agents it will learn over
 //! their APIs, never from their internals.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod install;
 pub mod stat;
 pub mod tap;
