@@ -177,6 +177,59 @@ pub fn stat_shows_what_the_agents_saw() {
     let (ok, _, err) = stat(&bed.b, &["deploy", "-t", "5m"]);
     assert!(!ok && err.contains("one of 10s, 1m, 10m"), "{err}");
 
+    // Edges: on node a web → api through the agent once (identity known,
+    // no wire); on node b over mTLS (named by identity: web's own rows are
+    // on node a).
+    let edges = |node: &Node| -> Vec<Value> {
+        let exe: PathBuf = std::env::current_exe().expect("current_exe");
+        let argv: Vec<String> = [
+            agent::ROLE,
+            "edges",
+            "deploy",
+            "-n",
+            &bed.ns,
+            "-o",
+            "json",
+            "--agent",
+            &node.admin_addr().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = in_netns(&node.netns, move || {
+            Command::new(exe).args(&argv).output().expect("edges")
+        });
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("edges JSON")
+    };
+    let web_id = format!("spiffe://cluster.local/ns/{}/sa/web", bed.ns);
+    let api_id = format!("spiffe://cluster.local/ns/{}/sa/api", bed.ns);
+    let on_a = edges(&bed.a);
+    let e = on_a
+        .iter()
+        .find(|e| e["dst"] == "api")
+        .expect("web → api on node a");
+    assert_eq!(
+        (e["src"].as_str(), e["secured"].as_str()),
+        (Some("web"), Some("√ (node)")),
+        "{on_a:#?}"
+    );
+    let on_b = edges(&bed.b);
+    let e = on_b
+        .iter()
+        .find(|e| e["dst"] == "api")
+        .expect("web → api on node b");
+    assert_eq!(e["secured"], "√", "{on_b:#?}");
+    assert_eq!(e["src"], "sa/web");
+    assert_eq!(
+        (e["client_id"].as_str(), e["server_id"].as_str()),
+        (Some(web_id.as_str()), Some(api_id.as_str()))
+    );
+
     // Nobody but the node itself: not another node, not a pod.
     let agent_b = bed.b.admin_addr();
     let from_node_a = in_netns(&bed.a.netns, move || get_stat(agent_b));

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod edges;
 pub mod install;
 pub mod stat;
 pub mod tap;

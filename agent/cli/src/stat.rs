@@ -142,7 +142,7 @@ pub fn run(args: &StatArgs) -> Result<String, StatError> {
     Ok(render(&lines, args.output))
 }
 
-async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, StatError> {
+pub(crate) async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, StatError> {
     let err = |message: String| StatError::Agent { addr, message };
     let get = async {
         let tcp = tokio::net::TcpStream::connect(addr)
@@ -351,6 +351,7 @@ mod tests {
             namespace: "shop".into(),
             kind: "deployment".into(),
             name: name.into(),
+            serviceaccount: name.into(),
         }
     }
 

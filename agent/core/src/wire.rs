@@ -81,6 +81,9 @@ pub struct WorkloadRef {
     /// unknown (a peer outside the mesh).
     pub kind: String,
     pub name: String,
+    /// Its pods' service account (their identity), when known.
+    #[serde(default)]
+    pub serviceaccount: String,
 }
 
 /// What one row of a stat is about: a workload, one direction, one peer.

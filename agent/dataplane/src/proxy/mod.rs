@@ -343,6 +343,7 @@ impl Proxy {
                 namespace: served.source.namespace.clone(),
                 kind: served.source.kind.clone(),
                 name: served.source.name.clone(),
+                serviceaccount: served.source.serviceaccount.clone(),
             };
             let sides = [
                 (Direction::Outbound, Some(&served.outbound)),

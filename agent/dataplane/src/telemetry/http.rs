@@ -405,11 +405,13 @@ impl Request {
                     namespace: l.namespace.clone(),
                     kind: l.workload_kind.clone(),
                     name: l.workload_name.clone(),
+                    serviceaccount: l.serviceaccount.clone(),
                 },
                 peer: WorkloadRef {
                     namespace: l.dst_namespace.clone(),
                     kind: l.dst_workload_kind.clone(),
                     name: l.dst_workload_name.clone(),
+                    serviceaccount: l.dst_serviceaccount.clone(),
                 },
                 peer_identity: l.client_id.clone(),
             },

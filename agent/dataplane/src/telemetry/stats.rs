@@ -242,11 +242,13 @@ mod tests {
                 namespace: "shop".into(),
                 kind: "deployment".into(),
                 name: "web".into(),
+                serviceaccount: "web".into(),
             },
             peer: WorkloadRef {
                 namespace: "shop".into(),
                 kind: "deployment".into(),
                 name: peer.into(),
+                serviceaccount: String::new(),
             },
             peer_identity: String::new(),
         }
