@@ -324,6 +324,30 @@ fn main() {
         m.sum("nodemesh_tcp_open_connections", &[]) == 0.0
     });
     print_table(&m, &[&web, &api, &db]);
+    // The operator's view of the same, no Prometheus: the CLI on the node.
+    for args in [
+        &["stat", "sts", "-n", "shop", "-t", "1m"][..],
+        &["edges", "sts", "-n", "shop", "-o", "wide"][..],
+    ] {
+        let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        argv.extend(["--agent".into(), node.admin_addr().to_string()]);
+        println!("      $ nodemesh {}", argv.join(" "));
+        let bin = agent_bin.clone();
+        let out = nodemesh_tests::sys::in_netns(&node.netns, move || {
+            std::process::Command::new(bin).args(&argv).output()
+        });
+        match out {
+            Ok(out) => {
+                for line in String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .chain(String::from_utf8_lossy(&out.stderr).lines())
+                {
+                    println!("      {line}");
+                }
+            }
+            Err(e) => println!("      (cannot run nodemesh: {e})"),
+        }
+    }
     if let Ok((200, body)) = agent.get("/v1/services")
         && let Ok(services) = serde_json::from_str::<serde_json::Value>(&body)
     {

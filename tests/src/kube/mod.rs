@@ -143,7 +143,11 @@ impl Cluster {
         fs::create_dir_all(&cgroup).expect("cluster cgroup");
         write_pki(&dir.join("pki"));
         let port = free_port();
-        let etcd_port = free_port();
+        let t0 = Instant::now();
+        // etcd first, up before the API server needs it: a port taken
+        // between choosing and binding it (other tests run) means another
+        // try on other ports, not an API server waiting for nothing.
+        let (etcd, etcd_port) = start_etcd(&dir, &cgroup);
         let kubeconfig = dir.join("admin.kubeconfig");
         write_kubeconfig(
             &kubeconfig,
@@ -151,8 +155,6 @@ impl Cluster {
             &dir.join("pki/ca.crt"),
             "nodemesh-test-admin",
         );
-        let t0 = Instant::now();
-        let etcd = spawn_kept(etcd_command(&dir, etcd_port), cgroup.clone());
         let apiserver = spawn_kept(
             apiserver_command(&bin, &dir, port, etcd_port),
             cgroup.clone(),
@@ -279,6 +281,36 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// etcd on free ports, answering: (the process, its client port).
+fn start_etcd(dir: &Path, cgroup: &Path) -> (Child, u16) {
+    for attempt in 1..=3 {
+        let port = free_port();
+        let _ = fs::remove_dir_all(dir.join("etcd"));
+        let mut etcd = spawn_kept(etcd_command(dir, port), cgroup.to_owned());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (etcd, port);
+            }
+            if let Ok(Some(status)) = etcd.try_wait() {
+                eprintln!(
+                    "test bed: etcd exited ({status}) on try {attempt}:\n{}",
+                    tail(&dir.join("etcd.log"), 10)
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = etcd.kill();
+                let _ = etcd.wait();
+                eprintln!("test bed: etcd not listening after 15 s on try {attempt}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("etcd would not start:\n{}", tail(&dir.join("etcd.log"), 40));
 }
 
 fn etcd_command(dir: &Path, port: u16) -> Command {
