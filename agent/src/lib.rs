@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::{check, edges, install, stat, tap};
+use nodemesh_cli::{check, dashboard, edges, install, stat, tap};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -77,6 +77,10 @@ pub enum Command {
     /// windows (no Prometheus). Today from agents directly, on their node:
     /// `nodemesh stat deploy -n shop --agent 127.0.0.1:4191`.
     Stat(Box<stat::StatArgs>),
+    /// A web UI with live golden metrics (namespaces, workloads with
+    /// sparklines, a workload's peers, edges and top paths, live requests),
+    /// served by this process on 127.0.0.1:50750 from assets in the binary.
+    Dashboard(Box<dashboard::DashboardArgs>),
     /// Who talked to whom in the last 10 minutes and how securely (mTLS,
     /// node-local, or plaintext), with both identities, from what the
     /// servers' agents saw: `nodemesh edges deploy -n shop --agent 127.0.0.1:4191`.
@@ -123,6 +127,13 @@ pub fn run(cli: Cli) -> u8 {
         Command::Identity(args) => run_identity(&args),
         Command::Install(args) => print_or_fail(install::render(&args)),
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
+        Command::Dashboard(args) => match dashboard::run(&args) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILURE
+            }
+        },
         Command::Edges(args) => match edges::run(&args) {
             Ok(text) => {
                 print!("{text}");

@@ -25,6 +25,7 @@ fn main() {
         kube::a_labelled_pod_is_captured_from_the_api,
         operate::stat_shows_what_the_agents_saw,
         operate::tap_shows_live_requests_with_both_identities,
+        operate::the_dashboard_shows_live_numbers_in_a_real_browser,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,
         kube::bad_pods_are_reported_once_retried_and_the_rest_served,

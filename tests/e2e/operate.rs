@@ -424,3 +424,194 @@ pub fn the_dashboard_uses_only_exported_names(metrics: &nodemesh_tests::Metrics)
         }
     }
 }
+
+/// `GET path` from inside `netns`: the body (empty when it fails).
+fn http_get(netns: &std::path::Path, addr: SocketAddr, path: &str) -> String {
+    let path = path.to_owned();
+    in_netns(netns, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        if write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .is_err()
+        {
+            return String::new();
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// Where the test run leaves screenshots for people to look at.
+fn screenshots() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// Headless Chromium on `node`: the page's DOM once its scripts ran, and a
+/// screenshot of it as `shot`.
+fn chromium(node: &Node, url: &str, shot: &str) -> String {
+    let profile = node.dir.join(format!("chromium-{shot}"));
+    let png = screenshots().join(format!("{shot}.png"));
+    let run = |extra: Vec<String>| {
+        let mut argv: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            "--virtual-time-budget=6000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.push(format!("--user-data-dir={}", profile.display()));
+        argv.extend(extra);
+        argv.push(url.to_owned());
+        in_netns(&node.netns, move || {
+            Command::new("chromium")
+                .args(&argv)
+                .output()
+                .expect("run chromium (cargo xtask setup installs it)")
+        })
+    };
+    let out = run(vec!["--dump-dom".into()]);
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shot_out = run(vec![format!("--screenshot={}", png.display())]);
+    assert!(
+        shot_out.status.success() && png.exists(),
+        "chromium screenshot: {}",
+        String::from_utf8_lossy(&shot_out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The dashboard in a real browser (headless Chromium): the overview, a
+/// namespace's workloads and a workload page show the numbers `stat`
+/// shows, the tap page a request made during the test; screenshots are
+/// left in target/screenshots.
+pub fn the_dashboard_shows_live_numbers_in_a_real_browser() {
+    let bed = MeshBed::new("24h");
+    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
+    let api = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
+    bed.agent_a.wait_metric("web's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    bed.agent_b.wait_metric("api's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let mut srv = api.http();
+    srv.serve(HTTP, http::Knobs::default());
+    let mut cli = web.http();
+    let to = at(&api, HTTP);
+    cli.run(http::Run::get(to, "/", 90));
+    cli.run(http::Run::get(to, "/?status=500", 10));
+
+    // The dashboard on node b, asking its agent.
+    let port = 50_000 + (std::process::id() % 10_000) as u16;
+    let exe: PathBuf = std::env::current_exe().expect("current_exe");
+    let argv: Vec<String> = vec![
+        agent::ROLE.into(),
+        "dashboard".into(),
+        "--port".into(),
+        port.to_string(),
+        "--agent".into(),
+        bed.b.admin_addr().to_string(),
+    ];
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dashboard = Kill(in_netns(&bed.b.netns, move || {
+        Command::new(exe)
+            .args(&argv)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run nodemesh dashboard")
+    }));
+    let ui = SocketAddr::from(([127, 0, 0, 1], port));
+    nodemesh_tests::eventually("the dashboard serves", Duration::from_secs(15), || {
+        let body = http_get(&bed.b.netns, ui, "/");
+        body.contains("nodemesh")
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
+    // A request the tap page must show (the dashboard follows the agent's
+    // tap from its start: sent until it has it).
+    nodemesh_tests::eventually(
+        "the dashboard has seen a live request",
+        Duration::from_secs(15),
+        || {
+            cli.run(http::Run::get(to, "/tapme/dashboard", 1));
+            let body = http_get(&bed.b.netns, ui, "/api/tap?since=0&path=/tapme");
+            body.contains("/tapme/dashboard")
+                .then_some(())
+                .ok_or_else(|| body.chars().take(200).collect::<String>())
+        },
+    );
+    let stat = stat_json(&bed.b, &["deploy", "-n", &bed.ns, "-t", "1m"]);
+    let api_line = line(&stat, "api");
+    let success = format!(
+        "{:.2}%",
+        api_line["success_rate"].as_f64().expect("a success rate") * 100.0
+    );
+
+    let base = format!("http://127.0.0.1:{port}/");
+    let overview = chromium(&bed.b, &base, "dashboard-overview");
+    assert!(
+        overview.contains(&format!("data-namespace=\"{}\"", bed.ns)),
+        "{overview}"
+    );
+    let ns_page = chromium(
+        &bed.b,
+        &format!("{base}#/ns/{}", bed.ns),
+        "dashboard-namespace",
+    );
+    let row = ns_page
+        .split("<tr")
+        .find(|r| r.contains("data-workload=\"api\""))
+        .unwrap_or_else(|| panic!("no api row: {ns_page}"));
+    assert!(
+        row.contains(&success),
+        "stat says {success}; the page: {row}"
+    );
+    assert!(row.contains("<svg"), "a sparkline: {row}");
+    let w_page = chromium(
+        &bed.b,
+        &format!("{base}#/w/{}/deployment/api", bed.ns),
+        "dashboard-workload",
+    );
+    assert!(w_page.contains(&success), "{w_page}");
+    assert!(w_page.contains("every request over mutual TLS"), "{w_page}");
+    assert!(
+        w_page.contains(&format!("{}/sa:web", bed.ns)),
+        "the edge from web: {w_page}"
+    );
+    let tap = chromium(&bed.b, &format!("{base}#/tap?path=/tapme"), "dashboard-tap");
+    assert!(tap.contains("/tapme/dashboard"), "{tap}");
+    assert!(
+        tap.contains("spiffe://cluster.local/ns/"),
+        "identities: {tap}"
+    );
+}

@@ -47,6 +47,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // What the real-node tests check eBPF attachments with.
     "bpftool",
+    // The dashboard's test runs it in a real browser (headless).
+    "chromium",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 

@@ -125,7 +125,7 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
 }
 
 /// Reads one agent's stream into `tx`.
-async fn follow(
+pub(crate) async fn follow(
     addr: SocketAddr,
     query: String,
     tx: mpsc::Sender<Result<(SocketAddr, TapEvent), TapError>>,
