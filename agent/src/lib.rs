@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::{check, dashboard, edges, install, stat, tap};
+use nodemesh_cli::{check, dashboard, edges, install, stat, tap, top};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -94,6 +94,9 @@ pub enum Command {
     /// latency, both identities; never headers or bodies), filtered by the
     /// agents: `nodemesh tap deploy/web -n shop --agent 127.0.0.1:4191`.
     Tap(Box<tap::TapArgs>),
+    /// The busiest paths of a workload, live (method, path, count,
+    /// success, best and worst latency), from the agents' taps.
+    Top(Box<top::TopArgs>),
     /// Detach the mesh's eBPF programs from this node and remove everything
     /// pinned (refused while an agent runs).
     Cleanup {
@@ -149,6 +152,17 @@ pub fn run(cli: Cli) -> u8 {
             print!("{text}");
             if ok { EXIT_OK } else { EXIT_FAILURE }
         }
+        Command::Top(args) => match top::run(&args) {
+            Ok(()) => EXIT_OK,
+            Err(e @ tap::TapError::Resource(_)) => {
+                eprintln!("error: {e}");
+                EXIT_USAGE
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILURE
+            }
+        },
         Command::Tap(args) => match tap::run(&args) {
             Ok(()) => EXIT_OK,
             Err(e @ tap::TapError::Resource(_)) => {

@@ -362,6 +362,72 @@ pub fn tap_shows_live_requests_with_both_identities() {
         &mut traffic,
     );
     one_request(&outbound, "outbound", &web_id, &api_id);
+
+    // `top`: the busiest paths over 4 s of traffic, /top/a three times as
+    // often as /top/b.
+    let exe: PathBuf = std::env::current_exe().expect("current_exe");
+    let argv: Vec<String> = [
+        agent::ROLE,
+        "top",
+        "deploy/api",
+        "-n",
+        &bed.ns,
+        "--path",
+        "/top/",
+        "--duration",
+        "4s",
+        "--every",
+        "1h",
+        "--agent",
+        &bed.b.admin_addr().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut top = in_netns(&bed.b.netns, move || {
+        Command::new(exe)
+            .args(&argv)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nodemesh top")
+    });
+    thread::sleep(Duration::from_millis(500));
+    let mut cli = web.http();
+    let (mut a, mut b) = (0, 0);
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        cli.run(http::Run::get(to, "/top/a", 3));
+        cli.run(http::Run::get(to, "/top/b", 1));
+        a += 3;
+        b += 1;
+    }
+    assert!(top.wait().expect("top").success());
+    let mut table = String::new();
+    top.stdout
+        .take()
+        .expect("top's output")
+        .read_to_string(&mut table)
+        .expect("read top");
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("/top/")).collect();
+    assert!(rows.len() == 2, "{table}");
+    assert!(
+        rows[0].contains("/top/a") && rows[1].contains("/top/b"),
+        "{table}"
+    );
+    let count = |row: &str| -> u64 {
+        row.split_whitespace()
+            .nth(2)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count(rows[0]) > 0
+            && count(rows[0]) <= a
+            && count(rows[1]) <= b
+            && count(rows[0]) >= count(rows[1]),
+        "sent /top/a {a}, /top/b {b}: {table}"
+    );
+    assert!(rows[0].contains("100.00%"), "{table}");
     // Pods get nothing.
     let agent_b = bed.b.admin_addr();
     let from_pod = in_netns(&web.netns, move || {

@@ -12,3 +12,4 @@ pub mod edges;
 pub mod install;
 pub mod stat;
 pub mod tap;
+pub mod top;
