@@ -500,6 +500,36 @@ pub fn an_authorization_policy_lets_in_only_whom_it_names() {
         },
     );
     web.tcp().exchange_ok(at(&server, ECHO), 100);
+    // Clients the schema lets by but that name nobody: where the policy
+    // clearly applies, it admits nobody until fixed (never fails open).
+    let closed = authz_policy(
+        &bed.ns,
+        "closed",
+        &format!("{{ports: [{OTHER}], clients: {{authenticated: false}}}}"),
+    );
+    bed.cluster
+        .apply_manifests(&closed, false)
+        .expect("a policy naming no client");
+    eventually("it admits nobody", Duration::from_secs(15), || {
+        match (
+            accepted(&bed, "closed"),
+            api.tcp().exchange(at(&server, OTHER), 100),
+        ) {
+            (Some((s, m)), Err(_)) if s == "False" && m.contains("admit nobody") => Ok(()),
+            (status, x) => Err(format!("{status:?} {x:?}")),
+        }
+    });
+    bed.cluster.delete_manifests(&closed);
+    eventually(
+        "deleted, the default again",
+        Duration::from_secs(15),
+        || {
+            api.tcp()
+                .exchange(at(&server, OTHER), 100)
+                .map(|_| ())
+                .map_err(|f| format!("{f:?}"))
+        },
+    );
 
     // Changed live: now api, not web.
     bed.cluster

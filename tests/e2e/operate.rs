@@ -493,7 +493,12 @@ pub fn the_dashboard_uses_only_exported_names(metrics: &nodemesh_tests::Metrics)
 
 /// `GET path` from inside `netns`: the body (empty when it fails).
 fn http_get(netns: &std::path::Path, addr: SocketAddr, path: &str) -> String {
-    let path = path.to_owned();
+    http_get_as(netns, addr, path, &addr.to_string())
+}
+
+/// The same, naming `host` in `Host`.
+fn http_get_as(netns: &std::path::Path, addr: SocketAddr, path: &str, host: &str) -> String {
+    let (path, host) = (path.to_owned(), host.to_owned());
     in_netns(netns, move || {
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
             return String::new();
@@ -501,7 +506,7 @@ fn http_get(netns: &std::path::Path, addr: SocketAddr, path: &str) -> String {
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
         if write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         )
         .is_err()
         {
@@ -636,6 +641,9 @@ pub fn the_dashboard_shows_live_numbers_in_a_real_browser() {
                 .ok_or_else(|| body.chars().take(200).collect::<String>())
         },
     );
+    // Another site's page whose name was re-pointed here gets nothing.
+    let rebound = http_get_as(&bed.b.netns, ui, "/api/stat?window=1m", "evil.example:80");
+    assert!(rebound.contains("unexpected Host"), "{rebound}");
     let stat = stat_json(&bed.b, &["deploy", "-n", &bed.ns, "-t", "1m"]);
     let api_line = line(&stat, "api");
     let success = format!(

@@ -4,7 +4,7 @@
 //!
 //! Today it asks agents directly (`--agent ADDR`, repeatable), which they
 //! answer for the node itself only.
-use std::{net::SocketAddr, time::Duration};
+use std::{io::Write, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -114,7 +114,10 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
                 TapOutput::Json => serde_json::to_string(&event).unwrap_or_default(),
                 TapOutput::Text => text(addr, &event),
             };
-            println!("{line}");
+            // A closed stdout (`| head`) ends the tap.
+            if writeln!(std::io::stdout(), "{line}").is_err() {
+                break;
+            }
             seen += 1;
             if args.count > 0 && seen >= args.count {
                 break;

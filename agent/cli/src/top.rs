@@ -125,7 +125,7 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
         let every = if tty {
             Duration::from_secs(1)
         } else {
-            args.every
+            args.every.max(Duration::from_millis(100))
         };
         let mut tick = tokio::time::interval(every);
         tick.tick().await;

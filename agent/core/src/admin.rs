@@ -190,7 +190,10 @@ async fn serve(
             _ = &mut stop => return,
         };
         let state = state.clone();
-        let local = stream.local_addr().unwrap_or(peer);
+        // Unknown: never taken for "this host".
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();

@@ -117,6 +117,23 @@ pub enum PolicyClient<'a> {
 impl Policy {
     /// Checks a stored policy; the error says what is wrong, for its status.
     pub fn new(namespace: &str, name: &str, spec: &PolicySpec) -> Result<Self, String> {
+        match Self::checked(namespace, name, spec) {
+            (Some(p), None) => Ok(p),
+            (_, why) => Err(why.unwrap_or_default()),
+        }
+    }
+
+    /// What to enforce for a policy that is not valid (`Err` of
+    /// [`Policy::new`]): when what it selects (pods and ports) is clear and
+    /// only its clients are wrong, it admits nobody there until fixed (an
+    /// invalid policy must not open what it was meant to close); when even
+    /// that is unclear, nothing.
+    pub fn fail_closed(namespace: &str, name: &str, spec: &PolicySpec) -> Option<Self> {
+        Self::checked(namespace, name, spec).0
+    }
+
+    /// What to enforce, and why it is not valid if it is not.
+    fn checked(namespace: &str, name: &str, spec: &PolicySpec) -> (Option<Self>, Option<String>) {
         let mut problems = Vec::new();
         let mut selector = Vec::new();
         if let Some(s) = &spec.selector {
@@ -164,6 +181,11 @@ impl Policy {
                 _ => problems.push(format!("ports: {p} is not a port")),
             }
         }
+        if !is_dns_label(namespace) || !is_dns_subdomain(name) {
+            problems.push(format!("{namespace}/{name}: not an object name"));
+        }
+        // Where it applies is clear from here on.
+        let selects_clearly = problems.is_empty();
         let c = &spec.clients;
         let mut service_accounts = Vec::new();
         for sa in &c.service_accounts {
@@ -190,13 +212,20 @@ impl Policy {
                     .to_owned(),
             );
         }
-        if !is_dns_label(namespace) || !is_dns_subdomain(name) {
-            problems.push(format!("{namespace}/{name}: not an object name"));
-        }
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            let nobody = selects_clearly.then(|| Self {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                selector: selector.clone(),
+                ports: ports.clone(),
+                service_accounts: Vec::new(),
+                namespaces: Vec::new(),
+                authenticated: false,
+                unauthenticated: false,
+            });
+            return (nobody, Some(problems.join("; ")));
         }
-        Ok(Self {
+        let valid = Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             selector,
@@ -205,7 +234,8 @@ impl Policy {
             namespaces: c.namespaces.clone(),
             authenticated: c.authenticated,
             unauthenticated: c.unauthenticated,
-        })
+        };
+        (Some(valid), None)
     }
 
     /// Whether it applies to port `port` of a pod of `namespace` with
@@ -309,6 +339,25 @@ mod tests {
         assert!(!any.allows(PolicyClient::Unauthenticated));
         let open = p(serde_json::json!({"unauthenticated": true}));
         assert!(open.allows(PolicyClient::Unauthenticated));
+    }
+
+    #[test]
+    fn an_invalid_policy_fails_closed_where_it_clearly_applies() {
+        let web = Identity::new("shop", "web").unwrap();
+        let bad_clients = spec(serde_json::json!({
+            "selector": {"matchLabels": {"app": "api"}},
+            "clients": {"authenticated": false}
+        }));
+        assert!(Policy::new("shop", "p", &bad_clients).is_err());
+        let p = Policy::fail_closed("shop", "p", &bad_clients).expect("enforced");
+        assert!(p.selects("shop", &labels(&[("app", "api")]), 80));
+        assert!(!p.allows(PolicyClient::Meshed(&web)));
+        assert!(!p.allows(PolicyClient::Unauthenticated));
+        let bad_selector = spec(serde_json::json!({
+            "selector": {"matchExpressions": [{"key": "app", "operator": "In"}]},
+            "clients": {"authenticated": true}
+        }));
+        assert!(Policy::fail_closed("shop", "p", &bad_selector).is_none());
     }
 
     #[test]

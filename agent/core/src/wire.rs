@@ -126,6 +126,14 @@ impl Golden {
         self.latency[bucket] += 1;
     }
 
+    /// One request whose latency is not known (the proxy answered it, no
+    /// response came): counted, not in the histogram.
+    pub fn record_unmeasured(&mut self, success: bool, tls: bool) {
+        self.requests += 1;
+        self.successes += u64::from(success);
+        self.tls += u64::from(tls);
+    }
+
     /// Adds `other` (another window slot, another agent).
     pub fn merge(&mut self, other: &Golden) {
         self.requests += other.requests;

@@ -29,7 +29,21 @@ fn verdict(o: &DynamicObject) -> (bool, &'static str, String) {
             "Accepted",
             "in force: enforced by every agent on new connections".to_owned(),
         ),
-        Err(why) => (false, "Invalid", format!("not enforced: {why}")),
+        Err(why) => {
+            let spec = serde_json::from_value::<PolicySpec>(
+                o.data.get("spec").cloned().unwrap_or_default(),
+            );
+            match spec.ok().and_then(|s| Policy::fail_closed(ns, name, &s)) {
+                Some(_) => (
+                    false,
+                    "Invalid",
+                    format!(
+                        "not accepted: {why}; until fixed, the pods and ports it selects admit nobody"
+                    ),
+                ),
+                None => (false, "Invalid", format!("not enforced: {why}")),
+            }
+        }
     }
 }
 

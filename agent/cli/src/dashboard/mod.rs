@@ -103,16 +103,33 @@ pub fn run(args: &DashboardArgs) -> Result<(), DashboardError> {
             a.join(", ")
         });
         let agents = Arc::new(args.agent.clone());
+        let hosts = Arc::new(allowed_hosts(addr));
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let (state, agents) = (state.clone(), agents.clone());
+            let (state, agents, hosts) = (state.clone(), agents.clone(), hosts.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let (state, agents) = (state.clone(), agents.clone());
-                    async move { Ok::<_, Infallible>(route(req, &state, &agents).await) }
+                    let (state, agents, hosts) = (state.clone(), agents.clone(), hosts.clone());
+                    async move {
+                        // A page of another site, its name re-pointed at
+                        // this address (DNS rebinding), names itself.
+                        let host = req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or_default();
+                        if !hosts.iter().any(|h| h == host) {
+                            return Ok::<_, Infallible>(respond(
+                                StatusCode::FORBIDDEN,
+                                "text/plain",
+                                "unexpected Host: open the URL nodemesh dashboard printed",
+                            ));
+                        }
+                        Ok::<_, Infallible>(route(req, &state, &agents).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -120,6 +137,17 @@ pub fn run(args: &DashboardArgs) -> Result<(), DashboardError> {
             });
         }
     })
+}
+
+/// The `Host` values this UI answers: its address, and loopback names.
+fn allowed_hosts(addr: SocketAddr) -> Vec<String> {
+    let port = addr.port();
+    vec![
+        addr.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ]
 }
 
 fn respond(

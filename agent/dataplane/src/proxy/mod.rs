@@ -37,7 +37,7 @@ pub mod tunnel;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use nodemesh_core::{labels::Direction, wire::WorkloadRef};
+use nodemesh_core::{labels::Direction, names::PodUid, wire::WorkloadRef};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -128,6 +128,17 @@ pub struct Proxy {
     http: HttpMetrics,
     limit: Arc<Semaphore>,
     drain: Drain,
+    /// What each served pod's TCP counters said last, and each workload's
+    /// totals since (pods come and go; totals only grow).
+    tcp_seen: std::sync::Mutex<TcpSeen>,
+}
+
+#[derive(Debug, Default)]
+struct TcpSeen {
+    /// (pod, direction) → (opened, sent, received) at the last sample.
+    pods: HashMap<(PodUid, Direction), (u64, u64, u64)>,
+    /// (direction, workload) → the same, summed over every pod it had.
+    totals: HashMap<(String, WorkloadRef), (u64, u64, u64)>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -203,6 +214,7 @@ impl Proxy {
             tcp: metrics.tcp,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             drain,
+            tcp_seen: std::sync::Mutex::default(),
         })
     }
 
@@ -338,6 +350,9 @@ impl Proxy {
     /// windowed stats (once a second).
     fn sample_tcp(&self) {
         let mut samples: HashMap<(String, WorkloadRef), TcpSample> = HashMap::new();
+        let mut seen = self.tcp_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let TcpSeen { pods, totals } = &mut *seen;
+        let mut now_pods = HashMap::new();
         for served in self.pods.all() {
             let workload = WorkloadRef {
                 namespace: served.source.namespace.clone(),
@@ -352,16 +367,35 @@ impl Proxy {
             for (direction, m) in sides {
                 let Some(m) = m else { continue };
                 let (opened, open) = m.counts();
-                let s = samples
-                    .entry((direction.as_str().to_owned(), workload.clone()))
-                    .or_default();
+                let counts = (opened, m.sent.get(), m.received.get());
+                // What the pod added since the last sample (a pod new to
+                // the sample: all of it).
+                let before = pods
+                    .get(&(served.pod.uid.clone(), direction))
+                    .copied()
+                    .filter(|b| b.0 <= counts.0 && b.1 <= counts.1 && b.2 <= counts.2)
+                    .unwrap_or_default();
+                now_pods.insert((served.pod.uid.clone(), direction), counts);
+                let key = (direction.as_str().to_owned(), workload.clone());
+                let total = totals.entry(key.clone()).or_default();
+                total.0 += counts.0 - before.0;
+                total.1 += counts.1 - before.1;
+                total.2 += counts.2 - before.2;
+                let s = samples.entry(key).or_default();
                 s.pods += 1;
                 s.open += open;
-                s.opened += opened;
-                s.sent += m.sent.get();
-                s.received += m.received.get();
             }
         }
+        *pods = now_pods;
+        // Workloads with no pod here keep their totals (their last window
+        // still counts); their rows go with the stats' own horizon.
+        for (key, total) in totals.iter() {
+            let s = samples.entry(key.clone()).or_default();
+            s.opened = total.0;
+            s.sent = total.1;
+            s.received = total.2;
+        }
+        drop(seen);
         self.http.stats().sample_tcp(samples);
     }
 

@@ -276,6 +276,11 @@ impl StateStore {
             .policies_expected = true;
     }
 
+    /// Whether the policies have been listed once (or found not to exist).
+    pub fn policies_listed(&self) -> bool {
+        self.read().synced.policies
+    }
+
     /// Whether `ip` is a pod's or a node's address in the cluster (what
     /// `cluster-unauthenticated` lets in).
     pub fn in_cluster(&self, ip: IpAddr) -> bool {

@@ -394,9 +394,9 @@ impl Request {
             self.metrics.responses.get_or_create(&labels).inc();
         }
         let l = &self.labels;
-        let latency_us = match self.latency_us.load(Ordering::Relaxed) {
-            u64::MAX => 0,
-            us => us,
+        let latency_ms = match self.latency_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(us as f64 / 1000.0),
         };
         self.metrics.stats.record(
             StatKey {
@@ -417,7 +417,7 @@ impl Request {
             },
             !failure,
             l.tls == "true",
-            latency_us as f64 / 1000.0,
+            latency_ms,
         );
     }
 }

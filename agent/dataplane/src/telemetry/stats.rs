@@ -121,8 +121,8 @@ impl Stats {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One request's outcome.
-    pub fn record(&self, key: StatKey, success: bool, tls: bool, latency_ms: f64) {
+    /// One request's outcome (`latency_ms`: `None` when no response came).
+    pub fn record(&self, key: StatKey, success: bool, tls: bool, latency_ms: Option<f64>) {
         let mut inner = self.lock();
         let now = inner.start.elapsed().as_secs();
         let key = if inner.requests.len() >= MAX_SERIES && !inner.requests.contains_key(&key) {
@@ -141,8 +141,13 @@ impl Stats {
             fine: Ring::new(FINE),
             coarse: Ring::new(COARSE),
         });
-        series.fine.at(now).record(success, tls, latency_ms);
-        series.coarse.at(now).record(success, tls, latency_ms);
+        for ring in [&mut series.fine, &mut series.coarse] {
+            let slot = ring.at(now);
+            match latency_ms {
+                Some(ms) => slot.record(success, tls, ms),
+                None => slot.record_unmeasured(success, tls),
+            }
+        }
     }
 
     /// The TCP counters of every workload and direction now (cumulative;
@@ -258,7 +263,7 @@ mod tests {
     fn every_window_sees_what_just_happened() {
         let stats = Stats::default();
         for i in 0..10 {
-            stats.record(key("api"), i != 0, true, 2.0);
+            stats.record(key("api"), i != 0, true, Some(2.0));
         }
         for window in ["10s", "1m", "10m"] {
             let r = stats.report("node-a", window).unwrap();
@@ -274,7 +279,7 @@ mod tests {
     fn series_are_bounded() {
         let stats = Stats::default();
         for i in 0..(MAX_SERIES + 20) {
-            stats.record(key(&format!("api-{i}")), true, false, 1.0);
+            stats.record(key(&format!("api-{i}")), true, false, Some(1.0));
         }
         let r = stats.report("n", "10s").unwrap();
         assert_eq!(r.requests.len(), MAX_SERIES + 1);

@@ -516,16 +516,23 @@ pub(super) fn endpoints_v1(e: &Endpoints) -> Option<SliceInfo> {
     })
 }
 
-/// An `AuthorizationPolicy` as the agents enforce it, or why it cannot be
-/// (the same check the identity service reports in its status).
-pub(super) fn policy(o: &DynamicObject) -> Option<Result<Policy, String>> {
+/// An `AuthorizationPolicy` as the agents enforce it, and why it is not
+/// valid if it is not (the same check the identity service reports in its
+/// status). An invalid one that clearly selects pods and ports admits
+/// nobody there (`Policy::fail_closed`).
+pub(super) fn policy(o: &DynamicObject) -> Option<(Option<Policy>, Option<String>)> {
     let key = meta_key(&o.metadata)?;
     let spec = o.data.get("spec").cloned().unwrap_or_default();
-    Some(
-        serde_json::from_value::<PolicySpec>(spec)
-            .map_err(|e| format!("spec: {e}"))
-            .and_then(|spec| Policy::new(&key.namespace, &key.name, &spec)),
-    )
+    Some(match serde_json::from_value::<PolicySpec>(spec) {
+        Err(e) => (None, Some(format!("spec: {e}"))),
+        Ok(spec) => match Policy::new(&key.namespace, &key.name, &spec) {
+            Ok(p) => (Some(p), None),
+            Err(why) => (
+                Policy::fail_closed(&key.namespace, &key.name, &spec),
+                Some(why),
+            ),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -338,12 +338,14 @@ impl Source {
         use watcher::Event::*;
         let kind = match &event {
             Event::Error(kind, e) => {
-                // No such kind (an older install), or no right to list it:
-                // none applies rather than nothing ever being captured.
+                // No such kind (an older install), or no right to list it,
+                // before the first list: none applies rather than nothing
+                // ever being captured. Once listed, an error (a control
+                // plane restarting) keeps the last known policies.
                 if *kind == POLICIES
                     && let watcher::Error::InitialListFailed(kube::Error::Api(status)) = e
                     && matches!(status.code, 403 | 404)
-                    && !self.failing.contains(kind)
+                    && !state.policies_listed()
                 {
                     warn!(
                         code = status.code,
@@ -461,12 +463,13 @@ impl Source {
                     event,
                     &mut self.policies,
                     state,
-                    |o: &DynamicObject| match convert::policy(o)? {
-                        Ok(p) => Some((convert::meta_key(&o.metadata)?, p)),
-                        Err(why) => {
-                            invalid.push((convert::meta_key(&o.metadata)?, why));
-                            None
+                    |o: &DynamicObject| {
+                        let (enforced, why) = convert::policy(o)?;
+                        let key = convert::meta_key(&o.metadata)?;
+                        if let Some(why) = why {
+                            invalid.push((key.clone(), why));
                         }
+                        Some((key, enforced?))
                     },
                     |u, k, v| u.apply_policy(k, Some(v)),
                     |u, k| u.delete_policy(k),

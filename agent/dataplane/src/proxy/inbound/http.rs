@@ -175,6 +175,10 @@ pub async fn serve<C, S>(
         None => (Vec::new(), Vec::new()),
     };
     let app = TokioIo::new(CountedIo::new(server, sent, received));
+    // When the app closes its connection (its keep-alive timeout, a
+    // GOAWAY), the client's is closed too, gracefully: it reconnects rather
+    // than getting 502s on a connection that leads nowhere.
+    let (app_closed, mut app_gone) = tokio::sync::oneshot::channel::<()>();
     let sender = if h2 {
         match http2::Builder::new(TokioExecutor::new())
             .handshake(app)
@@ -185,6 +189,7 @@ pub async fn serve<C, S>(
                     if let Err(e) = conn.await {
                         debug!(error = %e, "HTTP/2 connection to the app ended");
                     }
+                    let _ = app_closed.send(());
                 });
                 Sender::H2(sender)
             }
@@ -200,6 +205,7 @@ pub async fn serve<C, S>(
                     if let Err(e) = conn.with_upgrades().await {
                         debug!(error = %e, "HTTP/1 connection to the app ended");
                     }
+                    let _ = app_closed.send(());
                 });
                 Sender::H1(tokio::sync::Mutex::new(sender))
             }
@@ -219,14 +225,28 @@ pub async fn serve<C, S>(
     let service = service_fn(move |req| edge.clone().forward(req));
     let io = TokioIo::new(client);
     let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = &mut app_gone => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = &mut app_gone => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     };
     if let Err(e) = result {
         debug!(error = %e, "inbound HTTP connection ended with an error");
@@ -339,24 +359,40 @@ pub async fn refuse<C>(client: C, h2: bool, reason: InboundDenial)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // One answer, then the connection goes (HTTP/1: `Connection: close`;
+    // HTTP/2: at most REFUSED_FOR): a refused client holds no connection
+    // slot of the node.
     let service = service_fn(move |_req: Request<Incoming>| {
-        let resp = forbidden(reason);
+        let mut resp = forbidden(reason);
+        if !h2 {
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
         async move { Ok::<_, Infallible>(resp) }
     });
     let io = TokioIo::new(client);
-    let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
-    } else {
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .await
+    let serve = async {
+        if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+        }
     };
-    if let Err(e) = result {
-        debug!(error = %e, "refused HTTP connection ended with an error");
+    match tokio::time::timeout(REFUSED_FOR, serve).await {
+        Ok(Err(e)) => debug!(error = %e, "refused HTTP connection ended with an error"),
+        Ok(Ok(())) => {}
+        Err(_) => debug!("refused HTTP connection closed: its time is up"),
     }
 }
+
+/// How long a refused HTTP client's connection may stay.
+const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
