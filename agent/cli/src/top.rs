@@ -11,7 +11,7 @@ use std::{
 };
 
 use clap::Args;
-use nodemesh_core::wire::TapEvent;
+use nodemesh_core::wire::{TapEvent, TapFilter, TapPeer};
 use tokio::sync::mpsc;
 
 use crate::tap::{TapArgs, TapError, TapOutput};
@@ -53,6 +53,25 @@ pub struct PathStat {
     pub successes: u64,
     pub best_us: u64,
     pub worst_us: u64,
+}
+
+/// Whether `e` is the selected side's view of its request: a call it
+/// served (inbound) or made (outbound) — a request across nodes is seen by
+/// both agents, and counted once.
+pub fn ours(f: &TapFilter, e: &TapEvent) -> bool {
+    let is = |p: &TapPeer| {
+        f.workload
+            .as_ref()
+            .is_none_or(|w| p.workload.rsplit('/').next() == Some(w.as_str()))
+            && f.pod.as_ref().is_none_or(|pod| *pod == p.pod)
+            && f.namespace.as_ref().is_none_or(|ns| *ns == p.namespace)
+    };
+    let namespace_only = f.workload.is_none() && f.pod.is_none();
+    match e.direction.as_str() {
+        "inbound" => is(&e.dst),
+        // Within a namespace asked for as a whole, its server's side counts.
+        _ => is(&e.src) && !(namespace_only && is(&e.dst)),
+    }
 }
 
 /// Counts a response (`rsp` events only).
@@ -136,7 +155,8 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
                 .unwrap_or(Duration::MAX);
             tokio::select! {
                 item = rx.recv() => match item {
-                    Some(Ok((_, event))) => count(&mut table, &event),
+                    Some(Ok((_, event))) if ours(&filter, &event) => count(&mut table, &event),
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e),
                     None => break,
                 },
@@ -171,6 +191,36 @@ mod tests {
             latency_us: Some(us),
             ..TapEvent::default()
         }
+    }
+
+    #[test]
+    fn a_request_across_nodes_counts_once() {
+        let peer = |w: &str| TapPeer {
+            namespace: "shop".into(),
+            workload: format!("deployment/{w}"),
+            ..TapPeer::default()
+        };
+        let seen = |direction: &str| TapEvent {
+            direction: direction.into(),
+            src: peer("web"),
+            dst: peer("api"),
+            ..rsp("/a", 200, 1)
+        };
+        let api = TapFilter {
+            workload: Some("api".into()),
+            ..TapFilter::default()
+        };
+        assert!(ours(&api, &seen("inbound")) && !ours(&api, &seen("outbound")));
+        let web = TapFilter {
+            workload: Some("web".into()),
+            ..TapFilter::default()
+        };
+        assert!(!ours(&web, &seen("inbound")) && ours(&web, &seen("outbound")));
+        let shop = TapFilter {
+            namespace: Some("shop".into()),
+            ..TapFilter::default()
+        };
+        assert!(ours(&shop, &seen("inbound")) && !ours(&shop, &seen("outbound")));
     }
 
     #[test]

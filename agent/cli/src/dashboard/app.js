@@ -147,7 +147,10 @@ async function workload(ns, kind, name, win) {
   // Top paths from the live requests this page has seen.
   const paths = new Map();
   for (const e of tapEvents) {
-    if (e.kind !== "rsp" || (e.dst.workload.split("/").pop() !== name && e.src.workload.split("/").pop() !== name)) continue;
+    // Its own side of each request: calls it served, calls it made (a
+    // request across nodes is seen by both agents: counted once).
+    const mine = e.direction === "inbound" ? e.dst.workload.split("/").pop() === name : e.src.workload.split("/").pop() === name;
+    if (e.kind !== "rsp" || !mine) continue;
     const k = e.method + " " + e.path;
     if (!paths.has(k)) paths.set(k, { count: 0, ok: 0, best: Infinity, worst: 0 });
     const p = paths.get(k); p.count++; if (e.status < 500) p.ok++;

@@ -137,8 +137,9 @@ pub struct Done {
     pub grpc_status: Option<u32>,
     /// The endpoint's load lasts as long as the response.
     pub work: Option<InFlight>,
-    /// The request as a tap sees it, when someone listens.
-    pub tap: Option<Tapped>,
+    /// The request as a tap sees it, when someone listens (the client's
+    /// side, and the server's when both are on this node).
+    pub tap: [Option<Tapped>; 2],
 }
 
 impl Done {
@@ -146,7 +147,7 @@ impl Done {
         for m in self.metrics.iter().flatten() {
             m.response(self.status, self.grpc_status, error);
         }
-        if let Some(t) = self.tap {
+        for t in self.tap.into_iter().flatten() {
             t.end(bytes, self.grpc_status);
         }
     }

@@ -105,6 +105,25 @@ impl Tapped {
         self.event.tls = tls;
     }
 
+    /// The same request as the server's side sees it (a pod on this node,
+    /// reached through the agent once: one agent, both sides), under an id
+    /// of its own.
+    pub fn server_side(&self) -> Tapped {
+        let mut event = self.event.clone();
+        event.kind = "req".into();
+        event.direction = "inbound".into();
+        event.id = self.tap.ids.fetch_add(1, Ordering::Relaxed);
+        Tapped {
+            tap: self.tap.clone(),
+            started: self.started,
+            event,
+        }
+    }
+
+    pub fn is_server_side(&self) -> bool {
+        self.event.direction == "inbound"
+    }
+
     /// The request goes out.
     pub fn sent(&self) {
         let _ = self.tap.tx.send(Arc::new(self.event.clone()));

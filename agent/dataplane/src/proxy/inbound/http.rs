@@ -320,7 +320,7 @@ impl Edge {
                             status: status.as_u16(),
                             grpc_status,
                             work: None,
-                            tap: tapped,
+                            tap: [tapped, None],
                         }),
                         bytes: 0,
                     }

@@ -448,7 +448,14 @@ impl Forwarder {
                         m.latency(started.elapsed());
                     }
                     let status = resp.status();
-                    if let Some(t) = &mut tapped {
+                    let mut server_side = tapped
+                        .as_ref()
+                        .filter(|_| conn.local().is_some())
+                        .map(|t| t.server_side());
+                    for t in [&mut tapped, &mut server_side].into_iter().flatten() {
+                        if t.is_server_side() {
+                            t.sent();
+                        }
                         t.response(status.as_u16(), grpc_status(resp.headers()));
                     }
                     let switched = upgrade
@@ -474,7 +481,7 @@ impl Forwarder {
                                 status: status.as_u16(),
                                 grpc_status,
                                 work,
-                                tap: tapped,
+                                tap: [tapped, server_side],
                             }),
                             bytes: 0,
                         }
