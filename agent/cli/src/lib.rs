@@ -6,6 +6,7 @@
 //! their APIs, never from their internals.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod check;
 pub mod dashboard;
 pub mod edges;

@@ -7,11 +7,8 @@
 //! server is not built yet.
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use nodemesh_core::wire::{Golden, STAT_WINDOWS, StatReport, TcpStat};
 use serde::Serialize;
 
@@ -144,40 +141,15 @@ pub fn run(args: &StatArgs) -> Result<String, StatError> {
 
 pub(crate) async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, StatError> {
     let err = |message: String| StatError::Agent { addr, message };
-    let get = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| err(format!("cannot connect: {e}")))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = Request::get(format!("/v1/stat?window={window}"))
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| err(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
-        if status != StatusCode::OK {
-            return Err(err(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
-        }
-        serde_json::from_slice::<StatReport>(&body).map_err(|e| err(format!("bad answer: {e}")))
-    };
-    tokio::time::timeout(Duration::from_secs(10), get)
+    let resp = crate::agents::get(addr, &format!("/v1/stat?window={window}"))
+        .await
+        .map_err(err)?;
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
         .await
         .map_err(|_| err("no answer within 10s".into()))?
+        .map_err(|e| err(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice::<StatReport>(&body).map_err(|e| err(format!("bad answer: {e}")))
 }
 
 /// `deploy/web` or `web`: the name part.
@@ -324,20 +296,7 @@ pub fn render(lines: &[StatLine], output: Output) -> String {
         }
         rows.push(r);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::agents::table(&rows)
 }
 
 #[cfg(test)]

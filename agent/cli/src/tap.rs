@@ -4,13 +4,10 @@
 //!
 //! Today it asks agents directly (`--agent ADDR`, repeatable), which they
 //! answer for the node itself only.
-use std::{io::Write, net::SocketAddr, time::Duration};
+use std::{io::Write, net::SocketAddr};
 
-use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use nodemesh_core::wire::{TapEvent, TapFilter};
 use tokio::sync::mpsc;
 
@@ -135,38 +132,9 @@ pub(crate) async fn follow(
 ) {
     let err = |message: String| TapError::Agent { addr, message };
     let stream = async {
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| err("cannot connect within 10s".into()))?
-        .map_err(|e| err(format!("cannot connect: {e}")))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let resp = crate::agents::get(addr, &format!("/v1/tap?{query}"))
             .await
-            .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = Request::get(format!("/v1/tap?{query}"))
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| err(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        if resp.status() != StatusCode::OK {
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            return Err(err(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
-        }
+            .map_err(err)?;
         let mut body = resp.into_body();
         let mut pending: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {

@@ -18,7 +18,10 @@ use tracing::debug;
 
 use crate::{
     proxy::balance::InFlight,
-    telemetry::{http::Request as RequestMetric, tap::Tapped},
+    telemetry::{
+        http::{Protocol, Request as RequestMetric},
+        tap::Tapped,
+    },
 };
 
 /// Request and response bodies on the proxy's HTTP paths.
@@ -125,6 +128,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A request as both sides' HTTP paths take it in.
+pub struct Prepared {
+    pub protocol: Protocol,
+    /// It asks to become a byte stream (WebSocket, `CONNECT`; HTTP/1).
+    pub upgrade: bool,
+    /// The client's side of that stream, once the server agrees.
+    pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// What `req` carries (HTTP/2 when `h2`; gRPC by its content type), with
+/// its hop-by-hop headers gone.
+pub fn prepare(req: &mut hyper::Request<Incoming>, h2: bool) -> Prepared {
+    let protocol = match (h2, is_grpc(req.headers())) {
+        (false, _) => Protocol::Http1,
+        (true, true) => Protocol::Grpc,
+        (true, false) => Protocol::H2,
+    };
+    let upgrade = !h2 && (wants_upgrade(req.headers()) || req.method() == hyper::Method::CONNECT);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
+    if !h2 {
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+    }
+    Prepared {
+        protocol,
+        upgrade,
+        client_upgrade,
     }
 }
 

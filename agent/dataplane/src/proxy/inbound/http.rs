@@ -19,7 +19,7 @@ use std::{
 use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Request, Response, StatusCode,
     body::Incoming,
     client::conn::{http1, http2},
     service::service_fn,
@@ -31,14 +31,14 @@ use tracing::debug;
 use crate::{
     proxy::{
         http::{
-            Body, Done, Observed, grpc_status, is_grpc, proxy_error, splice, strip_hop_by_hop,
-            wants_upgrade,
+            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
+            strip_hop_by_hop,
         },
         inbound::Recheck,
         pods::{ServedPod, tap_peer},
         relay::{CountedIo, Reset},
     },
-    telemetry::{InboundDenial, http::Protocol},
+    telemetry::InboundDenial,
 };
 
 /// Who is on the other end, as the server-side metrics record it.
@@ -264,16 +264,11 @@ impl Edge {
         if let Err(reason) = self.recheck.check() {
             return Ok(forbidden(reason));
         }
-        let protocol = match (self.h2, is_grpc(req.headers())) {
-            (false, _) => Protocol::Http1,
-            (true, true) => Protocol::Grpc,
-            (true, false) => Protocol::H2,
-        };
-        let upgrade = !self.h2 && (wants_upgrade(req.headers()) || req.method() == Method::CONNECT);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if !self.h2 {
-            strip_hop_by_hop(req.headers_mut(), upgrade);
-        }
+        let Prepared {
+            protocol,
+            upgrade,
+            client_upgrade,
+        } = prepare(&mut req, self.h2);
         let metric = self.served.http.inbound_request(
             &self.served.source,
             self.peer.identity.as_deref(),

@@ -17,7 +17,7 @@ pub mod pool;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nodemesh_core::wire::TapPeer;
 use tokio::net::TcpStream;
@@ -34,15 +34,15 @@ use crate::{
     proxy::{
         balance::InFlight,
         http::{
-            Body, Done, Observed, grpc_status, is_grpc, proxy_error, splice, strip_hop_by_hop,
-            wants_upgrade,
+            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
+            strip_hop_by_hop,
         },
         inbound::is_policy_refusal,
         pods::{ServedPod, tap_peer},
         relay::{CountedIo, Reset},
     },
     state::{ServiceTarget, Target},
-    telemetry::http::{Destination, Protocol, Workload},
+    telemetry::http::{Destination, Workload},
 };
 
 /// Endpoints tried for one request at most.
@@ -314,16 +314,11 @@ impl Forwarder {
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let protocol = match (self.h2, is_grpc(req.headers())) {
-            (false, _) => Protocol::Http1,
-            (true, true) => Protocol::Grpc,
-            (true, false) => Protocol::H2,
-        };
-        let upgrade = !self.h2 && (wants_upgrade(req.headers()) || req.method() == Method::CONNECT);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if !self.h2 {
-            strip_hop_by_hop(req.headers_mut(), upgrade);
-        }
+        let Prepared {
+            protocol,
+            upgrade,
+            client_upgrade,
+        } = prepare(&mut req, self.h2);
         // What a tap sees of it (when someone listens): out once, to the
         // endpoint it first went to.
         let mut tapped = self.outbound.http_metrics.tap().start(
