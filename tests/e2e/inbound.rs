@@ -421,6 +421,33 @@ pub fn an_authorization_policy_lets_in_only_whom_it_names() {
     // Before any policy: everyone in (the default, all-unauthenticated).
     api.tcp().exchange_ok(at(&server, ECHO), 100);
 
+    // An open connection is decided again when a policy comes: a plaintext
+    // download under way is reset once a policy refuses it.
+    const STREAM: u16 = 7171;
+    let mut src = server.tcp();
+    src.source(STREAM);
+    let mut downloader = plain.tcp();
+    let stream_to = at(&server, STREAM);
+    let downloading = std::thread::spawn(move || downloader.download(stream_to, 30));
+    bed.agent_b.wait_metric("the download is under way", |m| {
+        m.sum(
+            "nodemesh_tcp_sent_bytes_total",
+            &[("pod", "server"), ("direction", "inbound")],
+        ) > 1_000_000.0
+    });
+    let close_stream = authz_policy(
+        &bed.ns,
+        "stream",
+        &format!("{{ports: [{STREAM}], clients: {{serviceAccounts: [{{name: web}}]}}}}"),
+    );
+    bed.cluster
+        .apply_manifests(&close_stream, false)
+        .expect("a policy for the stream");
+    let download = downloading.join().expect("the download thread");
+    assert_eq!(download.end, "error", "cut, not finished: {download:?}");
+    assert!(download.received > 1_000_000, "{download:?}");
+    bed.cluster.delete_manifests(&close_stream);
+
     let only_web = authz_policy(
         &bed.ns,
         "server",

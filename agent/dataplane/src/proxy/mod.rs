@@ -328,8 +328,12 @@ impl Proxy {
     }
 
     /// Closes idle pooled upstream connections and forgets idle endpoint
-    /// statistics, every few seconds until `stop`.
+    /// statistics every few seconds, samples the stats' TCP counters every
+    /// second, and decides open inbound connections again when the state
+    /// changes — until `stop`.
     pub async fn tidy(self: Arc<Self>, stop: CancellationToken) {
+        // Open connections are decided again when policies change.
+        tokio::spawn(self.inbound.clone().recheck_open(stop.clone()));
         let mut every = tokio::time::interval(Duration::from_secs(1));
         let mut ticks = 0u64;
         loop {

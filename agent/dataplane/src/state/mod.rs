@@ -137,6 +137,8 @@ struct Shared {
     state: RwLock<ProxyState>,
     /// Bumped whenever this node's pods or their meshing change.
     local: watch::Sender<u64>,
+    /// Bumped by every change at all (policies, annotations, labels…).
+    any: watch::Sender<u64>,
 }
 
 impl StateStore {
@@ -156,6 +158,7 @@ impl StateStore {
                     synced: Synced::default(),
                 }),
                 local: watch::Sender::new(0),
+                any: watch::Sender::new(0),
             }),
         }
     }
@@ -223,6 +226,11 @@ impl StateStore {
             .iter()
             .find(|ip| ip.is_ipv6() == v6)
             .copied()
+    }
+
+    /// Changes whenever discovery changes anything.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.any.subscribe()
     }
 
     /// Changes whenever this node's pods, or whether they are meshed,
@@ -357,6 +365,7 @@ impl StateStore {
         if changed {
             self.inner.local.send_modify(|v| *v += 1);
         }
+        self.inner.any.send_modify(|v| *v += 1);
         r
     }
 }

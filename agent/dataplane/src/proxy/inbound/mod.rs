@@ -28,6 +28,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::TcpStream,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use self::{
@@ -47,6 +48,34 @@ use crate::{
     telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
 
+/// An open connection relayed as bytes to a served pod: decided when it
+/// came, and decided again when anything changes (a policy, an annotation,
+/// a label), cut with a reset once refused.
+#[derive(Clone)]
+struct OpenConnection {
+    served: Arc<ServedPod>,
+    identity: Option<String>,
+    ip: IpAddr,
+    port: u16,
+    cut: CancellationToken,
+}
+
+/// Removes an open connection from the register when its relay ends.
+struct Registered<'a> {
+    inbound: &'a Inbound,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.inbound
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// The inbound side of the node's proxy.
 pub struct Inbound {
     state: StateStore,
@@ -58,6 +87,9 @@ pub struct Inbound {
     clients: Option<Arc<dyn ClientAddrs>>,
     /// When each (client, reason) refusal was last logged.
     denials_logged: Mutex<HashMap<(IpAddr, InboundDenial), Instant>>,
+    /// Connections relayed as bytes now.
+    open: Mutex<HashMap<u64, OpenConnection>>,
+    next_open: std::sync::atomic::AtomicU64,
 }
 
 /// Inbound settings.
@@ -189,6 +221,43 @@ impl Inbound {
             cfg,
             clients,
             denials_logged: Mutex::default(),
+            open: Mutex::default(),
+            next_open: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Decides again for every connection relayed as bytes whenever the
+    /// state changes (at most once a second), until `stop`: those the
+    /// policy now refuses are reset (an HTTP connection is decided again
+    /// at each request instead).
+    pub async fn recheck_open(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.state.changes();
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            let open: Vec<OpenConnection> = self
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for c in open {
+                let client = match &c.identity {
+                    Some(id) => Client::Meshed(id),
+                    None => Client::Plain(c.ip),
+                };
+                if self.authorize(&c.served, client, c.ip, c.port).is_err() {
+                    debug!(pod = %c.served.pod.key(), client = %c.ip, port = c.port, "an open connection is refused now: reset");
+                    c.cut.cancel();
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
         }
     }
 
@@ -422,15 +491,36 @@ impl Inbound {
         let inbound = served.inbound.as_ref();
         let received = inbound.map(|i| &i.received);
         let sent = inbound.map(|i| &i.sent);
-        match relay(
-            &mut client,
-            &mut server,
-            self.buffer_size,
-            received.as_slice(),
-            sent.as_slice(),
-        )
-        .await
-        {
+        let cut = CancellationToken::new();
+        let id = self
+            .next_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            OpenConnection {
+                served: served.clone(),
+                identity: peer.identity.clone(),
+                ip: from.ip(),
+                port,
+                cut: cut.clone(),
+            },
+        );
+        let _registered = Registered { inbound: self, id };
+        let relayed = tokio::select! {
+            r = relay(
+                &mut client,
+                &mut server,
+                self.buffer_size,
+                received.as_slice(),
+                sent.as_slice(),
+            ) => r,
+            _ = cut.cancelled() => {
+                client.reset();
+                server.reset();
+                return;
+            }
+        };
+        match relayed {
             Ok(n) => debug!(
                 received = n.client_to_server,
                 sent = n.server_to_client,
