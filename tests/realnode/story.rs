@@ -497,7 +497,15 @@ spec:
         match (status.succeeded, status.failed) {
             (Some(1), _) => Ok(()),
             (_, Some(n)) if n > 0 => {
-                panic!("the Job failed: {status:?}\n{}", story.agent_log_tail())
+                let job_log = walk(&story.node.dir.join("log/pods"))
+                    .into_iter()
+                    .find(|p| p.to_string_lossy().contains(&format!("{}_once-", story.ns)))
+                    .map(|p| read_or_empty(&p))
+                    .unwrap_or_default();
+                panic!(
+                    "the Job failed: {status:?}\nits log:\n{job_log}\n{}",
+                    story.agent_log_tail()
+                )
             }
             _ => Err(format!("{status:?}")),
         }
@@ -545,7 +553,22 @@ spec:
         }
     });
     let mut client = story.app(&story.ns, "client");
-    assert!(client.exchange_ok(to_server, 1000).redirected());
+    // Attached (pinned) comes a moment before served: meanwhile its
+    // connections are refused (fail closed), never sent around the mesh.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let x = loop {
+        match client.exchange(to_server, 1000) {
+            Ok(x) => break x,
+            Err(f) if f.kind == "denied" && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(100))
+            }
+            Err(f) => panic!(
+                "the successor's connection failed: {f:?}\n{}",
+                story.agent_log_tail()
+            ),
+        }
+    };
+    assert!(x.redirected(), "{x:?}");
     story.step("a deleted pod released, its successor captured");
 
     // 7. `kubectl rollout restart daemonset`: a meshed client connecting all

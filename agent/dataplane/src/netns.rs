@@ -30,6 +30,10 @@ pub enum NetnsError {
     NotNetns { path: PathBuf, source: nix::Error },
     #[error("cannot read the cookie of network namespace {path}: {source}")]
     Cookie { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is the agent's own network namespace: the pod's process has not joined the pod's yet"
+    )]
+    AgentsOwn { path: PathBuf },
 }
 
 /// The agent's own netns, where threads return after visiting a pod's.
@@ -89,6 +93,18 @@ impl Netns {
     /// The open namespace file (what `sk_lookup` attaches to).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// It is the agent's own netns (the node's): a process of a starting
+    /// container (`runc init`) sits in the pod's cgroup a moment before it
+    /// joins the pod's netns.
+    pub fn is_agents_own(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(home), Ok(this)) = (home(), self.file.metadata()) else {
+            return false;
+        };
+        home.metadata()
+            .is_ok_and(|h| h.ino() == this.ino() && h.dev() == this.dev())
     }
 
     /// Its inode: names the namespace (what a netns link reports).
@@ -219,6 +235,8 @@ mod tests {
             .tcp_socket("127.0.0.1:80".parse().unwrap())
             .expect("socket");
         assert_eq!(netns_cookie(&s).expect("cookie"), ns.cookie());
+        // What a starting container's process may still be in: not a pod's.
+        assert!(ns.is_agents_own());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use self::metrics::{CaptureError, CaptureErrorReason, CaptureMetrics};
 use crate::{
     cgroup::{CgroupDir, CgroupError, kubelet_pod_cgroups},
     discovery::PodEvents,
-    netns::Netns,
+    netns::{Netns, NetnsError},
     proxy::{PodHandle, Proxy},
     redirect::{PodInbound, Redirect, pod_net},
     state::{CgroupRef, Pod, StateStore},
@@ -343,6 +343,11 @@ impl Captures {
             None => PathBuf::from(format!("/proc/{}/ns/net", cgroup.first_process()?)),
         };
         let netns = Arc::new(Netns::open(&netns_path)?);
+        // Found through a process of a container still starting: not the
+        // pod's yet (tried again in a moment).
+        if pod.netns.is_none() && netns.is_agents_own() {
+            return Err(NetnsError::AgentsOwn { path: netns_path }.into());
+        }
         let listeners = listen::open(&netns, self.cfg.outbound_port)?;
         // Inbound, with the mesh on: connections to the pod's addresses go
         // to these listeners in its netns.
