@@ -697,6 +697,24 @@ pub fn requests_are_measured_at_the_servers_edge_and_refused_with_403() {
         m.text
     );
 
+    // An app that closes after each response (no keep-alive): the client's
+    // keep-alive connection through the server's edge is closed with it
+    // and told so, never left leading to a closed app connection (a 502).
+    const CLOSING: u16 = 8181;
+    let mut closing = server.http();
+    closing.serve(
+        CLOSING,
+        http::Knobs {
+            keep_alive: false,
+            ..http::Knobs::default()
+        },
+    );
+    let out = plain
+        .http()
+        .run(http::Run::get(at(&server, CLOSING), "/", 10));
+    assert!(out.iter().all(|o| o.status == Some(200)), "{out:?}");
+    assert_eq!(closing.seen(CLOSING).requests, 10);
+
     // A server-first app: its banner decides, not the detect timeout.
     let banner = "220 mail.example ESMTP ready\r\n";
     let mut smtp = server.tcp();

@@ -47,6 +47,14 @@ pub struct Knobs {
     pub bytes: u64,
     /// Put in [`SERVER_HEADER`] of every response, when set.
     pub name: Option<String>,
+    /// HTTP/1 keep-alive (`false`: every response says `Connection:
+    /// close` and the server closes).
+    #[serde(default = "keep_alive")]
+    pub keep_alive: bool,
+}
+
+fn keep_alive() -> bool {
+    true
 }
 
 impl Default for Knobs {
@@ -56,6 +64,7 @@ impl Default for Knobs {
             delay_ms: 0,
             bytes: 16,
             name: None,
+            keep_alive: true,
         }
     }
 }
@@ -163,13 +172,16 @@ async fn serve(listener: TcpListener, knobs: Arc<Knobs>, seen: Arc<Mutex<Seen>>)
         let _ = stream.set_nodelay(true);
         let knobs = knobs.clone();
         let seen = seen.clone();
+        let knobs_keep_alive = knobs.keep_alive;
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let knobs = knobs.clone();
                 let seen = seen.clone();
                 async move { Ok::<_, Infallible>(answer(req, &knobs, &seen, peer).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().keep_alive(knobs_keep_alive);
+            let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });

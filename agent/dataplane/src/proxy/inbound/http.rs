@@ -304,7 +304,23 @@ impl Edge {
                     }
                 }
                 if !self.h2 {
+                    // The app closes after this response: so does the
+                    // client's connection (its one way to the app), and the
+                    // client is told, not left to find out with a 502.
+                    let closing = resp
+                        .headers()
+                        .get_all(hyper::header::CONNECTION)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .flat_map(|v| v.split(','))
+                        .any(|t| t.trim().eq_ignore_ascii_case("close"));
                     strip_hop_by_hop(resp.headers_mut(), switched);
+                    if closing {
+                        resp.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
                 }
                 let grpc_status = grpc_status(resp.headers());
                 Ok(resp.map(|body| {
