@@ -40,6 +40,7 @@ fn main() {
         requests::requests_to_a_service_are_balanced_one_by_one_across_nodes,
         requests::grpc_upgrades_and_large_uploads_pass_through_a_service,
         requests::a_server_first_protocol_never_waits_for_detection,
+        requests::mariadb_is_never_held_by_detection,
         requests::configuration_overrides_detection_live,
         services::connections_to_a_cluster_ip_are_balanced_over_endpoints_on_both_nodes,
         services::unmeshed_endpoints_are_plain_and_no_endpoints_is_a_reset,

@@ -543,3 +543,100 @@ spec:
         m.sum("nodemesh_protocol_detect_total", &[("result", "timeout")]) == before + 1.0
     });
 }
+
+/// A real server-first client and server: MariaDB (its server greets
+/// first) on a port no list names, with a detect timeout of 10 s, behind a
+/// Service and by pod address: the `mariadb` client's query is answered
+/// well before the timeout.
+pub fn mariadb_is_never_held_by_detection() {
+    use std::process::{Command, Stdio};
+    const PORT: u16 = 3307;
+    let OneNode {
+        cluster,
+        ns,
+        node,
+        server,
+        client,
+        agent,
+    } = OneNode::new("mariadb", "10s");
+    let data = node.dir.join("mariadb");
+    let init = Command::new("mariadb-install-db")
+        .args(["--no-defaults", "--user=root", "--skip-test-db"])
+        .arg(format!("--datadir={}", data.display()))
+        .output()
+        .expect("mariadb-install-db (cargo xtask setup installs mariadb-server)");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut cmd = Command::new("mariadbd");
+    cmd.args([
+        "--no-defaults",
+        "--user=root",
+        "--skip-grant-tables",
+        "--skip-name-resolve",
+        "--bind-address=0.0.0.0",
+    ])
+    .arg(format!("--port={PORT}"))
+    .arg(format!("--datadir={}", data.display()))
+    .arg(format!("--socket={}", data.join("mariadb.sock").display()))
+    .arg(format!("--pid-file={}", data.join("mariadb.pid").display()))
+    .arg(format!("--log-error={}", data.join("error.log").display()))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _mariadbd = Kill(server.spawn(cmd));
+    let vip = SocketAddr::from((cluster.service(&ns, "db", PORT, PORT), PORT));
+    cluster.endpoint_slice(&ns, "db", PORT, &[(&server, &node, true)]);
+    agent.wait_service(vip, 1);
+    let query = |to: SocketAddr| {
+        let mut cmd = Command::new("mariadb");
+        cmd.args(["--no-defaults", "--protocol=TCP", "-u", "root", "-N", "-B"])
+            .arg(format!("--host={}", to.ip()))
+            .arg(format!("--port={}", to.port()))
+            .args(["-e", "SELECT 6*7"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = std::time::Instant::now();
+        let out = client.spawn(cmd).wait_with_output().expect("mariadb");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            started.elapsed(),
+        )
+    };
+    // Up when it answers directly (it initialises its files first).
+    eventually(
+        "mariadbd answers",
+        Duration::from_secs(60),
+        || match query(SocketAddr::from((server.ip, PORT))) {
+            (true, answer, _, _) if answer == "42" => Ok(()),
+            (_, out, err, _) => Err(format!("{out} {err}")),
+        },
+    );
+    for to in [vip, SocketAddr::from((server.ip, PORT))] {
+        let (ok, answer, err, took) = query(to);
+        assert!(ok && answer == "42", "{to}: {answer} {err}");
+        assert!(
+            took < Duration::from_secs(2),
+            "the query to {to} took {took:?} (detect timeout 10 s)"
+        );
+    }
+    let m = agent.metrics();
+    assert!(
+        m.sum(
+            "nodemesh_protocol_detect_total",
+            &[("result", "server_first")]
+        ) >= 2.0,
+        "{}",
+        m.text
+    );
+}

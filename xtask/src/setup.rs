@@ -49,6 +49,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // The dashboard's test runs it in a real browser (headless).
     "chromium",
+    // A real server-first protocol through the mesh.
+    "mariadb-server",
+    "mariadb-client",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 
