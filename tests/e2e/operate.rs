@@ -23,6 +23,33 @@ fn at(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::from((pod.ip, port))
 }
 
+/// A child process killed (and reaped) if the test ends, or fails, first.
+struct Killed(Option<std::process::Child>);
+
+impl Killed {
+    fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    fn get(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("the child")
+    }
+
+    /// The child, no longer killed on drop (its owner waits for it).
+    fn take(mut self) -> std::process::Child {
+        self.0.take().expect("the child")
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `nodemesh stat …` run on `node` (in its netns), asking its agent (on
 /// the node's address here; `0.0.0.0:4191`, so also 127.0.0.1, installed).
 fn stat(node: &Node, args: &[&str]) -> (bool, String, String) {
@@ -251,27 +278,27 @@ fn tap_while(node: &Node, args: &[&str], mut traffic: impl FnMut()) -> Vec<Value
         "--agent".into(),
         node.admin_addr().to_string(),
     ]);
-    let mut child = in_netns(&node.netns, move || {
+    let mut child = Killed::new(in_netns(&node.netns, move || {
         Command::new(exe)
             .args(&argv)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run nodemesh tap")
-    });
+    }));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if child.try_wait().expect("tap").is_some() {
+        if child.get().try_wait().expect("tap").is_some() {
             break;
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
+            let _ = child.get().kill();
             break;
         }
         traffic();
         thread::sleep(Duration::from_millis(200));
     }
-    let out = child.wait_with_output().expect("tap output");
+    let out = child.take().wait_with_output().expect("tap output");
     assert!(
         out.status.success(),
         "nodemesh tap: {}",
@@ -384,13 +411,13 @@ pub fn tap_shows_live_requests_with_both_identities() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut top = in_netns(&bed.b.netns, move || {
+    let mut top = Killed::new(in_netns(&bed.b.netns, move || {
         Command::new(exe)
             .args(&argv)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("run nodemesh top")
-    });
+    }));
     thread::sleep(Duration::from_millis(500));
     let mut cli = web.http();
     let (mut a, mut b) = (0, 0);
@@ -401,9 +428,10 @@ pub fn tap_shows_live_requests_with_both_identities() {
         a += 3;
         b += 1;
     }
-    assert!(top.wait().expect("top").success());
+    assert!(top.get().wait().expect("top").success());
     let mut table = String::new();
-    top.stdout
+    top.get()
+        .stdout
         .take()
         .expect("top's output")
         .read_to_string(&mut table)
@@ -607,14 +635,7 @@ pub fn the_dashboard_shows_live_numbers_in_a_real_browser() {
         "--agent".into(),
         bed.b.admin_addr().to_string(),
     ];
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dashboard = Kill(in_netns(&bed.b.netns, move || {
+    let _dashboard = Killed::new(in_netns(&bed.b.netns, move || {
         Command::new(exe)
             .args(&argv)
             .stdout(std::process::Stdio::null())

@@ -46,18 +46,7 @@ pub struct Edge {
 }
 
 pub fn run(args: &EdgesArgs) -> Result<String, StatError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StatError::Runtime)?;
-    let reports = runtime.block_on(async {
-        let mut out = Vec::new();
-        for addr in &args.agent {
-            out.push(crate::stat::fetch(*addr, "10m").await?);
-        }
-        Ok::<_, StatError>(out)
-    })?;
-    let edges = edges(&StatReport::merge(&reports), args);
+    let edges = edges(&crate::stat::merged(&args.agent, "10m")?, args);
     Ok(render(&edges, args.output))
 }
 

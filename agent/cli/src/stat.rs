@@ -124,19 +124,25 @@ pub fn run(args: &StatArgs) -> Result<String, StatError> {
     if args.from.is_some() && args.to.is_some() {
         return Err(StatError::FromAndTo);
     }
+    let lines = lines(&merged(&args.agent, &args.window)?, args);
+    Ok(render(&lines, args.output))
+}
+
+/// Every agent's report for `window`, merged (any that does not answer is
+/// an error: a partial picture would pass for the whole).
+pub(crate) fn merged(agents: &[SocketAddr], window: &str) -> Result<StatReport, StatError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StatError::Runtime)?;
     let reports = runtime.block_on(async {
         let mut out = Vec::new();
-        for addr in &args.agent {
-            out.push(fetch(*addr, &args.window).await?);
+        for addr in agents {
+            out.push(fetch(*addr, window).await?);
         }
         Ok::<_, StatError>(out)
     })?;
-    let lines = lines(&StatReport::merge(&reports), args);
-    Ok(render(&lines, args.output))
+    Ok(StatReport::merge(&reports))
 }
 
 pub(crate) async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, StatError> {

@@ -39,7 +39,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use nodemesh_core::{labels::Direction, names::PodUid, wire::WorkloadRef};
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
@@ -260,71 +263,65 @@ impl Proxy {
         let handle = PodHandle::new(served.clone(), self.pods.clone(), stop.clone());
         for listener in listeners {
             let outbound = self.outbound.clone();
-            let limit = self.limit.clone();
-            let drain = self.drain.clone();
-            let served = served.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                accept::accept_loop(
-                    &listener,
-                    Some(&limit),
-                    &stop,
-                    "outbound",
-                    |client, peer, permit| {
-                        let outbound = outbound.clone();
-                        let served = served.clone();
-                        let pod = &served.pod;
-                        let span = info_span!(
-                            "outbound",
-                            pod = %format_args!("{}/{}", pod.namespace, pod.name),
-                            client = %peer,
-                        );
-                        drain.spawn(
-                            async move {
-                                outbound.handle(client, served).await;
-                                drop(permit);
-                            }
-                            .instrument(span),
-                        );
-                    },
-                )
-                .await;
-            });
+            self.spawn_accept(
+                listener,
+                &served,
+                &stop,
+                Direction::Outbound,
+                move |c, s| outbound.clone().handle(c, s),
+            );
         }
         for listener in inbound {
             let side = self.inbound.clone();
-            let limit = self.limit.clone();
-            let drain = self.drain.clone();
-            let served = served.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                accept::accept_loop(
-                    &listener,
-                    Some(&limit),
-                    &stop,
-                    "inbound",
-                    |client, peer, permit| {
-                        let side = side.clone();
-                        let served = served.clone();
-                        let pod = &served.pod;
-                        let span = info_span!(
-                            "inbound",
-                            pod = %format_args!("{}/{}", pod.namespace, pod.name),
-                            client = %peer,
-                        );
-                        drain.spawn(
-                            async move {
-                                side.captured(client, served).await;
-                                drop(permit);
-                            }
-                            .instrument(span),
-                        );
-                    },
-                )
-                .await;
+            self.spawn_accept(listener, &served, &stop, Direction::Inbound, move |c, s| {
+                let side = side.clone();
+                async move { side.captured(c, s).await }
             });
         }
         handle
+    }
+
+    /// Accepts on one of `served`'s listeners until `stop`: each connection
+    /// takes a slot of the node's limit and is served by `serve` in the
+    /// drain, in a span named by its side.
+    fn spawn_accept<F, Fut>(
+        &self,
+        listener: TcpListener,
+        served: &Arc<ServedPod>,
+        stop: &CancellationToken,
+        side: Direction,
+        serve: F,
+    ) where
+        F: Fn(TcpStream, Arc<ServedPod>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (limit, drain) = (self.limit.clone(), self.drain.clone());
+        let (served, stop) = (served.clone(), stop.clone());
+        tokio::spawn(async move {
+            accept::accept_loop(
+                &listener,
+                Some(&limit),
+                &stop,
+                side.as_str(),
+                |client, peer, permit| {
+                    let pod = &served.pod;
+                    let name = format_args!("{}/{}", pod.namespace, pod.name);
+                    let span = match side {
+                        Direction::Outbound => info_span!("outbound", pod = %name, client = %peer),
+                        Direction::Inbound => info_span!("inbound", pod = %name, client = %peer),
+                    };
+                    let work = serve(client, served.clone());
+                    drain.spawn(
+                        async move {
+                            work.await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                },
+            )
+            .await;
+        });
     }
 
     /// Closes idle pooled upstream connections and forgets idle endpoint

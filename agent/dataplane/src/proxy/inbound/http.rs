@@ -277,8 +277,7 @@ impl Edge {
         );
         let mut tapped = self.served.http.tap().start(
             "inbound",
-            self.recheck.client(),
-            tap_peer(&self.served.pod),
+            || (self.recheck.client(), tap_peer(&self.served.pod)),
             self.peer.tls,
             &req,
         );

@@ -10,7 +10,9 @@
 //! of this trust domain, and a stream may only reach a meshed pod on this
 //! node of the identity the client asked for (and whose certificate it
 //! verified); then the pod's policy decides ([`policy`]).
+mod detect;
 pub mod http;
+mod live;
 pub mod policy;
 
 use std::{
@@ -22,22 +24,25 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
+use nodemesh_core::labels::Direction;
 use nodemesh_core::{identity::Identity, names::InboundPolicy, policy::PolicyClient};
-use nodemesh_core::{labels::Direction, wire::TapPeer};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use self::live::Recheck;
 use self::{
+    detect::{detect, first_bytes},
     http::{Peer, Rewind},
+    live::{OpenConnection, Registered},
     policy::{Client, Facts},
 };
 use super::{
     connect::Connector,
-    detect::{Detected, classify, is_h2_settings},
+    detect::Detected,
     orig_dst::ClientAddrs,
     pods::{ServedPod, ServedPods},
     relay::{Reset, TunnelStream, relay, reset_if_we_die},
@@ -47,34 +52,6 @@ use crate::{
     state::{ConfiguredProtocol, Pod, StateStore, Target},
     telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
-
-/// An open connection relayed as bytes to a served pod: decided when it
-/// came, and decided again when anything changes (a policy, an annotation,
-/// a label), cut with a reset once refused.
-#[derive(Clone)]
-struct OpenConnection {
-    served: Arc<ServedPod>,
-    identity: Option<String>,
-    ip: IpAddr,
-    port: u16,
-    cut: CancellationToken,
-}
-
-/// Removes an open connection from the register when its relay ends.
-struct Registered<'a> {
-    inbound: &'a Inbound,
-    id: u64,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.inbound
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
-    }
-}
 
 /// The inbound side of the node's proxy.
 pub struct Inbound {
@@ -113,47 +90,6 @@ pub struct PolicyRefused(pub InboundDenial);
 /// Whether `e` is a [`PolicyRefused`].
 pub fn is_policy_refusal(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<PolicyRefused>())
-}
-
-/// Decides again, for each HTTP request of a connection, whether its client
-/// may still in (policies change live; an HTTP connection may be reused
-/// long after it was let in).
-pub struct Recheck {
-    inbound: Arc<Inbound>,
-    served: Arc<ServedPod>,
-    /// The client's SPIFFE ID, when authenticated.
-    identity: Option<String>,
-    ip: IpAddr,
-    port: u16,
-}
-
-impl Recheck {
-    /// The client as a tap names it: its pod, when the address is one's.
-    pub fn client(&self) -> TapPeer {
-        let mut peer = match self
-            .inbound
-            .state
-            .upstream(SocketAddr::new(self.ip, 0))
-            .target
-        {
-            Target::Pod(p) => super::pods::tap_peer(&p),
-            _ => TapPeer::default(),
-        };
-        peer.identity = self.identity.clone().unwrap_or_default();
-        if peer.pod.is_empty() {
-            peer.pod = self.ip.to_string();
-        }
-        peer
-    }
-
-    pub fn check(&self) -> Result<(), InboundDenial> {
-        let client = match &self.identity {
-            Some(id) => Client::Meshed(id),
-            None => Client::Plain(self.ip),
-        };
-        self.inbound
-            .authorize(&self.served, client, self.ip, self.port)
-    }
 }
 
 /// A refusal is logged once per client and reason in this window.
@@ -223,41 +159,6 @@ impl Inbound {
             denials_logged: Mutex::default(),
             open: Mutex::default(),
             next_open: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Decides again for every connection relayed as bytes whenever the
-    /// state changes (at most once a second), until `stop`: those the
-    /// policy now refuses are reset (an HTTP connection is decided again
-    /// at each request instead).
-    pub async fn recheck_open(self: Arc<Self>, stop: CancellationToken) {
-        let mut changes = self.state.changes();
-        loop {
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = stop.cancelled() => return,
-            }
-            let open: Vec<OpenConnection> = self
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
-            for c in open {
-                let client = match &c.identity {
-                    Some(id) => Client::Meshed(id),
-                    None => Client::Plain(c.ip),
-                };
-                if self.authorize(&c.served, client, c.ip, c.port).is_err() {
-                    debug!(pod = %c.served.pod.key(), client = %c.ip, port = c.port, "an open connection is refused now: reset");
-                    c.cut.cancel();
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.cancelled() => return,
-            }
         }
     }
 
@@ -726,79 +627,5 @@ async fn relay_tunnel(mut client: TunnelStream, mut server: TcpStream, buffer_si
             "closed"
         ),
         Err(e) => debug!(error = %e, "tunnel relay ended with an error; both sides reset"),
-    }
-}
-
-/// Reads the client's first bytes into `said` until they say what they are
-/// (or end).
-async fn first_bytes<C: AsyncRead + Unpin>(client: &mut C, said: &mut Vec<u8>) -> Detected {
-    let mut buf = [0u8; DETECT_BYTES];
-    loop {
-        let room = DETECT_BYTES - said.len();
-        match client.read(&mut buf[..room]).await {
-            Ok(0) | Err(_) => return Detected::Opaque,
-            Ok(n) => {
-                said.extend_from_slice(&buf[..n]);
-                match classify(said) {
-                    Some(d) => return d,
-                    None if said.len() >= DETECT_BYTES => return Detected::Opaque,
-                    None => {}
-                }
-            }
-        }
-    }
-}
-
-/// Bytes of the client read at most to tell what it speaks.
-const DETECT_BYTES: usize = 32;
-
-/// Whoever speaks first decides, within `timeout`: the client's first bytes
-/// (classified), or the app's (server first: opaque; an HTTP/2 server's
-/// unprompted SETTINGS is not, it waits for its client like any). Returns
-/// what was read from each, to be put back.
-async fn detect<C>(
-    client: &mut C,
-    server: &mut TcpStream,
-    timeout: Duration,
-) -> (Detected, Vec<u8>, Vec<u8>)
-where
-    C: AsyncRead + Unpin,
-{
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut said = Vec::new();
-    let mut server_said = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    // Boxed so it can be dropped (ending its borrow of `said`) before
-    // `said` is returned; cancelling it loses nothing (`read` is
-    // cancel-safe, and what it read is in `said`).
-    let mut client_first = Box::pin(first_bytes(client, &mut said));
-    loop {
-        tokio::select! {
-            biased;
-            d = &mut client_first => {
-                drop(client_first);
-                return (d, said, server_said);
-            }
-            r = server.read(&mut buf), if server_said.is_empty() => match r {
-                Ok(n) if n > 0 && is_h2_settings(&buf[..n]) => {
-                    server_said.extend_from_slice(&buf[..n]);
-                }
-                Ok(n) if n > 0 => {
-                    server_said.extend_from_slice(&buf[..n]);
-                    drop(client_first);
-                    return (Detected::ServerFirst, said, server_said);
-                }
-                // The app closed or failed before a word: bytes from here.
-                _ => {
-                    drop(client_first);
-                    return (Detected::Opaque, said, server_said);
-                }
-            },
-            _ = &mut deadline => {
-                drop(client_first);
-                return (Detected::Timeout, said, server_said);
-            }
-        }
     }
 }

@@ -323,8 +323,7 @@ impl Forwarder {
         // endpoint it first went to.
         let mut tapped = self.outbound.http_metrics.tap().start(
             "outbound",
-            tap_peer(&self.pod.pod),
-            TapPeer::default(),
+            || (tap_peer(&self.pod.pod), TapPeer::default()),
             false,
             &req,
         );

@@ -1,0 +1,122 @@
+//! Decisions taken again: each HTTP request of a connection
+//! ([`Recheck`]), and every connection relayed as bytes whenever the state
+//! changes ([`Inbound::recheck_open`]) — policies, annotations and labels
+//! change live, and connections live long.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use nodemesh_core::wire::TapPeer;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Inbound, policy::Client};
+use crate::{proxy::pods::ServedPod, state::Target, telemetry::InboundDenial};
+
+/// An open connection relayed as bytes to a served pod: decided when it
+/// came, and decided again when anything changes (a policy, an annotation,
+/// a label), cut with a reset once refused.
+#[derive(Clone)]
+pub(super) struct OpenConnection {
+    pub(super) served: Arc<ServedPod>,
+    pub(super) identity: Option<String>,
+    pub(super) ip: IpAddr,
+    pub(super) port: u16,
+    pub(super) cut: CancellationToken,
+}
+
+/// Removes an open connection from the register when its relay ends.
+pub(super) struct Registered<'a> {
+    pub(super) inbound: &'a Inbound,
+    pub(super) id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.inbound
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Decides again, for each HTTP request of a connection, whether its client
+/// may still in (policies change live; an HTTP connection may be reused
+/// long after it was let in).
+pub struct Recheck {
+    pub(super) inbound: Arc<Inbound>,
+    pub(super) served: Arc<ServedPod>,
+    /// The client's SPIFFE ID, when authenticated.
+    pub(super) identity: Option<String>,
+    pub(super) ip: IpAddr,
+    pub(super) port: u16,
+}
+
+impl Recheck {
+    /// The client as a tap names it: its pod, when the address is one's.
+    pub fn client(&self) -> TapPeer {
+        let mut peer = match self
+            .inbound
+            .state
+            .upstream(SocketAddr::new(self.ip, 0))
+            .target
+        {
+            Target::Pod(p) => crate::proxy::pods::tap_peer(&p),
+            _ => TapPeer::default(),
+        };
+        peer.identity = self.identity.clone().unwrap_or_default();
+        if peer.pod.is_empty() {
+            peer.pod = self.ip.to_string();
+        }
+        peer
+    }
+
+    pub fn check(&self) -> Result<(), InboundDenial> {
+        let client = match &self.identity {
+            Some(id) => Client::Meshed(id),
+            None => Client::Plain(self.ip),
+        };
+        self.inbound
+            .authorize(&self.served, client, self.ip, self.port)
+    }
+}
+
+impl Inbound {
+    /// Decides again for every connection relayed as bytes whenever the
+    /// state changes (at most once a second), until `stop`: those the
+    /// policy now refuses are reset (an HTTP connection is decided again
+    /// at each request instead).
+    pub async fn recheck_open(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.state.changes();
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            let open: Vec<OpenConnection> = self
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for c in open {
+                let client = match &c.identity {
+                    Some(id) => Client::Meshed(id),
+                    None => Client::Plain(c.ip),
+                };
+                if self.authorize(&c.served, client, c.ip, c.port).is_err() {
+                    debug!(pod = %c.served.pod.key(), client = %c.ip, port = c.port, "an open connection is refused now: reset");
+                    c.cut.cancel();
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
