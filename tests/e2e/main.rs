@@ -1,5 +1,6 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
+mod api;
 mod escape;
 mod inbound;
 mod kube;
@@ -26,6 +27,7 @@ fn main() {
         operate::stat_shows_what_the_agents_saw,
         operate::tap_shows_live_requests_with_both_identities,
         operate::the_dashboard_shows_live_numbers_in_a_real_browser,
+        api::stat_and_tap_go_through_the_api_server_as_rbac_allows,
         kube::a_namespace_label_meshes_its_pods_and_the_opt_out_wins,
         kube::unlabelling_releases_and_deleting_cleans_up,
         kube::bad_pods_are_reported_once_retried_and_the_rest_served,

@@ -35,6 +35,9 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// Where the identity service listens (on its node's address).
 pub const IDENTITY_PORT: u16 = 8080;
 pub const IDENTITY_ADMIN_PORT: u16 = 9990;
+/// Where the identity service serves the aggregated API (on its node's
+/// address).
+pub const API_PORT: u16 = nodemesh_core::names::API_PORT;
 
 /// Nodes wired together: each node gets an `up0` veth into the link's
 /// bridge, an address on the link network, routes to the other nodes' pod
@@ -298,6 +301,31 @@ pub struct Install<'c> {
     pub namespace: String,
     pub pki: TestPki,
     manifests: String,
+    /// The documents of [`CLUSTER_SINGLETONS`], not applied.
+    singletons: String,
+}
+
+/// The install's cluster-wide objects named without its namespace (the
+/// aggregated API and the ClusterRoles to read it): one per cluster. The
+/// test bed's installs (many at once on the shared API server) leave them
+/// to the one test that applies them ([`AggregatedApi`]).
+const CLUSTER_SINGLETONS: [&str; 3] = [
+    "name: v1alpha1.tap.nodemesh.io",
+    "name: nodemesh-viewer",
+    "name: nodemesh-tapper",
+];
+
+fn is_singleton(doc: &str) -> bool {
+    CLUSTER_SINGLETONS.iter().any(|n| doc.contains(n))
+}
+
+/// A manifest without [`CLUSTER_SINGLETONS`].
+pub fn without_singletons(text: &str) -> String {
+    nodemesh_cli::install::documents(text)
+        .into_iter()
+        .filter(|d| !is_singleton(d))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
 }
 
 impl<'c> Install<'c> {
@@ -320,7 +348,12 @@ impl<'c> Install<'c> {
             identity_cert_lifetime: "24h".into(),
             identity_issuer_lifetime: "8760h".into(),
         };
-        let manifests = nodemesh_cli::install::render(&args).expect("install manifests");
+        let all = nodemesh_cli::install::render(&args).expect("install manifests");
+        let manifests = without_singletons(&all);
+        let singletons: Vec<&str> = nodemesh_cli::install::documents(&all)
+            .into_iter()
+            .filter(|d| is_singleton(d))
+            .collect();
         cluster
             .apply_manifests(&manifests, false)
             .unwrap_or_else(|e| panic!("apply the install: {e}"));
@@ -329,6 +362,7 @@ impl<'c> Install<'c> {
             namespace,
             pki,
             manifests,
+            singletons: singletons.join("\n---\n"),
         }
     }
 
@@ -344,11 +378,89 @@ impl Drop for Install<'_> {
     }
 }
 
+/// The install's aggregated API `tap.nodemesh.io` and its ClusterRoles,
+/// applied; the API server reaching the identity service on its node
+/// through a forward from its loopback (the test API server has no
+/// Service network: the `nodemesh-identity` Service becomes an
+/// ExternalName one for `127.0.0.1`, and the APIService names the
+/// forward's port). Removed on drop.
+pub struct AggregatedApi<'c> {
+    cluster: &'c Cluster,
+    manifests: String,
+    _forward: crate::sys::ReverseForward,
+}
+
+impl<'c> AggregatedApi<'c> {
+    pub fn apply(install: &Install<'c>, identity: &IdentityService, node: &Node) -> Self {
+        let cluster = install.cluster;
+        let forward = crate::sys::ReverseForward::start(&node.netns, identity.api);
+        let manifests = install
+            .singletons
+            .replace("    port: 443", &format!("    port: {}", forward.port));
+        cluster.delete_service(&install.namespace, "nodemesh-identity");
+        cluster
+            .apply_manifests(
+                &format!(
+                    "apiVersion: v1\nkind: Service\nmetadata:\n  name: nodemesh-identity\n  namespace: {}\nspec:\n  type: ExternalName\n  externalName: 127.0.0.1\n  ports:\n    - name: api\n      protocol: TCP\n      port: {}\n---\n{manifests}",
+                    install.namespace, forward.port
+                ),
+                false,
+            )
+            .unwrap_or_else(|e| panic!("apply the aggregated API: {e}"));
+        let api = Self {
+            cluster,
+            manifests,
+            _forward: forward,
+        };
+        // Available once the API server's check of it passed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = cluster.block_on(async {
+                let req = http::Request::get(format!(
+                    "/apis/{}/{}",
+                    nodemesh_core::names::API_GROUP,
+                    nodemesh_core::names::API_VERSION
+                ))
+                .body(Vec::new())
+                .expect("request");
+                cluster.client.request_text(req).await
+            });
+            match got {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "the aggregated API is not available after 30s: {e}\nits status: {:#}\n{}",
+                    cluster
+                        .get_object(
+                            "apiregistration.k8s.io/v1",
+                            "APIService",
+                            "",
+                            "v1alpha1.tap.nodemesh.io"
+                        )
+                        .map(|o| o["status"].clone())
+                        .unwrap_or_default(),
+                    identity.log()
+                ),
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        api
+    }
+}
+
+impl Drop for AggregatedApi<'_> {
+    fn drop(&mut self) {
+        self.cluster.delete_manifests(&self.manifests);
+    }
+}
+
 /// `nodemesh identity`, run on a node with the installed service account.
 pub struct IdentityService {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The aggregated API.
+    pub api: SocketAddr,
     netns: PathBuf,
     pub log_path: PathBuf,
 }
@@ -368,6 +480,7 @@ impl IdentityService {
         let log = File::create(&log_path).expect("identity log");
         let addr = SocketAddr::from((node.ip, IDENTITY_PORT));
         let admin = SocketAddr::from((node.ip, IDENTITY_ADMIN_PORT));
+        let api = SocketAddr::from((node.ip, API_PORT));
         let mut cmd = Command::new(self_exe());
         cmd.arg(crate::agent::ROLE)
             .args(["--log-level", "info", "identity"])
@@ -387,6 +500,10 @@ impl IdentityService {
             .arg(format!("{}/nodemesh-agent", install.namespace))
             .arg("--server-name")
             .arg(install.server_name())
+            .arg("--api-addr")
+            .arg(api.to_string())
+            .arg("--service-account")
+            .arg(format!("{}/nodemesh-identity", install.namespace))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .stdin(Stdio::null())
@@ -397,6 +514,7 @@ impl IdentityService {
             child: Some(child),
             addr,
             admin,
+            api,
             netns: node.netns.clone(),
             log_path,
         };
@@ -453,7 +571,7 @@ pub fn agent_identity_token(install: &Install, node: &Node) -> PathBuf {
     let name = format!("nodemesh-agent-{}", node.name);
     let uid = install
         .cluster
-        .api_pod(&install.namespace, &name, &node.name, "nodemesh-agent");
+        .agent_pod(&install.namespace, &name, node, "nodemesh-agent");
     let token = install.cluster.bound_token(
         &install.namespace,
         "nodemesh-agent",
@@ -503,6 +621,10 @@ fn agent_options_with_token(
             SocketAddr::from((node.ip, TUNNEL_PORT)),
             SocketAddr::from((node.ip6, TUNNEL_PORT))
         ))
+        .arg("--agent-identity")
+        .arg(&format!("{}/nodemesh-agent", install.namespace))
+        .arg("--tap-client")
+        .arg(&format!("{}/nodemesh-identity", install.namespace))
 }
 
 /// Starts a meshed agent on `node` and waits for it to be ready.

@@ -382,3 +382,65 @@ impl Drop for Forward {
         }
     }
 }
+
+/// A TCP forwarder from the host's `127.0.0.1:<port>` (a free one) to
+/// `target` inside a netns: how the test API server (on the host's
+/// loopback) reaches a service on a node. Stops when dropped.
+#[derive(Debug)]
+pub struct ReverseForward {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ReverseForward {
+    pub fn start(netns: &Path, target: std::net::SocketAddr) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("listen on loopback");
+        let port = listener.local_addr().expect("local addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let netns = netns.to_owned();
+        let thread = thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((outside, _)) => {
+                        let _ = outside.set_nonblocking(false);
+                        let Ok(inside) = in_netns(&netns, move || TcpStream::connect(target))
+                        else {
+                            continue;
+                        };
+                        for (mut from, mut to) in [
+                            (inside.try_clone(), outside.try_clone()),
+                            (outside.try_clone(), inside.try_clone()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                        {
+                            thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ReverseForward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

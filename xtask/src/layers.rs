@@ -23,6 +23,8 @@ use anyhow::{Context, Result, bail};
 /// below its own layer.
 const LAYERS: &[&[&str]] = &[
     &["app"],
+    // The tap port serves the admin routes over mutual TLS.
+    &["tapport"],
     &["admin", "capture"],
     &["proxy"],
     &["discovery", "identity"],

@@ -52,6 +52,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // A real server-first protocol through the mesh.
     "mariadb-server",
     "mariadb-client",
+    // What a pod uses in the tests to knock on an agent's tap port.
+    "curl",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 

@@ -1,11 +1,261 @@
-//! Asking an agent's admin API (`/v1/stat`, `/v1/tap`) directly, and the
-//! plain-text tables the commands print.
-use std::{net::SocketAddr, time::Duration};
+//! How the commands reach the agents: through the API server (the
+//! aggregated API `tap.nodemesh.io`, as RBAC allows: `nodemesh-viewer` for
+//! stat, `nodemesh-tapper` for tap), or directly with `--agent ADDR` on the
+//! node itself (agents answer nobody else) — and the plain-text tables the
+//! commands print.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use bytes::Bytes;
+use clap::Args;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use nodemesh_core::{
+    names::{API_GROUP, API_VERSION},
+    wire::{StatList, StatReport, TapEvent},
+};
+use tokio::sync::mpsc;
+
+/// Where the agents are read.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Reach {
+    /// Read this agent directly (its admin address; repeatable) instead of
+    /// through the API server: for debugging on a node, the only place an
+    /// agent answers (127.0.0.1:4191).
+    #[arg(long, value_name = "ADDR")]
+    pub agent: Vec<SocketAddr>,
+    /// The kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current one).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+/// The agents, as reached.
+#[derive(Clone)]
+pub enum Source {
+    Direct(Vec<SocketAddr>),
+    Api(kube::Client),
+}
+
+/// An agent's tap item: (who, event), or (who, why its stream ended).
+pub type TapItem = Result<(String, TapEvent), (String, String)>;
+
+impl Source {
+    pub async fn new(reach: &Reach) -> Result<Source, String> {
+        if !reach.agent.is_empty() {
+            return Ok(Source::Direct(reach.agent.clone()));
+        }
+        let options = KubeConfigOptions {
+            context: reach.context.clone(),
+            ..KubeConfigOptions::default()
+        };
+        let config = match &reach.kubeconfig {
+            Some(path) => {
+                let file = Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            }
+            None if reach.context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| format!("kubeconfig: {e}"))?,
+            None => kube::Config::infer().await.map_err(|e| {
+                format!("no kubeconfig ({e}): pass --kubeconfig, or --agent on a node")
+            })?,
+        };
+        let mut config = config;
+        // A tap with nothing to show for minutes is still a tap.
+        config.read_timeout = None;
+        kube::Client::try_from(config)
+            .map(Source::Api)
+            .map_err(|e| format!("kube client: {e}"))
+    }
+
+    /// Every agent's report for `window`: (who, the report or why not).
+    pub async fn stats(
+        &self,
+        window: &str,
+    ) -> Result<Vec<(String, Result<StatReport, String>)>, String> {
+        match self {
+            Source::Direct(agents) => {
+                let mut out = Vec::new();
+                for addr in agents {
+                    out.push((addr.to_string(), fetch(*addr, window).await));
+                }
+                Ok(out)
+            }
+            Source::Api(client) => {
+                let req = Request::get(format!(
+                    "/apis/{API_GROUP}/{API_VERSION}/stat?window={window}"
+                ))
+                .body(Vec::new())
+                .map_err(|e| e.to_string())?;
+                let list: StatList =
+                    tokio::time::timeout(Duration::from_secs(30), client.request(req))
+                        .await
+                        .map_err(|_| "the API server did not answer within 30s".to_owned())?
+                        .map_err(api_error)?;
+                if list.agents.is_empty() {
+                    return Err("no agent is running (is nodemesh installed?)".into());
+                }
+                Ok(list
+                    .agents
+                    .into_iter()
+                    .map(|a| {
+                        let who = if a.node.is_empty() { a.pod } else { a.node };
+                        let r = a
+                            .report
+                            .ok_or_else(|| a.error.unwrap_or_else(|| "no report".into()));
+                        (who, r)
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Follows the agents' taps (`query`: the filter) into `tx` until it
+    /// is closed.
+    pub async fn tap(&self, query: String, tx: mpsc::Sender<TapItem>) {
+        match self {
+            Source::Direct(agents) => {
+                for addr in agents {
+                    tokio::spawn(follow_direct(*addr, query.clone(), tx.clone()));
+                }
+            }
+            Source::Api(client) => {
+                tokio::spawn(follow_api(client.clone(), query, tx));
+            }
+        }
+    }
+}
+
+/// What an error of the API server means here.
+fn api_error(e: kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "{} (bind the ClusterRole nodemesh-viewer for stat, nodemesh-tapper for tap)",
+            s.message
+        ),
+        kube::Error::Api(s) if s.code == 404 || s.code == 503 => format!(
+            "{} (is nodemesh installed, and its identity service up? see nodemesh check)",
+            s.message
+        ),
+        kube::Error::Api(s) => s.message,
+        e => e.to_string(),
+    }
+}
+
+async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, String> {
+    let resp = get(addr, &format!("/v1/stat?window={window}")).await?;
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .map_err(|_| "no answer within 10s".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice::<StatReport>(&body).map_err(|e| format!("bad answer: {e}"))
+}
+
+/// Splits a stream of bytes into NDJSON events.
+#[derive(Default)]
+struct LineReader(Vec<u8>);
+
+impl LineReader {
+    fn push(&mut self, data: &[u8]) -> Result<Vec<TapEvent>, String> {
+        self.0.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(at) = self.0.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.0.drain(..=at).collect();
+            out.push(serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?);
+        }
+        // A line longer than any event: the stream is not a tap.
+        if self.0.len() > 1 << 20 {
+            return Err("an event over 1 MiB".into());
+        }
+        Ok(out)
+    }
+}
+
+async fn follow_direct(addr: SocketAddr, query: String, tx: mpsc::Sender<TapItem>) {
+    let who = addr.to_string();
+    let stream = async {
+        let resp = get(addr, &format!("/v1/tap?{query}")).await?;
+        let mut body = resp.into_body();
+        let mut lines = LineReader::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            for event in lines.push(data)? {
+                if tx.send(Ok((who.clone(), event))).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Err("the agent ended the stream".to_owned())
+    };
+    if let Err(e) = stream.await {
+        let _ = tx.send(Err((who, e))).await;
+    }
+}
+
+async fn follow_api(client: kube::Client, query: String, tx: mpsc::Sender<TapItem>) {
+    let who = "API server".to_owned();
+    let stream = async {
+        let req = Request::get(format!(
+            "/apis/{API_GROUP}/{API_VERSION}/tap?watch=true&{query}"
+        ))
+        .body(kube::client::Body::empty())
+        .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), client.send(req))
+            .await
+            .map_err(|_| "the API server did not answer within 30s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            let code = resp.status().as_u16();
+            let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let status: Result<kube::core::Status, _> = serde_json::from_slice(&body);
+            return Err(match status {
+                Ok(s) => api_error(kube::Error::Api(Box::new(s))),
+                Err(_) => format!("{code}: {}", String::from_utf8_lossy(&body).trim()),
+            });
+        }
+        let mut body = resp.into_body();
+        let mut lines = LineReader::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            for event in lines.push(data)? {
+                let item = if event.kind == "error" {
+                    Err((
+                        event.node.clone(),
+                        event.message.clone().unwrap_or_default(),
+                    ))
+                } else {
+                    Ok((event.node.clone(), event))
+                };
+                if tx.send(item).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Err("the API server ended the stream".to_owned())
+    };
+    if let Err(e) = stream.await {
+        let _ = tx.send(Err((who, e))).await;
+    }
+}
 
 /// `GET path` on the agent at `addr`: its response when it is 200 (the
 /// body still to read: it may stream), else why not. The connection, the

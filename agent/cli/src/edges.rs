@@ -5,7 +5,7 @@
 //! SECURED: `√` every request over mTLS; `√ (node)` the client a meshed pod
 //! on the server's node (through the agent once: identity known, nothing
 //! on a wire); `×` some or all in plaintext.
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::collections::BTreeMap;
 
 use clap::Args;
 use nodemesh_core::{
@@ -26,10 +26,8 @@ pub struct EdgesArgs {
     pub namespace: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
-    /// An agent's admin address (repeatable). Agents answer the node itself
-    /// only: run on the node, with 127.0.0.1:4191.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub agent: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub reach: crate::agents::Reach,
 }
 
 /// One edge.
@@ -46,7 +44,7 @@ pub struct Edge {
 }
 
 pub fn run(args: &EdgesArgs) -> Result<String, StatError> {
-    let edges = edges(&crate::stat::merged(&args.agent, "10m")?, args);
+    let edges = edges(&crate::stat::merged(&args.reach, "10m")?, args);
     Ok(render(&edges, args.output))
 }
 
@@ -241,7 +239,7 @@ mod tests {
             resource: Resource::Deploy,
             namespace: Some("shop".into()),
             output: Output::Json,
-            agent: vec![],
+            reach: crate::agents::Reach::default(),
         };
         let e = edges(&report, &args);
         let summary: Vec<(&str, &str, &str)> = e

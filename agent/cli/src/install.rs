@@ -1,6 +1,7 @@
 //! `nodemesh install` and `nodemesh uninstall`: the manifests in
 //! `deploy/nodemesh.yaml`, filled in from flags, printed for
 //! `kubectl apply -f -` (and `kubectl delete -f -`).
+use base64::Engine as _;
 use clap::Args;
 
 use nodemesh_core::{
@@ -264,6 +265,10 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
         .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
         .replace("{{cert_lifetime}}", &quoted(&a.identity_cert_lifetime))
+        .replace(
+            "{{trust_anchors_base64}}",
+            &base64::engine::general_purpose::STANDARD.encode(pki.trust_anchors.as_bytes()),
+        )
         .replace("{{trust_anchors}}", &quoted(&pki.trust_anchors))
         .replace("{{issuer_cert}}", &quoted(&pki.issuer_cert))
         .replace("{{issuer_key}}", &quoted(&pki.issuer_key));
@@ -374,9 +379,26 @@ mod tests {
                 "ClusterRoleBinding",
                 "Service",
                 "Deployment",
+                "RoleBinding",
+                "APIService",
+                "ClusterRole",
+                "ClusterRole",
                 "DaemonSet"
             ]
         );
+        // The API server trusts the identity service's serving certificate
+        // through the trust anchors.
+        let api: serde_norway::Value = documents(&out)
+            .iter()
+            .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
+            .find(|v| v["kind"].as_str() == Some("APIService"))
+            .expect("an APIService");
+        let bundle = base64::engine::general_purpose::STANDARD
+            .decode(api["spec"]["caBundle"].as_str().expect("caBundle"))
+            .expect("base64");
+        let bundle = String::from_utf8(bundle).expect("PEM");
+        assert!(bundle.contains("BEGIN CERTIFICATE"));
+        assert!(out.contains(&format!("ca-bundle.crt: {}", quoted(&bundle))));
         assert!(out.contains("name: nodemesh-nodemesh-agent"));
         // Both pods say where their metrics are.
         for doc in documents(&out) {
@@ -481,13 +503,17 @@ mod tests {
     fn uninstall_lists_every_object_daemonset_first() {
         let out = uninstall("mesh-system").expect("renders");
         let docs = documents(&out);
-        assert_eq!(docs.len(), 16);
+        assert_eq!(docs.len(), 20);
         // The agents stop first, while the identity service and their RBAC
-        // are still there.
+        // are still there; the aggregated API goes before its server.
         assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
-        assert!(docs[1].contains("kind: Deployment"));
+        assert!(docs[3].contains("kind: APIService"));
+        assert!(
+            docs[4].contains("kind: RoleBinding") && docs[4].contains("namespace: kube-system")
+        );
+        assert!(docs[5].contains("kind: Deployment"));
         // The CRD goes with the users' policies, before the namespace.
-        assert!(docs[14].contains("kind: CustomResourceDefinition"));
-        assert!(docs[15].contains("kind: Namespace") && docs[15].contains("name: mesh-system"));
+        assert!(docs[18].contains("kind: CustomResourceDefinition"));
+        assert!(docs[19].contains("kind: Namespace") && docs[19].contains("name: mesh-system"));
     }
 }

@@ -2,14 +2,14 @@
 //! `/v1/stat` (histograms added bucket by bucket, so percentiles across
 //! nodes are exact to the bucket, never averaged).
 //!
-//! Today it asks agents directly (`--agent ADDR`, repeatable), which they
-//! answer for the node itself only; the RBAC-checked path through the API
-//! server is not built yet.
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+//! It reads them through the API server (`nodemesh-viewer` lets a user), or
+//! with `--agent` directly on a node.
+use std::collections::BTreeMap;
 
 use clap::{Args, ValueEnum};
-use http_body_util::BodyExt;
 use nodemesh_core::wire::{Golden, STAT_WINDOWS, StatReport, TcpStat};
+
+use crate::agents::{Reach, Source};
 use serde::Serialize;
 
 /// What `stat` can be asked about.
@@ -73,10 +73,8 @@ pub struct StatArgs {
     pub window: String,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
-    /// An agent's admin address (repeatable; merged). Agents answer the
-    /// node itself only: run on the node, with 127.0.0.1:4191.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub agent: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub reach: Reach,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +83,10 @@ pub enum StatError {
     Window(String),
     #[error("--from and --to together: choose one")]
     FromAndTo,
-    #[error("agent {addr}: {message}")]
-    Agent { addr: SocketAddr, message: String },
+    #[error("agent {agent}: {message}")]
+    Agent { agent: String, message: String },
+    #[error("{0}")]
+    Reach(String),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -124,38 +124,26 @@ pub fn run(args: &StatArgs) -> Result<String, StatError> {
     if args.from.is_some() && args.to.is_some() {
         return Err(StatError::FromAndTo);
     }
-    let lines = lines(&merged(&args.agent, &args.window)?, args);
+    let lines = lines(&merged(&args.reach, &args.window)?, args);
     Ok(render(&lines, args.output))
 }
 
 /// Every agent's report for `window`, merged (any that does not answer is
 /// an error: a partial picture would pass for the whole).
-pub(crate) fn merged(agents: &[SocketAddr], window: &str) -> Result<StatReport, StatError> {
+pub(crate) fn merged(reach: &Reach, window: &str) -> Result<StatReport, StatError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StatError::Runtime)?;
     let reports = runtime.block_on(async {
+        let source = Source::new(reach).await.map_err(StatError::Reach)?;
         let mut out = Vec::new();
-        for addr in agents {
-            out.push(fetch(*addr, window).await?);
+        for (agent, report) in source.stats(window).await.map_err(StatError::Reach)? {
+            out.push(report.map_err(|message| StatError::Agent { agent, message })?);
         }
         Ok::<_, StatError>(out)
     })?;
     Ok(StatReport::merge(&reports))
-}
-
-pub(crate) async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, StatError> {
-    let err = |message: String| StatError::Agent { addr, message };
-    let resp = crate::agents::get(addr, &format!("/v1/stat?window={window}"))
-        .await
-        .map_err(err)?;
-    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-        .await
-        .map_err(|_| err("no answer within 10s".into()))?
-        .map_err(|e| err(e.to_string()))?
-        .to_bytes();
-    serde_json::from_slice::<StatReport>(&body).map_err(|e| err(format!("bad answer: {e}")))
 }
 
 /// `deploy/web` or `web`: the name part.
@@ -329,7 +317,7 @@ mod tests {
             from: from.map(str::to_owned),
             window: "10s".into(),
             output: Output::Json,
-            agent: vec![],
+            reach: crate::agents::Reach::default(),
         }
     }
 

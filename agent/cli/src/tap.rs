@@ -2,14 +2,16 @@
 //! by the agents, printed as they come: `req`, `rsp` and `end` lines per
 //! request, with both ends' identities. Never header values or bodies.
 //!
-//! Today it asks agents directly (`--agent ADDR`, repeatable), which they
-//! answer for the node itself only.
-use std::{io::Write, net::SocketAddr};
+//! It reads them through the API server (`nodemesh-tapper` lets a user), or
+//! with `--agent` directly on a node. An agent that cannot be followed is
+//! said on stderr; the others go on.
+use std::io::Write;
 
 use clap::{Args, ValueEnum};
-use http_body_util::BodyExt;
 use nodemesh_core::wire::{TapEvent, TapFilter};
 use tokio::sync::mpsc;
+
+use crate::agents::{Reach, Source, TapItem};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TapOutput {
@@ -44,18 +46,16 @@ pub struct TapArgs {
     pub count: u64,
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: TapOutput,
-    /// An agent's admin address (repeatable). Agents answer the node itself
-    /// only: run on the node, with 127.0.0.1:4191.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub agent: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub reach: Reach,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("{0:?}: not KIND/NAME (deploy/web, pod/web-1, ns/shop)")]
     Resource(String),
-    #[error("agent {addr}: {message}")]
-    Agent { addr: SocketAddr, message: String },
+    #[error("{0}")]
+    Reach(String),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -99,17 +99,25 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
         .build()
         .map_err(TapError::Runtime)?;
     runtime.block_on(async {
-        let (tx, mut rx) = mpsc::channel::<Result<(SocketAddr, TapEvent), TapError>>(256);
-        for addr in &args.agent {
-            tokio::spawn(follow(*addr, filter.query(), tx.clone()));
-        }
-        drop(tx);
+        let source = Source::new(&args.reach).await.map_err(TapError::Reach)?;
+        let (tx, mut rx) = mpsc::channel::<TapItem>(256);
+        source.tap(filter.query(), tx).await;
         let mut seen = 0;
         while let Some(item) = rx.recv().await {
-            let (addr, event) = item?;
+            let (who, event) = match item {
+                Ok(i) => i,
+                // The API server refused or failed: nothing will come.
+                Err((who, message)) if who == "API server" => {
+                    return Err(TapError::Reach(message));
+                }
+                Err((who, message)) => {
+                    eprintln!("tap: {who}: {message}");
+                    continue;
+                }
+            };
             let line = match args.output {
                 TapOutput::Json => serde_json::to_string(&event).unwrap_or_default(),
-                TapOutput::Text => text(addr, &event),
+                TapOutput::Text => text(&who, &event),
             };
             // A closed stdout (`| head`) ends the tap.
             if writeln!(std::io::stdout(), "{line}").is_err() {
@@ -124,50 +132,13 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
     })
 }
 
-/// Reads one agent's stream into `tx`.
-pub(crate) async fn follow(
-    addr: SocketAddr,
-    query: String,
-    tx: mpsc::Sender<Result<(SocketAddr, TapEvent), TapError>>,
-) {
-    let err = |message: String| TapError::Agent { addr, message };
-    let stream = async {
-        let resp = crate::agents::get(addr, &format!("/v1/tap?{query}"))
-            .await
-            .map_err(err)?;
-        let mut body = resp.into_body();
-        let mut pending: Vec<u8> = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| err(e.to_string()))?;
-            let Some(data) = frame.data_ref() else {
-                continue;
-            };
-            pending.extend_from_slice(data);
-            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=at).collect();
-                match serde_json::from_slice::<TapEvent>(&line) {
-                    Ok(event) => {
-                        if tx.send(Ok((addr, event))).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => return Err(err(format!("bad event: {e}"))),
-                }
-            }
-            // A line longer than any event: the stream is not a tap.
-            if pending.len() > 1 << 20 {
-                return Err(err("an event over 1 MiB".into()));
-            }
-        }
-        Ok(())
-    };
-    if let Err(e) = stream.await {
-        let _ = tx.send(Err(e)).await;
-    }
-}
-
-/// A Linkerd-shaped line.
-pub fn text(addr: SocketAddr, e: &TapEvent) -> String {
+/// A Linkerd-shaped line; `who` is the agent (its node, or address).
+pub fn text(who: &str, e: &TapEvent) -> String {
+    // An address's host part (ids are `<agent>:<n>`).
+    let agent = who
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| who.to_owned());
     let proxy = if e.direction == "inbound" {
         "in"
     } else {
@@ -183,7 +154,7 @@ pub fn text(addr: SocketAddr, e: &TapEvent) -> String {
     let head = format!(
         "{} id={}:{} proxy={proxy} src={} dst={} tls={}",
         e.kind,
-        addr.ip(),
+        agent,
         e.id,
         end(&e.src),
         end(&e.dst),
@@ -226,9 +197,9 @@ pub fn text(addr: SocketAddr, e: &TapEvent) -> String {
         "dropped" => format!(
             "dropped {} events from {} (reading too slowly)",
             e.count.unwrap_or_default(),
-            addr
+            who
         ),
-        other => format!("{other} id={}:{}", addr.ip(), e.id),
+        other => format!("{other} id={agent}:{}", e.id),
     }
 }
 
@@ -247,7 +218,7 @@ mod tests {
             max_rps: 10,
             count: 0,
             output: TapOutput::Text,
-            agent: vec![],
+            reach: Reach::default(),
         }
     }
 
@@ -280,7 +251,8 @@ mod tests {
             tls: true,
             ..TapEvent::default()
         };
-        let line = text("10.0.0.1:4191".parse().unwrap(), &e);
+        let line = text("10.0.0.1:4191", &e);
+        assert!(text("node-a", &e).starts_with("rsp id=node-a:7 "));
         assert!(
             line.starts_with("rsp id=10.0.0.1:7 proxy=out")
                 && line.contains(":status=200 latency=1234µs"),

@@ -6,7 +6,6 @@
 use std::{
     collections::HashMap,
     io::IsTerminal,
-    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -40,10 +39,8 @@ pub struct TopArgs {
     /// When not in a terminal: a table this often.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub every: Duration,
-    /// An agent's admin address (repeatable). Agents answer the node itself
-    /// only: run on the node, with 127.0.0.1:4191.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub agent: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub reach: crate::agents::Reach,
 }
 
 /// One path's numbers.
@@ -126,7 +123,7 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
         max_rps: args.max_rps,
         count: 0,
         output: TapOutput::Text,
-        agent: args.agent.clone(),
+        reach: args.reach.clone(),
     })?;
     let tty = std::io::stdout().is_terminal();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -134,11 +131,11 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
         .build()
         .map_err(TapError::Runtime)?;
     runtime.block_on(async {
+        let source = crate::agents::Source::new(&args.reach)
+            .await
+            .map_err(TapError::Reach)?;
         let (tx, mut rx) = mpsc::channel(1024);
-        for addr in &args.agent {
-            tokio::spawn(crate::tap::follow(*addr, filter.query(), tx.clone()));
-        }
-        drop(tx);
+        source.tap(filter.query(), tx).await;
         let mut table = HashMap::new();
         let started = Instant::now();
         let every = if tty {
@@ -157,7 +154,11 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
                 item = rx.recv() => match item {
                     Some(Ok((_, event))) if ours(&filter, &event) => count(&mut table, &event),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e),
+                    // The API server refused or failed: nothing will come.
+                    Some(Err((who, message))) if who == "API server" => {
+                        return Err(TapError::Reach(message));
+                    }
+                    Some(Err((who, message))) => eprintln!("top: {who}: {message}"),
                     None => break,
                 },
                 _ = tick.tick() => {

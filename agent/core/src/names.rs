@@ -108,6 +108,17 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const TUNNEL_PORT: u16 = 15008;
 /// The agent's admin server (`/metrics`, `/live`, `/ready`) on each node.
 pub const ADMIN_PORT: u16 = 4191;
+/// The agent's tap port on each node: `/v1/stat` and `/v1/tap` over mutual
+/// TLS, for the identity service's identity only (the API behind
+/// [`API_GROUP`] reaches agents there).
+pub const TAP_PORT: u16 = 4190;
+/// Where the identity service serves the aggregated API (HTTPS).
+pub const API_PORT: u16 = 8443;
+/// The aggregated API group the CLI reads stat and tap through (RBAC
+/// decides who may): `GET /apis/tap.nodemesh.io/v1alpha1/stat` (verb
+/// `list`) and `…/tap?watch=true` (verb `watch`).
+pub const API_GROUP: &str = "tap.nodemesh.io";
+pub const API_VERSION: &str = "v1alpha1";
 
 /// The value of [`MESH_LABEL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -139,6 +139,8 @@ pub struct CertInfo {
     /// Hex, colon-separated.
     pub serial: String,
     pub is_ca: bool,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
 }
 
 fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
@@ -179,6 +181,12 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
         not_after: to_system_time(cert.validity().not_after),
         serial: cert.raw_serial_as_string(),
         is_ca: cert.is_ca(),
+        common_name: cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
     })
 }
 
@@ -197,6 +205,7 @@ pub struct Signer {
     issuer_pem: String,
     issuer_not_after: SystemTime,
     trust_domain: String,
+    anchors: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -251,6 +260,7 @@ impl Signer {
         }
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key)?;
         Ok(Self {
+            anchors,
             issuer,
             // Presented as is after the leaf: the issuer and any intermediates.
             issuer_pem: issuer_cert_pem.trim().to_owned() + "\n",
@@ -261,6 +271,20 @@ impl Signer {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The trust anchors it was loaded with, as a root store.
+    pub fn roots(&self) -> Result<rustls::RootCertStore, PkiError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for anchor in &self.anchors {
+            roots
+                .add(anchor.clone())
+                .map_err(|e| PkiError::BadCertificate {
+                    what: "trust anchor".into(),
+                    why: e.to_string(),
+                })?;
+        }
+        Ok(roots)
     }
 
     /// When the issuer expires (no certificate it signs outlives it).

@@ -315,6 +315,29 @@ mod tests {
     }
 }
 
+/// One agent's part of `GET /apis/tap.nodemesh.io/v1alpha1/stat`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStat {
+    pub node: String,
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<StatReport>,
+    /// Why there is no report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /apis/tap.nodemesh.io/v1alpha1/stat?window=…`: every agent's
+/// report as it answered (merging is the reader's: it knows whether a
+/// partial picture will do).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatList {
+    pub kind: String,
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub agents: Vec<AgentStat>,
+}
+
 /// One end of a tapped request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TapPeer {
@@ -358,6 +381,13 @@ pub struct TapEvent {
     /// `dropped`: how many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// The node whose agent saw it (set by the API, which merges agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// `error`: an agent's stream could not be had or ended (the others
+    /// go on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What a tap reader wants (`/v1/tap?namespace=…&workload=…`): every field

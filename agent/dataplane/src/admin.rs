@@ -4,7 +4,9 @@
 //! `/v1/services`, the Services and endpoints the agent knows, as JSON, and
 //! `/v1/stat?window=10s|1m|10m`, the golden metrics of the window, and
 //! `/v1/tap?…`, live requests as NDJSON (both to the node itself only:
-//! `nodemesh stat|tap --agent` on the node).
+//! `nodemesh stat|tap --agent` on the node; everyone else reads them
+//! through the API server, which reaches agents on their tap port — see
+//! [`crate::tapport`]).
 use std::{
     convert::Infallible,
     pin::Pin,
@@ -53,25 +55,35 @@ impl Routes for AgentRoutes {
                     "no service index: the agent reads a pod file\n",
                 ),
             }),
-            "/v1/stat" => Some(self.stat(get)),
-            "/v1/tap" => Some(self.tap(get)),
-            _ => None,
+            // Paths and identities of the node's workloads: not for any
+            // pod that can reach the node's address.
+            "/v1/stat" | "/v1/tap" if !get.from_this_host() => {
+                Some(text(StatusCode::FORBIDDEN, NODE_ONLY))
+            }
+            path => self.answer(path, get.query),
         }
     }
 }
 
-/// What `/v1/stat` and `/v1/tap` tell anyone else.
-const NODE_ONLY: &str = "this answers the node itself only (run nodemesh stat|tap --agent 127.0.0.1:4191 on the node)\n";
+/// What `/v1/stat` and `/v1/tap` on the admin port tell anyone else.
+const NODE_ONLY: &str = "this answers the node itself only: use nodemesh stat|tap (through the API server, as RBAC allows), or --agent 127.0.0.1:4191 on the node\n";
 
 impl AgentRoutes {
-    fn tap(&self, get: Get<'_>) -> AdminResponse {
-        if !get.from_this_host() {
-            return text(StatusCode::FORBIDDEN, NODE_ONLY);
+    /// `/v1/stat` and `/v1/tap` for a caller already known to be allowed
+    /// (the tap port's one client); `None` for other paths.
+    pub fn answer(&self, path: &str, query: Option<&str>) -> Option<AdminResponse> {
+        match path {
+            "/v1/stat" => Some(self.stat(query)),
+            "/v1/tap" => Some(self.tap(query)),
+            _ => None,
         }
+    }
+
+    fn tap(&self, query: Option<&str>) -> AdminResponse {
         let Some(tap) = &self.tap else {
             return text(StatusCode::NOT_FOUND, "no tap here\n");
         };
-        let filter = match TapFilter::parse(get.query.unwrap_or_default()) {
+        let filter = match TapFilter::parse(query.unwrap_or_default()) {
             Ok(f) => f,
             Err(_) => {
                 return text(
@@ -107,17 +119,11 @@ impl AgentRoutes {
         resp
     }
 
-    fn stat(&self, get: Get<'_>) -> AdminResponse {
-        // Paths and identities of the node's workloads: not for any pod
-        // that can reach the node's address.
-        if !get.from_this_host() {
-            return text(StatusCode::FORBIDDEN, NODE_ONLY);
-        }
+    fn stat(&self, query: Option<&str>) -> AdminResponse {
         let Some((stats, node)) = &self.stats else {
             return text(StatusCode::NOT_FOUND, "no stats here\n");
         };
-        let window = get
-            .query
+        let window = query
             .into_iter()
             .flat_map(|q| q.split('&'))
             .find_map(|kv| kv.strip_prefix("window="))

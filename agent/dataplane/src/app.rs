@@ -46,6 +46,7 @@ use crate::{
     },
     redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
     state::StateStore,
+    tapport::{self, TapPort},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,11 @@ pub enum AgentError {
     TunnelTls(#[from] rustls::Error),
     #[error("cannot listen on {addr} for the tunnel: {source}; is another agent running?")]
     TunnelBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} for the tap port: {source}; is another agent running?")]
+    TapBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -110,6 +116,8 @@ pub struct Bound {
     pub admin: SocketAddr,
     /// The tunnel between nodes, with workload identity (none without).
     pub tunnel: Vec<SocketAddr>,
+    /// The tap port (with identity).
+    pub tap: Vec<SocketAddr>,
 }
 
 /// A built agent, not running yet.
@@ -123,6 +131,7 @@ pub struct App {
     certs: Option<Arc<CertStore>>,
     proxy: Arc<Proxy>,
     tunnel: Vec<TcpListener>,
+    tap_port: Option<(TapPort, Vec<TcpListener>)>,
     captures: Captures,
     ready: Ready,
     source: Source,
@@ -229,6 +238,14 @@ impl App {
                 .map_err(|(addr, source)| AgentError::TunnelBind { addr, source })?,
             None => Vec::new(),
         };
+        let tap_listeners = match &cfg.identity {
+            Some(id) => tunnel::server::bind(&id.tap_addrs)
+                .map_err(|(addr, source)| AgentError::TapBind { addr, source })?,
+            None => Vec::new(),
+        };
+        if let (Some(store), Some(id)) = (&certs, &cfg.identity) {
+            store.pin(id.agent_identity.clone());
+        }
         let proxy = Arc::new(Proxy::new(ProxyInputs {
             cfg: ProxyConfig {
                 buffer_size: cfg.buffer_size,
@@ -297,22 +314,39 @@ impl App {
         );
 
         let ready = Ready::default();
+        let routes = AgentRoutes {
+            services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
+            stats: Some((proxy.stats().clone(), state.node())),
+            tap: Some(proxy.tap().clone()),
+        };
+        let tap_port = match (&certs, &cfg.identity) {
+            (Some(store), Some(id)) => Some((
+                TapPort {
+                    store: store.clone(),
+                    me: id.agent_identity.clone(),
+                    client: id.tap_client.clone(),
+                    routes: routes.clone(),
+                },
+                tap_listeners,
+            )),
+            _ => None,
+        };
         let admin = AdminServer::start(
             cfg.admin_addr,
             AdminState {
                 registry: Arc::new(registry),
                 ready: ready.clone(),
                 not_ready: NOT_READY,
-                routes: Some(Arc::new(AgentRoutes {
-                    services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
-                    stats: Some((proxy.stats().clone(), state.node())),
-                    tap: Some(proxy.tap().clone()),
-                })),
+                routes: Some(Arc::new(routes)),
             },
         )?;
         let bound = Bound {
             admin: admin.addr,
             tunnel: tunnel.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            tap: tap_port
+                .iter()
+                .flat_map(|(_, ls)| ls.iter().filter_map(|l| l.local_addr().ok()))
+                .collect(),
         };
         Ok(Self {
             cfg,
@@ -324,6 +358,7 @@ impl App {
             certs,
             proxy,
             tunnel,
+            tap_port,
             captures,
             ready,
             source,
@@ -347,6 +382,7 @@ impl App {
             certs,
             proxy,
             tunnel,
+            tap_port,
             captures,
             ready,
             source,
@@ -365,6 +401,9 @@ impl App {
             tokio::spawn(store.clone().run(state.clone(), shutdown.clone()));
         }
         proxy.serve_tunnel(tunnel, shutdown.clone());
+        if let Some((port, listeners)) = tap_port {
+            tapport::serve(port, listeners, shutdown.clone())?;
+        }
         tokio::spawn(proxy.clone().tidy(shutdown.clone()));
         let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
 

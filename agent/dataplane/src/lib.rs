@@ -24,6 +24,7 @@ pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tapport;
 pub mod telemetry;
 
 pub use app::{AgentError, App, Bound, main};

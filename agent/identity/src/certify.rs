@@ -80,6 +80,10 @@ impl Service {
         }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,

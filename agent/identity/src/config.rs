@@ -83,6 +83,46 @@ pub struct IdentityArgs {
     )]
     pub server_names: Vec<String>,
 
+    /// Where to serve the aggregated API `tap.nodemesh.io` (HTTPS, to the
+    /// API server's front proxy only): `nodemesh stat|tap|top|edges` and
+    /// the dashboard read agents through it, as RBAC allows.
+    #[arg(
+        long,
+        env = "NODEMESH_API_ADDR",
+        default_value = "0.0.0.0:8443",
+        value_name = "ADDR"
+    )]
+    pub api_addr: String,
+
+    /// The service's own service account (`namespace/name`): the identity
+    /// it presents to agents' tap ports.
+    #[arg(
+        long = "service-account",
+        env = "NODEMESH_IDENTITY_SERVICE_ACCOUNT",
+        default_value = "nodemesh/nodemesh-identity",
+        value_name = "NS/NAME"
+    )]
+    pub service_account: String,
+
+    /// The agents' pods: this label selector, in the namespace of the
+    /// first --agent-service-account.
+    #[arg(
+        long,
+        env = "NODEMESH_AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=nodemesh-agent",
+        value_name = "SELECTOR"
+    )]
+    pub agent_selector: String,
+
+    /// The agents' tap port.
+    #[arg(
+        long,
+        env = "NODEMESH_AGENT_TAP_PORT",
+        default_value_t = nodemesh_core::names::TAP_PORT,
+        value_name = "PORT"
+    )]
+    pub agent_tap_port: u16,
+
     /// kubeconfig to reach the API server (default: in-cluster).
     #[arg(long, env = "NODEMESH_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
@@ -98,6 +138,15 @@ pub struct IdentityConfig {
     pub agent_service_accounts: Vec<String>,
     pub server_names: Vec<String>,
     pub kubeconfig: Option<PathBuf>,
+    pub api_addr: SocketAddr,
+    /// The service's own identity.
+    pub identity: Identity,
+    /// The agents' identities (their tap ports present one of these).
+    pub agent_identities: Vec<Identity>,
+    /// Where the agents' pods are, and how they are labelled.
+    pub agent_namespace: String,
+    pub agent_selector: String,
+    pub agent_tap_port: u16,
 }
 
 impl TryFrom<&IdentityArgs> for IdentityConfig {
@@ -129,13 +178,42 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
                 None
             }
         };
+        let mut agent_identities = Vec::new();
         for sa in &a.agent_service_accounts {
-            match sa.split_once('/') {
-                Some((ns, name)) if Identity::new(ns, name).is_ok() => {}
+            match sa.split_once('/').map(|(ns, name)| Identity::new(ns, name)) {
+                Some(Ok(id)) => agent_identities.push(id),
                 _ => problems.push(format!(
                     "--agent-service-account {sa:?}: expected namespace/name"
                 )),
             }
+        }
+        if a.agent_service_accounts.is_empty() {
+            problems.push("--agent-service-account: at least one".into());
+        }
+        let identity = match a
+            .service_account
+            .split_once('/')
+            .map(|(ns, name)| Identity::new(ns, name))
+        {
+            Some(Ok(id)) => Some(id),
+            _ => {
+                problems.push(format!(
+                    "--service-account {:?}: expected namespace/name",
+                    a.service_account
+                ));
+                None
+            }
+        };
+        let api_addr = a
+            .api_addr
+            .parse()
+            .map_err(|e| problems.push(format!("--api-addr {:?}: {e}", a.api_addr)))
+            .ok();
+        if a.agent_selector.trim().is_empty() {
+            problems.push("--agent-selector: empty".into());
+        }
+        if a.agent_tap_port == 0 {
+            problems.push("--agent-tap-port 0: not a port".into());
         }
         for name in &a.server_names {
             if !is_dns_subdomain(name) {
@@ -177,27 +255,39 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
             }
             _ => None,
         };
-        match (addr, admin_addr, cert_lifetime, signer) {
-            (Some(addr), Some(admin_addr), Some(cert_lifetime), Some(signer))
-                if problems.is_empty() =>
-            {
-                Ok(Self {
-                    addr,
-                    admin_addr,
-                    signer,
-                    cert_lifetime,
-                    agent_service_accounts: a
-                        .agent_service_accounts
-                        .iter()
-                        .map(|sa| {
-                            let (ns, name) = sa.split_once('/').unwrap_or_default();
-                            format!("system:serviceaccount:{ns}:{name}")
-                        })
-                        .collect(),
-                    server_names: a.server_names.clone(),
-                    kubeconfig: a.kubeconfig.clone(),
-                })
-            }
+        match (addr, admin_addr, cert_lifetime, signer, api_addr, identity) {
+            (
+                Some(addr),
+                Some(admin_addr),
+                Some(cert_lifetime),
+                Some(signer),
+                Some(api_addr),
+                Some(identity),
+            ) if problems.is_empty() => Ok(Self {
+                addr,
+                admin_addr,
+                signer,
+                cert_lifetime,
+                agent_service_accounts: a
+                    .agent_service_accounts
+                    .iter()
+                    .map(|sa| {
+                        let (ns, name) = sa.split_once('/').unwrap_or_default();
+                        format!("system:serviceaccount:{ns}:{name}")
+                    })
+                    .collect(),
+                server_names: a.server_names.clone(),
+                kubeconfig: a.kubeconfig.clone(),
+                api_addr,
+                identity,
+                agent_namespace: agent_identities
+                    .first()
+                    .map(|id| id.namespace.clone())
+                    .unwrap_or_default(),
+                agent_identities,
+                agent_selector: a.agent_selector.clone(),
+                agent_tap_port: a.agent_tap_port,
+            }),
             _ => Err(ConfigErrors(problems)),
         }
     }

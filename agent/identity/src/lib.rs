@@ -13,12 +13,16 @@
 //!    authorization: an agent gets only the identities of its own pods).
 //!
 //! It also keeps the `Accepted` condition of every `AuthorizationPolicy`
-//! (the cluster's one writer of it).
+//! (the cluster's one writer of it), and serves the aggregated API
+//! `tap.nodemesh.io` ([`api`]): stat and tap from every agent, to the users
+//! RBAC allows.
 //!
 //! Any other request gets a clear JSON error and is counted by reason; no
 //! certificate ever leaves with an error. The service's own serving
 //! certificate is signed by the same issuer, so agents trust it through the
 //! trust anchors they already hold.
+mod agents;
+mod api;
 mod certify;
 mod config;
 mod policies;
@@ -50,8 +54,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::certify::Service;
 pub use crate::config::{IdentityArgs, IdentityConfig};
+use crate::{
+    agents::{Agents, OwnCert},
+    api::AggregatedApi,
+    certify::Service,
+};
 
 /// Connections served at once (each request is a TokenReview and a pod
 /// list; agents make one per identity per half-lifetime).
@@ -76,6 +84,11 @@ pub enum IdentityServiceError {
     Tls(#[from] rustls::Error),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot listen on {addr} for the aggregated API: {source}")]
+    ApiBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the service on its own runtime until SIGTERM or SIGINT: the whole
@@ -133,6 +146,17 @@ fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), P
     Ok((pki::certified_key(&issued, &key)?, left))
 }
 
+/// The service's own workload certificate (what agents' tap ports check).
+fn own_cert(cfg: &IdentityConfig) -> Result<Arc<CertifiedKey>, PkiError> {
+    let key = KeyPair::generate()?;
+    let now = SystemTime::now();
+    let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
+    let issued = cfg
+        .signer
+        .sign_identity(&key, &cfg.identity, now, now + lifetime)?;
+    pki::certified_key(&issued, &key)
+}
+
 /// Runs the service until `shutdown`.
 pub async fn run(
     cfg: IdentityConfig,
@@ -156,6 +180,35 @@ pub async fn run(
     )?;
 
     let resolver = Arc::new(ServingCert(RwLock::new(cert)));
+    let own = Arc::new(OwnCert(RwLock::new(own_cert(&service.cfg)?)));
+    let roots = Arc::new(service.cfg.signer.roots()?);
+    let agents = Arc::new(Agents::new(
+        &service.cfg,
+        service.client().clone(),
+        roots,
+        own.clone(),
+    )?);
+    let api = Arc::new(AggregatedApi {
+        client: service.client().clone(),
+        agents,
+        front: RwLock::new(None),
+    });
+    let api_addr = service.cfg.api_addr;
+    let api_listener =
+        TcpListener::bind(api_addr)
+            .await
+            .map_err(|source| IdentityServiceError::ApiBind {
+                addr: api_addr,
+                source,
+            })?;
+    let api_acceptor = Arc::new(RwLock::new(None));
+    tokio::spawn(api::follow_front_proxy(
+        api.clone(),
+        api_acceptor.clone(),
+        resolver.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(serve_api(api, api_listener, api_acceptor, shutdown.clone()));
     let mut tls = ServerConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -168,6 +221,7 @@ pub async fn run(
     tokio::spawn(renew_serving_cert(
         service.clone(),
         resolver,
+        own,
         left,
         shutdown.clone(),
     ));
@@ -228,6 +282,7 @@ pub async fn run(
 async fn renew_serving_cert(
     service: Arc<Service>,
     resolver: Arc<ServingCert>,
+    own: Arc<OwnCert>,
     mut left: Duration,
     shutdown: CancellationToken,
 ) {
@@ -236,9 +291,10 @@ async fn renew_serving_cert(
             _ = tokio::time::sleep((left / 2).max(Duration::from_secs(10))) => {}
             _ = shutdown.cancelled() => return,
         }
-        match serving_cert(&service.cfg) {
-            Ok((cert, l)) => {
+        match serving_cert(&service.cfg).and_then(|c| Ok((c, own_cert(&service.cfg)?))) {
+            Ok(((cert, l), mine)) => {
                 *resolver.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
+                *own.0.write().unwrap_or_else(|p| p.into_inner()) = mine;
                 left = l;
             }
             Err(e) => {
@@ -246,5 +302,81 @@ async fn renew_serving_cert(
                 left = Duration::ZERO;
             }
         }
+    }
+}
+
+/// Serves the aggregated API: the front proxy's connections only (see
+/// [`api`]); a tap stream lives as long as its reader.
+async fn serve_api(
+    api: Arc<AggregatedApi>,
+    listener: TcpListener,
+    acceptor: Arc<RwLock<Option<TlsAcceptor>>>,
+    shutdown: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "aggregated API tap.nodemesh.io listening");
+    }
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let taps = Arc::new(tokio::sync::Semaphore::new(api::MAX_TAPS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "aggregated API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(tls) = acceptor.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            debug!(%peer, "aggregated API: front proxy settings not read yet; closing");
+            continue;
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(%peer, "aggregated API: too many connections; closing this one");
+            continue;
+        };
+        let (api, taps, shutdown) = (api.clone(), taps.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "aggregated API: handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let front = api.front.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let refused = match front {
+                Some(f) => f.allows(stream.get_ref().1.peer_certificates()).err(),
+                None => Some("front proxy settings not read yet".to_owned()),
+            };
+            let svc = service_fn(move |req| {
+                let (api, taps, refused) = (api.clone(), taps.clone(), refused.clone());
+                async move {
+                    Ok::<_, Infallible>(match refused {
+                        Some(why) => {
+                            api::status(hyper::StatusCode::UNAUTHORIZED, "Unauthorized", &why)
+                        }
+                        None => api.handle(req, &taps).await,
+                    })
+                }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    debug!(%peer, error = %e, "aggregated API connection ended with an error");
+                },
+                _ = shutdown.cancelled() => {}
+            }
+        });
     }
 }

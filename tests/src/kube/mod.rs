@@ -358,6 +358,7 @@ fn apiserver_command(bin: &Path, dir: &Path, port: u16, etcd_port: u16) -> Comma
         ])
         // No controller-manager creates default service accounts here.
         .arg("--disable-admission-plugins=ServiceAccount")
+        .args(front_proxy_flags(&pki))
         .arg(format!("--cert-dir={}", dir.join("certs").display()))
         .stdin(Stdio::null())
         .stdout(log_file(dir, "apiserver.log"))
@@ -416,11 +417,50 @@ fn write_pki(pki: &Path) {
     fs::write(pki.join("apiserver.key"), server_key.serialize_pem()).expect("write");
     fs::write(pki.join("sa.key"), sa_key.serialize_pem()).expect("write");
     fs::write(pki.join("sa.pub"), sa_key.public_key_pem()).expect("write");
+    // `alice`: a user in no group, for RBAC tests (bound as a test needs).
     fs::write(
         pki.join("tokens.csv"),
-        "nodemesh-test-admin,admin,admin-uid,system:masters\n",
+        format!(
+            "nodemesh-test-admin,admin,admin-uid,system:masters\n{ALICE_TOKEN},alice,alice-uid\n"
+        ),
     )
     .expect("write");
+    write_front_proxy(pki);
+}
+
+/// The token of `alice`, a user of the test API servers in no group.
+pub const ALICE_TOKEN: &str = "nodemesh-test-alice";
+
+/// The front proxy's CA and client certificate: how the API server reaches
+/// aggregated APIs (nodemesh's `tap.nodemesh.io`) as itself, naming the user
+/// in request headers.
+pub(crate) fn write_front_proxy(pki: &Path) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let (issuer, ca_pem) = test_ca("nodemesh test front-proxy CA");
+    let key = KeyPair::generate().expect("front proxy key");
+    let mut client = CertificateParams::new(Vec::<String>::new()).expect("params");
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "front-proxy-client");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = client.signed_by(&key, &issuer).expect("front proxy cert");
+    fs::write(pki.join("front-proxy-ca.crt"), ca_pem).expect("write");
+    fs::write(pki.join("front-proxy-client.crt"), cert.pem()).expect("write");
+    fs::write(pki.join("front-proxy-client.key"), key.serialize_pem()).expect("write");
+}
+
+/// kube-apiserver flags for [`write_front_proxy`]'s files in `pki`.
+pub(crate) fn front_proxy_flags(pki: &Path) -> Vec<String> {
+    let p = |f: &str| pki.join(f).display().to_string();
+    vec![
+        format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+        "--requestheader-allowed-names=front-proxy-client".into(),
+        "--requestheader-username-headers=X-Remote-User".into(),
+        "--requestheader-group-headers=X-Remote-Group".into(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+        format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+        format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
+    ]
 }
 
 fn write_kubeconfig(path: &Path, port: u16, ca: &Path, token: &str) {

@@ -177,6 +177,33 @@ impl Cluster {
                     }
                     _ => Api::all_with(self.client.clone(), &ar),
                 };
+                // kube-apiserver v1.20 panics on a server-side apply of an
+                // APIService (its aggregator has no field manager): what
+                // `kubectl apply` does instead, create or replace.
+                if types.kind == "APIService" {
+                    let pp = PostParams {
+                        dry_run,
+                        ..PostParams::default()
+                    };
+                    match api.create(&pp, &obj).await {
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            let mut obj = obj.clone();
+                            let current = api
+                                .get(&name)
+                                .await
+                                .map_err(|e| format!("{} {name}: {e}", types.kind))?;
+                            obj.metadata.resource_version = current.metadata.resource_version;
+                            api.replace(&name, &pp, &obj)
+                                .await
+                                .map_err(|e| format!("{} {name}: {e}", types.kind))?;
+                        }
+                        other => {
+                            other.map_err(|e| format!("{} {name}: {e}", types.kind))?;
+                        }
+                    }
+                    applied.push((types.kind, name));
+                    continue;
+                }
                 let mut params = PatchParams::apply("nodemesh-tests").force();
                 params.dry_run = dry_run;
                 api.patch(&name, &params, &Patch::Apply(&obj))
@@ -466,30 +493,35 @@ impl Cluster {
         self.request_token(namespace, service_account, spec)
     }
 
-    /// Creates a pod object only (no simulated pod): one that runs
-    /// elsewhere, such as an agent. Returns its UID.
-    pub fn api_pod(
+    /// A node agent's pod in the API (there is no kubelet: the agent runs
+    /// as a process on `node`): host network, labelled like the
+    /// DaemonSet's, Running on the node's address. Returns its UID.
+    pub fn agent_pod(
         &self,
         namespace: &str,
         name: &str,
-        node: &str,
+        node: &Node,
         service_account: &str,
     ) -> String {
         let api_pod: K8sPod = serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "nodemesh-agent"}},
             "spec": {
-                "nodeName": node,
+                "nodeName": node.name,
+                "hostNetwork": true,
                 "serviceAccountName": service_account,
-                "containers": [{"name": "c", "image": "nodemesh.test/app:1"}],
+                "containers": [{"name": "agent", "image": "nodemesh.test/nodemesh:1"}],
             }
         }))
         .expect("pod");
+        let api = Api::<K8sPod>::namespaced(self.client.clone(), namespace);
         let created = self
-            .block_on(
-                Api::<K8sPod>::namespaced(self.client.clone(), namespace)
-                    .create(&PostParams::default(), &api_pod),
-            )
+            .block_on(api.create(&PostParams::default(), &api_pod))
             .unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e}"));
+        let ip = node.host_ip().to_string();
+        let status = json!({"status": {"phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}]}});
+        self.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
+            .unwrap_or_else(|e| panic!("patch status of {namespace}/{name}: {e}"));
         created.metadata.uid.expect("a uid")
     }
 

@@ -59,9 +59,12 @@ pub fn pki(dir: &Path, node: &str, node_ip: Ipv4Addr) {
         &dir.join("tokens.csv"),
         format!(
             "{ADMIN_TOKEN},admin,admin-uid,system:masters\n\
-             {NODE_TOKEN},system:node:{node},node-uid,system:nodes\n"
+             {NODE_TOKEN},system:node:{node},node-uid,system:nodes\n\
+             {ALICE},alice,alice-uid\n",
+            ALICE = crate::kube::ALICE_TOKEN,
         ),
     );
+    crate::kube::write_front_proxy(dir);
 }
 
 /// A kubeconfig for the API server at `server` with a bearer token.

@@ -285,7 +285,9 @@ impl RealNode {
                 "--initial-advertise-peer-urls=http://127.0.0.1:2380",
                 "--initial-cluster=node=http://127.0.0.1:2380",
             ],
+            &[],
         );
+        let front_proxy = crate::kube::front_proxy_flags(&pki);
         node.spawn(
             "kube-apiserver",
             &sys_cgroup,
@@ -310,6 +312,7 @@ impl RealNode {
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
                 &format!("--cert-dir={}", d("apiserver-certs")),
             ],
+            &front_proxy,
         );
         node.wait_api(t0);
         step("API server ready", t0);
@@ -329,6 +332,7 @@ impl RealNode {
                 "--bind-address=127.0.0.1",
                 "--port=0",
             ],
+            &[],
         );
         node.spawn(
             "kube-scheduler",
@@ -340,6 +344,7 @@ impl RealNode {
                 "--bind-address=127.0.0.1",
                 "--port=0",
             ],
+            &[],
         );
         fs::write(
             dir.join("containerd.toml"),
@@ -354,6 +359,7 @@ impl RealNode {
                 "/usr/bin/containerd",
                 &format!("--config={}", d("containerd.toml")),
             ],
+            &[],
         );
         node.wait_containerd(t0);
         for image in &opts.images {
@@ -385,6 +391,7 @@ impl RealNode {
                 &format!("--cert-dir={}", d("kubelet/pki")),
                 "--v=1",
             ],
+            &[],
         );
         node.spawn(
             "kube-proxy",
@@ -405,6 +412,7 @@ impl RealNode {
                 "--metrics-bind-address=127.0.0.1:10249",
                 "--healthz-bind-address=127.0.0.1:10256",
             ],
+            &[],
         );
         node.wait_ready(t0);
         step("node Ready", t0);
@@ -469,11 +477,12 @@ exec sleep 2147483647",
     }
 
     /// Starts a daemon in the node's namespaces and `cgroup`.
-    fn spawn(&self, name: &str, cgroup: &Path, argv: &[&str]) {
+    fn spawn(&self, name: &str, cgroup: &Path, argv: &[&str], more: &[String]) {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", self.holder))
             .args(["--mount", "--net", "--"])
             .args(argv)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(self.log(name))
             .stderr(self.log(name));

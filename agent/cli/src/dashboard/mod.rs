@@ -1,7 +1,8 @@
 //! `nodemesh dashboard`: a web UI with live golden metrics, served by this
 //! process from assets embedded in the binary (no CDN, nothing fetched at
 //! run time). The browser talks only to this process; this process talks
-//! to the agents (today directly, on their node: `--agent`).
+//! to the API server (as the kubeconfig's user: RBAC decides what it may
+//! show), or directly to agents on their node with `--agent`.
 //!
 //! - `/` (and `app.js`, `style.css`): overview → namespace → workload
 //!   pages and a live tap page, plain HTML/JS/SVG;
@@ -29,7 +30,7 @@ use nodemesh_core::wire::{StatReport, TapEvent, TapFilter};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::stat::fetch;
+use crate::agents::{Reach, Source};
 
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
@@ -50,10 +51,8 @@ pub struct DashboardArgs {
     pub address: std::net::IpAddr,
     #[arg(long, default_value_t = 50750)]
     pub port: u16,
-    /// An agent's admin address (repeatable). Agents answer the node itself
-    /// only: run on the node, with 127.0.0.1:4191.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub agent: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub reach: Reach,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +64,8 @@ pub enum DashboardError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Reach(String),
 }
 
 #[derive(Debug, Default)]
@@ -73,10 +74,10 @@ struct Shared {
     /// success rate).
     history: BTreeMap<String, VecDeque<(u64, f64, Option<f64>)>>,
     /// (sequence, the agent, the event).
-    tap: VecDeque<(u64, SocketAddr, TapEvent)>,
+    tap: VecDeque<(u64, String, TapEvent)>,
     next: u64,
-    /// The last error of each agent that has one.
-    errors: HashMap<SocketAddr, String>,
+    /// The last error of each agent that has one (or of the API server).
+    errors: HashMap<String, String>,
 }
 
 type State = Arc<Mutex<Shared>>;
@@ -93,16 +94,26 @@ pub fn run(args: &DashboardArgs) -> Result<(), DashboardError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| DashboardError::Bind { addr, source })?;
+        let source = Source::new(&args.reach)
+            .await
+            .map_err(DashboardError::Reach)?;
         let state: State = Arc::default();
-        for agent in &args.agent {
-            tokio::spawn(follow_tap(*agent, state.clone()));
-        }
-        tokio::spawn(keep_history(args.agent.clone(), state.clone()));
-        println!("nodemesh dashboard: http://{addr}/ (agents: {})", {
-            let a: Vec<String> = args.agent.iter().map(|a| a.to_string()).collect();
-            a.join(", ")
-        });
-        let agents = Arc::new(args.agent.clone());
+        tokio::spawn(follow_tap(source.clone(), state.clone()));
+        tokio::spawn(keep_history(source.clone(), state.clone()));
+        println!(
+            "nodemesh dashboard: http://{addr}/ ({})",
+            match &source {
+                Source::Api(_) => "agents through the API server".to_owned(),
+                Source::Direct(a) => format!(
+                    "agents: {}",
+                    a.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        );
+        let agents = Arc::new(source);
         let hosts = Arc::new(allowed_hosts(addr));
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -220,35 +231,33 @@ fn errors(state: &State) -> Vec<AgentError> {
 }
 
 /// Every agent's report for `window` (those that answer), noting the rest.
-async fn reports(agents: &[SocketAddr], window: &str, state: &State) -> StatReport {
+async fn reports(source: &Source, window: &str, state: &State) -> StatReport {
     let mut got = Vec::new();
-    for agent in agents {
-        match fetch(*agent, window).await {
-            Ok(r) => {
-                state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .errors
-                    .remove(agent);
-                got.push(r);
+    let answers = source.stats(window).await;
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    match answers {
+        Ok(answers) => {
+            s.errors.remove("API server");
+            for (agent, report) in answers {
+                match report {
+                    Ok(r) => {
+                        s.errors.remove(&agent);
+                        got.push(r);
+                    }
+                    Err(e) => {
+                        s.errors.insert(agent, e);
+                    }
+                }
             }
-            Err(e) => {
-                state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .errors
-                    .insert(*agent, e.to_string());
-            }
+        }
+        Err(e) => {
+            s.errors.insert("API server".into(), e);
         }
     }
     StatReport::merge(&got)
 }
 
-async fn route(
-    req: Request<Incoming>,
-    state: &State,
-    agents: &[SocketAddr],
-) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, state: &State, agents: &Source) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/" | "/index.html" => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX),
         "/app.js" => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
@@ -293,7 +302,7 @@ async fn route(
             let mut wanted = std::collections::HashSet::new();
             let mut events = Vec::new();
             for (seq, agent, e) in &s.tap {
-                let key = (*agent, e.id);
+                let key = (agent.as_str(), e.id);
                 if e.kind == "req" && filter.matches(e) {
                     wanted.insert(key);
                 }
@@ -315,7 +324,20 @@ async fn route(
 
 /// Follows one agent's tap for as long as this runs (again after a pause
 /// when it goes away).
-async fn follow_tap(agent: SocketAddr, state: State) {
+async fn follow_tap(source: Source, state: State) {
+    // Agents read directly are followed (and retried) one by one.
+    if let Source::Direct(agents) = &source
+        && agents.len() > 1
+    {
+        for agent in agents {
+            tokio::spawn(follow_one(Source::Direct(vec![*agent]), state.clone()));
+        }
+        return;
+    }
+    follow_one(source, state).await
+}
+
+async fn follow_one(source: Source, state: State) {
     loop {
         let (tx, mut rx) = tokio::sync::mpsc::channel(256);
         let query = TapFilter {
@@ -323,11 +345,12 @@ async fn follow_tap(agent: SocketAddr, state: State) {
             ..TapFilter::default()
         }
         .query();
-        tokio::spawn(crate::tap::follow(agent, query, tx));
+        source.tap(query, tx).await;
         while let Some(item) = rx.recv().await {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             match item {
-                Ok((_, event)) => {
+                Ok((agent, event)) => {
+                    s.errors.remove(&agent);
                     let seq = s.next;
                     s.next += 1;
                     s.tap.push_back((seq, agent, event));
@@ -335,8 +358,8 @@ async fn follow_tap(agent: SocketAddr, state: State) {
                         s.tap.pop_front();
                     }
                 }
-                Err(e) => {
-                    s.errors.insert(agent, e.to_string());
+                Err((agent, e)) => {
+                    s.errors.insert(agent, e);
                 }
             }
         }
@@ -345,7 +368,7 @@ async fn follow_tap(agent: SocketAddr, state: State) {
 }
 
 /// Samples the 10 s window every 10 s: rps and success per workload.
-async fn keep_history(agents: Vec<SocketAddr>, state: State) {
+async fn keep_history(agents: Source, state: State) {
     let mut every = tokio::time::interval(HISTORY_EVERY);
     loop {
         every.tick().await;

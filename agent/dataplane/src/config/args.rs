@@ -243,6 +243,38 @@ pub struct AgentArgs {
     )]
     pub tunnel_addr: Vec<String>,
 
+    /// Where `/v1/stat` and `/v1/tap` are served over mutual TLS (with
+    /// identity), to the `--tap-client` identity only: the identity
+    /// service, which serves them to users RBAC allows.
+    #[arg(
+        long,
+        env = "NODEMESH_TAP_ADDR",
+        default_value = "[::]:4190",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
+    )]
+    pub tap_addr: Vec<String>,
+
+    /// The agent's own service account (`namespace/name`): the identity of
+    /// its tap port's certificate.
+    #[arg(
+        long,
+        env = "NODEMESH_AGENT_IDENTITY",
+        default_value = "nodemesh/nodemesh-agent",
+        value_name = "NS/NAME"
+    )]
+    pub agent_identity: String,
+
+    /// The only identity (`namespace/name`) the tap port answers: the
+    /// identity service's.
+    #[arg(
+        long,
+        env = "NODEMESH_TAP_CLIENT",
+        default_value = "nodemesh/nodemesh-identity",
+        value_name = "NS/NAME"
+    )]
+    pub tap_client: String,
+
     /// A pooled tunnel connection to another node with no new stream for
     /// this long is closed.
     #[arg(

@@ -13,6 +13,7 @@ use nodemesh_core::{
         ConfigErrors, Problems, parse_bool, parse_cidr, parse_count, parse_duration, parse_port,
         parse_positive_duration,
     },
+    identity::Identity,
     names::InboundPolicy,
     names::is_dns_subdomain,
     pki,
@@ -30,6 +31,12 @@ pub struct IdentitySettings {
     /// Where the tunnel listens: one port, one or more addresses.
     pub tunnel_addrs: Vec<SocketAddr>,
     pub tunnel_idle_timeout: Duration,
+    /// Where the tap port listens: one port, one or more addresses.
+    pub tap_addrs: Vec<SocketAddr>,
+    /// The agent's own identity (its tap port's certificate).
+    pub agent_identity: Identity,
+    /// The one identity the tap port answers.
+    pub tap_client: Identity,
 }
 
 /// Where the agent learns its node's pods.
@@ -195,14 +202,36 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                     &a.tunnel_idle_timeout,
                     parse_positive_duration(&a.tunnel_idle_timeout),
                 );
-                if let (Some(t), Some(admin)) = (tunnel_addr, admin_addr)
-                    && t.port() == admin.port()
-                {
-                    p.push(format!(
-                        "--admin-addr and --tunnel-addr both use port {}",
-                        admin.port()
-                    ));
+                let tap_addrs = p.check(
+                    "tap-addr",
+                    &a.tap_addr.join(","),
+                    self::tunnel_addrs(&a.tap_addr),
+                );
+                let tap_port = tap_addrs
+                    .as_ref()
+                    .and_then(|t| t.first())
+                    .map(SocketAddr::port);
+                let ports = [
+                    ("--admin-addr", admin_addr.map(|a| a.port())),
+                    ("--tunnel-addr", tunnel_addr.map(|a| a.port())),
+                    ("--tap-addr", tap_port),
+                ];
+                for (i, (a_name, a_port)) in ports.iter().enumerate() {
+                    for (b_name, b_port) in &ports[i + 1..] {
+                        if let (Some(x), Some(y)) = (a_port, b_port)
+                            && x == y
+                        {
+                            p.push(format!("{a_name} and {b_name} both use port {x}"));
+                        }
+                    }
                 }
+                let agent_identity = p.check(
+                    "agent-identity",
+                    &a.agent_identity,
+                    parse_identity(&a.agent_identity),
+                );
+                let tap_client =
+                    p.check("tap-client", &a.tap_client, parse_identity(&a.tap_client));
                 if a.pod_file.is_some() {
                     p.push(
                         "--identity-addr needs Kubernetes discovery (--node-name), not --pod-file"
@@ -245,17 +274,32 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         }
                     },
                 };
-                match (tunnel_addrs, idle, anchors) {
-                    (Some(tunnel_addrs), Some(tunnel_idle_timeout), Some(trust_anchors_pem)) => {
-                        Some(IdentitySettings {
-                            addr: addr.clone(),
-                            server_name: a.identity_server_name.clone(),
-                            trust_anchors_pem,
-                            token_file: a.identity_token_file.clone(),
-                            tunnel_addrs,
-                            tunnel_idle_timeout,
-                        })
-                    }
+                match (
+                    tunnel_addrs,
+                    idle,
+                    anchors,
+                    tap_addrs,
+                    agent_identity,
+                    tap_client,
+                ) {
+                    (
+                        Some(tunnel_addrs),
+                        Some(tunnel_idle_timeout),
+                        Some(trust_anchors_pem),
+                        Some(tap_addrs),
+                        Some(agent_identity),
+                        Some(tap_client),
+                    ) => Some(IdentitySettings {
+                        addr: addr.clone(),
+                        server_name: a.identity_server_name.clone(),
+                        trust_anchors_pem,
+                        token_file: a.identity_token_file.clone(),
+                        tunnel_addrs,
+                        tunnel_idle_timeout,
+                        tap_addrs,
+                        agent_identity,
+                        tap_client,
+                    }),
                     _ => None,
                 }
             }
@@ -288,6 +332,14 @@ impl TryFrom<&AgentArgs> for AgentConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// `namespace/name` of a service account.
+fn parse_identity(text: &str) -> Result<Identity, String> {
+    let (ns, name) = text
+        .split_once('/')
+        .ok_or_else(|| "expected namespace/service-account".to_owned())?;
+    Identity::new(ns, name).map_err(|e| e.to_string())
+}
 
 /// `--tunnel-addr`: addresses on one port (peers dial that port on any
 /// address of the node), none twice.

@@ -113,6 +113,8 @@ pub struct CertStore {
     trust_domain: String,
     roots: Arc<RootCertStore>,
     slots: RwLock<HashMap<Identity, Arc<Slot>>>,
+    /// Held whatever the pods: the agent's own (its tap port's).
+    pinned: RwLock<HashSet<Identity>>,
     metrics: StoreMetrics,
 }
 
@@ -162,8 +164,18 @@ impl CertStore {
             trust_domain: trust_domain.to_owned(),
             roots,
             slots: RwLock::default(),
+            pinned: RwLock::default(),
             metrics,
         }
+    }
+
+    /// Keeps `id`'s certificate too, whether or not a meshed pod has it
+    /// (the agent's own identity).
+    pub fn pin(&self, id: Identity) {
+        self.pinned
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -211,12 +223,19 @@ impl CertStore {
         loop {
             changes.mark_unchanged();
             if let Some(pods) = state.local_pods() {
-                let wanted: HashSet<Identity> = pods
+                let mut wanted: HashSet<Identity> = pods
                     .iter()
                     .filter(|p| p.meshed())
                     .filter_map(|p| p.identity())
                     .map(|id| id.identity().clone())
                     .collect();
+                wanted.extend(
+                    self.pinned
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .cloned(),
+                );
                 self.reconcile(&wanted);
             }
             tokio::select! {
@@ -262,14 +281,16 @@ impl CertStore {
         self.update_held();
     }
 
-    /// The gauge counts certificates actually held, not merely wanted.
+    /// The gauge counts workload certificates actually held, not merely
+    /// wanted (the agent's own is not a workload's).
     fn update_held(&self) {
+        let pinned = self.pinned.read().unwrap_or_else(|p| p.into_inner());
         let held = self
             .slots
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|slot| slot.current.borrow().is_some())
+            .iter()
+            .filter(|(id, slot)| !pinned.contains(*id) && slot.current.borrow().is_some())
             .count();
         self.metrics.held.set(held as i64);
     }

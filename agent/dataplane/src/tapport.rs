@@ -1,0 +1,177 @@
+//! The agent's tap port (`:4190`): `/v1/stat` and `/v1/tap` over mutual
+//! TLS, answered to one identity only — the identity service's, which
+//! serves them through the API server (`tap.nodemesh.io`) to the users
+//! Kubernetes RBAC allows. The port presents the agent's own identity's
+//! certificate (asked for like a workload's, kept whatever the pods).
+//!
+//! A pod that dials it without that identity's certificate gets a failed
+//! handshake or a closed connection, never data.
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use hyper::{Method, StatusCode, service::service_fn};
+use hyper_util::rt::TokioIo;
+use nodemesh_core::{
+    admin::{AdminResponse, text},
+    identity::Identity,
+    pki::{self, provider},
+};
+use rustls::{
+    ServerConfig,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{admin::AgentRoutes, identity::CertStore};
+
+/// Connections served at once (the identity service holds one per tap
+/// reader and asks for stats now and then).
+const MAX_CONNECTIONS: usize = 64;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tap port's settings.
+pub struct TapPort {
+    pub store: Arc<CertStore>,
+    /// The agent's own identity: its certificate is presented.
+    pub me: Identity,
+    /// The one client identity answered.
+    pub client: Identity,
+    pub routes: AgentRoutes,
+}
+
+/// Presents the agent's current certificate (none yet: the handshake
+/// fails, and the client tries again later).
+#[derive(Debug)]
+struct OwnCert {
+    store: Arc<CertStore>,
+    me: Identity,
+}
+
+impl ResolvesServerCert for OwnCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let key = self.store.current(&self.me).map(|c| c.key);
+        if key.is_none() {
+            debug!(identity = %self.me, "tap port: no certificate for the agent's own identity yet");
+        }
+        key
+    }
+}
+
+fn tls(port: &TapPort) -> Result<ServerConfig, rustls::Error> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(port.store.roots(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut tls = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(OwnCert {
+            store: port.store.clone(),
+            me: port.me.clone(),
+        }));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// Serves the tap port on `listeners` until `shutdown`.
+pub fn serve(
+    port: TapPort,
+    listeners: Vec<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), rustls::Error> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls(&port)?));
+    let allowed = port.client.spiffe_id(port.store.trust_domain());
+    let port = Arc::new(port);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    for listener in listeners {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, client = %allowed, "tap port listening");
+        }
+        let (acceptor, allowed, port, connections, shutdown) = (
+            acceptor.clone(),
+            allowed.clone(),
+            port.clone(),
+            connections.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            warn!(error = %e, "tap port: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    debug!(%peer, "tap port: too many connections; closing this one");
+                    continue;
+                };
+                let (acceptor, allowed, port, shutdown) = (
+                    acceptor.clone(),
+                    allowed.clone(),
+                    port.clone(),
+                    shutdown.clone(),
+                );
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let tls =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "tap port: handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "tap port: handshake timed out");
+                                return;
+                            }
+                        };
+                    let client = pki::cert_info(
+                        tls.get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.as_ref())
+                            .unwrap_or_default(),
+                    )
+                    .ok()
+                    .and_then(|i| i.spiffe_id);
+                    if client.as_deref() != Some(allowed.as_str()) {
+                        warn!(%peer, client = client.as_deref().unwrap_or("-"), allowed = %allowed, "tap port: refused a client that is not the identity service");
+                        return;
+                    }
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let port = port.clone();
+                        async move { Ok::<_, Infallible>(route(&port.routes, req.method(), req.uri())) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => if let Err(e) = r {
+                            debug!(%peer, error = %e, "tap port: connection ended with an error");
+                        },
+                        _ = shutdown.cancelled() => {}
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+fn route(routes: &AgentRoutes, method: &Method, uri: &hyper::Uri) -> AdminResponse {
+    if method != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    routes
+        .answer(uri.path(), uri.query())
+        .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "/v1/stat and /v1/tap only\n"))
+}

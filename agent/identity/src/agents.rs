@@ -1,0 +1,284 @@
+//! Reaching the node agents' tap ports over mutual TLS, as the identity
+//! service's own identity: which agents there are (their pods), one
+//! `/v1/stat` from each, and their `/v1/tap` streams merged into one.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, api::ListParams};
+use nodemesh_core::{
+    pki::{self, provider},
+    wire::{AgentStat, StatReport, TapEvent},
+};
+use rustls::{
+    ClientConfig, RootCertStore,
+    client::ResolvesClientCert,
+    pki_types::{CertificateDer, ServerName},
+    sign::CertifiedKey,
+};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::config::IdentityConfig;
+
+/// The identity service's own certificate, renewed in the background.
+#[derive(Debug)]
+pub(crate) struct OwnCert(pub(crate) std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesClientCert for OwnCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// One agent to ask.
+#[derive(Clone, Debug)]
+pub(crate) struct AgentAddr {
+    pub node: String,
+    pub pod: String,
+    pub addr: SocketAddr,
+}
+
+/// The agents' tap ports and how to reach them.
+pub(crate) struct Agents {
+    pub client: Client,
+    pub namespace: String,
+    pub selector: String,
+    pub port: u16,
+    /// Names an agent's certificate may have (one per agent service
+    /// account); the first that verifies is taken.
+    pub server_names: Vec<ServerName<'static>>,
+    pub tls: Arc<ClientConfig>,
+}
+
+/// A connection, request and response head must come within this.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Agents {
+    /// Reaches the agents `cfg` names, trusting `roots`, presenting `own`.
+    pub(crate) fn new(
+        cfg: &IdentityConfig,
+        client: Client,
+        roots: Arc<RootCertStore>,
+        own: Arc<OwnCert>,
+    ) -> Result<Self, rustls::Error> {
+        let server_names = cfg
+            .agent_identities
+            .iter()
+            .filter_map(|id| id.dns_name(cfg.signer.trust_domain()).ok())
+            .filter_map(|n| ServerName::try_from(n).ok())
+            .collect();
+        let mut tls = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(own);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            client,
+            namespace: cfg.agent_namespace.clone(),
+            selector: cfg.agent_selector.clone(),
+            port: cfg.agent_tap_port,
+            server_names,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The running agents (their pods' addresses: agents use the node's
+    /// network).
+    pub(crate) async fn list(&self) -> Result<Vec<AgentAddr>, kube::Error> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default().labels(&self.selector))
+            .await?;
+        let mut out: Vec<AgentAddr> = pods
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                let status = p.status?;
+                if status.phase.as_deref() != Some("Running") {
+                    return None;
+                }
+                let ip = status.pod_ip?.parse().ok()?;
+                Some(AgentAddr {
+                    node: p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+                    pod: p.metadata.name.unwrap_or_default(),
+                    addr: SocketAddr::new(ip, self.port),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
+    /// `GET path` on one agent's tap port: the response, its body still to
+    /// read (it may stream).
+    async fn get(
+        &self,
+        agent: &AgentAddr,
+        path: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let ask = async {
+            let tcp = tokio::net::TcpStream::connect(agent.addr)
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", agent.addr))?;
+            let connector = TlsConnector::from(self.tls.clone());
+            let name = self
+                .server_names
+                .first()
+                .cloned()
+                .ok_or_else(|| "no agent identity configured".to_owned())?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with the agent's tap port at {}: {e}", agent.addr))?;
+            if !self.is_agent(tls.get_ref().1.peer_certificates()) {
+                return Err(format!(
+                    "{} does not present an agent's identity",
+                    agent.addr
+                ));
+            }
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header(hyper::header::HOST, agent.addr.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            send.send_request(req).await.map_err(|e| e.to_string())
+        };
+        let resp = tokio::time::timeout(ASK_TIMEOUT, ask)
+            .await
+            .map_err(|_| format!("no answer from {} within 10s", agent.addr))??;
+        if resp.status() == StatusCode::OK {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Err(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
+        ))
+    }
+
+    /// Whether the peer's certificate names one of the agents' identities.
+    fn is_agent(&self, certs: Option<&[CertificateDer<'_>]>) -> bool {
+        let Some(leaf) = certs.and_then(|c| c.first()) else {
+            return false;
+        };
+        pki::cert_info(leaf).is_ok_and(|info| {
+            info.dns_names.iter().any(|n| {
+                self.server_names
+                    .iter()
+                    .any(|s| matches!(s, ServerName::DnsName(d) if d.as_ref() == n))
+            })
+        })
+    }
+
+    /// Every agent's `/v1/stat` for `window`, asked at once.
+    pub(crate) async fn stat(&self, agents: &[AgentAddr], window: &str) -> Vec<AgentStat> {
+        let path = format!("/v1/stat?window={window}");
+        join_all(agents.iter().map(|agent| {
+            let path = path.clone();
+            async move {
+                let answer = async {
+                    let resp = self.get(agent, &path).await?;
+                    let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
+                        .await
+                        .map_err(|_| "the report did not come within 10s".to_owned())?
+                        .map_err(|e| e.to_string())?
+                        .to_bytes();
+                    serde_json::from_slice::<StatReport>(&body)
+                        .map_err(|e| format!("not a stat report: {e}"))
+                };
+                let (report, error) = match answer.await {
+                    Ok(r) => (Some(r), None),
+                    Err(e) => (None, Some(e)),
+                };
+                AgentStat {
+                    node: agent.node.clone(),
+                    pod: agent.pod.clone(),
+                    report,
+                    error,
+                }
+            }
+        }))
+        .await
+    }
+
+    /// Follows one agent's `/v1/tap?query` into `tx` (as NDJSON lines with
+    /// the node set); a failure is sent as an `error` event.
+    pub(crate) async fn follow(
+        self: Arc<Self>,
+        agent: AgentAddr,
+        query: String,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let stream = async {
+            let resp = self.get(&agent, &format!("/v1/tap?{query}")).await?;
+            let mut body = resp.into_body();
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = tx.closed() => return Ok(()),
+                };
+                let Some(frame) = frame else {
+                    return Err("the agent ended the stream".to_owned());
+                };
+                let frame = frame.map_err(|e| e.to_string())?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                pending.extend_from_slice(data);
+                while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=at).collect();
+                    let mut event: TapEvent =
+                        serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?;
+                    event.node = agent.node.clone();
+                    if tx.send(line_of(&event)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if pending.len() > 1 << 20 {
+                    return Err("an event over 1 MiB".to_owned());
+                }
+            }
+        };
+        if let Err(message) = stream.await {
+            debug!(node = %agent.node, error = %message, "tap stream from an agent ended");
+            let event = TapEvent {
+                kind: "error".into(),
+                node: agent.node.clone(),
+                message: Some(message),
+                ..TapEvent::default()
+            };
+            let _ = tx.send(line_of(&event)).await;
+        }
+    }
+}
+
+/// An event as one NDJSON line.
+pub(crate) fn line_of(event: &TapEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}

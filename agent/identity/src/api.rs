@@ -1,0 +1,544 @@
+//! The aggregated API `tap.nodemesh.io/v1alpha1` (an `APIService` points the
+//! API server here): how `nodemesh stat|tap|top|edges` and the dashboard
+//! read the agents, with Kubernetes RBAC deciding who may.
+//!
+//! - Only the API server's front proxy gets in: its client certificate must
+//!   chain to the request-header CA the API server publishes in
+//!   `kube-system/extension-apiserver-authentication` (re-read every
+//!   minute) and carry one of the allowed names. The user is then the one
+//!   in its `X-Remote-User`/`X-Remote-Group` headers.
+//! - The API server has already authorized the request with RBAC; a
+//!   SubjectAccessReview checks it again here (`list` on `stat`, `watch` on
+//!   `tap`), so nothing reaches an agent for a user RBAC does not allow.
+//! - Agents are reached on their tap ports over mutual TLS as the
+//!   service's own identity ([`crate::agents`]).
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    body::{Frame, Incoming, SizeHint},
+    header,
+};
+use k8s_openapi::api::{
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+    core::v1::ConfigMap,
+};
+use kube::{Api, Client, api::PostParams};
+use nodemesh_core::{
+    names::{API_GROUP, API_VERSION},
+    pki::{self, provider},
+    wire::{STAT_WINDOWS, StatList, TapFilter},
+};
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::CertificateDer,
+    server::{ResolvesServerCert, WebPkiClientVerifier},
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::agents::Agents;
+
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+
+/// What the API server publishes about its front proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FrontProxy {
+    ca_pem: String,
+    allowed_names: Vec<String>,
+    user_headers: Vec<String>,
+    group_headers: Vec<String>,
+    extra_prefixes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FrontProxyError {
+    #[error("cannot read kube-system/extension-apiserver-authentication: {0}")]
+    Read(#[from] kube::Error),
+    #[error(
+        "the API server publishes no requestheader-client-ca-file: start it with --requestheader-client-ca-file and --proxy-client-cert-file so it can reach aggregated APIs"
+    )]
+    NoCa,
+    #[error("the request-header CA: {0}")]
+    BadCa(String),
+}
+
+/// Reads the front proxy's settings (a JSON list per key, as the API
+/// server writes them).
+pub(crate) async fn front_proxy(client: &Client) -> Result<FrontProxy, FrontProxyError> {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .get("extension-apiserver-authentication")
+        .await?;
+    let data = cm.data.unwrap_or_default();
+    let list = |key: &str, default: &[&str]| -> Vec<String> {
+        data.get(key)
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+    };
+    let ca_pem = data
+        .get("requestheader-client-ca-file")
+        .filter(|v| !v.trim().is_empty())
+        .cloned()
+        .ok_or(FrontProxyError::NoCa)?;
+    pki::certs_from_pem(&ca_pem, "request-header CA")
+        .map_err(|e| FrontProxyError::BadCa(e.to_string()))?;
+    Ok(FrontProxy {
+        ca_pem,
+        allowed_names: data
+            .get("requestheader-allowed-names")
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+            .unwrap_or_default(),
+        user_headers: list("requestheader-username-headers", &["X-Remote-User"]),
+        group_headers: list("requestheader-group-headers", &["X-Remote-Group"]),
+        extra_prefixes: list("requestheader-extra-headers-prefix", &["X-Remote-Extra-"]),
+    })
+}
+
+impl FrontProxy {
+    /// The TLS settings: the serving certificate, and client certificates
+    /// checked against the request-header CA (a connection without one
+    /// is answered 401, so an operator sees why).
+    pub(crate) fn tls(
+        &self,
+        serving: Arc<dyn ResolvesServerCert>,
+    ) -> Result<TlsAcceptor, FrontProxyError> {
+        let mut roots = RootCertStore::empty();
+        for cert in pki::certs_from_pem(&self.ca_pem, "request-header CA")
+            .map_err(|e| FrontProxyError::BadCa(e.to_string()))?
+        {
+            roots
+                .add(cert)
+                .map_err(|e| FrontProxyError::BadCa(e.to_string()))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| FrontProxyError::BadCa(e.to_string()))?;
+        let mut tls = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| FrontProxyError::BadCa(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(serving);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(tls)))
+    }
+
+    /// Whether a verified client certificate is the front proxy's.
+    pub(crate) fn allows(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<(), String> {
+        let leaf = certs.and_then(|c| c.first()).ok_or_else(|| {
+            "no client certificate: only the API server's front proxy may call this API".to_owned()
+        })?;
+        if self.allowed_names.is_empty() {
+            return Ok(());
+        }
+        let cn = pki::cert_info(leaf)
+            .ok()
+            .and_then(|i| i.common_name)
+            .unwrap_or_default();
+        if self.allowed_names.contains(&cn) {
+            Ok(())
+        } else {
+            Err(format!(
+                "client certificate {cn:?} is not one of the front proxy's names"
+            ))
+        }
+    }
+
+    /// The user the API server authenticated: name, groups, extra.
+    fn user(&self, headers: &HeaderMap) -> Option<User> {
+        let name = self
+            .user_headers
+            .iter()
+            .find_map(|h| headers.get(h.as_str()))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())?
+            .to_owned();
+        let groups = self
+            .group_headers
+            .iter()
+            .flat_map(|h| headers.get_all(h.as_str()))
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in headers {
+            for prefix in &self.extra_prefixes {
+                if let Some(key) = k.as_str().strip_prefix(&prefix.to_ascii_lowercase())
+                    && let Ok(v) = v.to_str()
+                {
+                    extra
+                        .entry(percent_decode(key))
+                        .or_default()
+                        .push(v.to_owned());
+                }
+            }
+        }
+        Some(User {
+            name,
+            groups,
+            extra,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Clone, Debug)]
+struct User {
+    name: String,
+    groups: Vec<String>,
+    extra: BTreeMap<String, Vec<String>>,
+}
+
+/// The API's handlers.
+pub(crate) struct AggregatedApi {
+    pub client: Client,
+    pub agents: Arc<Agents>,
+    pub front: RwLock<Option<FrontProxy>>,
+}
+
+/// Tap streams served at once (each holds a stream from every agent).
+pub(crate) const MAX_TAPS: usize = 32;
+
+impl AggregatedApi {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        taps: &Arc<tokio::sync::Semaphore>,
+    ) -> Response<Body> {
+        let base = format!("/apis/{API_GROUP}/{API_VERSION}");
+        let path = req.uri().path().trim_end_matches('/');
+        if req.method() != Method::GET {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "use GET",
+            );
+        }
+        if path == format!("/apis/{API_GROUP}") {
+            return whole_json(
+                StatusCode::OK,
+                &json!({
+                    "kind": "APIGroup", "apiVersion": "v1", "name": API_GROUP,
+                    "versions": [{"groupVersion": format!("{API_GROUP}/{API_VERSION}"), "version": API_VERSION}],
+                    "preferredVersion": {"groupVersion": format!("{API_GROUP}/{API_VERSION}"), "version": API_VERSION},
+                }),
+            );
+        }
+        if path == base {
+            return whole_json(
+                StatusCode::OK,
+                &json!({
+                    "kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": format!("{API_GROUP}/{API_VERSION}"),
+                    "resources": [
+                        {"name": "stat", "singularName": "", "namespaced": false, "kind": "Stat", "verbs": ["get", "list"]},
+                        {"name": "tap", "singularName": "", "namespaced": false, "kind": "Tap", "verbs": ["get", "list", "watch"]},
+                    ],
+                }),
+            );
+        }
+        let resource = match path.strip_prefix(&base) {
+            Some("/stat") => "stat",
+            Some("/tap") => "tap",
+            _ => {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{base}/stat and {base}/tap only"),
+                );
+            }
+        };
+        let front = self.front.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(user) = front.and_then(|f| f.user(req.headers())) else {
+            return status(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "no user: the API server's front proxy names one",
+            );
+        };
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let verb = if resource == "tap" { "watch" } else { "list" };
+        match self.review(&user, verb, resource).await {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                info!(user = %user.name, verb, resource, "refused by RBAC");
+                return status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!(
+                        "{resource}.{API_GROUP} is forbidden: User {:?} cannot {verb} resource {resource:?} in API group {API_GROUP:?}{}",
+                        user.name,
+                        if why.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {why}")
+                        }
+                    ),
+                );
+            }
+            Err(e) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("cannot check RBAC (SubjectAccessReview): {e}"),
+                );
+            }
+        }
+        match resource {
+            "stat" => self.stat(&query).await,
+            _ => self.tap(&query, taps).await,
+        }
+    }
+
+    /// `None` when the user may; else why not.
+    async fn review(
+        &self,
+        user: &User,
+        verb: &str,
+        resource: &str,
+    ) -> Result<Option<String>, kube::Error> {
+        let sar = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.name.clone()),
+                groups: Some(user.groups.clone()),
+                extra: (!user.extra.is_empty()).then(|| user.extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(API_GROUP.into()),
+                    version: Some(API_VERSION.into()),
+                    resource: Some(resource.into()),
+                    verb: Some(verb.into()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &sar)
+            .await?;
+        let st = reviewed.status.unwrap_or_default();
+        Ok((!st.allowed).then(|| st.reason.unwrap_or_default()))
+    }
+
+    async fn stat(&self, query: &str) -> Response<Body> {
+        let window = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("window="))
+            .unwrap_or("1m");
+        if !STAT_WINDOWS.iter().any(|(w, _)| *w == window) {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "window: one of 10s, 1m, 10m",
+            );
+        }
+        let agents = match self.agents.list().await {
+            Ok(a) => a,
+            Err(e) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("cannot list the agents: {e}"),
+                );
+            }
+        };
+        let list = StatList {
+            kind: "StatList".into(),
+            api_version: format!("{API_GROUP}/{API_VERSION}"),
+            agents: self.agents.stat(&agents, window).await,
+        };
+        whole_json(StatusCode::OK, &list)
+    }
+
+    async fn tap(&self, query: &str, taps: &Arc<tokio::sync::Semaphore>) -> Response<Body> {
+        // `watch=true` is the API server's (it makes the request a
+        // long-running one); the rest are the agents' filters.
+        let filters: Vec<&str> = query
+            .split('&')
+            .filter(|kv| !kv.is_empty() && !kv.starts_with("watch="))
+            .collect();
+        let filters = filters.join("&");
+        if let Err(e) = TapFilter::parse(&filters) {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", &e);
+        }
+        let Ok(permit) = taps.clone().try_acquire_owned() else {
+            return status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                &format!("{MAX_TAPS} taps already running; try again later"),
+            );
+        };
+        let agents = match self.agents.list().await {
+            Ok(a) => a,
+            Err(e) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("cannot list the agents: {e}"),
+                );
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
+        for agent in agents {
+            tokio::spawn(
+                self.agents
+                    .clone()
+                    .follow(agent, filters.clone(), tx.clone()),
+            );
+        }
+        drop(tx);
+        let mut resp = Response::new(
+            Lines {
+                rx,
+                _permit: permit,
+            }
+            .boxed(),
+        );
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        resp
+    }
+}
+
+/// A streamed body of lines; holds the tap's permit while it lives.
+struct Lines {
+    rx: mpsc::Receiver<Bytes>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+pub(crate) fn whole_json(code: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(serde_json::to_vec(value).unwrap_or_default())).boxed(),
+    );
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A Kubernetes `Status` (clients show its message).
+pub(crate) fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    whole_json(
+        code,
+        &json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
+        }),
+    )
+}
+
+/// Keeps the front proxy's settings current (the API server may rotate its
+/// request-header CA): `front` and the acceptor are replaced on change.
+pub(crate) async fn follow_front_proxy(
+    api: Arc<AggregatedApi>,
+    acceptor: Arc<RwLock<Option<TlsAcceptor>>>,
+    serving: Arc<dyn ResolvesServerCert>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut last_error = String::new();
+    loop {
+        match front_proxy(&api.client).await {
+            Ok(front) => {
+                let changed =
+                    api.front.read().unwrap_or_else(|p| p.into_inner()).as_ref() != Some(&front);
+                if changed {
+                    match front.tls(serving.clone()) {
+                        Ok(tls) => {
+                            info!(allowed_names = ?front.allowed_names, "aggregated API: front proxy settings read");
+                            *acceptor.write().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+                            *api.front.write().unwrap_or_else(|p| p.into_inner()) = Some(front);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "aggregated API: unusable front proxy settings")
+                        }
+                    }
+                }
+                last_error.clear();
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    warn!(error = %text, "aggregated API: cannot read the front proxy settings; nodemesh stat/tap through the API server will not work until they can be");
+                    last_error = text;
+                }
+            }
+        }
+        let wait = if api
+            .front
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn extra_keys_are_percent_decoded() {
+        assert_eq!(super::percent_decode("scopes%2fa"), "scopes/a");
+        assert_eq!(super::percent_decode("plain"), "plain");
+        assert_eq!(super::percent_decode("bad%zz"), "bad%zz");
+    }
+}

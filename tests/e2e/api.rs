@@ -1,0 +1,343 @@
+//! stat and tap through the API server: the aggregated API
+//! `tap.nodemesh.io`, served by the identity service, which reaches the
+//! agents' tap ports over mutual TLS as its own identity. Kubernetes RBAC
+//! decides who may: a user bound to neither ClusterRole gets nothing,
+//! `nodemesh-viewer` lets `stat` through, `nodemesh-tapper` `tap`; the
+//! numbers are both nodes' merged. A pod knocking on an agent's tap port
+//! gets nothing, whatever certificate it shows.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use nodemesh_core::{identity::Identity, names::TAP_PORT};
+use nodemesh_tests::{
+    Node, Pod, PodSpec, agent,
+    apps::http,
+    kube::{ALICE_TOKEN, unique},
+    mesh::{AggregatedApi, MeshBed},
+    sys::in_netns,
+};
+use serde_json::Value;
+
+const HTTP: u16 = 8080;
+
+fn deployment(bed: &MeshBed, node: &Node, app: &str, pod: &str) -> Arc<Pod> {
+    bed.cluster.run_pod(
+        node,
+        PodSpec::new(&bed.ns, pod)
+            .service_account(app)
+            .label("pod-template-hash", "7d4b8c")
+            .owner("ReplicaSet", &format!("{app}-7d4b8c")),
+    )
+}
+
+/// `nodemesh <args> --kubeconfig <kubeconfig>`, from the host (it talks to
+/// the API server only).
+fn nodemesh(kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(std::env::current_exe().expect("current_exe"))
+        .arg(agent::ROLE)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nodemesh")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Binds `alice` to a ClusterRole; returns the binding's manifest (to
+/// delete).
+fn bind(bed: &MeshBed, role: &str) -> String {
+    let manifest = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {role}\nsubjects:\n  - kind: User\n    name: alice\n    apiGroup: rbac.authorization.k8s.io\n",
+        unique(&format!("alice-{role}"))
+    );
+    bed.cluster
+        .apply_manifests(&manifest, false)
+        .unwrap_or_else(|e| panic!("bind alice to {role}: {e}"));
+    manifest
+}
+
+/// Deletes the bindings it holds when the test ends (or fails).
+struct Bindings<'a>(&'a MeshBed, Vec<String>);
+
+impl Drop for Bindings<'_> {
+    fn drop(&mut self) {
+        for m in &self.1 {
+            self.0.cluster.delete_manifests(m);
+        }
+    }
+}
+
+/// Runs `f` until it gives `Some`, for up to `secs` seconds.
+fn within<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(t) => return t,
+            Err(e) if Instant::now() > deadline => panic!("{what} after {secs}s: {e}"),
+            Err(_) => thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
+    let bed = MeshBed::new("24h");
+    let web = deployment(&bed, &bed.a, "web", "web-7d4b8c-a1");
+    let api_a = deployment(&bed, &bed.a, "api", "api-7d4b8c-a1");
+    let api_b = deployment(&bed, &bed.b, "api", "api-7d4b8c-b1");
+    bed.agent_a
+        .wait_metric("web's and api's certificates", |m| {
+            m.sum("nodemesh_identity_certificates", &[]) == 2.0
+        });
+    bed.agent_b.wait_metric("api's certificate", |m| {
+        m.sum("nodemesh_identity_certificates", &[]) == 1.0
+    });
+    let mut srv_a = api_a.http();
+    srv_a.serve(HTTP, http::Knobs::default());
+    let mut srv_b = api_b.http();
+    srv_b.serve(HTTP, http::Knobs::default());
+    let _api = AggregatedApi::apply(&bed.install, &bed.identity, &bed.a);
+    let alice = bed.a.dir.join("alice.kubeconfig");
+    bed.cluster.kubeconfig_with_token(&alice, ALICE_TOKEN);
+
+    // web → each api pod: 40 requests, 4 of them answered 500.
+    let mut cli = web.http();
+    for pod in [&api_a, &api_b] {
+        let to = SocketAddr::from((pod.ip, HTTP));
+        let ok = cli.run(http::Run::get(to, "/", 36));
+        let failed = cli.run(http::Run::get(to, "/?status=500", 4));
+        assert!(ok.iter().all(|o| o.status == Some(200)), "{ok:?}");
+        assert!(failed.iter().all(|o| o.status == Some(500)), "{failed:?}");
+    }
+
+    // alice, bound to nothing: refused, and told what to bind.
+    let stat_args = ["stat", "deploy", "api", "-n", &bed.ns, "-o", "json"];
+    let out = nodemesh(&alice, &stat_args);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("forbidden") && err.contains("nodemesh-viewer"),
+        "{}",
+        text(&out)
+    );
+    let tap_args = [
+        "tap",
+        "deploy/api",
+        "-n",
+        &bed.ns,
+        "-o",
+        "json",
+        "--count",
+        "3",
+    ];
+    let out = nodemesh(&alice, &tap_args);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{}",
+        text(&out)
+    );
+
+    // nodemesh-viewer: stat, both nodes' numbers merged (40 + 40 requests,
+    // 72 answered 200); tap still refused.
+    let mut bindings = Bindings(&bed, vec![bind(&bed, "nodemesh-viewer")]);
+    let lines: Vec<Value> = within(30, "stat through the API server", || {
+        let out = nodemesh(&alice, &stat_args);
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+    });
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["requests"], 80, "{:#}", lines[0]);
+    assert_eq!(lines[0]["successes"], 72);
+    assert_eq!(lines[0]["meshed_pods"], 2, "one pod on each node");
+    let out = nodemesh(&alice, &tap_args);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nodemesh-tapper"),
+        "{}",
+        text(&out)
+    );
+
+    // nodemesh-tapper: a tap started before a request sees it — from both
+    // nodes' agents, merged: the client's view (outbound, node a) and the
+    // server's (inbound, node b), each with both identities.
+    bindings.1.push(bind(&bed, "nodemesh-tapper"));
+    let to_b = SocketAddr::from((api_b.ip, HTTP));
+    let web_id = format!("spiffe://cluster.local/ns/{}/sa/web", bed.ns);
+    let api_id = format!("spiffe://cluster.local/ns/{}/sa/api", bed.ns);
+    // One request's three events as one agent saw it, if all are there.
+    let triple = |events: &[Value], node: &str, direction: &str| -> Option<Vec<Value>> {
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["node"] == node && e["direction"] == direction)
+            .collect();
+        let first = mine.iter().find(|e| e["kind"] == "req")?;
+        let same: Vec<Value> = mine
+            .iter()
+            .filter(|e| e["id"] == first["id"])
+            .map(|e| (*e).clone())
+            .collect();
+        (same.len() == 3).then_some(same)
+    };
+    let (inbound, outbound) = within(30, "tap through the API server", || {
+        let exe: PathBuf = std::env::current_exe().expect("current_exe");
+        let mut tap = Command::new(exe)
+            .arg(agent::ROLE)
+            .args([
+                "tap",
+                "deploy/api",
+                "-n",
+                &bed.ns,
+                "--path",
+                "/via-api",
+                "-o",
+                "json",
+                "--count",
+                "12",
+            ])
+            .arg("--kubeconfig")
+            .arg(&alice)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nodemesh tap");
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while tap.try_wait().expect("tap").is_none() && Instant::now() < deadline {
+            let got = cli.run(http::Run::get(to_b, "/via-api/1", 1));
+            assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
+            thread::sleep(Duration::from_millis(300));
+        }
+        let _ = tap.kill();
+        let out = tap.wait_with_output().expect("tap output");
+        let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        match (
+            triple(&events, &bed.b.name, "inbound"),
+            triple(&events, &bed.a.name, "outbound"),
+        ) {
+            (Some(i), Some(o)) => Ok((i, o)),
+            _ => Err(text(&out)),
+        }
+    });
+    for events in [&inbound, &outbound] {
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+        assert_eq!(kinds, ["req", "rsp", "end"], "{events:#?}");
+        for e in events.iter() {
+            assert_eq!(e["src"]["identity"], web_id.as_str(), "{e:#}");
+            assert_eq!(e["dst"]["identity"], api_id.as_str(), "{e:#}");
+            assert_eq!(e["tls"], true, "{e:#}");
+            assert_eq!(e["path"], "/via-api/1");
+        }
+        assert_eq!(events[1]["status"], 200);
+    }
+    drop(bindings);
+
+    // A pod knocking on an agent's tap port: nothing without a
+    // certificate, nothing with a workload's; the identity service's
+    // identity (the control) is answered.
+    let plain_ns = unique("plain");
+    bed.cluster.namespace(&plain_ns, &[]);
+    let knocker = bed
+        .cluster
+        .run_pod(&bed.b, PodSpec::new(&plain_ns, "knocker"));
+    let dir = bed.b.dir.join("knock");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cert_for = |ns: &str, sa: &str| -> (PathBuf, PathBuf) {
+        let signer = bed.install.pki.signer();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let now = SystemTime::now();
+        let issued = signer
+            .sign_identity(
+                &key,
+                &Identity::new(ns, sa).expect("identity"),
+                now,
+                now + Duration::from_secs(600),
+            )
+            .expect("sign");
+        let cert = dir.join(format!("{sa}.crt"));
+        let key_file = dir.join(format!("{sa}.key"));
+        std::fs::write(&cert, format!("{}{}", issued.cert_pem, issued.chain_pem)).expect("cert");
+        std::fs::write(&key_file, key.serialize_pem()).expect("key");
+        (cert, key_file)
+    };
+    let agent_name = format!(
+        "nodemesh-agent.{}.serviceaccount.identity.cluster.local",
+        bed.install.namespace
+    );
+    let curl = |client: Option<(PathBuf, PathBuf)>| -> Output {
+        let mut argv: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "5".into(),
+            "--cacert".into(),
+            bed.install.pki.anchors_file.display().to_string(),
+            "--resolve".into(),
+            format!("{agent_name}:{TAP_PORT}:{}", bed.b.ip),
+        ];
+        if let Some((cert, key)) = client {
+            argv.extend([
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        argv.push(format!("https://{agent_name}:{TAP_PORT}/v1/stat?window=1m"));
+        let netns = knocker.netns.clone();
+        in_netns(&netns, move || {
+            Command::new("curl")
+                .args(&argv)
+                .output()
+                .expect("run curl (cargo xtask setup installs it)")
+        })
+    };
+    let none = curl(None);
+    assert!(
+        !none.status.success() && none.stdout.is_empty(),
+        "{}",
+        text(&none)
+    );
+    let workload = curl(Some(cert_for(&bed.ns, "web")));
+    assert!(
+        !workload.status.success() && workload.stdout.is_empty(),
+        "{}",
+        text(&workload)
+    );
+    let identity = curl(Some(cert_for(&bed.install.namespace, "nodemesh-identity")));
+    assert!(identity.status.success(), "{}", text(&identity));
+    let report: Value = serde_json::from_slice(&identity.stdout).expect("a stat report");
+    assert_eq!(report["node"], bed.b.name.as_str());
+    // The admin port tells a pod nothing either.
+    let admin = SocketAddr::from((bed.b.ip, nodemesh_core::names::ADMIN_PORT));
+    let netns = knocker.netns.clone();
+    let answer = in_netns(&netns, move || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{admin}/v1/stat"))
+            .output()
+            .expect("curl")
+    });
+    let body = String::from_utf8_lossy(&answer.stdout);
+    assert!(
+        body.contains("answers the node itself only"),
+        "{}",
+        text(&answer)
+    );
+}
