@@ -82,6 +82,39 @@ impl Drop for Bindings<'_> {
     }
 }
 
+/// A child process killed (and reaped) when the test ends, or fails.
+struct Killed(Option<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `GET path` on the dashboard at 127.0.0.1:`port`: the body of a 200.
+fn get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(body.to_owned())
+    } else {
+        Err(answer)
+    }
+}
+
 /// Runs `f` until it gives `Some`, for up to `secs` seconds.
 fn within<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -172,6 +205,106 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         "{}",
         text(&out)
     );
+
+    // …and `top` (the busiest paths, the same stream as tap's, for viewers).
+    let to_a = SocketAddr::from((api_a.ip, HTTP));
+    let exe: PathBuf = std::env::current_exe().expect("current_exe");
+    let top = Command::new(&exe)
+        .arg(agent::ROLE)
+        .args([
+            "top",
+            "deploy/api",
+            "-n",
+            &bed.ns,
+            "--path",
+            "/top/",
+            "--duration",
+            "5s",
+            "--every",
+            "1h",
+        ])
+        .arg("--kubeconfig")
+        .arg(&alice)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nodemesh top");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let got = cli.run(http::Run::get(to_a, "/top/busy", 1));
+        assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = top.wait_with_output().expect("top output");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/top/busy"),
+        "{}",
+        text(&out)
+    );
+
+    // The dashboard, as alice: the browser's API (this process) reads the
+    // agents through the API server, both nodes merged.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut dashboard = Killed(Some(
+        Command::new(&exe)
+            .arg(agent::ROLE)
+            .args(["dashboard", "--port", &port.to_string()])
+            .arg("--kubeconfig")
+            .arg(&alice)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nodemesh dashboard"),
+    ));
+    let report: Value = within(20, "the dashboard's /api/stat", || {
+        if let Some(Ok(Some(status))) = dashboard.0.as_mut().map(|c| c.try_wait()) {
+            panic!("the dashboard exited: {status}");
+        }
+        let body = get(port, "/api/stat?window=1m")?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if v["errors"].as_array().is_some_and(|e| e.is_empty()) {
+            Ok(v)
+        } else {
+            Err(body)
+        }
+    });
+    let inbound_api: u64 = report["report"]["requests"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["key"]["direction"] == "inbound" && r["key"]["workload"]["name"] == "api")
+        .filter_map(|r| r["golden"]["requests"].as_u64())
+        .sum();
+    assert!(inbound_api >= 80, "{report:#}");
+    drop(dashboard);
+
+    // `nodemesh check` (as the admin): the aggregated API available, and
+    // each agent's own report through it.
+    let out = nodemesh(
+        &bed.cluster.kubeconfig,
+        &["check", "--namespace", &bed.install.namespace, "-o", "json"],
+    );
+    let outcomes: Vec<Value> = serde_json::from_slice(&out.stdout).expect("check JSON");
+    let outcome = |check: &str| -> &Value {
+        outcomes
+            .iter()
+            .find(|o| o["check"] == check)
+            .unwrap_or_else(|| panic!("no {check:?} in {outcomes:#?}"))
+    };
+    assert_eq!(outcome("aggregated API")["ok"], true, "{outcomes:#?}");
+    for (node, certs) in [(&bed.a, 2), (&bed.b, 1)] {
+        let o = outcome(&format!("agent on {}", node.name));
+        assert_eq!(o["ok"], true, "{o:#}");
+        let detail = o["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("eBPF attached") && detail.contains(&format!("{certs} certificates")),
+            "{o:#}"
+        );
+    }
 
     // nodemesh-tapper: a tap started before a request sees it — from both
     // nodes' agents, merged: the client's view (outbound, node a) and the

@@ -118,8 +118,9 @@ impl Source {
     }
 
     /// Follows the agents' taps (`query`: the filter) into `tx` until it
-    /// is closed.
-    pub async fn tap(&self, query: String, tx: mpsc::Sender<TapItem>) {
+    /// is closed. Through the API server, `resource` is `tap` (RBAC:
+    /// `nodemesh-tapper`) or `top` (`nodemesh-viewer`): the same stream.
+    pub async fn tap(&self, resource: &'static str, query: String, tx: mpsc::Sender<TapItem>) {
         match self {
             Source::Direct(agents) => {
                 for addr in agents {
@@ -127,7 +128,7 @@ impl Source {
                 }
             }
             Source::Api(client) => {
-                tokio::spawn(follow_api(client.clone(), query, tx));
+                tokio::spawn(follow_api(client.clone(), resource, query, tx));
             }
         }
     }
@@ -137,7 +138,7 @@ impl Source {
 fn api_error(e: kube::Error) -> String {
     match e {
         kube::Error::Api(s) if s.code == 403 => format!(
-            "{} (bind the ClusterRole nodemesh-viewer for stat, nodemesh-tapper for tap)",
+            "{} (bind the ClusterRole nodemesh-viewer for stat, edges and top, nodemesh-tapper for tap)",
             s.message
         ),
         kube::Error::Api(s) if s.code == 404 || s.code == 503 => format!(
@@ -203,11 +204,16 @@ async fn follow_direct(addr: SocketAddr, query: String, tx: mpsc::Sender<TapItem
     }
 }
 
-async fn follow_api(client: kube::Client, query: String, tx: mpsc::Sender<TapItem>) {
+async fn follow_api(
+    client: kube::Client,
+    resource: &'static str,
+    query: String,
+    tx: mpsc::Sender<TapItem>,
+) {
     let who = "API server".to_owned();
     let stream = async {
         let req = Request::get(format!(
-            "/apis/{API_GROUP}/{API_VERSION}/tap?watch=true&{query}"
+            "/apis/{API_GROUP}/{API_VERSION}/{resource}?watch=true&{query}"
         ))
         .body(kube::client::Body::empty())
         .map_err(|e| e.to_string())?;

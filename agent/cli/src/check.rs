@@ -7,7 +7,10 @@
 //! - after installing: the namespace, the `AuthorizationPolicy` CRD, the
 //!   agent DaemonSet ready on every node and at this CLI's version, the
 //!   identity service available, the trust anchors' and issuer's validity
-//!   (days left), and pods that could not be captured (their Events).
+//!   (days left), pods that could not be captured (their Events), the
+//!   aggregated API available, and each agent's own report through it:
+//!   eBPF attached, BTF, cgroup v2, a certificate for each meshed service
+//!   account.
 use std::{
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -482,6 +485,166 @@ async fn installed(client: &Client, ns: &str) -> Vec<Outcome> {
             Err(e) => fail("capture", e.to_string()),
         },
     );
+    out.extend(through_the_api(client).await);
+    out
+}
+
+/// The aggregated API (what stat, tap and the dashboard read through), and
+/// every agent's own view of its node through it: eBPF attached, the
+/// kernel's BTF, cgroup v2, a certificate for each meshed service account.
+async fn through_the_api(client: &Client) -> Vec<Outcome> {
+    use nodemesh_core::{
+        names::{API_GROUP, API_VERSION},
+        wire::AgentList,
+    };
+    let mut out = Vec::new();
+    let name = format!("{API_VERSION}.{API_GROUP}");
+    let gvk = GroupVersionKind::gvk("apiregistration.k8s.io", "v1", "APIService");
+    let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk));
+    match services.get_opt(&name).await {
+        Ok(Some(svc)) => {
+            let available = svc.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Available");
+            match available {
+                Some(c) if c["status"] == "True" => {
+                    out.push(pass("aggregated API", format!("{name} available")))
+                }
+                Some(c) => {
+                    out.push(fail(
+                        "aggregated API",
+                        format!(
+                            "{name} not available: {} — stat, tap and the dashboard cannot read the agents (is the identity service up?)",
+                            c["message"].as_str().unwrap_or("no reason given")
+                        ),
+                    ));
+                    return out;
+                }
+                None => {
+                    out.push(fail(
+                        "aggregated API",
+                        format!("{name}: not checked by the API server yet; try again"),
+                    ));
+                    return out;
+                }
+            }
+        }
+        Ok(None) => {
+            out.push(fail(
+                "aggregated API",
+                format!("no APIService {name}: apply nodemesh install again"),
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.push(fail("aggregated API", e.to_string()));
+            return out;
+        }
+    }
+    let req = match hyper::Request::get(format!("/apis/{API_GROUP}/{API_VERSION}/agents"))
+        .body(Vec::new())
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(fail("agents", e.to_string()));
+            return out;
+        }
+    };
+    let list: AgentList =
+        match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(kube::Error::Api(s))) if s.code == 403 => {
+                out.push(fail(
+                    "agents",
+                    format!("{} (bind the ClusterRole nodemesh-viewer)", s.message),
+                ));
+                return out;
+            }
+            Ok(Err(e)) => {
+                out.push(fail(
+                    "agents",
+                    format!("cannot read them through the API server: {e}"),
+                ));
+                return out;
+            }
+            Err(_) => {
+                out.push(fail("agents", "the API server did not answer within 30s"));
+                return out;
+            }
+        };
+    if list.agents.is_empty() {
+        out.push(fail("agents", "no agent pod is running"));
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for agent in &list.agents {
+        let check = format!("agent on {}", agent.node);
+        let Some(r) = &agent.report else {
+            out.push(fail(
+                &check,
+                format!(
+                    "unreachable: {} (kubectl -n <namespace> logs {})",
+                    agent.error.as_deref().unwrap_or("no answer"),
+                    agent.pod
+                ),
+            ));
+            continue;
+        };
+        let mut problems = Vec::new();
+        if !r.ready {
+            problems
+                .push("eBPF not attached or the node's pods not read yet (see its log)".to_owned());
+        }
+        if !r.btf {
+            problems.push("the kernel has no BTF (/sys/kernel/btf/vmlinux)".to_owned());
+        }
+        let missing: Vec<&str> = r
+            .certificates
+            .iter()
+            .filter(|c| c.not_after.is_none_or(|t| t <= now))
+            .map(|c| c.identity.as_str())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "no certificate for {} (is the identity service reachable from the node?)",
+                missing.join(", ")
+            ));
+        }
+        let soonest = r
+            .certificates
+            .iter()
+            .filter_map(|c| c.not_after)
+            .min()
+            .map(|t| format!(", the first expires in {}h", t.saturating_sub(now) / 3600))
+            .unwrap_or_default();
+        let facts = format!(
+            "{}, kernel {}, BTF, cgroup v2 at {}, eBPF attached, {} meshed pods, {} certificates{soonest}",
+            r.version,
+            r.kernel,
+            r.cgroup_root,
+            r.meshed_pods,
+            r.certificates.len() - missing.len(),
+        );
+        out.push(if problems.is_empty() {
+            pass(&check, facts)
+        } else {
+            fail(&check, problems.join("; "))
+        });
+        if r.version != env!("CARGO_PKG_VERSION") {
+            out.push(fail(
+                &check,
+                format!(
+                    "runs {}, this CLI is {}: upgrade one to match",
+                    r.version,
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ));
+        }
+    }
     out
 }
 

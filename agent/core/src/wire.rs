@@ -338,6 +338,56 @@ pub struct StatList {
     pub agents: Vec<AgentStat>,
 }
 
+/// A certificate an agent should hold: a meshed service account's on its
+/// node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertView {
+    pub identity: String,
+    /// When the one held expires (Unix seconds); `None`: none held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<u64>,
+}
+
+/// `GET /v1/node` on an agent: what `nodemesh check` asks of each node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node: String,
+    pub version: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// The kernel's BTF (`/sys/kernel/btf/vmlinux`) is there.
+    pub btf: bool,
+    /// The cgroup v2 hierarchy the agent attaches to.
+    pub cgroup_root: String,
+    /// Where its eBPF state is pinned.
+    pub bpffs: String,
+    /// eBPF programs attached and the node's pods read (`/ready`).
+    pub ready: bool,
+    /// Pods whose connections it captures now.
+    pub meshed_pods: u64,
+    pub certificates: Vec<CertView>,
+}
+
+/// One agent's part of `GET /apis/tap.nodemesh.io/v1alpha1/agents`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentNode {
+    pub node: String,
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<NodeReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /apis/tap.nodemesh.io/v1alpha1/agents`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentList {
+    pub kind: String,
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub agents: Vec<AgentNode>,
+}
+
 /// One end of a tapped request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TapPeer {

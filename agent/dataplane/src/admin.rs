@@ -3,7 +3,8 @@
 //! and the first complete picture of the node's pods applied),
 //! `/v1/services`, the Services and endpoints the agent knows, as JSON, and
 //! `/v1/stat?window=10s|1m|10m`, the golden metrics of the window, and
-//! `/v1/tap?…`, live requests as NDJSON (both to the node itself only:
+//! `/v1/tap?…`, live requests as NDJSON, and `/v1/node`, what `nodemesh
+//! check` asks of each node (all three to the node itself only:
 //! `nodemesh stat|tap --agent` on the node; everyone else reads them
 //! through the API server, which reaches agents on their tap port — see
 //! [`crate::tapport`]).
@@ -21,11 +22,13 @@ use hyper::{
 };
 use nodemesh_core::{
     admin::{AdminResponse, Get, Routes, json, text},
-    wire::TapFilter,
+    wire::{CertView, NodeReport, TapFilter},
 };
 use tokio::sync::mpsc;
 
 use crate::{
+    identity::CertStore,
+    proxy::ServedPods,
     state::StateStore,
     telemetry::{stats::Stats, tap::Tap},
 };
@@ -43,6 +46,54 @@ pub struct AgentRoutes {
     pub stats: Option<(Stats, String)>,
     /// Live requests.
     pub tap: Option<Tap>,
+    /// What `/v1/node` reports.
+    pub node: Option<NodeFacts>,
+}
+
+/// Where `/v1/node` looks.
+#[derive(Clone, Debug)]
+pub struct NodeFacts {
+    pub node: String,
+    pub cgroup_root: std::path::PathBuf,
+    pub bpffs: std::path::PathBuf,
+    pub ready: nodemesh_core::admin::Ready,
+    pub pods: ServedPods,
+    pub certs: Option<std::sync::Arc<CertStore>>,
+}
+
+impl NodeFacts {
+    fn report(&self) -> NodeReport {
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default()
+        };
+        NodeReport {
+            node: self.node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+            cgroup_root: self.cgroup_root.display().to_string(),
+            bpffs: self.bpffs.display().to_string(),
+            ready: self.ready.is_ready(),
+            meshed_pods: self.pods.all().len() as u64,
+            certificates: self
+                .certs
+                .as_ref()
+                .map(|c| {
+                    c.report()
+                        .into_iter()
+                        .map(|(id, held)| CertView {
+                            identity: id.spiffe_id(c.trust_domain()),
+                            not_after: held.map(unix),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
 }
 
 impl Routes for AgentRoutes {
@@ -57,7 +108,7 @@ impl Routes for AgentRoutes {
             }),
             // Paths and identities of the node's workloads: not for any
             // pod that can reach the node's address.
-            "/v1/stat" | "/v1/tap" if !get.from_this_host() => {
+            "/v1/stat" | "/v1/tap" | "/v1/node" if !get.from_this_host() => {
                 Some(text(StatusCode::FORBIDDEN, NODE_ONLY))
             }
             path => self.answer(path, get.query),
@@ -75,6 +126,10 @@ impl AgentRoutes {
         match path {
             "/v1/stat" => Some(self.stat(query)),
             "/v1/tap" => Some(self.tap(query)),
+            "/v1/node" => Some(match &self.node {
+                Some(n) => json(&n.report()),
+                None => text(StatusCode::NOT_FOUND, "no node report here\n"),
+            }),
             _ => None,
         }
     }

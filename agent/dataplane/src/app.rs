@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    admin::{AgentRoutes, NOT_READY},
+    admin::{AgentRoutes, NOT_READY, NodeFacts},
     capture::{CaptureConfig, CaptureMetrics, Captures},
     cgroup::{self, CgroupDir, CgroupError},
     config::{AgentConfig, PodSourceConfig},
@@ -169,6 +169,7 @@ impl App {
         };
         let own = cgroup::own_cgroup()?;
         info!(cgroup_root = %cgroup_root.path().display(), agent_cgroup = %own.path().display(), "cgroups found");
+        let cgroup_path = cgroup_root.path().to_owned();
 
         let (redirect, logger) = Redirect::install(&RedirectConfig {
             pin_dir: cfg.bpffs.clone(),
@@ -318,6 +319,14 @@ impl App {
             services: matches!(source, Source::Kube { .. }).then(|| state.clone()),
             stats: Some((proxy.stats().clone(), state.node())),
             tap: Some(proxy.tap().clone()),
+            node: Some(NodeFacts {
+                node: state.node(),
+                cgroup_root: cgroup_path,
+                bpffs: cfg.bpffs.clone(),
+                ready: ready.clone(),
+                pods: proxy.pods().clone(),
+                certs: certs.clone(),
+            }),
         };
         let tap_port = match (&certs, &cfg.identity) {
             (Some(store), Some(id)) => Some((

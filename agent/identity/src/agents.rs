@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::ListParams};
 use nodemesh_core::{
     pki::{self, provider},
-    wire::{AgentStat, StatReport, TapEvent},
+    wire::{AgentNode, AgentStat, NodeReport, StatReport, TapEvent},
 };
 use rustls::{
     ClientConfig, RootCertStore,
@@ -193,35 +193,55 @@ impl Agents {
         })
     }
 
-    /// Every agent's `/v1/stat` for `window`, asked at once.
-    pub(crate) async fn stat(&self, agents: &[AgentAddr], window: &str) -> Vec<AgentStat> {
-        let path = format!("/v1/stat?window={window}");
-        join_all(agents.iter().map(|agent| {
-            let path = path.clone();
-            async move {
-                let answer = async {
-                    let resp = self.get(agent, &path).await?;
-                    let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
-                        .await
-                        .map_err(|_| "the report did not come within 10s".to_owned())?
-                        .map_err(|e| e.to_string())?
-                        .to_bytes();
-                    serde_json::from_slice::<StatReport>(&body)
-                        .map_err(|e| format!("not a stat report: {e}"))
-                };
-                let (report, error) = match answer.await {
-                    Ok(r) => (Some(r), None),
-                    Err(e) => (None, Some(e)),
-                };
-                AgentStat {
-                    node: agent.node.clone(),
-                    pod: agent.pod.clone(),
-                    report,
-                    error,
-                }
-            }
+    /// `GET path` on every agent at once: each one's answer as JSON, or
+    /// why not.
+    pub(crate) async fn ask_all<T: serde::de::DeserializeOwned>(
+        &self,
+        agents: &[AgentAddr],
+        path: &str,
+    ) -> Vec<Result<T, String>> {
+        join_all(agents.iter().map(|agent| async move {
+            let resp = self.get(agent, path).await?;
+            let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
+                .await
+                .map_err(|_| "the answer did not come within 10s".to_owned())?
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice::<T>(&body).map_err(|e| format!("unexpected answer: {e}"))
         }))
         .await
+    }
+
+    /// Every agent's `/v1/stat` for `window`.
+    pub(crate) async fn stat(&self, agents: &[AgentAddr], window: &str) -> Vec<AgentStat> {
+        let answers = self
+            .ask_all::<StatReport>(agents, &format!("/v1/stat?window={window}"))
+            .await;
+        agents
+            .iter()
+            .zip(answers)
+            .map(|(agent, answer)| AgentStat {
+                node: agent.node.clone(),
+                pod: agent.pod.clone(),
+                error: answer.as_ref().err().cloned(),
+                report: answer.ok(),
+            })
+            .collect()
+    }
+
+    /// Every agent's `/v1/node`.
+    pub(crate) async fn nodes(&self, agents: &[AgentAddr]) -> Vec<AgentNode> {
+        let answers = self.ask_all::<NodeReport>(agents, "/v1/node").await;
+        agents
+            .iter()
+            .zip(answers)
+            .map(|(agent, answer)| AgentNode {
+                node: agent.node.clone(),
+                pod: agent.pod.clone(),
+                error: answer.as_ref().err().cloned(),
+                report: answer.ok(),
+            })
+            .collect()
     }
 
     /// Follows one agent's `/v1/tap?query` into `tx` (as NDJSON lines with

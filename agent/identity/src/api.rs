@@ -8,8 +8,9 @@
 //!   minute) and carry one of the allowed names. The user is then the one
 //!   in its `X-Remote-User`/`X-Remote-Group` headers.
 //! - The API server has already authorized the request with RBAC; a
-//!   SubjectAccessReview checks it again here (`list` on `stat`, `watch` on
-//!   `tap`), so nothing reaches an agent for a user RBAC does not allow.
+//!   SubjectAccessReview checks it again here (`list` on `stat` and
+//!   `agents`, `watch` on `tap` and `top`), so nothing reaches an agent for a user RBAC
+//!   does not allow.
 //! - Agents are reached on their tap ports over mutual TLS as the
 //!   service's own identity ([`crate::agents`]).
 use std::{
@@ -36,7 +37,7 @@ use kube::{Api, Client, api::PostParams};
 use nodemesh_core::{
     names::{API_GROUP, API_VERSION},
     pki::{self, provider},
-    wire::{STAT_WINDOWS, StatList, TapFilter},
+    wire::{AgentList, STAT_WINDOWS, StatList, TapFilter},
 };
 use rustls::{
     RootCertStore, ServerConfig,
@@ -264,6 +265,8 @@ impl AggregatedApi {
                     "resources": [
                         {"name": "stat", "singularName": "", "namespaced": false, "kind": "Stat", "verbs": ["get", "list"]},
                         {"name": "tap", "singularName": "", "namespaced": false, "kind": "Tap", "verbs": ["get", "list", "watch"]},
+                        {"name": "agents", "singularName": "", "namespaced": false, "kind": "Agent", "verbs": ["get", "list"]},
+                        {"name": "top", "singularName": "", "namespaced": false, "kind": "Top", "verbs": ["get", "list", "watch"]},
                     ],
                 }),
             );
@@ -271,11 +274,14 @@ impl AggregatedApi {
         let resource = match path.strip_prefix(&base) {
             Some("/stat") => "stat",
             Some("/tap") => "tap",
+            Some("/agents") => "agents",
+            // The same stream, for `nodemesh top` (granted to viewers).
+            Some("/top") => "top",
             _ => {
                 return status(
                     StatusCode::NOT_FOUND,
                     "NotFound",
-                    &format!("{base}/stat and {base}/tap only"),
+                    &format!("{base}/stat, /tap, /top and /agents only"),
                 );
             }
         };
@@ -288,7 +294,11 @@ impl AggregatedApi {
             );
         };
         let query = req.uri().query().unwrap_or_default().to_owned();
-        let verb = if resource == "tap" { "watch" } else { "list" };
+        let verb = if matches!(resource, "tap" | "top") {
+            "watch"
+        } else {
+            "list"
+        };
         match self.review(&user, verb, resource).await {
             Ok(None) => {}
             Ok(Some(why)) => {
@@ -317,6 +327,7 @@ impl AggregatedApi {
         }
         match resource {
             "stat" => self.stat(&query).await,
+            "agents" => self.nodes().await,
             _ => self.tap(&query, taps).await,
         }
     }
@@ -379,6 +390,27 @@ impl AggregatedApi {
             agents: self.agents.stat(&agents, window).await,
         };
         whole_json(StatusCode::OK, &list)
+    }
+
+    async fn nodes(&self) -> Response<Body> {
+        let agents = match self.agents.list().await {
+            Ok(a) => a,
+            Err(e) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("cannot list the agents: {e}"),
+                );
+            }
+        };
+        whole_json(
+            StatusCode::OK,
+            &AgentList {
+                kind: "AgentList".into(),
+                api_version: format!("{API_GROUP}/{API_VERSION}"),
+                agents: self.agents.nodes(&agents).await,
+            },
+        )
     }
 
     async fn tap(&self, query: &str, taps: &Arc<tokio::sync::Semaphore>) -> Response<Body> {
@@ -535,6 +567,50 @@ pub(crate) async fn follow_front_proxy(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn front(allowed: &[&str]) -> FrontProxy {
+        FrontProxy {
+            ca_pem: String::new(),
+            allowed_names: allowed.iter().map(|s| s.to_string()).collect(),
+            user_headers: vec!["X-Remote-User".into()],
+            group_headers: vec!["X-Remote-Group".into()],
+            extra_prefixes: vec!["X-Remote-Extra-".into()],
+        }
+    }
+
+    #[test]
+    fn the_user_is_read_from_the_front_proxys_headers() {
+        let mut h = HeaderMap::new();
+        assert!(front(&[]).user(&h).is_none(), "no user, no request");
+        h.insert("x-remote-user", "alice".parse().unwrap());
+        h.append("x-remote-group", "dev".parse().unwrap());
+        h.append("x-remote-group", "system:authenticated".parse().unwrap());
+        h.append("x-remote-extra-scopes%2fa", "one".parse().unwrap());
+        let u = front(&[]).user(&h).expect("a user");
+        assert_eq!(u.name, "alice");
+        assert_eq!(u.groups, ["dev", "system:authenticated"]);
+        assert_eq!(u.extra["scopes/a"], ["one"]);
+    }
+
+    #[test]
+    fn only_the_allowed_names_and_only_with_a_certificate() {
+        let anchor =
+            pki::generate_trust_anchor("front", std::time::Duration::from_secs(60)).unwrap();
+        let der = pki::certs_from_pem(&anchor.cert_pem, "cert").unwrap();
+        assert!(front(&[]).allows(None).is_err());
+        assert!(
+            front(&[]).allows(Some(&der)).is_ok(),
+            "any name when none listed"
+        );
+        let cn = pki::cert_info(&der[0])
+            .unwrap()
+            .common_name
+            .unwrap_or_default();
+        assert!(front(&[&cn]).allows(Some(&der)).is_ok(), "{cn}");
+        assert!(front(&["front-proxy-client"]).allows(Some(&der)).is_err());
+    }
+
     #[test]
     fn extra_keys_are_percent_decoded() {
         assert_eq!(super::percent_decode("scopes%2fa"), "scopes/a");

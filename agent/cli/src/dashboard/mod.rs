@@ -345,7 +345,7 @@ async fn follow_one(source: Source, state: State) {
             ..TapFilter::default()
         }
         .query();
-        source.tap(query, tx).await;
+        source.tap("tap", query, tx).await;
         while let Some(item) = rx.recv().await {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             match item {

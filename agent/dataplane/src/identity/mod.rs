@@ -169,6 +169,30 @@ impl CertStore {
         }
     }
 
+    /// The workload certificates it keeps (the agent's own aside), each
+    /// with when the one held expires (`None`: none held now).
+    pub fn report(&self) -> Vec<(Identity, Option<SystemTime>)> {
+        let pinned = self.pinned.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(Identity, Option<SystemTime>)> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(id, _)| !pinned.contains(*id))
+            .map(|(id, slot)| {
+                let held = slot
+                    .current
+                    .borrow()
+                    .as_ref()
+                    .map(|c| c.not_after)
+                    .filter(|t| *t > SystemTime::now());
+                (id.clone(), held)
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| id.to_string());
+        out
+    }
+
     /// Keeps `id`'s certificate too, whether or not a meshed pod has it
     /// (the agent's own identity).
     pub fn pin(&self, id: Identity) {
