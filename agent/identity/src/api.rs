@@ -441,6 +441,13 @@ impl AggregatedApi {
                 );
             }
         };
+        if agents.is_empty() {
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "no agent is running (is the nodemesh-agent DaemonSet up?)",
+            );
+        }
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         for agent in agents {
             tokio::spawn(
