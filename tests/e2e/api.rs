@@ -115,6 +115,62 @@ fn get(port: u16, path: &str) -> Result<String, String> {
     }
 }
 
+/// `GET path` through the API server as `client`: the status, and (for a
+/// 200) the first `want` NDJSON events, read while `traffic` runs (up to
+/// 15 s).
+fn raw(
+    bed: &MeshBed,
+    client: &kube::Client,
+    path: &str,
+    want: usize,
+    mut traffic: impl FnMut(),
+) -> (u16, Vec<Value>) {
+    use http_body_util::BodyExt;
+    let req = ::http::Request::get(path)
+        .body(kube::client::Body::empty())
+        .expect("request");
+    let resp = bed
+        .cluster
+        .block_on(client.send(req))
+        .expect("the API server answers");
+    let code = resp.status().as_u16();
+    if code != 200 || want == 0 {
+        return (code, Vec::new());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let reader = nodemesh_tests::kube::runtime().spawn(async move {
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                if let Ok(v) = serde_json::from_slice::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut events = Vec::new();
+    while events.len() < want && Instant::now() < deadline {
+        traffic();
+        while let Ok(v) = rx.recv_timeout(Duration::from_millis(200)) {
+            if v["kind"] != "error" {
+                events.push(v);
+            }
+        }
+    }
+    reader.abort();
+    assert!(events.len() >= want, "{events:#?}");
+    (code, events)
+}
+
 /// Runs `f` until it gives `Some`, for up to `secs` seconds.
 fn within<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -193,7 +249,14 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         if !out.status.success() {
             return Err(text(&out));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+        let lines: Vec<Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+        // Pods are counted from the agents' last one-second sample.
+        if lines.first().is_some_and(|l| l["meshed_pods"] == 2) {
+            Ok(lines)
+        } else {
+            Err(text(&out))
+        }
     });
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["requests"], 80, "{:#}", lines[0]);
@@ -242,6 +305,42 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         "{}",
         text(&out)
     );
+
+    // The raw `top` stream a viewer gets: paths and numbers, no identities
+    // or authorities; a tap is a watch (a plain GET is refused).
+    let alice_client = bed
+        .cluster
+        .block_on(nodemesh_tests::kube::client_from(&alice));
+    let (code, _) = raw(
+        &bed,
+        &alice_client,
+        "/apis/tap.nodemesh.io/v1alpha1/top",
+        0,
+        || {},
+    );
+    // Without watch=true the API server authorizes `list`, which no role
+    // grants on top or tap (a stream must be a watch, or the API server
+    // cuts it at its request timeout).
+    assert_eq!(code, 403, "a tap without watch=true");
+    let mut traffic = || {
+        let got = cli.run(http::Run::get(to_a, "/top/raw", 1));
+        assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
+    };
+    let (code, events) = raw(
+        &bed,
+        &alice_client,
+        "/apis/tap.nodemesh.io/v1alpha1/top?watch=true&path=%2Ftop%2Fraw",
+        3,
+        &mut traffic,
+    );
+    assert_eq!(code, 200);
+    for e in &events {
+        assert_eq!(e["path"], "/top/raw", "{e:#}");
+        assert_eq!(e["src"]["identity"], "", "{e:#}");
+        assert_eq!(e["dst"]["identity"], "", "{e:#}");
+        assert_eq!(e["authority"], "", "{e:#}");
+        assert_eq!(e["src"]["workload"], "deployment/web", "{e:#}");
+    }
 
     // The dashboard, as alice: the browser's API (this process) reads the
     // agents through the API server, both nodes merged.

@@ -142,7 +142,7 @@ fn api_error(e: kube::Error) -> String {
             s.message
         ),
         kube::Error::Api(s) if s.code == 404 || s.code == 503 => format!(
-            "{} (is nodemesh installed, and its identity service up? see nodemesh check)",
+            "{} (see nodemesh check: is nodemesh installed, its identity service up, its aggregated API available?)",
             s.message
         ),
         kube::Error::Api(s) => s.message,

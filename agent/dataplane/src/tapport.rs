@@ -27,10 +27,14 @@ use tracing::{debug, info, warn};
 
 use crate::{admin::AgentRoutes, identity::CertStore};
 
-/// Connections served at once (the identity service holds one per tap
-/// reader and asks for stats now and then).
+/// Connections served at once, once the client is known to be the
+/// identity service (it holds one per tap reader and asks for stats now
+/// and then).
 const MAX_CONNECTIONS: usize = 64;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes at once: any pod can reach the port and start one, so they
+/// have their own (short-lived) slots, and never take a served one.
+const MAX_HANDSHAKES: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The tap port's settings.
 pub struct TapPort {
@@ -85,15 +89,17 @@ pub fn serve(
     let allowed = port.client.spiffe_id(port.store.trust_domain());
     let port = Arc::new(port);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, client = %allowed, "tap port listening");
         }
-        let (acceptor, allowed, port, connections, shutdown) = (
+        let (acceptor, allowed, port, connections, handshakes, shutdown) = (
             acceptor.clone(),
             allowed.clone(),
             port.clone(),
             connections.clone(),
+            handshakes.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
@@ -109,18 +115,18 @@ pub fn serve(
                     },
                     _ = shutdown.cancelled() => return,
                 };
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    debug!(%peer, "tap port: too many connections; closing this one");
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    debug!(%peer, "tap port: too many handshakes at once; closing this one");
                     continue;
                 };
-                let (acceptor, allowed, port, shutdown) = (
+                let (acceptor, allowed, port, connections, shutdown) = (
                     acceptor.clone(),
                     allowed.clone(),
                     port.clone(),
+                    connections.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(async move {
-                    let _permit = permit;
                     let tls =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
@@ -143,10 +149,15 @@ pub fn serve(
                     )
                     .ok()
                     .and_then(|i| i.spiffe_id);
+                    drop(handshake);
                     if client.as_deref() != Some(allowed.as_str()) {
                         warn!(%peer, client = client.as_deref().unwrap_or("-"), allowed = %allowed, "tap port: refused a client that is not the identity service");
                         return;
                     }
+                    let Ok(_permit) = connections.try_acquire_owned() else {
+                        warn!(%peer, limit = MAX_CONNECTIONS, "tap port: too many connections from the identity service; closing this one");
+                        return;
+                    };
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let port = port.clone();
                         async move { Ok::<_, Infallible>(route(&port.routes, req.method(), req.uri())) }
@@ -171,7 +182,10 @@ fn route(routes: &AgentRoutes, method: &Method, uri: &hyper::Uri) -> AdminRespon
     if method != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
-    routes
-        .answer(uri.path(), uri.query())
-        .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "/v1/stat and /v1/tap only\n"))
+    routes.answer(uri.path(), uri.query()).unwrap_or_else(|| {
+        text(
+            StatusCode::NOT_FOUND,
+            "/v1/stat, /v1/tap and /v1/node only\n",
+        )
+    })
 }

@@ -5,19 +5,17 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::ListParams};
 use nodemesh_core::{
-    pki::{self, provider},
+    pki::provider,
     wire::{AgentNode, AgentStat, NodeReport, StatReport, TapEvent},
 };
 use rustls::{
-    ClientConfig, RootCertStore,
-    client::ResolvesClientCert,
-    pki_types::{CertificateDer, ServerName},
+    ClientConfig, RootCertStore, client::ResolvesClientCert, pki_types::ServerName,
     sign::CertifiedKey,
 };
 use tokio::sync::mpsc;
@@ -59,13 +57,19 @@ pub(crate) struct Agents {
     pub selector: String,
     pub port: u16,
     /// Names an agent's certificate may have (one per agent service
-    /// account); the first that verifies is taken.
+    /// account): rustls checks the chain and the name; each is tried.
     pub server_names: Vec<ServerName<'static>>,
     pub tls: Arc<ClientConfig>,
 }
 
 /// A connection, request and response head must come within this.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent's report is at most this big (512 series of stats are well
+/// under it).
+const MAX_ANSWER: usize = 16 << 20;
+/// Agents are listed again this often during a tap (new nodes, restarted
+/// agents).
+const RELIST_EVERY: Duration = Duration::from_secs(10);
 
 impl Agents {
     /// Reaches the agents `cfg` names, trusting `roots`, presenting `own`.
@@ -131,25 +135,28 @@ impl Agents {
         path: &str,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let ask = async {
-            let tcp = tokio::net::TcpStream::connect(agent.addr)
-                .await
-                .map_err(|e| format!("cannot connect to {}: {e}", agent.addr))?;
-            let connector = TlsConnector::from(self.tls.clone());
-            let name = self
-                .server_names
-                .first()
-                .cloned()
-                .ok_or_else(|| "no agent identity configured".to_owned())?;
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS with the agent's tap port at {}: {e}", agent.addr))?;
-            if !self.is_agent(tls.get_ref().1.peer_certificates()) {
-                return Err(format!(
-                    "{} does not present an agent's identity",
-                    agent.addr
-                ));
+            // The agent's certificate names one of the agents' identities:
+            // each is tried (one, usually).
+            let mut last = "no agent identity configured".to_owned();
+            let mut verified = None;
+            for name in &self.server_names {
+                let tcp = tokio::net::TcpStream::connect(agent.addr)
+                    .await
+                    .map_err(|e| format!("cannot connect to {}: {e}", agent.addr))?;
+                match TlsConnector::from(self.tls.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                {
+                    Ok(tls) => {
+                        verified = Some(tls);
+                        break;
+                    }
+                    Err(e) => {
+                        last = format!("TLS with the agent's tap port at {}: {e}", agent.addr)
+                    }
+                }
             }
+            let tls = verified.ok_or(last)?;
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -167,30 +174,17 @@ impl Agents {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body =
+            tokio::time::timeout(ASK_TIMEOUT, Limited::new(resp.into_body(), 4096).collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
         Err(format!(
             "{status}: {}",
             String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
         ))
-    }
-
-    /// Whether the peer's certificate names one of the agents' identities.
-    fn is_agent(&self, certs: Option<&[CertificateDer<'_>]>) -> bool {
-        let Some(leaf) = certs.and_then(|c| c.first()) else {
-            return false;
-        };
-        pki::cert_info(leaf).is_ok_and(|info| {
-            info.dns_names.iter().any(|n| {
-                self.server_names
-                    .iter()
-                    .any(|s| matches!(s, ServerName::DnsName(d) if d.as_ref() == n))
-            })
-        })
     }
 
     /// `GET path` on every agent at once: each one's answer as JSON, or
@@ -202,11 +196,14 @@ impl Agents {
     ) -> Vec<Result<T, String>> {
         join_all(agents.iter().map(|agent| async move {
             let resp = self.get(agent, path).await?;
-            let body = tokio::time::timeout(ASK_TIMEOUT, resp.into_body().collect())
-                .await
-                .map_err(|_| "the answer did not come within 10s".to_owned())?
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let body = tokio::time::timeout(
+                ASK_TIMEOUT,
+                Limited::new(resp.into_body(), MAX_ANSWER).collect(),
+            )
+            .await
+            .map_err(|_| "the answer did not come within 10s".to_owned())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
             serde_json::from_slice::<T>(&body).map_err(|e| format!("unexpected answer: {e}"))
         }))
         .await
@@ -244,54 +241,132 @@ impl Agents {
             .collect()
     }
 
-    /// Follows one agent's `/v1/tap?query` into `tx` (as NDJSON lines with
-    /// the node set); a failure is sent as an `error` event.
-    pub(crate) async fn follow(
+    /// Follows the agents' `/v1/tap?query` into `tx` until it is closed:
+    /// agents listed again every [`RELIST_EVERY`] (a new or restarted
+    /// agent joins), each one's stream opened again after a failure (told
+    /// as an `error` event). `strip`: without identities and authorities
+    /// (what `top` shows viewers).
+    pub(crate) async fn follow_all(
+        self: Arc<Self>,
+        first: Vec<AgentAddr>,
+        query: String,
+        strip: bool,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let mut followed: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+            std::collections::HashMap::new();
+        let mut agents = first;
+        loop {
+            let names: std::collections::HashSet<String> =
+                agents.iter().map(|a| a.pod.clone()).collect();
+            followed.retain(|pod, task| {
+                let keep = names.contains(pod) && !task.is_finished();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for agent in &agents {
+                if !followed.contains_key(&agent.pod) {
+                    let task = tokio::spawn(self.clone().follow(
+                        agent.clone(),
+                        query.clone(),
+                        strip,
+                        tx.clone(),
+                    ));
+                    followed.insert(agent.pod.clone(), task);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RELIST_EVERY) => {}
+                _ = tx.closed() => break,
+            }
+            match self.list().await {
+                Ok(a) => agents = a,
+                Err(e) => {
+                    debug!(error = %e, "tap: cannot list the agents again; keeping the ones followed")
+                }
+            }
+        }
+        for task in followed.into_values() {
+            task.abort();
+        }
+    }
+
+    /// Follows one agent's `/v1/tap?query` into `tx` (NDJSON lines with the
+    /// node set) until `tx` closes, again after a pause when it fails.
+    async fn follow(
         self: Arc<Self>,
         agent: AgentAddr,
         query: String,
+        strip: bool,
         tx: mpsc::Sender<Bytes>,
     ) {
-        let stream = async {
-            let resp = self.get(&agent, &format!("/v1/tap?{query}")).await?;
-            let mut body = resp.into_body();
-            let mut pending: Vec<u8> = Vec::new();
-            loop {
-                let frame = tokio::select! {
-                    f = body.frame() => f,
-                    _ = tx.closed() => return Ok(()),
-                };
-                let Some(frame) = frame else {
-                    return Err("the agent ended the stream".to_owned());
-                };
-                let frame = frame.map_err(|e| e.to_string())?;
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                pending.extend_from_slice(data);
-                while let Some(at) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=at).collect();
-                    let mut event: TapEvent =
-                        serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?;
-                    event.node = agent.node.clone();
-                    if tx.send(line_of(&event)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                if pending.len() > 1 << 20 {
-                    return Err("an event over 1 MiB".to_owned());
-                }
-            }
-        };
-        if let Err(message) = stream.await {
-            debug!(node = %agent.node, error = %message, "tap stream from an agent ended");
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let message = match self.follow_once(&agent, &query, strip, &tx).await {
+                Ok(()) => return,
+                Err(m) => m,
+            };
+            debug!(node = %agent.node, error = %message, "tap stream from an agent ended; again in {pause:?}");
             let event = TapEvent {
                 kind: "error".into(),
                 node: agent.node.clone(),
                 message: Some(message),
                 ..TapEvent::default()
             };
-            let _ = tx.send(line_of(&event)).await;
+            if tx.send(line_of(&event)).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = tx.closed() => return,
+            }
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// One stream: `Ok` when the reader went away.
+    async fn follow_once(
+        &self,
+        agent: &AgentAddr,
+        query: &str,
+        strip: bool,
+        tx: &mpsc::Sender<Bytes>,
+    ) -> Result<(), String> {
+        let resp = self.get(agent, &format!("/v1/tap?{query}")).await?;
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = tx.closed() => return Ok(()),
+            };
+            let Some(frame) = frame else {
+                return Err("the agent ended the stream".to_owned());
+            };
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                let mut event: TapEvent =
+                    serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?;
+                event.node = agent.node.clone();
+                if strip {
+                    event.src.identity.clear();
+                    event.dst.identity.clear();
+                    event.authority.clear();
+                }
+                if tx.send(line_of(&event)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if pending.len() > 1 << 20 {
+                return Err("an event over 1 MiB".to_owned());
+            }
         }
     }
 }

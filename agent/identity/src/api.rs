@@ -95,12 +95,18 @@ pub(crate) async fn front_proxy(client: &Client) -> Result<FrontProxy, FrontProx
         .ok_or(FrontProxyError::NoCa)?;
     pki::certs_from_pem(&ca_pem, "request-header CA")
         .map_err(|e| FrontProxyError::BadCa(e.to_string()))?;
+    // Absent or empty: any name the CA signed (as the API server reads
+    // it); unreadable: no name at all (never open).
+    let allowed_names = match data.get("requestheader-allowed-names") {
+        None => Vec::new(),
+        Some(v) if v.trim().is_empty() => Vec::new(),
+        Some(v) => serde_json::from_str::<Vec<String>>(v).map_err(|e| {
+            FrontProxyError::BadCa(format!("requestheader-allowed-names {v:?}: {e}"))
+        })?,
+    };
     Ok(FrontProxy {
         ca_pem,
-        allowed_names: data
-            .get("requestheader-allowed-names")
-            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
-            .unwrap_or_default(),
+        allowed_names,
         user_headers: list("requestheader-username-headers", &["X-Remote-User"]),
         group_headers: list("requestheader-group-headers", &["X-Remote-Group"]),
         extra_prefixes: list("requestheader-extra-headers-prefix", &["X-Remote-Extra-"]),
@@ -263,10 +269,10 @@ impl AggregatedApi {
                     "kind": "APIResourceList", "apiVersion": "v1",
                     "groupVersion": format!("{API_GROUP}/{API_VERSION}"),
                     "resources": [
-                        {"name": "stat", "singularName": "", "namespaced": false, "kind": "Stat", "verbs": ["get", "list"]},
-                        {"name": "tap", "singularName": "", "namespaced": false, "kind": "Tap", "verbs": ["get", "list", "watch"]},
-                        {"name": "agents", "singularName": "", "namespaced": false, "kind": "Agent", "verbs": ["get", "list"]},
-                        {"name": "top", "singularName": "", "namespaced": false, "kind": "Top", "verbs": ["get", "list", "watch"]},
+                        {"name": "stat", "singularName": "", "namespaced": false, "kind": "Stat", "verbs": ["list"]},
+                        {"name": "tap", "singularName": "", "namespaced": false, "kind": "Tap", "verbs": ["watch"]},
+                        {"name": "agents", "singularName": "", "namespaced": false, "kind": "Agent", "verbs": ["list"]},
+                        {"name": "top", "singularName": "", "namespaced": false, "kind": "Top", "verbs": ["watch"]},
                     ],
                 }),
             );
@@ -328,7 +334,10 @@ impl AggregatedApi {
         match resource {
             "stat" => self.stat(&query).await,
             "agents" => self.nodes().await,
-            _ => self.tap(&query, taps).await,
+            // What `top` needs, for viewers: paths and numbers, no
+            // identities or authorities.
+            "top" => self.tap(&query, true, taps).await,
+            _ => self.tap(&query, false, taps).await,
         }
     }
 
@@ -413,12 +422,36 @@ impl AggregatedApi {
         )
     }
 
-    async fn tap(&self, query: &str, taps: &Arc<tokio::sync::Semaphore>) -> Response<Body> {
-        // `watch=true` is the API server's (it makes the request a
-        // long-running one); the rest are the agents' filters.
+    async fn tap(
+        &self,
+        query: &str,
+        strip: bool,
+        taps: &Arc<tokio::sync::Semaphore>,
+    ) -> Response<Body> {
+        // `watch=true` makes the API server take it for a long-running
+        // request (else it is cut at its request timeout) and authorize
+        // `watch`, the verb checked here; the watch parameters generic
+        // clients add are the API server's; the rest are the agents' filters.
+        if !query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1")
+        {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "a tap is a watch: add watch=true",
+            );
+        }
+        const WATCH_PARAMS: [&str; 5] = [
+            "watch=",
+            "resourceVersion=",
+            "timeoutSeconds=",
+            "allowWatchBookmarks=",
+            "resourceVersionMatch=",
+        ];
         let filters: Vec<&str> = query
             .split('&')
-            .filter(|kv| !kv.is_empty() && !kv.starts_with("watch="))
+            .filter(|kv| !kv.is_empty() && !WATCH_PARAMS.iter().any(|p| kv.starts_with(p)))
             .collect();
         let filters = filters.join("&");
         if let Err(e) = TapFilter::parse(&filters) {
@@ -449,14 +482,7 @@ impl AggregatedApi {
             );
         }
         let (tx, rx) = mpsc::channel::<Bytes>(256);
-        for agent in agents {
-            tokio::spawn(
-                self.agents
-                    .clone()
-                    .follow(agent, filters.clone(), tx.clone()),
-            );
-        }
-        drop(tx);
+        tokio::spawn(self.agents.clone().follow_all(agents, filters, strip, tx));
         let mut resp = Response::new(
             Lines {
                 rx,

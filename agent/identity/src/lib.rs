@@ -355,6 +355,10 @@ async fn serve_api(
                 Some(f) => f.allows(stream.get_ref().1.peer_certificates()).err(),
                 None => Some("front proxy settings not read yet".to_owned()),
             };
+            if let Some(why) = &refused {
+                debug!(%peer, why, "aggregated API: not the front proxy");
+            }
+            let keep_alive = refused.is_none();
             let svc = service_fn(move |req| {
                 let (api, taps, refused) = (api.clone(), taps.clone(), refused.clone());
                 async move {
@@ -367,8 +371,10 @@ async fn serve_api(
                 }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
+            // Anyone else gets one 401 and the connection closed.
             http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
+                .header_read_timeout(Duration::from_secs(if keep_alive { 30 } else { 5 }))
+                .keep_alive(keep_alive);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
