@@ -759,6 +759,7 @@ spec:
     for want in [
         "× agents: no DaemonSet nodemesh-agent in nodemesh: apply nodemesh install again",
         "× identity service: none available",
+        "× aggregated API: v1alpha1.tap.nodemesh.io not available",
         "√ trust anchors: valid",
         "Status check results are ×",
     ] {
