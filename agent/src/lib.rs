@@ -74,28 +74,32 @@ pub enum Command {
     },
     /// Golden metrics per workload (success rate, requests per second,
     /// latency percentiles, TCP connections), merged from agents' sliding
-    /// windows (no Prometheus). Today from agents directly, on their node:
-    /// `nodemesh stat deploy -n shop --agent 127.0.0.1:4191`.
+    /// windows (no Prometheus), every node's, through the API server
+    /// (ClusterRole nodemesh-viewer): `nodemesh stat deploy -n shop`.
     Stat(Box<stat::StatArgs>),
     /// A web UI with live golden metrics (namespaces, workloads with
     /// sparklines, a workload's peers, edges and top paths, live requests),
-    /// served by this process on 127.0.0.1:50750 from assets in the binary.
+    /// served by this process on 127.0.0.1:50750 from assets in the binary;
+    /// it reads the agents through the API server as the kubeconfig's user.
     Dashboard(Box<dashboard::DashboardArgs>),
     /// Who talked to whom in the last 10 minutes and how securely (mTLS,
     /// node-local, or plaintext), with both identities, from what the
-    /// servers' agents saw: `nodemesh edges deploy -n shop --agent 127.0.0.1:4191`.
+    /// servers' agents saw (nodemesh-viewer): `nodemesh edges deploy -n shop`.
     Edges(Box<edges::EdgesArgs>),
     /// Check a cluster before installing (`--pre`: version, RBAC, this
     /// machine's kernel BTF, cgroup v2, bpffs) or after (agents ready and
-    /// current, identity service, certificate validity, capture errors):
-    /// one line per check with a hint; exit code 1 if any fails.
+    /// current, identity service, certificate validity, capture errors, the
+    /// aggregated API, each agent's eBPF and certificates): one line per
+    /// check with a hint; exit code 1 if any fails.
     Check(Box<check::CheckArgs>),
     /// Live requests as they happen (method, authority, path, status,
     /// latency, both identities; never headers or bodies), filtered by the
-    /// agents: `nodemesh tap deploy/web -n shop --agent 127.0.0.1:4191`.
+    /// agents, from every node (ClusterRole nodemesh-tapper):
+    /// `nodemesh tap deploy/web -n shop`.
     Tap(Box<tap::TapArgs>),
     /// The busiest paths of a workload, live (method, path, count,
-    /// success, best and worst latency), from the agents' taps.
+    /// success, best and worst latency), from the agents' taps
+    /// (nodemesh-viewer).
     Top(Box<top::TopArgs>),
     /// Detach the mesh's eBPF programs from this node and remove everything
     /// pinned (refused while an agent runs).

@@ -125,6 +125,7 @@ impl Story {
             pre,
             namespace: SYSTEM.into(),
             kubeconfig: Some(self.node.dir.join("admin.kubeconfig")),
+            context: None,
             output: "text".into(),
         })
     }

@@ -17,6 +17,36 @@ use nodemesh_core::{
 };
 use tokio::sync::mpsc;
 
+/// A client for the API server as kubectl would make it: `kubeconfig`
+/// (else $KUBECONFIG, ~/.kube/config, in-cluster) and `context` (else its
+/// current one); no read timeout (a tap may be quiet for minutes).
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Client, String> {
+    let options = KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..KubeConfigOptions::default()
+    };
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| format!("kubeconfig: {e}"))?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no kubeconfig ({e}): pass --kubeconfig"))?,
+    };
+    config.read_timeout = None;
+    kube::Client::try_from(config).map_err(|e| format!("kube client: {e}"))
+}
+
 /// Where the agents are read.
 #[derive(Args, Clone, Debug, Default)]
 pub struct Reach {
@@ -48,31 +78,10 @@ impl Source {
         if !reach.agent.is_empty() {
             return Ok(Source::Direct(reach.agent.clone()));
         }
-        let options = KubeConfigOptions {
-            context: reach.context.clone(),
-            ..KubeConfigOptions::default()
-        };
-        let config = match &reach.kubeconfig {
-            Some(path) => {
-                let file = Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(file, &options)
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-            }
-            None if reach.context.is_some() => kube::Config::from_kubeconfig(&options)
-                .await
-                .map_err(|e| format!("kubeconfig: {e}"))?,
-            None => kube::Config::infer().await.map_err(|e| {
-                format!("no kubeconfig ({e}): pass --kubeconfig, or --agent on a node")
-            })?,
-        };
-        let mut config = config;
-        // A tap with nothing to show for minutes is still a tap.
-        config.read_timeout = None;
-        kube::Client::try_from(config)
+        kube_client(reach.kubeconfig.as_deref(), reach.context.as_deref())
+            .await
             .map(Source::Api)
-            .map_err(|e| format!("kube client: {e}"))
+            .map_err(|e| format!("{e} (or, on a node, --agent 127.0.0.1:4191)"))
     }
 
     /// Every agent's report for `window`: (who, the report or why not).

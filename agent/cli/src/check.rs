@@ -46,6 +46,9 @@ pub struct CheckArgs {
     /// Default: $KUBECONFIG, ~/.kube/config, or the in-cluster account.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current one).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
     /// `json`: one object per check.
     #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
     pub output: String,
@@ -106,16 +109,18 @@ pub fn run(args: &CheckArgs) -> (String, bool) {
 
 async fn checks(args: &CheckArgs) -> Vec<Outcome> {
     let mut out = Vec::new();
-    let client = match nodemesh_core::kube::client(args.kubeconfig.as_deref()).await {
-        Ok(c) => c,
-        Err(e) => {
-            out.push(fail(
-                "kubeconfig",
-                format!("{e} (pass --kubeconfig, or set KUBECONFIG)"),
-            ));
-            return out;
-        }
-    };
+    let client =
+        match crate::agents::kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(fail(
+                    "kubeconfig",
+                    format!("{e} (pass --kubeconfig, or set KUBECONFIG)"),
+                ));
+                return out;
+            }
+        };
     let version =
         match tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await {
             Ok(Ok(v)) => v,
