@@ -93,6 +93,9 @@ struct TcpSeries {
     fine: Ring<TcpSample>,
     coarse: Ring<TcpSample>,
     last: TcpSample,
+    /// The second of its first sample: its counts started from zero then
+    /// (what came before that sample counts in a window that holds it).
+    born: u64,
 }
 
 #[derive(Debug)]
@@ -160,6 +163,7 @@ impl Stats {
                 fine: Ring::new(FINE),
                 coarse: Ring::new(COARSE),
                 last: sample,
+                born: now,
             });
             // The first sample of a slot is its start.
             if s.fine.slots.back().is_none_or(|(t, _)| *t != now) {
@@ -209,7 +213,13 @@ impl Stats {
             .iter()
             .map(|((direction, workload), s)| {
                 let ring = if fine { &s.fine } else { &s.coarse };
-                let first = ring.since(now, secs).next().copied().unwrap_or(s.last);
+                // Born in the window: from zero (else the connections of a
+                // pod's first second were never counted).
+                let first = if s.born + secs > now {
+                    TcpSample::default()
+                } else {
+                    ring.since(now, secs).next().copied().unwrap_or(s.last)
+                };
                 let d = |now: u64, then: u64| now.saturating_sub(then);
                 TcpRow {
                     direction: direction.clone(),
@@ -289,6 +299,33 @@ mod tests {
             .find(|row| row.key.peer.name == "other")
             .unwrap();
         assert_eq!(other.golden.requests, 20);
+    }
+
+    #[test]
+    fn a_new_workloads_first_connections_count() {
+        let stats = Stats::default();
+        let w = WorkloadRef {
+            namespace: "shop".into(),
+            kind: "deployment".into(),
+            name: "api".into(),
+            serviceaccount: "api".into(),
+        };
+        let sample = |opened| TcpSample {
+            pods: 1,
+            open: 1,
+            opened,
+            sent: 10 * opened,
+            received: 0,
+        };
+        let key = ("inbound".to_owned(), w);
+        // Its first sample already holds 3 connections (made before it).
+        stats.sample_tcp(HashMap::from([(key.clone(), sample(3))]));
+        stats.sample_tcp(HashMap::from([(key, sample(4))]));
+        for window in ["10s", "1m", "10m"] {
+            let r = stats.report("n", window).unwrap();
+            assert_eq!(r.tcp[0].tcp.opened, 4, "{window}");
+            assert_eq!(r.tcp[0].tcp.sent_bytes, 40, "{window}");
+        }
     }
 
     #[test]
