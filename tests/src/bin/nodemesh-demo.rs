@@ -124,6 +124,12 @@ fn main() {
         identity.addr,
         install.server_name()
     );
+    // stat and edges read the agents through the API server (its
+    // aggregated API, served by the identity service), as RBAC allows.
+    let tap_api = mesh::AggregatedApi::apply(&install, &identity, &node);
+    println!(
+        "      aggregated API tap.nodemesh.io available (nodemesh stat, tap, top, edges, check)"
+    );
     let started = Instant::now();
     let opts = |n: &Node| AgentOptions {
         binary: Some(agent_bin.clone()),
@@ -324,18 +330,19 @@ fn main() {
         m.sum("nodemesh_tcp_open_connections", &[]) == 0.0
     });
     print_table(&m, &[&web, &api, &db]);
-    // The operator's view of the same, no Prometheus: the CLI on the node.
+    // The operator's view of the same, no Prometheus: the CLI through the
+    // API server (both nodes' agents, merged).
     for args in [
         &["stat", "sts", "-n", "shop", "-t", "1m"][..],
         &["edges", "sts", "-n", "shop", "-o", "wide"][..],
     ] {
-        let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        argv.extend(["--agent".into(), node.admin_addr().to_string()]);
+        let argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         println!("      $ nodemesh {}", argv.join(" "));
-        let bin = agent_bin.clone();
-        let out = nodemesh_tests::sys::in_netns(&node.netns, move || {
-            std::process::Command::new(bin).args(&argv).output()
-        });
+        let out = std::process::Command::new(&agent_bin)
+            .args(&argv)
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .output();
         match out {
             Ok(out) => {
                 for line in String::from_utf8_lossy(&out.stdout)
@@ -379,6 +386,7 @@ fn main() {
     );
     drop(apps);
     drop(pay);
+    drop(tap_api);
     drop((agent, agent_b, identity));
     drop(install);
     drop(link);
