@@ -475,6 +475,7 @@ pub fn nodemesh_runs_on_a_real_node_as_installed() {
         resource: nodemesh_cli::stat::Resource::Deploy,
         name: None,
         namespace: Some(story.ns.clone()),
+        all_namespaces: false,
         to: None,
         from: None,
         window: "1m".into(),

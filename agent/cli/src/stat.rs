@@ -60,6 +60,9 @@ pub struct StatArgs {
     /// The namespace (default: every namespace).
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
+    /// Every namespace (the default; as kubectl's -A).
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
     /// Only requests to workloads of this name (`deploy/web` or `web`):
     /// what the selected workloads sent there, as their clients saw it.
     #[arg(long, value_name = "RES")]
@@ -313,6 +316,7 @@ mod tests {
             resource: Resource::Deploy,
             name: None,
             namespace: None,
+            all_namespaces: false,
             to: to.map(str::to_owned),
             from: from.map(str::to_owned),
             window: "10s".into(),
