@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use nodemesh_core::{
     names::{API_GROUP, API_VERSION},
-    wire::{StatList, StatReport, TapEvent},
+    wire::{StatList, StatReport, TapEvent, TapLines},
 };
 use tokio::sync::mpsc;
 
@@ -169,32 +169,12 @@ async fn fetch(addr: SocketAddr, window: &str) -> Result<StatReport, String> {
     serde_json::from_slice::<StatReport>(&body).map_err(|e| format!("bad answer: {e}"))
 }
 
-/// Splits a stream of bytes into NDJSON events.
-#[derive(Default)]
-struct LineReader(Vec<u8>);
-
-impl LineReader {
-    fn push(&mut self, data: &[u8]) -> Result<Vec<TapEvent>, String> {
-        self.0.extend_from_slice(data);
-        let mut out = Vec::new();
-        while let Some(at) = self.0.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.0.drain(..=at).collect();
-            out.push(serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?);
-        }
-        // A line longer than any event: the stream is not a tap.
-        if self.0.len() > 1 << 20 {
-            return Err("an event over 1 MiB".into());
-        }
-        Ok(out)
-    }
-}
-
 async fn follow_direct(addr: SocketAddr, query: String, tx: mpsc::Sender<TapItem>) {
     let who = addr.to_string();
     let stream = async {
         let resp = get(addr, &format!("/v1/tap?{query}")).await?;
         let mut body = resp.into_body();
-        let mut lines = LineReader::default();
+        let mut lines = TapLines::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| e.to_string())?;
             let Some(data) = frame.data_ref() else {
@@ -245,7 +225,7 @@ async fn follow_api(
             });
         }
         let mut body = resp.into_body();
-        let mut lines = LineReader::default();
+        let mut lines = TapLines::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| e.to_string())?;
             let Some(data) = frame.data_ref() else {

@@ -271,6 +271,29 @@ pub fn json(value: &impl Serialize) -> AdminResponse {
     }
 }
 
+/// A streamed NDJSON answer: each line as it comes from `rx`, until every
+/// sender is gone (a tap).
+pub fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> AdminResponse {
+    with_type(Response::new(Lines(rx).boxed()), "application/x-ndjson")
+}
+
+/// A streamed body of lines, as they come.
+struct Lines(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
 fn with_type(mut resp: AdminResponse, content_type: &'static str) -> AdminResponse {
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

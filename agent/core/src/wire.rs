@@ -315,6 +315,27 @@ mod tests {
     }
 }
 
+/// Splits a tap's NDJSON stream, as its bytes come, into events; a line
+/// over 1 MiB means the stream is not a tap.
+#[derive(Debug, Default)]
+pub struct TapLines(Vec<u8>);
+
+impl TapLines {
+    /// The events `data` completes.
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<TapEvent>, String> {
+        self.0.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(at) = self.0.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.0.drain(..=at).collect();
+            out.push(serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?);
+        }
+        if self.0.len() > 1 << 20 {
+            return Err("an event over 1 MiB".into());
+        }
+        Ok(out)
+    }
+}
+
 /// One agent's part of `GET /apis/tap.nodemesh.io/v1alpha1/stat`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStat {
@@ -465,7 +486,8 @@ impl TapFilter {
         let mut f = TapFilter::default();
         for kv in query.split('&').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = percent_decode(v);
+            // A query string: `+` is a space, then `%XX` escapes.
+            let v = percent_decode(&v.replace('+', " "));
             match k {
                 "namespace" => f.namespace = Some(v),
                 "workload" => f.workload = Some(v),
@@ -548,26 +570,24 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded (others left as they are); invalid UTF-8 is
+/// replaced.
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |b: u8| (b as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
+        out.push(bytes[i]);
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -598,6 +618,17 @@ mod tap_tests {
                 .as_deref(),
             Some("%a\u{e9}%zzA")
         );
+        assert_eq!(
+            percent_decode("a%2fb%2F%+1+"),
+            "a/b/%+1+",
+            "no sign, no form space"
+        );
+        let mut lines = TapLines::default();
+        let line = serde_json::to_string(&TapEvent::default()).unwrap();
+        assert!(lines.push(&line.as_bytes()[..5]).unwrap().is_empty());
+        let rest = format!("{}\n{line}\n", &line[5..]);
+        assert_eq!(lines.push(rest.as_bytes()).unwrap().len(), 2);
+        assert!(lines.push(&vec![b'x'; (1 << 20) + 1]).is_err());
         let e = TapEvent {
             kind: "req".into(),
             direction: "outbound".into(),

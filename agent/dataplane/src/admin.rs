@@ -8,20 +8,10 @@
 //! `nodemesh stat|tap --agent` on the node; everyone else reads them
 //! through the API server, which reaches agents on their tap port — see
 //! [`crate::tapport`]).
-use std::{
-    convert::Infallible,
-    pin::Pin,
-    task::{Context, Poll},
-};
-
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::{
-    Response, StatusCode,
-    body::{Frame, SizeHint},
-};
+use hyper::StatusCode;
 use nodemesh_core::{
-    admin::{AdminResponse, Get, Routes, json, text},
+    admin::{AdminResponse, Get, Routes, json, ndjson, text},
     wire::{CertView, NodeReport, TapFilter},
 };
 use tokio::sync::mpsc;
@@ -166,12 +156,7 @@ impl AgentRoutes {
                 }
             }
         });
-        let mut resp = Response::new(Lines(rx).boxed());
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/x-ndjson"),
-        );
-        resp
+        ndjson(rx)
     }
 
     fn stat(&self, query: Option<&str>) -> AdminResponse {
@@ -187,26 +172,5 @@ impl AgentRoutes {
             Some(report) => json(&report),
             None => text(StatusCode::BAD_REQUEST, "window: one of 10s, 1m, 10m\n"),
         }
-    }
-}
-
-/// A streamed body of lines, as they come.
-struct Lines(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Lines {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|line| line.map(|l| Ok(Frame::data(l))))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }

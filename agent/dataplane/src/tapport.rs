@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use nodemesh_core::{
     admin::{AdminResponse, text},
     identity::Identity,
-    pki::{self, provider},
+    pki::provider,
 };
 use rustls::{
     ServerConfig,
@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{admin::AgentRoutes, identity::CertStore};
+use crate::{admin::AgentRoutes, identity::CertStore, proxy::tunnel::tls::peer_spiffe};
 
 /// Connections served at once, once the client is known to be the
 /// identity service (it holds one per tap reader and asks for stats now
@@ -139,16 +139,7 @@ pub fn serve(
                                 return;
                             }
                         };
-                    let client = pki::cert_info(
-                        tls.get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .map(|c| c.as_ref())
-                            .unwrap_or_default(),
-                    )
-                    .ok()
-                    .and_then(|i| i.spiffe_id);
+                    let client = peer_spiffe(tls.get_ref().1.peer_certificates());
                     drop(handshake);
                     if client.as_deref() != Some(allowed.as_str()) {
                         warn!(%peer, client = client.as_deref().unwrap_or("-"), allowed = %allowed, "tap port: refused a client that is not the identity service");

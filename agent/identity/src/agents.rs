@@ -12,35 +12,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::ListParams};
 use nodemesh_core::{
     pki::provider,
-    wire::{AgentNode, AgentStat, NodeReport, StatReport, TapEvent},
+    wire::{AgentNode, AgentStat, NodeReport, StatReport, TapEvent, TapLines},
 };
-use rustls::{
-    ClientConfig, RootCertStore, client::ResolvesClientCert, pki_types::ServerName,
-    sign::CertifiedKey,
-};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::IdentityConfig;
-
-/// The identity service's own certificate, renewed in the background.
-#[derive(Debug)]
-pub(crate) struct OwnCert(pub(crate) std::sync::RwLock<Arc<CertifiedKey>>);
-
-impl ResolvesClientCert for OwnCert {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
 
 /// One agent to ask.
 #[derive(Clone, Debug)]
@@ -77,7 +56,7 @@ impl Agents {
         cfg: &IdentityConfig,
         client: Client,
         roots: Arc<RootCertStore>,
-        own: Arc<OwnCert>,
+        own: Arc<crate::CurrentCert>,
     ) -> Result<Self, rustls::Error> {
         let server_names = cfg
             .agent_identities
@@ -336,7 +315,7 @@ impl Agents {
     ) -> Result<(), String> {
         let resp = self.get(agent, &format!("/v1/tap?{query}")).await?;
         let mut body = resp.into_body();
-        let mut pending: Vec<u8> = Vec::new();
+        let mut lines = TapLines::default();
         loop {
             let frame = tokio::select! {
                 f = body.frame() => f,
@@ -349,11 +328,7 @@ impl Agents {
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            pending.extend_from_slice(data);
-            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=at).collect();
-                let mut event: TapEvent =
-                    serde_json::from_slice(&line).map_err(|e| format!("bad event: {e}"))?;
+            for mut event in lines.push(data)? {
                 event.node = agent.node.clone();
                 if strip {
                     event.src.identity.clear();
@@ -363,9 +338,6 @@ impl Agents {
                 if tx.send(line_of(&event)).await.is_err() {
                     return Ok(());
                 }
-            }
-            if pending.len() > 1 << 20 {
-                return Err("an event over 1 MiB".to_owned());
             }
         }
     }

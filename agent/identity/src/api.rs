@@ -15,29 +15,23 @@
 //!   service's own identity ([`crate::agents`]).
 use std::{
     collections::BTreeMap,
-    convert::Infallible,
-    pin::Pin,
     sync::{Arc, RwLock},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode,
-    body::{Frame, Incoming, SizeHint},
-    header,
-};
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header};
 use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     core::v1::ConfigMap,
 };
 use kube::{Api, Client, api::PostParams};
 use nodemesh_core::{
+    admin::ndjson,
     names::{API_GROUP, API_VERSION},
     pki::{self, provider},
-    wire::{AgentList, STAT_WINDOWS, StatList, TapFilter},
+    wire::{AgentList, STAT_WINDOWS, StatList, TapFilter, percent_decode},
 };
 use rustls::{
     RootCertStore, ServerConfig,
@@ -51,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::agents::Agents;
 
-pub(crate) type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = nodemesh_core::admin::AdminBody;
 
 /// What the API server publishes about its front proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,26 +192,6 @@ impl FrontProxy {
             extra,
         })
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Clone, Debug)]
@@ -383,15 +357,9 @@ impl AggregatedApi {
                 "window: one of 10s, 1m, 10m",
             );
         }
-        let agents = match self.agents.list().await {
+        let agents = match self.agents_now().await {
             Ok(a) => a,
-            Err(e) => {
-                return status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &format!("cannot list the agents: {e}"),
-                );
-            }
+            Err(resp) => return resp,
         };
         let list = StatList {
             kind: "StatList".into(),
@@ -401,16 +369,21 @@ impl AggregatedApi {
         whole_json(StatusCode::OK, &list)
     }
 
+    /// The running agents, or the answer saying why they are not known.
+    async fn agents_now(&self) -> Result<Vec<crate::agents::AgentAddr>, Response<Body>> {
+        self.agents.list().await.map_err(|e| {
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!("cannot list the agents: {e}"),
+            )
+        })
+    }
+
     async fn nodes(&self) -> Response<Body> {
-        let agents = match self.agents.list().await {
+        let agents = match self.agents_now().await {
             Ok(a) => a,
-            Err(e) => {
-                return status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &format!("cannot list the agents: {e}"),
-                );
-            }
+            Err(resp) => return resp,
         };
         whole_json(
             StatusCode::OK,
@@ -464,15 +437,9 @@ impl AggregatedApi {
                 &format!("{MAX_TAPS} taps already running; try again later"),
             );
         };
-        let agents = match self.agents.list().await {
+        let agents = match self.agents_now().await {
             Ok(a) => a,
-            Err(e) => {
-                return status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &format!("cannot list the agents: {e}"),
-                );
-            }
+            Err(resp) => return resp,
         };
         if agents.is_empty() {
             return status(
@@ -482,43 +449,13 @@ impl AggregatedApi {
             );
         }
         let (tx, rx) = mpsc::channel::<Bytes>(256);
-        tokio::spawn(self.agents.clone().follow_all(agents, filters, strip, tx));
-        let mut resp = Response::new(
-            Lines {
-                rx,
-                _permit: permit,
-            }
-            .boxed(),
-        );
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/x-ndjson"),
-        );
-        resp
-    }
-}
-
-/// A streamed body of lines; holds the tap's permit while it lives.
-struct Lines {
-    rx: mpsc::Receiver<Bytes>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl hyper::body::Body for Lines {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|line| line.map(|l| Ok(Frame::data(l))))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        let follower = self.agents.clone();
+        tokio::spawn(async move {
+            // The tap's slot is taken until its reader goes.
+            let _permit = permit;
+            follower.follow_all(agents, filters, strip, tx).await
+        });
+        ndjson(rx)
     }
 }
 
@@ -642,12 +579,5 @@ mod tests {
             .unwrap_or_default();
         assert!(front(&[&cn]).allows(Some(&der)).is_ok(), "{cn}");
         assert!(front(&["front-proxy-client"]).allows(Some(&der)).is_err());
-    }
-
-    #[test]
-    fn extra_keys_are_percent_decoded() {
-        assert_eq!(super::percent_decode("scopes%2fa"), "scopes/a");
-        assert_eq!(super::percent_decode("plain"), "plain");
-        assert_eq!(super::percent_decode("bad%zz"), "bad%zz");
     }
 }

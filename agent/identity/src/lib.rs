@@ -55,11 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use crate::config::{IdentityArgs, IdentityConfig};
-use crate::{
-    agents::{Agents, OwnCert},
-    api::AggregatedApi,
-    certify::Service,
-};
+use crate::{agents::Agents, api::AggregatedApi, certify::Service};
 
 /// Connections served at once (each request is a TokenReview and a pod
 /// list; agents make one per identity per half-lifetime).
@@ -123,13 +119,39 @@ pub fn main(cfg: IdentityConfig) -> Result<(), IdentityServiceError> {
     result
 }
 
-/// Serves the current serving certificate, renewed in the background.
+/// A certificate renewed in the background, presented as it is now: the
+/// serving one (as a server) and the service's own identity's (as the
+/// agents' tap ports' client).
 #[derive(Debug)]
-struct ServingCert(RwLock<Arc<CertifiedKey>>);
+pub(crate) struct CurrentCert(RwLock<Arc<CertifiedKey>>);
 
-impl ResolvesServerCert for ServingCert {
+impl CurrentCert {
+    fn now(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Some(self.now())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.now())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -179,8 +201,8 @@ pub async fn run(
         },
     )?;
 
-    let resolver = Arc::new(ServingCert(RwLock::new(cert)));
-    let own = Arc::new(OwnCert(RwLock::new(own_cert(&service.cfg)?)));
+    let resolver = Arc::new(CurrentCert(RwLock::new(cert)));
+    let own = Arc::new(CurrentCert(RwLock::new(own_cert(&service.cfg)?)));
     let roots = Arc::new(service.cfg.signer.roots()?);
     let agents = Arc::new(Agents::new(
         &service.cfg,
@@ -281,8 +303,8 @@ pub async fn run(
 
 async fn renew_serving_cert(
     service: Arc<Service>,
-    resolver: Arc<ServingCert>,
-    own: Arc<OwnCert>,
+    resolver: Arc<CurrentCert>,
+    own: Arc<CurrentCert>,
     mut left: Duration,
     shutdown: CancellationToken,
 ) {
@@ -293,8 +315,8 @@ async fn renew_serving_cert(
         }
         match serving_cert(&service.cfg).and_then(|c| Ok((c, own_cert(&service.cfg)?))) {
             Ok(((cert, l), mine)) => {
-                *resolver.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
-                *own.0.write().unwrap_or_else(|p| p.into_inner()) = mine;
+                resolver.set(cert);
+                own.set(mine);
                 left = l;
             }
             Err(e) => {

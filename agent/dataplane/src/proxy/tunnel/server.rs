@@ -30,15 +30,16 @@ use crate::{
     },
 };
 
-/// Opens the tunnel's listeners. An unspecified IPv6 address (`[::]`)
-/// takes IPv4 too; on a node without IPv6 it falls back to `0.0.0.0`.
+/// Opens the tunnel's listeners (and the tap port's: the same rules). An
+/// unspecified IPv6 address (`[::]`) takes IPv4 too; on a node without IPv6
+/// it falls back to `0.0.0.0`.
 pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for &addr in addrs {
         let listener = match bind_one(addr) {
             Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && no_ipv6(&e) => {
                 let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
-                info!(%addr, error = %e, fallback = %v4, "no IPv6 on this node; the tunnel listens on IPv4 only");
+                info!(%addr, error = %e, fallback = %v4, "no IPv6 on this node; listening on IPv4 only");
                 bind_one(v4).map_err(|e| (v4, e))?
             }
             other => other.map_err(|e| (addr, e))?,
