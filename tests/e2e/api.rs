@@ -9,44 +9,46 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
 use nodemesh_core::{identity::Identity, names::TAP_PORT};
 use nodemesh_tests::{
-    Node, Pod, PodSpec, agent,
+    PodSpec, agent,
     apps::http,
     kube::{ALICE_TOKEN, unique},
     mesh::{AggregatedApi, MeshBed},
-    sys::in_netns,
+    sys::{Killed, eventually, in_netns},
 };
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
 
-fn deployment(bed: &MeshBed, node: &Node, app: &str, pod: &str) -> Arc<Pod> {
-    bed.cluster.run_pod(
-        node,
-        PodSpec::new(&bed.ns, pod)
-            .service_account(app)
-            .label("pod-template-hash", "7d4b8c")
-            .owner("ReplicaSet", &format!("{app}-7d4b8c")),
-    )
-}
-
 /// `nodemesh <args> --kubeconfig <kubeconfig>`, from the host (it talks to
 /// the API server only).
 fn nodemesh(kubeconfig: &Path, args: &[&str]) -> Output {
-    Command::new(std::env::current_exe().expect("current_exe"))
-        .arg(agent::ROLE)
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .stdin(Stdio::null())
-        .output()
+    spawn(kubeconfig, args)
+        .take()
+        .wait_with_output()
         .expect("run nodemesh")
+}
+
+/// `nodemesh <args> --kubeconfig <kubeconfig>` started from the host, its
+/// output piped; killed when dropped.
+fn spawn(kubeconfig: &Path, args: &[&str]) -> Killed {
+    Killed::new(
+        Command::new(std::env::current_exe().expect("current_exe"))
+            .arg(agent::ROLE)
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nodemesh"),
+    )
 }
 
 fn text(out: &Output) -> String {
@@ -78,18 +80,6 @@ impl Drop for Bindings {
     fn drop(&mut self) {
         for m in &self.1 {
             self.0.delete_manifests(m);
-        }
-    }
-}
-
-/// A child process killed (and reaped) when the test ends, or fails.
-struct Killed(Option<std::process::Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -171,23 +161,11 @@ fn raw(
     (code, events)
 }
 
-/// Runs `f` until it gives `Some`, for up to `secs` seconds.
-fn within<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(t) => return t,
-            Err(e) if Instant::now() > deadline => panic!("{what} after {secs}s: {e}"),
-            Err(_) => thread::sleep(Duration::from_millis(300)),
-        }
-    }
-}
-
 pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     let mut bed = MeshBed::new("24h");
-    let web = deployment(&bed, &bed.a, "web", "web-7d4b8c-a1");
-    let api_a = deployment(&bed, &bed.a, "api", "api-7d4b8c-a1");
-    let api_b = deployment(&bed, &bed.b, "api", "api-7d4b8c-b1");
+    let web = bed.deployment(&bed.a, "web", "web-7d4b8c-a1");
+    let api_a = bed.deployment(&bed.a, "api", "api-7d4b8c-a1");
+    let api_b = bed.deployment(&bed.b, "api", "api-7d4b8c-b1");
     bed.agent_a
         .wait_metric("web's and api's certificates", |m| {
             m.sum("nodemesh_identity_certificates", &[]) == 2.0
@@ -244,20 +222,24 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     // nodemesh-viewer: stat, both nodes' numbers merged (40 + 40 requests,
     // 72 answered 200); tap still refused.
     let mut bindings = Bindings(bed.cluster, vec![bind(&bed, "nodemesh-viewer")]);
-    let lines: Vec<Value> = within(30, "stat through the API server", || {
-        let out = nodemesh(&alice, &stat_args);
-        if !out.status.success() {
-            return Err(text(&out));
-        }
-        let lines: Vec<Value> =
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
-        // Pods are counted from the agents' last one-second sample.
-        if lines.first().is_some_and(|l| l["meshed_pods"] == 2) {
-            Ok(lines)
-        } else {
-            Err(text(&out))
-        }
-    });
+    let lines: Vec<Value> = eventually(
+        "stat through the API server",
+        Duration::from_secs(30),
+        || {
+            let out = nodemesh(&alice, &stat_args);
+            if !out.status.success() {
+                return Err(text(&out));
+            }
+            let lines: Vec<Value> =
+                serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+            // Pods are counted from the agents' last one-second sample.
+            if lines.first().is_some_and(|l| l["meshed_pods"] == 2) {
+                Ok(lines)
+            } else {
+                Err(text(&out))
+            }
+        },
+    );
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["requests"], 80, "{:#}", lines[0]);
     assert_eq!(lines[0]["successes"], 72);
@@ -271,10 +253,9 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
 
     // …and `top` (the busiest paths, the same stream as tap's, for viewers).
     let to_a = SocketAddr::from((api_a.ip, HTTP));
-    let exe: PathBuf = std::env::current_exe().expect("current_exe");
-    let top = Command::new(&exe)
-        .arg(agent::ROLE)
-        .args([
+    let top = spawn(
+        &alice,
+        &[
             "top",
             "deploy/api",
             "-n",
@@ -285,20 +266,15 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
             "5s",
             "--every",
             "1h",
-        ])
-        .arg("--kubeconfig")
-        .arg(&alice)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nodemesh top");
+        ],
+    );
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(4) {
         let got = cli.run(http::Run::get(to_a, "/top/busy", 1));
         assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
         thread::sleep(Duration::from_millis(100));
     }
-    let out = top.wait_with_output().expect("top output");
+    let out = top.take().wait_with_output().expect("top output");
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("/top/busy"),
@@ -348,19 +324,9 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let mut dashboard = Killed(Some(
-        Command::new(&exe)
-            .arg(agent::ROLE)
-            .args(["dashboard", "--port", &port.to_string()])
-            .arg("--kubeconfig")
-            .arg(&alice)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run nodemesh dashboard"),
-    ));
-    let report: Value = within(20, "the dashboard's /api/stat", || {
-        if let Some(Ok(Some(status))) = dashboard.0.as_mut().map(|c| c.try_wait()) {
+    let mut dashboard = spawn(&alice, &["dashboard", "--port", &port.to_string()]);
+    let report: Value = eventually("the dashboard's /api/stat", Duration::from_secs(20), || {
+        if let Ok(Some(status)) = dashboard.get().try_wait() {
             panic!("the dashboard exited: {status}");
         }
         let body = get(port, "/api/stat?window=1m")?;
@@ -426,48 +392,47 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
             .collect();
         (same.len() == 3).then_some(same)
     };
-    let (inbound, outbound) = within(30, "tap through the API server", || {
-        let exe: PathBuf = std::env::current_exe().expect("current_exe");
-        let mut tap = Command::new(exe)
-            .arg(agent::ROLE)
-            .args([
-                "tap",
-                "deploy/api",
-                "-n",
-                &bed.ns,
-                "--path",
-                "/via-api",
-                "-o",
-                "json",
-                "--count",
-                "12",
-            ])
-            .arg("--kubeconfig")
-            .arg(&alice)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run nodemesh tap");
-        let deadline = Instant::now() + Duration::from_secs(6);
-        while tap.try_wait().expect("tap").is_none() && Instant::now() < deadline {
-            let got = cli.run(http::Run::get(to_b, "/via-api/1", 1));
-            assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
-            thread::sleep(Duration::from_millis(300));
-        }
-        let _ = tap.kill();
-        let out = tap.wait_with_output().expect("tap output");
-        let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        match (
-            triple(&events, &bed.b.name, "inbound"),
-            triple(&events, &bed.a.name, "outbound"),
-        ) {
-            (Some(i), Some(o)) => Ok((i, o)),
-            _ => Err(text(&out)),
-        }
-    });
+    let (inbound, outbound) = eventually(
+        "tap through the API server",
+        Duration::from_secs(30),
+        || {
+            let mut tap = spawn(
+                &alice,
+                &[
+                    "tap",
+                    "deploy/api",
+                    "-n",
+                    &bed.ns,
+                    "--path",
+                    "/via-api",
+                    "-o",
+                    "json",
+                    "--count",
+                    "12",
+                ],
+            );
+            let deadline = Instant::now() + Duration::from_secs(6);
+            while tap.get().try_wait().expect("tap").is_none() && Instant::now() < deadline {
+                let got = cli.run(http::Run::get(to_b, "/via-api/1", 1));
+                assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
+                thread::sleep(Duration::from_millis(300));
+            }
+            let mut tap = tap.take();
+            let _ = tap.kill();
+            let out = tap.wait_with_output().expect("tap output");
+            let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            match (
+                triple(&events, &bed.b.name, "inbound"),
+                triple(&events, &bed.a.name, "outbound"),
+            ) {
+                (Some(i), Some(o)) => Ok((i, o)),
+                _ => Err(text(&out)),
+            }
+        },
+    );
     for events in [&inbound, &outbound] {
         let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
         assert_eq!(kinds, ["req", "rsp", "end"], "{events:#?}");
@@ -481,32 +446,20 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     }
     // An agent restarted during a tap is followed again: node b's agent
     // stops, a new one starts, and the same tap shows node b's requests.
-    let exe: PathBuf = std::env::current_exe().expect("current_exe");
-    let mut tap = Killed(Some(
-        Command::new(&exe)
-            .arg(agent::ROLE)
-            .args([
-                "tap",
-                "deploy/api",
-                "-n",
-                &bed.ns,
-                "--path",
-                "/after",
-                "-o",
-                "json",
-            ])
-            .arg("--kubeconfig")
-            .arg(&alice)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run nodemesh tap"),
-    ));
-    let stdout = tap
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .expect("stdout");
+    let mut tap = spawn(
+        &alice,
+        &[
+            "tap",
+            "deploy/api",
+            "-n",
+            &bed.ns,
+            "--path",
+            "/after",
+            "-o",
+            "json",
+        ],
+    );
+    let stdout = tap.get().stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel::<Value>();
     thread::spawn(move || {
         use std::io::BufRead;

@@ -8,12 +8,16 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
-    sync::Arc,
     thread,
     time::Duration,
 };
 
-use nodemesh_tests::{Node, Pod, PodSpec, agent, apps::http, mesh::MeshBed, sys::in_netns};
+use nodemesh_tests::{
+    Node, Pod, agent,
+    apps::http,
+    mesh::MeshBed,
+    sys::{Killed, in_netns},
+};
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
@@ -21,33 +25,6 @@ const REDIS: u16 = 6379;
 
 fn at(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::from((pod.ip, port))
-}
-
-/// A child process killed (and reaped) if the test ends, or fails, first.
-struct Killed(Option<std::process::Child>);
-
-impl Killed {
-    fn new(child: std::process::Child) -> Self {
-        Self(Some(child))
-    }
-
-    fn get(&mut self) -> &mut std::process::Child {
-        self.0.as_mut().expect("the child")
-    }
-
-    /// The child, no longer killed on drop (its owner waits for it).
-    fn take(mut self) -> std::process::Child {
-        self.0.take().expect("the child")
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// `nodemesh stat …` run on `node` (in its netns), asking its agent (on
@@ -102,25 +79,15 @@ fn get_stat(addr: SocketAddr) -> String {
     format!("{status} {}", body.trim())
 }
 
-fn deployment(bed: &MeshBed, node: &Node, app: &str, pod: &str) -> Arc<Pod> {
-    bed.cluster.run_pod(
-        node,
-        PodSpec::new(&bed.ns, pod)
-            .service_account(app)
-            .label("pod-template-hash", "5f7c9d")
-            .owner("ReplicaSet", &format!("{app}-5f7c9d")),
-    )
-}
-
 /// Known traffic → exact numbers: `web` sends 100 requests to each of two
 /// `api` pods (one per node; 10 of each answered 500; the other node's
 /// pod 30 ms slower), and opens 3 connections to a TCP-only `cache`.
 pub fn stat_shows_what_the_agents_saw() {
     let bed = MeshBed::new("24h");
-    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
-    let api_a = deployment(&bed, &bed.a, "api", "api-5f7c9d-a1");
-    let api_b = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
-    let cache = deployment(&bed, &bed.b, "cache", "cache-5f7c9d-b1");
+    let web = bed.deployment(&bed.a, "web", "web-5f7c9d-a1");
+    let api_a = bed.deployment(&bed.a, "api", "api-5f7c9d-a1");
+    let api_b = bed.deployment(&bed.b, "api", "api-5f7c9d-b1");
+    let cache = bed.deployment(&bed.b, "cache", "cache-5f7c9d-b1");
     bed.agent_a
         .wait_metric("web's and api's certificates", |m| {
             m.sum("nodemesh_identity_certificates", &[]) == 2.0
@@ -337,8 +304,8 @@ fn one_request(events: &[Value], direction: &str, src: &str, dst: &str) {
 /// identities; pods get nothing.
 pub fn tap_shows_live_requests_with_both_identities() {
     let bed = MeshBed::new("24h");
-    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
-    let api = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
+    let web = bed.deployment(&bed.a, "web", "web-5f7c9d-a1");
+    let api = bed.deployment(&bed.b, "api", "api-5f7c9d-b1");
     bed.agent_a.wait_metric("web's certificate", |m| {
         m.sum("nodemesh_identity_certificates", &[]) == 1.0
     });
@@ -609,8 +576,8 @@ fn chromium(node: &Node, url: &str, shot: &str) -> String {
 /// left in target/screenshots.
 pub fn the_dashboard_shows_live_numbers_in_a_real_browser() {
     let bed = MeshBed::new("24h");
-    let web = deployment(&bed, &bed.a, "web", "web-5f7c9d-a1");
-    let api = deployment(&bed, &bed.b, "api", "api-5f7c9d-b1");
+    let web = bed.deployment(&bed.a, "web", "web-5f7c9d-a1");
+    let api = bed.deployment(&bed.b, "api", "api-5f7c9d-b1");
     bed.agent_a.wait_metric("web's certificate", |m| {
         m.sum("nodemesh_identity_certificates", &[]) == 1.0
     });

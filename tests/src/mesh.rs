@@ -683,6 +683,20 @@ impl MeshBed {
         }
     }
 
+    /// A running pod of Deployment `app` in the meshed namespace, named
+    /// `<app>-<hash>-<suffix>` (owned by ReplicaSet `<app>-<hash>`, with the
+    /// `pod-template-hash` label), of service account `app`.
+    pub fn deployment(&self, node: &Node, app: &str, pod: &str) -> Arc<Pod> {
+        let hash = pod.rsplit('-').nth(1).expect("<app>-<hash>-<suffix>");
+        self.cluster.run_pod(
+            node,
+            PodSpec::new(&self.ns, pod)
+                .service_account(app)
+                .label("pod-template-hash", hash)
+                .owner("ReplicaSet", &format!("{app}-{hash}")),
+        )
+    }
+
     /// A running pod in the meshed namespace.
     pub fn pod(&self, node: &Node, name: &str, sa: &str) -> Arc<Pod> {
         self.cluster

@@ -444,3 +444,31 @@ impl Drop for ReverseForward {
         }
     }
 }
+
+/// A child process killed (and reaped) if the test ends, or fails, first.
+#[derive(Debug)]
+pub struct Killed(Option<std::process::Child>);
+
+impl Killed {
+    pub fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    pub fn get(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("the child")
+    }
+
+    /// The child, no longer killed on drop (its owner waits for it).
+    pub fn take(mut self) -> std::process::Child {
+        self.0.take().expect("the child")
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

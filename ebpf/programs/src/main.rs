@@ -27,7 +27,7 @@
 //!    the SYN: fail closed. `sock_ops` then gives the app's accepted socket
 //!    the real client's address, which `getpeername` (and `accept`) answer.
 //!
-//! One file on purpose (705 lines): the programs share the maps, which
+//! One file on purpose (711 lines): the programs share the maps, which
 //! aya-ebpf declares as `static`s with link-section attributes, and the
 //! helpers they call are `#[inline(always)]` for the verifier; half of the
 //! file is the entry points and their comments. Split by program when a
