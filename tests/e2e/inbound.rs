@@ -389,14 +389,10 @@ fn accepted(bed: &MeshBed, name: &str) -> Option<(String, String)> {
     ))
 }
 
-/// An `AuthorizationPolicy` allowing only `sa/web` on one port: `web`
-/// (another node, through the tunnel) is served, `api` (the same node, one
-/// proxy pass) and plaintext are refused and counted; another port keeps
-/// the default; the API server validates the schema and the identity
-/// service reports what it cannot; changes and deletion apply live.
-pub fn an_authorization_policy_lets_in_only_whom_it_names() {
-    let bed = MeshBed::new("24h");
-    let plain_ns = plain_namespace(&bed);
+/// The policy tests' pods: `server` (label `app=server`) and `api` on node
+/// b, meshed `web` and an unmeshed `plain` on node a; certificates held.
+fn policy_pods(bed: &MeshBed) -> [std::sync::Arc<Pod>; 4] {
+    let plain_ns = plain_namespace(bed);
     let server = bed.cluster.run_pod(
         &bed.b,
         PodSpec::new(&bed.ns, "server")
@@ -414,6 +410,17 @@ pub fn an_authorization_policy_lets_in_only_whom_it_names() {
         });
     bed.agent_a
         .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    [server, web, api, plain]
+}
+
+/// An `AuthorizationPolicy` allowing only `sa/web` on one port: `web`
+/// (another node, through the tunnel) is served, `api` (the same node, one
+/// proxy pass) and plaintext are refused and counted; another port keeps
+/// the default; the API server validates the schema and the identity
+/// service reports what it cannot; changes and deletion apply live.
+pub fn an_authorization_policy_lets_in_only_whom_it_names() {
+    let bed = MeshBed::new("24h");
+    let [server, web, api, plain] = policy_pods(&bed);
     let mut srv = server.tcp();
     for port in [ECHO, OTHER] {
         srv.listen(port);
@@ -605,24 +612,7 @@ pub fn requests_are_measured_at_the_servers_edge_and_refused_with_403() {
     const GRPC: u16 = 50051;
     const SMTP: u16 = 2525;
     let bed = MeshBed::new("24h");
-    let plain_ns = plain_namespace(&bed);
-    let server = bed.cluster.run_pod(
-        &bed.b,
-        PodSpec::new(&bed.ns, "server")
-            .service_account("server")
-            .label("app", "server"),
-    );
-    let web = bed.pod(&bed.a, "web", "web");
-    let api = bed.pod(&bed.b, "api", "api");
-    let plain = bed
-        .cluster
-        .run_pod(&bed.a, PodSpec::new(&plain_ns, "plain"));
-    bed.agent_b
-        .wait_metric("server's and api's certificates", |m| {
-            certificates(m) == 2.0
-        });
-    bed.agent_a
-        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let [server, web, api, plain] = policy_pods(&bed);
     let mut hsrv = server.http();
     hsrv.serve(HTTP, http::Knobs::default());
     let mut gsrv = server.grpc();
