@@ -454,6 +454,11 @@ impl Killed {
         Self(Some(child))
     }
 
+    /// Its process ID.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
     pub fn get(&mut self) -> &mut std::process::Child {
         self.0.as_mut().expect("the child")
     }

@@ -4,8 +4,11 @@
 //! same-node meshed to meshed, and the cross-node mutual-TLS tunnel, with
 //! connection-setup times; on both, HTTP/1.1
 //! keep-alive requests (wrk) and gRPC unary calls, direct vs meshed, with
-//! the agents' CPU per 1000 requests. Prints tables; asserts nothing about
-//! speed (these machines are shared and noisy).
+//! the agents' CPU per 1000 requests. With `--peers ZTUNNEL`, only the
+//! cross-node path beside istio's ztunnel (`peers.rs`). Prints tables;
+//! asserts nothing about speed (these machines are shared and noisy).
+mod peers;
+
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use nodemesh_core::names::MESH_LABEL;
@@ -30,6 +33,8 @@ struct Settings {
     size: u32,
     bulk_mib: u64,
     repeats: usize,
+    /// `--peers ZTUNNEL`: only the cross-node comparison with ztunnel.
+    peers: Option<PathBuf>,
 }
 
 fn settings() -> Settings {
@@ -46,7 +51,7 @@ fn settings() -> Settings {
     Settings {
         agent: value("--agent").map(PathBuf::from).unwrap_or_else(|| {
             eprintln!(
-                "usage: nodemesh-bench --agent <nodemesh binary> [--round-trips N] [--size BYTES] [--bulk-mib N] [--repeats N]"
+                "usage: nodemesh-bench --agent <nodemesh binary> [--round-trips N] [--size BYTES] [--bulk-mib N] [--repeats N] [--peers <ztunnel binary>]"
             );
             std::process::exit(2)
         }),
@@ -54,6 +59,7 @@ fn settings() -> Settings {
         size: number("--size", 64) as u32,
         bulk_mib: number("--bulk-mib", 512),
         repeats: number("--repeats", 3).max(1) as usize,
+        peers: value("--peers").map(PathBuf::from),
     }
 }
 
@@ -68,6 +74,10 @@ struct Row {
 fn main() {
     harness::play_role();
     let s = settings();
+    if let Some(ztunnel) = &s.peers {
+        peers::run(&s, ztunnel);
+        return;
+    }
     println!(
         "nodemesh bench: same-node path, {} round trips of {} bytes and {} MiB bulk echo, median of {} runs",
         s.round_trips, s.size, s.bulk_mib, s.repeats
@@ -102,7 +112,7 @@ fn main() {
 
     eprintln!("  running: direct (client not meshed)");
     let direct = measure(&mut app, dst, &s);
-    let http_direct = wrk(&client, &url, &s, &[]);
+    let http_direct = wrk(&client, &url, &s, Wrk::KEEP_ALIVE, &[]);
     let seq_direct = sequential(&mut hcli, hto, &s, &[]);
     let grpc_direct = grpc_calls(&mut gcli, rpc, &s, &[]);
 
@@ -113,7 +123,7 @@ fn main() {
     });
     eprintln!("  running: meshed, fast path off (the default)");
     let off = measure(&mut app, dst, &s);
-    let http_meshed = wrk(&client, &url, &s, &[&agent]);
+    let http_meshed = wrk(&client, &url, &s, Wrk::KEEP_ALIVE, &pids(&[&agent]));
     let seq_meshed = sequential(&mut hcli, hto, &s, &[&agent]);
     let grpc_meshed = grpc_calls(&mut gcli, rpc, &s, &[&agent]);
     rss.push(agent.rss_kib());
@@ -214,7 +224,7 @@ fn cross_node(s: &Settings) {
     let near_direct = measure(&mut near_app, dst, s);
     let direct = measure(&mut app, dst, s);
     let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
-    let http_direct = wrk(&client, &url, s, &[]);
+    let http_direct = wrk(&client, &url, s, Wrk::KEEP_ALIVE, &[]);
     let seq_direct = sequential(&mut hcli, hto, s, &[]);
     let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
     // Inbound capture alone: the server meshed, its clients not.
@@ -265,7 +275,13 @@ fn cross_node(s: &Settings) {
     });
     eprintln!("  running: cross-node meshed (mTLS tunnel)");
     let meshed = measure(&mut app, dst, s);
-    let http_meshed = wrk(&client, &url, s, &[&agent_a, &agent_b]);
+    let http_meshed = wrk(
+        &client,
+        &url,
+        s,
+        Wrk::KEEP_ALIVE,
+        &pids(&[&agent_a, &agent_b]),
+    );
     let seq_meshed = sequential(&mut hcli, hto, s, &[&agent_a, &agent_b]);
     let grpc_meshed = grpc_calls(&mut gcli, rpc, s, &[&agent_a, &agent_b]);
     check_requests(&agent_a);
@@ -401,8 +417,14 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
-fn agents_cpu_seconds(agents: &[&Agent]) -> f64 {
-    let ticks: u64 = agents.iter().filter_map(|a| a.pid()).map(cpu_ticks).sum();
+/// The agents' processes (what a meshed run's CPU is charged to).
+fn pids(agents: &[&Agent]) -> Vec<u32> {
+    agents.iter().filter_map(|a| a.pid()).collect()
+}
+
+/// CPU seconds (user and system) the processes have used.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids.iter().copied().map(cpu_ticks).sum();
     // /proc counts in USER_HZ, 100 on Linux whatever the kernel tick.
     ticks as f64 / 100.0
 }
@@ -420,27 +442,45 @@ fn wrk_micros(text: &str) -> Option<f64> {
     })
 }
 
-/// HTTP/1.1 keep-alive GETs with wrk from the client pod (16
-/// connections, fixed), the agents' CPU measured around each run.
-fn wrk(client: &Pod, url: &str, s: &Settings, agents: &[&Agent]) -> RequestRow {
+/// How wrk connects.
+#[derive(Clone, Copy, Debug)]
+struct Wrk {
+    connections: u32,
+    /// `Connection: close`: a new connection for every request.
+    close: bool,
+}
+
+impl Wrk {
+    const KEEP_ALIVE: Wrk = Wrk {
+        connections: WRK_CONNECTIONS,
+        close: false,
+    };
+}
+
+/// HTTP/1.1 GETs with wrk from the client pod, the CPU of `pids` (the
+/// proxies) measured around each run.
+fn wrk(client: &Pod, url: &str, s: &Settings, how: Wrk, pids: &[u32]) -> RequestRow {
     let mut rows = Vec::new();
     for _ in 0..s.repeats {
-        let cpu0 = agents_cpu_seconds(agents);
+        let cpu0 = cpu_seconds(pids);
         let mut cmd = std::process::Command::new("wrk");
         cmd.args([
             "-t2",
-            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-c{}", how.connections),
             &format!("-d{WRK_SECONDS}s"),
             "--latency",
-            url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        ]);
+        if how.close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let out = client
             .spawn(cmd)
             .wait_with_output()
             .expect("run wrk (cargo xtask setup installs it)");
-        let cpu = agents_cpu_seconds(agents) - cpu0;
+        let cpu = cpu_seconds(pids) - cpu0;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let line = |prefix: &str| {
             text.lines()
@@ -463,7 +503,7 @@ fn wrk(client: &Pod, url: &str, s: &Settings, agents: &[&Agent]) -> RequestRow {
             rps,
             p50_us: p50,
             p99_us: p99,
-            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (requests / 1000.0)),
+            cpu_per_1000: (!pids.is_empty()).then(|| cpu / (requests / 1000.0)),
         });
     }
     median_row(rows)
@@ -481,11 +521,11 @@ fn sequential(
     let _ = app.run(http::Run::get(to, "/", 200));
     let mut rows = Vec::new();
     for _ in 0..s.repeats {
-        let cpu0 = agents_cpu_seconds(agents);
+        let cpu0 = cpu_seconds(&pids(agents));
         let start = std::time::Instant::now();
         let outcomes = app.run(http::Run::get(to, "/", requests));
         let elapsed = start.elapsed().as_secs_f64();
-        let cpu = agents_cpu_seconds(agents) - cpu0;
+        let cpu = cpu_seconds(&pids(agents)) - cpu0;
         assert!(
             outcomes.iter().all(|o| o.status == Some(200)),
             "requests failed"
@@ -516,14 +556,14 @@ fn grpc_calls(
     let _ = app.run(grpc::Run::unary(to, 200));
     let mut rows = Vec::new();
     for _ in 0..s.repeats {
-        let cpu0 = agents_cpu_seconds(agents);
+        let cpu0 = cpu_seconds(&pids(agents));
         let start = std::time::Instant::now();
         let outcomes = app.run(grpc::Run {
             concurrency: WRK_CONNECTIONS,
             ..grpc::Run::unary(to, calls)
         });
         let elapsed = start.elapsed().as_secs_f64();
-        let cpu = agents_cpu_seconds(agents) - cpu0;
+        let cpu = cpu_seconds(&pids(agents)) - cpu0;
         assert!(outcomes.iter().all(|o| o.code == 0), "gRPC calls failed");
         let mut micros: Vec<u32> = outcomes
             .iter()
