@@ -109,6 +109,7 @@ pub fn run(s: &Settings, ztunnel: &Path) {
     eprintln!("  running: direct, nothing meshed");
     let direct = column(&client, &mut app, dst, &url, s, &[]);
 
+    settle(&[&client, &server]);
     eprintln!("  running: ztunnel, one per pod (HBONE, mutual TLS)");
     let zt = Ztunnels::start(ztunnel, &[(&client, &a), (&server, &b)]);
     zt.redirect(&client);
@@ -119,6 +120,7 @@ pub fn run(s: &Settings, ztunnel: &Path) {
         "the ztunnel runs did not pass ztunnel with mutual TLS: {mtls} connections"
     );
     zt.stop(&client);
+    settle(&[&client, &server]);
 
     eprintln!("  running: nodemesh, one agent per node (the mTLS tunnel)");
     cluster.label_pod(&server, MESH_LABEL, Some("enabled"));
@@ -205,6 +207,34 @@ fn iperf3(client: &Pod, server: &str) -> f64 {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// Waits for the pods' TIME_WAIT sockets to expire (a minute), so that no
+/// column inherits the ports the one before left waiting.
+fn settle(pods: &[&Pod]) {
+    let count = |pod: &Pod| {
+        let mut cmd = Command::new("ss");
+        cmd.args(["-Htan", "state", "time-wait"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        pod.spawn(cmd)
+            .wait_with_output()
+            .map(|o| o.stdout.iter().filter(|&&b| b == b'\n').count())
+            .unwrap_or(0)
+    };
+    let total = || pods.iter().map(|p| count(p)).sum::<usize>();
+    let n = total();
+    if n < 64 {
+        return;
+    }
+    eprintln!("  waiting for {n} TIME_WAIT sockets in the pods to expire");
+    eventually("TIME_WAIT sockets expired", Duration::from_secs(90), || {
+        std::thread::sleep(Duration::from_secs(1));
+        match total() {
+            n if n < 64 => Ok(()),
+            n => Err(format!("{n} left")),
+        }
+    });
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
