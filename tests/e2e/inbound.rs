@@ -757,3 +757,73 @@ pub fn requests_are_measured_at_the_servers_edge_and_refused_with_403() {
     // Every kind of series the Grafana dashboard shows exists here.
     crate::operate::the_dashboard_uses_only_exported_names(&m);
 }
+
+/// A client with a new connection per request (curl, `Connection: close`)
+/// leaves the server's pod its ports. Through the tunnel, a meshed
+/// client's requests share its pooled connections: the app gets no
+/// connection per client connection. An unmeshed client's connections
+/// reach the app one to one, and the app, told that the client closes,
+/// closes first: the `TIME_WAIT` stays on the app's side, as without the
+/// mesh. (The agent's delivering sockets all share the pod's address and
+/// the app's port: were the agent to close them first, their `TIME_WAIT`s
+/// would use up that one 4-tuple space, some 28 000 a minute.)
+pub fn a_new_connection_per_request_leaves_the_servers_ports_alone() {
+    use nodemesh_tests::apps::http;
+    use std::process::{Command, Stdio};
+    const N: usize = 100;
+    let bed = MeshBed::new("24h");
+    let [server, web, _api, plain] = policy_pods(&bed);
+    let mut hsrv = server.http();
+    hsrv.serve(ECHO, http::Knobs::default());
+    let url = format!("http://{}:{ECHO}/x[1-{N}]", server.ip);
+    let curl = |client: &Pod| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\\n",
+            "-H",
+            "Connection: close",
+            &url,
+        ])
+        .stdout(Stdio::piped());
+        let out = client
+            .spawn(cmd)
+            .wait_with_output()
+            .expect("run curl (cargo xtask setup installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines.len() == N && lines.iter().all(|l| *l == "200 1"),
+            "{N} requests, each answered on a new connection: {text}"
+        );
+    };
+    // Sockets in the server's pod: `dport` 8080 are the agent's delivering
+    // sockets (the client's own live in its pod), `sport` 8080 the app's.
+    let sockets = |state: &str, side: &str| {
+        let mut cmd = Command::new("ss");
+        cmd.args(["-Htan", "state", state, &format!("( {side} = :{ECHO} )")])
+            .stdout(Stdio::piped());
+        let out = server.spawn(cmd).wait_with_output().expect("run ss");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+
+    curl(&web);
+    let agent_closed = sockets("time-wait", "dport");
+    let app_conns = sockets("established", "sport") + sockets("time-wait", "sport");
+    assert!(
+        agent_closed <= N / 10 && app_conns <= N / 10,
+        "through the tunnel, {N} client connections took {app_conns} app connections, {agent_closed} closed by the agent first"
+    );
+
+    curl(&plain);
+    let agent_closed = sockets("time-wait", "dport");
+    let app_closed = sockets("time-wait", "sport");
+    assert!(
+        agent_closed <= N / 10 && app_closed >= N * 9 / 10,
+        "unmeshed: of {N} delivered connections, the app closed {app_closed} first, the agent {agent_closed}"
+    );
+    assert_eq!(hsrv.seen(ECHO).requests, 2 * N as u64);
+}

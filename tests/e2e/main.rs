@@ -23,6 +23,7 @@ fn main() {
         inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,
         inbound::an_authorization_policy_lets_in_only_whom_it_names,
         inbound::requests_are_measured_at_the_servers_edge_and_refused_with_403,
+        inbound::a_new_connection_per_request_leaves_the_servers_ports_alone,
         kube::a_labelled_pod_is_captured_from_the_api,
         operate::stat_shows_what_the_agents_saw,
         operate::tap_shows_live_requests_with_both_identities,

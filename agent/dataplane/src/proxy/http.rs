@@ -87,6 +87,17 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// `Connection: close`: the sender closes the connection after this
+/// message.
+pub fn wants_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
 /// names, and the fixed list (`TE: trailers` stays); for an upgrade (a
 /// request asking for one, a `101` granting it), `Upgrade` and

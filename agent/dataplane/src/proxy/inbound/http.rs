@@ -10,10 +10,14 @@
 //! the app never sees a byte.
 use std::{
     convert::Infallible,
+    future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::{Buf, Bytes};
@@ -32,7 +36,7 @@ use crate::{
     proxy::{
         http::{
             Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
-            strip_hop_by_hop,
+            strip_hop_by_hop, wants_close,
         },
         inbound::Recheck,
         pods::{ServedPod, tap_peer},
@@ -147,6 +151,86 @@ impl Sender {
     }
 }
 
+/// How long the agent waits for the app to close a connection it said it
+/// would close, before closing it itself.
+const APP_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The agent's side of an app connection. When the app closes after a
+/// response (it said `Connection: close`, or was told the client did),
+/// shutting down waits for the app's own close first, up to
+/// [`APP_CLOSE_WAIT`] (anything the app still sends is dropped: its last
+/// response was read). Whoever closes first keeps the connection's
+/// `TIME_WAIT` for a minute, and the agent's delivering sockets all share
+/// one address and the app's port: had the agent closed first, a server
+/// with a new connection per request would run out of ports for its
+/// clients after some 28 000 of them a minute (measured: `connect` spent
+/// the agent's time searching for a free one, then failed). The app's
+/// side holds them instead, as without the mesh.
+struct AppIo<S> {
+    inner: S,
+    closes: Arc<AtomicBool>,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> AppIo<S> {
+    fn new(inner: S, closes: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            closes,
+            waiting: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AppIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AppIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.closes.load(Ordering::Relaxed) {
+            let waiting = this
+                .waiting
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(APP_CLOSE_WAIT)));
+            let mut scratch = [0u8; 1024];
+            loop {
+                if waiting.as_mut().poll(cx).is_ready() {
+                    break;
+                }
+                let mut buf = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                    // The app's close (or an error: nothing to wait for).
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => break,
+                    Poll::Ready(Err(_)) => break,
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            this.closes.store(false, Ordering::Relaxed);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 /// What one connection's requests share.
 struct Edge {
     sender: Sender,
@@ -154,6 +238,9 @@ struct Edge {
     peer: Peer,
     h2: bool,
     recheck: Recheck,
+    /// The app said (or was told) it closes the connection after this
+    /// response.
+    app_closes: Arc<AtomicBool>,
 }
 
 /// Serves `client` (HTTP/2 when `h2`) to the app over `server` until the
@@ -174,7 +261,11 @@ pub async fn serve<C, S>(
         Some(i) => (vec![i.sent.clone()], vec![i.received.clone()]),
         None => (Vec::new(), Vec::new()),
     };
-    let app = TokioIo::new(CountedIo::new(server, sent, received));
+    let app_closes = Arc::new(AtomicBool::new(false));
+    let app = TokioIo::new(AppIo::new(
+        CountedIo::new(server, sent, received),
+        app_closes.clone(),
+    ));
     // When the app closes its connection (its keep-alive timeout, a
     // GOAWAY), the client's is closed too, gracefully: it reconnects rather
     // than getting 502s on a connection that leads nowhere.
@@ -221,6 +312,7 @@ pub async fn serve<C, S>(
         peer,
         h2,
         recheck,
+        app_closes,
     });
     let service = service_fn(move |req| edge.clone().forward(req));
     let io = TokioIo::new(client);
@@ -264,11 +356,22 @@ impl Edge {
         if let Err(reason) = self.recheck.check() {
             return Ok(forbidden(reason));
         }
+        // A client that closes after this request: the app is told too
+        // (one client connection, one app connection), so that the app
+        // closes first, as it would without the mesh (see `AppIo`).
+        let client_closes = !self.h2 && wants_close(req.headers());
         let Prepared {
             protocol,
             upgrade,
             client_upgrade,
         } = prepare(&mut req, self.h2);
+        if client_closes && !upgrade {
+            req.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            self.app_closes.store(true, Ordering::Relaxed);
+        }
         let metric = self.served.http.inbound_request(
             &self.served.source,
             self.peer.identity.as_deref(),
@@ -306,15 +409,10 @@ impl Edge {
                     // The app closes after this response: so does the
                     // client's connection (its one way to the app), and the
                     // client is told, not left to find out with a 502.
-                    let closing = resp
-                        .headers()
-                        .get_all(hyper::header::CONNECTION)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .flat_map(|v| v.split(','))
-                        .any(|t| t.trim().eq_ignore_ascii_case("close"));
+                    let closing = wants_close(resp.headers());
                     strip_hop_by_hop(resp.headers_mut(), switched);
                     if closing {
+                        self.app_closes.store(true, Ordering::Relaxed);
                         resp.headers_mut().insert(
                             hyper::header::CONNECTION,
                             hyper::header::HeaderValue::from_static("close"),

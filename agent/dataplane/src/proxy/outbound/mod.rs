@@ -87,8 +87,9 @@ struct Detection {
     detected: Detected,
     /// The connection dialled meanwhile (the one dial, awaited either
     /// way: it is what the connection goes over), or why there is none
-    /// (and which endpoint failed, not to be tried again).
-    early: Result<Early, (Option<SocketAddr>, Failure)>,
+    /// (and which endpoint failed, not to be tried again); `None`: not
+    /// dialled (the pool held a connection for an HTTP client).
+    early: Option<Result<Early, (Option<SocketAddr>, Failure)>>,
     /// What the server said first, to be passed on.
     server_first: Vec<u8>,
 }
@@ -172,17 +173,21 @@ impl Outbound {
                 let h2 = detection.detected == Detected::H2;
                 // A connection whose server already spoke (read while
                 // detecting) cannot start an HTTP client: a new one will.
-                let early = early.ok().filter(|_| detection.server_first.is_empty());
+                let early = early
+                    .and_then(Result::ok)
+                    .filter(|_| detection.server_first.is_empty());
                 self.clone().http(client, pod, dest, h2, early).await;
             }
             _ => match early {
-                Ok(early) => {
+                // Not dialled while detecting: now.
+                None => self.opaque(client, &pod, &upstream, dst).await,
+                Some(Ok(early)) => {
                     self.relay_early(client, &pod, early, &detection.server_first)
                         .await
                 }
                 // The endpoint first dialled failed: others (a Service),
                 // or a reset.
-                Err((failed, failure)) => match &upstream.target {
+                Some(Err((failed, failure))) => match &upstream.target {
                     Target::Service(svc) if !matches!(failure, Failure::NoEndpoints) => {
                         let exclude: Vec<SocketAddr> = failed.into_iter().collect();
                         self.service_tcp(client, &pod, svc, dst, &exclude).await
@@ -288,17 +293,44 @@ impl Outbound {
     ) -> Detection {
         let deadline = tokio::time::sleep(self.cfg.detect_timeout);
         tokio::pin!(deadline);
+        // This pod already holds an idle HTTP connection to the
+        // destination: a client that speaks HTTP takes it (or another from
+        // the pool), so the dial waits for the client's first bytes and
+        // happens only if they are not HTTP. Dialling each time would open
+        // an upstream connection per client connection, only to close it
+        // again when the pool is full: with a new connection per request,
+        // that churn costs a tunnel stream, a connection to the app and
+        // the TIME_WAIT it leaves in the server's pod, per request.
+        let pooled: &[SocketAddr] = match &upstream.target {
+            Target::Service(svc) => &svc.endpoints,
+            _ => std::slice::from_ref(&dst),
+        };
+        if self.pool.holds(&pod.pod.uid, pooled) {
+            let detected = tokio::select! {
+                d = client_bytes(client) => d,
+                _ = &mut deadline => Detected::Timeout,
+            };
+            let early = match detected {
+                Detected::Http1 | Detected::H2 => None,
+                _ => Some(self.open_early(pod, upstream, dst).await),
+            };
+            return Detection {
+                detected,
+                early,
+                server_first: Vec::new(),
+            };
+        }
         let open = self.open_early(pod, upstream, dst);
         tokio::pin!(open);
         // 1. The client speaks, the dial finishes, or time runs out.
         let early = tokio::select! {
             biased;
             d = client_bytes(client) => {
-                return Detection { detected: d, early: open.await, server_first: Vec::new() };
+                return Detection { detected: d, early: Some(open.await), server_first: Vec::new() };
             }
             early = &mut open => early,
             _ = &mut deadline => {
-                return Detection { detected: Detected::Timeout, early: open.await, server_first: Vec::new() };
+                return Detection { detected: Detected::Timeout, early: Some(open.await), server_first: Vec::new() };
             }
         };
         let mut early = match early {
@@ -311,7 +343,7 @@ impl Outbound {
                 };
                 return Detection {
                     detected,
-                    early: Err(failure),
+                    early: Some(Err(failure)),
                     server_first: Vec::new(),
                 };
             }
@@ -320,9 +352,9 @@ impl Outbound {
         let mut buf = vec![0u8; 16 * 1024];
         let said = tokio::select! {
             biased;
-            d = client_bytes(client) => return Detection { detected: d, early: Ok(early), server_first: Vec::new() },
+            d = client_bytes(client) => return Detection { detected: d, early: Some(Ok(early)), server_first: Vec::new() },
             r = early.opened.io.read(&mut buf) => r,
-            _ = &mut deadline => return Detection { detected: Detected::Timeout, early: Ok(early), server_first: Vec::new() },
+            _ = &mut deadline => return Detection { detected: Detected::Timeout, early: Some(Ok(early)), server_first: Vec::new() },
         };
         match said {
             // An HTTP/2 server greets with its SETTINGS at once, without
@@ -335,7 +367,7 @@ impl Outbound {
                 };
                 Detection {
                     detected,
-                    early: Ok(early),
+                    early: Some(Ok(early)),
                     server_first: buf,
                 }
             }
@@ -343,7 +375,7 @@ impl Outbound {
                 buf.truncate(n);
                 Detection {
                     detected: Detected::ServerFirst,
-                    early: Ok(early),
+                    early: Some(Ok(early)),
                     server_first: buf,
                 }
             }
@@ -363,7 +395,7 @@ impl Outbound {
                 };
                 Detection {
                     detected,
-                    early: Err(failed),
+                    early: Some(Err(failed)),
                     server_first: Vec::new(),
                 }
             }

@@ -221,6 +221,24 @@ impl Pool {
         found
     }
 
+    /// Whether an idle connection of `pod` to one of `endpoints` (HTTP/1
+    /// or HTTP/2) could take a request now.
+    pub fn holds(&self, pod: &PodUid, endpoints: &[SocketAddr]) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.iter().any(|&endpoint| {
+            [false, true].into_iter().any(|h2| {
+                let key = Key {
+                    pod: pod.clone(),
+                    endpoint,
+                    h2,
+                };
+                conns
+                    .get(&key)
+                    .is_some_and(|list| list.iter().any(Conn::usable))
+            })
+        })
+    }
+
     /// Puts a connection (back) for later requests.
     pub fn put(&self, key: Key, conn: Conn) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
