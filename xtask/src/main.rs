@@ -56,7 +56,8 @@ enum Task {
     /// (direct vs fast path on/off), then cross-node (direct vs mTLS tunnel).
     Bench {
         /// Flags for the benchmark (--round-trips N, --size BYTES,
-        /// --bulk-mib N, --repeats N).
+        /// --bulk-mib N, --repeats N; --peers ZTUNNEL: only the cross-node
+        /// comparison with a ztunnel binary, e.g. ../shared/peers/ztunnel).
         #[arg(last = true)]
         args: Vec<String>,
     },
