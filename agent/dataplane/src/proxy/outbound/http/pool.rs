@@ -221,10 +221,18 @@ impl Pool {
         found
     }
 
-    /// Whether an idle connection of `pod` to one of `endpoints` (HTTP/1
-    /// or HTTP/2) could take a request now.
+    /// Whether an idle connection of `pod` to one of `endpoints` (sorted;
+    /// HTTP/1 or HTTP/2) could take a request now. Looks up each endpoint,
+    /// or goes through the pool when it is the smaller (a large Service).
     pub fn holds(&self, pod: &PodUid, endpoints: &[SocketAddr]) -> bool {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() < endpoints.len() * 2 {
+            return conns.iter().any(|(key, list)| {
+                key.pod == *pod
+                    && endpoints.binary_search(&key.endpoint).is_ok()
+                    && list.iter().any(Conn::usable)
+            });
+        }
         endpoints.iter().any(|&endpoint| {
             [false, true].into_iter().any(|h2| {
                 let key = Key {
@@ -278,5 +286,83 @@ impl Pool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/1 connection to a listener on loopback that accepts and
+    /// holds it (ready: HTTP/1 needs no exchange before a request).
+    async fn conn(listener: &tokio::net::TcpListener) -> (Conn, tokio::net::TcpStream) {
+        let addr = listener.local_addr().expect("addr");
+        let (client, server) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let conn = Conn::handshake(
+            UpstreamIo::Tcp(client.expect("connect")),
+            false,
+            false,
+            None,
+            Arc::default(),
+            None,
+        )
+        .await
+        .expect("handshake");
+        (conn, server.expect("accept").0)
+    }
+
+    fn uid(u: &str) -> PodUid {
+        PodUid::new(u).expect("a pod UID")
+    }
+
+    #[tokio::test]
+    async fn holds_finds_an_idle_connection_of_the_pod_to_an_endpoint() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let pool = Pool::default();
+        let endpoint: SocketAddr = "10.0.0.5:80".parse().expect("addr");
+        let (c, _held) = conn(&listener).await;
+        pool.put(
+            Key {
+                pod: uid("a"),
+                endpoint,
+                h2: false,
+            },
+            c,
+        );
+        let (c, _held_too) = conn(&listener).await;
+        pool.put(
+            Key {
+                pod: uid("c"),
+                endpoint: "10.0.0.7:80".parse().expect("addr"),
+                h2: false,
+            },
+            c,
+        );
+        let few: Vec<SocketAddr> = vec![endpoint];
+        let many: Vec<SocketAddr> = (1..=20)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        // Both ways of looking: by endpoint (one endpoint, two pooled
+        // keys) and through the pool (twenty endpoints).
+        for endpoints in [&few, &many] {
+            assert!(pool.holds(&uid("a"), endpoints));
+            assert!(!pool.holds(&uid("b"), endpoints), "another pod's");
+        }
+        let other: Vec<SocketAddr> = vec!["10.0.0.6:80".parse().expect("addr")];
+        assert!(!pool.holds(&uid("a"), &other));
+        // Taken (in use): nothing idle.
+        let key = Key {
+            pod: uid("a"),
+            endpoint,
+            h2: false,
+        };
+        let taken = pool.take(&key).expect("pooled");
+        for endpoints in [&few, &many] {
+            assert!(!pool.holds(&uid("a"), endpoints));
+        }
+        drop(taken);
     }
 }
