@@ -77,25 +77,24 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// `Connection: close`: the sender closes the connection after this
-/// message.
-pub fn wants_close(headers: &HeaderMap) -> bool {
+/// Whether `Connection` names `token`.
+fn connection_says(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_says(headers, "upgrade")
+}
+
+/// `Connection: close`: the sender closes the connection after this
+/// message.
+pub fn wants_close(headers: &HeaderMap) -> bool {
+    connection_says(headers, "close")
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection`
