@@ -92,6 +92,10 @@ pub fn is_policy_refusal(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<PolicyRefused>())
 }
 
+/// How long a tunnel stream waits for its client pod's address to be
+/// known here (see `claimed_client`).
+const CLAIM_WAIT: Duration = Duration::from_secs(2);
+
 /// A refusal is logged once per client and reason in this window.
 const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// At most this many (client, reason) pairs are remembered for that.
@@ -460,20 +464,44 @@ impl Inbound {
         self.pods.get(&pod.uid).filter(|s| s.inbound.is_some())
     }
 
+    /// The client pod's address as its agent says, if it is a pod of the
+    /// authenticated identity. A pod started a moment ago can be known to
+    /// its own agent before this one (both learn it from the API server):
+    /// an address not known yet as any pod's is waited for, up to
+    /// [`CLAIM_WAIT`]; one known as another's is refused at once.
+    async fn claimed_client(&self, req: &StreamRequest) -> Option<SocketAddr> {
+        let addr = req.client_addr?;
+        let mut changes = self.state.changes();
+        let settled = tokio::time::timeout(CLAIM_WAIT, async {
+            loop {
+                changes.borrow_and_update();
+                match self.state.upstream(addr).target {
+                    Target::Pod(p) => {
+                        return p.identity().is_some_and(|id| id.uri() == &*req.client);
+                    }
+                    _ => {
+                        if changes.changed().await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        settled.unwrap_or(false).then_some(addr)
+    }
+
     /// Opens a tunnel stream's destination.
     async fn open_tunnel(&self, req: &StreamRequest) -> Result<Accepted, TunnelError> {
         let Some(served) = self.tunnel_destination(req.dst, req.served.as_ref()) else {
             warn!(client = %req.client, dst = %req.dst, reason = %TunnelError::UnknownDestination, "refused a tunnel stream: the destination is not a meshed pod of the authenticated identity on this node");
             return Err(TunnelError::UnknownDestination);
         };
-        // The client pod's address as its agent says, if it is a pod of the
-        // authenticated identity.
-        let claimed = req.client_addr.filter(|a| {
-            matches!(self.state.upstream(*a).target, Target::Pod(p)
-                if p.identity().is_some_and(|id| id.uri() == &*req.client))
-        });
         // Else the tunnel's other end, the client's node: all that is known.
-        let client_addr = claimed.unwrap_or(SocketAddr::new(req.peer.ip(), 0));
+        let client_addr = self
+            .claimed_client(req)
+            .await
+            .unwrap_or(SocketAddr::new(req.peer.ip(), 0));
         if self
             .authorize(
                 &served,
