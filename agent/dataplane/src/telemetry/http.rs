@@ -137,8 +137,32 @@ type Latency = Family<RequestLabels, Histogram, fn() -> Histogram>;
 #[derive(Debug, Default)]
 struct Source {
     holders: usize,
-    requests: HashSet<RequestLabels>,
+    series: HashMap<RequestLabels, Arc<Series>>,
     responses: HashSet<ResponseLabels>,
+}
+
+/// (status code, gRPC status, failure): what a response's series adds to
+/// its request's.
+type ResponseKey = (u16, Option<u32>, bool);
+
+/// One request label set's series, resolved once and shared by its
+/// requests: finding them by label set (thirteen strings compared per
+/// lookup, several lookups and clones per request) took a tenth of the
+/// agent's CPU under load. A series released meanwhile (its workload's
+/// last pod gone) is no longer exported; what its requests still count
+/// goes nowhere.
+#[derive(Debug)]
+struct Series {
+    holder: Workload,
+    labels: RequestLabels,
+    requests: Counter,
+    /// Made with its first measured response (a request that never got
+    /// one makes no latency series).
+    latency: std::sync::OnceLock<Histogram>,
+    /// Its responses' counters, by [`ResponseKey`] (a few).
+    responses: Mutex<Vec<(ResponseKey, Counter)>>,
+    /// Its key in the windows (`/v1/stat`).
+    stat_key: StatKey,
 }
 
 /// The request families.
@@ -225,7 +249,7 @@ impl HttpMetrics {
             return;
         }
         if let Some(source) = sources.remove(workload) {
-            for labels in &source.requests {
+            for labels in source.series.keys() {
                 self.requests.remove(labels);
                 self.latency.remove(labels);
             }
@@ -292,37 +316,69 @@ impl HttpMetrics {
     /// Counts a request in `holder`'s series (capped: see
     /// [`MAX_DESTINATIONS`]).
     fn count(&self, holder: &Workload, mut labels: RequestLabels) -> Option<Request> {
-        {
+        let series = {
             let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
             // A pod no longer served: nothing is counted.
             let src = sources.get_mut(holder).filter(|s| s.holders > 0)?;
-            if !src.requests.contains(&labels) {
-                if src.requests.len() >= MAX_DESTINATIONS {
-                    let other = |s: &mut String| {
-                        if !s.is_empty() {
-                            *s = "other".into();
+            match src.series.get(&labels) {
+                Some(series) => series.clone(),
+                None => {
+                    if src.series.len() >= MAX_DESTINATIONS {
+                        let other = |s: &mut String| {
+                            if !s.is_empty() {
+                                *s = "other".into();
+                            }
+                        };
+                        other(&mut labels.dst_namespace);
+                        other(&mut labels.dst_workload_kind);
+                        other(&mut labels.dst_workload_name);
+                        other(&mut labels.dst_serviceaccount);
+                        other(&mut labels.dst_service);
+                        other(&mut labels.client_id);
+                        if labels.direction == Direction::Outbound {
+                            labels.dst_workload_name = "other".into();
                         }
-                    };
-                    other(&mut labels.dst_namespace);
-                    other(&mut labels.dst_workload_kind);
-                    other(&mut labels.dst_workload_name);
-                    other(&mut labels.dst_serviceaccount);
-                    other(&mut labels.dst_service);
-                    other(&mut labels.client_id);
-                    if labels.direction == Direction::Outbound {
-                        labels.dst_workload_name = "other".into();
                     }
+                    src.series
+                        .entry(labels)
+                        .or_insert_with_key(|labels| Arc::new(self.series(holder, labels)))
+                        .clone()
                 }
-                src.requests.insert(labels.clone());
             }
-            self.requests.get_or_create(&labels).inc();
-        }
+        };
+        series.requests.inc();
         Some(Request {
             metrics: self.clone(),
-            source: holder.clone(),
-            labels,
+            series,
             latency_us: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// The series of `labels`, made or found in the families.
+    fn series(&self, holder: &Workload, labels: &RequestLabels) -> Series {
+        Series {
+            holder: holder.clone(),
+            requests: self.requests.get_or_create(labels).clone(),
+            latency: std::sync::OnceLock::new(),
+            responses: Mutex::default(),
+            stat_key: StatKey {
+                direction: labels.direction.as_str().to_owned(),
+                workload: WorkloadRef {
+                    namespace: labels.namespace.clone(),
+                    kind: labels.workload_kind.clone(),
+                    name: labels.workload_name.clone(),
+                    serviceaccount: labels.serviceaccount.clone(),
+                },
+                peer: WorkloadRef {
+                    namespace: labels.dst_namespace.clone(),
+                    kind: labels.dst_workload_kind.clone(),
+                    name: labels.dst_workload_name.clone(),
+                    serviceaccount: labels.dst_serviceaccount.clone(),
+                },
+                peer_identity: labels.client_id.clone(),
+            },
+            labels: labels.clone(),
+        }
     }
 }
 
@@ -330,8 +386,7 @@ impl HttpMetrics {
 #[derive(Debug)]
 pub struct Request {
     metrics: HttpMetrics,
-    source: Workload,
-    labels: RequestLabels,
+    series: Arc<Series>,
     /// Its latency once known (`u64::MAX`: not yet), for the windows.
     latency_us: AtomicU64,
 }
@@ -343,26 +398,86 @@ impl Request {
             u64::try_from(latency.as_micros()).unwrap_or(u64::MAX - 1),
             Ordering::Relaxed,
         );
+        let histogram = match self.series.latency.get() {
+            Some(h) => h,
+            None => {
+                let Some(h) = self.latency_series() else {
+                    return;
+                };
+                self.series.latency.get_or_init(|| h)
+            }
+        };
+        histogram.observe(latency.as_secs_f64());
+    }
+
+    /// Its series' latency histogram, made now (none if the series'
+    /// workload let go).
+    fn latency_series(&self) -> Option<Histogram> {
         let sources = self
             .metrics
             .sources
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // Its source let go meanwhile: no series to bring back.
-        if sources.get(&self.source).is_some_and(|s| s.holders > 0) {
+        sources.get(&self.series.holder).filter(|s| s.holders > 0)?;
+        // Made under the lock: a release cannot slip in between.
+        Some(
             self.metrics
                 .latency
-                .get_or_create(&self.labels)
-                .observe(latency.as_secs_f64());
-        }
+                .get_or_create(&self.series.labels)
+                .clone(),
+        )
     }
 
     /// Its response ended: `status` (0 when the proxy made none), the gRPC
     /// status if any, and whether the proxy made it.
     pub fn response(&self, status: u16, grpc_status: Option<u32>, proxy_error: bool) {
         let failure = proxy_error || status >= 500 || grpc_status.is_some_and(|s| s != 0);
+        let key = (status, grpc_status, failure);
+        let cached = self
+            .series
+            .responses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, c)| c.clone());
+        let counter = match cached {
+            Some(c) => c,
+            None => {
+                let Some(c) = self.response_series(status, grpc_status, failure) else {
+                    return;
+                };
+                self.series
+                    .responses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((key, c.clone()));
+                c
+            }
+        };
+        counter.inc();
+        let latency_ms = match self.latency_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(us as f64 / 1000.0),
+        };
+        self.metrics.stats.record(
+            &self.series.stat_key,
+            !failure,
+            self.series.labels.tls == "true",
+            latency_ms,
+        );
+    }
+
+    /// The first response of its kind in this series: its counter, made
+    /// and kept for release (none if the series' workload let go).
+    fn response_series(
+        &self,
+        status: u16,
+        grpc_status: Option<u32>,
+        failure: bool,
+    ) -> Option<Counter> {
         let labels = ResponseLabels {
-            request: self.labels.clone(),
+            request: self.series.labels.clone(),
             status_code: status.to_string(),
             // The 17 codes gRPC defines; anything else is one value.
             grpc_status: grpc_status
@@ -380,45 +495,18 @@ impl Request {
                 Classification::Success
             },
         };
-        {
-            let mut sources = self
-                .metrics
-                .sources
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let Some(src) = sources.get_mut(&self.source).filter(|s| s.holders > 0) else {
-                return;
-            };
-            src.responses.insert(labels.clone());
-            // Counted under the lock: a release cannot slip in between.
-            self.metrics.responses.get_or_create(&labels).inc();
-        }
-        let l = &self.labels;
-        let latency_ms = match self.latency_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(us as f64 / 1000.0),
-        };
-        self.metrics.stats.record(
-            StatKey {
-                direction: l.direction.as_str().to_owned(),
-                workload: WorkloadRef {
-                    namespace: l.namespace.clone(),
-                    kind: l.workload_kind.clone(),
-                    name: l.workload_name.clone(),
-                    serviceaccount: l.serviceaccount.clone(),
-                },
-                peer: WorkloadRef {
-                    namespace: l.dst_namespace.clone(),
-                    kind: l.dst_workload_kind.clone(),
-                    name: l.dst_workload_name.clone(),
-                    serviceaccount: l.dst_serviceaccount.clone(),
-                },
-                peer_identity: l.client_id.clone(),
-            },
-            !failure,
-            l.tls == "true",
-            latency_ms,
-        );
+        let mut sources = self
+            .metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let src = sources
+            .get_mut(&self.series.holder)
+            .filter(|s| s.holders > 0)?;
+        // Made under the lock: a release cannot slip in between.
+        let counter = self.metrics.responses.get_or_create(&labels).clone();
+        src.responses.insert(labels);
+        Some(counter)
     }
 }
 
@@ -500,5 +588,48 @@ mod tests {
             .count();
         assert_eq!(series, MAX_DESTINATIONS + 1, "{text}");
         assert!(text.contains(r#"dst_workload_name="other""#));
+    }
+
+    #[test]
+    fn a_released_workloads_series_go_and_are_not_brought_back() {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let m = HttpMetrics::new(&mut registry);
+        let web = workload("web");
+        let dst = Destination {
+            workload: workload("api"),
+            service: String::new(),
+        };
+        let count = |registry: &Registry| {
+            let text = encode(registry).unwrap();
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("nodemesh_request_total{")
+                        || l.starts_with("nodemesh_response_total{")
+                        || l.starts_with("nodemesh_response_latency_seconds_count{")
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
+        m.hold(&web);
+        for _ in 0..2 {
+            let r = m.request(&web, &dst, true, Protocol::Http1).unwrap();
+            r.latency(Duration::from_millis(1));
+            r.response(200, None, false);
+        }
+        // One series each (requests, responses, latency), counted twice.
+        assert_eq!(count(&registry), ["2", "2", "2"]);
+        // In flight when the workload's last pod goes.
+        let late = m.request(&web, &dst, true, Protocol::Http1).unwrap();
+        m.release(&web);
+        assert!(count(&registry).is_empty());
+        late.latency(Duration::from_millis(1));
+        late.response(503, None, false);
+        assert!(count(&registry).is_empty(), "not brought back");
+        assert!(m.request(&web, &dst, true, Protocol::Http1).is_none());
+        // Held again: from zero.
+        m.hold(&web);
+        let r = m.request(&web, &dst, true, Protocol::Http1).unwrap();
+        r.response(200, None, false);
+        assert_eq!(count(&registry), ["1", "1"]);
     }
 }

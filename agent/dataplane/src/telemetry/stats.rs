@@ -125,25 +125,33 @@ impl Stats {
     }
 
     /// One request's outcome (`latency_ms`: `None` when no response came).
-    pub fn record(&self, key: StatKey, success: bool, tls: bool, latency_ms: Option<f64>) {
+    pub fn record(&self, key: &StatKey, success: bool, tls: bool, latency_ms: Option<f64>) {
         let mut inner = self.lock();
         let now = inner.start.elapsed().as_secs();
-        let key = if inner.requests.len() >= MAX_SERIES && !inner.requests.contains_key(&key) {
-            StatKey {
-                peer: WorkloadRef {
-                    name: "other".into(),
-                    ..WorkloadRef::default()
-                },
-                peer_identity: String::new(),
-                ..key
+        let inner = &mut *inner;
+        // Found without a copy of the key (every request); a new series
+        // past the cap counts as `other`.
+        let series = match inner.requests.get_mut(key) {
+            Some(series) => series,
+            None => {
+                let key = if inner.requests.len() >= MAX_SERIES {
+                    StatKey {
+                        peer: WorkloadRef {
+                            name: "other".into(),
+                            ..WorkloadRef::default()
+                        },
+                        peer_identity: String::new(),
+                        ..key.clone()
+                    }
+                } else {
+                    key.clone()
+                };
+                inner.requests.entry(key).or_insert_with(|| Series {
+                    fine: Ring::new(FINE),
+                    coarse: Ring::new(COARSE),
+                })
             }
-        } else {
-            key
         };
-        let series = inner.requests.entry(key).or_insert_with(|| Series {
-            fine: Ring::new(FINE),
-            coarse: Ring::new(COARSE),
-        });
         for ring in [&mut series.fine, &mut series.coarse] {
             let slot = ring.at(now);
             match latency_ms {
@@ -273,7 +281,7 @@ mod tests {
     fn every_window_sees_what_just_happened() {
         let stats = Stats::default();
         for i in 0..10 {
-            stats.record(key("api"), i != 0, true, Some(2.0));
+            stats.record(&key("api"), i != 0, true, Some(2.0));
         }
         for window in ["10s", "1m", "10m"] {
             let r = stats.report("node-a", window).unwrap();
@@ -289,7 +297,7 @@ mod tests {
     fn series_are_bounded() {
         let stats = Stats::default();
         for i in 0..(MAX_SERIES + 20) {
-            stats.record(key(&format!("api-{i}")), true, false, Some(1.0));
+            stats.record(&key(&format!("api-{i}")), true, false, Some(1.0));
         }
         let r = stats.report("n", "10s").unwrap();
         assert_eq!(r.requests.len(), MAX_SERIES + 1);
