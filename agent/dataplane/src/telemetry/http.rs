@@ -149,8 +149,8 @@ type ResponseKey = (u16, Option<u32>, bool);
 /// requests: finding them by label set (thirteen strings compared per
 /// lookup, several lookups and clones per request) took a tenth of the
 /// agent's CPU under load. A series released meanwhile (its workload's
-/// last pod gone) is no longer exported; what its requests still count
-/// goes nowhere.
+/// last pod gone) is no longer exported: what its requests still count
+/// reaches only the windows, which forget it in their own time.
 #[derive(Debug)]
 struct Series {
     holder: Workload,
