@@ -802,13 +802,8 @@ pub fn a_new_connection_per_request_leaves_the_servers_ports_alone() {
     };
     // Sockets in the server's pod: `dport` 8080 are the agent's delivering
     // sockets (the client's own live in its pod), `sport` 8080 the app's.
-    let sockets = |state: &str, side: &str| {
-        let mut cmd = Command::new("ss");
-        cmd.args(["-Htan", "state", state, &format!("( {side} = :{ECHO} )")])
-            .stdout(Stdio::piped());
-        let out = server.spawn(cmd).wait_with_output().expect("run ss");
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
+    let sockets =
+        |state: &str, side: &str| server.tcp_sockets(state, Some(&format!("{side} = :{ECHO}")));
 
     curl(&web);
     let agent_closed = sockets("time-wait", "dport");

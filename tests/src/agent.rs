@@ -237,11 +237,7 @@ impl Agent {
 
     /// Resident memory of the agent process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = read_or_empty(format!("/proc/{}/status", self.pid()?));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        crate::sys::rss_kib(self.pid()?)
     }
 
     pub fn log(&self) -> String {

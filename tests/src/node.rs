@@ -178,6 +178,21 @@ impl Pod {
         crate::sys::spawn_in(cmd, &self.netns, &self.container_cgroup())
     }
 
+    /// How many TCP sockets of the pod's netns are in `state` (`ss`'s
+    /// names: `time-wait`, `established`), matching `ss`'s `filter`
+    /// (e.g. `dport = :8080`) when one is given.
+    pub fn tcp_sockets(&self, state: &str, filter: Option<&str>) -> usize {
+        let mut cmd = std::process::Command::new("ss");
+        cmd.args(["-Htan", "state", state]);
+        if let Some(filter) = filter {
+            cmd.arg(format!("( {filter} )"));
+        }
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let out = self.spawn(cmd).wait_with_output().expect("run ss");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
     /// Starts the pod's sandbox (kubelet's pause container): an idle
     /// process that holds the pod's netns and cgroup.
     pub fn start_sandbox(&self) {

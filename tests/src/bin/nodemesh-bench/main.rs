@@ -181,6 +181,192 @@ fn cross_node(s: &Settings) {
     println!(
         "nodemesh bench: cross-node path (two nodes on a link), same sizes; starting an API server"
     );
+    // Short, so that pausing between connections measures a new tunnel.
+    cross_node_bed(s, "bench", &["--tunnel-idle-timeout", "1s"], |bed| {
+        let CrossNode {
+            cluster,
+            a,
+            b,
+            agent_a,
+            agent_b,
+            ns,
+        } = bed;
+        let server = cluster.run_pod(b, PodSpec::new(ns, "server").service_account("server"));
+        let client = cluster.run_pod(a, PodSpec::new(ns, "client").service_account("client"));
+        // A client on the server's node, for the same-node rows.
+        let near = cluster.run_pod(b, PodSpec::new(ns, "near").service_account("near"));
+        let mut srv = server.tcp();
+        srv.listen(PORT);
+        let mut app = client.tcp();
+        let mut near_app = near.tcp();
+        let dst = SocketAddr::from((server.ip, PORT));
+
+        let RequestApps {
+            _hsrv: _http_server,
+            _gsrv: _grpc_server,
+            mut gcli,
+            mut hcli,
+            url,
+            hto,
+            rpc,
+        } = request_apps(&client, &server);
+
+        eprintln!("  running: direct, nothing meshed (same node, then cross-node)");
+        let near_direct = measure(&mut near_app, dst, s);
+        let direct = measure(&mut app, dst, s);
+        let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
+        let http_direct = wrk(&client, &url, s, Wrk::KEEP_ALIVE, &[]);
+        let seq_direct = sequential(&mut hcli, hto, s, &[]);
+        let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
+        // Inbound capture alone: the server meshed, its clients not.
+        cluster.label_pod(&server, MESH_LABEL, Some("enabled"));
+        agent_b.wait_metric("server captured with its certificate", |m| {
+            m.sum("nodemesh_meshed_pods", &[]) == 1.0
+                && m.sum("nodemesh_identity_certificates", &[]) == 1.0
+        });
+        eprintln!("  running: unmeshed clients to the meshed server (inbound capture)");
+        let near_inbound = measure(&mut near_app, dst, s);
+        let inbound = measure(&mut app, dst, s);
+        // Same node, both meshed: once through the proxy.
+        cluster.label_pod(&near, MESH_LABEL, Some("enabled"));
+        agent_b.wait_metric("near client captured with its certificate", |m| {
+            m.sum("nodemesh_meshed_pods", &[]) == 2.0
+                && m.sum("nodemesh_identity_certificates", &[]) == 2.0
+        });
+        eprintln!("  running: same node, meshed to meshed");
+        let near_meshed = measure(&mut near_app, dst, s);
+        let m = agent_b.metrics();
+        let plain_in = m.sum(
+            "nodemesh_tcp_peer_open_total",
+            &[
+                ("pod", "server"),
+                ("direction", "inbound"),
+                ("tls", "false"),
+                ("peer_identity", ""),
+            ],
+        );
+        assert!(
+            plain_in >= (s.repeats * 4) as f64,
+            "the inbound runs were not captured: {plain_in} connections"
+        );
+        print_rows(
+            "same node (API server bed)",
+            &[
+                ("direct (not meshed)", near_direct),
+                ("unmeshed → meshed (inbound)", near_inbound),
+                ("meshed → meshed (one pass)", near_meshed),
+            ],
+        );
+        drop(near_app);
+
+        cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
+        agent_a.wait_metric("client captured with its certificate", |m| {
+            m.sum("nodemesh_meshed_pods", &[]) == 1.0
+                && m.sum("nodemesh_identity_certificates", &[]) == 1.0
+        });
+        eprintln!("  running: cross-node meshed (mTLS tunnel)");
+        let meshed = measure(&mut app, dst, s);
+        let http_meshed = wrk(
+            &client,
+            &url,
+            s,
+            Wrk::KEEP_ALIVE,
+            &pids(&[agent_a, agent_b]),
+        );
+        let seq_meshed = sequential(&mut hcli, hto, s, &[agent_a, agent_b]);
+        let grpc_meshed = grpc_calls(&mut gcli, rpc, s, &[agent_a, agent_b]);
+        check_requests(agent_a);
+        let reused_setup = setup(&mut app, dst, 200, Duration::ZERO);
+        eprintln!("  running: connection setup with a new tunnel each time (idle timeout 1s)");
+        let new_setup = setup(&mut app, dst, 8, Duration::from_millis(2500));
+        let m = agent_a.metrics();
+        let streams = m.sum(
+            "nodemesh_tunnel_streams_total",
+            &[("direction", "outbound")],
+        );
+        let tunnels = m.sum(
+            "nodemesh_tunnel_connections_total",
+            &[("direction", "outbound")],
+        );
+        assert!(
+            streams >= (s.repeats * 2 + 200) as f64,
+            "the meshed runs did not go through the tunnel: {streams} streams"
+        );
+
+        print_rows(
+            "cross-node path",
+            &[
+                ("direct (not meshed)", direct),
+                ("unmeshed → meshed (inbound)", inbound),
+                ("meshed (mTLS, two agents)", meshed),
+            ],
+        );
+        println!();
+        println!(
+            "{:<26} {:>9} {:>9} {:>10} {:>10} {:>8}",
+            "connection setup", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "samples"
+        );
+        for (name, row) in [
+            ("direct (not meshed)", direct_setup),
+            ("meshed, reused tunnel", reused_setup),
+            ("meshed, new tunnel", new_setup),
+        ] {
+            println!(
+                "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>8}",
+                name,
+                row.0,
+                row.1,
+                row.0 / direct_setup.0,
+                row.1 / direct_setup.1,
+                row.2
+            );
+        }
+        let rss = |agent: &Agent| {
+            agent
+                .rss_kib()
+                .map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+        };
+        println!(
+            "\nagent RSS after the cross-node runs: node a (client) {}, node b (server) {}",
+            rss(agent_a),
+            rss(agent_b)
+        );
+        println!(
+            "(setup: connect plus a first 1-byte round trip; {tunnels} tunnel connections carried {streams} streams)"
+        );
+        print_requests(
+            "cross-node (mTLS)",
+            &[
+                ("HTTP/1.1 1 KiB, direct", http_direct),
+                ("HTTP/1.1 1 KiB, meshed", http_meshed),
+                ("one at a time, direct", seq_direct),
+                ("one at a time, meshed", seq_meshed),
+                ("gRPC unary, direct", grpc_direct),
+                ("gRPC unary, meshed", grpc_meshed),
+            ],
+        );
+    })
+}
+
+/// Two nodes on a link with their own API server, nodemesh installed,
+/// the identity service on node `a`, the bench's agent on each (with
+/// `agent_args`), and a namespace (`prefix`) for the pods, labelled by the
+/// runs: what `run` measures on. Torn down after it, in reverse order.
+struct CrossNode<'a> {
+    cluster: &'a Cluster,
+    a: &'a Node,
+    b: &'a Node,
+    agent_a: Agent,
+    agent_b: Agent,
+    ns: String,
+}
+
+fn cross_node_bed<R>(
+    s: &Settings,
+    prefix: &str,
+    agent_args: &[&str],
+    run: impl FnOnce(&CrossNode<'_>) -> R,
+) -> R {
     // Declared first, so it stops last.
     let cluster = &Cluster::start();
     let a = Node::new();
@@ -188,172 +374,28 @@ fn cross_node(s: &Settings) {
     let _link = Link::connect(&[&a, &b]);
     let install = Install::apply(cluster, &a.dir);
     let identity = IdentityService::start(&a, &install, "24h");
-    let opts = |node: &Node| AgentOptions {
-        binary: Some(s.agent.clone()),
-        log: "warn".into(),
-        // Short, so that pausing between connections measures a new tunnel.
-        ..mesh::mesh_agent_options(&install, &identity, node)
-            .arg("--tunnel-idle-timeout")
-            .arg("1s")
-    };
-    let agent_a = Agent::start_ready(&a, opts(&a));
-    let agent_b = Agent::start_ready(&b, opts(&b));
-    let ns = unique("bench");
-    cluster.namespace(&ns, &[]);
-    let server = cluster.run_pod(&b, PodSpec::new(&ns, "server").service_account("server"));
-    let client = cluster.run_pod(&a, PodSpec::new(&ns, "client").service_account("client"));
-    // A client on the server's node, for the same-node rows.
-    let near = cluster.run_pod(&b, PodSpec::new(&ns, "near").service_account("near"));
-    let mut srv = server.tcp();
-    srv.listen(PORT);
-    let mut app = client.tcp();
-    let mut near_app = near.tcp();
-    let dst = SocketAddr::from((server.ip, PORT));
-
-    let RequestApps {
-        _hsrv: _http_server,
-        _gsrv: _grpc_server,
-        mut gcli,
-        mut hcli,
-        url,
-        hto,
-        rpc,
-    } = request_apps(&client, &server);
-
-    eprintln!("  running: direct, nothing meshed (same node, then cross-node)");
-    let near_direct = measure(&mut near_app, dst, s);
-    let direct = measure(&mut app, dst, s);
-    let direct_setup = setup(&mut app, dst, 200, Duration::ZERO);
-    let http_direct = wrk(&client, &url, s, Wrk::KEEP_ALIVE, &[]);
-    let seq_direct = sequential(&mut hcli, hto, s, &[]);
-    let grpc_direct = grpc_calls(&mut gcli, rpc, s, &[]);
-    // Inbound capture alone: the server meshed, its clients not.
-    cluster.label_pod(&server, MESH_LABEL, Some("enabled"));
-    agent_b.wait_metric("server captured with its certificate", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 1.0
-            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
-    });
-    eprintln!("  running: unmeshed clients to the meshed server (inbound capture)");
-    let near_inbound = measure(&mut near_app, dst, s);
-    let inbound = measure(&mut app, dst, s);
-    // Same node, both meshed: once through the proxy.
-    cluster.label_pod(&near, MESH_LABEL, Some("enabled"));
-    agent_b.wait_metric("near client captured with its certificate", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 2.0
-            && m.sum("nodemesh_identity_certificates", &[]) == 2.0
-    });
-    eprintln!("  running: same node, meshed to meshed");
-    let near_meshed = measure(&mut near_app, dst, s);
-    let m = agent_b.metrics();
-    let plain_in = m.sum(
-        "nodemesh_tcp_peer_open_total",
-        &[
-            ("pod", "server"),
-            ("direction", "inbound"),
-            ("tls", "false"),
-            ("peer_identity", ""),
-        ],
-    );
-    assert!(
-        plain_in >= (s.repeats * 4) as f64,
-        "the inbound runs were not captured: {plain_in} connections"
-    );
-    print_rows(
-        "same node (API server bed)",
-        &[
-            ("direct (not meshed)", near_direct),
-            ("unmeshed → meshed (inbound)", near_inbound),
-            ("meshed → meshed (one pass)", near_meshed),
-        ],
-    );
-    drop(near_app);
-
-    cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
-    agent_a.wait_metric("client captured with its certificate", |m| {
-        m.sum("nodemesh_meshed_pods", &[]) == 1.0
-            && m.sum("nodemesh_identity_certificates", &[]) == 1.0
-    });
-    eprintln!("  running: cross-node meshed (mTLS tunnel)");
-    let meshed = measure(&mut app, dst, s);
-    let http_meshed = wrk(
-        &client,
-        &url,
-        s,
-        Wrk::KEEP_ALIVE,
-        &pids(&[&agent_a, &agent_b]),
-    );
-    let seq_meshed = sequential(&mut hcli, hto, s, &[&agent_a, &agent_b]);
-    let grpc_meshed = grpc_calls(&mut gcli, rpc, s, &[&agent_a, &agent_b]);
-    check_requests(&agent_a);
-    let reused_setup = setup(&mut app, dst, 200, Duration::ZERO);
-    eprintln!("  running: connection setup with a new tunnel each time (idle timeout 1s)");
-    let new_setup = setup(&mut app, dst, 8, Duration::from_millis(2500));
-    let m = agent_a.metrics();
-    let streams = m.sum(
-        "nodemesh_tunnel_streams_total",
-        &[("direction", "outbound")],
-    );
-    let tunnels = m.sum(
-        "nodemesh_tunnel_connections_total",
-        &[("direction", "outbound")],
-    );
-    assert!(
-        streams >= (s.repeats * 2 + 200) as f64,
-        "the meshed runs did not go through the tunnel: {streams} streams"
-    );
-
-    print_rows(
-        "cross-node path",
-        &[
-            ("direct (not meshed)", direct),
-            ("unmeshed → meshed (inbound)", inbound),
-            ("meshed (mTLS, two agents)", meshed),
-        ],
-    );
-    println!();
-    println!(
-        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>8}",
-        "connection setup", "p50 µs", "p99 µs", "p50 ×direct", "p99 ×direct", "samples"
-    );
-    for (name, row) in [
-        ("direct (not meshed)", direct_setup),
-        ("meshed, reused tunnel", reused_setup),
-        ("meshed, new tunnel", new_setup),
-    ] {
-        println!(
-            "{:<26} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>8}",
-            name,
-            row.0,
-            row.1,
-            row.0 / direct_setup.0,
-            row.1 / direct_setup.1,
-            row.2
+    let opts = |node: &Node| {
+        let options = agent_args.iter().fold(
+            mesh::mesh_agent_options(&install, &identity, node),
+            |o, arg| o.arg(arg),
         );
-    }
-    let rss = |agent: &Agent| {
-        agent
-            .rss_kib()
-            .map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+        AgentOptions {
+            binary: Some(s.agent.clone()),
+            log: "warn".into(),
+            ..options
+        }
     };
-    println!(
-        "\nagent RSS after the cross-node runs: node a (client) {}, node b (server) {}",
-        rss(&agent_a),
-        rss(&agent_b)
-    );
-    println!(
-        "(setup: connect plus a first 1-byte round trip; {tunnels} tunnel connections carried {streams} streams)"
-    );
-    print_requests(
-        "cross-node (mTLS)",
-        &[
-            ("HTTP/1.1 1 KiB, direct", http_direct),
-            ("HTTP/1.1 1 KiB, meshed", http_meshed),
-            ("one at a time, direct", seq_direct),
-            ("one at a time, meshed", seq_meshed),
-            ("gRPC unary, direct", grpc_direct),
-            ("gRPC unary, meshed", grpc_meshed),
-        ],
-    );
+    let ns = unique(prefix);
+    cluster.namespace(&ns, &[]);
+    let bed = CrossNode {
+        cluster,
+        a: &a,
+        b: &b,
+        agent_a: Agent::start_ready(&a, opts(&a)),
+        agent_b: Agent::start_ready(&b, opts(&b)),
+        ns,
+    };
+    run(&bed)
 }
 
 /// The servers and clients of the request rows.
@@ -530,17 +572,11 @@ fn sequential(
             outcomes.iter().all(|o| o.status == Some(200)),
             "requests failed"
         );
-        let mut micros: Vec<u32> = outcomes
-            .iter()
-            .map(|o| o.micros.min(u64::from(u32::MAX)) as u32)
-            .collect();
-        micros.sort_unstable();
-        rows.push(RequestRow {
-            rps: f64::from(requests) / elapsed,
-            p50_us: percentile(&micros, 0.50),
-            p99_us: percentile(&micros, 0.99),
-            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (f64::from(requests) / 1000.0)),
-        });
+        rows.push(timed_row(
+            outcomes.iter().map(|o| o.micros),
+            elapsed,
+            (!agents.is_empty()).then_some(cpu),
+        ));
     }
     median_row(rows)
 }
@@ -565,19 +601,27 @@ fn grpc_calls(
         let elapsed = start.elapsed().as_secs_f64();
         let cpu = cpu_seconds(&pids(agents)) - cpu0;
         assert!(outcomes.iter().all(|o| o.code == 0), "gRPC calls failed");
-        let mut micros: Vec<u32> = outcomes
-            .iter()
-            .map(|o| o.micros.min(u64::from(u32::MAX)) as u32)
-            .collect();
-        micros.sort_unstable();
-        rows.push(RequestRow {
-            rps: f64::from(calls) / elapsed,
-            p50_us: percentile(&micros, 0.50),
-            p99_us: percentile(&micros, 0.99),
-            cpu_per_1000: (!agents.is_empty()).then(|| cpu / (f64::from(calls) / 1000.0)),
-        });
+        rows.push(timed_row(
+            outcomes.iter().map(|o| o.micros),
+            elapsed,
+            (!agents.is_empty()).then_some(cpu),
+        ));
     }
     median_row(rows)
+}
+
+/// One run of requests the test app timed (µs each) in `elapsed` seconds,
+/// with the proxies' CPU seconds if any.
+fn timed_row(micros: impl Iterator<Item = u64>, elapsed: f64, cpu: Option<f64>) -> RequestRow {
+    let mut micros: Vec<u32> = micros.map(|m| m.min(u64::from(u32::MAX)) as u32).collect();
+    micros.sort_unstable();
+    let requests = micros.len() as f64;
+    RequestRow {
+        rps: requests / elapsed,
+        p50_us: percentile(&micros, 0.50),
+        p99_us: percentile(&micros, 0.99),
+        cpu_per_1000: cpu.map(|cpu| cpu / (requests / 1000.0)),
+    }
 }
 
 fn median_row(rows: Vec<RequestRow>) -> RequestRow {

@@ -19,15 +19,15 @@ use std::{
 
 use nodemesh_core::names::MESH_LABEL;
 use nodemesh_tests::{
-    Agent, AgentOptions, Cluster, Metrics, Node, Pod, PodSpec, TcpApp,
+    Metrics, Node, Pod, PodSpec, TcpApp,
     apps::http,
     eventually,
-    kube::unique,
-    mesh::{self, IdentityService, Install, Link},
-    sys::Killed,
+    sys::{self, Killed},
 };
 
-use super::{HTTP_PORT, PORT, RequestRow, Row, Settings, Wrk, measure, pids, setup, wrk};
+use super::{
+    CrossNode, HTTP_PORT, PORT, RequestRow, Row, Settings, Wrk, measure, pids, setup, wrk,
+};
 
 const IPERF_PORT: u16 = 5201;
 const IPERF_SECONDS: u32 = 5;
@@ -68,24 +68,21 @@ pub fn run(s: &Settings, ztunnel: &Path) {
         super::WRK_SECONDS,
         s.repeats
     );
-    // Declared first, so it stops last.
-    let cluster = &Cluster::start();
-    let a = Node::new();
-    let b = Node::new();
-    let _link = Link::connect(&[&a, &b]);
-    let install = Install::apply(cluster, &a.dir);
-    let identity = IdentityService::start(&a, &install, "24h");
-    let opts = |node: &Node| AgentOptions {
-        binary: Some(s.agent.clone()),
-        log: "warn".into(),
-        ..mesh::mesh_agent_options(&install, &identity, node)
-    };
-    let agent_a = Agent::start_ready(&a, opts(&a));
-    let agent_b = Agent::start_ready(&b, opts(&b));
-    let ns = unique("peers");
-    cluster.namespace(&ns, &[]);
-    let server = cluster.run_pod(&b, PodSpec::new(&ns, "server").service_account("server"));
-    let client = cluster.run_pod(&a, PodSpec::new(&ns, "client").service_account("client"));
+    super::cross_node_bed(s, "peers", &[], |bed| beside(s, ztunnel, bed));
+}
+
+/// The three columns, on `bed`.
+fn beside(s: &Settings, ztunnel: &Path, bed: &CrossNode<'_>) {
+    let CrossNode {
+        cluster,
+        a,
+        b,
+        agent_a,
+        agent_b,
+        ns,
+    } = bed;
+    let server = cluster.run_pod(b, PodSpec::new(ns, "server").service_account("server"));
+    let client = cluster.run_pod(a, PodSpec::new(ns, "client").service_account("client"));
     let mut srv = server.tcp();
     srv.listen(PORT);
     let mut hsrv = server.http();
@@ -111,7 +108,7 @@ pub fn run(s: &Settings, ztunnel: &Path) {
 
     settle(&[&client, &server]);
     eprintln!("  running: ztunnel, one per pod (HBONE, mutual TLS)");
-    let zt = Ztunnels::start(ztunnel, &[(&client, &a), (&server, &b)]);
+    let zt = Ztunnels::start(ztunnel, &[(&client, a), (&server, b)]);
     zt.redirect(&client);
     let zt_col = column(&client, &mut app, dst, &url, s, &zt.pids());
     let mtls = zt.mutual_tls_connections(&client);
@@ -125,13 +122,13 @@ pub fn run(s: &Settings, ztunnel: &Path) {
     eprintln!("  running: nodemesh, one agent per node (the mTLS tunnel)");
     cluster.label_pod(&server, MESH_LABEL, Some("enabled"));
     cluster.label_pod(&client, MESH_LABEL, Some("enabled"));
-    for agent in [&agent_a, &agent_b] {
+    for agent in [agent_a, agent_b] {
         agent.wait_metric("pod captured with its certificate", |m| {
             m.sum("nodemesh_meshed_pods", &[]) == 1.0
                 && m.sum("nodemesh_identity_certificates", &[]) == 1.0
         });
     }
-    let agents = [&agent_a, &agent_b];
+    let agents = [agent_a, agent_b];
     let nm_col = column(&client, &mut app, dst, &url, s, &pids(&agents));
     let streams = agent_a.metrics().sum(
         "nodemesh_tunnel_streams_total",
@@ -172,7 +169,7 @@ fn column(
         setup,
         rss_mib: proxies
             .iter()
-            .filter_map(|&pid| rss_kib(pid))
+            .filter_map(|&pid| sys::rss_kib(pid))
             .map(|k| k as f64 / 1024.0)
             .collect(),
     }
@@ -212,17 +209,11 @@ fn iperf3(client: &Pod, server: &str) -> f64 {
 /// Waits for the pods' TIME_WAIT sockets to expire (a minute), so that no
 /// column inherits the ports the one before left waiting.
 fn settle(pods: &[&Pod]) {
-    let count = |pod: &Pod| {
-        let mut cmd = Command::new("ss");
-        cmd.args(["-Htan", "state", "time-wait"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        pod.spawn(cmd)
-            .wait_with_output()
-            .map(|o| o.stdout.iter().filter(|&&b| b == b'\n').count())
-            .unwrap_or(0)
+    let total = || {
+        pods.iter()
+            .map(|p| p.tcp_sockets("time-wait", None))
+            .sum::<usize>()
     };
-    let total = || pods.iter().map(|p| count(p)).sum::<usize>();
     let n = total();
     if n < 64 {
         return;
@@ -235,14 +226,6 @@ fn settle(pods: &[&Pod]) {
             n => Err(format!("{n} left")),
         }
     });
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// One ztunnel per pod, in the pod's netns, with the pods as its
@@ -427,44 +410,22 @@ fn print_table(direct: &Column, zt: &Column, nm: &Column) {
     line("wrk new conn per request (8), req/s", &|c| c.close.rps, 0);
     line("connect + first byte, p50 µs", &|c| c.setup.0, 0);
     line("connect + first byte, p99 µs", &|c| c.setup.1, 0);
-    let cpu = |c: &Column| {
-        c.keep_alive
-            .cpu_per_1000
-            .map_or("-".into(), |v| format!("{v:.3}"))
+    // Rows of text: nothing for direct.
+    let text = |name: &str, f: &dyn Fn(&Column) -> String| {
+        println!("{:<40} {:>10} {:>18} {:>18}", name, "-", f(zt), f(nm));
     };
-    println!(
-        "{:<40} {:>10} {:>18} {:>18}",
-        "proxies' CPU s / 1000 req (keep-alive)",
-        "-",
-        cpu(zt),
-        cpu(nm)
-    );
-    let cpu_close = |c: &Column| {
-        c.close
-            .cpu_per_1000
-            .map_or("-".into(), |v| format!("{v:.3}"))
-    };
-    println!(
-        "{:<40} {:>10} {:>18} {:>18}",
-        "proxies' CPU s / 1000 req (new conns)",
-        "-",
-        cpu_close(zt),
-        cpu_close(nm)
-    );
-    let rss = |c: &Column| {
+    let cpu = |r: &RequestRow| r.cpu_per_1000.map_or("-".into(), |v| format!("{v:.3}"));
+    text("proxies' CPU s / 1000 req (keep-alive)", &|c| {
+        cpu(&c.keep_alive)
+    });
+    text("proxies' CPU s / 1000 req (new conns)", &|c| cpu(&c.close));
+    text("RSS per proxy, MiB", &|c| {
         c.rss_mib
             .iter()
             .map(|m| format!("{m:.1}"))
             .collect::<Vec<_>>()
             .join(" / ")
-    };
-    println!(
-        "{:<40} {:>10} {:>18} {:>18}",
-        "RSS per proxy, MiB",
-        "-",
-        rss(zt),
-        rss(nm)
-    );
+    });
     println!(
         "(ztunnel: one per pod, 2 worker threads, client pod's TCP redirected by iptables; nodemesh: one agent per node, eBPF capture; both proxies' CPU summed; ratios to direct)"
     );
