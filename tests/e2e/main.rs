@@ -1,6 +1,7 @@
 //! End-to-end tests: real eBPF, real network namespaces as pods, real
 //! sockets, the real agent. Needs root (CI runs as root).
 mod api;
+mod audit;
 mod escape;
 mod inbound;
 mod kube;
@@ -14,6 +15,8 @@ mod transparency;
 
 fn main() {
     nodemesh_tests::harness::main(nodemesh_tests::trials![
+        audit::the_agents_own_ports_are_never_a_destination,
+        audit::every_address_of_a_pod_is_captured,
         escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,

@@ -284,7 +284,7 @@ pub fn the_identity_service_signs_only_for_pods_on_the_agents_node() {
 
 /// TLS settings of a hand-made tunnel client: trusts `anchors_pem`,
 /// presents `client` followed by `chain_pem`, speaks h2.
-fn client_config(
+pub(crate) fn client_config(
     anchors_pem: &str,
     client: &CertAndKey,
     chain_pem: &str,
@@ -311,7 +311,7 @@ fn client_config(
 
 /// A TLS client to `addr` presenting `client` (cert, key), for `sni`:
 /// whether a request got through.
-fn tls_attempt(
+pub(crate) fn tls_attempt(
     netns: &std::path::Path,
     addr: SocketAddr,
     anchors_pem: &str,
@@ -339,7 +339,7 @@ fn tls_attempt(
 
 /// Opens a tunnel stream by hand (valid client certificate, SNI for
 /// `sni`) asking for `target`: the status the tunnel answers.
-fn connect_stream(
+pub(crate) fn connect_stream(
     netns: &std::path::Path,
     addr: SocketAddr,
     anchors_pem: &str,
@@ -384,7 +384,7 @@ fn connect_stream(
 
 /// Sends raw bytes to `addr`; whether the connection ended (closed or
 /// reset) without a byte back.
-fn raw_attempt(netns: &std::path::Path, addr: SocketAddr, bytes: &'static [u8]) -> bool {
+pub(crate) fn raw_attempt(netns: &std::path::Path, addr: SocketAddr, bytes: &'static [u8]) -> bool {
     in_netns(netns, move || {
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
             return false;

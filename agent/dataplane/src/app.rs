@@ -306,6 +306,7 @@ impl App {
                 retry_max: Duration::from_secs(10),
                 startup_grace: Duration::from_secs(5),
                 startup_poll: Duration::from_millis(10),
+                address_poll: Duration::from_secs(2),
             },
             cgroup_root,
             redirect.clone(),

@@ -149,6 +149,38 @@ impl Netns {
             .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))
     }
 
+    /// Every address of this netns's interfaces but loopback ones,
+    /// link-local and tentative ones included, sorted: what inbound capture
+    /// takes (whatever the API server says the pod has).
+    pub fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        use std::net::IpAddr;
+        let found: Vec<IpAddr> = self
+            .enter(|| {
+                nix::ifaddrs::getifaddrs().map(|addrs| {
+                    addrs
+                        .filter_map(|a| {
+                            let sa = a.address?;
+                            if let Some(v4) = sa.as_sockaddr_in() {
+                                Some(IpAddr::V4(v4.ip()))
+                            } else {
+                                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .map_err(io::Error::from)?
+            .map_err(io::Error::from)?;
+        let mut ips: Vec<IpAddr> = found
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        Ok(ips)
+    }
+
     /// A new TCP socket that lives in this netns, of `dst`'s address
     /// family.
     pub fn tcp_socket(&self, dst: std::net::SocketAddr) -> io::Result<Socket> {

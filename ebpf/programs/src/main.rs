@@ -19,15 +19,21 @@
 //! 4. `sk_msg` moves each message straight to the peer socket's receive
 //!    queue, skipping the loopback TCP/IP stack, and counts the bytes.
 //! 5. `sk_lookup` (`nodemesh_inbound`), attached to each captured pod's
-//!    netns, hands every new TCP connection to the pod's address to the
-//!    agent's inbound listener in that netns (the accepted socket keeps the
-//!    original destination as its local address) — unless it comes from
-//!    the pod itself (the agent delivering, the app calling itself) or its
-//!    port is exempt. A captured address with no listener (no agent) drops
+//!    netns, hands every new TCP connection to any of the pod's addresses
+//!    (every one its netns has, link-local ones included) to the agent's
+//!    inbound listener in that netns (bound to loopback; the accepted
+//!    socket keeps the original destination as its local address) —
+//!    unless it is the agent's own delivery (known by its ends, recorded by
+//!    `sock_ops` right before its SYN) or its port is exempt. An address
+//!    the agent has not listed, or one with no listener (no agent), drops
 //!    the SYN: fail closed. `sock_ops` then gives the app's accepted socket
 //!    the real client's address, which `getpeername` (and `accept`) answer.
 //!
-//! One file on purpose (711 lines): the programs share the maps, which
+//! A meshed pod's connect to a link-local IPv6 address is refused: the
+//! proxy could not dial it (the scope is not part of the destination), and
+//! it would go around the mesh.
+//!
+//! One file on purpose (about 780 lines): the programs share the maps, which
 //! aya-ebpf declares as `static`s with link-section attributes, and the
 //! helpers they call are `#[inline(always)]` for the verifier; half of the
 //! file is the entry points and their comments. Split by program when a
@@ -39,7 +45,7 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -297,12 +303,30 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     let ip4 = as_v4(&ip);
     let local = match ip4 {
         Some(ip4) => is_loopback(ip4),
-        // ::1, and link-local fe80::/10 (never a pod's).
-        None => {
-            ip == LOCALHOST6 || (u32::from_be(ip[0]) & 0xffc0_0000) == 0xfe80_0000 || ip == [0; 4]
-        }
+        // ::1, and :: (the host itself).
+        None => ip == LOCALHOST6 || ip == [0; 4],
     };
     if local {
+        return Ok(ALLOW);
+    }
+    // Link-local fe80::/10: another pod's (or the node's) address on the
+    // link, which the proxy cannot dial for it (the scope, the interface,
+    // is not part of the original destination). Refused rather than sent
+    // around the mesh in the clear.
+    if ip4.is_none() && (u32::from_be(ip[0]) & 0xffc0_0000) == 0xfe80_0000 {
+        // SAFETY: the kernel passes a valid context for the program's lifetime.
+        let sa = unsafe { &*ctx.sock_addr };
+        if sa.type_ == SOCK_STREAM
+            && sa.protocol == IPPROTO_TCP
+            // SAFETY: helper without arguments.
+            && unsafe { bpf_get_current_cgroup_id() } != cfg.agent_cgroup
+        {
+            debug!(
+                ctx,
+                "connect6: link-local destination refused (port {})", port
+            );
+            return Ok(DENY);
+        }
         return Ok(ALLOW);
     }
     match decide(ctx, cfg, ip4, port) {
@@ -436,34 +460,59 @@ fn is_loopback_endpoint(ip: &[u32; 4]) -> bool {
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_STATE_CB {
-        // A redirected app socket ends: forget what getpeername answers.
-        if ctx.arg(1) == TCP_CLOSE {
-            // SAFETY: the context is a valid bpf_sock_ops.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = NM_PEERS.remove(cookie);
-        }
-        return Ok(());
-    }
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
         return Ok(());
     }
     let family = ctx.family();
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
     }
-    let Some(cfg) = config() else {
-        return Err("no config");
-    };
     let local_ip = endpoint(ctx, family, true);
     let remote_ip = endpoint(ctx, family, false);
     let local_port = ctx.local_port();
     let remote_port = remote_port(ctx.remote_port());
     // A connection inside a pod from its own address to itself: the agent
     // delivering an inbound connection (or the app calling itself).
-    if local_ip == remote_ip && !is_loopback_endpoint(&local_ip) {
-        return if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let in_pod = local_ip == remote_ip && !is_loopback_endpoint(&local_ip);
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == TCP_CLOSE {
+            // A redirected app socket ends: forget what getpeername answers.
+            // SAFETY: the context is a valid bpf_sock_ops.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let _ = NM_PEERS.remove(cookie);
+            // An agent's delivery that never reached the app (refused, no
+            // listener): its ends are no longer the agent's.
+            if in_pod {
+                let _ = NM_INBOUND_PEERS.remove(InboundPeerKey {
+                    ip: local_ip,
+                    from_port: local_port,
+                    to_port: remote_port,
+                });
+            }
+        }
+        return Ok(());
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Right before the SYN: the agent's delivering socket has its
+        // port now, so `sk_lookup` can tell the agent's own connections
+        // from anyone else's to the pod (the app sees those only through
+        // the agent).
+        return if in_pod {
             inbound_dialled(ctx, local_ip, local_port, remote_port)
+        } else {
+            Ok(())
+        };
+    }
+    let Some(cfg) = config() else {
+        return Err("no config");
+    };
+    if in_pod {
+        return if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            Ok(())
         } else {
             inbound_delivered(ctx, local_ip, remote_port, local_port)
         };
@@ -532,8 +581,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The agent's delivering socket is established (its port known now):
-/// key its client by the connection's ends, for the app's side.
+/// The agent's delivering socket is about to send its SYN (its port is
+/// known now): key its client by the connection's ends, for `sk_lookup`
+/// (the agent's own, let through to the app) and for the app's side
+/// (whose `getpeername` answers that client).
 #[inline(always)]
 fn inbound_dialled(
     ctx: &SockOpsContext,
@@ -558,7 +609,10 @@ fn inbound_dialled(
     };
     NM_INBOUND_PEERS
         .insert(key, client, BPF_ANY as u64)
-        .map_err(|_| "inbound peers map update failed")
+        .map_err(|_| "inbound peers map update failed")?;
+    // Tell us if it closes before the app's side took the entry.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    Ok(())
 }
 
 /// An app accepted a connection from inside its own pod: if the agent
@@ -623,14 +677,29 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    // SAFETY: a read-only presence check.
-    if unsafe { NM_INBOUND.get(local) }.is_none() {
+    // Loopback stays the pod's own (the agent's listeners are there too).
+    if is_loopback_endpoint(&local) {
         return SK_PASS;
     }
-    // From the pod itself: the agent delivering, or the app calling its
-    // own address.
+    // The agent delivering a connection it decided on, from the pod's own
+    // address (known by its ends since its SYN): to the app. Anything else
+    // from the pod to itself is captured like any client.
     if local == remote {
-        return SK_PASS;
+        let key = InboundPeerKey {
+            ip: local,
+            from_port: u32::from(u16::from_be(l.remote_port)),
+            to_port: l.local_port,
+        };
+        // SAFETY: a read-only presence check.
+        if unsafe { NM_INBOUND_PEERS.get(key) }.is_some() {
+            return SK_PASS;
+        }
+    }
+    // Every address of a captured pod's netns is captured: one the agent
+    // has not listed yet (just added, say) is closed until it has.
+    // SAFETY: a read-only presence check.
+    if unsafe { NM_INBOUND.get(local) }.is_none() {
+        return SK_DROP;
     }
     let port = InboundPort {
         ip: local,

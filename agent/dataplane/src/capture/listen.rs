@@ -32,9 +32,12 @@ pub(super) fn open(netns: &Netns, port: u16) -> Result<Vec<TcpListener>, Capture
     Ok(listeners)
 }
 
-/// The inbound listeners inside a pod's netns (`0.0.0.0:<port>`, and
-/// `[::]:<port>` where the pod has IPv6): inbound capture hands them the
-/// connections to the pod's addresses. The IPv6 one is `None` without IPv6.
+/// The inbound listeners inside a pod's netns (`127.0.0.1:<port>`, and
+/// `[::1]:<port>` where the pod has IPv6): inbound capture hands them the
+/// connections to the pod's addresses. Bound to loopback, so nothing but
+/// `sk_lookup` brings them a connection for the pod's addresses — not the
+/// agent's own deliveries (which would loop), not a client dialling
+/// `<pod>:15006`. The IPv6 one is `None` without IPv6.
 pub(super) fn open_inbound(
     netns: &Netns,
     port: u16,
@@ -44,8 +47,8 @@ pub(super) fn open_inbound(
         netns: netns.path().to_owned(),
         source,
     };
-    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
     let (v4, v6) = netns
         .enter(|| (bind(v4), bind(v6)))
         .map_err(|e| listen_err(e.into()))?;

@@ -43,6 +43,11 @@ pub enum CaptureError {
         netns: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the addresses of network namespace {netns}: {source}")]
+    Addresses {
+        netns: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Redirect(#[from] RedirectError),
 }
@@ -67,7 +72,7 @@ impl CaptureError {
                 CaptureErrorReason::NetnsNotFound
             }
             Self::Cgroup(_) => CaptureErrorReason::CgroupNotFound,
-            Self::Listen { .. } => CaptureErrorReason::ListenFailed,
+            Self::Listen { .. } | Self::Addresses { .. } => CaptureErrorReason::ListenFailed,
             Self::Redirect(_) => CaptureErrorReason::AttachFailed,
         }
     }

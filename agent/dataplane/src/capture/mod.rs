@@ -23,7 +23,7 @@
 mod listen;
 pub mod metrics;
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use nodemesh_core::{
     admin::Ready,
@@ -58,6 +58,10 @@ pub struct CaptureConfig {
     /// run), and only reported after.
     pub startup_grace: Duration,
     pub startup_poll: Duration,
+    /// How often a served pod's netns is read again for addresses it
+    /// gained (inbound capture takes every one; a new one is closed until
+    /// it is read).
+    pub address_poll: Duration,
 }
 
 /// A meshed pod this agent works on.
@@ -178,6 +182,7 @@ impl Captures {
                         self.reconcile(&pods);
                     }
                 }
+                _ = tokio::time::sleep(self.cfg.address_poll) => self.refresh_addresses(),
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -237,32 +242,7 @@ impl Captures {
                 }
                 // Inbound capture follows the addresses and the exempt
                 // ports (the annotation may change live).
-                if let Some(inbound) = &mut served.inbound
-                    && (inbound.addrs != pod.ips || inbound.skip != pod.skip_inbound_ports)
-                {
-                    let gone: Vec<_> = inbound
-                        .addrs
-                        .iter()
-                        .filter(|ip| !pod.ips.contains(ip))
-                        .copied()
-                        .collect();
-                    self.redirect.release_inbound_addrs(&gone, &[]);
-                    self.redirect
-                        .forget_skip_ports(&inbound.addrs, &inbound.skip);
-                    inbound.skip = pod.skip_inbound_ports.clone();
-                    let captured = self.redirect.capture_inbound(&PodInbound {
-                        uid: &pod.uid,
-                        netns: &served.netns,
-                        listeners: inbound.listeners(&pod.ips),
-                        skip_ports: &inbound.skip,
-                    });
-                    match captured {
-                        Ok(()) => inbound.addrs = pod.ips.clone(),
-                        Err(e) => {
-                            warn!(pod = %pod.key(), error = %e, "cannot capture the pod's new addresses inbound")
-                        }
-                    }
-                }
+                refresh_inbound(&self.redirect, pod, served);
                 continue;
             }
             if let Some(f) = &tracked.failing
@@ -379,17 +359,37 @@ impl Captures {
             inbound_listeners,
         );
         let mut inbound = inbound;
+        // Every address the netns has, whatever the API says (yet): a
+        // link-local one, one the pod's status does not list yet.
+        let found = netns
+            .addresses()
+            .map_err(|source| CaptureError::Addresses {
+                netns: netns.path().to_owned(),
+                source,
+            })?;
         if let Some(capture) = &mut inbound {
+            let addrs = inbound_addrs(&pod.ips, &found);
             self.redirect.capture_inbound(&PodInbound {
                 uid: &pod.uid,
                 netns: &netns,
-                listeners: capture.listeners(&pod.ips),
+                listeners: capture.listeners(&addrs),
                 skip_ports: &capture.skip,
             })?;
-            capture.addrs = pod.ips.clone();
+            capture.addrs = addrs;
         }
-        // Only now are its connections redirected rather than refused.
-        self.redirect.ready(netns.cookie(), pod_net(&pod.ips))?;
+        // Only now are its connections redirected rather than refused. Its
+        // own address (what getsockname answers): the API's, else the
+        // netns's.
+        let own = if pod.ips.is_empty() {
+            found
+                .iter()
+                .copied()
+                .filter(|ip| !is_link_local(ip))
+                .collect()
+        } else {
+            pod.ips.clone()
+        };
+        self.redirect.ready(netns.cookie(), pod_net(&own))?;
         Ok(Served {
             netns,
             inbound,
@@ -414,6 +414,17 @@ impl Captures {
                     root: self.cgroup_root.path().to_owned(),
                     tried: candidates.len(),
                 })
+            }
+        }
+    }
+
+    /// Reads every served pod's netns again for addresses it gained or
+    /// lost, and captures them.
+    fn refresh_addresses(&mut self) {
+        for tracked in self.tracked.values_mut() {
+            let pod = tracked.pod.clone();
+            if let Some(served) = &mut tracked.served {
+                refresh_inbound(&self.redirect, &pod, served);
             }
         }
     }
@@ -475,6 +486,71 @@ impl Captures {
             }
         }
         self.redirect.forget_other_layouts();
+    }
+}
+
+/// What inbound capture takes for a pod: the addresses the API lists and
+/// every one its netns has.
+fn inbound_addrs(api: &[IpAddr], netns: &[IpAddr]) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = api
+        .iter()
+        .chain(netns)
+        .map(|ip| ip.to_canonical())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// Makes a served pod's inbound capture match its addresses (the API's and
+/// its netns's, read now) and exempt ports.
+fn refresh_inbound(redirect: &Redirect, pod: &Pod, served: &mut Served) {
+    let Some(inbound) = &mut served.inbound else {
+        return;
+    };
+    let found = match served.netns.addresses() {
+        Ok(found) => found,
+        Err(e) => {
+            debug!(pod = %pod.key(), error = %e, "cannot read the pod's addresses; keeping those captured");
+            inbound.addrs.clone()
+        }
+    };
+    let addrs = inbound_addrs(&pod.ips, &found);
+    if inbound.addrs == addrs && inbound.skip == pod.skip_inbound_ports {
+        return;
+    }
+    let gone: Vec<_> = inbound
+        .addrs
+        .iter()
+        .filter(|ip| !addrs.contains(ip))
+        .copied()
+        .collect();
+    redirect.release_inbound_addrs(&gone, &[]);
+    redirect.forget_skip_ports(&inbound.addrs, &inbound.skip);
+    inbound.skip = pod.skip_inbound_ports.clone();
+    let captured = redirect.capture_inbound(&PodInbound {
+        uid: &pod.uid,
+        netns: &served.netns,
+        listeners: inbound.listeners(&addrs),
+        skip_ports: &inbound.skip,
+    });
+    match captured {
+        Ok(()) => {
+            if addrs.iter().any(|ip| !inbound.addrs.contains(ip)) {
+                info!(pod = %pod.key(), addrs = ?addrs, "pod addresses captured inbound");
+            }
+            inbound.addrs = addrs;
+        }
+        Err(e) => {
+            warn!(pod = %pod.key(), error = %e, "cannot capture the pod's new addresses inbound")
+        }
     }
 }
 

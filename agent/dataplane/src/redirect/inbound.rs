@@ -150,13 +150,14 @@ impl Redirect {
         Ok(())
     }
 
-    /// Lets the pod's inbound go: its addresses first (connections reach
-    /// the app directly again), then its listeners and exempt ports, then
-    /// the program.
+    /// Lets the pod's inbound go: the program first (connections reach
+    /// the app directly again; with it still on, an address no longer
+    /// listed would be closed), then its addresses, listeners and exempt
+    /// ports.
     pub fn release_inbound(&self, uid: &PodUid, addrs: &[IpAddr], skip_ports: &[u16]) {
-        self.release_inbound_addrs(addrs, skip_ports);
         let path = self.layout.pod_dir(uid).join(common::PROG_INBOUND);
         let _ = fs::remove_file(path);
+        self.release_inbound_addrs(addrs, skip_ports);
     }
 
     /// Stops capturing inbound for these addresses (a pod lost them).

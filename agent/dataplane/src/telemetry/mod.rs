@@ -71,6 +71,9 @@ label_values! {
         /// `AuthorizationPolicy` objects select the pod and port, and none
         /// of them allows this client.
         Unauthorized => "unauthorized",
+        /// Someone in the pod dialled the agent's own inbound listener
+        /// (on loopback) instead of an app: never delivered.
+        AgentPort => "agent_port",
     }
 }
 

@@ -211,23 +211,35 @@ impl Inbound {
             if let Some(inbound) = &served.inbound {
                 inbound.denied(reason);
             }
-            let now = Instant::now();
-            let mut logged = self
-                .denials_logged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if logged.len() >= DENIAL_LOG_ENTRIES {
-                logged.retain(|_, at| now.duration_since(*at) < DENIAL_LOG_WINDOW);
-            }
-            let due = logged
-                .get(&(client_ip, reason))
-                .is_none_or(|at| now.duration_since(*at) >= DENIAL_LOG_WINDOW);
-            if due && logged.len() < DENIAL_LOG_ENTRIES {
-                logged.insert((client_ip, reason), now);
-                warn!(pod = %pod.key(), client = %client_ip, port, policy = policy.as_str(), %reason, "inbound connection refused by policy");
-            }
+            self.log_denial(&pod, client_ip, port, policy.as_str(), reason);
         }
         decided
+    }
+
+    /// Logs a refusal, once per client and reason in a window.
+    fn log_denial(
+        &self,
+        pod: &Pod,
+        client_ip: IpAddr,
+        port: u16,
+        policy: &str,
+        reason: InboundDenial,
+    ) {
+        let now = Instant::now();
+        let mut logged = self
+            .denials_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged.len() >= DENIAL_LOG_ENTRIES {
+            logged.retain(|_, at| now.duration_since(*at) < DENIAL_LOG_WINDOW);
+        }
+        let due = logged
+            .get(&(client_ip, reason))
+            .is_none_or(|at| now.duration_since(*at) >= DENIAL_LOG_WINDOW);
+        if due && logged.len() < DENIAL_LOG_ENTRIES {
+            logged.insert((client_ip, reason), now);
+            warn!(pod = %pod.key(), client = %client_ip, port, policy, %reason, "inbound connection refused by policy");
+        }
     }
 
     /// Connects to the app at `dst` in `served`'s pod as `client`: from
@@ -285,9 +297,36 @@ impl Inbound {
             return;
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if let Err(reason) =
-            self.authorize(&served, Client::Plain(peer.ip()), peer.ip(), dst.port())
-        {
+        // The listener is on loopback and `sk_lookup` hands it only
+        // connections to the pod's addresses: one for a loopback address is
+        // someone in the pod dialling the agent's own listener, which
+        // delivered "to the app" would come straight back, and again.
+        if dst.ip().to_canonical().is_loopback() {
+            if let Some(inbound) = &served.inbound {
+                inbound.denied(InboundDenial::AgentPort);
+            }
+            self.log_denial(
+                &served.pod,
+                peer.ip(),
+                dst.port(),
+                "-",
+                InboundDenial::AgentPort,
+            );
+            client.reset();
+            return;
+        }
+        // From the pod's own address to itself (a port the outbound side
+        // does not redirect): the pod is its own client, as it would be
+        // through the mesh. Only a socket in the pod's netns can complete a
+        // handshake from one of its addresses.
+        let own = (peer.ip() == dst.ip().to_canonical())
+            .then(|| served.pod.identity())
+            .flatten();
+        let who = match own {
+            Some(id) => Client::Meshed(id.uri()),
+            None => Client::Plain(peer.ip()),
+        };
+        if let Err(reason) = self.authorize(&served, who, peer.ip(), dst.port()) {
             return self.refuse(client, &served, dst.port(), reason).await;
         }
         let accounting = Accounting::new(Some(served.clone()));
@@ -304,10 +343,14 @@ impl Inbound {
             }
         };
         if let Some(inbound) = &served.inbound {
-            inbound.peer_open(false, None);
+            inbound.peer_open(false, own.map(|id| id.uri()));
         }
         let _ = server.set_nodelay(true);
-        self.carry(client, server, &served, Peer::default(), peer, dst.port())
+        let from = Peer {
+            tls: false,
+            identity: own.map(|id| id.uri().to_string()),
+        };
+        self.carry(client, server, &served, from, peer, dst.port())
             .await;
         drop(accounting);
     }

@@ -1,0 +1,309 @@
+//! The security audit's attacks, each run on the two-node bed as the audit
+//! ran it (real API server, agents, eBPF), and each a test that failed
+//! before its fix: what one connection, one node or one annotation could
+//! do to the mesh, and now cannot (docs/security.md names them).
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream},
+    time::{Duration, Instant},
+};
+
+use nodemesh_core::{
+    identity::Identity,
+    names::{INBOUND_POLICY_ANNOTATION, INBOUND_PORT},
+    pki::CertAndKey,
+};
+use nodemesh_tests::{
+    Metrics, Pod, PodSpec,
+    kube::unique,
+    mesh::{self, MeshBed},
+    sys::in_netns,
+};
+
+use crate::mesh::connect_stream;
+
+const ECHO: u16 = 8080;
+
+fn at(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::from((pod.ip, port))
+}
+
+fn certificates(m: &Metrics) -> f64 {
+    m.sum("nodemesh_identity_certificates", &[])
+}
+
+fn denied(m: &Metrics, pod: &str, reason: &str) -> f64 {
+    m.sum(
+        "nodemesh_inbound_denied_total",
+        &[("pod", pod), ("reason", reason)],
+    )
+}
+
+fn open_inbound(m: &Metrics, pod: &str) -> f64 {
+    m.sum(
+        "nodemesh_tcp_open_connections",
+        &[("pod", pod), ("direction", "inbound")],
+    )
+}
+
+/// An unmeshed namespace for plaintext clients.
+fn plain_namespace(bed: &MeshBed) -> String {
+    let ns = unique("plain");
+    bed.cluster.namespace(&ns, &[]);
+    ns
+}
+
+/// What a plain client from `netns` gets at `to` when it sends a line and
+/// waits for it back: `Ok(())` echoed, else how it failed.
+fn line_from(netns: &std::path::Path, to: SocketAddr) -> Result<(), String> {
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        (&buf == b"hello\n")
+            .then_some(())
+            .ok_or_else(|| "a different answer".to_string())
+    })
+}
+
+/// The interface index of `name` inside `netns` (for link-local scopes).
+fn ifindex(netns: &std::path::Path, name: &'static str) -> u32 {
+    in_netns(netns, move || {
+        nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("ifindex of {name}: {e}"))
+    })
+}
+
+/// The pod's IPv6 link-local address on `eth0` (the kernel made it when
+/// the link came up; the API server never hears of it).
+fn link_local(pod: &Pod) -> Ipv6Addr {
+    let netns = pod.netns.clone();
+    nodemesh_tests::eventually(
+        "the pod's link-local address",
+        Duration::from_secs(10),
+        || {
+            let netns = netns.clone();
+            in_netns(&netns, || {
+                nix::ifaddrs::getifaddrs()
+                    .map_err(|e| e.to_string())?
+                    .filter(|a| a.interface_name == "eth0")
+                    .filter_map(|a| a.address?.as_sockaddr_in6().map(|v6| v6.ip()))
+                    .find(|ip| ip.is_unicast_link_local())
+                    .ok_or_else(|| "no link-local address yet".to_string())
+            })
+        },
+    )
+}
+
+/// High 1: one connection to `<pod>:15006` made the agent deliver it to
+/// `<pod>:15006`, which came back to its own listener, and again, until
+/// every connection slot was taken. Now the agent's listeners in the pod
+/// are on loopback (only `sk_lookup` hands them the pod's connections) and
+/// `sk_lookup` knows the agent's own deliveries by their ends: a
+/// connection to `<pod>:15006` is just a port the app does not serve —
+/// from another node in plaintext, from a meshed pod on the same node,
+/// through the tunnel — and someone in the pod dialling the agent's
+/// listener itself is refused and counted. The node keeps serving.
+pub fn the_agents_own_ports_are_never_a_destination() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let server = bed.pod(&bed.b, "server", "server");
+    let near = bed.pod(&bed.b, "near", "web");
+    let far = bed.pod(&bed.a, "far", "web");
+    let attacker = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain, "attacker"));
+    bed.agent_b
+        .wait_metric("server's and web's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+
+    // Plaintext from another node, to the inbound and the outbound port:
+    // held open a while, as the audit's attacker did.
+    let agent_ports = [INBOUND_PORT, 15001];
+    let held: Vec<TcpStream> = agent_ports
+        .iter()
+        .filter_map(|port| {
+            let to = at(&server, *port);
+            in_netns(&attacker.netns, move || {
+                TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()
+            })
+        })
+        .collect();
+    for port in agent_ports {
+        let got = line_from(&attacker.netns, at(&server, port));
+        assert!(got.is_err(), "port {port} answered: {got:?}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let m = bed.agent_b.metrics();
+    assert_eq!(
+        open_inbound(&m, "server"),
+        0.0,
+        "nothing is carried for them (no chain of connections): {}",
+        m.text
+    );
+    assert!(
+        m.sum(
+            "nodemesh_tcp_connect_errors_total",
+            &[
+                ("pod", "server"),
+                ("direction", "inbound"),
+                ("reason", "refused")
+            ]
+        ) >= 2.0,
+        "each was delivered once, to a port nobody serves: {}",
+        m.text
+    );
+    drop(held);
+
+    // A meshed pod on the same node, and one through the tunnel.
+    let same_node = near.tcp().exchange(at(&server, INBOUND_PORT), 100);
+    assert!(same_node.is_err(), "same node: {same_node:?}");
+    let through = far.tcp().exchange(at(&server, INBOUND_PORT), 100);
+    assert!(through.is_err(), "through the tunnel: {through:?}");
+    let (cert, chain) = leaf(&bed, "web");
+    let sni = Identity::new(&bed.ns, "server")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    let status = connect_stream(
+        &bed.a.netns,
+        SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
+        &bed.install.pki.anchor.cert_pem,
+        &cert,
+        &chain,
+        sni,
+        at(&server, INBOUND_PORT),
+    );
+    assert_eq!(status, 502, "a hand-made CONNECT to the inbound port");
+    // From inside the pod, the agent's listener itself.
+    for to in ["127.0.0.1", "[::1]"] {
+        let to: SocketAddr = format!("{to}:{INBOUND_PORT}").parse().unwrap();
+        let got = server.tcp().exchange(to, 100);
+        assert!(got.is_err(), "{to} from inside the pod: {got:?}");
+    }
+    let m = bed.agent_b.wait_metric("the pod's own dials refused", |m| {
+        denied(m, "server", "agent_port") == 2.0
+    });
+    assert_eq!(open_inbound(&m, "server"), 0.0, "{}", m.text);
+    assert!(srv.peers(ECHO).is_empty(), "the app saw none of it");
+
+    // And the node keeps serving: every client still gets through.
+    for client in [&near, &far, &attacker] {
+        let x = client.tcp().exchange_ok(at(&server, ECHO), 10_000);
+        assert!(x.intact, "{}: {x:?}", client.name);
+    }
+}
+
+/// A certificate for `sa` in the bed's namespace, from the install's issuer.
+fn leaf(bed: &MeshBed, sa: &str) -> (CertAndKey, String) {
+    let id = Identity::new(&bed.ns, sa).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let now = std::time::SystemTime::now();
+    let issued = bed
+        .install
+        .pki
+        .signer()
+        .sign_identity(&key, &id, now, now + Duration::from_secs(600))
+        .unwrap();
+    (
+        CertAndKey {
+            cert_pem: issued.cert_pem,
+            key_pem: key.serialize_pem(),
+        },
+        issued.chain_pem,
+    )
+}
+
+/// High 3: inbound capture took only the addresses the API lists, so the
+/// pod's IPv6 link-local address (and any address added inside it) reached
+/// the app around the policy. Now every address of the pod's netns is
+/// captured: under `deny`, neither an unmeshed pod on the same bridge nor
+/// the node itself reaches the app through `fe80::…` or an address the
+/// pod added, and a meshed client's connect to a link-local address is
+/// refused rather than sent around the mesh.
+pub fn every_address_of_a_pod_is_captured() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "deny"),
+    );
+    let neighbour = bed
+        .cluster
+        .run_pod(&bed.b, PodSpec::new(&plain, "neighbour"));
+    let meshed = bed.pod(&bed.b, "meshed", "web");
+    bed.agent_b
+        .wait_metric("server's and web's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let fe80 = link_local(&server);
+
+    // The control: the listed address is refused under `deny`.
+    assert!(line_from(&neighbour.netns, at(&server, ECHO)).is_err());
+    // Link-local, from a pod on the same bridge and from the node.
+    let scoped = |netns: &std::path::Path, dev| {
+        SocketAddr::V6(SocketAddrV6::new(fe80, ECHO, 0, ifindex(netns, dev)))
+    };
+    let from_pod = line_from(&neighbour.netns, scoped(&neighbour.netns, "eth0"));
+    assert!(from_pod.is_err(), "link-local from a pod: {from_pod:?}");
+    let from_node = line_from(&bed.b.netns, scoped(&bed.b.netns, "nm0"));
+    assert!(
+        from_node.is_err(),
+        "link-local from the node: {from_node:?}"
+    );
+
+    // An address the pod adds itself, which no API lists.
+    let extra = IpAddr::V4(bed.b.unused_ip());
+    nodemesh_tests::sys::ip(&[
+        "-n",
+        &netns_name(&server),
+        "addr",
+        "add",
+        &format!("{extra}/24"),
+        "dev",
+        "eth0",
+    ]);
+    let added = SocketAddr::new(extra, ECHO);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let got = line_from(&bed.b.netns, added);
+        assert!(got.is_err(), "an added address reached the app: {got:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        srv.peers(ECHO).is_empty(),
+        "the app accepted nothing: {:?}",
+        srv.peers(ECHO)
+    );
+    bed.agent_b.wait_metric("the refusals counted", |m| {
+        denied(m, "server", "denied") >= 3.0
+    });
+
+    // A meshed client's connect to a link-local address fails at once
+    // (EPERM), never in the clear around the proxy.
+    let refused = meshed
+        .tcp()
+        .exchange(scoped(&meshed.netns, "eth0"), 100)
+        .expect_err("a meshed pod's link-local connect");
+    assert_eq!(refused.kind, "denied", "{refused:?}");
+}
+
+fn netns_name(pod: &Pod) -> String {
+    pod.netns
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a /run/netns name")
+        .to_owned()
+}
