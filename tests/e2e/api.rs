@@ -504,14 +504,26 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         let signer = bed.install.pki.signer();
         let key = rcgen::KeyPair::generate().expect("key");
         let now = SystemTime::now();
-        let issued = signer
-            .sign_identity(
-                &key,
-                &Identity::new(ns, sa).expect("identity"),
-                now,
-                now + Duration::from_secs(600),
-            )
-            .expect("sign");
+        // "tap": the identity service's tap client (outside the workload
+        // space); anything else a workload's.
+        let issued = if sa == "tap" {
+            signer
+                .sign_client(
+                    &key,
+                    &nodemesh_core::identity::tap_client_id("cluster.local"),
+                    Duration::from_secs(600),
+                )
+                .expect("sign")
+        } else {
+            signer
+                .sign_identity(
+                    &key,
+                    &Identity::new(ns, sa).expect("identity"),
+                    now,
+                    now + Duration::from_secs(600),
+                )
+                .expect("sign")
+        };
         let cert = dir.join(format!("{sa}.crt"));
         let key_file = dir.join(format!("{sa}.key"));
         std::fs::write(&cert, format!("{}{}", issued.cert_pem, issued.chain_pem)).expect("cert");
@@ -561,7 +573,15 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         "{}",
         text(&workload)
     );
-    let identity = curl(Some(cert_for(&bed.install.namespace, "nodemesh-identity")));
+    // The identity service's own workload identity is not the tap client
+    // (the audit: a node that got it read every other node).
+    let service = curl(Some(cert_for(&bed.install.namespace, "nodemesh-identity")));
+    assert!(
+        !service.status.success() && service.stdout.is_empty(),
+        "{}",
+        text(&service)
+    );
+    let identity = curl(Some(cert_for(&bed.install.namespace, "tap")));
     assert!(identity.status.success(), "{}", text(&identity));
     let report: Value = serde_json::from_slice(&identity.stdout).expect("a stat report");
     assert_eq!(report["node"], bed.b.name.as_str());

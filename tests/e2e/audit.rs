@@ -307,3 +307,176 @@ fn netns_name(pod: &Pod) -> String {
         .expect("a /run/netns name")
         .to_owned()
 }
+
+/// Whether an agent's tap port at `addr` answers `GET /v1/stat` to a
+/// client in `netns` presenting `client` (its chain after it).
+fn tap_port_answers(
+    bed: &MeshBed,
+    netns: &std::path::Path,
+    addr: SocketAddr,
+    client: &CertAndKey,
+    chain: &str,
+) -> bool {
+    let cfg = crate::mesh::client_config_alpn(
+        &bed.install.pki.anchor.cert_pem,
+        client,
+        chain,
+        b"http/1.1",
+    );
+    let name = Identity::new(&bed.install.namespace, "nodemesh-agent")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name).unwrap();
+    in_netns(netns, move || {
+        let Ok(tcp) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok(conn) = rustls::ClientConnection::new(cfg, name) else {
+            return false;
+        };
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        if tls
+            .write_all(
+                b"GET /v1/stat?window=1m HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n",
+            )
+            .is_err()
+        {
+            return false;
+        }
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        answer.starts_with(b"HTTP/1.1 200")
+    })
+}
+
+/// High 2: the identity service signed any service account with a pod on
+/// the asking agent's node — its own included, on the node that runs it —
+/// and that identity opened every other node's tap port. Now it signs only
+/// for meshed pods that are not on the host's network, never for the
+/// install's other accounts, only for tokens of pods the agents' DaemonSet
+/// controls; and the tap port answers only an identity outside the
+/// workload space, which no node can get.
+pub fn a_node_gets_only_its_meshed_pods_identities() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let _server = bed.pod(&bed.b, "server", "server");
+    let _lonely = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&plain, "lonely").service_account("lonely"),
+    );
+    bed.cluster
+        .host_network_pod(&bed.ns, "on-host", &bed.b, "hostnet");
+    // The identity service's pod, as if scheduled to node b.
+    bed.cluster.host_network_pod(
+        &bed.install.namespace,
+        "identity",
+        &bed.b,
+        "nodemesh-identity",
+    );
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let token_b =
+        std::fs::read_to_string(mesh::identity_token_file(&bed.b)).expect("agent b's token");
+    let certify = |ns: &str, sa: &str, token: &str| {
+        crate::mesh::certify(&bed, &bed.b, token, Identity::new(ns, sa).unwrap())
+    };
+    let refused = |ns: &str, sa: &str, token: &str| crate::mesh::refused(certify(ns, sa, token));
+
+    // What a node may have: its meshed pods' identities, and its own.
+    certify(&bed.ns, "server", &token_b).expect("a meshed pod on the node");
+    certify(&bed.install.namespace, "nodemesh-agent", &token_b).expect("the agent's own");
+    // What it may not, with the agent's own token.
+    assert_eq!(
+        refused(&plain, "lonely", &token_b),
+        (403, "not_on_node".into()),
+        "an unmeshed pod's"
+    );
+    assert_eq!(
+        refused(&bed.ns, "hostnet", &token_b),
+        (403, "not_on_node".into()),
+        "a host-network pod's"
+    );
+    assert_eq!(
+        refused(&bed.install.namespace, "nodemesh-identity", &token_b),
+        (403, "reserved".into()),
+        "the identity service's, on the node that runs it"
+    );
+    // A pod with the agents' service account that their DaemonSet does not
+    // control: its token is no agent's.
+    let uid =
+        bed.cluster
+            .host_network_pod(&bed.install.namespace, "rogue", &bed.b, "nodemesh-agent");
+    let rogue = bed.cluster.bound_token(
+        &bed.install.namespace,
+        "nodemesh-agent",
+        Some(("rogue", &uid)),
+        nodemesh_core::identity::TOKEN_AUDIENCE,
+    );
+    assert_eq!(
+        refused(&bed.ns, "server", &rogue),
+        (403, "not_an_agent".into())
+    );
+    // Whatever node b holds, node a's tap port answers none of it.
+    let tap_a = SocketAddr::from((bed.a.ip, nodemesh_core::names::TAP_PORT));
+    for (ns, sa) in [
+        (bed.ns.clone(), "server"),
+        (bed.install.namespace.clone(), "nodemesh-agent"),
+        (bed.install.namespace.clone(), "nodemesh-identity"),
+    ] {
+        let id = Identity::new(&ns, sa).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let now = std::time::SystemTime::now();
+        let issued = bed
+            .install
+            .pki
+            .signer()
+            .sign_identity(&key, &id, now, now + Duration::from_secs(600))
+            .unwrap();
+        let cert = CertAndKey {
+            cert_pem: issued.cert_pem,
+            key_pem: key.serialize_pem(),
+        };
+        assert!(
+            !tap_port_answers(&bed, &bed.b.netns, tap_a, &cert, &issued.chain_pem),
+            "node a's tap port answered {id}"
+        );
+    }
+    // The control: the identity service's tap client is answered.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = bed
+        .install
+        .pki
+        .signer()
+        .sign_client(
+            &key,
+            &nodemesh_core::identity::tap_client_id("cluster.local"),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let cert = CertAndKey {
+        cert_pem: issued.cert_pem,
+        key_pem: key.serialize_pem(),
+    };
+    assert!(tap_port_answers(
+        &bed,
+        &bed.b.netns,
+        tap_a,
+        &cert,
+        &issued.chain_pem
+    ));
+    let m = bed.identity.metrics();
+    for (result, n) in [
+        ("not_on_node", 2.0),
+        ("reserved", 1.0),
+        ("not_an_agent", 1.0),
+    ] {
+        assert_eq!(
+            m.sum("nodemesh_identity_certify_total", &[("result", result)]),
+            n,
+            "{result}\n{}",
+            m.text
+        );
+    }
+}

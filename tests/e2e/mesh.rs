@@ -179,7 +179,7 @@ pub fn cross_node_traffic_is_encrypted_and_carries_identities() {
 }
 
 /// Asks the identity service for `identity` with `token`, from `node`.
-fn certify(
+pub(crate) fn certify(
     bed: &MeshBed,
     node: &Node,
     token: &str,
@@ -207,7 +207,7 @@ fn certify(
     })
 }
 
-fn refused(r: Result<pki::CertInfo, IdentityClientError>) -> (u16, String) {
+pub(crate) fn refused(r: Result<pki::CertInfo, IdentityClientError>) -> (u16, String) {
     match r {
         Err(IdentityClientError::Refused { status, error, .. }) => (status, error),
         other => panic!("expected a refusal, got {other:?}"),
@@ -289,6 +289,16 @@ pub(crate) fn client_config(
     client: &CertAndKey,
     chain_pem: &str,
 ) -> Arc<rustls::ClientConfig> {
+    client_config_alpn(anchors_pem, client, chain_pem, b"h2")
+}
+
+/// The same, speaking `alpn`.
+pub(crate) fn client_config_alpn(
+    anchors_pem: &str,
+    client: &CertAndKey,
+    chain_pem: &str,
+    alpn: &[u8],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for c in pki::certs_from_pem(anchors_pem, "anchors").expect("anchors") {
@@ -305,7 +315,7 @@ pub(crate) fn client_config(
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .expect("client certificate");
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(cfg)
 }
 

@@ -623,8 +623,6 @@ fn agent_options_with_token(
         ))
         .arg("--agent-identity")
         .arg(&format!("{}/nodemesh-agent", install.namespace))
-        .arg("--tap-client")
-        .arg(&format!("{}/nodemesh-identity", install.namespace))
 }
 
 /// Starts a meshed agent on `node` and waits for it to be ready.

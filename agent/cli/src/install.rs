@@ -377,6 +377,8 @@ mod tests {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
                 "Service",
                 "Deployment",
                 "RoleBinding",
@@ -503,7 +505,7 @@ mod tests {
     fn uninstall_lists_every_object_daemonset_first() {
         let out = uninstall("mesh-system").expect("renders");
         let docs = documents(&out);
-        assert_eq!(docs.len(), 20);
+        assert_eq!(docs.len(), 22);
         // The agents stop first, while the identity service and their RBAC
         // are still there; the aggregated API goes before its server.
         assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
@@ -513,7 +515,7 @@ mod tests {
         );
         assert!(docs[5].contains("kind: Deployment"));
         // The CRD goes with the users' policies, before the namespace.
-        assert!(docs[18].contains("kind: CustomResourceDefinition"));
-        assert!(docs[19].contains("kind: Namespace") && docs[19].contains("name: mesh-system"));
+        assert!(docs[20].contains("kind: CustomResourceDefinition"));
+        assert!(docs[21].contains("kind: Namespace") && docs[21].contains("name: mesh-system"));
     }
 }

@@ -18,6 +18,16 @@ pub const TOKEN_AUDIENCE: &str = "identity.nodemesh.io";
 /// The HTTP path the identity service signs on.
 pub const CERTIFY_PATH: &str = "/v1/certify";
 
+/// The path of the one client identity agents' tap ports answer: the
+/// identity service's. Not a workload's (`/ns/<ns>/sa/<sa>`): the certify
+/// endpoint signs only those, so no node can ever present it.
+pub const TAP_CLIENT_PATH: &str = "/nodemesh/tap";
+
+/// The tap client's SPIFFE ID in `trust_domain`.
+pub fn tap_client_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}{TAP_CLIENT_PATH}")
+}
+
 /// Shortest workload certificate lifetime the identity service signs
 /// (tests rotate fast).
 pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(10);

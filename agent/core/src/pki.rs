@@ -328,6 +328,27 @@ impl Signer {
         )
     }
 
+    /// A client-only certificate for a SPIFFE ID outside the workload
+    /// space (the identity service's tap client): its one name, client
+    /// authentication only.
+    pub fn sign_client(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &str,
+        lifetime: Duration,
+    ) -> Result<Issued, PkiError> {
+        let now = SystemTime::now();
+        let sans = vec![SanType::URI(spiffe_id.to_owned().try_into()?)];
+        self.sign_with(
+            public_key,
+            spiffe_id,
+            sans,
+            now,
+            now + lifetime,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
     /// A serving certificate for DNS names (the identity service's own).
     pub fn sign_server(
         &self,
@@ -352,16 +373,35 @@ impl Signer {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Issued, PkiError> {
+        self.sign_with(
+            public_key,
+            cn,
+            sans,
+            not_before,
+            not_after,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn sign_with(
+        &self,
+        public_key: &impl PublicKeyData,
+        cn: &str,
+        sans: Vec<SanType>,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Issued, PkiError> {
         let not_after = not_after.min(self.issuer_not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = name(cn);
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         // A minute of slack for clocks that are a little behind.
         params.not_before = OffsetDateTime::from(not_before - Duration::from_secs(60));

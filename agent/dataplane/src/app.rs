@@ -334,7 +334,6 @@ impl App {
                 TapPort {
                     store: store.clone(),
                     me: id.agent_identity.clone(),
-                    client: id.tap_client.clone(),
                     routes: routes.clone(),
                 },
                 tap_listeners,

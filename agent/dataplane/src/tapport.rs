@@ -1,7 +1,8 @@
 //! The agent's tap port (`:4190`): `/v1/stat` and `/v1/tap` over mutual
-//! TLS, answered to one identity only — the identity service's, which
-//! serves them through the API server (`tap.nodemesh.io`) to the users
-//! Kubernetes RBAC allows. The port presents the agent's own identity's
+//! TLS, answered to one identity only — the identity service's tap client
+//! (`spiffe://<td>/nodemesh/tap`, outside the workload space: no node can
+//! get a certificate for it), which serves them through the API server
+//! (`tap.nodemesh.io`) to the users Kubernetes RBAC allows. The port presents the agent's own identity's
 //! certificate (asked for like a workload's, kept whatever the pods).
 //!
 //! A pod that dials it without that identity's certificate gets a failed
@@ -41,8 +42,6 @@ pub struct TapPort {
     pub store: Arc<CertStore>,
     /// The agent's own identity: its certificate is presented.
     pub me: Identity,
-    /// The one client identity answered.
-    pub client: Identity,
     pub routes: AgentRoutes,
 }
 
@@ -86,7 +85,7 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), rustls::Error> {
     let acceptor = TlsAcceptor::from(Arc::new(tls(&port)?));
-    let allowed = port.client.spiffe_id(port.store.trust_domain());
+    let allowed = nodemesh_core::identity::tap_client_id(port.store.trust_domain());
     let port = Arc::new(port);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use k8s_openapi::api::{
+    apps::v1::DaemonSet,
     authentication::v1::{TokenReview, TokenReviewSpec},
-    core::v1::Pod,
+    core::v1::{Namespace, Pod},
 };
 use kube::{
     Api, Client,
@@ -17,6 +18,7 @@ use kube::{
 use nodemesh_core::{
     identity::{CERTIFY_PATH, Identity, MIN_CERT_LIFETIME, TOKEN_AUDIENCE},
     label_values,
+    names::{MeshLabel, mesh_decision},
     pki::PkiError,
     wire::{CertifyError, CertifyRequest, CertifyResponse},
 };
@@ -36,12 +38,17 @@ label_values! {
         Ok => "ok",
         /// No token, or the API server does not accept it.
         Unauthenticated => "unauthenticated",
-        /// The token is not an agent's.
+        /// The token is not an agent's (its service account, or a pod the
+        /// agents' DaemonSet does not control).
         NotAnAgent => "not_an_agent",
         /// The token is not bound to a pod, or that pod is gone.
         UnboundToken => "unbound_token",
-        /// No pod with that service account runs on the agent's node.
+        /// No meshed pod with that service account runs on the agent's
+        /// node (an unmeshed or host-network one does not count).
         NotOnNode => "not_on_node",
+        /// One of the install's own service accounts (the identity
+        /// service's, say): never a workload's.
+        Reserved => "reserved",
         /// Malformed request or CSR.
         BadRequest => "bad_request",
         /// The API server could not be asked.
@@ -121,12 +128,24 @@ impl Service {
                     CertifyResult::Unauthenticated => StatusCode::UNAUTHORIZED,
                     CertifyResult::NotAnAgent
                     | CertifyResult::UnboundToken
-                    | CertifyResult::NotOnNode => StatusCode::FORBIDDEN,
+                    | CertifyResult::NotOnNode
+                    | CertifyResult::Reserved => StatusCode::FORBIDDEN,
                     CertifyResult::BadRequest => StatusCode::BAD_REQUEST,
                     CertifyResult::ApiError => StatusCode::SERVICE_UNAVAILABLE,
                     CertifyResult::SigningError | CertifyResult::Ok => {
                         StatusCode::INTERNAL_SERVER_ERROR
                     }
+                };
+                // What the API server said stays in the log: a caller it
+                // did not authenticate learns nothing of it.
+                let message = match result {
+                    CertifyResult::Unauthenticated => {
+                        "the token is not accepted: send the agent's projected service-account token".into()
+                    }
+                    CertifyResult::ApiError => {
+                        "the identity service cannot ask the API server now; try again".into()
+                    }
+                    _ => message,
                 };
                 json(
                     status,
@@ -201,7 +220,8 @@ impl Service {
                 format!("{username:?} is not a nodemesh agent's service account"),
             ));
         }
-        // 2. Where it runs: the pod its token is bound to.
+        // 2. Where it runs: the pod its token is bound to, which the
+        // agents' DaemonSet controls.
         let extra = user.extra.unwrap_or_default();
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
         let (Some(pod_name), Some(pod_uid)) = (
@@ -213,10 +233,10 @@ impl Service {
                 "the token is not bound to a pod: agents must use their projected service-account token".into(),
             ));
         };
-        let agent_ns = username
+        let (agent_ns, agent_sa) = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
-            .map(|(ns, _)| ns.to_owned())
+            .map(|(ns, sa)| (ns.to_owned(), sa.to_owned()))
             .unwrap_or_default();
         let agent_pod = Api::<Pod>::namespaced(self.client.clone(), &agent_ns)
             .get_opt(&pod_name)
@@ -234,34 +254,31 @@ impl Service {
                     format!("the token's pod {agent_ns}/{pod_name} ({pod_uid}) no longer exists"),
                 )
             })?;
+        self.controlled_by_the_agents(&agent_pod, &agent_ns, &pod_name)
+            .await?;
         let node = agent_pod.spec.and_then(|s| s.node_name).ok_or_else(|| {
             (
                 CertifyResult::UnboundToken,
                 format!("the agent pod {agent_ns}/{pod_name} is not scheduled to a node"),
             )
         })?;
-        // 3. Node authorization.
-        let pods = Api::<Pod>::namespaced(self.client.clone(), &identity.namespace)
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await
-            .map_err(|e| (CertifyResult::ApiError, format!("cannot list pods: {e}")))?;
-        let runs_there = pods.items.iter().any(|p| {
-            let sa = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref())
-                .unwrap_or("default");
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            sa == identity.service_account && !matches!(phase, Some("Succeeded" | "Failed"))
-        });
-        if !runs_there {
-            return Err((
-                CertifyResult::NotOnNode,
-                format!(
-                    "no pod with service account {} runs on node {node:?}, the agent's node",
-                    identity
-                ),
-            ));
+        // 3. Node authorization: the agent's own identity, or one of a
+        // meshed workload pod on its node — never one of the install's
+        // other accounts (the identity service's would open every node's
+        // tap port).
+        let own = identity.namespace == agent_ns && identity.service_account == agent_sa;
+        if !own {
+            if self
+                .cfg
+                .reserved_namespaces()
+                .any(|ns| ns == identity.namespace)
+            {
+                return Err((
+                    CertifyResult::Reserved,
+                    format!("{identity} is one of the install's own service accounts"),
+                ));
+            }
+            self.meshed_pod_on(&identity, &node).await?;
         }
         // 4. Sign, unless the issuer is about to expire (certificates are
         // capped at its expiry; ever shorter ones would only be asked again).
@@ -296,6 +313,124 @@ impl Service {
                 .unwrap_or(0),
         })
     }
+}
+
+impl Service {
+    /// Whether `pod` (an agent's, by its token) is one the agents'
+    /// DaemonSet controls: its controller reference names the live
+    /// DaemonSet, by uid.
+    async fn controlled_by_the_agents(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), (CertifyResult, String)> {
+        let wanted = &self.cfg.agent_daemonset;
+        let owner = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        let Some(owner) = owner.filter(|o| o.kind == "DaemonSet" && &o.name == wanted) else {
+            return Err((
+                CertifyResult::NotAnAgent,
+                format!(
+                    "the token's pod {namespace}/{name} is not controlled by DaemonSet {wanted}"
+                ),
+            ));
+        };
+        let ds = Api::<DaemonSet>::namespaced(self.client.clone(), namespace)
+            .get_opt(wanted)
+            .await
+            .map_err(|e| {
+                (
+                    CertifyResult::ApiError,
+                    format!("cannot read DaemonSet {namespace}/{wanted}: {e}"),
+                )
+            })?;
+        if ds.and_then(|d| d.metadata.uid).as_deref() != Some(owner.uid.as_str()) {
+            return Err((
+                CertifyResult::NotAnAgent,
+                format!(
+                    "the token's pod {namespace}/{name} names a DaemonSet {wanted} that is not the live one"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a meshed pod of `identity` that is not on the host's network
+    /// and has not finished runs on `node`.
+    async fn meshed_pod_on(
+        &self,
+        identity: &Identity,
+        node: &str,
+    ) -> Result<(), (CertifyResult, String)> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &identity.namespace)
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| (CertifyResult::ApiError, format!("cannot list pods: {e}")))?;
+        let candidates: Vec<&Pod> = pods
+            .items
+            .iter()
+            .filter(|p| {
+                let spec = p.spec.as_ref();
+                let sa = spec
+                    .and_then(|s| s.service_account_name.as_deref())
+                    .unwrap_or("default");
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                sa == identity.service_account
+                    && !matches!(phase, Some("Succeeded" | "Failed"))
+                    && !spec.and_then(|s| s.host_network).unwrap_or(false)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err((
+                CertifyResult::NotOnNode,
+                format!(
+                    "no pod with service account {identity} runs on node {node:?}, the agent's node"
+                ),
+            ));
+        }
+        let namespace_label = if candidates.iter().any(|p| pod_label(p).is_none()) {
+            let ns = Api::<Namespace>::all(self.client.clone())
+                .get_opt(&identity.namespace)
+                .await
+                .map_err(|e| {
+                    (
+                        CertifyResult::ApiError,
+                        format!("cannot read namespace {}: {e}", identity.namespace),
+                    )
+                })?;
+            ns.and_then(|n| n.metadata.labels)
+                .and_then(|l| MeshLabel::parse(&l).ok().flatten())
+        } else {
+            None
+        };
+        if candidates
+            .iter()
+            .any(|p| mesh_decision(pod_label(p), namespace_label))
+        {
+            Ok(())
+        } else {
+            Err((
+                CertifyResult::NotOnNode,
+                format!(
+                    "no meshed pod with service account {identity} runs on node {node:?}, the agent's node (unmeshed and host-network pods get no identity)"
+                ),
+            ))
+        }
+    }
+}
+
+/// A pod's own `nodemesh.io/mesh` label (an unreadable value counts as
+/// none: the namespace decides, as the agents do).
+fn pod_label(pod: &Pod) -> Option<MeshLabel> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| MeshLabel::parse(l).ok().flatten())
 }
 
 fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {

@@ -94,8 +94,9 @@ pub struct IdentityArgs {
     )]
     pub api_addr: String,
 
-    /// The service's own service account (`namespace/name`): the identity
-    /// it presents to agents' tap ports.
+    /// The service's own service account (`namespace/name`): its
+    /// namespace is the install's, whose service accounts no agent ever
+    /// gets a certificate for (but each agent its own).
     #[arg(
         long = "service-account",
         env = "NODEMESH_IDENTITY_SERVICE_ACCOUNT",
@@ -103,6 +104,18 @@ pub struct IdentityArgs {
         value_name = "NS/NAME"
     )]
     pub service_account: String,
+
+    /// The agents' DaemonSet, in the namespace of the first
+    /// --agent-service-account: an agent's token must be bound to a pod it
+    /// controls (one made by someone else with the agents' service account
+    /// gets nothing signed).
+    #[arg(
+        long,
+        env = "NODEMESH_AGENT_DAEMONSET",
+        default_value = "nodemesh-agent",
+        value_name = "NAME"
+    )]
+    pub agent_daemonset: String,
 
     /// The agents' pods: this label selector, in the namespace of the
     /// first --agent-service-account.
@@ -143,10 +156,21 @@ pub struct IdentityConfig {
     pub identity: Identity,
     /// The agents' identities (their tap ports present one of these).
     pub agent_identities: Vec<Identity>,
-    /// Where the agents' pods are, and how they are labelled.
+    /// Where the agents' pods are, how they are labelled, and the
+    /// DaemonSet that must control them.
     pub agent_namespace: String,
     pub agent_selector: String,
+    pub agent_daemonset: String,
     pub agent_tap_port: u16,
+}
+
+impl IdentityConfig {
+    /// The install's namespaces (the service's own and the agents'): their
+    /// service accounts are never a workload's identity.
+    pub fn reserved_namespaces(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.identity.namespace.as_str())
+            .chain(self.agent_identities.iter().map(|i| i.namespace.as_str()))
+    }
 }
 
 impl TryFrom<&IdentityArgs> for IdentityConfig {
@@ -211,6 +235,12 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
             .ok();
         if a.agent_selector.trim().is_empty() {
             problems.push("--agent-selector: empty".into());
+        }
+        if !is_dns_subdomain(&a.agent_daemonset) {
+            problems.push(format!(
+                "--agent-daemonset {:?}: not a DaemonSet name",
+                a.agent_daemonset
+            ));
         }
         if a.agent_tap_port == 0 {
             problems.push("--agent-tap-port 0: not a port".into());
@@ -286,6 +316,7 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
                     .unwrap_or_default(),
                 agent_identities,
                 agent_selector: a.agent_selector.clone(),
+                agent_daemonset: a.agent_daemonset.clone(),
                 agent_tap_port: a.agent_tap_port,
             }),
             _ => Err(ConfigErrors(problems)),

@@ -168,14 +168,14 @@ fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), P
     Ok((pki::certified_key(&issued, &key)?, left))
 }
 
-/// The service's own workload certificate (what agents' tap ports check).
+/// The tap client's certificate (what agents' tap ports check): an
+/// identity outside the workload space, which the certify endpoint never
+/// signs, so no node can present it.
 fn own_cert(cfg: &IdentityConfig) -> Result<Arc<CertifiedKey>, PkiError> {
     let key = KeyPair::generate()?;
-    let now = SystemTime::now();
     let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
-    let issued = cfg
-        .signer
-        .sign_identity(&key, &cfg.identity, now, now + lifetime)?;
+    let id = nodemesh_core::identity::tap_client_id(cfg.signer.trust_domain());
+    let issued = cfg.signer.sign_client(&key, &id, lifetime)?;
     pki::certified_key(&issued, &key)
 }
 

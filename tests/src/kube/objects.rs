@@ -345,7 +345,7 @@ impl Cluster {
         name: &str,
         node: &Node,
         service_account: &str,
-    ) {
+    ) -> String {
         let api_pod: K8sPod = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": namespace,
                          "labels": {nodemesh_core::names::MESH_LABEL: "enabled"}},
@@ -358,12 +358,14 @@ impl Cluster {
         }))
         .expect("pod");
         let api = Api::<K8sPod>::namespaced(self.client.clone(), namespace);
-        self.block_on(api.create(&PostParams::default(), &api_pod))
+        let created = self
+            .block_on(api.create(&PostParams::default(), &api_pod))
             .unwrap_or_else(|e| panic!("create pod {namespace}/{name}: {e}"));
         let ip = node.host_ip().to_string();
         let status = json!({"status": {"phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}]}});
         self.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
             .unwrap_or_else(|e| panic!("patch status of {namespace}/{name}: {e}"));
+        created.metadata.uid.expect("a uid")
     }
 
     /// Deletes a pod at once (grace period 0).
@@ -503,9 +505,29 @@ impl Cluster {
         node: &Node,
         service_account: &str,
     ) -> String {
+        // Controlled by the install's DaemonSet (no controller runs here
+        // to make it: the test plays its part), as the identity service
+        // checks.
+        let ds = self
+            .block_on(
+                Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(
+                    self.client.clone(),
+                    namespace,
+                )
+                .get_opt("nodemesh-agent"),
+            )
+            .ok()
+            .flatten()
+            .and_then(|d| d.metadata.uid);
+        let owners = match ds {
+            Some(uid) => json!([{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                 "name": "nodemesh-agent", "uid": uid, "controller": true}]),
+            None => json!([]),
+        };
         let api_pod: K8sPod = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": namespace,
-                         "labels": {"app.kubernetes.io/name": "nodemesh-agent"}},
+                         "labels": {"app.kubernetes.io/name": "nodemesh-agent"},
+                         "ownerReferences": owners},
             "spec": {
                 "nodeName": node.name,
                 "hostNetwork": true,

@@ -244,8 +244,9 @@ pub struct AgentArgs {
     pub tunnel_addr: Vec<String>,
 
     /// Where `/v1/stat` and `/v1/tap` are served over mutual TLS (with
-    /// identity), to the `--tap-client` identity only: the identity
-    /// service, which serves them to users RBAC allows.
+    /// identity), to the identity service's tap client only
+    /// (`spiffe://<trust domain>/nodemesh/tap`, an identity no workload
+    /// certificate can carry), which serves them to users RBAC allows.
     #[arg(
         long,
         env = "NODEMESH_TAP_ADDR",
@@ -264,16 +265,6 @@ pub struct AgentArgs {
         value_name = "NS/NAME"
     )]
     pub agent_identity: String,
-
-    /// The only identity (`namespace/name`) the tap port answers: the
-    /// identity service's.
-    #[arg(
-        long,
-        env = "NODEMESH_TAP_CLIENT",
-        default_value = "nodemesh/nodemesh-identity",
-        value_name = "NS/NAME"
-    )]
-    pub tap_client: String,
 
     /// A pooled tunnel connection to another node with no new stream for
     /// this long is closed.

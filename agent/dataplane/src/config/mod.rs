@@ -35,8 +35,6 @@ pub struct IdentitySettings {
     pub tap_addrs: Vec<SocketAddr>,
     /// The agent's own identity (its tap port's certificate).
     pub agent_identity: Identity,
-    /// The one identity the tap port answers.
-    pub tap_client: Identity,
 }
 
 /// Where the agent learns its node's pods.
@@ -230,8 +228,6 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                     &a.agent_identity,
                     parse_identity(&a.agent_identity),
                 );
-                let tap_client =
-                    p.check("tap-client", &a.tap_client, parse_identity(&a.tap_client));
                 if a.pod_file.is_some() {
                     p.push(
                         "--identity-addr needs Kubernetes discovery (--node-name), not --pod-file"
@@ -274,21 +270,13 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         }
                     },
                 };
-                match (
-                    tunnel_addrs,
-                    idle,
-                    anchors,
-                    tap_addrs,
-                    agent_identity,
-                    tap_client,
-                ) {
+                match (tunnel_addrs, idle, anchors, tap_addrs, agent_identity) {
                     (
                         Some(tunnel_addrs),
                         Some(tunnel_idle_timeout),
                         Some(trust_anchors_pem),
                         Some(tap_addrs),
                         Some(agent_identity),
-                        Some(tap_client),
                     ) => Some(IdentitySettings {
                         addr: addr.clone(),
                         server_name: a.identity_server_name.clone(),
@@ -298,7 +286,6 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         tunnel_idle_timeout,
                         tap_addrs,
                         agent_identity,
-                        tap_client,
                     }),
                     _ => None,
                 }
