@@ -480,3 +480,99 @@ pub fn a_node_gets_only_its_meshed_pods_identities() {
         );
     }
 }
+
+/// A plaintext connection from `netns` to `to`, held open, with one line
+/// echoed on it.
+fn held_connection(netns: &std::path::Path, to: SocketAddr) -> TcpStream {
+    let s = in_netns(netns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    echo_once(&s).expect("the first line");
+    s
+}
+
+/// One line through an open connection, echoed back.
+fn echo_once(mut s: &TcpStream) -> std::io::Result<()> {
+    s.write_all(b"line\n")?;
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf)?;
+    if &buf == b"line\n" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("a different answer"))
+    }
+}
+
+/// Whether `s` stops carrying lines within `within`.
+fn cut_within(s: &TcpStream, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if echo_once(s).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Medium 4: a pod labelled into the mesh kept the plaintext connections
+/// its app had accepted before, whatever its policy said. Now capture
+/// decides on them as on any new one: under `deny` the old connection is
+/// destroyed when the pod is captured (counted like a refusal); under the
+/// default policy it lives on — until a policy change refuses it.
+pub fn connections_from_before_capture_are_decided_at_capture() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let strict = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&plain, "strict")
+            .service_account("strict")
+            .annotation(INBOUND_POLICY_ANNOTATION, "deny"),
+    );
+    let open = bed
+        .cluster
+        .run_pod(&bed.b, PodSpec::new(&plain, "open").service_account("open"));
+    let client = bed.cluster.run_pod(&bed.a, PodSpec::new(&plain, "client"));
+    let mut strict_app = strict.tcp();
+    strict_app.listen(ECHO);
+    let mut open_app = open.tcp();
+    open_app.listen(ECHO);
+    let to_strict = held_connection(&client.netns, at(&strict, ECHO));
+    let to_open = held_connection(&client.netns, at(&open, ECHO));
+
+    // Into the mesh, live.
+    for pod in [&strict, &open] {
+        bed.cluster
+            .label_pod(pod, nodemesh_core::names::MESH_LABEL, Some("enabled"));
+    }
+    bed.agent_b.wait_metric("both captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 2.0
+    });
+    assert!(
+        cut_within(&to_strict, Duration::from_secs(5)),
+        "the old connection to the deny pod still carries bytes"
+    );
+    assert!(
+        !cut_within(&to_open, Duration::from_secs(2)),
+        "the old connection to the all-unauthenticated pod was cut"
+    );
+    bed.agent_b
+        .wait_metric("the destroyed connection counted", |m| {
+            denied(m, "strict", "denied") >= 1.0
+        });
+    // New connections are decided the usual way.
+    assert!(line_from(&client.netns, at(&strict, ECHO)).is_err());
+    line_from(&client.netns, at(&open, ECHO)).expect("a new connection to the open pod");
+
+    // A policy change decides on the surviving one again.
+    bed.cluster
+        .annotate_pod(&open, INBOUND_POLICY_ANNOTATION, Some("all-authenticated"));
+    assert!(
+        cut_within(&to_open, Duration::from_secs(5)),
+        "the old connection survived a policy that refuses it"
+    );
+    bed.agent_b
+        .wait_metric("counted", |m| denied(m, "open", "unauthenticated") >= 1.0);
+}

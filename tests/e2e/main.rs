@@ -18,6 +18,7 @@ fn main() {
         audit::the_agents_own_ports_are_never_a_destination,
         audit::every_address_of_a_pod_is_captured,
         audit::a_node_gets_only_its_meshed_pods_identities,
+        audit::connections_from_before_capture_are_decided_at_capture,
         escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,

@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["discovery", "identity"],
     &["state"],
     &["redirect"],
-    &["telemetry", "netns", "cgroup", "config"],
+    &["telemetry", "netns", "cgroup", "config", "sockdiag"],
 ];
 
 /// Stages of `proxy`, top first (`proxy` itself may use all of them).

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;
+pub mod sockdiag;
 pub mod state;
 pub mod tapport;
 pub mod telemetry;

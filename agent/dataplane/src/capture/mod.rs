@@ -390,6 +390,11 @@ impl Captures {
             pod.ips.clone()
         };
         self.redirect.ready(netns.cookie(), pod_net(&own))?;
+        // Connections its app accepted before now never passed the agent:
+        // the policy decides on them too (new ones are all captured now).
+        if inbound.is_some() {
+            self.proxy.sweep_precapture(&pod.uid);
+        }
         Ok(Served {
             netns,
             inbound,

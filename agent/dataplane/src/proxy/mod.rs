@@ -240,6 +240,14 @@ impl Proxy {
     /// Serves `pod`: its connections accepted on `listeners` (inside its
     /// netns) go through the proxy, and those inbound capture hands to
     /// `inbound` (listeners in its netns too), until the handle is dropped.
+    /// Decides on the connections `uid`'s app accepted before it was
+    /// captured (see [`Inbound::sweep_precapture`]).
+    pub fn sweep_precapture(&self, uid: &PodUid) {
+        if let Some(served) = self.pods.get(uid) {
+            self.inbound.sweep_precapture(&served);
+        }
+    }
+
     pub fn serve_pod(
         &self,
         pod: Arc<Pod>,
@@ -256,6 +264,7 @@ impl Proxy {
             inbound: self
                 .meshes()
                 .then(|| self.tcp.pod(pods::labels(&pod, Direction::Inbound))),
+            precapture: std::sync::atomic::AtomicBool::new(netns.is_some()),
             netns,
             pod,
         });

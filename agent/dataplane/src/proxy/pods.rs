@@ -38,6 +38,10 @@ pub struct ServedPod {
     /// Its request series are its workload's, held while it is served.
     pub http: HttpMetrics,
     pub source: Workload,
+    /// Connections its app accepted before it was captured may still be
+    /// open (decided again whenever the policy may have changed, until
+    /// none is left).
+    pub precapture: std::sync::atomic::AtomicBool,
 }
 
 impl ServedPod {

@@ -3,16 +3,33 @@
 //! changes ([`Inbound::recheck_open`]) — policies, annotations and labels
 //! change live, and connections live long.
 use std::{
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use nodemesh_core::wire::TapPeer;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::{Inbound, policy::Client};
+use crate::sockdiag::{self, TcpSocket};
+
+/// Whether `s` is a connection an app in the pod accepted without the
+/// agent: on a port something listens on, from a client that is not the
+/// pod itself (the app's side of the agent's deliveries comes from the
+/// pod's own address), and not one of the agent's own sockets (those it
+/// accepted through capture).
+fn precaptured(s: &TcpSocket, listening: &HashSet<u16>, agents: &HashSet<u64>) -> bool {
+    s.state != sockdiag::LISTEN
+        && s.inode != 0
+        && !agents.contains(&s.inode)
+        && !s.local.ip().is_loopback()
+        && !s.remote.ip().is_loopback()
+        && s.remote.ip() != s.local.ip()
+        && listening.contains(&s.local.port())
+}
 use crate::{proxy::pods::ServedPod, state::Target, telemetry::InboundDenial};
 
 /// An open connection relayed as bytes to a served pod: decided when it
@@ -85,6 +102,62 @@ impl Recheck {
 }
 
 impl Inbound {
+    /// Decides on the connections `served`'s app accepted before it was
+    /// captured, which never passed the agent: each as plaintext from its
+    /// client, as the policy says now; the refused are destroyed
+    /// (`SOCK_DESTROY`: the app sees `ECONNABORTED`, the client a reset),
+    /// counted like any refusal. Once none is left the pod is not looked
+    /// at again (every later connection came through the agent).
+    pub fn sweep_precapture(&self, served: &ServedPod) {
+        if !served.precapture.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(netns) = &served.netns else {
+            served.precapture.store(false, Ordering::Relaxed);
+            return;
+        };
+        let swept = netns
+            .enter(sockdiag::open)
+            .map_err(std::io::Error::from)
+            .and_then(|diag| Ok((diag?, sockdiag::own_socket_inodes()?)))
+            .and_then(|(diag, ours)| Ok((diag.tcp()?, diag, ours)));
+        let (sockets, diag, ours) = match swept {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(pod = %served.pod.key(), error = %e, "cannot read the pod's sockets; connections from before its capture are decided on at the next change");
+                return;
+            }
+        };
+        let listening: HashSet<u16> = sockets
+            .iter()
+            .filter(|s| s.state == sockdiag::LISTEN)
+            .map(|s| s.local.port())
+            .collect();
+        let mut left = 0;
+        for s in sockets.iter().filter(|s| precaptured(s, &listening, &ours)) {
+            let client = s.remote.ip();
+            if self
+                .authorize(served, Client::Plain(client), client, s.local.port())
+                .is_ok()
+            {
+                left += 1;
+                continue;
+            }
+            match diag.destroy(s) {
+                Ok(()) => {
+                    info!(pod = %served.pod.key(), %client, port = s.local.port(), "a connection from before the pod's capture is refused now: destroyed")
+                }
+                Err(e) => {
+                    left += 1;
+                    warn!(pod = %served.pod.key(), %client, port = s.local.port(), error = %e, "cannot destroy a refused connection from before the pod's capture")
+                }
+            }
+        }
+        if left == 0 {
+            served.precapture.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Decides again for every connection relayed as bytes whenever the
     /// state changes (at most once a second), until `stop`: those the
     /// policy now refuses are reset (an HTTP connection is decided again
@@ -112,6 +185,9 @@ impl Inbound {
                     debug!(pod = %c.served.pod.key(), client = %c.ip, port = c.port, "an open connection is refused now: reset");
                     c.cut.cancel();
                 }
+            }
+            for served in self.pods.all() {
+                self.sweep_precapture(&served);
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
