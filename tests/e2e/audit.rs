@@ -576,3 +576,201 @@ pub fn connections_from_before_capture_are_decided_at_capture() {
     bed.agent_b
         .wait_metric("counted", |m| denied(m, "open", "unauthenticated") >= 1.0);
 }
+
+/// A plaintext server in the node's own netns on `addr` (what kube-proxy's
+/// rules would lead to for a cluster IP): it counts who reached it.
+fn node_listener(
+    node: &nodemesh_tests::Node,
+    addr: SocketAddr,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    nodemesh_tests::sys::ip(&[
+        "-n",
+        node.netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a netns name"),
+        "addr",
+        "add",
+        &format!("{}/32", addr.ip()),
+        "dev",
+        "lo",
+    ]);
+    let listener = in_netns(&node.netns, move || std::net::TcpListener::bind(addr))
+        .expect("listen in the node");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.write_all(b"hello\n");
+        }
+    });
+    seen
+}
+
+/// Medium 5: a cluster IP the agent did not know yet (before its first
+/// list, a brand-new Service) was routed direct, in plaintext through
+/// kube-proxy, to endpoints that may be meshed. Now nothing is captured
+/// before Services and slices are listed, and an address of the Service
+/// network (`--service-cidr`) that is no known Service port is refused.
+pub fn a_cluster_ip_the_agent_does_not_know_is_refused() {
+    use std::sync::atomic::Ordering;
+    let bed = MeshBed::new("24h");
+    let client = bed.pod(&bed.a, "client", "client");
+    let server = bed.pod(&bed.b, "server", "server");
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    // Where "direct" to an unknown cluster IP would end up.
+    let unknown = SocketAddr::from(([10, 96, 200, 200], 80));
+    let reached = node_listener(&bed.a, unknown);
+    let refused = client.tcp().exchange(unknown, 100);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a connection to an unknown cluster IP went around the mesh"
+    );
+    bed.agent_a.wait_metric("counted", |m| {
+        m.sum(
+            "nodemesh_tcp_connect_errors_total",
+            &[("pod", "client"), ("reason", "no_endpoints")],
+        ) >= 1.0
+    });
+    // The control: a Service the agent knows is balanced over its endpoint.
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let vip = bed.cluster.service(&bed.ns, "known", 80, ECHO);
+    bed.cluster
+        .endpoint_slice(&bed.ns, "known", ECHO, &[(&server, &bed.b, true)]);
+    nodemesh_tests::eventually(
+        "the Service through the mesh",
+        Duration::from_secs(10),
+        || {
+            client
+                .tcp()
+                .exchange(SocketAddr::from((vip, 80)), 1000)
+                .map(|_| ())
+                .map_err(|f| format!("{f:?}"))
+        },
+    );
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+}
+
+/// Medium 6: `config.nodemesh.io/default-inbound-policy: Deny` (or
+/// `all_authenticated`) was ignored and the looser default applied. Now an
+/// annotation that cannot be read means `deny`, on a pod or a namespace,
+/// and its owner gets a Warning Event saying why.
+pub fn a_mistyped_policy_annotation_means_deny() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let typo_ns = unique("typo");
+    bed.cluster
+        .namespace(&typo_ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+    let typo_pod = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "Deny"),
+    );
+    let in_typo_ns = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&typo_ns, "other").service_account("other"),
+    );
+    let client = bed.cluster.run_pod(&bed.a, PodSpec::new(&plain, "client"));
+    bed.agent_b
+        .wait_metric("both certificates", |m| certificates(m) == 2.0);
+    bed.cluster.annotate_namespace(
+        &typo_ns,
+        INBOUND_POLICY_ANNOTATION,
+        Some("all_authenticated"),
+    );
+    let mut a = typo_pod.tcp();
+    a.listen(ECHO);
+    let mut b = in_typo_ns.tcp();
+    b.listen(ECHO);
+    for pod in [&typo_pod, &in_typo_ns] {
+        nodemesh_tests::eventually("refused", Duration::from_secs(10), || {
+            match line_from(&client.netns, at(pod, ECHO)) {
+                Err(_) => Ok(()),
+                Ok(()) => Err(format!("{} served plaintext", pod.name)),
+            }
+        });
+    }
+    assert!(a.peers(ECHO).is_empty() && b.peers(ECHO).is_empty());
+    bed.agent_b.wait_metric("refused under deny", |m| {
+        denied(m, "server", "denied") >= 1.0 && denied(m, "other", "denied") >= 1.0
+    });
+    let told = |ns: &str, name: &str| {
+        nodemesh_tests::eventually("a Warning Event", Duration::from_secs(10), || {
+            bed.cluster
+                .events(ns)
+                .into_iter()
+                .find(|(object, reason, _)| {
+                    object == name && reason == "NodemeshInvalidInboundPolicy"
+                })
+                .ok_or_else(|| format!("no event for {ns}/{name} yet"))
+        })
+    };
+    let (_, _, message) = told(&bed.ns, "server");
+    assert!(message.contains("deny applies"), "{message}");
+    // A namespace's Events are in `default` (it is cluster-scoped).
+    told("default", &typo_ns);
+    // Fixed: the policy it meant applies, live.
+    bed.cluster.annotate_pod(
+        &typo_pod,
+        INBOUND_POLICY_ANNOTATION,
+        Some("all-unauthenticated"),
+    );
+    nodemesh_tests::eventually("served once fixed", Duration::from_secs(10), || {
+        line_from(&client.netns, at(&typo_pod, ECHO))
+    });
+}
+
+/// Low 16: a pod's annotation beat the namespace's and the install's
+/// policy, and `skip-inbound-ports` took ports out of every policy. Now an
+/// install-wide floor (`--min-inbound-policy`) holds whatever the
+/// annotations say: they can only tighten it, and exempt ports are not
+/// honoured under it. The kubelet's probes still pass.
+pub fn the_install_floor_is_what_annotations_cannot_open() {
+    let bed = MeshBed::with_agent_args(
+        nodemesh_tests::Node::new(),
+        nodemesh_tests::Node::new(),
+        "24h",
+        &["--min-inbound-policy", "all-authenticated"],
+    );
+    let plain = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "all-unauthenticated")
+            .annotation(nodemesh_core::names::SKIP_INBOUND_PORTS_ANNOTATION, "9090")
+            .tcp_probe(7070),
+    );
+    let web = bed.pod(&bed.a, "web", "web");
+    let client = bed.cluster.run_pod(&bed.a, PodSpec::new(&plain, "client"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    bed.agent_a
+        .wait_metric("web's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    for port in [ECHO, 9090, 7070] {
+        srv.listen(port);
+    }
+    for port in [ECHO, 9090] {
+        let got = line_from(&client.netns, at(&server, port));
+        assert!(got.is_err(), "plaintext to {port} under the floor: {got:?}");
+    }
+    let x = web.tcp().exchange_ok(at(&server, ECHO), 1000);
+    assert!(x.intact, "a meshed client: {x:?}");
+    line_from(&bed.b.netns, at(&server, 7070)).expect("the kubelet's probe");
+    bed.agent_b.wait_metric("refusals counted", |m| {
+        denied(m, "server", "unauthenticated") >= 2.0
+    });
+}

@@ -472,7 +472,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         .apply_manifests(&namespace_doc, false)
         .expect("the namespace");
     let kinds = cluster.apply_manifests(&manifests, true).expect("dry run");
-    assert_eq!(kinds.len(), 20, "{kinds:?}");
+    assert_eq!(kinds.len(), 22, "{kinds:?}");
     // …for real too (but the cluster's one aggregated API and its
     // ClusterRoles: the test of the aggregated API owns them meanwhile).
     cluster
@@ -608,8 +608,51 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
             .arg("nodemesh-agent"),
     );
     agent.wait_metric("captured again", |m| meshed(m) == 1.0);
+    // The audit: an RBAC slip (the agent's bindings gone) plus a restart
+    // must not unmesh the node — a 403 is no evidence of an uninstall.
+    let bindings: String = nodemesh_cli::install::documents(&manifests)
+        .into_iter()
+        .filter(|d| {
+            (d.contains("kind: RoleBinding") || d.contains("kind: ClusterRoleBinding"))
+                && d.contains("-agent")
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    cluster.delete_manifests(&bindings);
+    nodemesh_tests::eventually("the agent's rights gone", Duration::from_secs(10), || {
+        if cluster.can(&kubeconfig, "get", "apps", "daemonsets", Some(&mesh_ns)) {
+            Err("still allowed".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let status = agent.stop(Duration::from_secs(20)).expect("stopped");
+    assert!(status.success());
+    assert!(
+        node.pins.exists(),
+        "a 403 at stop uninstalled: {}",
+        agent.log_tail(10)
+    );
+    cluster
+        .apply_manifests(&bindings, false)
+        .expect("the bindings again");
+    let mut agent = Agent::start_ready(
+        &node,
+        AgentOptions::default()
+            .kube_as(cluster, &kubeconfig)
+            .arg("--namespace")
+            .arg(&mesh_ns)
+            .arg("--daemonset")
+            .arg("nodemesh-agent"),
+    );
+    agent.wait_metric("captured again", |m| meshed(m) == 1.0);
+    // A real uninstall: the DaemonSet goes, and the agent's rights right
+    // after it (as `kubectl delete -f` does), before the agent is told to
+    // stop: what it saw while it could still ask counts.
     let daemonset_only: String = nodemesh_tests_first_document(&uninstall);
     cluster.delete_manifests(&daemonset_only);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.delete_manifests(&bindings);
     let status = agent.stop(Duration::from_secs(20)).expect("stopped");
     assert!(status.success());
     assert!(

@@ -339,6 +339,8 @@ impl<'c> Install<'c> {
             trust_domain: "cluster.local".into(),
             fast_path: "false".into(),
             default_inbound_policy: "all-unauthenticated".into(),
+            min_inbound_policy: "all-unauthenticated".into(),
+            service_cidrs: Vec::new(),
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),
@@ -623,6 +625,9 @@ fn agent_options_with_token(
         ))
         .arg("--agent-identity")
         .arg(&format!("{}/nodemesh-agent", install.namespace))
+        // The test API server's --service-cluster-ip-range.
+        .arg("--service-cidr")
+        .arg(crate::kube::SERVICE_RANGE)
 }
 
 /// Starts a meshed agent on `node` and waits for it to be ready.
@@ -660,12 +665,25 @@ impl MeshBed {
 
     /// The same with the given nodes (e.g. one reporting IPv6 first).
     pub fn with_nodes(a: Node, b: Node, cert_lifetime: &str) -> MeshBed {
+        Self::with_agent_args(a, b, cert_lifetime, &[])
+    }
+
+    /// The same, with more flags for both agents.
+    pub fn with_agent_args(a: Node, b: Node, cert_lifetime: &str, args: &[&str]) -> MeshBed {
         let cluster = Cluster::shared();
         let link = Link::connect(&[&a, &b]);
         let install = Install::apply(cluster, &a.dir);
         let identity = IdentityService::start(&a, &install, cert_lifetime);
-        let agent_a = mesh_agent(&install, &identity, &a);
-        let agent_b = mesh_agent(&install, &identity, &b);
+        let start = |node: &Node| {
+            let opts = args
+                .iter()
+                .fold(mesh_agent_options(&install, &identity, node), |o, a| {
+                    o.arg(a)
+                });
+            Agent::start_ready(node, opts)
+        };
+        let agent_a = start(&a);
+        let agent_b = start(&b);
         let ns = unique("mesh");
         cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
         MeshBed {

@@ -50,6 +50,21 @@ pub struct InstallArgs {
     #[arg(long, default_value = "all-unauthenticated", value_name = "POLICY")]
     pub default_inbound_policy: String,
 
+    /// The floor under every pod's and namespace's inbound policy: an
+    /// annotation can only make it stricter (a connection must pass both),
+    /// and above all-unauthenticated a pod's
+    /// `config.nodemesh.io/skip-inbound-ports` is not honoured.
+    #[arg(long, default_value = "all-unauthenticated", value_name = "POLICY")]
+    pub min_inbound_policy: String,
+
+    /// The cluster's Service network (the API server's
+    /// --service-cluster-ip-range; repeatable, IPv4 or IPv6): a meshed
+    /// pod's connection to an address there that the agent does not know
+    /// as a Service port yet is refused instead of sent, unmeshed, to
+    /// kube-proxy. Without it, such a connection goes direct.
+    #[arg(long = "service-cidr", value_delimiter = ',', value_name = "CIDR")]
+    pub service_cidrs: Vec<String>,
+
     /// Destination network the agents never redirect (repeatable).
     #[arg(long = "bypass-cidr", value_delimiter = ',', value_name = "CIDR")]
     pub bypass_cidrs: Vec<String>,
@@ -217,6 +232,17 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             a.default_inbound_policy
         ));
     }
+    if let Err(why) = InboundPolicy::parse(&a.min_inbound_policy) {
+        problems.push(format!(
+            "--min-inbound-policy {:?}: {why}",
+            a.min_inbound_policy
+        ));
+    }
+    for c in a.service_cidrs.iter().filter(|c| !c.is_empty()) {
+        if let Err(why) = nodemesh_core::config::parse_ip_cidr(c) {
+            problems.push(format!("--service-cidr {c:?}: {why}"));
+        }
+    }
     for c in a.bypass_cidrs.iter().filter(|c| !c.is_empty()) {
         if let Err(why) = parse_cidr(c) {
             problems.push(format!("--bypass-cidr {c:?}: {why}"));
@@ -261,6 +287,8 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             "{{default_inbound_policy}}",
             &quoted(&a.default_inbound_policy),
         )
+        .replace("{{min_inbound_policy}}", &quoted(&a.min_inbound_policy))
+        .replace("{{service_cidrs}}", &quoted(&join(&a.service_cidrs)))
         .replace("{{bypass_cidrs}}", &quoted(&join(&a.bypass_cidrs)))
         .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
         .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
@@ -285,6 +313,8 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         trust_domain: "cluster.local".into(),
         fast_path: "false".into(),
         default_inbound_policy: "all-unauthenticated".into(),
+        min_inbound_policy: "all-unauthenticated".into(),
+        service_cidrs: Vec::new(),
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),

@@ -95,9 +95,90 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
 }
 
+/// A network of either family: `10.96.0.0/12`, `fd00:10:96::/112`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpCidr {
+    pub addr: std::net::IpAddr,
+    pub len: u8,
+}
+
+impl IpCidr {
+    /// Whether `ip` is in this network (IPv4-mapped addresses as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// `a.b.c.d/len` or `x:y::/len` (a bare address: the whole length), host
+/// bits cleared.
+pub fn parse_ip_cidr(s: &str) -> Result<IpCidr, String> {
+    use std::net::IpAddr;
+    let bad = || "not a CIDR (like 10.96.0.0/12 or fd00:10:96::/112)".to_string();
+    let (addr, len) = match s.trim().split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s.trim(), None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = match len.map(str::parse::<u8>) {
+        None => max,
+        Some(Ok(l)) if l <= max => l,
+        Some(_) => return Err(format!("prefix length must be 0-{max}")),
+    };
+    let addr = match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    };
+    Ok(IpCidr { addr, len })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs_of_both_families() {
+        let v4 = parse_ip_cidr("10.96.7.1/12").unwrap();
+        assert_eq!(v4.to_string(), "10.96.0.0/12");
+        assert!(v4.contains("10.100.0.1".parse().unwrap()));
+        assert!(v4.contains("::ffff:10.96.0.10".parse().unwrap()));
+        assert!(!v4.contains("10.112.0.1".parse().unwrap()));
+        let v6 = parse_ip_cidr("fd00:10:96::/112").unwrap();
+        assert!(v6.contains("fd00:10:96::abcd".parse().unwrap()));
+        assert!(!v6.contains("fd00:10:97::1".parse().unwrap()));
+        assert!(!v6.contains("10.96.0.1".parse().unwrap()));
+        let all = parse_ip_cidr("0.0.0.0/0").unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(parse_ip_cidr("10.0.0.1").unwrap().len, 32);
+        assert!(parse_ip_cidr("10.0.0.0/33").is_err());
+        assert!(parse_ip_cidr("fd00::/129").is_err());
+        assert!(parse_ip_cidr("nonsense").is_err());
+    }
 
     #[test]
     fn cidrs() {

@@ -189,6 +189,7 @@ impl App {
             PodSourceConfig::File { .. } => "local".to_owned(),
         };
         let state = StateStore::new(&node, &cfg.trust_domain);
+        state.set_service_cidrs(cfg.service_cidrs.clone());
         let mut registry = Registry::with_prefix(PREFIX);
         let source_metrics = SourceMetrics::new(&mut registry);
 
@@ -255,6 +256,7 @@ impl App {
                 detect_timeout: cfg.detect_timeout,
                 inbound: InboundConfig {
                     default_policy: cfg.default_inbound_policy,
+                    floor: cfg.min_inbound_policy,
                     connect_timeout: cfg.connect_timeout,
                     // The proxy's own.
                     detect_timeout: Duration::ZERO,
@@ -307,6 +309,8 @@ impl App {
                 startup_grace: Duration::from_secs(5),
                 startup_poll: Duration::from_millis(10),
                 address_poll: Duration::from_secs(2),
+                skip_ports_allowed: cfg.min_inbound_policy
+                    == nodemesh_core::names::InboundPolicy::AllUnauthenticated,
             },
             cgroup_root,
             redirect.clone(),
@@ -402,7 +406,11 @@ impl App {
         let source_task: JoinHandle<()> = match source {
             Source::File(file) => tokio::spawn(file.run(shutdown.clone())),
             Source::Kube { source, daemonset } => {
-                uninstall_check = daemonset.map(|ds| (source.client.clone(), ds));
+                uninstall_check = daemonset.map(|(namespace, name)| {
+                    let watch = crate::discovery::kube::UninstallWatch::default();
+                    watch.spawn(&source.client, &namespace, &name, shutdown.clone());
+                    (source.client.clone(), (namespace, name), watch)
+                });
                 tokio::spawn(source.run(shutdown.clone()))
             }
         };
@@ -417,11 +425,12 @@ impl App {
         let capture_task = tokio::spawn(captures.run(state, ready, shutdown.clone()));
 
         let reason = until.await;
-        // Uninstall or restart? Asked now: in a minute the answer is gone
-        // with the service account (see `uninstalling`).
+        // Uninstall or restart? What the agent saw while it could ask, else
+        // asked now: in a minute the answer is gone with the service account
+        // (see `UninstallWatch`).
         let uninstalling = match &uninstall_check {
-            Some((client, (namespace, name))) => {
-                let why = crate::discovery::kube::uninstalling(client, namespace, name).await;
+            Some((client, (namespace, name), watch)) => {
+                let why = watch.uninstalling(client, namespace, name).await;
                 if let Some(why) = why {
                     info!(daemonset = %name, %namespace, why, "nodemesh is being uninstalled: the node's eBPF state goes when the agent stops");
                 }

@@ -352,10 +352,8 @@ fn apiserver_command(bin: &Path, dir: &Path, port: u16, etcd_port: u16) -> Comma
             p("sa.key")
         ))
         .arg("--api-audiences=https://kubernetes.default.svc")
-        .args([
-            "--service-cluster-ip-range=10.96.0.0/16",
-            "--authorization-mode=RBAC",
-        ])
+        .arg(format!("--service-cluster-ip-range={SERVICE_RANGE}"))
+        .arg("--authorization-mode=RBAC")
         // No controller-manager creates default service accounts here.
         .arg("--disable-admission-plugins=ServiceAccount")
         .args(front_proxy_flags(&pki))
@@ -430,6 +428,9 @@ fn write_pki(pki: &Path) {
 
 /// The token of `alice`, a user of the test API servers in no group.
 pub const ALICE_TOKEN: &str = "nodemesh-test-alice";
+
+/// The test API server's Service network (`--service-cluster-ip-range`).
+pub const SERVICE_RANGE: &str = "10.96.0.0/16";
 
 /// The front proxy's CA and client certificate: how the API server reaches
 /// aggregated APIs (nodemesh's `tap.nodemesh.io`) as itself, naming the user

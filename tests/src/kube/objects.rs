@@ -27,6 +27,17 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("label namespace {name}: {e}"));
     }
 
+    /// Sets (or removes) a namespace annotation in the API.
+    pub fn annotate_namespace(&self, name: &str, key: &str, value: Option<&str>) {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        self.block_on(Api::<Namespace>::all(self.client.clone()).patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ))
+        .unwrap_or_else(|e| panic!("annotate namespace {name}: {e}"));
+    }
+
     /// Creates a pod in the API on `node`, the simulated pod behind it (its
     /// cgroup named after the API's UID), starts its sandbox process, and
     /// marks it Running with its IP, as kubelet would.

@@ -62,6 +62,9 @@ pub struct CaptureConfig {
     /// gained (inbound capture takes every one; a new one is closed until
     /// it is read).
     pub address_poll: Duration,
+    /// Whether pods' `skip-inbound-ports` annotations are honoured (not
+    /// under a `--min-inbound-policy` above all-unauthenticated).
+    pub skip_ports_allowed: bool,
 }
 
 /// A meshed pod this agent works on.
@@ -242,7 +245,8 @@ impl Captures {
                 }
                 // Inbound capture follows the addresses and the exempt
                 // ports (the annotation may change live).
-                refresh_inbound(&self.redirect, pod, served);
+                let skip = skip_ports(self.cfg.skip_ports_allowed, pod);
+                refresh_inbound(&self.redirect, pod, served, &skip);
                 continue;
             }
             if let Some(f) = &tracked.failing
@@ -346,7 +350,7 @@ impl Captures {
                 v4: dup(&v4).map_err(listen_err)?,
                 v6: v6.as_ref().map(dup).transpose().map_err(listen_err)?,
                 addrs: Vec::new(),
-                skip: pod.skip_inbound_ports.clone(),
+                skip: skip_ports(self.cfg.skip_ports_allowed, pod),
             };
             (v6.into_iter().chain([v4]).collect(), Some(capture))
         } else {
@@ -426,10 +430,12 @@ impl Captures {
     /// Reads every served pod's netns again for addresses it gained or
     /// lost, and captures them.
     fn refresh_addresses(&mut self) {
+        let allowed = self.cfg.skip_ports_allowed;
         for tracked in self.tracked.values_mut() {
             let pod = tracked.pod.clone();
             if let Some(served) = &mut tracked.served {
-                refresh_inbound(&self.redirect, &pod, served);
+                let skip = skip_ports(allowed, &pod);
+                refresh_inbound(&self.redirect, &pod, served, &skip);
             }
         }
     }
@@ -494,6 +500,17 @@ impl Captures {
     }
 }
 
+/// The pod's exempt ports, as the install lets it have them.
+fn skip_ports(allowed: bool, pod: &Pod) -> Vec<u16> {
+    if allowed {
+        return pod.skip_inbound_ports.clone();
+    }
+    if !pod.skip_inbound_ports.is_empty() {
+        debug!(pod = %pod.key(), ports = ?pod.skip_inbound_ports, "skip-inbound-ports not honoured under --min-inbound-policy");
+    }
+    Vec::new()
+}
+
 /// What inbound capture takes for a pod: the addresses the API lists and
 /// every one its netns has.
 fn inbound_addrs(api: &[IpAddr], netns: &[IpAddr]) -> Vec<IpAddr> {
@@ -516,7 +533,7 @@ fn is_link_local(ip: &IpAddr) -> bool {
 
 /// Makes a served pod's inbound capture match its addresses (the API's and
 /// its netns's, read now) and exempt ports.
-fn refresh_inbound(redirect: &Redirect, pod: &Pod, served: &mut Served) {
+fn refresh_inbound(redirect: &Redirect, pod: &Pod, served: &mut Served, skip: &[u16]) {
     let Some(inbound) = &mut served.inbound else {
         return;
     };
@@ -528,7 +545,7 @@ fn refresh_inbound(redirect: &Redirect, pod: &Pod, served: &mut Served) {
         }
     };
     let addrs = inbound_addrs(&pod.ips, &found);
-    if inbound.addrs == addrs && inbound.skip == pod.skip_inbound_ports {
+    if inbound.addrs == addrs && inbound.skip == skip {
         return;
     }
     let gone: Vec<_> = inbound
@@ -539,7 +556,7 @@ fn refresh_inbound(redirect: &Redirect, pod: &Pod, served: &mut Served) {
         .collect();
     redirect.release_inbound_addrs(&gone, &[]);
     redirect.forget_skip_ports(&inbound.addrs, &inbound.skip);
-    inbound.skip = pod.skip_inbound_ports.clone();
+    inbound.skip = skip.to_vec();
     let captured = redirect.capture_inbound(&PodInbound {
         uid: &pod.uid,
         netns: &served.netns,

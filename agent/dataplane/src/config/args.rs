@@ -116,6 +116,18 @@ pub struct AgentArgs {
     )]
     pub bypass_cidrs: Vec<String>,
 
+    /// The cluster's Service network (CIDR, IPv4 or IPv6; repeat or
+    /// separate with commas): a connection to an address there that is not
+    /// a Service port the agent knows (a brand-new Service, or before the
+    /// first list) is refused rather than sent, unmeshed, to kube-proxy.
+    #[arg(
+        long = "service-cidr",
+        env = "NODEMESH_SERVICE_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub service_cidrs: Vec<String>,
+
     /// Destination port never redirected; repeat or separate with commas.
     #[arg(
         long = "bypass-port",
@@ -158,6 +170,18 @@ pub struct AgentArgs {
         value_name = "POLICY"
     )]
     pub default_inbound_policy: String,
+
+    /// The floor under every pod's and namespace's inbound policy: a
+    /// connection must pass both it and theirs (annotations can only
+    /// tighten), and above all-unauthenticated no pod's
+    /// `config.nodemesh.io/skip-inbound-ports` is honoured.
+    #[arg(
+        long,
+        env = "NODEMESH_MIN_INBOUND_POLICY",
+        default_value = "all-unauthenticated",
+        value_name = "POLICY"
+    )]
+    pub min_inbound_policy: String,
 
     /// On SIGTERM/SIGINT: how long open connections may take to finish.
     #[arg(

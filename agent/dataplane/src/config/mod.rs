@@ -10,8 +10,8 @@ use std::{
 
 use nodemesh_core::{
     config::{
-        ConfigErrors, Problems, parse_bool, parse_cidr, parse_count, parse_duration, parse_port,
-        parse_positive_duration,
+        ConfigErrors, IpCidr, Problems, parse_bool, parse_cidr, parse_count, parse_duration,
+        parse_ip_cidr, parse_port, parse_positive_duration,
     },
     identity::Identity,
     names::InboundPolicy,
@@ -62,10 +62,15 @@ pub struct AgentConfig {
     pub outbound_port: u16,
     pub fast_path: bool,
     pub bypass_nets: Vec<(Ipv4Addr, u8)>,
+    /// The cluster's Service network: an address there the agent does not
+    /// know as a Service port is refused.
+    pub service_cidrs: Vec<IpCidr>,
     pub bypass_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub detect_timeout: Duration,
     pub default_inbound_policy: InboundPolicy,
+    /// Every connection must pass this too (`--min-inbound-policy`).
+    pub min_inbound_policy: InboundPolicy,
     pub shutdown_grace: Duration,
     pub buffer_size: usize,
     pub max_connections: usize,
@@ -104,6 +109,12 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             .filter(|s| !s.trim().is_empty())
             .filter_map(|s| p.check("bypass-cidr", s, parse_cidr(s)))
             .collect();
+        let service_cidrs: Vec<_> = a
+            .service_cidrs
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .filter_map(|s| p.check("service-cidr", s, parse_ip_cidr(s)))
+            .collect();
         let bypass_ports: Vec<_> = a
             .bypass_ports
             .iter()
@@ -130,6 +141,11 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             "default-inbound-policy",
             &a.default_inbound_policy,
             InboundPolicy::parse(&a.default_inbound_policy),
+        );
+        let min_inbound_policy = p.check(
+            "min-inbound-policy",
+            &a.min_inbound_policy,
+            InboundPolicy::parse(&a.min_inbound_policy),
         );
         let shutdown_grace = p.check(
             "shutdown-grace",
@@ -303,10 +319,12 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             outbound_port: outbound_port.ok_or_else(missing)?,
             fast_path: fast_path.ok_or_else(missing)?,
             bypass_nets,
+            service_cidrs,
             bypass_ports,
             connect_timeout: connect_timeout.ok_or_else(missing)?,
             detect_timeout: detect_timeout.ok_or_else(missing)?,
             default_inbound_policy: default_inbound_policy.ok_or_else(missing)?,
+            min_inbound_policy: min_inbound_policy.ok_or_else(missing)?,
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
             buffer_size: buffer_size.ok_or_else(missing)?,
             max_connections: max_connections.ok_or_else(missing)?,

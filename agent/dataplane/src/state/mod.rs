@@ -27,6 +27,7 @@ use std::{
 };
 
 use nodemesh_core::{
+    config::IpCidr,
     names::{InboundPolicy, MeshLabel, PodUid, PortSet},
     policy::{Policy, PolicyClient},
     wire::ServiceView,
@@ -88,6 +89,10 @@ pub enum Target {
     /// a node: a pod whose object has not arrived yet, meshed or not — not
     /// to be reached in the clear on a guess.
     Unseen,
+    /// An address of the cluster's Service network (`--service-cidr`) that
+    /// is no Service port known here: a Service not listed yet, whose
+    /// endpoints may be meshed — not to be sent to kube-proxy in the clear.
+    UnknownService,
 }
 
 /// Which kinds have been listed completely at least once.
@@ -99,12 +104,20 @@ struct Synced {
     /// Kubernetes source), and whether it has.
     policies_expected: bool,
     policies: bool,
+    /// The same for Services and their endpoints: a cluster IP not known
+    /// yet would be routed around the mesh.
+    services_expected: bool,
+    services: bool,
+    slices: bool,
 }
 
 impl Synced {
     /// Everything the agent acts on has been listed.
     fn complete(&self) -> bool {
-        self.pods && self.namespaces && (self.policies || !self.policies_expected)
+        self.pods
+            && self.namespaces
+            && (self.policies || !self.policies_expected)
+            && ((self.services && self.slices) || !self.services_expected)
     }
 }
 
@@ -124,6 +137,8 @@ struct ProxyState {
     /// Accepted `AuthorizationPolicy` objects.
     policies: HashMap<ObjectKey, Policy>,
     synced: Synced,
+    /// The cluster's Service network, as configured.
+    service_cidrs: Vec<IpCidr>,
 }
 
 /// The store, shared by its writer and its readers (cheap to clone).
@@ -156,6 +171,7 @@ impl StateStore {
                     services: Services::default(),
                     policies: HashMap::new(),
                     synced: Synced::default(),
+                    service_cidrs: Vec::new(),
                 }),
                 local: watch::Sender::new(0),
                 any: watch::Sender::new(0),
@@ -186,6 +202,14 @@ impl StateStore {
             Some(service) => Target::Service(service),
             None => match state.owner(canonical.ip(), SystemTime::now()) {
                 Target::Unknown if state.services.on_a_node(canonical.ip()) => Target::Unseen,
+                Target::Unknown
+                    if state
+                        .service_cidrs
+                        .iter()
+                        .any(|c| c.contains(canonical.ip())) =>
+                {
+                    Target::UnknownService
+                }
                 owner => owner,
             },
         };
@@ -271,6 +295,30 @@ impl StateStore {
             }
         }
         selected.then_some(false)
+    }
+
+    /// Whether a pod of namespace `ns` is on this node (listed or not).
+    pub fn has_local_pod_in(&self, ns: &str) -> bool {
+        let state = self.read();
+        state
+            .local
+            .iter()
+            .filter_map(|uid| state.pods.get(uid))
+            .any(|p| p.namespace == ns)
+    }
+
+    /// The source lists Services and their endpoints: nothing is captured
+    /// before they are known (a cluster IP not known yet would go around
+    /// the mesh).
+    pub fn expect_services(&self) {
+        let mut state = self.inner.state.write().unwrap_or_else(|p| p.into_inner());
+        state.synced.services_expected = true;
+    }
+
+    /// The cluster's Service network (`--service-cidr`).
+    pub fn set_service_cidrs(&self, cidrs: Vec<IpCidr>) {
+        let mut state = self.inner.state.write().unwrap_or_else(|p| p.into_inner());
+        state.service_cidrs = cidrs;
     }
 
     /// The source lists authorization policies: nothing is captured before
@@ -575,6 +623,10 @@ impl Update<'_> {
     pub fn replace_services(&mut self, services: Vec<(ObjectKey, ServiceInfo)>) {
         self.state.services.services = services.into_iter().collect();
         self.services_changed = true;
+        if !self.state.synced.services {
+            self.state.synced.services = true;
+            self.local_changed = true;
+        }
     }
 
     /// Adds or replaces one EndpointSlice (or Endpoints object).
@@ -592,6 +644,10 @@ impl Update<'_> {
     pub fn replace_slices(&mut self, slices: Vec<(ObjectKey, SliceInfo)>) {
         self.state.services.slices = slices.into_iter().collect();
         self.services_changed = true;
+        if !self.state.synced.slices {
+            self.state.synced.slices = true;
+            self.local_changed = true;
+        }
     }
 }
 

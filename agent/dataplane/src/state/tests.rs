@@ -313,6 +313,35 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
         panic!("still the Service's")
     };
     assert!(target.endpoints.is_empty(), "no endpoints left");
+
+    // With the Service network configured, an address there that is no
+    // Service port known here is refused, never sent direct.
+    assert!(matches!(owner(&store, "10.96.0.99"), Target::Unknown));
+    store.set_service_cidrs(vec![
+        nodemesh_core::config::parse_ip_cidr("10.96.0.0/12").unwrap(),
+    ]);
+    assert!(matches!(
+        owner(&store, "10.96.0.99"),
+        Target::UnknownService
+    ));
+    assert!(matches!(
+        store.upstream("10.96.0.10:81".parse().unwrap()).target,
+        Target::UnknownService
+    ));
+    assert!(matches!(owner(&store, "10.96.0.10"), Target::Service(_)));
+    assert!(matches!(owner(&store, "10.200.0.1"), Target::Unknown));
+}
+
+#[test]
+fn nothing_is_captured_before_services_and_slices_are_listed() {
+    let store = store();
+    assert!(store.local_pods().is_some(), "a source without Services");
+    store.expect_services();
+    assert!(store.local_pods().is_none());
+    store.update(|u| u.replace_services(vec![]));
+    assert!(store.local_pods().is_none(), "slices still to come");
+    store.update(|u| u.replace_slices(vec![]));
+    assert!(store.local_pods().is_some());
 }
 
 #[test]

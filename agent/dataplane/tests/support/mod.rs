@@ -194,6 +194,7 @@ impl Cluster {
                     detect_timeout: std::time::Duration::from_millis(300),
                     inbound: InboundConfig {
                         default_policy: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
+                        floor: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
                         connect_timeout: Duration::from_secs(2),
                         // The proxy's own.
                         detect_timeout: Duration::ZERO,

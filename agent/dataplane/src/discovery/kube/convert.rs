@@ -172,15 +172,23 @@ fn skip_ports(
     Ok(ports)
 }
 
-/// The inbound-policy annotation of an object.
+/// The inbound-policy annotation of an object. One that cannot be read
+/// means `deny` (with the problem, for the object's owner): a typo must
+/// never open what it meant to close.
 fn inbound_policy(
     annotations: Option<&std::collections::BTreeMap<String, String>>,
-) -> Result<Option<InboundPolicy>, String> {
+) -> (Option<InboundPolicy>, Option<String>) {
     match annotations.and_then(|a| a.get(INBOUND_POLICY_ANNOTATION)) {
-        None => Ok(None),
-        Some(text) => InboundPolicy::parse(text)
-            .map(Some)
-            .map_err(|e| format!("annotation {INBOUND_POLICY_ANNOTATION}: {e}; ignored")),
+        None => (None, None),
+        Some(text) => match InboundPolicy::parse(text) {
+            Ok(policy) => (Some(policy), None),
+            Err(e) => (
+                Some(InboundPolicy::Deny),
+                Some(format!(
+                    "annotation {INBOUND_POLICY_ANNOTATION}={text:?}: {e}; deny applies until it is fixed"
+                )),
+            ),
+        },
     }
 }
 
@@ -188,16 +196,29 @@ fn inbound_policy(
 /// way (reported by the caller, for pods on its node). `None` for a pod
 /// that cannot be kept at all.
 pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, String)>) {
+    let (info, problems, _) = pod_and_policy(p);
+    (info, problems)
+}
+
+/// [`pod`], and the problem with its inbound-policy annotation if any (its
+/// owner gets a Warning Event about it).
+pub(super) fn pod_and_policy(
+    p: &K8sPod,
+) -> (
+    Option<PodInfo>,
+    Vec<(SourceErrorReason, String)>,
+    Option<String>,
+) {
     let mut problems = Vec::new();
     // Every object the API server sends has a UID; skip one that does not.
     let Some(uid) = p.metadata.uid.as_deref() else {
-        return (None, problems);
+        return (None, problems, None);
     };
     let uid = match PodUid::new(uid) {
         Ok(uid) => uid,
         Err(problem) => {
             problems.push((SourceErrorReason::InvalidPod, problem));
-            return (None, problems);
+            return (None, problems, None);
         }
     };
     let labels = p.metadata.labels.clone().unwrap_or_default();
@@ -214,10 +235,10 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
         problems.push((SourceErrorReason::InvalidAnnotation, problem));
         Vec::new()
     });
-    let policy = inbound_policy(annotations).unwrap_or_else(|problem| {
-        problems.push((SourceErrorReason::InvalidAnnotation, problem));
-        None
-    });
+    let (policy, policy_problem) = inbound_policy(annotations);
+    if let Some(problem) = &policy_problem {
+        problems.push((SourceErrorReason::InvalidAnnotation, problem.clone()));
+    }
     let (workload, owner_problem) = workload(p);
     if let Some(problem) = owner_problem {
         problems.push((SourceErrorReason::UnknownOwner, problem));
@@ -283,12 +304,13 @@ pub(super) fn pod(p: &K8sPod) -> (Option<PodInfo>, Vec<(SourceErrorReason, Strin
             .as_ref()
             .map(|t| SystemTime::from(t.0)),
     };
-    (Some(info), problems)
+    (Some(info), problems, policy_problem)
 }
 
 /// A namespace's name and what the state keeps of it, with a problem with
-/// its label if any.
-pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>) {
+/// its label or annotations if any, and the one with its inbound-policy
+/// annotation (for a Warning Event).
+pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>, Option<String>) {
     let name = ns.metadata.name.clone().unwrap_or_default();
     let labels = ns.metadata.labels.clone().unwrap_or_default();
     let (mesh_label, mut problem) = match MeshLabel::parse(&labels) {
@@ -299,10 +321,10 @@ pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>
         problem = Some(p);
         PortSet::default()
     });
-    let inbound_policy = inbound_policy(ns.metadata.annotations.as_ref()).unwrap_or_else(|p| {
-        problem = Some(p);
-        None
-    });
+    let (inbound_policy, policy_problem) = inbound_policy(ns.metadata.annotations.as_ref());
+    if let Some(p) = &policy_problem {
+        problem = Some(p.clone());
+    }
     (
         name,
         Namespace {
@@ -311,6 +333,7 @@ pub(super) fn namespace(ns: &K8sNamespace) -> (String, Namespace, Option<String>
             inbound_policy,
         },
         problem,
+        policy_problem,
     )
 }
 
@@ -556,6 +579,48 @@ mod tests {
             p.metadata.labels = Some(BTreeMap::from([("pod-template-hash".into(), h.into())]));
         }
         p
+    }
+
+    #[test]
+    fn a_mistyped_inbound_policy_means_deny_and_says_so() {
+        let annotated =
+            |v: &str| BTreeMap::from([(INBOUND_POLICY_ANNOTATION.to_owned(), v.to_owned())]);
+        for typo in ["Deny", "all_authenticated", "", "allow"] {
+            let (policy, problem) = inbound_policy(Some(&annotated(typo)));
+            assert_eq!(policy, Some(InboundPolicy::Deny), "{typo:?}");
+            assert!(
+                problem
+                    .as_deref()
+                    .is_some_and(|p| p.contains("deny applies")),
+                "{problem:?}"
+            );
+        }
+        assert_eq!(
+            inbound_policy(Some(&annotated("all-authenticated"))),
+            (Some(InboundPolicy::AllAuthenticated), None)
+        );
+        assert_eq!(inbound_policy(None), (None, None));
+        // On a pod and on a namespace alike.
+        let mut p = pod_owned_by("ReplicaSet", "web-7d4b9c", Some("7d4b9c"));
+        p.metadata.uid = Some("u-1".into());
+        p.metadata.annotations = Some(annotated("Deny"));
+        let (info, problems, policy_problem) = pod_and_policy(&p);
+        assert_eq!(
+            info.expect("kept").inbound_policy,
+            Some(InboundPolicy::Deny)
+        );
+        assert!(policy_problem.is_some());
+        assert!(
+            problems
+                .iter()
+                .any(|(r, _)| *r == SourceErrorReason::InvalidAnnotation)
+        );
+        let mut ns = K8sNamespace::default();
+        ns.metadata.name = Some("shop".into());
+        ns.metadata.annotations = Some(annotated("all_authenticated"));
+        let (_, namespace, problem, policy_problem) = namespace(&ns);
+        assert_eq!(namespace.inbound_policy, Some(InboundPolicy::Deny));
+        assert!(problem.is_some() && policy_problem.is_some());
     }
 
     #[test]

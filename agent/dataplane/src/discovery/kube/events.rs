@@ -33,27 +33,60 @@ impl std::fmt::Debug for KubeEvents {
     }
 }
 
+/// The `reason` of the Event on a pod or namespace whose inbound-policy
+/// annotation cannot be read (`deny` applies until it is fixed).
+pub const INVALID_POLICY: &str = "NodemeshInvalidInboundPolicy";
+
+/// What a Warning is about.
+pub struct About<'a> {
+    pub kind: &'static str,
+    /// The object's namespace (`None` for a Namespace: its Events go to
+    /// `default`, as the API server wants for cluster-scoped objects).
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+    pub uid: Option<&'a str>,
+}
+
 impl PodEvents for KubeEvents {
     fn capture_failed(&self, pod: &Pod, reason: &str, message: &str) {
+        let uid = pod.uid.to_string();
+        self.warn(
+            About {
+                kind: "Pod",
+                namespace: Some(&pod.namespace),
+                name: &pod.name,
+                uid: Some(&uid),
+            },
+            CAPTURE_FAILED,
+            format!(
+                "nodemesh cannot capture this pod ({reason}): {message}; its connections are refused until it can"
+            ),
+        );
+    }
+}
+
+impl KubeEvents {
+    /// Posts a Warning Event about an object, in the background (nothing
+    /// waits for the API server).
+    pub fn warn(&self, about: About<'_>, reason: &str, message: String) {
         let now = Time(Timestamp::now());
+        let namespace = about.namespace.unwrap_or("default");
         let event = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", pod.name)),
-                namespace: Some(pod.namespace.clone()),
+                generate_name: Some(format!("{}.", about.name)),
+                namespace: Some(namespace.to_owned()),
                 ..ObjectMeta::default()
             },
             involved_object: ObjectReference {
                 api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                namespace: Some(pod.namespace.clone()),
-                name: Some(pod.name.clone()),
-                uid: Some(pod.uid.to_string()),
+                kind: Some(about.kind.into()),
+                namespace: about.namespace.map(str::to_owned),
+                name: Some(about.name.to_owned()),
+                uid: about.uid.map(str::to_owned),
                 ..ObjectReference::default()
             },
-            reason: Some(CAPTURE_FAILED.into()),
-            message: Some(format!(
-                "nodemesh cannot capture this pod ({reason}): {message}; its connections are refused until it can"
-            )),
+            reason: Some(reason.into()),
+            message: Some(message),
             type_: Some("Warning".into()),
             source: Some(EventSource {
                 component: Some("nodemesh-agent".into()),
@@ -64,8 +97,8 @@ impl PodEvents for KubeEvents {
             count: Some(1),
             ..Event::default()
         };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let key = pod.key();
+        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+        let key = format!("{}/{}", namespace, about.name);
         // Capture never waits for the API server.
         tokio::spawn(async move {
             match tokio::time::timeout(
@@ -75,8 +108,8 @@ impl PodEvents for KubeEvents {
             .await
             {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => debug!(pod = %key, error = %e, "cannot post the capture event"),
-                Err(_) => debug!(pod = %key, "posting the capture event timed out"),
+                Ok(Err(e)) => debug!(object = %key, error = %e, "cannot post an event"),
+                Err(_) => debug!(object = %key, "posting an event timed out"),
             }
         });
     }

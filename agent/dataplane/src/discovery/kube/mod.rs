@@ -37,25 +37,125 @@ use nodemesh_core::policy::{self, Policy};
 use super::{SourceErrorReason, SourceMetrics};
 use crate::state::{Namespace, ObjectKey, PodInfo, ServiceInfo, SliceInfo, StateStore, Update};
 
-/// Why nodemesh is being uninstalled, as the agent sees it when told to
-/// stop: its DaemonSet deleted or being deleted, its namespace being
-/// deleted, or its credentials or permissions revoked (the service
-/// account, its token or its RBAC deleted with the rest). Checked at once
-/// on the stop signal: `kubectl delete -f` removes the service account and
-/// the RBAC within a second of the DaemonSet, so waiting (say, for open
-/// connections to drain) turns "deleted" into "forbidden". `None` —
-/// including no answer — means "keep the node's eBPF state" (a restart).
+/// Evidence that nodemesh is being uninstalled, gathered while the agent
+/// runs: its DaemonSet (seen, then gone or being deleted) and its namespace
+/// (being deleted), from watches. `kubectl delete -f` removes the agent's
+/// service account and RBAC within a second of its DaemonSet, so by the
+/// time the agent is told to stop it may not be allowed to ask any more:
+/// what it saw while it could is what counts. Only evidence counts: a 401
+/// or 403 (revoked credentials, an RBAC slip, a bad token) or no answer
+/// keeps the node's eBPF state (a restart), never an unmeshed node.
+#[derive(Clone, Debug, Default)]
+pub struct UninstallWatch(std::sync::Arc<std::sync::Mutex<Evidence>>);
+
+#[derive(Debug, Default)]
+struct Evidence {
+    daemonset_seen: bool,
+    /// A relist of the DaemonSet is under way: whether it was in it.
+    relisting: Option<bool>,
+    daemonset: Option<&'static str>,
+    namespace: Option<&'static str>,
+}
+
+impl UninstallWatch {
+    /// Follows the DaemonSet `namespace/name` and the namespace until
+    /// `shutdown`.
+    pub fn spawn(&self, client: &Client, namespace: &str, name: &str, shutdown: CancellationToken) {
+        use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Namespace as K8sNamespace};
+        let by_name = |n: &str| watcher::Config::default().fields(&format!("metadata.name={n}"));
+        let ds = watcher(
+            Api::<DaemonSet>::namespaced(client.clone(), namespace),
+            by_name(name),
+        )
+        .default_backoff();
+        let ns =
+            watcher(Api::<K8sNamespace>::all(client.clone()), by_name(namespace)).default_backoff();
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::pin!(ds);
+            tokio::pin!(ns);
+            loop {
+                tokio::select! {
+                    Some(event) = ds.next() => me.daemonset(event),
+                    Some(event) = ns.next() => me.namespace(event),
+                    _ = shutdown.cancelled() => return,
+                    else => return,
+                }
+            }
+        });
+    }
+
+    fn daemonset(
+        &self,
+        event: Result<watcher::Event<k8s_openapi::api::apps::v1::DaemonSet>, watcher::Error>,
+    ) {
+        use watcher::Event::*;
+        let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Ok(Apply(ds) | InitApply(ds)) => {
+                e.daemonset_seen = true;
+                if e.relisting.is_some() {
+                    e.relisting = Some(true);
+                }
+                e.daemonset = ds
+                    .metadata
+                    .deletion_timestamp
+                    .is_some()
+                    .then_some("its DaemonSet is being deleted");
+            }
+            Ok(Delete(_)) if e.daemonset_seen => e.daemonset = Some("its DaemonSet is gone"),
+            Ok(Init) => e.relisting = Some(false),
+            // A relist without it: gone (if it was ever there).
+            Ok(InitDone) => {
+                let listed = e.relisting.take();
+                if listed == Some(false) && e.daemonset_seen {
+                    e.daemonset = Some("its DaemonSet is gone");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn namespace(&self, event: Result<watcher::Event<K8sNamespace>, watcher::Error>) {
+        use watcher::Event::*;
+        let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Ok(Apply(ns) | InitApply(ns)) => {
+                e.namespace = ns
+                    .metadata
+                    .deletion_timestamp
+                    .is_some()
+                    .then_some("its namespace is being deleted");
+            }
+            Ok(Delete(_)) => e.namespace = Some("its namespace is gone"),
+            _ => {}
+        }
+    }
+
+    /// Why nodemesh is being uninstalled, if the agent has evidence: what
+    /// the watches saw, else what the API server answers now (a DaemonSet
+    /// it says is gone or terminating).
+    pub async fn uninstalling(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&'static str> {
+        let seen = {
+            let e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            e.daemonset.or(e.namespace)
+        };
+        if seen.is_some() {
+            return seen;
+        }
+        uninstalling(client, namespace, name).await
+    }
+}
+
+/// What the API server says now: the DaemonSet or its namespace gone or
+/// being deleted. An error (401, 403, no answer) is no evidence.
 pub async fn uninstalling(client: &Client, namespace: &str, name: &str) -> Option<&'static str> {
-    use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Namespace as K8sNamespace};
-    let revoked = |e: &kube::Error| match e {
-        kube::Error::Api(status) if status.code == 401 => {
-            Some("the agent's credentials were revoked")
-        }
-        kube::Error::Api(status) if status.code == 403 => {
-            Some("the agent's permissions were revoked")
-        }
-        _ => None,
-    };
+    use k8s_openapi::api::apps::v1::DaemonSet;
     let within = Duration::from_secs(5);
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
     match tokio::time::timeout(within, daemonsets.get_opt(name)).await {
@@ -63,7 +163,12 @@ pub async fn uninstalling(client: &Client, namespace: &str, name: &str) -> Optio
         Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
             return Some("its DaemonSet is being deleted");
         }
-        Ok(Err(e)) if revoked(&e).is_some() => return revoked(&e),
+        Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403) => {
+            warn!(
+                code = status.code,
+                "cannot read the agent's DaemonSet at stop; keeping the node's eBPF state (only a deleted DaemonSet or namespace uninstalls)"
+            );
+        }
         _ => {}
     }
     let namespaces: Api<K8sNamespace> = Api::all(client.clone());
@@ -72,7 +177,6 @@ pub async fn uninstalling(client: &Client, namespace: &str, name: &str) -> Optio
         Ok(Ok(Some(ns))) if ns.metadata.deletion_timestamp.is_some() => {
             Some("its namespace is being deleted")
         }
-        Ok(Err(e)) => revoked(&e),
         _ => None,
     }
 }
@@ -177,6 +281,7 @@ impl KubeSource {
         let gvk = GroupVersionKind::gvk(policy::GROUP, policy::VERSION, policy::KIND);
         let policies = ApiResource::from_gvk_with_plural(&gvk, policy::PLURAL);
         self.state.expect_policies();
+        self.state.expect_services();
         let mut streams: Vec<Events> = vec![
             watch(
                 Api::<DynamicObject>::all_with(c.clone(), &policies),
@@ -223,7 +328,11 @@ impl KubeSource {
             ),
         });
         let mut events = select_all(streams);
-        let mut source = Source::new(node, self.metrics.clone());
+        let mut source = Source::new(node.clone(), self.metrics.clone());
+        source.events = Some(events::KubeEvents {
+            client: self.client.clone(),
+            node,
+        });
         loop {
             let event = tokio::select! {
                 e = events.next() => e,
@@ -270,6 +379,9 @@ struct Source {
     /// Watches currently failing, so an outage is logged once.
     failing: HashSet<&'static str>,
     metrics: SourceMetrics,
+    /// Tells owners of what the agent refuses to guess at (an unreadable
+    /// inbound policy).
+    events: Option<events::KubeEvents>,
 }
 
 impl Source {
@@ -284,14 +396,29 @@ impl Source {
             reported: HashSet::new(),
             failing: HashSet::new(),
             metrics,
+            events: None,
         }
     }
 
-    /// Logs and counts a problem with one object, once.
-    fn report(&mut self, object: &str, reason: SourceErrorReason, problem: String) {
+    /// Logs and counts a problem with one object, once; whether it is new.
+    fn report(&mut self, object: &str, reason: SourceErrorReason, problem: String) -> bool {
         if self.reported.insert((object.to_owned(), problem.clone())) {
             warn!(object, %reason, %problem, "Kubernetes object partly ignored");
             self.metrics.error(reason);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A Warning Event for an unreadable inbound-policy annotation.
+    fn policy_event(&self, about: events::About<'_>, problem: &str) {
+        if let Some(events) = &self.events {
+            events.warn(
+                about,
+                events::INVALID_POLICY,
+                format!("nodemesh cannot read this inbound policy: {problem}"),
+            );
         }
     }
 
@@ -308,27 +435,56 @@ impl Source {
     /// Reduces a pod, reporting its problems when it is on this node (other
     /// nodes' agents report theirs).
     fn pod(&mut self, p: &K8sPod) -> Option<PodInfo> {
-        let (info, problems) = convert::pod(p);
+        let (info, problems, policy_problem) = convert::pod_and_policy(p);
         // This node's agent reports this node's pods; finished ones are no
         // one's concern.
         let here = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
         if here && !info.as_ref().is_some_and(|i| i.terminal) {
             let object = convert::object_name(&p.metadata);
+            let mut new = false;
             for (reason, problem) in problems {
-                self.report(&object, reason, problem);
+                new |= self.report(&object, reason, problem);
+            }
+            if let (true, Some(problem), Some(info)) = (new, policy_problem, &info) {
+                let uid = info.uid.to_string();
+                self.policy_event(
+                    events::About {
+                        kind: "Pod",
+                        namespace: Some(&info.namespace),
+                        name: &info.name,
+                        uid: Some(&uid),
+                    },
+                    &problem,
+                );
             }
         }
         info
     }
 
-    fn namespace(&mut self, ns: &K8sNamespace) -> (String, Namespace) {
-        let (name, namespace, problem) = convert::namespace(ns);
+    /// A namespace; a problem with its inbound policy is told (an Event)
+    /// by the agents with a pod of it on their node.
+    fn namespace(&mut self, ns: &K8sNamespace, state: &StateStore) -> (String, Namespace) {
+        let (name, namespace, problem, policy_problem) = convert::namespace(ns);
         if let Some(problem) = problem {
-            self.report(
-                &format!("namespace/{name}"),
-                SourceErrorReason::InvalidLabel,
-                problem,
-            );
+            let reason = if problem.starts_with("annotation") {
+                SourceErrorReason::InvalidAnnotation
+            } else {
+                SourceErrorReason::InvalidLabel
+            };
+            let new = self.report(&format!("namespace/{name}"), reason, problem);
+            if let (true, Some(problem)) = (new, policy_problem)
+                && state.has_local_pod_in(&name)
+            {
+                self.policy_event(
+                    events::About {
+                        kind: "Namespace",
+                        namespace: None,
+                        name: &name,
+                        uid: ns.metadata.uid.as_deref(),
+                    },
+                    &problem,
+                );
+            }
         }
         (name, namespace)
     }
@@ -401,11 +557,11 @@ impl Source {
             },
             Event::Namespace(event) => match event {
                 Apply(ns) => {
-                    let (name, ns) = self.namespace(&ns);
+                    let (name, ns) = self.namespace(&ns, state);
                     state.update(|u| u.apply_namespace(&name, ns));
                 }
                 InitApply(ns) => {
-                    let entry = self.namespace(&ns);
+                    let entry = self.namespace(&ns, state);
                     self.namespaces.push(entry);
                 }
                 Delete(ns) => {

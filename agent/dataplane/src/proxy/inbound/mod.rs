@@ -75,6 +75,9 @@ pub struct InboundConfig {
     /// Who may connect to a pod whose annotations (and namespace's) say
     /// nothing.
     pub default_policy: InboundPolicy,
+    /// What every connection must pass too, whatever the annotations and
+    /// `AuthorizationPolicy` objects say (`--min-inbound-policy`).
+    pub floor: InboundPolicy,
     pub connect_timeout: Duration,
     /// How long a connection may stay silent both ways before it is taken
     /// as opaque (set by the proxy: the outbound side's).
@@ -206,7 +209,17 @@ impl Inbound {
                 && self.state.in_cluster(client_ip),
             authorized: self.state.authorized(&pod, port, policy_client),
         };
-        let decided = policy::decide(policy, client, facts);
+        // The install's floor first: no annotation or policy object of a
+        // namespace opens what it closes (only the kubelet's probes pass).
+        let decided = policy::decide(
+            self.cfg.floor,
+            client,
+            Facts {
+                authorized: None,
+                ..facts
+            },
+        )
+        .and_then(|()| policy::decide(policy, client, facts));
         if let Err(reason) = decided {
             if let Some(inbound) = &served.inbound {
                 inbound.denied(reason);

@@ -52,6 +52,9 @@ pub enum Refusal {
     NoTunnel,
     /// A Service lists the address on a node, but its pod is not known yet.
     Unseen,
+    /// An address of the Service network that is no Service port known
+    /// here (yet).
+    UnknownService,
 }
 
 impl fmt::Display for Refusal {
@@ -72,6 +75,9 @@ impl fmt::Display for Refusal {
             Self::Unseen => f.write_str(
                 "a Service lists this address on a node, but its pod is not known yet",
             ),
+            Self::UnknownService => f.write_str(
+                "the address is in the Service network (--service-cidr) but no Service port known here",
+            ),
         }
     }
 }
@@ -91,6 +97,7 @@ pub fn route<'a>(ctx: RouteCtx<'_>, src: &'a Pod, upstream: &'a Upstream) -> Rou
         }
         Target::Stale => return Route::Refuse(Refusal::Stale),
         Target::Unseen => return Route::Refuse(Refusal::Unseen),
+        Target::UnknownService => return Route::Refuse(Refusal::UnknownService),
         // The caller picks an endpoint first; a cluster IP itself is what
         // kube-proxy would make of it.
         Target::Service(_) => return Route::Direct,

@@ -52,6 +52,10 @@ impl Failure {
     /// it is.
     pub(super) fn log(&self, dst: SocketAddr) -> ConnectError {
         match self {
+            Failure::Refused(why @ Refusal::UnknownService) => {
+                warn!(%dst, %why, "refusing a connection to a Service not known yet");
+                ConnectError::NoEndpoints
+            }
             Failure::Refused(why) => {
                 warn!(%dst, %why, "refusing to send a meshed connection in the clear");
                 ConnectError::Tunnel
