@@ -774,3 +774,177 @@ pub fn the_install_floor_is_what_annotations_cannot_open() {
         denied(m, "server", "unauthenticated") >= 2.0
     });
 }
+
+/// Two CONNECT streams for `target` on one hand-made tunnel connection,
+/// `gap` apart: the first one's status, and the second's (or why it
+/// could not be opened).
+#[allow(clippy::too_many_arguments)]
+fn two_streams(
+    netns: &std::path::Path,
+    addr: SocketAddr,
+    anchors_pem: &str,
+    client: &CertAndKey,
+    chain_pem: &str,
+    sni: String,
+    target: SocketAddr,
+    gap: Duration,
+) -> (u16, Result<u16, String>) {
+    let cfg = crate::mesh::client_config(anchors_pem, client, chain_pem);
+    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
+    in_netns(netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .expect("handshake");
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .expect("h2");
+            tokio::spawn(conn);
+            let connect = || {
+                hyper::Request::builder()
+                    .method(hyper::Method::CONNECT)
+                    .uri(target.to_string())
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap()
+            };
+            let first = send
+                .send_request(connect())
+                .await
+                .expect("the first CONNECT")
+                .status()
+                .as_u16();
+            tokio::time::sleep(gap).await;
+            let second = match send.ready().await {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => send
+                    .send_request(connect())
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.to_string()),
+            };
+            (first, second)
+        })
+    })
+}
+
+/// Medium 9: a tunnel connection outlived its client certificate — one
+/// valid for 8 s opened a new stream at 12 s. Now the server says GOAWAY
+/// at the certificate's `notAfter` (and at the connection's age cap): no
+/// new stream after it.
+pub fn a_tunnel_connection_takes_no_stream_past_its_certificate() {
+    let bed = MeshBed::new("24h");
+    let server = bed.pod(&bed.b, "server", "server");
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let id = Identity::new(&bed.ns, "web").unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let now = std::time::SystemTime::now();
+    let issued = bed
+        .install
+        .pki
+        .signer()
+        .sign_identity(&key, &id, now, now + Duration::from_secs(5))
+        .unwrap();
+    let cert = CertAndKey {
+        cert_pem: issued.cert_pem,
+        key_pem: key.serialize_pem(),
+    };
+    let sni = Identity::new(&bed.ns, "server")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    let (first, second) = two_streams(
+        &bed.a.netns,
+        SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
+        &bed.install.pki.anchor.cert_pem,
+        &cert,
+        &issued.chain_pem,
+        sni,
+        at(&server, ECHO),
+        Duration::from_secs(8),
+    );
+    assert_eq!(first, 200, "a stream while the certificate is valid");
+    assert!(
+        second.is_err(),
+        "a new stream after the certificate expired: {second:?}"
+    );
+}
+
+/// Medium 11: the key exchange was X25519 everywhere (rustls without its
+/// `prefer-post-quantum` feature lists the hybrid last). Now every
+/// endpoint settles on X25519MLKEM768 — the tunnel both ways, the agents'
+/// handshakes with the identity service, the tap port — as each
+/// handshake's negotiated group, counted, shows.
+pub fn every_handshake_settles_on_the_post_quantum_hybrid() {
+    let bed = MeshBed::new("24h");
+    let server = bed.pod(&bed.b, "server", "server");
+    let client = bed.pod(&bed.a, "client", "client");
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    client.tcp().exchange_ok(at(&server, ECHO), 10_000);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = bed
+        .install
+        .pki
+        .signer()
+        .sign_client(
+            &key,
+            &nodemesh_core::identity::tap_client_id("cluster.local"),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let tap = CertAndKey {
+        cert_pem: issued.cert_pem,
+        key_pem: key.serialize_pem(),
+    };
+    assert!(tap_port_answers(
+        &bed,
+        &bed.a.netns,
+        SocketAddr::from((bed.b.ip, nodemesh_core::names::TAP_PORT)),
+        &tap,
+        &issued.chain_pem
+    ));
+    let handshakes = |m: &Metrics, endpoint: &str, group: &str| {
+        m.sum(
+            "nodemesh_tls_handshakes_total",
+            &[("endpoint", endpoint), ("group", group)],
+        )
+    };
+    let a = bed.agent_a.wait_metric("the tunnel's client end", |m| {
+        handshakes(m, "tunnel_outbound", "X25519MLKEM768") >= 1.0
+    });
+    let b = bed
+        .agent_b
+        .wait_metric("the tunnel's server end and the tap port", |m| {
+            handshakes(m, "tunnel_inbound", "X25519MLKEM768") >= 1.0
+                && handshakes(m, "tap_port", "X25519MLKEM768") >= 1.0
+        });
+    for m in [&a, &b] {
+        assert!(
+            handshakes(m, "identity_service", "X25519MLKEM768") >= 1.0,
+            "{}",
+            m.text
+        );
+        let all = m.sum("nodemesh_tls_handshakes_total", &[]);
+        let hybrid = m.sum(
+            "nodemesh_tls_handshakes_total",
+            &[("group", "X25519MLKEM768")],
+        );
+        assert_eq!(all, hybrid, "every handshake is the hybrid:\n{}", m.text);
+    }
+}

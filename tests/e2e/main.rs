@@ -22,6 +22,8 @@ fn main() {
         audit::a_cluster_ip_the_agent_does_not_know_is_refused,
         audit::a_mistyped_policy_annotation_means_deny,
         audit::the_install_floor_is_what_annotations_cannot_open,
+        audit::a_tunnel_connection_takes_no_stream_past_its_certificate,
+        audit::every_handshake_settles_on_the_post_quantum_hybrid,
         escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,

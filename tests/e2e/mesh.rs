@@ -307,14 +307,12 @@ pub(crate) fn client_config_alpn(
     let mut chain = pki::certs_from_pem(&client.cert_pem, "client").expect("client cert");
     chain.extend(pki::certs_from_pem(chain_pem, "chain").expect("chain"));
     let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("client key");
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .expect("client certificate");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate");
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(cfg)
 }

@@ -45,10 +45,20 @@ pub struct CertAndKey {
     pub key_pem: String,
 }
 
-/// The one crypto provider of every nodemesh TLS endpoint: aws-lc-rs, whose
-/// default key exchange is the post-quantum hybrid X25519MLKEM768.
+/// The one crypto provider of every nodemesh TLS endpoint: aws-lc-rs, with
+/// the post-quantum hybrid X25519MLKEM768 first (as Linkerd 2.19 does),
+/// then X25519 and P-256 for peers that lack it. Set here, not left to a
+/// cargo feature: rustls without `prefer-post-quantum` lists the hybrid
+/// last, so a client's key share — and the handshake — would be X25519.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let mut provider = default_provider();
+    provider.kx_groups = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+    ];
+    std::sync::Arc::new(provider)
 }
 
 fn random_serial() -> SerialNumber {
@@ -449,6 +459,76 @@ pub fn new_csr(identity: &Identity, trust_domain: &str) -> Result<(KeyPair, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The group two providers settle on, over an in-memory handshake.
+    fn negotiated(
+        client: std::sync::Arc<rustls::crypto::CryptoProvider>,
+        server: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    ) -> [Option<rustls::NamedGroup>; 2] {
+        use std::sync::Arc;
+        let anchor = generate_trust_anchor("cluster.local", Duration::from_secs(3600)).unwrap();
+        let issuer = generate_issuer(&anchor, "cluster.local", Duration::from_secs(3600)).unwrap();
+        let signer = Signer::load(
+            &issuer.cert_pem,
+            &issuer.key_pem,
+            &anchor.cert_pem,
+            "cluster.local",
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let issued = signer
+            .sign_server(&key, &["server.example".into()], Duration::from_secs(600))
+            .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(server)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                certs_from_pem(&format!("{}{}", issued.cert_pem, issued.chain_pem), "chain")
+                    .unwrap(),
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(client)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(signer.roots().unwrap())
+            .with_no_client_auth();
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client), "server.example".try_into().unwrap())
+                .unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..10 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        [
+            c.negotiated_key_exchange_group().map(|g| g.name()),
+            s.negotiated_key_exchange_group().map(|g| g.name()),
+        ]
+    }
+
+    /// Both ends of every nodemesh endpoint settle on the post-quantum
+    /// hybrid, not just offer it; rustls' own default (this workspace has
+    /// no `prefer-post-quantum`) would not, which is why `provider` orders
+    /// the groups itself.
+    #[test]
+    fn the_key_exchange_is_the_post_quantum_hybrid() {
+        let hybrid = Some(rustls::NamedGroup::X25519MLKEM768);
+        assert_eq!(negotiated(provider(), provider()), [hybrid; 2]);
+        let stock = || std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        assert_ne!(negotiated(stock(), stock()), [hybrid; 2]);
+    }
 
     fn pki() -> (CertAndKey, Signer) {
         let anchor = generate_trust_anchor("cluster.local", Duration::from_secs(3600)).unwrap();

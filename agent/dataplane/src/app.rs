@@ -199,6 +199,8 @@ impl App {
             }
             PodSourceConfig::File { .. } => None,
         };
+        let proxy_metrics = ProxyMetrics::new(&mut registry);
+        let tls_metrics = proxy_metrics.tunnel.tls.clone();
         // Workload identity: certificates, and with them the tunnel.
         let certs = match &cfg.identity {
             Some(id) => {
@@ -213,6 +215,7 @@ impl App {
                 if let Some(kube) = &kube {
                     client = client.with_services(Arc::new(ApiServices(kube.clone())));
                 }
+                let client = client.with_tls_metrics(tls_metrics.clone());
                 Some(Arc::new(CertStore::new(
                     Arc::new(client),
                     roots(&id.trust_anchors_pem)?,
@@ -234,6 +237,10 @@ impl App {
                 .identity
                 .as_ref()
                 .map_or(Duration::from_secs(60), |id| id.tunnel_idle_timeout),
+            max_connection_age: cfg
+                .identity
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |id| id.tunnel_max_connection_age),
         };
         let tunnel = match &cfg.identity {
             Some(id) => tunnel::server::bind(&id.tunnel_addrs)
@@ -264,7 +271,7 @@ impl App {
             },
             state: state.clone(),
             certs: certs.clone(),
-            metrics: ProxyMetrics::new(&mut registry),
+            metrics: proxy_metrics,
             connector: Arc::new(NetnsConnector {
                 timeout: cfg.connect_timeout,
             }),
@@ -339,6 +346,7 @@ impl App {
                     store: store.clone(),
                     me: id.agent_identity.clone(),
                     routes: routes.clone(),
+                    tls: tls_metrics.clone(),
                 },
                 tap_listeners,
             )),

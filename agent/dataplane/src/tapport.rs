@@ -43,6 +43,7 @@ pub struct TapPort {
     /// The agent's own identity: its certificate is presented.
     pub me: Identity,
     pub routes: AgentRoutes,
+    pub tls: crate::telemetry::TlsMetrics,
 }
 
 /// Presents the agent's current certificate (none yet: the handshake
@@ -138,6 +139,8 @@ pub fn serve(
                                 return;
                             }
                         };
+                    port.tls
+                        .handshake(crate::telemetry::TlsEndpoint::TapPort, tls.get_ref().1);
                     let client = peer_spiffe(tls.get_ref().1.peer_certificates());
                     drop(handshake);
                     if client.as_deref() != Some(allowed.as_str()) {

@@ -299,4 +299,15 @@ pub struct AgentArgs {
         value_name = "DURATION"
     )]
     pub tunnel_idle_timeout: String,
+
+    /// No tunnel connection takes new streams past this age (the client
+    /// dials a new one; the server says GOAWAY), nor past its peer's
+    /// certificate expiry; streams open on it finish.
+    #[arg(
+        long,
+        env = "NODEMESH_TUNNEL_MAX_CONNECTION_AGE",
+        default_value = "1h",
+        value_name = "DURATION"
+    )]
+    pub tunnel_max_connection_age: String,
 }

@@ -31,6 +31,7 @@ pub struct IdentitySettings {
     /// Where the tunnel listens: one port, one or more addresses.
     pub tunnel_addrs: Vec<SocketAddr>,
     pub tunnel_idle_timeout: Duration,
+    pub tunnel_max_connection_age: Duration,
     /// Where the tap port listens: one port, one or more addresses.
     pub tap_addrs: Vec<SocketAddr>,
     /// The agent's own identity (its tap port's certificate).
@@ -211,6 +212,11 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                     tunnel_addrs(&a.tunnel_addr),
                 );
                 let tunnel_addr = tunnel_addrs.as_ref().and_then(|t| t.first().copied());
+                let max_age = p.check(
+                    "tunnel-max-connection-age",
+                    &a.tunnel_max_connection_age,
+                    parse_positive_duration(&a.tunnel_max_connection_age),
+                );
                 let idle = p.check(
                     "tunnel-idle-timeout",
                     &a.tunnel_idle_timeout,
@@ -286,13 +292,21 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         }
                     },
                 };
-                match (tunnel_addrs, idle, anchors, tap_addrs, agent_identity) {
+                match (
+                    tunnel_addrs,
+                    idle,
+                    anchors,
+                    tap_addrs,
+                    agent_identity,
+                    max_age,
+                ) {
                     (
                         Some(tunnel_addrs),
                         Some(tunnel_idle_timeout),
                         Some(trust_anchors_pem),
                         Some(tap_addrs),
                         Some(agent_identity),
+                        Some(tunnel_max_connection_age),
                     ) => Some(IdentitySettings {
                         addr: addr.clone(),
                         server_name: a.identity_server_name.clone(),
@@ -300,6 +314,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                         token_file: a.identity_token_file.clone(),
                         tunnel_addrs,
                         tunnel_idle_timeout,
+                        tunnel_max_connection_age,
                         tap_addrs,
                         agent_identity,
                     }),

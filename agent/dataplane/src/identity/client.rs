@@ -87,6 +87,7 @@ pub struct IdentityClient {
     tls: TlsConnector,
     server_name: ServerName<'static>,
     services: Option<Arc<dyn ServiceAddrs>>,
+    tls_metrics: Option<crate::telemetry::TlsMetrics>,
 }
 
 /// `<name>.<namespace>.svc[.<cluster domain>]`: a Service's DNS name.
@@ -120,7 +121,14 @@ impl IdentityClient {
             tls: TlsConnector::from(Arc::new(tls)),
             server_name,
             services: None,
+            tls_metrics: None,
         })
+    }
+
+    /// Counts its handshakes (by key exchange) in `metrics`.
+    pub fn with_tls_metrics(mut self, metrics: crate::telemetry::TlsMetrics) -> Self {
+        self.tls_metrics = Some(metrics);
+        self
     }
 
     /// Resolves a Service name (`name.namespace.svc…`) through `services`
@@ -210,6 +218,12 @@ impl IdentityClient {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(connect_err)?;
+        if let Some(m) = &self.tls_metrics {
+            m.handshake(
+                crate::telemetry::TlsEndpoint::IdentityService,
+                tls.get_ref().1,
+            );
+        }
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| IdentityClientError::Http(e.to_string()))?;

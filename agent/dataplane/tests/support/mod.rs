@@ -356,6 +356,7 @@ fn tunnel_config() -> TunnelConfig {
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
+        max_connection_age: Duration::from_secs(3600),
     }
 }
 

@@ -41,6 +41,10 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     /// A pooled connection with no stream for this long is closed.
     pub idle_timeout: Duration,
+    /// No connection takes new streams past this age (both ends: the
+    /// client dials a new one, the server sends GOAWAY), nor past its
+    /// peer certificate's `notAfter`; open streams finish.
+    pub max_connection_age: Duration,
 }
 
 label_values! {
@@ -93,6 +97,9 @@ pub struct TunnelMetrics {
     connections: Family<DirLabels, Counter>,
     streams: Family<DirLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    /// Handshakes by key exchange, for the tunnel and the agent's other
+    /// TLS endpoints.
+    pub tls: crate::telemetry::TlsMetrics,
 }
 
 impl TunnelMetrics {
@@ -101,6 +108,7 @@ impl TunnelMetrics {
             connections: Family::default(),
             streams: Family::default(),
             errors: Family::default(),
+            tls: crate::telemetry::TlsMetrics::new(registry),
         };
         registry.register(
             "tunnel_connections",

@@ -41,6 +41,9 @@ struct Pooled {
     /// certificate gets a new connection for new streams.
     generation: u64,
     last_used: Instant,
+    /// No new streams on it past this: its age cap, or the server's
+    /// certificate's expiry, whichever comes first.
+    retire_at: Instant,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
@@ -170,27 +173,61 @@ impl TunnelPool {
             .entry(key.clone())
             .or_default()
             .clone();
-        // One connect per key at a time; the others wait and reuse it.
-        let mut dialled = false;
-        let mut send = {
-            let mut pooled = slot.lock().await;
-            let reusable = pooled
-                .as_ref()
-                .is_some_and(|p| !p.send.is_closed() && p.generation == current.generation);
-            if !reusable {
-                dialled = true;
-                *pooled = Some(Pooled {
-                    send: self.dial(&key, &current).await?,
-                    generation: current.generation,
-                    last_used: Instant::now(),
-                });
+        // A pooled connection the peer just retired (GOAWAY: its age, or
+        // this node's certificate expiring there) fails the stream before
+        // anything was sent on it: once more on a new connection.
+        let (send, dialled) = self.connection(&slot, &key, &current, false).await?;
+        match self.request(send, &key, dst, client).await {
+            Err(OpenError::Http { .. }) if !dialled => {
+                debug!(node = %key.node, "pooled tunnel connection no longer takes streams; dialling a new one");
+                let (send, _) = self.connection(&slot, &key, &current, true).await?;
+                Ok((self.request(send, &key, dst, client).await?, true))
             }
-            let Some(p) = pooled.as_mut() else {
-                return Err(OpenError::Name("pool entry vanished".into()));
-            };
-            p.last_used = Instant::now();
-            p.send.clone()
+            r => r.map(|stream| (stream, dialled)),
+        }
+    }
+
+    /// The pooled connection for `key` (a new one if there is none that
+    /// may take streams, or if `fresh`), and whether it was dialled now.
+    /// One connect per key at a time; the others wait and reuse it.
+    async fn connection(
+        &self,
+        slot: &Slot,
+        key: &PoolKey,
+        current: &Current,
+        fresh: bool,
+    ) -> Result<(SendRequest<Empty<Bytes>>, bool), OpenError> {
+        let mut pooled = slot.lock().await;
+        let reusable = !fresh
+            && pooled.as_ref().is_some_and(|p| {
+                !p.send.is_closed()
+                    && p.generation == current.generation
+                    && Instant::now() < p.retire_at
+            });
+        if !reusable {
+            let (send, retire_at) = self.dial(key, current).await?;
+            *pooled = Some(Pooled {
+                send,
+                generation: current.generation,
+                last_used: Instant::now(),
+                retire_at,
+            });
+        }
+        let Some(p) = pooled.as_mut() else {
+            return Err(OpenError::Name("pool entry vanished".into()));
         };
+        p.last_used = Instant::now();
+        Ok((p.send.clone(), !reusable))
+    }
+
+    /// One CONNECT stream on `send`.
+    async fn request(
+        &self,
+        mut send: SendRequest<Empty<Bytes>>,
+        key: &PoolKey,
+        dst: SocketAddr,
+        client: Option<SocketAddr>,
+    ) -> Result<TunnelStream, OpenError> {
         let http_err = |source| OpenError::Http {
             addr: key.node,
             source,
@@ -213,7 +250,7 @@ impl TunnelPool {
             });
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(http_err)?;
-        Ok((TokioIo::new(upgraded), dialled))
+        Ok(TokioIo::new(upgraded))
     }
 
     fn client_config(&self, src: &Identity) -> Result<Arc<ClientConfig>, OpenError> {
@@ -228,12 +265,13 @@ impl TunnelPool {
         Ok(cfg)
     }
 
-    /// A new mutual-TLS HTTP/2 connection for `key`.
+    /// A new mutual-TLS HTTP/2 connection for `key`, and when it stops
+    /// taking new streams.
     async fn dial(
         &self,
         key: &PoolKey,
         current: &Current,
-    ) -> Result<SendRequest<Empty<Bytes>>, OpenError> {
+    ) -> Result<(SendRequest<Empty<Bytes>>, Instant), OpenError> {
         let td = self.store.trust_domain();
         let name = key
             .dst
@@ -263,6 +301,10 @@ impl TunnelPool {
             addr: key.node,
             source,
         })?;
+        self.metrics.tls.handshake(
+            crate::telemetry::TlsEndpoint::TunnelOutbound,
+            tls.get_ref().1,
+        );
         let got = tls::peer_spiffe(tls.get_ref().1.peer_certificates());
         if got.as_deref() != Some(key.dst.uri()) {
             return Err(OpenError::WrongIdentity {
@@ -271,6 +313,10 @@ impl TunnelPool {
                 got,
             });
         }
+        let retire_at = tls::retire_at(
+            tls.get_ref().1.peer_certificates(),
+            self.cfg.max_connection_age,
+        );
         let (send, conn) = h2::client()
             .handshake(TokioIo::new(tls))
             .await
@@ -286,7 +332,7 @@ impl TunnelPool {
         });
         self.metrics.connection(Direction::Outbound);
         info!(src = %key.src, dst = %key.dst, %node, generation = current.generation, "tunnel connection established");
-        Ok(send)
+        Ok((send, retire_at))
     }
 
     /// Closes pooled connections idle for longer than the idle timeout

@@ -209,6 +209,9 @@ impl TunnelServer {
             }
         };
         let (_, session) = tls.get_ref();
+        self.metrics
+            .tls
+            .handshake(crate::telemetry::TlsEndpoint::TunnelInbound, session);
         let Some(client) = tls::peer_spiffe(session.peer_certificates()) else {
             warn!(reason = %TunnelError::WrongIdentity, "refused a tunnel connection: the client certificate holds no SPIFFE ID");
             return self.refuse(TunnelError::WrongIdentity);
@@ -230,11 +233,19 @@ impl TunnelServer {
             let served = served.clone();
             async move { Ok::<_, Infallible>(this.stream(req, client, served, peer).await) }
         });
+        // No new streams past the client certificate's expiry, nor past
+        // the connection's age cap: it must come back with a fresh one.
+        let retire_at = tls::retire_at(session.peer_certificates(), self.cfg.max_connection_age);
         let builder = h2::server();
         let conn = builder.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
+            _ = tokio::time::sleep_until(retire_at.into()) => {
+                debug!("tunnel connection retired (its client certificate expires, or it is old): GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
             _ = stop.cancelled() => {
                 // GOAWAY: no new streams; the open ones finish.
                 conn.as_mut().graceful_shutdown();

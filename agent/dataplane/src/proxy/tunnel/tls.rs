@@ -29,6 +29,26 @@ pub fn peer_spiffe(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     pki::cert_info(certs?.first()?).ok()?.spiffe_id
 }
 
+/// When a connection with a peer presenting `certs` stops taking new
+/// streams: at `max_age` from now, or at the peer certificate's expiry if
+/// that is sooner (an identity is never used past its certificate).
+pub fn retire_at(
+    certs: Option<&[CertificateDer<'_>]>,
+    max_age: std::time::Duration,
+) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let left = certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| pki::cert_info(leaf).ok())
+        .map(|info| {
+            info.not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    now + left.min(max_age)
+}
+
 /// Classifies a failed handshake.
 pub fn classify(e: &std::io::Error) -> TunnelError {
     use rustls::{CertificateError, Error};
