@@ -585,20 +585,23 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     assert!(identity.status.success(), "{}", text(&identity));
     let report: Value = serde_json::from_slice(&identity.stdout).expect("a stat report");
     assert_eq!(report["node"], bed.b.name.as_str());
-    // The admin port tells a pod nothing either.
+    // The admin port tells a pod nothing either: not the node's stats, nor
+    // the cluster's map of Services, endpoints, nodes and identities.
     let admin = SocketAddr::from((bed.b.ip, nodemesh_core::names::ADMIN_PORT));
-    let netns = knocker.netns.clone();
-    let answer = in_netns(&netns, move || {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{admin}/v1/stat"))
-            .output()
-            .expect("curl")
-    });
-    let body = String::from_utf8_lossy(&answer.stdout);
-    assert!(
-        body.contains("answers the node itself only"),
-        "{}",
-        text(&answer)
-    );
+    for path in ["/v1/stat", "/v1/services", "/v1/node"] {
+        let netns = knocker.netns.clone();
+        let answer = in_netns(&netns, move || {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "5"])
+                .arg(format!("http://{admin}{path}"))
+                .output()
+                .expect("curl")
+        });
+        let body = String::from_utf8_lossy(&answer.stdout);
+        assert!(
+            body.contains("answers the node itself only"),
+            "{path}: {}",
+            text(&answer)
+        );
+    }
 }

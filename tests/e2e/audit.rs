@@ -948,3 +948,174 @@ pub fn every_handshake_settles_on_the_post_quantum_hybrid() {
         assert_eq!(all, hybrid, "every handshake is the hybrid:\n{}", m.text);
     }
 }
+
+/// A hand-made CONNECT for `target` naming its client in `forwarded`;
+/// sends a line through it once answered 200.
+#[allow(clippy::too_many_arguments)]
+fn stream_claiming(
+    netns: &std::path::Path,
+    addr: SocketAddr,
+    anchors_pem: &str,
+    client: &CertAndKey,
+    chain_pem: &str,
+    sni: String,
+    target: SocketAddr,
+    forwarded: String,
+) -> u16 {
+    let cfg = crate::mesh::client_config(anchors_pem, client, chain_pem);
+    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
+    in_netns(netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .expect("handshake");
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .expect("h2");
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri(target.to_string())
+                .header("forwarded", forwarded)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.expect("CONNECT");
+            let status = resp.status().as_u16();
+            if status == 200 {
+                let mut io =
+                    hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
+                io.write_all(b"line\n").await.expect("write");
+                let mut buf = [0u8; 5];
+                let _ = tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf)).await;
+            }
+            status
+        })
+    })
+}
+
+/// Low 17: `forwarded: for=` accepted any pod of the identity anywhere,
+/// with any port, so a node could make a server see its client as a pod
+/// on another node. Now the claimed pod must be on the tunnel peer's node
+/// (else the app sees that node), and the port is never taken.
+pub fn a_node_vouches_only_for_its_own_pods() {
+    let bed = MeshBed::new("24h");
+    let server = bed.pod(&bed.b, "server", "server");
+    let near = bed.pod(&bed.b, "near", "web");
+    let far = bed.pod(&bed.a, "far", "web");
+    bed.agent_b
+        .wait_metric("server's and web's certificates", |m| {
+            certificates(m) == 2.0
+        });
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let (cert, chain) = leaf(&bed, "web");
+    let sni = Identity::new(&bed.ns, "server")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    let open = |claim: String| {
+        stream_claiming(
+            &bed.a.netns,
+            SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
+            &bed.install.pki.anchor.cert_pem,
+            &cert,
+            &chain,
+            sni.clone(),
+            at(&server, ECHO),
+            claim,
+        )
+    };
+    // Node a claims a web pod of node b, with a port of its choosing.
+    assert_eq!(open(format!("for=\"{}:4444\"", near.ip)), 200);
+    // Its own web pod, with the same port.
+    assert_eq!(open(format!("for=\"{}:4444\"", far.ip)), 200);
+    let peers = nodemesh_tests::eventually("both accepted", Duration::from_secs(5), || {
+        let peers = srv.peers(ECHO);
+        if peers.len() == 2 {
+            Ok(peers)
+        } else {
+            Err(format!("{peers:?}"))
+        }
+    });
+    let ips: Vec<IpAddr> = peers.iter().map(|p| p.ip()).collect();
+    assert!(
+        !ips.contains(&IpAddr::from(near.ip)),
+        "the app saw a pod of another node as the client: {peers:?}"
+    );
+    assert!(
+        ips.contains(&IpAddr::from(far.ip)),
+        "its own pod is: {peers:?}"
+    );
+    assert!(
+        ips.contains(&IpAddr::from(bed.a.ip)),
+        "else the peer node: {peers:?}"
+    );
+    assert!(
+        peers.iter().all(|p| p.port() != 4444),
+        "the claimed port was taken: {peers:?}"
+    );
+}
+
+/// Low 18: an upgraded connection (WebSocket, CONNECT) and a long HTTP/2
+/// stream were decided once, at their request, and never again. Now they
+/// are in the register every policy change decides on: a WebSocket-style
+/// connection is cut once the server's policy refuses its client.
+pub fn an_upgraded_connection_is_decided_again_on_a_policy_change() {
+    use nodemesh_tests::apps::http;
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let server = bed.pod(&bed.b, "server", "server");
+    let client = bed.cluster.run_pod(&bed.a, PodSpec::new(&plain, "client"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut app = server.http();
+    app.serve(ECHO, http::Knobs::default());
+    let to = at(&server, ECHO);
+    let ws = in_netns(&client.netns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(
+            format!(
+                "GET /chat HTTP/1.1\r\nHost: {to}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("the response head");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        s
+    });
+    echo_once(&ws).expect("bytes after the upgrade");
+    assert!(
+        !cut_within(&ws, Duration::from_secs(1)),
+        "cut for no reason"
+    );
+    bed.cluster.annotate_pod(
+        &server,
+        INBOUND_POLICY_ANNOTATION,
+        Some("all-authenticated"),
+    );
+    assert!(
+        cut_within(&ws, Duration::from_secs(5)),
+        "the upgraded connection outlived a policy that refuses its client"
+    );
+}

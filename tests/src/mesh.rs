@@ -102,6 +102,8 @@ impl Link {
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
                 if i != j {
+                    // From the node's own address (its pods' hostIP), as
+                    // a node sends to another's InternalIP.
                     ip(&[
                         "-n",
                         &node.name,
@@ -110,6 +112,8 @@ impl Link {
                         &other.pod_subnet(),
                         "via",
                         &net(j).to_string(),
+                        "src",
+                        &node.ip.to_string(),
                     ]);
                     ip(&[
                         "-n",
@@ -120,6 +124,8 @@ impl Link {
                         &other.pod_subnet6(),
                         "via",
                         &net6(j).to_string(),
+                        "src",
+                        &node.ip6.to_string(),
                     ]);
                 }
             }

@@ -89,6 +89,12 @@ impl NodeFacts {
 impl Routes for AgentRoutes {
     fn get(&self, get: Get<'_>) -> Option<AdminResponse> {
         match get.path {
+            // The cluster's map of services, endpoints, nodes and
+            // identities, and the node's workloads' paths and identities:
+            // not for any pod that can reach the node's address.
+            "/v1/services" | "/v1/stat" | "/v1/tap" | "/v1/node" if !get.from_this_host() => {
+                Some(text(StatusCode::FORBIDDEN, NODE_ONLY))
+            }
             "/v1/services" => Some(match &self.services {
                 Some(state) => json(&state.services()),
                 None => text(
@@ -96,17 +102,13 @@ impl Routes for AgentRoutes {
                     "no service index: the agent reads a pod file\n",
                 ),
             }),
-            // Paths and identities of the node's workloads: not for any
-            // pod that can reach the node's address.
-            "/v1/stat" | "/v1/tap" | "/v1/node" if !get.from_this_host() => {
-                Some(text(StatusCode::FORBIDDEN, NODE_ONLY))
-            }
             path => self.answer(path, get.query),
         }
     }
 }
 
-/// What `/v1/stat` and `/v1/tap` on the admin port tell anyone else.
+/// What `/v1/services`, `/v1/stat`, `/v1/tap` and `/v1/node` on the admin
+/// port tell anyone else.
 const NODE_ONLY: &str = "this answers the node itself only: use nodemesh stat|tap (through the API server, as RBAC allows), or --agent 127.0.0.1:4191 on the node\n";
 
 impl AgentRoutes {

@@ -306,6 +306,9 @@ pub async fn serve<C, S>(
             }
         }
     };
+    // Decided again on every policy change, not only at each request: a
+    // connection refused now is cut, its long streams with it.
+    let (_registered, cut) = recheck.register();
     let edge = Arc::new(Edge {
         sender,
         served,
@@ -326,6 +329,10 @@ pub async fn serve<C, S>(
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            _ = cut.cancelled() => {
+                debug!("an open HTTP/2 connection is refused now: cut, its streams with it");
+                return;
+            }
         }
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
@@ -337,6 +344,10 @@ pub async fn serve<C, S>(
             _ = &mut app_gone => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            _ = cut.cancelled() => {
+                debug!("an open HTTP/1 connection is refused now: cut");
+                return;
             }
         }
     };
@@ -402,7 +413,18 @@ impl Edge {
                 if switched {
                     let server = hyper::upgrade::on(&mut resp);
                     if let Some(client) = client_upgrade {
-                        tokio::spawn(splice(client, server));
+                        // An upgraded connection (WebSocket, CONNECT) lives
+                        // on as bytes: decided again like any relay.
+                        let (registered, cut) = self.recheck.register();
+                        tokio::spawn(async move {
+                            let _registered = registered;
+                            tokio::select! {
+                                () = splice(client, server) => {}
+                                _ = cut.cancelled() => {
+                                    debug!("an upgraded connection is refused now: cut");
+                                }
+                            }
+                        });
                     }
                 }
                 if !self.h2 {

@@ -72,7 +72,57 @@ pub struct Recheck {
     pub(super) port: u16,
 }
 
+/// A connection in the register, for as long as this lives (owned: it
+/// goes with the task that carries the connection).
+pub struct Registration {
+    inbound: Arc<Inbound>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.inbound
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 impl Recheck {
+    /// Puts the connection this decides for in the register, so a policy
+    /// change decides on it again too (not only at its next request): an
+    /// HTTP/2 connection's long streams, an upgraded connection (WebSocket,
+    /// CONNECT). The token is cancelled once the policy refuses it.
+    pub fn register(&self) -> (Registration, CancellationToken) {
+        let cut = CancellationToken::new();
+        let id = self
+            .inbound
+            .next_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inbound
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                OpenConnection {
+                    served: self.served.clone(),
+                    identity: self.identity.clone(),
+                    ip: self.ip,
+                    port: self.port,
+                    cut: cut.clone(),
+                },
+            );
+        (
+            Registration {
+                inbound: self.inbound.clone(),
+                id,
+            },
+            cut,
+        )
+    }
+
     /// The client as a tap names it: its pod, when the address is one's.
     pub fn client(&self) -> TapPeer {
         let mut peer = match self

@@ -521,19 +521,24 @@ impl Inbound {
     }
 
     /// The client pod's address as its agent says, if it is a pod of the
-    /// authenticated identity. A pod started a moment ago can be known to
-    /// its own agent before this one (both learn it from the API server):
-    /// an address not known yet as any pod's is waited for, up to
-    /// [`CLAIM_WAIT`]; one known as another's is refused at once.
+    /// authenticated identity on the tunnel peer's node (its `hostIPs`
+    /// hold the peer's address: a node vouches only for its own pods). The
+    /// claimed port is ignored (the app sees the agent's delivering
+    /// socket's). A pod started a moment ago can be known to its own agent
+    /// before this one (both learn it from the API server): an address not
+    /// known yet as any pod's is waited for, up to [`CLAIM_WAIT`]; one
+    /// known as another's is refused at once.
     async fn claimed_client(&self, req: &StreamRequest) -> Option<SocketAddr> {
-        let addr = req.client_addr?;
+        let addr = SocketAddr::new(req.client_addr?.ip().to_canonical(), 0);
+        let peer = req.peer.ip().to_canonical();
         let mut changes = self.state.changes();
         let settled = tokio::time::timeout(CLAIM_WAIT, async {
             loop {
                 changes.borrow_and_update();
                 match self.state.upstream(addr).target {
                     Target::Pod(p) => {
-                        return p.identity().is_some_and(|id| id.uri() == &*req.client);
+                        return p.identity().is_some_and(|id| id.uri() == &*req.client)
+                            && p.host_ips.contains(&peer);
                     }
                     _ => {
                         if changes.changed().await.is_err() {
@@ -618,6 +623,24 @@ impl Inbound {
                 PolicyRefused(reason),
             )),
         }
+    }
+
+    /// What decides again for `src`'s connection to `dst` in `dst_served`
+    /// (both served here: through the proxy once), for the register.
+    pub fn recheck_local(
+        self: &Arc<Self>,
+        src: &ServedPod,
+        dst_served: &Arc<ServedPod>,
+        dst: SocketAddr,
+    ) -> Option<Recheck> {
+        let ip = src.address_for(&self.state, dst)?;
+        Some(Recheck {
+            inbound: self.clone(),
+            served: dst_served.clone(),
+            identity: src.pod.identity().map(|id| id.uri().to_owned()),
+            ip,
+            port: dst.port(),
+        })
     }
 
     /// A connection from `src`, a served pod on this node, to `dst`, a

@@ -458,7 +458,25 @@ impl Forwarder {
                     if switched {
                         let server = hyper::upgrade::on(&mut resp);
                         if let Some(client) = client_upgrade {
-                            tokio::spawn(splice(client, server));
+                            // To a pod here: its policy decides again on
+                            // every change, as for any relay into it.
+                            let registered = conn.local().and_then(|dst| {
+                                self.outbound
+                                    .inbound
+                                    .recheck_local(&self.pod, dst, endpoint)
+                                    .map(|r| r.register())
+                            });
+                            tokio::spawn(async move {
+                                match registered {
+                                    Some((_registered, cut)) => tokio::select! {
+                                        () = splice(client, server) => {}
+                                        _ = cut.cancelled() => {
+                                            debug!("an upgraded connection is refused now: cut");
+                                        }
+                                    },
+                                    None => splice(client, server).await,
+                                }
+                            });
                         }
                     } else if !upgrade {
                         self.outbound.pool.put(key, conn);
