@@ -1119,3 +1119,126 @@ pub fn an_upgraded_connection_is_decided_again_on_a_policy_change() {
         "the upgraded connection outlived a policy that refuses its client"
     );
 }
+
+/// Accepts any server certificate (a prober's view: it only wants to see
+/// how far a handshake gets).
+#[derive(Debug)]
+struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// How a handshake without a client certificate, asking for `sni`, ends.
+fn probe_without_certificate(netns: &std::path::Path, addr: SocketAddr, sni: String) -> String {
+    let provider = nodemesh_core::pki::provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let cfg = std::sync::Arc::new(cfg);
+    let name = rustls::pki_types::ServerName::try_from(sni).unwrap();
+    in_netns(netns, move || {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let mut buf = [0u8; 16];
+        match tls.read(&mut buf) {
+            Ok(n) => format!("read {n} bytes"),
+            Err(e) => {
+                let got_certificate = tls.conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                format!("{e} (server certificate shown: {got_certificate})")
+            }
+        }
+    })
+}
+
+/// Low 19: every unauthenticated attempt on `:15008` and `:4190` was one
+/// `warn!` (a flood fills the log), and a name this node holds no
+/// certificate for failed the handshake at once where a known one went on
+/// to ask for the client's certificate (enumeration before any
+/// authentication). Now refusals are logged once per reason a minute
+/// (and all counted), and known and unknown names get the same handshake.
+pub fn probes_get_one_answer_and_floods_one_log_line() {
+    let bed = MeshBed::new("24h");
+    let _server = bed.pod(&bed.b, "server", "server");
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let tunnel = SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT));
+    let name = |sa: &str| {
+        Identity::new(&bed.ns, sa)
+            .unwrap()
+            .dns_name("cluster.local")
+            .unwrap()
+    };
+    let known = probe_without_certificate(&bed.a.netns, tunnel, name("server"));
+    let unknown = probe_without_certificate(&bed.a.netns, tunnel, name("nobody-here"));
+    assert_eq!(
+        known, unknown,
+        "known and unknown names answered differently"
+    );
+    assert!(known.contains("shown: true"), "{known}");
+
+    // A flood of garbage on both ports.
+    let tap = SocketAddr::from((bed.b.ip, nodemesh_core::names::TAP_PORT));
+    for _ in 0..200 {
+        for to in [tunnel, tap] {
+            let _ = crate::mesh::raw_attempt(&bed.a.netns, to, b"GET / HTTP/1.1\r\n\r\n");
+        }
+    }
+    bed.agent_b.wait_metric("every attempt counted", |m| {
+        m.sum(
+            "nodemesh_tunnel_errors_total",
+            &[("direction", "inbound"), ("reason", "not_tls")],
+        ) >= 200.0
+    });
+    let log = bed.agent_b.log();
+    let lines = log.matches("not TLS (plaintext or garbage)").count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines for 200 attempts"
+    );
+}

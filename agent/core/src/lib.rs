@@ -24,6 +24,7 @@ pub mod labels;
 pub mod names;
 pub mod pki;
 pub mod policy;
+pub mod throttle;
 pub mod wire;
 
 #[doc(hidden)]

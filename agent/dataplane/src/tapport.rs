@@ -88,19 +88,24 @@ pub fn serve(
     let acceptor = TlsAcceptor::from(Arc::new(tls(&port)?));
     let allowed = nodemesh_core::identity::tap_client_id(port.store.trust_domain());
     let port = Arc::new(port);
+    // Anyone can knock: refusals are logged once a minute, with a count.
+    let logs = Arc::new(nodemesh_core::throttle::Throttle::new(Duration::from_secs(
+        60,
+    )));
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, client = %allowed, "tap port listening");
         }
-        let (acceptor, allowed, port, connections, handshakes, shutdown) = (
+        let (acceptor, allowed, port, connections, handshakes, shutdown, logs) = (
             acceptor.clone(),
             allowed.clone(),
             port.clone(),
             connections.clone(),
             handshakes.clone(),
             shutdown.clone(),
+            logs.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -119,12 +124,13 @@ pub fn serve(
                     debug!(%peer, "tap port: too many handshakes at once; closing this one");
                     continue;
                 };
-                let (acceptor, allowed, port, connections, shutdown) = (
+                let (acceptor, allowed, port, connections, shutdown, logs) = (
                     acceptor.clone(),
                     allowed.clone(),
                     port.clone(),
                     connections.clone(),
                     shutdown.clone(),
+                    logs.clone(),
                 );
                 tokio::spawn(async move {
                     let tls =
@@ -144,7 +150,9 @@ pub fn serve(
                     let client = peer_spiffe(tls.get_ref().1.peer_certificates());
                     drop(handshake);
                     if client.as_deref() != Some(allowed.as_str()) {
-                        warn!(%peer, client = client.as_deref().unwrap_or("-"), allowed = %allowed, "tap port: refused a client that is not the identity service");
+                        if let Some(held) = logs.allow("not_the_tap_client") {
+                            warn!(%peer, client = client.as_deref().unwrap_or("-"), allowed = %allowed, not_logged = held, "tap port: refused a client that is not the identity service");
+                        }
                         return;
                     }
                     let Ok(_permit) = connections.try_acquire_owned() else {

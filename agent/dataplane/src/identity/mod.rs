@@ -202,6 +202,20 @@ impl CertStore {
             .insert(id);
     }
 
+    /// A certificate of a pinned identity (the agent's own), if held: what
+    /// the tunnel presents for a name it holds no certificate for, so an
+    /// unknown name gets the same handshake as a known one.
+    pub fn pinned_current(&self) -> Option<Current> {
+        let pinned: Vec<Identity> = self
+            .pinned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        pinned.iter().find_map(|id| self.current(id))
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }

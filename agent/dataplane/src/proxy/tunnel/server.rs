@@ -14,10 +14,9 @@ use futures_util::future::BoxFuture;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use nodemesh_core::{identity::Identity, labels::Direction};
+use nodemesh_core::{identity::Identity, labels::Direction, throttle::Throttle};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -121,10 +120,15 @@ pub struct TunnelServer {
     cfg: TunnelConfig,
     store: Arc<CertStore>,
     metrics: TunnelMetrics,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     destinations: Arc<dyn Destinations>,
     drain: Drain,
+    /// Refusals anyone can cause are logged once per reason a minute.
+    logs: Throttle,
 }
+
+/// How often a refusal of each reason is logged (the rest counted).
+const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl TunnelServer {
     pub fn new(
@@ -134,14 +138,15 @@ impl TunnelServer {
         destinations: Arc<dyn Destinations>,
         drain: Drain,
     ) -> Result<Self, rustls::Error> {
-        let tls = tls::server_config(&store, &metrics)?;
+        let tls = tls::server_config(&store)?;
         Ok(Self {
             cfg,
             store,
             metrics,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            tls: Arc::new(tls),
             destinations,
             drain,
+            logs: Throttle::new(REFUSAL_LOG_WINDOW),
         })
     }
 
@@ -166,6 +171,25 @@ impl TunnelServer {
         self.metrics.error(Direction::Inbound, reason);
     }
 
+    /// Counts a refusal and logs it, at most once per reason in a window
+    /// (with how many were not logged since).
+    fn refuse_logged(
+        &self,
+        reason: TunnelError,
+        what: &str,
+        error: Option<&dyn std::fmt::Display>,
+    ) {
+        self.refuse(reason);
+        if let Some(held) = self.logs.allow(reason.as_str()) {
+            match error {
+                Some(e) => {
+                    warn!(%reason, error = %e, not_logged = held, "refused a tunnel connection: {what}")
+                }
+                None => warn!(%reason, not_logged = held, "refused a tunnel connection: {what}"),
+            }
+        }
+    }
+
     async fn connection(self: Arc<Self>, tcp: TcpStream, stop: CancellationToken) {
         let _ = tcp.set_nodelay(true);
         let Ok(peer) = tcp.peer_addr() else {
@@ -179,46 +203,88 @@ impl TunnelServer {
             Ok(Ok(1)) if first[0] == 0x16 => {}
             Ok(Ok(0)) => return,
             Ok(Ok(_)) => {
-                warn!(reason = %TunnelError::NotTls, "refused a connection to the tunnel port: not TLS (plaintext or garbage)");
-                return self.refuse(TunnelError::NotTls);
+                return self.refuse_logged(
+                    TunnelError::NotTls,
+                    "not TLS (plaintext or garbage)",
+                    None,
+                );
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "tunnel connection failed before the handshake");
                 return;
             }
             Err(_) => {
-                warn!(reason = %TunnelError::Handshake, "refused a connection to the tunnel port: no handshake within the timeout");
-                return self.refuse(TunnelError::Handshake);
+                return self.refuse_logged(
+                    TunnelError::Handshake,
+                    "no handshake within the timeout",
+                    None,
+                );
             }
         }
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+        // The name asked for is read first, and the handshake goes on the
+        // same way whether this node holds it or not (see `SniResolver`):
+        // an unknown one is refused after it, never answered differently.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let hello = tokio::time::timeout_at(
+            deadline,
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+        )
+        .await;
+        let start = match hello {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                let reason = tls::classify(&e);
+                return self.refuse_logged(reason, "TLS handshake failed", Some(&e));
+            }
+            Err(_) => {
+                return self.refuse_logged(TunnelError::Handshake, "TLS handshake timed out", None);
+            }
+        };
+        let known = tls::serves_name(&self.store, start.client_hello().server_name());
+        let tls = match tokio::time::timeout_at(deadline, start.into_stream(self.tls.clone())).await
+        {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) if tls::is_unknown_server_name(&e) => {
-                // No certificate for the SNI: counted by the resolver.
-                debug!(error = %e, "TLS handshake failed");
-                return;
+            // A name this node does not hold: that first, whatever failed
+            // after it (a client checking our certificate against it does).
+            Ok(Err(e)) if !known => {
+                return self.refuse_logged(
+                    TunnelError::UnknownServerName,
+                    "no certificate here for the identity the client asked for",
+                    Some(&e),
+                );
             }
             Ok(Err(e)) => {
                 let reason = tls::classify(&e);
-                warn!(%reason, error = %e, "refused a tunnel connection: TLS handshake failed");
-                return self.refuse(reason);
+                return self.refuse_logged(reason, "TLS handshake failed", Some(&e));
             }
             Err(_) => {
-                warn!(reason = %TunnelError::Handshake, "refused a tunnel connection: TLS handshake timed out");
-                return self.refuse(TunnelError::Handshake);
+                return self.refuse_logged(TunnelError::Handshake, "TLS handshake timed out", None);
             }
         };
         let (_, session) = tls.get_ref();
         self.metrics
             .tls
             .handshake(crate::telemetry::TlsEndpoint::TunnelInbound, session);
+        if !known {
+            return self.refuse_logged(
+                TunnelError::UnknownServerName,
+                "no certificate here for the identity the client asked for",
+                None,
+            );
+        }
         let Some(client) = tls::peer_spiffe(session.peer_certificates()) else {
-            warn!(reason = %TunnelError::WrongIdentity, "refused a tunnel connection: the client certificate holds no SPIFFE ID");
-            return self.refuse(TunnelError::WrongIdentity);
+            return self.refuse_logged(
+                TunnelError::WrongIdentity,
+                "the client certificate holds no SPIFFE ID",
+                None,
+            );
         };
         if let Err(why) = self.destinations.admit(&client) {
-            warn!(%client, reason = %TunnelError::PolicyDenied, %why, "refused a tunnel connection");
-            return self.refuse(TunnelError::PolicyDenied);
+            return self.refuse_logged(
+                TunnelError::PolicyDenied,
+                &format!("{client}: {why}"),
+                None,
+            );
         }
         let served = session
             .server_name()

@@ -4,9 +4,10 @@
 //! means as a metric label.
 use std::sync::Arc;
 
+use super::TunnelError;
+use crate::identity::CertStore;
 use nodemesh_core::{
     identity::Identity,
-    labels::Direction,
     pki::{self, provider},
 };
 use rustls::{
@@ -16,10 +17,6 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
-use tracing::warn;
-
-use super::{TunnelError, TunnelMetrics};
-use crate::identity::CertStore;
 
 /// ALPN: the tunnel speaks HTTP/2 only.
 const ALPN: &[u8] = b"h2";
@@ -70,21 +67,15 @@ pub fn classify(e: &std::io::Error) -> TunnelError {
     }
 }
 
-/// Whether a failed handshake was the SNI resolver finding no certificate
-/// (already logged and counted there).
-pub fn is_unknown_server_name(e: &std::io::Error) -> bool {
-    matches!(
-        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::General(_))
-    )
+/// Whether this node holds a certificate for the identity named in SNI.
+pub fn serves_name(store: &CertStore, name: Option<&str>) -> bool {
+    name.and_then(|n| Identity::parse_dns_name(n, store.trust_domain()))
+        .is_some_and(|id| store.current(&id).is_some())
 }
 
 /// The server's settings: client certificates required and checked
 /// against the trust anchors; the server's own picked by SNI.
-pub fn server_config(
-    store: &Arc<CertStore>,
-    metrics: &TunnelMetrics,
-) -> Result<ServerConfig, rustls::Error> {
+pub fn server_config(store: &Arc<CertStore>) -> Result<ServerConfig, rustls::Error> {
     let verifier = WebPkiClientVerifier::builder_with_provider(store.roots(), provider())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -93,7 +84,6 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SniResolver {
             store: store.clone(),
-            metrics: metrics.clone(),
         }));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // Every connection is a full handshake: a resumed session would skip
@@ -121,26 +111,25 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Picks the certificate of the identity named in SNI.
+/// Picks the certificate of the identity named in SNI. For a name this
+/// node holds none for, the agent's own: the handshake goes on exactly as
+/// for a known name and fails at the same step for a client without a
+/// valid certificate (the server refuses the connection after it; see
+/// `TunnelServer`), so a prober learns from the answer only what the
+/// certificate it is shown says.
 #[derive(Debug)]
 struct SniResolver {
     store: Arc<CertStore>,
-    metrics: TunnelMetrics,
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name();
-        let key = name
+        hello
+            .server_name()
             .and_then(|n| Identity::parse_dns_name(n, self.store.trust_domain()))
             .and_then(|id| self.store.current(&id))
-            .map(|c| c.key);
-        if key.is_none() {
-            warn!(sni = ?name, reason = %TunnelError::UnknownServerName, "refused a tunnel connection: no certificate here for the identity the client asked for");
-            self.metrics
-                .error(Direction::Inbound, TunnelError::UnknownServerName);
-        }
-        key
+            .or_else(|| self.store.pinned_current())
+            .map(|c| c.key)
     }
 }
 
