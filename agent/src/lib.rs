@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nodemesh_cli::{check, dashboard, edges, install, stat, tap, top};
+use nodemesh_cli::{check, dashboard, edges, install, stat, tap, term, top};
 use nodemesh_core::config::ConfigErrors;
 use nodemesh_dataplane::config::{AgentArgs, AgentConfig};
 use nodemesh_identity::{IdentityArgs, IdentityConfig};
@@ -137,23 +137,24 @@ pub fn run(cli: Cli) -> u8 {
         Command::Dashboard(args) => match dashboard::run(&args) {
             Ok(()) => EXIT_OK,
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", term::printable(&e.to_string()));
                 EXIT_FAILURE
             }
         },
+        // What agents said is shown, never obeyed by the terminal.
         Command::Edges(args) => match edges::run(&args) {
             Ok(text) => {
-                print!("{text}");
+                print!("{}", term::printable_lines(&text));
                 EXIT_OK
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", term::printable(&e.to_string()));
                 EXIT_FAILURE
             }
         },
         Command::Check(args) => {
             let (text, ok) = check::run(&args);
-            print!("{text}");
+            print!("{}", term::printable_lines(&text));
             if ok { EXIT_OK } else { EXIT_FAILURE }
         }
         Command::Top(args) => match top::run(&args) {
@@ -163,7 +164,7 @@ pub fn run(cli: Cli) -> u8 {
                 EXIT_USAGE
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", term::printable(&e.to_string()));
                 EXIT_FAILURE
             }
         },
@@ -174,13 +175,13 @@ pub fn run(cli: Cli) -> u8 {
                 EXIT_USAGE
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", term::printable(&e.to_string()));
                 EXIT_FAILURE
             }
         },
         Command::Stat(args) => match stat::run(&args) {
             Ok(text) => {
-                print!("{text}");
+                print!("{}", term::printable_lines(&text));
                 EXIT_OK
             }
             Err(e @ (stat::StatError::Window(_) | stat::StatError::FromAndTo)) => {
@@ -188,7 +189,7 @@ pub fn run(cli: Cli) -> u8 {
                 EXIT_USAGE
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", term::printable(&e.to_string()));
                 EXIT_FAILURE
             }
         },

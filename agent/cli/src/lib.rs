@@ -13,4 +13,5 @@ pub mod edges;
 pub mod install;
 pub mod stat;
 pub mod tap;
+pub mod term;
 pub mod top;

@@ -111,13 +111,18 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
                     return Err(TapError::Reach(message));
                 }
                 Err((who, message)) => {
-                    eprintln!("tap: {who}: {message}");
+                    eprintln!(
+                        "tap: {}: {}",
+                        crate::term::printable(&who),
+                        crate::term::printable(&message)
+                    );
                     continue;
                 }
             };
             let line = match args.output {
                 TapOutput::Json => serde_json::to_string(&event).unwrap_or_default(),
-                TapOutput::Text => text(&who, &event),
+                // Agents' strings never drive the terminal.
+                TapOutput::Text => crate::term::printable(&text(&who, &event)).into_owned(),
             };
             // A closed stdout (`| head`) ends the tap.
             if writeln!(std::io::stdout(), "{line}").is_err() {

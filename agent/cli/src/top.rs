@@ -101,8 +101,8 @@ pub fn render(table: &HashMap<(String, String), PathStat>, rows: usize) -> Strin
     for ((method, path), s) in lines.into_iter().take(rows) {
         out.push_str(&format!(
             "{:<8} {:<40} {:>7} {:>7.2}% {:>8}µs {:>8}µs\n",
-            method,
-            path,
+            crate::term::printable(method),
+            crate::term::printable(path),
             s.count,
             s.successes as f64 * 100.0 / s.count.max(1) as f64,
             s.best_us,
@@ -158,7 +158,11 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
                     Some(Err((who, message))) if who == "API server" => {
                         return Err(TapError::Reach(message));
                     }
-                    Some(Err((who, message))) => eprintln!("top: {who}: {message}"),
+                    Some(Err((who, message))) => eprintln!(
+                        "top: {}: {}",
+                        crate::term::printable(&who),
+                        crate::term::printable(&message)
+                    ),
                     None => break,
                 },
                 _ = tick.tick() => {
