@@ -1242,3 +1242,113 @@ pub fn probes_get_one_answer_and_floods_one_log_line() {
         "{lines} log lines for 200 attempts"
     );
 }
+
+/// Runs `iptables` in `node`'s netns.
+fn iptables(node: &nodemesh_tests::Node, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, "iptables"])
+        .args(args)
+        .output()
+        .expect("run iptables (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "iptables {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Medium 7: probe ports were open to anything whose source was one of the
+/// pod's `hostIPs` — so NodePort or hostPort traffic SNATed to the node,
+/// and every host-network pod, passed any policy there, while on a bridge
+/// CNI the kubelet's own probes (from the bridge's address) could be
+/// refused. Now only a connection the node made itself — a socket in its
+/// own netns, of a process that is not a pod — is the kubelet's, whatever
+/// node address it comes from.
+pub fn only_the_node_itself_gets_through_to_probe_ports() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    const PROBE: u16 = 7070;
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "all-authenticated")
+            .tcp_probe(PROBE),
+    );
+    let outsider = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain, "outsider"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(PROBE);
+    // The kubelet: the node itself, from its address on the pods' bridge.
+    line_from(&bed.b.netns, at(&server, PROBE)).expect("the node's probe");
+    // A host-network pod: the node's netns and address, but a pod.
+    let uid = bed
+        .cluster
+        .host_network_pod(&plain, "hostnet", &bed.b, "default");
+    // The agent learns the pod from its watch in milliseconds; a kubelet
+    // takes far longer to start its containers.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut hostnet = bed.b.host_network_container(&uid);
+    let refused = hostnet.exchange(at(&server, PROBE), 100);
+    assert!(refused.is_err(), "a host-network pod: {refused:?}");
+    // NodePort-style traffic: from another node to node b's address, DNAT
+    // to the pod and SNAT to the node's bridge address (its hostIP here).
+    let node_port = 30070u16;
+    let link_ip = in_netns(&bed.b.netns, || {
+        nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter(|a| a.interface_name == "up0")
+            .find_map(|a| a.address?.as_sockaddr_in().map(|v4| v4.ip()))
+            .expect("node b's link address")
+    });
+    let dnat = format!("{}:{PROBE}", server.ip);
+    iptables(
+        &bed.b,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &node_port.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dnat,
+        ],
+    );
+    iptables(
+        &bed.b,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-p",
+            "tcp",
+            "-d",
+            &server.ip.to_string(),
+            "--dport",
+            &PROBE.to_string(),
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    let translated = line_from(&outsider.netns, SocketAddr::from((link_ip, node_port)));
+    assert!(translated.is_err(), "SNATed to the node: {translated:?}");
+    let peers = srv.peers(PROBE);
+    assert_eq!(
+        peers.len(),
+        1,
+        "only the node's probe reached the app: {peers:?}"
+    );
+    bed.agent_b.wait_metric("the others refused", |m| {
+        denied(m, "server", "unauthenticated") >= 2.0
+    });
+}

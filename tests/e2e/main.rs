@@ -27,6 +27,7 @@ fn main() {
         audit::a_node_vouches_only_for_its_own_pods,
         audit::an_upgraded_connection_is_decided_again_on_a_policy_change,
         audit::probes_get_one_answer_and_floods_one_log_line,
+        audit::only_the_node_itself_gets_through_to_probe_ports,
         escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,

@@ -109,6 +109,8 @@ impl Story {
             &host_cgroup,
             "--image",
             &realnode::nodemesh_image(),
+            "--service-cidr",
+            realnode::files::SERVICE_RANGE,
         ])
         .args;
         let manifests = nodemesh_cli::install::render(&args).expect("install renders");
@@ -467,6 +469,63 @@ pub fn nodemesh_runs_on_a_real_node_as_installed() {
     let x = client.exchange_ok(vip, 256 << 10);
     assert!(x.intact && x.redirected(), "{x:?}");
     story.step("Service traffic: unmeshed via kube-proxy, meshed via the agent");
+
+    // 4a. The audit: a pod that lets in mutual TLS only still gets its
+    //     kubelet's probes (they come from the bridge's address, not the
+    //     node's hostIP: only the node's own socket says it is the kubelet).
+    let image = realnode::testapp_image();
+    let serve = format!(
+        r#"'{{"op":"serve","port":{ECHO},"knobs":{{"status":200,"delay_ms":0,"bytes":16,"name":null}}}}'"#
+    );
+    story.apply(&format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: guarded, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: guarded}}}}
+  template:
+    metadata:
+      labels: {{app: guarded}}
+      annotations: {{config.nodemesh.io/default-inbound-policy: all-authenticated}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: app
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        args: [http, --do, {serve}, --control, \"{CONTROL}\"]
+        readinessProbe:
+          httpGet: {{path: /ready, port: {ECHO}}}
+          periodSeconds: 1
+",
+        ns = story.ns
+    ));
+    let pods: Api<Pod> = Api::namespaced(story.client(), &story.ns);
+    eventually(
+        "the all-authenticated pod Ready through its httpGet probe",
+        Duration::from_secs(60),
+        || {
+            let list = story
+                .block_on(pods.list(&ListParams::default().labels("app=guarded")))
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .map(|_| ())
+                .ok_or_else(|| "not Ready yet".to_string())
+        },
+    );
+    let (_, guarded_ip, _, _) = story.pod(&story.ns, "guarded");
+    // And plaintext from a pod is still refused there.
+    let refused = plain.exchange(SocketAddr::new(guarded_ip, ECHO), 100);
+    assert!(refused.is_err(), "{refused:?}");
+    story.step("an all-authenticated pod with an httpGet readiness probe is Ready; plaintext to it refused");
 
     // 4b. `nodemesh stat` through the API server (its aggregated API,
     //     reached through the Service's cluster IP as installed): the

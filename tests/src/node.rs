@@ -564,6 +564,18 @@ impl Node {
         }
     }
 
+    /// A process in this node's own netns but in the cgroup kubelet makes
+    /// for pod `uid` (BestEffort, systemd layout): a host-network pod's
+    /// container.
+    pub fn host_network_container(&self, uid: &str) -> crate::TcpApp {
+        let slice = uid.replace('-', "_");
+        let cgroup = self.cgroup.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{slice}.slice/cri-containerd-0.scope"
+        ));
+        fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+        crate::TcpApp::start(&self.netns, &cgroup, &format!("host-network/{uid}"))
+    }
+
     /// An address in this node's pod subnet where nothing lives.
     pub fn unused_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.subnet, 0, 254)

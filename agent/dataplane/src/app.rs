@@ -264,6 +264,7 @@ impl App {
                 inbound: InboundConfig {
                     default_policy: cfg.default_inbound_policy,
                     floor: cfg.min_inbound_policy,
+                    cgroup_root: Some(cgroup_path.clone()),
                     connect_timeout: cfg.connect_timeout,
                     // The proxy's own.
                     detect_timeout: Duration::ZERO,

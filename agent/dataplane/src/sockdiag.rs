@@ -37,6 +37,9 @@ const REQUEST: usize = 56;
 /// `struct inet_diag_msg`, up to and including `idiag_inode`.
 const MESSAGE: usize = 72;
 
+/// `INET_DIAG_CGROUP_ID`: the cgroup v2 id of the socket's creator.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
 /// One TCP socket as the kernel lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
@@ -45,6 +48,9 @@ pub struct TcpSocket {
     pub remote: SocketAddr,
     /// Its inode (what `/proc/<pid>/fd` links name): whose it is.
     pub inode: u64,
+    /// The cgroup (v2 id: the directory's inode) of the process that made
+    /// it, where the kernel says.
+    pub cgroup: Option<u64>,
     family: u8,
     /// `struct inet_diag_sockid` as the kernel sent it: what
     /// `SOCK_DESTROY` takes back (with the cookie) to find it.
@@ -95,6 +101,40 @@ impl SockDiag {
                 code => Err(io::Error::from_raw_os_error(code)),
             },
             _ => Err(io::Error::other("no answer to SOCK_DESTROY")),
+        }
+    }
+
+    /// The socket of this netns whose ends are exactly `local` and
+    /// `remote` (one that made a connection from here), if any.
+    pub fn find(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSocket>> {
+        let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+        let mut id = [0u8; 48];
+        id[0..2].copy_from_slice(&local.port().to_be_bytes());
+        id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+        let put = |id: &mut [u8; 48], at: usize, ip: IpAddr| match ip {
+            IpAddr::V4(v4) => id[at..at + 4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => id[at..at + 16].copy_from_slice(&v6.octets()),
+        };
+        put(&mut id, 4, local.ip());
+        put(&mut id, 20, remote.ip());
+        // No cookie to match: INET_DIAG_NOCOOKIE.
+        id[40..48].copy_from_slice(&[0xff; 8]);
+        self.send(&request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST,
+            family,
+            0xffff_ffff,
+            &id,
+        ))?;
+        let mut buf = vec![0u8; 8192];
+        let n = recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        match messages(&buf[..n]).next() {
+            Some((SOCK_DIAG_BY_FAMILY, body)) => Ok(parse(body)),
+            Some((NLMSG_ERROR, body)) => match error_code(body) {
+                0 | libc::ENOENT => Ok(None),
+                code => Err(io::Error::from_raw_os_error(code)),
+            },
+            _ => Ok(None),
         }
     }
 
@@ -208,9 +248,29 @@ fn parse(body: &[u8]) -> Option<TcpSocket> {
         local: SocketAddr::new(local, sport),
         remote: SocketAddr::new(remote, dport),
         inode: u64::from(inode),
+        cgroup: attribute(&body[MESSAGE..], INET_DIAG_CGROUP_ID)
+            .and_then(|v| v.try_into().ok())
+            .map(u64::from_ne_bytes),
         family,
         id,
     })
+}
+
+/// The value of attribute `kind` among netlink attributes.
+fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let t = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if t == kind {
+            return Some(&attrs[4..len]);
+        }
+        let next = (len.div_ceil(4) * 4).min(attrs.len());
+        attrs = &attrs[next..];
+    }
+    None
 }
 
 /// The inodes of this process's own sockets (`/proc/self/fd`).
@@ -256,11 +316,39 @@ mod tests {
         body.extend_from_slice(&[0u8; 12]); // if, cookie
         body.extend_from_slice(&[0u8; 16]); // expires, queues, uid
         body.extend_from_slice(&77u32.to_ne_bytes());
+        // INET_DIAG_CGROUP_ID, a u64.
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        body.extend_from_slice(&4242u64.to_ne_bytes());
         let mut m = ((HEADER + body.len()) as u32).to_ne_bytes().to_vec();
         m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
         m.extend_from_slice(&[0u8; 10]);
         m.extend_from_slice(&body);
         m
+    }
+
+    /// The kernel's own answer, on loopback (no root needed): the exact
+    /// socket found by its ends, with its maker's cgroup; none for ends
+    /// that no socket here has.
+    #[test]
+    fn a_connection_made_here_is_found_by_its_ends() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let local = client.local_addr().unwrap();
+        let diag = open().unwrap();
+        let found = diag
+            .find(local, server)
+            .unwrap()
+            .expect("the client's socket");
+        assert_eq!((found.local, found.remote), (local, server));
+        assert_eq!(found.state, 1, "established");
+        assert!(found.cgroup.is_some(), "{found:?}");
+        let elsewhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(diag.find(local, elsewhere).unwrap(), None);
+        let all = diag.tcp().unwrap();
+        assert!(all.iter().any(|s| s.local == local && s.remote == server));
+        assert!(all.iter().any(|s| s.state == LISTEN && s.local == server));
     }
 
     #[test]
@@ -282,6 +370,7 @@ mod tests {
         assert_eq!(found[0].local, "10.1.0.2:8080".parse().unwrap());
         assert_eq!(found[0].remote, "10.2.0.3:41000".parse().unwrap());
         assert_eq!(found[0].inode, 77);
+        assert_eq!(found[0].cgroup, Some(4242));
         assert_eq!(found[1].state, LISTEN);
         // Too short a body is no socket.
         assert_eq!(parse(&[AF_INET, 1, 0]), None);

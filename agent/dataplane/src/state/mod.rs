@@ -235,6 +235,17 @@ impl StateStore {
         Some(pods)
     }
 
+    /// The pods on this node, listed or not yet, finished ones too.
+    pub fn local_pods_any(&self) -> Vec<Arc<Pod>> {
+        let state = self.read();
+        state
+            .local
+            .iter()
+            .filter_map(|uid| state.pods.get(uid))
+            .cloned()
+            .collect()
+    }
+
     /// The pod as known now (a served pod's snapshot may predate its
     /// addresses, annotations or labels).
     pub fn pod(&self, uid: &PodUid) -> Option<Arc<Pod>> {

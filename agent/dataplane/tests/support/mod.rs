@@ -195,6 +195,7 @@ impl Cluster {
                     inbound: InboundConfig {
                         default_policy: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
                         floor: nodemesh_core::names::InboundPolicy::AllUnauthenticated,
+                        cgroup_root: None,
                         connect_timeout: Duration::from_secs(2),
                         // The proxy's own.
                         detect_timeout: Duration::ZERO,

@@ -222,7 +222,7 @@ impl Failure {
 pub struct TcpApp(Container, Reads);
 
 impl TcpApp {
-    pub(crate) fn start(netns: &Path, cgroup: &Path, pod: &str) -> Self {
+    pub fn start(netns: &Path, cgroup: &Path, pod: &str) -> Self {
         Self(
             Container::start(netns, cgroup, pod, Role::Tcp),
             Reads::Plain,

@@ -41,6 +41,8 @@ pub(super) struct OpenConnection {
     pub(super) identity: Option<String>,
     pub(super) ip: IpAddr,
     pub(super) port: u16,
+    /// The node made it (its probe).
+    pub(super) from_node: bool,
     pub(super) cut: CancellationToken,
 }
 
@@ -70,6 +72,7 @@ pub struct Recheck {
     pub(super) identity: Option<String>,
     pub(super) ip: IpAddr,
     pub(super) port: u16,
+    pub(super) from_node: bool,
 }
 
 /// A connection in the register, for as long as this lives (owned: it
@@ -111,6 +114,7 @@ impl Recheck {
                     identity: self.identity.clone(),
                     ip: self.ip,
                     port: self.port,
+                    from_node: self.from_node,
                     cut: cut.clone(),
                 },
             );
@@ -147,7 +151,7 @@ impl Recheck {
             None => Client::Plain(self.ip),
         };
         self.inbound
-            .authorize(&self.served, client, self.ip, self.port)
+            .authorize(&self.served, client, self.ip, self.port, self.from_node)
     }
 }
 
@@ -187,7 +191,7 @@ impl Inbound {
         for s in sockets.iter().filter(|s| precaptured(s, &listening, &ours)) {
             let client = s.remote.ip();
             if self
-                .authorize(served, Client::Plain(client), client, s.local.port())
+                .authorize(served, Client::Plain(client), client, s.local.port(), false)
                 .is_ok()
             {
                 left += 1;
@@ -231,7 +235,10 @@ impl Inbound {
                     Some(id) => Client::Meshed(id),
                     None => Client::Plain(c.ip),
                 };
-                if self.authorize(&c.served, client, c.ip, c.port).is_err() {
+                if self
+                    .authorize(&c.served, client, c.ip, c.port, c.from_node)
+                    .is_err()
+                {
                     debug!(pod = %c.served.pod.key(), client = %c.ip, port = c.port, "an open connection is refused now: reset");
                     c.cut.cancel();
                 }

@@ -13,6 +13,7 @@
 mod detect;
 pub mod http;
 mod live;
+pub mod node;
 pub mod policy;
 
 use std::{
@@ -67,6 +68,8 @@ pub struct Inbound {
     /// Connections relayed as bytes now.
     open: Mutex<HashMap<u64, OpenConnection>>,
     next_open: std::sync::atomic::AtomicU64,
+    /// Who the node is, for its probes.
+    node: node::NodeOrigin,
 }
 
 /// Inbound settings.
@@ -82,6 +85,9 @@ pub struct InboundConfig {
     /// How long a connection may stay silent both ways before it is taken
     /// as opaque (set by the proxy: the outbound side's).
     pub detect_timeout: Duration,
+    /// The cgroup root kubelet's pod cgroups are below: a process in a
+    /// host-network pod's is that pod, never the node its probes come from.
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// A connection the destination's inbound policy refused (inside an
@@ -155,6 +161,7 @@ impl Inbound {
         clients: Option<Arc<dyn ClientAddrs>>,
     ) -> Self {
         let trust_domain = state.trust_domain();
+        let node = node::NodeOrigin::new(cfg.cgroup_root.clone());
         Self {
             state,
             pods,
@@ -166,6 +173,7 @@ impl Inbound {
             denials_logged: Mutex::default(),
             open: Mutex::default(),
             next_open: std::sync::atomic::AtomicU64::new(0),
+            node,
         }
     }
 
@@ -178,12 +186,15 @@ impl Inbound {
 
     /// Whether `client` may reach `served` on `port`; a refusal is counted
     /// on the pod and logged (once per client and reason in a window).
+    /// `from_node`: the node itself made the connection (its probes pass
+    /// on probe ports).
     fn authorize(
         &self,
         served: &ServedPod,
         client: Client<'_>,
         client_ip: IpAddr,
         port: u16,
+        from_node: bool,
     ) -> Result<(), InboundDenial> {
         // As known now: annotations change live.
         let pod = self
@@ -203,8 +214,7 @@ impl Inbound {
             .as_ref()
             .map_or(PolicyClient::Unauthenticated, PolicyClient::Meshed);
         let facts = Facts {
-            probe: pod.probe_ports.contains(&port)
-                && pod.host_ips.contains(&client_ip.to_canonical()),
+            probe: from_node && pod.probe_ports.contains(&port),
             in_cluster: matches!(policy, InboundPolicy::ClusterUnauthenticated)
                 && self.state.in_cluster(client_ip),
             authorized: self.state.authorized(&pod, port, policy_client),
@@ -339,7 +349,11 @@ impl Inbound {
             Some(id) => Client::Meshed(id.uri()),
             None => Client::Plain(peer.ip()),
         };
-        if let Err(reason) = self.authorize(&served, who, peer.ip(), dst.port()) {
+        // The kubelet probing: made in the node's own netns, not by a pod
+        // (only asked for a probe port, where it matters).
+        let from_node = served.pod.probe_ports.contains(&dst.port())
+            && self.node.made_it(peer, dst, &self.state);
+        if let Err(reason) = self.authorize(&served, who, peer.ip(), dst.port(), from_node) {
             return self.refuse(client, &served, dst.port(), reason).await;
         }
         let accounting = Accounting::new(Some(served.clone()));
@@ -363,7 +377,7 @@ impl Inbound {
             tls: false,
             identity: own.map(|id| id.uri().to_string()),
         };
-        self.carry(client, server, &served, from, peer, dst.port())
+        self.carry(client, server, &served, from, peer, dst.port(), from_node)
             .await;
         drop(accounting);
     }
@@ -413,6 +427,7 @@ impl Inbound {
     /// Carries a connection to the app, delivered as `server`: detected
     /// first (whoever speaks first decides, within the detect timeout),
     /// then HTTP at the server's edge, or bytes.
+    #[allow(clippy::too_many_arguments)]
     async fn carry<C>(
         self: &Arc<Self>,
         client: C,
@@ -421,6 +436,7 @@ impl Inbound {
         peer: Peer,
         from: SocketAddr,
         port: u16,
+        from_node: bool,
     ) where
         C: AsyncRead + AsyncWrite + Unpin + Send + Reset + 'static,
     {
@@ -445,6 +461,7 @@ impl Inbound {
                 identity: peer.identity.clone(),
                 ip: from.ip(),
                 port,
+                from_node,
             };
             return http::serve(client, server, h2, served.clone(), peer, recheck).await;
         }
@@ -463,6 +480,7 @@ impl Inbound {
                 identity: peer.identity.clone(),
                 ip: from.ip(),
                 port,
+                from_node,
                 cut: cut.clone(),
             },
         );
@@ -569,6 +587,7 @@ impl Inbound {
                 Client::Meshed(&req.client),
                 client_addr.ip(),
                 req.dst.port(),
+                false,
             )
             .is_err()
         {
@@ -616,7 +635,7 @@ impl Inbound {
             Some(id) => Client::Meshed(id.uri()),
             None => Client::Plain(src_ip),
         };
-        match self.authorize(dst_served, client, src_ip, dst.port()) {
+        match self.authorize(dst_served, client, src_ip, dst.port(), false) {
             Ok(()) => Ok(src_ip),
             Err(reason) => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -640,6 +659,7 @@ impl Inbound {
             identity: src.pod.identity().map(|id| id.uri().to_owned()),
             ip,
             port: dst.port(),
+            from_node: false,
         })
     }
 
@@ -710,7 +730,8 @@ impl Destinations for Inbound {
                         } = accepted;
                         match accounting.served().cloned() {
                             Some(served) => {
-                                self.carry(client, stream, &served, peer, from, port).await
+                                self.carry(client, stream, &served, peer, from, port, false)
+                                    .await
                             }
                             None => relay_tunnel(client, stream, self.buffer_size).await,
                         }
