@@ -73,6 +73,19 @@ fn bind(bed: &MeshBed, role: &str) -> String {
     manifest
 }
 
+/// Binds `alice` to a ClusterRole in `namespace` only (a RoleBinding);
+/// returns the binding's manifest (to delete).
+fn bind_in(bed: &MeshBed, role: &str, namespace: &str) -> String {
+    let manifest = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: {}\n  namespace: {namespace}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {role}\nsubjects:\n  - kind: User\n    name: alice\n    apiGroup: rbac.authorization.k8s.io\n",
+        unique(&format!("alice-{role}"))
+    );
+    bed.cluster
+        .apply_manifests(&manifest, false)
+        .unwrap_or_else(|e| panic!("bind alice to {role} in {namespace}: {e}"));
+    manifest
+}
+
 /// Deletes the bindings it holds when the test ends (or fails).
 struct Bindings(&'static nodemesh_tests::Cluster, Vec<String>);
 
@@ -219,9 +232,42 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         text(&out)
     );
 
+    // The audit: a RoleBinding in one namespace shows that namespace only,
+    // as kubectl users expect — not every namespace, not another one.
+    let mut bindings = Bindings(bed.cluster, vec![bind_in(&bed, "nodemesh-viewer", &bed.ns)]);
+    eventually(
+        "stat in the bound namespace",
+        Duration::from_secs(30),
+        || {
+            let out = nodemesh(&alice, &stat_args);
+            let lines: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if out.status.success() && lines.first().is_some_and(|l| l["requests"] == 80) {
+                Ok(())
+            } else {
+                Err(text(&out))
+            }
+        },
+    );
+    for args in [
+        &["stat", "deploy", "-A", "-o", "json"][..],
+        &["stat", "deploy", "-n", "kube-system", "-o", "json"][..],
+        &["edges", "deploy", "-o", "json"][..],
+    ] {
+        let out = nodemesh(&alice, args);
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+            "{args:?} with a RoleBinding in {}: {}",
+            bed.ns,
+            text(&out)
+        );
+    }
+    for m in std::mem::take(&mut bindings.1) {
+        bed.cluster.delete_manifests(&m);
+    }
+
     // nodemesh-viewer: stat, both nodes' numbers merged (40 + 40 requests,
     // 72 answered 200); tap still refused.
-    let mut bindings = Bindings(bed.cluster, vec![bind(&bed, "nodemesh-viewer")]);
+    bindings.1.push(bind(&bed, "nodemesh-viewer"));
     let lines: Vec<Value> = eventually(
         "stat through the API server",
         Duration::from_secs(30),
@@ -251,23 +297,31 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         text(&out)
     );
 
-    // …and `top` (the busiest paths, the same stream as tap's, for viewers).
-    let to_a = SocketAddr::from((api_a.ip, HTTP));
-    let top = spawn(
-        &alice,
-        &[
-            "top",
-            "deploy/api",
-            "-n",
-            &bed.ns,
-            "--path",
-            "/top/",
-            "--duration",
-            "5s",
-            "--every",
-            "1h",
-        ],
+    // Nor `top`: its paths can carry secrets, so it is a tapper's.
+    let top_args = [
+        "top",
+        "deploy/api",
+        "-n",
+        &bed.ns,
+        "--path",
+        "/top/",
+        "--duration",
+        "5s",
+        "--every",
+        "1h",
+    ];
+    let out = nodemesh(&alice, &top_args);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "top for a viewer: {}",
+        text(&out)
     );
+
+    // nodemesh-tapper: `top` (the busiest paths, the same stream as tap's
+    // without identities).
+    bindings.1.push(bind(&bed, "nodemesh-tapper"));
+    let to_a = SocketAddr::from((api_a.ip, HTTP));
+    let top = spawn(&alice, &top_args);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(4) {
         let got = cli.run(http::Run::get(to_a, "/top/busy", 1));
@@ -282,8 +336,8 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
         text(&out)
     );
 
-    // The raw `top` stream a viewer gets: paths and numbers, no identities
-    // or authorities; a tap is a watch (a plain GET is refused).
+    // The raw `top` stream: paths and numbers, no identities or
+    // authorities; a tap is a watch (a plain GET is refused).
     let alice_client = bed
         .cluster
         .block_on(nodemesh_tests::kube::client_from(&alice));
@@ -374,7 +428,6 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     // nodemesh-tapper: a tap started before a request sees it — from both
     // nodes' agents, merged: the client's view (outbound, node a) and the
     // server's (inbound, node b), each with both identities.
-    bindings.1.push(bind(&bed, "nodemesh-tapper"));
     let to_b = SocketAddr::from((api_b.ip, HTTP));
     let web_id = format!("spiffe://cluster.local/ns/{}/sa/web", bed.ns);
     let api_id = format!("spiffe://cluster.local/ns/{}/sa/api", bed.ns);

@@ -85,9 +85,12 @@ impl Source {
     }
 
     /// Every agent's report for `window`: (who, the report or why not).
+    /// Through the API server, `namespace` scopes it (RBAC in that
+    /// namespace is enough; without, the cluster-wide resource).
     pub async fn stats(
         &self,
         window: &str,
+        namespace: Option<&str>,
     ) -> Result<Vec<(String, Result<StatReport, String>)>, String> {
         match self {
             Source::Direct(agents) => {
@@ -98,11 +101,9 @@ impl Source {
                 Ok(out)
             }
             Source::Api(client) => {
-                let req = Request::get(format!(
-                    "/apis/{API_GROUP}/{API_VERSION}/stat?window={window}"
-                ))
-                .body(Vec::new())
-                .map_err(|e| e.to_string())?;
+                let req = Request::get(format!("{}/stat?window={window}", api_base(namespace)))
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
                 let list: StatList =
                     tokio::time::timeout(Duration::from_secs(30), client.request(req))
                         .await
@@ -129,7 +130,13 @@ impl Source {
     /// Follows the agents' taps (`query`: the filter) into `tx` until it
     /// is closed. Through the API server, `resource` is `tap` (RBAC:
     /// `nodemesh-tapper`) or `top` (`nodemesh-viewer`): the same stream.
-    pub async fn tap(&self, resource: &'static str, query: String, tx: mpsc::Sender<TapItem>) {
+    pub async fn tap(
+        &self,
+        resource: &'static str,
+        query: String,
+        namespace: Option<&str>,
+        tx: mpsc::Sender<TapItem>,
+    ) {
         match self {
             Source::Direct(agents) => {
                 for addr in agents {
@@ -137,9 +144,18 @@ impl Source {
                 }
             }
             Source::Api(client) => {
-                tokio::spawn(follow_api(client.clone(), resource, query, tx));
+                let base = api_base(namespace);
+                tokio::spawn(follow_api(client.clone(), base, resource, query, tx));
             }
         }
+    }
+}
+
+/// The aggregated API's path for one namespace's resources, or every one.
+fn api_base(namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("/apis/{API_GROUP}/{API_VERSION}/namespaces/{ns}"),
+        None => format!("/apis/{API_GROUP}/{API_VERSION}"),
     }
 }
 
@@ -147,7 +163,7 @@ impl Source {
 fn api_error(e: kube::Error) -> String {
     match e {
         kube::Error::Api(s) if s.code == 403 => format!(
-            "{} (bind the ClusterRole nodemesh-viewer for stat, edges and top, nodemesh-tapper for tap)",
+            "{} (bind the ClusterRole nodemesh-viewer for stat and edges, nodemesh-tapper for tap and top: with a RoleBinding, in that namespace only (-n), with a ClusterRoleBinding, every one)",
             s.message
         ),
         kube::Error::Api(s) if s.code == 404 || s.code == 503 => format!(
@@ -195,17 +211,16 @@ async fn follow_direct(addr: SocketAddr, query: String, tx: mpsc::Sender<TapItem
 
 async fn follow_api(
     client: kube::Client,
+    base: String,
     resource: &'static str,
     query: String,
     tx: mpsc::Sender<TapItem>,
 ) {
     let who = "API server".to_owned();
     let stream = async {
-        let req = Request::get(format!(
-            "/apis/{API_GROUP}/{API_VERSION}/{resource}?watch=true&{query}"
-        ))
-        .body(kube::client::Body::empty())
-        .map_err(|e| e.to_string())?;
+        let req = Request::get(format!("{base}/{resource}?watch=true&{query}"))
+            .body(kube::client::Body::empty())
+            .map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(30), client.send(req))
             .await
             .map_err(|_| "the API server did not answer within 30s".to_owned())?

@@ -44,7 +44,10 @@ pub struct Edge {
 }
 
 pub fn run(args: &EdgesArgs) -> Result<String, StatError> {
-    let edges = edges(&crate::stat::merged(&args.reach, "10m")?, args);
+    let edges = edges(
+        &crate::stat::merged(&args.reach, "10m", args.namespace.as_deref())?,
+        args,
+    );
     Ok(render(&edges, args.output))
 }
 

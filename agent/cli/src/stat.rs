@@ -127,13 +127,20 @@ pub fn run(args: &StatArgs) -> Result<String, StatError> {
     if args.from.is_some() && args.to.is_some() {
         return Err(StatError::FromAndTo);
     }
-    let lines = lines(&merged(&args.reach, &args.window)?, args);
+    let lines = lines(
+        &merged(&args.reach, &args.window, args.namespace.as_deref())?,
+        args,
+    );
     Ok(render(&lines, args.output))
 }
 
 /// Every agent's report for `window`, merged (any that does not answer is
 /// an error: a partial picture would pass for the whole).
-pub(crate) fn merged(reach: &Reach, window: &str) -> Result<StatReport, StatError> {
+pub(crate) fn merged(
+    reach: &Reach,
+    window: &str,
+    namespace: Option<&str>,
+) -> Result<StatReport, StatError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -141,7 +148,11 @@ pub(crate) fn merged(reach: &Reach, window: &str) -> Result<StatReport, StatErro
     let reports = runtime.block_on(async {
         let source = Source::new(reach).await.map_err(StatError::Reach)?;
         let mut out = Vec::new();
-        for (agent, report) in source.stats(window).await.map_err(StatError::Reach)? {
+        for (agent, report) in source
+            .stats(window, namespace)
+            .await
+            .map_err(StatError::Reach)?
+        {
             out.push(report.map_err(|message| StatError::Agent { agent, message })?);
         }
         Ok::<_, StatError>(out)

@@ -101,7 +101,9 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
     runtime.block_on(async {
         let source = Source::new(&args.reach).await.map_err(TapError::Reach)?;
         let (tx, mut rx) = mpsc::channel::<TapItem>(256);
-        source.tap("tap", filter.query(), tx).await;
+        source
+            .tap("tap", filter.query(), filter.namespace.as_deref(), tx)
+            .await;
         let mut seen = 0;
         while let Some(item) = rx.recv().await {
             let (who, event) = match item {

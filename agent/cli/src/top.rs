@@ -135,7 +135,9 @@ pub fn run(args: &TopArgs) -> Result<(), TapError> {
             .await
             .map_err(TapError::Reach)?;
         let (tx, mut rx) = mpsc::channel(1024);
-        source.tap("top", filter.query(), tx).await;
+        source
+            .tap("top", filter.query(), filter.namespace.as_deref(), tx)
+            .await;
         let mut table = HashMap::new();
         let started = Instant::now();
         let every = if tty {

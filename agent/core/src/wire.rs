@@ -224,6 +224,14 @@ pub struct StatReport {
 }
 
 impl StatReport {
+    /// Only the rows of workloads in `namespace` (what a user allowed to
+    /// read that namespace sees: its workloads, and whom they talk to).
+    pub fn only_namespace(&mut self, namespace: &str) {
+        self.requests
+            .retain(|r| r.key.workload.namespace == namespace);
+        self.tcp.retain(|r| r.workload.namespace == namespace);
+    }
+
     /// Several agents' reports as one: rows with the same key added up
     /// (histograms bucket by bucket), sorted by key.
     pub fn merge(reports: &[StatReport]) -> StatReport {
@@ -273,6 +281,43 @@ impl StatReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespaced_report_holds_only_that_namespaces_workloads() {
+        let row = |ns: &str, peer_ns: &str| StatRow {
+            key: StatKey {
+                direction: "outbound".into(),
+                workload: WorkloadRef {
+                    namespace: ns.into(),
+                    kind: "deployment".into(),
+                    name: "web".into(),
+                    serviceaccount: "web".into(),
+                },
+                peer: WorkloadRef {
+                    namespace: peer_ns.into(),
+                    ..WorkloadRef::default()
+                },
+                peer_identity: String::new(),
+            },
+            golden: Golden::default(),
+        };
+        let tcp = |ns: &str| TcpRow {
+            workload: WorkloadRef {
+                namespace: ns.into(),
+                ..WorkloadRef::default()
+            },
+            ..TcpRow::default()
+        };
+        let mut report = StatReport {
+            requests: vec![row("shop", "payments"), row("payments", "shop")],
+            tcp: vec![tcp("shop"), tcp("payments")],
+            ..StatReport::default()
+        };
+        report.only_namespace("shop");
+        assert_eq!(report.requests, vec![row("shop", "payments")]);
+        assert_eq!(report.tcp.len(), 1);
+        assert_eq!(report.tcp[0].workload.namespace, "shop");
+    }
 
     #[test]
     fn histograms_merge_exactly_and_percentiles_come_from_the_merge() {

@@ -243,27 +243,22 @@ impl AggregatedApi {
                     "kind": "APIResourceList", "apiVersion": "v1",
                     "groupVersion": format!("{API_GROUP}/{API_VERSION}"),
                     "resources": [
-                        {"name": "stat", "singularName": "", "namespaced": false, "kind": "Stat", "verbs": ["list"]},
-                        {"name": "tap", "singularName": "", "namespaced": false, "kind": "Tap", "verbs": ["watch"]},
+                        {"name": "stat", "singularName": "", "namespaced": true, "kind": "Stat", "verbs": ["list"]},
+                        {"name": "tap", "singularName": "", "namespaced": true, "kind": "Tap", "verbs": ["watch"]},
                         {"name": "agents", "singularName": "", "namespaced": false, "kind": "Agent", "verbs": ["list"]},
-                        {"name": "top", "singularName": "", "namespaced": false, "kind": "Top", "verbs": ["watch"]},
+                        {"name": "top", "singularName": "", "namespaced": true, "kind": "Top", "verbs": ["watch"]},
                     ],
                 }),
             );
         }
-        let resource = match path.strip_prefix(&base) {
-            Some("/stat") => "stat",
-            Some("/tap") => "tap",
-            Some("/agents") => "agents",
-            // The same stream, for `nodemesh top` (granted to viewers).
-            Some("/top") => "top",
-            _ => {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{base}/stat, /tap, /top and /agents only"),
-                );
-            }
+        // `…/namespaces/<ns>/<resource>`: one namespace (a RoleBinding
+        // there is enough); `…/<resource>`: every one (cluster-wide RBAC).
+        let Some((namespace, resource)) = path.strip_prefix(&base).and_then(resource_of) else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{base}/[namespaces/<ns>/]stat, tap and top, and {base}/agents only"),
+            );
         };
         let front = self.front.read().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(user) = front.and_then(|f| f.user(req.headers())) else {
@@ -279,15 +274,19 @@ impl AggregatedApi {
         } else {
             "list"
         };
-        match self.review(&user, verb, resource).await {
+        match self.review(&user, verb, resource, namespace).await {
             Ok(None) => {}
             Ok(Some(why)) => {
-                info!(user = %user.name, verb, resource, "refused by RBAC");
+                info!(user = %user.name, verb, resource, namespace = namespace.unwrap_or("*"), "refused by RBAC");
+                let scope = match namespace {
+                    Some(ns) => format!(" in the namespace {ns:?}"),
+                    None => " at the cluster scope".into(),
+                };
                 return status(
                     StatusCode::FORBIDDEN,
                     "Forbidden",
                     &format!(
-                        "{resource}.{API_GROUP} is forbidden: User {:?} cannot {verb} resource {resource:?} in API group {API_GROUP:?}{}",
+                        "{resource}.{API_GROUP} is forbidden: User {:?} cannot {verb} resource {resource:?} in API group {API_GROUP:?}{scope}{}",
                         user.name,
                         if why.is_empty() {
                             String::new()
@@ -306,12 +305,12 @@ impl AggregatedApi {
             }
         }
         match resource {
-            "stat" => self.stat(&query).await,
+            "stat" => self.stat(&query, namespace).await,
             "agents" => self.nodes().await,
-            // What `top` needs, for viewers: paths and numbers, no
-            // identities or authorities.
-            "top" => self.tap(&query, true, taps).await,
-            _ => self.tap(&query, false, taps).await,
+            // What `top` needs: paths and numbers, no identities or
+            // authorities (paths are for tappers: they can carry secrets).
+            "top" => self.tap(&query, true, taps, namespace).await,
+            _ => self.tap(&query, false, taps, namespace).await,
         }
     }
 
@@ -321,6 +320,7 @@ impl AggregatedApi {
         user: &User,
         verb: &str,
         resource: &str,
+        namespace: Option<&str>,
     ) -> Result<Option<String>, kube::Error> {
         let sar = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -332,6 +332,7 @@ impl AggregatedApi {
                     version: Some(API_VERSION.into()),
                     resource: Some(resource.into()),
                     verb: Some(verb.into()),
+                    namespace: namespace.map(str::to_owned),
                     ..ResourceAttributes::default()
                 }),
                 ..SubjectAccessReviewSpec::default()
@@ -345,7 +346,7 @@ impl AggregatedApi {
         Ok((!st.allowed).then(|| st.reason.unwrap_or_default()))
     }
 
-    async fn stat(&self, query: &str) -> Response<Body> {
+    async fn stat(&self, query: &str, namespace: Option<&str>) -> Response<Body> {
         let window = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("window="))
@@ -361,10 +362,16 @@ impl AggregatedApi {
             Ok(a) => a,
             Err(resp) => return resp,
         };
+        let mut reports = self.agents.stat(&agents, window).await;
+        if let Some(ns) = namespace {
+            for report in reports.iter_mut().filter_map(|a| a.report.as_mut()) {
+                report.only_namespace(ns);
+            }
+        }
         let list = StatList {
             kind: "StatList".into(),
             api_version: format!("{API_GROUP}/{API_VERSION}"),
-            agents: self.agents.stat(&agents, window).await,
+            agents: reports,
         };
         whole_json(StatusCode::OK, &list)
     }
@@ -400,6 +407,7 @@ impl AggregatedApi {
         query: &str,
         strip: bool,
         taps: &Arc<tokio::sync::Semaphore>,
+        namespace: Option<&str>,
     ) -> Response<Body> {
         // `watch=true` makes the API server take it for a long-running
         // request (else it is cut at its request timeout) and authorize
@@ -422,9 +430,14 @@ impl AggregatedApi {
             "allowWatchBookmarks=",
             "resourceVersionMatch=",
         ];
+        // In a namespace, only its workloads are tapped, whatever the
+        // query says.
+        let scoped = namespace.map(|ns| format!("namespace={ns}"));
         let filters: Vec<&str> = query
             .split('&')
             .filter(|kv| !kv.is_empty() && !WATCH_PARAMS.iter().any(|p| kv.starts_with(p)))
+            .filter(|kv| scoped.is_none() || !kv.starts_with("namespace="))
+            .chain(scoped.as_deref())
             .collect();
         let filters = filters.join("&");
         if let Err(e) = TapFilter::parse(&filters) {
@@ -457,6 +470,27 @@ impl AggregatedApi {
         });
         ndjson(rx)
     }
+}
+
+/// A path below the API's version: (its namespace, the resource), for
+/// `/<resource>` and `/namespaces/<ns>/<resource>` (`agents` is the
+/// cluster's only).
+fn resource_of(rest: &str) -> Option<(Option<&str>, &'static str)> {
+    let (namespace, name) = match rest.strip_prefix("/namespaces/") {
+        Some(scoped) => {
+            let (ns, name) = scoped.split_once('/')?;
+            nodemesh_core::names::is_dns_label(ns).then_some((Some(ns), name))?
+        }
+        None => (None, rest.strip_prefix('/')?),
+    };
+    let resource = match name {
+        "stat" => "stat",
+        "tap" => "tap",
+        "top" => "top",
+        "agents" if namespace.is_none() => "agents",
+        _ => return None,
+    };
+    Some((namespace, resource))
 }
 
 pub(crate) fn whole_json(code: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
@@ -561,6 +595,25 @@ mod tests {
         assert_eq!(u.name, "alice");
         assert_eq!(u.groups, ["dev", "system:authenticated"]);
         assert_eq!(u.extra["scopes/a"], ["one"]);
+    }
+
+    #[test]
+    fn resources_are_namespaced_but_the_agents() {
+        assert_eq!(resource_of("/stat"), Some((None, "stat")));
+        assert_eq!(
+            resource_of("/namespaces/shop/tap"),
+            Some((Some("shop"), "tap"))
+        );
+        assert_eq!(
+            resource_of("/namespaces/shop/top"),
+            Some((Some("shop"), "top"))
+        );
+        assert_eq!(resource_of("/agents"), Some((None, "agents")));
+        assert_eq!(resource_of("/namespaces/shop/agents"), None);
+        assert_eq!(resource_of("/namespaces/Not_A_Name/stat"), None);
+        assert_eq!(resource_of("/namespaces//stat"), None);
+        assert_eq!(resource_of("/namespaces/shop/stat/extra"), None);
+        assert_eq!(resource_of("/secrets"), None);
     }
 
     #[test]

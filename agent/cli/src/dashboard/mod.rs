@@ -51,6 +51,10 @@ pub struct DashboardArgs {
     pub address: std::net::IpAddr,
     #[arg(long, default_value_t = 50750)]
     pub port: u16,
+    /// Show one namespace only (what a RoleBinding of nodemesh-viewer, and
+    /// nodemesh-tapper for the tap page, in it allows); default: every one.
+    #[arg(short = 'n', long, value_name = "NS")]
+    pub namespace: Option<String>,
     #[command(flatten)]
     pub reach: Reach,
 }
@@ -78,6 +82,8 @@ struct Shared {
     next: u64,
     /// The last error of each agent that has one (or of the API server).
     errors: HashMap<String, String>,
+    /// The one namespace shown (`--namespace`), if any.
+    namespace: Option<String>,
 }
 
 type State = Arc<Mutex<Shared>>;
@@ -98,6 +104,7 @@ pub fn run(args: &DashboardArgs) -> Result<(), DashboardError> {
             .await
             .map_err(DashboardError::Reach)?;
         let state: State = Arc::default();
+        state.lock().unwrap_or_else(|p| p.into_inner()).namespace = args.namespace.clone();
         tokio::spawn(follow_tap(source.clone(), state.clone()));
         tokio::spawn(keep_history(source.clone(), state.clone()));
         println!(
@@ -233,7 +240,12 @@ fn errors(state: &State) -> Vec<AgentError> {
 /// Every agent's report for `window` (those that answer), noting the rest.
 async fn reports(source: &Source, window: &str, state: &State) -> StatReport {
     let mut got = Vec::new();
-    let answers = source.stats(window).await;
+    let namespace = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .namespace
+        .clone();
+    let answers = source.stats(window, namespace.as_deref()).await;
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     match answers {
         Ok(answers) => {
@@ -340,12 +352,18 @@ async fn follow_tap(source: Source, state: State) {
 async fn follow_one(source: Source, state: State) {
     loop {
         let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        let namespace = state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .namespace
+            .clone();
         let query = TapFilter {
             max_rps: Some(50),
+            namespace: namespace.clone(),
             ..TapFilter::default()
         }
         .query();
-        source.tap("tap", query, tx).await;
+        source.tap("tap", query, namespace.as_deref(), tx).await;
         while let Some(item) = rx.recv().await {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             match item {
