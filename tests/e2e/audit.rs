@@ -1352,3 +1352,68 @@ pub fn only_the_node_itself_gets_through_to_probe_ports() {
         denied(m, "server", "unauthenticated") >= 2.0
     });
 }
+
+/// Low 16: a policy that selects pods which are not meshed looked in force
+/// but protected nothing there (their connections never reach an agent).
+/// Now its status names them: condition `Meshed` False, `unmeshedPods`;
+/// and it follows the pods (a pod meshed later clears it).
+pub fn a_policy_names_the_pods_it_selects_but_cannot_protect() {
+    let bed = MeshBed::new("24h");
+    let _meshed = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "api-1")
+            .service_account("api")
+            .label("app", "api"),
+    );
+    let opted_out = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "api-2")
+            .service_account("api")
+            .label("app", "api")
+            .label(nodemesh_core::names::MESH_LABEL, "disabled"),
+    );
+    let policy = format!(
+        "apiVersion: policy.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: api, namespace: {}}}\nspec: {{selector: {{matchLabels: {{app: api}}}}, clients: {{authenticated: true}}}}\n",
+        bed.ns
+    );
+    bed.cluster
+        .apply_manifests(&policy, false)
+        .expect("the policy");
+    let status = |want_meshed: &'static str| {
+        nodemesh_tests::eventually("the policy's status", Duration::from_secs(45), || {
+            let o = bed
+                .cluster
+                .get_object(
+                    "policy.nodemesh.io/v1alpha1",
+                    "AuthorizationPolicy",
+                    &bed.ns,
+                    "api",
+                )
+                .ok_or("no policy")?;
+            let meshed = o["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Meshed"))
+                .cloned()
+                .ok_or_else(|| format!("no Meshed condition: {o}"))?;
+            if meshed["status"] == want_meshed {
+                Ok((meshed, o["status"]["unmeshedPods"].clone()))
+            } else {
+                Err(format!("{meshed}"))
+            }
+        })
+    };
+    let (condition, named) = status("False");
+    assert_eq!(named, serde_json::json!(["api-2"]), "{condition}");
+    assert!(
+        condition["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("api-2")),
+        "{condition}"
+    );
+    // Meshed after all: the status follows (within its resync).
+    bed.cluster
+        .label_pod(&opted_out, nodemesh_core::names::MESH_LABEL, None);
+    let (_, named) = status("True");
+    assert_eq!(named, serde_json::json!([]));
+    bed.cluster.delete_manifests(&policy);
+}

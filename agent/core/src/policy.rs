@@ -26,6 +26,11 @@ pub const PLURAL: &str = "authorizationpolicies";
 /// the agents enforce it.
 pub const ACCEPTED: &str = "Accepted";
 
+/// The condition that says whether every pod the policy selects is meshed
+/// (an unmeshed one is not protected by it: its connections never reach
+/// an agent); `status.unmeshedPods` names them.
+pub const MESHED: &str = "Meshed";
+
 /// `spec`, as stored.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -241,8 +246,13 @@ impl Policy {
     /// Whether it applies to port `port` of a pod of `namespace` with
     /// `labels`.
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&port)) && self.selects_pod(namespace, labels)
+    }
+
+    /// Whether it applies to (some port of) a pod of `namespace` with
+    /// `labels`.
+    pub fn selects_pod(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         namespace == self.namespace
-            && (self.ports.is_empty() || self.ports.contains(&port))
             && self.selector.iter().all(|m| match m {
                 Match::Equals(k, v) => labels.get(k) == Some(v),
                 Match::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),

@@ -1,16 +1,27 @@
 //! Keeps the `Accepted` condition of every `AuthorizationPolicy`: `True`
 //! when the agents enforce it, `False` with the reason when they cannot
-//! (what the CRD's schema could not catch). One writer for the cluster —
-//! the agents check the same way but never write.
-use std::time::{Duration, SystemTime};
+//! (what the CRD's schema could not catch); and its `Meshed` condition
+//! with `status.unmeshedPods`: the pods it selects that are not meshed,
+//! which it does not protect (their connections never reach an agent).
+//! One writer for the cluster — the agents check the same way but never
+//! write. Pods come and go: every policy is looked at again every 30 s.
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::ListParams;
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
     runtime::{WatchStreamExt, watcher},
 };
-use nodemesh_core::policy::{self, ACCEPTED, Policy, PolicySpec};
+use nodemesh_core::{
+    names::{MeshLabel, mesh_decision},
+    policy::{self, ACCEPTED, MESHED, Policy, PolicySpec},
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -47,47 +58,150 @@ fn verdict(o: &DynamicObject) -> (bool, &'static str, String) {
     }
 }
 
-/// The condition as it is now, if any.
-fn current(o: &DynamicObject) -> Option<&Value> {
+/// A condition as it is now, if any.
+fn current<'a>(o: &'a DynamicObject, kind: &str) -> Option<&'a Value> {
     o.data
         .get("status")?
         .get("conditions")?
         .as_array()?
         .iter()
-        .find(|c| c.get("type").and_then(Value::as_str) == Some(ACCEPTED))
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
 }
 
-/// Writes the condition of `o` when it is not already what it should be.
-async fn reconcile(api: &Api<DynamicObject>, o: &DynamicObject) -> Result<(), kube::Error> {
-    let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name) else {
-        return Ok(());
+/// At most this many unmeshed pods are named.
+const MAX_NAMED: usize = 20;
+
+/// The pods `o` selects that are not meshed (sorted, at most
+/// [`MAX_NAMED`]), and how many there are.
+async fn unmeshed(client: &Client, o: &DynamicObject) -> Result<(Vec<String>, usize), kube::Error> {
+    let ns = o.metadata.namespace.as_deref().unwrap_or_default();
+    let name = o.metadata.name.as_deref().unwrap_or_default();
+    let spec =
+        serde_json::from_value::<PolicySpec>(o.data.get("spec").cloned().unwrap_or_default());
+    let Some(policy) = spec.ok().and_then(|s| {
+        Policy::new(ns, name, &s)
+            .ok()
+            .or_else(|| Policy::fail_closed(ns, name, &s))
+    }) else {
+        return Ok((Vec::new(), 0));
     };
-    let (accepted, reason, message) = verdict(o);
-    let status = if accepted { "True" } else { "False" };
-    let generation = o.metadata.generation.unwrap_or_default();
-    let now = current(o);
+    let namespace_label = Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await?
+        .and_then(|n| n.metadata.labels)
+        .and_then(|l| MeshLabel::parse(&l).ok().flatten());
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let mut names: Vec<String> = pods
+        .items
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            if !policy.selects_pod(ns, &labels) {
+                return false;
+            }
+            let host = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let own = MeshLabel::parse(&labels).ok().flatten();
+            host || !mesh_decision(own, namespace_label)
+        })
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    names.sort();
+    let total = names.len();
+    names.truncate(MAX_NAMED);
+    Ok((names, total))
+}
+
+/// One condition as it should be, keeping its transition time when its
+/// status stays.
+fn condition(
+    o: &DynamicObject,
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+) -> (Value, bool) {
+    let status = if ok { "True" } else { "False" };
+    let now = current(o, kind);
     let same = |field: &str, want: Value| now.and_then(|c| c.get(field)) == Some(&want);
-    if same("status", json!(status))
+    let unchanged = same("status", json!(status))
         && same("reason", json!(reason))
         && same("message", json!(message))
-        && same("observedGeneration", json!(generation))
-    {
-        return Ok(());
-    }
+        && same("observedGeneration", json!(generation));
     // The transition time moves only when the status does.
     let since = now
         .filter(|c| c.get("status") == Some(&json!(status)))
         .and_then(|c| c.get("lastTransitionTime").cloned())
         .unwrap_or_else(|| json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()));
-    let patch = json!({
-        "status": {"conditions": [{
-            "type": ACCEPTED,
+    (
+        json!({
+            "type": kind,
             "status": status,
             "reason": reason,
             "message": message,
             "observedGeneration": generation,
             "lastTransitionTime": since,
-        }]}
+        }),
+        unchanged,
+    )
+}
+
+/// Writes the conditions of `o` when they are not already what they should
+/// be.
+async fn reconcile(
+    api: &Api<DynamicObject>,
+    client: &Client,
+    o: &DynamicObject,
+) -> Result<(), kube::Error> {
+    let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name) else {
+        return Ok(());
+    };
+    let (accepted, reason, message) = verdict(o);
+    let generation = o.metadata.generation.unwrap_or_default();
+    let (names, total) = unmeshed(client, o).await?;
+    let (meshed_reason, meshed_message) = if total == 0 {
+        ("AllMeshed", "every pod it selects is meshed".to_owned())
+    } else {
+        (
+            "UnmeshedPods",
+            format!(
+                "{total} pods it selects are not meshed, so it does not protect them: {}{}",
+                names.join(", "),
+                if total > names.len() { ", …" } else { "" }
+            ),
+        )
+    };
+    let (accepted_condition, same_accepted) =
+        condition(o, ACCEPTED, accepted, reason, &message, generation);
+    let (meshed_condition, same_meshed) = condition(
+        o,
+        MESHED,
+        total == 0,
+        meshed_reason,
+        &meshed_message,
+        generation,
+    );
+    let named = o.data.get("status").and_then(|s| s.get("unmeshedPods"));
+    if same_accepted && same_meshed && named == Some(&json!(names)) {
+        return Ok(());
+    }
+    let patch = json!({
+        "status": {
+            "conditions": [accepted_condition, meshed_condition],
+            "unmeshedPods": names,
+        }
     });
     let api = Api::<DynamicObject>::namespaced_with(api.clone().into_client(), ns, &resource());
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -105,36 +219,62 @@ fn resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, policy::PLURAL)
 }
 
+/// How often every policy is looked at again (the pods it selects change).
+const RESYNC: Duration = Duration::from_secs(30);
+
 /// Watches every policy until `shutdown`, keeping their conditions.
 pub async fn keep_status(client: Client, shutdown: CancellationToken) {
-    let api = Api::<DynamicObject>::all_with(client, &resource());
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource());
     let mut events = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut failing = false;
+    // The policies as last seen, to look at again on the resync.
+    let mut known: HashMap<(String, String), DynamicObject> = HashMap::new();
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.tick().await;
     loop {
-        let event = tokio::select! {
-            e = events.next() => e,
+        let objects = tokio::select! {
+            e = events.next() => {
+                let Some(event) = e else { return };
+                match event {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        let key = (
+                            o.metadata.namespace.clone().unwrap_or_default(),
+                            o.metadata.name.clone().unwrap_or_default(),
+                        );
+                        known.insert(key, o.clone());
+                        failing = false;
+                        vec![o]
+                    }
+                    Ok(watcher::Event::Delete(o)) => {
+                        known.remove(&(
+                            o.metadata.namespace.clone().unwrap_or_default(),
+                            o.metadata.name.clone().unwrap_or_default(),
+                        ));
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        if !failing {
+                            warn!(error = %e, "cannot watch AuthorizationPolicies; retrying with backoff");
+                            failing = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+            _ = resync.tick() => known.values().cloned().collect(),
             _ = shutdown.cancelled() => return,
         };
-        let Some(event) = event else { return };
-        let object = match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
-            Ok(_) => continue,
-            Err(e) => {
-                if !failing {
-                    warn!(error = %e, "cannot watch AuthorizationPolicies; retrying with backoff");
-                    failing = true;
-                }
-                continue;
+        for object in objects {
+            // A failed write is tried again at the next change or resync;
+            // a short pause keeps a refusing API server from being
+            // hammered.
+            if let Err(e) = reconcile(&api, &client, &object).await {
+                debug!(error = %e, "cannot write an authorization policy's status");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        };
-        failing = false;
-        // A failed write is tried again at the next change or relist; a
-        // short pause keeps a refusing API server from being hammered.
-        if let Err(e) = reconcile(&api, &object).await {
-            debug!(error = %e, "cannot write an authorization policy's status");
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
