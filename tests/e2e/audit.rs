@@ -1417,3 +1417,108 @@ pub fn a_policy_names_the_pods_it_selects_but_cannot_protect() {
     assert_eq!(named, serde_json::json!([]));
     bed.cluster.delete_manifests(&policy);
 }
+
+/// Low 13: the issuer's key was in `nodemesh install`'s output (a shell
+/// pipe, CI logs, `last-applied-configuration`) and mounted with the
+/// default mode. Now, unless an operator gives an issuer of their own, the
+/// install prints no key: the identity service makes a trust anchor and an
+/// issuer in the cluster at its first start (nothing mounted), the agents'
+/// trust anchors with it, and a restarted service keeps them.
+pub fn the_issuers_key_is_never_in_the_install_output() {
+    let cluster = nodemesh_tests::Cluster::shared();
+    let node = nodemesh_tests::Node::new();
+    let install = mesh::Install::apply_with(cluster, &node.dir, false);
+    let printed = nodemesh_cli::install::render(&nodemesh_cli::install::InstallArgs {
+        namespace: install.namespace.clone(),
+        ..default_install_args()
+    })
+    .expect("renders");
+    assert!(!printed.contains("PRIVATE KEY"), "a key in the output");
+    let secret = |cluster: &nodemesh_tests::Cluster| {
+        cluster.get_object(
+            "v1",
+            "Secret",
+            &install.namespace,
+            "nodemesh-identity-issuer",
+        )
+    };
+    assert!(
+        secret(cluster).is_none(),
+        "no issuer before the service runs"
+    );
+
+    let identity = mesh::IdentityService::start_from_cluster(&node, &install, "24h");
+    let made = secret(cluster).expect("the issuer made in the cluster");
+    let data = &made["data"];
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(data[key].is_string(), "{key} in {made}");
+    }
+    let anchors = cluster
+        .get_object(
+            "v1",
+            "ConfigMap",
+            &install.namespace,
+            "nodemesh-identity-trust-anchors",
+        )
+        .expect("the agents' trust anchors");
+    assert!(
+        anchors["data"]["ca-bundle.crt"]
+            .as_str()
+            .is_some_and(|p| p.contains("BEGIN CERTIFICATE")),
+        "{anchors}"
+    );
+    assert!(
+        identity.log().contains("made a trust anchor and an issuer"),
+        "{}",
+        identity.log()
+    );
+    // Restarted: the same issuer, not a new PKI.
+    drop(identity);
+    let again = mesh::IdentityService::start_from_cluster(&node, &install, "24h");
+    assert_eq!(secret(cluster).expect("still there")["data"], made["data"]);
+    assert!(
+        !again.log().contains("made a trust anchor"),
+        "{}",
+        again.log()
+    );
+    // It serves with it: its certificate chains to the anchors the agents
+    // are given.
+    let bundle = anchors["data"]["ca-bundle.crt"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in nodemesh_core::pki::certs_from_pem(&bundle, "anchors").unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(nodemesh_core::pki::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let name = rustls::pki_types::ServerName::try_from(install.server_name()).unwrap();
+    let addr = again.addr;
+    let handshake = in_netns(&node.netns, move || {
+        let tcp =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        let mut conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        let mut tcp = tcp;
+        conn.complete_io(&mut tcp)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    handshake.expect("the identity service's certificate chains to the cluster-made anchors");
+}
+
+/// `nodemesh install`'s defaults, as clap has them.
+fn default_install_args() -> nodemesh_cli::install::InstallArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Install {
+        #[command(flatten)]
+        args: nodemesh_cli::install::InstallArgs,
+    }
+    Install::parse_from(["install"]).args
+}

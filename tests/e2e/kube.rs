@@ -472,7 +472,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         .apply_manifests(&namespace_doc, false)
         .expect("the namespace");
     let kinds = cluster.apply_manifests(&manifests, true).expect("dry run");
-    assert_eq!(kinds.len(), 22, "{kinds:?}");
+    assert_eq!(kinds.len(), 20, "{kinds:?}");
     // …for real too (but the cluster's one aggregated API and its
     // ClusterRoles: the test of the aggregated API owns them meanwhile).
     cluster

@@ -335,9 +335,18 @@ pub fn without_singletons(text: &str) -> String {
 }
 
 impl<'c> Install<'c> {
+    /// Installed with the test's PKI given (printed, as asked).
     pub fn apply(cluster: &'c Cluster, dir: &Path) -> Self {
+        Self::apply_with(cluster, dir, true)
+    }
+
+    /// Installed with the test's PKI given, or (`give_pki` false) as a user
+    /// does by default: none, the identity service makes it in the cluster
+    /// (then `pki` is the test's, unused by the install).
+    pub fn apply_with(cluster: &'c Cluster, dir: &Path, give_pki: bool) -> Self {
         let namespace = unique("nm-sys");
         let pki = TestPki::generate(&dir.join("pki"));
+        let file = |p: &PathBuf| give_pki.then(|| p.clone());
         let args = nodemesh_cli::install::InstallArgs {
             namespace: namespace.clone(),
             image: "nodemesh.test/nodemesh:1".into(),
@@ -350,9 +359,9 @@ impl<'c> Install<'c> {
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),
-            identity_trust_anchors_file: Some(pki.anchors_file.clone()),
-            identity_issuer_certificate_file: Some(pki.issuer_cert_file.clone()),
-            identity_issuer_key_file: Some(pki.issuer_key_file.clone()),
+            identity_trust_anchors_file: file(&pki.anchors_file),
+            identity_issuer_certificate_file: file(&pki.issuer_cert_file),
+            identity_issuer_key_file: file(&pki.issuer_key_file),
             identity_cert_lifetime: "24h".into(),
             identity_issuer_lifetime: "8760h".into(),
         };
@@ -474,7 +483,41 @@ pub struct IdentityService {
 }
 
 impl IdentityService {
+    /// The service with the test's PKI files.
     pub fn start(node: &Node, install: &Install, cert_lifetime: &str) -> Self {
+        let files = [
+            ("--issuer-certificate-file", &install.pki.issuer_cert_file),
+            ("--issuer-key-file", &install.pki.issuer_key_file),
+            ("--trust-anchors-file", &install.pki.anchors_file),
+        ];
+        let args: Vec<std::ffi::OsString> = files
+            .iter()
+            .flat_map(|(flag, path)| [flag.into(), path.as_os_str().to_owned()])
+            .collect();
+        Self::start_with(node, install, cert_lifetime, &args)
+    }
+
+    /// The service as installed: its issuer from the cluster (made there if
+    /// missing), the aggregated API's caBundle kept.
+    pub fn start_from_cluster(node: &Node, install: &Install, cert_lifetime: &str) -> Self {
+        let args: Vec<std::ffi::OsString> = [
+            "--issuer-secret",
+            "nodemesh-identity-issuer",
+            "--trust-anchors-configmap",
+            "nodemesh-identity-trust-anchors",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        Self::start_with(node, install, cert_lifetime, &args)
+    }
+
+    fn start_with(
+        node: &Node,
+        install: &Install,
+        cert_lifetime: &str,
+        issuer: &[std::ffi::OsString],
+    ) -> Self {
         let cluster = install.cluster;
         node.reach_host_loopback(cluster.port);
         let kubeconfig = node.dir.join("identity.kubeconfig");
@@ -496,12 +539,7 @@ impl IdentityService {
             .arg(addr.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
-            .arg("--issuer-certificate-file")
-            .arg(&install.pki.issuer_cert_file)
-            .arg("--issuer-key-file")
-            .arg(&install.pki.issuer_key_file)
-            .arg("--trust-anchors-file")
-            .arg(&install.pki.anchors_file)
+            .args(issuer)
             .arg("--cert-lifetime")
             .arg(cert_lifetime)
             .arg("--agent-service-account")

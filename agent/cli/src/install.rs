@@ -78,10 +78,12 @@ pub struct InstallArgs {
     #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
     pub host_cgroup_root: String,
 
-    /// Trust anchors (PEM bundle) to use instead of generating a new one.
-    /// Give it with the issuer's certificate and key, or give none of the
-    /// three: each `install` without them makes a new PKI, so keep the
-    /// files for repeatable installs and upgrades.
+    /// Trust anchors (PEM bundle) of an issuer of your own. Give it with
+    /// the issuer's certificate and key — they are then printed (as the
+    /// Secret nodemesh-identity-issuer: its key in this output) — or give
+    /// none of the three: the identity service makes a trust anchor and an
+    /// issuer in the cluster at its first start, and the key is never
+    /// printed.
     #[arg(long, value_name = "PATH", requires_all = ["identity_issuer_certificate_file", "identity_issuer_key_file"])]
     pub identity_trust_anchors_file: Option<std::path::PathBuf>,
 
@@ -97,8 +99,8 @@ pub struct InstallArgs {
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     pub identity_cert_lifetime: String,
 
-    /// Lifetime of a generated issuer (the generated trust anchor gets ten
-    /// times as long).
+    /// Lifetime of an issuer the identity service makes (its trust anchor
+    /// gets ten times as long).
     #[arg(long, default_value = "8760h", value_name = "DURATION")]
     pub identity_issuer_lifetime: String,
 }
@@ -110,9 +112,9 @@ struct Pki {
     issuer_key: String,
 }
 
-/// Reads the PKI files, or generates a trust anchor and an issuer; checks
-/// the issuer against the anchors either way.
-fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
+/// Reads the PKI files, if given, and checks the issuer against the
+/// anchors; `Ok(None)`: none given (the identity service makes them).
+fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Option<Pki>> {
     let cert_lifetime = parse_duration(&a.identity_cert_lifetime);
     match &cert_lifetime {
         Ok(d) if (MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(d) => {}
@@ -125,61 +127,36 @@ fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
             a.identity_cert_lifetime
         )),
     }
-    let pki = match (
+    match parse_duration(&a.identity_issuer_lifetime) {
+        Ok(d) if d >= std::time::Duration::from_secs(3600) => {}
+        Ok(_) => problems.push(format!(
+            "--identity-issuer-lifetime {:?}: at least 1h",
+            a.identity_issuer_lifetime
+        )),
+        Err(why) => problems.push(format!(
+            "--identity-issuer-lifetime {:?}: {why}",
+            a.identity_issuer_lifetime
+        )),
+    }
+    let (Some(anchors), Some(cert), Some(key)) = (
         &a.identity_trust_anchors_file,
         &a.identity_issuer_certificate_file,
         &a.identity_issuer_key_file,
-    ) {
-        (Some(anchors), Some(cert), Some(key)) => {
-            let mut read = |flag: &str, path: &std::path::Path| {
-                std::fs::read_to_string(path)
-                    .map_err(|e| problems.push(format!("--{flag} {}: {e}", path.display())))
-                    .ok()
-            };
-            let anchors = read("identity-trust-anchors-file", anchors);
-            let cert = read("identity-issuer-certificate-file", cert);
-            let key = read("identity-issuer-key-file", key);
-            Pki {
-                trust_anchors: anchors?,
-                issuer_cert: cert?,
-                issuer_key: key?,
-            }
-        }
-        _ => {
-            let lifetime = match parse_duration(&a.identity_issuer_lifetime) {
-                Ok(d) if d >= std::time::Duration::from_secs(3600) => d,
-                Ok(_) => {
-                    problems.push(format!(
-                        "--identity-issuer-lifetime {:?}: at least 1h",
-                        a.identity_issuer_lifetime
-                    ));
-                    return None;
-                }
-                Err(why) => {
-                    problems.push(format!(
-                        "--identity-issuer-lifetime {:?}: {why}",
-                        a.identity_issuer_lifetime
-                    ));
-                    return None;
-                }
-            };
-            let generated =
-                pki::generate_trust_anchor(&a.trust_domain, lifetime * 10).and_then(|anchor| {
-                    let issuer = pki::generate_issuer(&anchor, &a.trust_domain, lifetime)?;
-                    Ok((anchor, issuer))
-                });
-            match generated {
-                Ok((anchor, issuer)) => Pki {
-                    trust_anchors: anchor.cert_pem,
-                    issuer_cert: issuer.cert_pem,
-                    issuer_key: issuer.key_pem,
-                },
-                Err(e) => {
-                    problems.push(format!("cannot generate the identity PKI: {e}"));
-                    return None;
-                }
-            }
-        }
+    ) else {
+        return Some(None);
+    };
+    let mut read = |flag: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| problems.push(format!("--{flag} {}: {e}", path.display())))
+            .ok()
+    };
+    let anchors = read("identity-trust-anchors-file", anchors);
+    let cert = read("identity-issuer-certificate-file", cert);
+    let key = read("identity-issuer-key-file", key);
+    let pki = Pki {
+        trust_anchors: anchors?,
+        issuer_cert: cert?,
+        issuer_key: key?,
     };
     if let Err(e) = pki::Signer::load(
         &pki.issuer_cert,
@@ -190,8 +167,38 @@ fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Pki> {
         problems.push(format!("identity issuer: {e}"));
         return None;
     }
-    Some(pki)
+    Some(Some(pki))
 }
+
+/// The identity objects for an issuer given at install: the trust anchors
+/// and the issuer's Secret (its key: in the output, as asked).
+const PKI_DOCUMENTS: &str = r#"# The trust anchors every workload certificate chains to (public).
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: nodemesh-identity-trust-anchors
+  namespace: {{namespace}}
+  labels:
+    app.kubernetes.io/part-of: nodemesh
+data:
+  ca-bundle.crt: {{trust_anchors}}
+---
+# The issuer, as given to `nodemesh install`: signs workload certificates.
+# Only the identity service reads it (through the API; it is not mounted).
+apiVersion: v1
+kind: Secret
+metadata:
+  name: nodemesh-identity-issuer
+  namespace: {{namespace}}
+  labels:
+    app.kubernetes.io/part-of: nodemesh
+type: kubernetes.io/tls
+stringData:
+  tls.crt: {{issuer_cert}}
+  tls.key: {{issuer_key}}
+  ca.crt: {{trust_anchors}}
+---
+"#;
 
 /// JSON string quoting is valid YAML double-quoted scalar syntax.
 fn quoted(s: &str) -> String {
@@ -267,6 +274,22 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
     let (true, Some(pki)) = (problems.is_empty(), pki) else {
         return Err(ConfigErrors(problems));
     };
+    // Given files: their objects, and the aggregated API's caBundle now;
+    // else the identity service makes both and sets it.
+    let identity_pki = match &pki {
+        Some(pki) => PKI_DOCUMENTS
+            .replace("{{trust_anchors}}", &quoted(&pki.trust_anchors))
+            .replace("{{issuer_cert}}", &quoted(&pki.issuer_cert))
+            .replace("{{issuer_key}}", &quoted(&pki.issuer_key)),
+        None => String::new(),
+    };
+    let ca_bundle = match &pki {
+        Some(pki) => format!(
+            "  caBundle: {}\n",
+            base64::engine::general_purpose::STANDARD.encode(pki.trust_anchors.as_bytes())
+        ),
+        None => String::new(),
+    };
     let join = |v: &[String]| {
         v.iter()
             .filter(|s| !s.is_empty())
@@ -277,6 +300,8 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
     // The namespace and version are validated identifiers, used inside other
     // names; everything else is a quoted scalar.
     let out = TEMPLATE
+        .replace("{{identity_pki}}", &identity_pki)
+        .replace("{{ca_bundle}}", &ca_bundle)
         .replace("{{namespace}}", &a.namespace)
         .replace("{{version}}", env!("CARGO_PKG_VERSION"))
         .replace("{{image}}", &quoted(&a.image))
@@ -293,13 +318,7 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         .replace("{{bypass_ports}}", &quoted(&join(&a.bypass_ports)))
         .replace("{{host_cgroup_root}}", &quoted(&a.host_cgroup_root))
         .replace("{{cert_lifetime}}", &quoted(&a.identity_cert_lifetime))
-        .replace(
-            "{{trust_anchors_base64}}",
-            &base64::engine::general_purpose::STANDARD.encode(pki.trust_anchors.as_bytes()),
-        )
-        .replace("{{trust_anchors}}", &quoted(&pki.trust_anchors))
-        .replace("{{issuer_cert}}", &quoted(&pki.issuer_cert))
-        .replace("{{issuer_key}}", &quoted(&pki.issuer_key));
+        .replace("{{issuer_lifetime}}", &quoted(&a.identity_issuer_lifetime));
     Ok(out)
 }
 
@@ -324,8 +343,23 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         identity_cert_lifetime: "24h".into(),
         identity_issuer_lifetime: "8760h".into(),
     })?;
+    // The identity objects the identity service made (not in `render`'s
+    // output without given files) go too.
+    let made = PKI_DOCUMENTS
+        .replace("{{namespace}}", namespace)
+        .replace("{{trust_anchors}}", "\"\"")
+        .replace("{{issuer_cert}}", "\"\"")
+        .replace("{{issuer_key}}", "\"\"");
     let mut docs = Vec::new();
-    for doc in documents(&installed) {
+    let installed_docs = documents(&installed);
+    let made_docs = documents(&made);
+    // After the namespace: removed just before it.
+    let ordered = installed_docs
+        .iter()
+        .take(1)
+        .chain(made_docs.iter())
+        .chain(installed_docs.iter().skip(1));
+    for doc in ordered {
         let value: serde_norway::Value = serde_norway::from_str(doc).map_err(|e| {
             ConfigErrors(vec![format!("internal: the manifests do not parse: {e}")])
         })?;
@@ -402,8 +436,6 @@ mod tests {
                 "Role",
                 "RoleBinding",
                 "ConfigMap",
-                "ConfigMap",
-                "Secret",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -418,19 +450,11 @@ mod tests {
                 "DaemonSet"
             ]
         );
-        // The API server trusts the identity service's serving certificate
-        // through the trust anchors.
-        let api: serde_norway::Value = documents(&out)
-            .iter()
-            .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
-            .find(|v| v["kind"].as_str() == Some("APIService"))
-            .expect("an APIService");
-        let bundle = base64::engine::general_purpose::STANDARD
-            .decode(api["spec"]["caBundle"].as_str().expect("caBundle"))
-            .expect("base64");
-        let bundle = String::from_utf8(bundle).expect("PEM");
-        assert!(bundle.contains("BEGIN CERTIFICATE"));
-        assert!(out.contains(&format!("ca-bundle.crt: {}", quoted(&bundle))));
+        // No key in the output: the identity service makes the PKI (and
+        // sets the aggregated API's caBundle) in the cluster.
+        assert!(!out.contains("PRIVATE KEY"), "{out}");
+        assert!(!out.contains("caBundle: "), "{out}");
+        assert!(out.contains("NODEMESH_ISSUER_SECRET"));
         assert!(out.contains("name: nodemesh-nodemesh-agent"));
         // Both pods say where their metrics are.
         for doc in documents(&out) {
@@ -478,27 +502,35 @@ mod tests {
     }
 
     #[test]
-    fn identity_pki_is_generated_or_read_and_checked() {
-        let out = render(&defaults()).expect("renders");
-        let doc = |kind: &str, name: &str| -> serde_norway::Value {
-            documents(&out)
+    fn identity_pki_is_printed_only_when_given_and_checked() {
+        let doc = |out: &str, kind: &str, name: &str| -> Option<serde_norway::Value> {
+            documents(out)
                 .iter()
                 .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
                 .find(|v| {
                     v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name)
                 })
-                .unwrap_or_else(|| panic!("no {kind} {name}"))
         };
-        let anchors = doc("ConfigMap", "nodemesh-identity-trust-anchors")["data"]["ca-bundle.crt"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let secret = doc("Secret", "nodemesh-identity-issuer");
-        let cert = secret["stringData"]["tls.crt"].as_str().unwrap();
-        let key = secret["stringData"]["tls.key"].as_str().unwrap();
-        pki::Signer::load(cert, key, &anchors, "cluster.local").expect("a usable issuer");
+        let out = render(&defaults()).expect("renders");
+        assert!(doc(&out, "Secret", "nodemesh-identity-issuer").is_none());
+        assert!(doc(&out, "ConfigMap", "nodemesh-identity-trust-anchors").is_none());
+        let anchor =
+            pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(7200))
+                .unwrap();
+        let issuer = pki::generate_issuer(
+            &anchor,
+            "cluster.local",
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let (anchors, cert, key) = (
+            anchor.cert_pem.clone(),
+            issuer.cert_pem.as_str(),
+            issuer.key_pem.as_str(),
+        );
 
-        // From files: the same PKI comes out; another anchor is refused.
+        // From files (asked for): the same PKI comes out, and the
+        // aggregated API's caBundle; another anchor is refused.
         let dir = std::env::temp_dir().join(format!("nodemesh-install-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let write = |name: &str, text: &str| {
@@ -512,6 +544,21 @@ mod tests {
         args.identity_issuer_key_file = Some(write("issuer.key", key));
         let again = render(&args).expect("renders from files");
         assert!(again.contains(&quoted(cert)));
+        let secret = doc(&again, "Secret", "nodemesh-identity-issuer").expect("the Secret");
+        assert_eq!(
+            secret["stringData"]["ca.crt"].as_str(),
+            Some(anchors.as_str())
+        );
+        let map = doc(&again, "ConfigMap", "nodemesh-identity-trust-anchors").expect("anchors");
+        assert_eq!(
+            map["data"]["ca-bundle.crt"].as_str(),
+            Some(anchors.as_str())
+        );
+        let api = doc(&again, "APIService", "v1alpha1.tap.nodemesh.io").expect("APIService");
+        let bundle = base64::engine::general_purpose::STANDARD
+            .decode(api["spec"]["caBundle"].as_str().expect("caBundle"))
+            .expect("base64");
+        assert_eq!(String::from_utf8(bundle).unwrap(), anchors);
         let other =
             pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(600))
                 .unwrap();
@@ -545,7 +592,11 @@ mod tests {
         );
         assert!(docs[5].contains("kind: Deployment"));
         // The CRD goes with the users' policies, before the namespace.
-        assert!(docs[20].contains("kind: CustomResourceDefinition"));
+        // The CRD goes with the users' policies, then what the identity
+        // service made, before the namespace.
+        assert!(docs[18].contains("kind: CustomResourceDefinition"));
+        assert!(docs[19].contains("kind: Secret") && docs[19].contains("nodemesh-identity-issuer"));
+        assert!(docs[20].contains("kind: ConfigMap"));
         assert!(docs[21].contains("kind: Namespace") && docs[21].contains("name: mesh-system"));
     }
 }

@@ -216,6 +216,7 @@ pub struct Signer {
     issuer_not_after: SystemTime,
     trust_domain: String,
     anchors: Vec<CertificateDer<'static>>,
+    anchors_pem: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -271,6 +272,7 @@ impl Signer {
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key)?;
         Ok(Self {
             anchors,
+            anchors_pem: anchors_pem.trim().to_owned() + "\n",
             issuer,
             // Presented as is after the leaf: the issuer and any intermediates.
             issuer_pem: issuer_cert_pem.trim().to_owned() + "\n",
@@ -281,6 +283,11 @@ impl Signer {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The trust anchors it was loaded with (PEM).
+    pub fn anchors_pem(&self) -> &str {
+        &self.anchors_pem
     }
 
     /// The trust anchors it was loaded with, as a root store.

@@ -61,7 +61,7 @@ impl Agents {
         let server_names = cfg
             .agent_identities
             .iter()
-            .filter_map(|id| id.dns_name(cfg.signer.trust_domain()).ok())
+            .filter_map(|id| id.dns_name(&cfg.trust_domain).ok())
             .filter_map(|n| ServerName::try_from(n).ok())
             .collect();
         let mut tls = ClientConfig::builder_with_provider(provider())

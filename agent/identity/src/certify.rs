@@ -66,6 +66,7 @@ struct ResultLabels {
 /// The certify endpoint and what it needs.
 pub(crate) struct Service {
     pub(crate) cfg: IdentityConfig,
+    pub(crate) signer: std::sync::Arc<nodemesh_core::pki::Signer>,
     client: Client,
     results: Family<ResultLabels, Counter>,
 }
@@ -73,7 +74,12 @@ pub(crate) struct Service {
 type Answer = Result<CertifyResponse, (CertifyResult, String)>;
 
 impl Service {
-    pub(crate) fn new(cfg: IdentityConfig, client: Client, registry: &mut Registry) -> Self {
+    pub(crate) fn new(
+        cfg: IdentityConfig,
+        signer: std::sync::Arc<nodemesh_core::pki::Signer>,
+        client: Client,
+        registry: &mut Registry,
+    ) -> Self {
         let results = Family::<ResultLabels, Counter>::default();
         registry.register(
             "identity_certify",
@@ -82,6 +88,7 @@ impl Service {
         );
         Self {
             cfg,
+            signer,
             client,
             results,
         }
@@ -283,7 +290,6 @@ impl Service {
         // 4. Sign, unless the issuer is about to expire (certificates are
         // capped at its expiry; ever shorter ones would only be asked again).
         let issuer_left = self
-            .cfg
             .signer
             .issuer_not_after()
             .duration_since(SystemTime::now())
@@ -295,14 +301,13 @@ impl Service {
             ));
         }
         let issued = self
-            .cfg
             .signer
             .sign_csr(&request.csr, &identity, self.cfg.cert_lifetime)
             .map_err(|e| match e {
                 PkiError::BadCsr(_) => (CertifyResult::BadRequest, e.to_string()),
                 e => (CertifyResult::SigningError, e.to_string()),
             })?;
-        info!(identity = %identity.spiffe_id(self.cfg.signer.trust_domain()), %node, agent = %pod_name, "certificate signed");
+        info!(identity = %identity.spiffe_id(self.signer.trust_domain()), %node, agent = %pod_name, "certificate signed");
         Ok(CertifyResponse {
             certificate: issued.cert_pem,
             chain: issued.chain_pem,

@@ -31,17 +31,47 @@ pub struct IdentityArgs {
     )]
     pub admin_addr: String,
 
-    /// The issuer certificate (PEM; intermediates may follow it).
+    /// The issuer certificate (PEM; intermediates may follow it). With
+    /// --issuer-key-file and --trust-anchors-file; or none of the three and
+    /// --issuer-secret.
     #[arg(long, env = "NODEMESH_ISSUER_CERT", value_name = "PATH")]
-    pub issuer_certificate_file: PathBuf,
+    pub issuer_certificate_file: Option<PathBuf>,
 
     /// The issuer's private key (PEM).
     #[arg(long, env = "NODEMESH_ISSUER_KEY", value_name = "PATH")]
-    pub issuer_key_file: PathBuf,
+    pub issuer_key_file: Option<PathBuf>,
 
     /// The trust anchors (PEM bundle) the issuer must chain to.
     #[arg(long, env = "NODEMESH_TRUST_ANCHORS", value_name = "PATH")]
-    pub trust_anchors_file: PathBuf,
+    pub trust_anchors_file: Option<PathBuf>,
+
+    /// Instead of files: the issuer is this Secret of the service's own
+    /// namespace (`tls.crt`, `tls.key`, `ca.crt`: the trust anchor), read
+    /// through the API; if there is none, the service makes a trust anchor
+    /// and an issuer and creates it (the key never leaves the cluster),
+    /// with --trust-anchors-configmap for the agents.
+    #[arg(long, env = "NODEMESH_ISSUER_SECRET", value_name = "NAME")]
+    pub issuer_secret: Option<String>,
+
+    /// The ConfigMap (`ca-bundle.crt`) the agents read the trust anchors
+    /// from: created from the issuer's Secret when missing.
+    #[arg(long, env = "NODEMESH_TRUST_ANCHORS_CONFIGMAP", value_name = "NAME")]
+    pub trust_anchors_configmap: Option<String>,
+
+    /// The APIService of the aggregated API: its `caBundle` is set to the
+    /// trust anchors (what its serving certificate chains to).
+    #[arg(long, env = "NODEMESH_API_SERVICE", value_name = "NAME")]
+    pub api_service: Option<String>,
+
+    /// The lifetime of an issuer the service makes itself (its trust
+    /// anchor lives ten times as long).
+    #[arg(
+        long,
+        env = "NODEMESH_ISSUER_LIFETIME",
+        default_value = "8760h",
+        value_name = "DURATION"
+    )]
+    pub issuer_lifetime: String,
 
     /// The SPIFFE trust domain.
     #[arg(
@@ -141,12 +171,30 @@ pub struct IdentityArgs {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// Where the issuer comes from.
+#[derive(Debug)]
+pub enum IssuerSource {
+    /// Files, read and checked already.
+    Files(Box<Signer>),
+    /// A Secret of the service's namespace, made if missing (see
+    /// [`crate::bootstrap`]).
+    Cluster {
+        secret: String,
+        configmap: String,
+        lifetime: Duration,
+    },
+}
+
 /// A validated configuration.
 #[derive(Debug)]
 pub struct IdentityConfig {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub signer: Signer,
+    /// Taken when the service starts.
+    pub issuer: Option<IssuerSource>,
+    pub trust_domain: String,
+    /// The APIService whose `caBundle` the service keeps.
+    pub api_service: Option<String>,
     pub cert_lifetime: Duration,
     pub agent_service_accounts: Vec<String>,
     pub server_names: Vec<String>,
@@ -256,47 +304,32 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
                 a.trust_domain
             ));
         }
-        let read =
-            |flag: &str, path: &PathBuf, problems: &mut Vec<String>| match std::fs::read_to_string(
-                path,
-            ) {
-                Ok(text) => Some(text),
-                Err(e) => {
-                    problems.push(format!("--{flag} {}: {e}", path.display()));
-                    None
-                }
-            };
-        let cert = read(
-            "issuer-certificate-file",
-            &a.issuer_certificate_file,
-            &mut problems,
-        );
-        let key = read("issuer-key-file", &a.issuer_key_file, &mut problems);
-        let anchors = read("trust-anchors-file", &a.trust_anchors_file, &mut problems);
-        let signer = match (cert, key, anchors) {
-            (Some(cert), Some(key), Some(anchors)) => {
-                match Signer::load(&cert, &key, &anchors, &a.trust_domain) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        problems.push(format!("issuer: {e}"));
-                        None
-                    }
-                }
+        let issuer = issuer_source(a, &mut problems);
+        for (flag, name) in [
+            ("issuer-secret", &a.issuer_secret),
+            ("trust-anchors-configmap", &a.trust_anchors_configmap),
+            ("api-service", &a.api_service),
+        ] {
+            if let Some(n) = name
+                && !is_dns_subdomain(n)
+            {
+                problems.push(format!("--{flag} {n:?}: not an object name"));
             }
-            _ => None,
-        };
-        match (addr, admin_addr, cert_lifetime, signer, api_addr, identity) {
+        }
+        match (addr, admin_addr, cert_lifetime, issuer, api_addr, identity) {
             (
                 Some(addr),
                 Some(admin_addr),
                 Some(cert_lifetime),
-                Some(signer),
+                Some(issuer),
                 Some(api_addr),
                 Some(identity),
             ) if problems.is_empty() => Ok(Self {
                 addr,
                 admin_addr,
-                signer,
+                issuer: Some(issuer),
+                trust_domain: a.trust_domain.clone(),
+                api_service: a.api_service.clone(),
                 cert_lifetime,
                 agent_service_accounts: a
                     .agent_service_accounts
@@ -320,6 +353,67 @@ impl TryFrom<&IdentityArgs> for IdentityConfig {
                 agent_tap_port: a.agent_tap_port,
             }),
             _ => Err(ConfigErrors(problems)),
+        }
+    }
+}
+
+/// The issuer's files (all three, read and checked), or its Secret and
+/// the agents' ConfigMap (both named).
+fn issuer_source(a: &IdentityArgs, problems: &mut Vec<String>) -> Option<IssuerSource> {
+    let files = (
+        &a.issuer_certificate_file,
+        &a.issuer_key_file,
+        &a.trust_anchors_file,
+    );
+    match (files, &a.issuer_secret, &a.trust_anchors_configmap) {
+        ((Some(cert), Some(key), Some(anchors)), None, None) => {
+            let mut read = |flag: &str, path: &PathBuf| match std::fs::read_to_string(path) {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    problems.push(format!("--{flag} {}: {e}", path.display()));
+                    None
+                }
+            };
+            let (cert, key, anchors) = (
+                read("issuer-certificate-file", cert),
+                read("issuer-key-file", key),
+                read("trust-anchors-file", anchors),
+            );
+            match Signer::load(&cert?, &key?, &anchors?, &a.trust_domain) {
+                Ok(s) => Some(IssuerSource::Files(Box::new(s))),
+                Err(e) => {
+                    problems.push(format!("issuer: {e}"));
+                    None
+                }
+            }
+        }
+        ((None, None, None), Some(secret), Some(configmap)) => {
+            match parse_duration(&a.issuer_lifetime) {
+                Ok(lifetime) if lifetime >= Duration::from_secs(3600) => {
+                    Some(IssuerSource::Cluster {
+                        secret: secret.clone(),
+                        configmap: configmap.clone(),
+                        lifetime,
+                    })
+                }
+                Ok(_) => {
+                    problems.push(format!(
+                        "--issuer-lifetime {:?}: at least 1h",
+                        a.issuer_lifetime
+                    ));
+                    None
+                }
+                Err(why) => {
+                    problems.push(format!("--issuer-lifetime {:?}: {why}", a.issuer_lifetime));
+                    None
+                }
+            }
+        }
+        _ => {
+            problems.push(
+                "the issuer: --issuer-certificate-file, --issuer-key-file and --trust-anchors-file together, or --issuer-secret with --trust-anchors-configmap".into(),
+            );
+            None
         }
     }
 }

@@ -23,6 +23,7 @@
 //! trust anchors they already hold.
 mod agents;
 mod api;
+mod bootstrap;
 mod certify;
 mod config;
 mod policies;
@@ -40,7 +41,7 @@ use nodemesh_core::{
     admin::{AdminError, AdminServer, AdminState, Ready},
     kube::{self as kube_client, KubeError},
     labels::PREFIX,
-    pki::{self, PkiError},
+    pki::{self, PkiError, Signer},
 };
 use prometheus_client::registry::Registry;
 use rcgen::KeyPair;
@@ -54,7 +55,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use crate::config::{IdentityArgs, IdentityConfig};
+pub use crate::config::{IdentityArgs, IdentityConfig, IssuerSource};
 use crate::{agents::Agents, api::AggregatedApi, certify::Service};
 
 /// Connections served at once (each request is a TokenReview and a pod
@@ -85,6 +86,10 @@ pub enum IdentityServiceError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Issuer(#[from] bootstrap::BootstrapError),
+    #[error("internal: the issuer was taken already")]
+    NoIssuer,
 }
 
 /// Runs the service on its own runtime until SIGTERM or SIGINT: the whole
@@ -155,12 +160,15 @@ impl rustls::client::ResolvesClientCert for CurrentCert {
     }
 }
 
-fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), PkiError> {
+fn serving_cert(
+    cfg: &IdentityConfig,
+    signer: &Signer,
+) -> Result<(Arc<CertifiedKey>, Duration), PkiError> {
     let key = KeyPair::generate()?;
     // At least an hour, however short workload certificates are: renewed
     // at half-life, never left to lapse between renewals.
     let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
-    let issued = cfg.signer.sign_server(&key, &cfg.server_names, lifetime)?;
+    let issued = signer.sign_server(&key, &cfg.server_names, lifetime)?;
     let left = issued
         .not_after
         .duration_since(SystemTime::now())
@@ -171,25 +179,65 @@ fn serving_cert(cfg: &IdentityConfig) -> Result<(Arc<CertifiedKey>, Duration), P
 /// The tap client's certificate (what agents' tap ports check): an
 /// identity outside the workload space, which the certify endpoint never
 /// signs, so no node can present it.
-fn own_cert(cfg: &IdentityConfig) -> Result<Arc<CertifiedKey>, PkiError> {
+fn own_cert(cfg: &IdentityConfig, signer: &Signer) -> Result<Arc<CertifiedKey>, PkiError> {
     let key = KeyPair::generate()?;
     let lifetime = cfg.cert_lifetime.max(Duration::from_secs(3600));
-    let id = nodemesh_core::identity::tap_client_id(cfg.signer.trust_domain());
-    let issued = cfg.signer.sign_client(&key, &id, lifetime)?;
+    let id = nodemesh_core::identity::tap_client_id(signer.trust_domain());
+    let issued = signer.sign_client(&key, &id, lifetime)?;
     pki::certified_key(&issued, &key)
+}
+
+/// The issuer, from its files or from the cluster (made there on a fresh
+/// install), and the trust anchors the aggregated API is to be checked
+/// against.
+async fn issuer(
+    cfg: &mut IdentityConfig,
+    client: &kube::Client,
+) -> Result<(Signer, Option<String>), IdentityServiceError> {
+    match cfg.issuer.take() {
+        Some(IssuerSource::Files(signer)) => Ok((*signer, None)),
+        Some(IssuerSource::Cluster {
+            secret,
+            configmap,
+            lifetime,
+        }) => {
+            let (signer, anchors) = bootstrap::ClusterIssuer {
+                client,
+                namespace: &cfg.identity.namespace,
+                secret: &secret,
+                configmap: &configmap,
+                trust_domain: &cfg.trust_domain,
+                lifetime,
+            }
+            .load()
+            .await?;
+            Ok((signer, Some(anchors)))
+        }
+        None => Err(IdentityServiceError::NoIssuer),
+    }
 }
 
 /// Runs the service until `shutdown`.
 pub async fn run(
-    cfg: IdentityConfig,
+    mut cfg: IdentityConfig,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityServiceError> {
     let client = kube_client::client(cfg.kubeconfig.as_deref()).await?;
+    let (signer, anchors) = issuer(&mut cfg, &client).await?;
+    let anchors = anchors.unwrap_or_else(|| signer.anchors_pem().to_owned());
+    if let Some(name) = &cfg.api_service {
+        // Not fatal: the aggregated API is unavailable until it is set,
+        // the signing is not.
+        if let Err(e) = bootstrap::api_service_ca(&client, name, &anchors).await {
+            warn!(error = %e, "cannot set the aggregated API's caBundle; nodemesh stat and tap through the API server fail until it is");
+        }
+    }
+    let signer = Arc::new(signer);
     let mut registry = Registry::with_prefix(PREFIX);
-    let (cert, left) = serving_cert(&cfg)?;
+    let (cert, left) = serving_cert(&cfg, &signer)?;
     let addr = cfg.addr;
     tokio::spawn(policies::keep_status(client.clone(), shutdown.clone()));
-    let service = Arc::new(Service::new(cfg, client, &mut registry));
+    let service = Arc::new(Service::new(cfg, signer, client, &mut registry));
     let ready = Ready::default();
     let admin = AdminServer::start(
         service.cfg.admin_addr,
@@ -202,8 +250,11 @@ pub async fn run(
     )?;
 
     let resolver = Arc::new(CurrentCert(RwLock::new(cert)));
-    let own = Arc::new(CurrentCert(RwLock::new(own_cert(&service.cfg)?)));
-    let roots = Arc::new(service.cfg.signer.roots()?);
+    let own = Arc::new(CurrentCert(RwLock::new(own_cert(
+        &service.cfg,
+        &service.signer,
+    )?)));
+    let roots = Arc::new(service.signer.roots()?);
     let agents = Arc::new(Agents::new(
         &service.cfg,
         service.client().clone(),
@@ -248,7 +299,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     ready.set();
-    info!(%addr, trust_domain = %service.cfg.signer.trust_domain(), lifetime = ?service.cfg.cert_lifetime, "identity service ready");
+    info!(%addr, trust_domain = %service.signer.trust_domain(), lifetime = ?service.cfg.cert_lifetime, "identity service ready");
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -313,7 +364,9 @@ async fn renew_serving_cert(
             _ = tokio::time::sleep((left / 2).max(Duration::from_secs(10))) => {}
             _ = shutdown.cancelled() => return,
         }
-        match serving_cert(&service.cfg).and_then(|c| Ok((c, own_cert(&service.cfg)?))) {
+        match serving_cert(&service.cfg, &service.signer)
+            .and_then(|c| Ok((c, own_cert(&service.cfg, &service.signer)?)))
+        {
             Ok(((cert, l), mine)) => {
                 resolver.set(cert);
                 own.set(mine);
