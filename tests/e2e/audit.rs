@@ -1522,3 +1522,60 @@ fn default_install_args() -> nodemesh_cli::install::InstallArgs {
     }
     Install::parse_from(["install"]).args
 }
+
+/// Low 15: the pod's netns was the first process's anywhere below its
+/// cgroup, so a container that made a network namespace of its own could
+/// be taken for the pod — the agent's listeners and `sk_lookup` there, and
+/// the pod's real netns left uncaptured (its inbound policy bypassed). Now
+/// the sandbox's is taken (the container cgroup the pod's status does not
+/// list), and only a netns holding the pod's addresses; one taken before
+/// they were known is let go and the pod captured again when they come.
+pub fn a_container_with_a_netns_of_its_own_is_never_the_pod() {
+    let bed = MeshBed::new("24h");
+    let plain = plain_namespace(&bed);
+    let client = bed.cluster.run_pod(&bed.a, PodSpec::new(&plain, "client"));
+    let server = bed.cluster.create_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "deny"),
+    );
+    // A container that starts first and unshares its network namespace.
+    let rogue = server.cgroup.join("cri-containerd-rogue0001.scope");
+    std::fs::create_dir_all(&rogue).expect("the rogue container's cgroup");
+    let mut unshare = std::process::Command::new("unshare");
+    unshare.args(["--net", "sh", "-c", "ip link set lo up && exec sleep 300"]);
+    let _rogue = nodemesh_tests::sys::Killed::new(nodemesh_tests::sys::spawn_in(
+        unshare,
+        &server.netns,
+        &rogue,
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    // Then the sandbox, and the status naming the rogue as a container.
+    server.start_sandbox();
+    bed.cluster.pod_running(&bed.b, &server);
+    bed.cluster.patch_pod_status(
+        &server,
+        serde_json::json!({"containerStatuses": [{
+            "name": "app", "containerID": "containerd://rogue0001", "ready": true,
+            "restartCount": 0, "image": "nodemesh.test/app:1", "imageID": "",
+            "state": {"running": {}}
+        }]}),
+    );
+    bed.agent_b.wait_metric("server captured", |m| {
+        m.sum("nodemesh_meshed_pods", &[]) == 1.0
+    });
+    let mut app = server.tcp();
+    app.listen(ECHO);
+    // Captured in its real netns: plaintext is refused under deny, the app
+    // sees nothing (around the policy, it would have answered).
+    nodemesh_tests::eventually(
+        "the pod's own netns captured",
+        Duration::from_secs(10),
+        || match line_from(&client.netns, at(&server, ECHO)) {
+            Err(_) if denied(&bed.agent_b.metrics(), "server", "denied") >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(app.peers(ECHO).is_empty(), "{:?}", app.peers(ECHO));
+}

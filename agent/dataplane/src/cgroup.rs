@@ -4,7 +4,6 @@
 //! eBPF programs attach to cgroup directories and match sockets by the cgroup
 //! of the process that made them; a cgroup's id is its directory's inode.
 use std::{
-    collections::VecDeque,
     fs::{self, File},
     io,
     os::unix::fs::MetadataExt,
@@ -212,27 +211,47 @@ impl CgroupDir {
         &self.dir
     }
 
-    /// A process running in this cgroup or below it (breadth first).
-    pub fn first_process(&self) -> Result<u32, CgroupError> {
-        let mut queue = VecDeque::from([self.path.clone()]);
-        while let Some(dir) = queue.pop_front() {
-            let procs = dir.join("cgroup.procs");
-            if let Ok(text) = fs::read_to_string(&procs)
-                && let Some(pid) = text.lines().find_map(|l| l.trim().parse::<u32>().ok())
-            {
-                return Ok(pid);
-            }
-            if let Ok(entries) = fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        queue.push_back(entry.path());
-                    }
-                }
-            }
+    /// Processes that may be the pod's sandbox, likeliest first: the first
+    /// process of each container cgroup that is none of `containers`
+    /// (their runtime ids: the sandbox is the one the pod's status never
+    /// lists), oldest first. Never just any process below the pod: a
+    /// container that made a network namespace of its own must not be
+    /// taken for the pod (the caller checks the netns holds the pod's
+    /// addresses).
+    pub fn sandbox_candidates(&self, containers: &[String]) -> Result<Vec<u32>, CgroupError> {
+        let mut dirs: Vec<(i64, u64, PathBuf)> = fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter(|e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        !containers.iter().any(|id| name.contains(id.as_str()))
+                    })
+                    .filter_map(|e| {
+                        let meta = e.metadata().ok()?;
+                        Some((meta.ctime(), meta.ino(), e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.sort();
+        let pids: Vec<u32> = dirs
+            .iter()
+            .filter_map(|(_, _, dir)| {
+                fs::read_to_string(dir.join("cgroup.procs"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.trim().parse::<u32>().ok())
+            })
+            .collect();
+        if pids.is_empty() {
+            return Err(CgroupError::Empty {
+                path: self.path.clone(),
+            });
         }
-        Err(CgroupError::Empty {
-            path: self.path.clone(),
-        })
+        Ok(pids)
     }
 }
 

@@ -48,6 +48,10 @@ pub enum CaptureError {
         netns: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "network namespace {netns} does not hold the pod's addresses {missing}: not the pod's sandbox (a container's own network namespace?)"
+    )]
+    NotThePods { netns: PathBuf, missing: String },
     #[error("{0}")]
     Redirect(#[from] RedirectError),
 }
@@ -73,6 +77,7 @@ impl CaptureError {
             }
             Self::Cgroup(_) => CaptureErrorReason::CgroupNotFound,
             Self::Listen { .. } | Self::Addresses { .. } => CaptureErrorReason::ListenFailed,
+            Self::NotThePods { .. } => CaptureErrorReason::NetnsNotFound,
             Self::Redirect(_) => CaptureErrorReason::AttachFailed,
         }
     }

@@ -217,7 +217,8 @@ impl Captures {
             self.release(&uid);
         }
         let now = Instant::now();
-        for pod in wanted.into_values() {
+        let mut recapture = Vec::new();
+        for pod in wanted.values().copied() {
             let tracked = self
                 .tracked
                 .entry(pod.uid.clone())
@@ -232,6 +233,19 @@ impl Captures {
             let changed = *tracked.pod != **pod;
             let new_ips = tracked.pod.ips != pod.ips;
             tracked.pod = pod.clone();
+            // Its addresses arrive once it runs: a netns taken before then
+            // that does not hold them was not the pod's (a container's own):
+            // let it go, and capture the pod again.
+            if new_ips
+                && tracked.pod.netns.is_none()
+                && let Some(served) = &tracked.served
+                && let Ok(found) = served.netns.addresses()
+                && pod.ips.iter().any(|ip| !found.contains(ip))
+            {
+                warn!(pod = %pod.key(), netns = %served.netns.path().display(), "the pod's addresses are not in the network namespace it was captured in; capturing it again");
+                recapture.push(pod.uid.clone());
+                continue;
+            }
             if let Some(served) = &mut tracked.served {
                 // Its addresses arrive once it runs (or change): what
                 // getsockname answers and inbound capture follow, nothing
@@ -256,6 +270,10 @@ impl Captures {
                 continue;
             }
             self.advance(&pod.uid);
+        }
+        for uid in recapture {
+            self.unserve(&uid);
+            self.advance(&uid);
         }
         let served = self.tracked.values().filter(|t| t.served.is_some()).count();
         self.metrics.meshed.set(served as i64);
@@ -322,16 +340,7 @@ impl Captures {
             self.redirect.capture(&pod.uid, &cgroup)?;
             *attached = true;
         }
-        let netns_path = match &pod.netns {
-            Some(path) => path.clone(),
-            None => PathBuf::from(format!("/proc/{}/ns/net", cgroup.first_process()?)),
-        };
-        let netns = Arc::new(Netns::open(&netns_path)?);
-        // Found through a process of a container still starting: not the
-        // pod's yet (tried again in a moment).
-        if pod.netns.is_none() && netns.is_agents_own() {
-            return Err(NetnsError::AgentsOwn { path: netns_path }.into());
-        }
+        let (netns, found) = self.pod_netns(pod, &cgroup)?;
         let listeners = listen::open(&netns, self.cfg.outbound_port)?;
         // Inbound, with the mesh on: connections to the pod's addresses go
         // to these listeners in its netns.
@@ -363,14 +372,6 @@ impl Captures {
             inbound_listeners,
         );
         let mut inbound = inbound;
-        // Every address the netns has, whatever the API says (yet): a
-        // link-local one, one the pod's status does not list yet.
-        let found = netns
-            .addresses()
-            .map_err(|source| CaptureError::Addresses {
-                netns: netns.path().to_owned(),
-                source,
-            })?;
         if let Some(capture) = &mut inbound {
             let addrs = inbound_addrs(&pod.ips, &found);
             self.redirect.capture_inbound(&PodInbound {
@@ -406,6 +407,53 @@ impl Captures {
         })
     }
 
+    /// The pod's netns and every address in it: the one its entry names,
+    /// else its sandbox's — the first candidate (see
+    /// [`CgroupDir::sandbox_candidates`]) that is not the agent's and, once
+    /// the API has the pod's addresses, holds them all: a netns a container
+    /// made for itself is never taken for the pod's.
+    fn pod_netns(
+        &self,
+        pod: &Pod,
+        cgroup: &CgroupDir,
+    ) -> Result<(Arc<Netns>, Vec<IpAddr>), CaptureError> {
+        let addresses = |netns: &Netns| {
+            netns.addresses().map_err(|source| CaptureError::Addresses {
+                netns: netns.path().to_owned(),
+                source,
+            })
+        };
+        if let Some(path) = &pod.netns {
+            let netns = Netns::open(path)?;
+            let found = addresses(&netns)?;
+            return Ok((Arc::new(netns), found));
+        }
+        let mut refused = None;
+        for pid in cgroup.sandbox_candidates(&pod.container_ids)? {
+            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            let Ok(netns) = Netns::open(&path) else {
+                continue;
+            };
+            // A process of a container still starting: not the pod's yet.
+            if netns.is_agents_own() {
+                refused.get_or_insert(CaptureError::Netns(NetnsError::AgentsOwn { path }));
+                continue;
+            }
+            let found = addresses(&netns)?;
+            let missing: Vec<_> = pod.ips.iter().filter(|ip| !found.contains(ip)).collect();
+            if missing.is_empty() {
+                return Ok((Arc::new(netns), found));
+            }
+            refused = Some(CaptureError::NotThePods {
+                netns: path,
+                missing: format!("{missing:?}"),
+            });
+        }
+        Err(refused.unwrap_or(CaptureError::Cgroup(CgroupError::Empty {
+            path: cgroup.path().to_owned(),
+        })))
+    }
+
     /// The pod's cgroup under the root: its path, or where kubelet puts it.
     fn pod_cgroup(&self, pod: &Pod) -> Result<CgroupDir, CgroupError> {
         match &pod.cgroup {
@@ -438,6 +486,27 @@ impl Captures {
                 refresh_inbound(&self.redirect, &pod, served, &skip);
             }
         }
+    }
+
+    /// Stops serving a pod (its listeners, its inbound capture, its ready
+    /// mark) but keeps it attached: its connections are refused, never
+    /// sent around the proxy, until it is served again.
+    fn unserve(&mut self, uid: &PodUid) {
+        let Some(t) = self.tracked.get_mut(uid) else {
+            return;
+        };
+        t.failing = None;
+        let Some(served) = t.served.take() else {
+            return;
+        };
+        self.redirect.unready(served.netns.cookie());
+        if let Some(inbound) = &served.inbound {
+            self.redirect
+                .release_inbound(uid, &inbound.addrs, &inbound.skip);
+        }
+        let cookie = served.netns.cookie();
+        drop(served);
+        self.redirect.forget_fastpath(cookie);
     }
 
     fn release(&mut self, uid: &PodUid) {

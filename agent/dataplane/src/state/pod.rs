@@ -48,8 +48,13 @@ pub struct PodInfo {
     pub service_account: String,
     pub workload: Workload,
     pub cgroup: CgroupRef,
-    /// The pod's netns; when absent, that of a process in its cgroup.
+    /// The pod's netns; when absent, that of its sandbox's process (in its
+    /// cgroup: the container cgroup that is none of `container_ids`).
     pub netns: Option<PathBuf>,
+    /// Its containers' runtime ids (`status.containerStatuses` and the
+    /// init and ephemeral ones), for pods on this node: what is not the
+    /// sandbox.
+    pub container_ids: Vec<String>,
     /// Its own `nodemesh.io/mesh` label.
     pub mesh_label: Option<MeshLabel>,
     /// Its `config.nodemesh.io/opaque-ports` annotation (its own ports).
@@ -199,6 +204,7 @@ pub(crate) mod test_pods {
             },
             cgroup: CgroupRef::Kubelet { qos: None },
             netns: None,
+            container_ids: Vec::new(),
             mesh_label: None,
             opaque_ports: PortSet::default(),
             skip_inbound_ports: Vec::new(),

@@ -127,6 +127,7 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         },
         cgroup: CgroupRef::Kubelet { qos: None },
         netns: None,
+        container_ids: Vec::new(),
         mesh_label: meshed.then_some(MeshLabel::Enabled),
         opaque_ports: Default::default(),
         skip_inbound_ports: Vec::new(),

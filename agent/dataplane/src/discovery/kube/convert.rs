@@ -288,6 +288,7 @@ pub(super) fn pod_and_policy(
                 .and_then(QosClass::parse),
         },
         netns: None,
+        container_ids: status.map(container_ids).unwrap_or_default(),
         mesh_label,
         opaque_ports: opaque,
         skip_inbound_ports,
@@ -305,6 +306,23 @@ pub(super) fn pod_and_policy(
             .map(|t| SystemTime::from(t.0)),
     };
     (Some(info), problems, policy_problem)
+}
+
+/// The runtime ids of a pod's containers (init, app, ephemeral), without
+/// their `containerd://` scheme.
+fn container_ids(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<String> {
+    [
+        &status.init_container_statuses,
+        &status.container_statuses,
+        &status.ephemeral_container_statuses,
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .filter_map(|c| c.container_id.as_deref())
+    .map(|id| id.split_once("://").map_or(id, |(_, id)| id).to_owned())
+    .filter(|id| !id.is_empty())
+    .collect()
 }
 
 /// A namespace's name and what the state keeps of it, with a problem with

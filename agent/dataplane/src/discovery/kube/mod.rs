@@ -435,10 +435,14 @@ impl Source {
     /// Reduces a pod, reporting its problems when it is on this node (other
     /// nodes' agents report theirs).
     fn pod(&mut self, p: &K8sPod) -> Option<PodInfo> {
-        let (info, problems, policy_problem) = convert::pod_and_policy(p);
+        let (mut info, problems, policy_problem) = convert::pod_and_policy(p);
         // This node's agent reports this node's pods; finished ones are no
         // one's concern.
         let here = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
+        // Only this node's pods need their containers told apart.
+        if !here && let Some(i) = &mut info {
+            i.container_ids = Vec::new();
+        }
         if here && !info.as_ref().is_some_and(|i| i.terminal) {
             let object = convert::object_name(&p.metadata);
             let mut new = false;
