@@ -700,6 +700,7 @@ pub struct MeshBed {
     pub install: Install<'static>,
     pub cluster: &'static Cluster,
     pub ns: String,
+    _nodes: [crate::kube::NodeObject<'static>; 2],
 }
 
 impl MeshBed {
@@ -726,11 +727,13 @@ impl MeshBed {
                 });
             Agent::start_ready(node, opts)
         };
+        let nodes = [cluster.node_object(&a), cluster.node_object(&b)];
         let agent_a = start(&a);
         let agent_b = start(&b);
         let ns = unique("mesh");
         cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
         MeshBed {
+            _nodes: nodes,
             agent_a,
             agent_b,
             identity,

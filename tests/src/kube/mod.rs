@@ -57,6 +57,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 mod tools {
     include!("../../../xtask/src/tools.rs");
 }
+pub use objects::NodeObject;
 pub use tools::kube_bin_dir;
 
 /// A fresh name for a namespace or object: `<prefix>-<pid>-<n>`.

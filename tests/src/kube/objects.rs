@@ -27,6 +27,32 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("label namespace {name}: {e}"));
     }
 
+    /// A Node object for the simulated `node` (no kubelet registers one
+    /// here), with its addresses; deleted when the guard drops.
+    pub fn node_object(&self, node: &Node) -> NodeObject<'_> {
+        let obj: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+            "metadata": {"name": node.name},
+        }))
+        .expect("node");
+        let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone());
+        self.block_on(api.create(&PostParams::default(), &obj))
+            .unwrap_or_else(|e| panic!("create node {}: {e}", node.name));
+        let status = json!({"status": {"addresses": [
+            {"type": "InternalIP", "address": node.ip.to_string()},
+            {"type": "InternalIP", "address": node.ip6.to_string()},
+        ]}});
+        self.block_on(api.patch_status(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        ))
+        .unwrap_or_else(|e| panic!("node {} status: {e}", node.name));
+        NodeObject {
+            cluster: self,
+            name: node.name.clone(),
+        }
+    }
+
     /// Sets (or removes) a namespace annotation in the API.
     pub fn annotate_namespace(&self, name: &str, key: &str, value: Option<&str>) {
         let patch = json!({"metadata": {"annotations": {key: value}}});
@@ -561,5 +587,20 @@ impl Cluster {
     /// A kubeconfig for this API server with `token`.
     pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
         write_kubeconfig(path, self.port, &self.dir.join("pki/ca.crt"), token);
+    }
+}
+
+/// A Node object of the test's, deleted on drop.
+pub struct NodeObject<'c> {
+    cluster: &'c Cluster,
+    name: String,
+}
+
+impl Drop for NodeObject<'_> {
+    fn drop(&mut self) {
+        let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.cluster.client.clone());
+        let _ = self
+            .cluster
+            .block_on(api.delete(&self.name, &DeleteParams::default()));
     }
 }

@@ -139,6 +139,8 @@ struct ProxyState {
     synced: Synced,
     /// The cluster's Service network, as configured.
     service_cidrs: Vec<IpCidr>,
+    /// Nodes' addresses, by node name.
+    nodes: HashMap<String, Vec<IpAddr>>,
 }
 
 /// The store, shared by its writer and its readers (cheap to clone).
@@ -172,6 +174,7 @@ impl StateStore {
                     policies: HashMap::new(),
                     synced: Synced::default(),
                     service_cidrs: Vec::new(),
+                    nodes: HashMap::new(),
                 }),
                 local: watch::Sender::new(0),
                 any: watch::Sender::new(0),
@@ -306,6 +309,14 @@ impl StateStore {
             }
         }
         selected.then_some(false)
+    }
+
+    /// Whether `ip` is one of node `node`'s addresses, as its Node object
+    /// says (a dual-stack node's other family's too, which its pods'
+    /// `hostIP` may not list).
+    pub fn is_node_address(&self, node: &str, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.read().nodes.get(node).is_some_and(|a| a.contains(&ip))
     }
 
     /// Whether a pod of namespace `ns` is on this node (listed or not).
@@ -618,6 +629,18 @@ impl Update<'_> {
             self.state.synced.policies = true;
             self.local_changed = true;
         }
+    }
+
+    pub fn apply_node(&mut self, name: String, addrs: Vec<IpAddr>) {
+        self.state.nodes.insert(name, addrs);
+    }
+
+    pub fn delete_node(&mut self, name: &str) {
+        self.state.nodes.remove(name);
+    }
+
+    pub fn replace_nodes(&mut self, nodes: Vec<(String, Vec<IpAddr>)>) {
+        self.state.nodes = nodes.into_iter().collect();
     }
 
     pub fn apply_service(&mut self, key: ObjectKey, service: ServiceInfo) {

@@ -308,6 +308,19 @@ pub(super) fn pod_and_policy(
     (Some(info), problems, policy_problem)
 }
 
+/// A node's addresses (`status.addresses`: internal and external IPs).
+pub(super) fn node_addresses(n: &k8s_openapi::api::core::v1::Node) -> Vec<IpAddr> {
+    n.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect()
+}
+
 /// The runtime ids of a pod's containers (init, app, ephemeral), without
 /// their `containerd://` scheme.
 fn container_ids(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<String> {

@@ -21,7 +21,7 @@ use std::{collections::HashSet, pin::Pin, time::Duration};
 
 use futures_util::{Stream, StreamExt, stream::select_all};
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Namespace as K8sNamespace, Pod as K8sPod, Service},
+    core::v1::{Endpoints, Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -250,6 +250,7 @@ where
 #[allow(clippy::large_enum_variant)]
 enum Event {
     Pod(watcher::Event<K8sPod>),
+    Node(watcher::Event<K8sNode>),
     Namespace(watcher::Event<K8sNamespace>),
     Service(watcher::Event<Service>),
     Slice(watcher::Event<EndpointSlice>),
@@ -290,6 +291,8 @@ impl KubeSource {
                 Event::Policy,
             ),
             watch(Api::<K8sPod>::all(c.clone()), all(), "pods", Event::Pod),
+            // Nodes' addresses: a tunnel peer vouches only for its own pods.
+            watch(Api::<K8sNode>::all(c.clone()), all(), "nodes", Event::Node),
             watch(
                 Api::<K8sNamespace>::all(c.clone()),
                 all(),
@@ -371,6 +374,7 @@ struct Source {
     node: String,
     pods: Relist<PodInfo>,
     namespaces: Relist<(String, Namespace)>,
+    nodes: Relist<(String, Vec<std::net::IpAddr>)>,
     services: Relist<(ObjectKey, ServiceInfo)>,
     slices: Relist<(ObjectKey, SliceInfo)>,
     policies: Relist<(ObjectKey, Policy)>,
@@ -390,6 +394,7 @@ impl Source {
             node,
             pods: Relist::default(),
             namespaces: Relist::default(),
+            nodes: Relist::default(),
             services: Relist::default(),
             slices: Relist::default(),
             policies: Relist::default(),
@@ -520,6 +525,7 @@ impl Source {
                 return;
             }
             Event::Pod(_) => "pods",
+            Event::Node(_) => "nodes",
             Event::Namespace(_) => "namespaces",
             Event::Service(_) => "services",
             Event::Slice(_) => "endpointslices",
@@ -579,6 +585,32 @@ impl Source {
                     state.update(|u| u.replace_namespaces(namespaces));
                 }
             },
+            Event::Node(event) => {
+                let reduce = |n: &K8sNode| (n.metadata.name.clone(), convert::node_addresses(n));
+                match event {
+                    Apply(n) => {
+                        let (name, addrs) = reduce(&n);
+                        if let Some(name) = name {
+                            state.update(|u| u.apply_node(name, addrs));
+                        }
+                    }
+                    Delete(n) => {
+                        if let Some(name) = &n.metadata.name {
+                            state.update(|u| u.delete_node(name));
+                        }
+                    }
+                    Init => self.nodes.start(),
+                    InitApply(n) => {
+                        if let (Some(name), addrs) = reduce(&n) {
+                            self.nodes.push((name, addrs));
+                        }
+                    }
+                    InitDone => {
+                        let all = self.nodes.finish();
+                        state.update(|u| u.replace_nodes(all));
+                    }
+                }
+            }
             Event::Service(event) => sync(
                 event,
                 &mut self.services,

@@ -539,8 +539,9 @@ impl Inbound {
     }
 
     /// The client pod's address as its agent says, if it is a pod of the
-    /// authenticated identity on the tunnel peer's node (its `hostIPs`
-    /// hold the peer's address: a node vouches only for its own pods). The
+    /// authenticated identity on the tunnel peer's node (the peer's
+    /// address is one of that node's, as its Node object or its pods say: a
+    /// node vouches only for its own pods). The
     /// claimed port is ignored (the app sees the agent's delivering
     /// socket's). A pod started a moment ago can be known to its own agent
     /// before this one (both learn it from the API server): an address not
@@ -556,7 +557,10 @@ impl Inbound {
                 match self.state.upstream(addr).target {
                     Target::Pod(p) => {
                         return p.identity().is_some_and(|id| id.uri() == &*req.client)
-                            && p.host_ips.contains(&peer);
+                            && (p.host_ips.contains(&peer)
+                                || p.node
+                                    .as_deref()
+                                    .is_some_and(|n| self.state.is_node_address(n, peer)));
                     }
                     _ => {
                         if changes.changed().await.is_err() {
