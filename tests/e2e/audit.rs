@@ -1579,3 +1579,53 @@ pub fn a_container_with_a_netns_of_its_own_is_never_the_pod() {
     );
     assert!(app.peers(ECHO).is_empty(), "{:?}", app.peers(ECHO));
 }
+
+/// Low 14: the agent needed the host's PID namespace and CAP_SYS_PTRACE
+/// to reach pods' netns through their processes. With `--netns-dir` (what
+/// `nodemesh install --host-pid=false` sets) it finds them among the
+/// container runtime's netns by address instead — no /proc of other
+/// processes at all — and meshes as before: tunnelled, policies enforced.
+pub fn pods_netns_are_found_among_the_runtimes_by_address() {
+    let bed = MeshBed::with_agent_args(
+        nodemesh_tests::Node::new(),
+        nodemesh_tests::Node::new(),
+        "24h",
+        &["--netns-dir", "/run/netns"],
+    );
+    let plain = plain_namespace(&bed);
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(INBOUND_POLICY_ANNOTATION, "all-authenticated"),
+    );
+    let client = bed.pod(&bed.a, "client", "client");
+    let outsider = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain, "outsider"));
+    bed.agent_b
+        .wait_metric("server's certificate", |m| certificates(m) == 1.0);
+    bed.agent_a
+        .wait_metric("client's certificate", |m| certificates(m) == 1.0);
+    let mut srv = server.tcp();
+    srv.listen(ECHO);
+    let x = client.tcp().exchange_ok(at(&server, ECHO), 10_000);
+    assert!(x.intact && x.redirected(), "{x:?}");
+    bed.agent_b.wait_metric("through the tunnel", |m| {
+        mesh::tunnelled_in(
+            m,
+            "server",
+            &format!("spiffe://cluster.local/ns/{}/sa/client", bed.ns),
+        ) == 1.0
+    });
+    assert!(line_from(&outsider.netns, at(&server, ECHO)).is_err());
+    for (agent, pod) in [(&bed.agent_b, &server), (&bed.agent_a, &client)] {
+        let log = agent.log();
+        let captured = format!("netns={}", pod.netns.display());
+        assert!(
+            log.lines()
+                .any(|l| l.contains("pod captured") && l.contains(&captured)),
+            "{captured} not in:\n{log}"
+        );
+    }
+}

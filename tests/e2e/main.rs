@@ -31,6 +31,7 @@ fn main() {
         audit::a_policy_names_the_pods_it_selects_but_cannot_protect,
         audit::the_issuers_key_is_never_in_the_install_output,
         audit::a_container_with_a_netns_of_its_own_is_never_the_pod,
+        audit::pods_netns_are_found_among_the_runtimes_by_address,
         escape::ipv6_and_ipv4_mapped_connections_are_tunnelled,
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,

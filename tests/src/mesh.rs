@@ -359,6 +359,7 @@ impl<'c> Install<'c> {
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),
+            host_pid: "true".into(),
             identity_trust_anchors_file: file(&pki.anchors_file),
             identity_issuer_certificate_file: file(&pki.issuer_cert_file),
             identity_issuer_key_file: file(&pki.issuer_key_file),

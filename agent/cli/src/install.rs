@@ -78,6 +78,15 @@ pub struct InstallArgs {
     #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
     pub host_cgroup_root: String,
 
+    /// Run the agents in the host's PID namespace (with CAP_SYS_PTRACE): a
+    /// pod's netns is reached through its sandbox's process as soon as it
+    /// starts. `false`: no hostPID, no CAP_SYS_PTRACE; pods' netns are
+    /// found among the container runtime's (/var/run/netns, read-only) by
+    /// their address, so a pod is served only once the API has its
+    /// address (its connections are refused until then).
+    #[arg(long, default_value = "true", value_name = "BOOL")]
+    pub host_pid: String,
+
     /// Trust anchors (PEM bundle) of an issuer of your own. Give it with
     /// the issuer's certificate and key — they are then printed (as the
     /// Secret nodemesh-identity-issuer: its key in this output) — or give
@@ -226,6 +235,14 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             a.trust_domain
         ));
     }
+    let host_pid = match a.host_pid.to_ascii_lowercase().as_str() {
+        "true" => true,
+        "false" => false,
+        _ => {
+            problems.push(format!("--host-pid {:?}: true or false", a.host_pid));
+            true
+        }
+    };
     let fast_path = match a.fast_path.to_ascii_lowercase().as_str() {
         "true" | "false" => a.fast_path.to_ascii_lowercase(),
         _ => {
@@ -299,7 +316,32 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
     };
     // The namespace and version are validated identifiers, used inside other
     // names; everything else is a quoted scalar.
+    // Without the host's PID namespace: no SYS_PTRACE, the runtime's
+    // netns read-only instead.
+    let (capabilities, ptrace_comment, netns_env, netns_mount, netns_volume) = if host_pid {
+        (
+            "BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE",
+            "              # SYS_PTRACE: open /proc/<pid>/ns/net of a pod's sandbox\n              #   process (of another user: the pause image's).\n",
+            "",
+            "",
+            "",
+        )
+    } else {
+        (
+            "BPF, NET_ADMIN, SYS_ADMIN",
+            "",
+            "            - name: NODEMESH_NETNS_DIR\n              value: /host/run/netns\n",
+            "            # The runtime's pod network namespaces, found by address.\n            - name: netns\n              mountPath: /host/run/netns\n              readOnly: true\n              mountPropagation: HostToContainer\n",
+            "        - name: netns\n          hostPath:\n            path: /var/run/netns\n            type: DirectoryOrCreate\n",
+        )
+    };
     let out = TEMPLATE
+        .replace("{{host_pid}}", if host_pid { "true" } else { "false" })
+        .replace("{{capabilities}}", capabilities)
+        .replace("{{ptrace_comment}}", ptrace_comment)
+        .replace("{{netns_env}}", netns_env)
+        .replace("{{netns_mount}}", netns_mount)
+        .replace("{{netns_volume}}", netns_volume)
         .replace("{{identity_pki}}", &identity_pki)
         .replace("{{ca_bundle}}", &ca_bundle)
         .replace("{{namespace}}", &a.namespace)
@@ -337,6 +379,7 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),
+        host_pid: "true".into(),
         identity_trust_anchors_file: None,
         identity_issuer_certificate_file: None,
         identity_issuer_key_file: None,
@@ -465,6 +508,59 @@ mod tests {
                 assert!(a["prometheus.io/port"].as_str().is_some(), "{doc}");
             }
         }
+    }
+
+    #[test]
+    fn without_host_pid_the_agent_has_no_ptrace_and_reads_the_runtimes_netns() {
+        let daemonset = |out: &str| -> serde_norway::Value {
+            documents(out)
+                .iter()
+                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
+                .find(|v| v["kind"].as_str() == Some("DaemonSet"))
+                .expect("the DaemonSet")
+        };
+        let spec = |ds: &serde_norway::Value| ds["spec"]["template"]["spec"].clone();
+        let caps = |ds: &serde_norway::Value| {
+            spec(ds)["containers"][0]["securityContext"]["capabilities"]["add"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let with = daemonset(&render(&defaults()).unwrap());
+        assert_eq!(spec(&with)["hostPID"].as_bool(), Some(true));
+        assert!(caps(&with).contains(&"SYS_PTRACE".to_owned()));
+        let mut args = defaults();
+        args.host_pid = "false".into();
+        let without = daemonset(&render(&args).unwrap());
+        assert_eq!(spec(&without)["hostPID"].as_bool(), Some(false));
+        assert_eq!(caps(&without), ["BPF", "NET_ADMIN", "SYS_ADMIN"]);
+        let container = &spec(&without)["containers"][0];
+        assert!(
+            container["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"].as_str() == Some("NODEMESH_NETNS_DIR")),
+            "{container:?}"
+        );
+        let mount = container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"].as_str() == Some("netns"))
+            .expect("the netns mount")
+            .clone();
+        assert_eq!(mount["readOnly"].as_bool(), Some(true));
+        assert_eq!(mount["mountPropagation"].as_str(), Some("HostToContainer"));
+        args.host_pid = "maybe".into();
+        assert!(
+            render(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("--host-pid")
+        );
     }
 
     #[test]

@@ -319,6 +319,7 @@ impl App {
                 address_poll: Duration::from_secs(2),
                 skip_ports_allowed: cfg.min_inbound_policy
                     == nodemesh_core::names::InboundPolicy::AllUnauthenticated,
+                netns_dir: cfg.netns_dir.clone(),
             },
             cgroup_root,
             redirect.clone(),

@@ -34,6 +34,12 @@ pub enum NetnsError {
         "{path} is the agent's own network namespace: the pod's process has not joined the pod's yet"
     )]
     AgentsOwn { path: PathBuf },
+    #[error(
+        "the pod has no address in the API yet: its network namespace among {dir} is found by it"
+    )]
+    NoAddressYet { dir: PathBuf },
+    #[error("no network namespace in {dir} holds the pod's addresses {addrs} (yet)")]
+    NoneHolds { dir: PathBuf, addrs: String },
 }
 
 /// The agent's own netns, where threads return after visiting a pod's.

@@ -65,6 +65,9 @@ pub struct CaptureConfig {
     /// Whether pods' `skip-inbound-ports` annotations are honoured (not
     /// under a `--min-inbound-policy` above all-unauthenticated).
     pub skip_ports_allowed: bool,
+    /// Pods' netns are found among these (the runtime's), by address,
+    /// rather than through /proc (`--netns-dir`).
+    pub netns_dir: Option<PathBuf>,
 }
 
 /// A meshed pod this agent works on.
@@ -428,6 +431,9 @@ impl Captures {
             let found = addresses(&netns)?;
             return Ok((Arc::new(netns), found));
         }
+        if let Some(dir) = &self.cfg.netns_dir {
+            return self.runtime_netns(pod, dir);
+        }
         let mut refused = None;
         for pid in cgroup.sandbox_candidates(&pod.container_ids)? {
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
@@ -452,6 +458,44 @@ impl Captures {
         Err(refused.unwrap_or(CaptureError::Cgroup(CgroupError::Empty {
             path: cgroup.path().to_owned(),
         })))
+    }
+
+    /// The pod's netns among the runtime's (`dir`): the one holding every
+    /// address the API gives the pod (none yet: it is starting).
+    fn runtime_netns(
+        &self,
+        pod: &Pod,
+        dir: &std::path::Path,
+    ) -> Result<(Arc<Netns>, Vec<IpAddr>), CaptureError> {
+        if pod.ips.is_empty() {
+            return Err(CaptureError::Netns(NetnsError::NoAddressYet {
+                dir: dir.to_owned(),
+            }));
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| {
+            CaptureError::Netns(NetnsError::Open {
+                path: dir.to_owned(),
+                source,
+            })
+        })?;
+        for entry in entries.flatten() {
+            let Ok(netns) = Netns::open(&entry.path()) else {
+                continue;
+            };
+            if netns.is_agents_own() {
+                continue;
+            }
+            let Ok(found) = netns.addresses() else {
+                continue;
+            };
+            if pod.ips.iter().all(|ip| found.contains(ip)) {
+                return Ok((Arc::new(netns), found));
+            }
+        }
+        Err(CaptureError::Netns(NetnsError::NoneHolds {
+            dir: dir.to_owned(),
+            addrs: format!("{:?}", pod.ips),
+        }))
     }
 
     /// The pod's cgroup under the root: its path, or where kubelet puts it.

@@ -65,6 +65,14 @@ pub struct AgentArgs {
     #[arg(long, env = "NODEMESH_CGROUP_ROOT", value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Find pods' network namespaces among the container runtime's (the
+    /// files in this directory, e.g. /var/run/netns), by the pod's address,
+    /// instead of through a process of the pod in /proc: the agent then
+    /// needs neither the host's PID namespace nor CAP_SYS_PTRACE, and a pod
+    /// is served once the API has its address (refused until then).
+    #[arg(long, env = "NODEMESH_NETNS_DIR", value_name = "PATH")]
+    pub netns_dir: Option<PathBuf>,
+
     /// Directory on bpffs for pinned eBPF maps and links (mounted at
     /// /sys/fs/bpf when missing).
     #[arg(

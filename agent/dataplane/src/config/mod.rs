@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub source: PodSourceConfig,
     pub trust_domain: String,
     pub cgroup_root: Option<PathBuf>,
+    /// Pods' netns from the runtime's directory, by address (`--netns-dir`).
+    pub netns_dir: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub admin_addr: SocketAddr,
     pub outbound_port: u16,
@@ -329,6 +331,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             source: source.ok_or_else(missing)?,
             trust_domain: a.trust_domain.clone(),
             cgroup_root: a.cgroup_root.clone(),
+            netns_dir: a.netns_dir.clone(),
             bpffs: a.bpffs.clone(),
             admin_addr: admin_addr.ok_or_else(missing)?,
             outbound_port: outbound_port.ok_or_else(missing)?,
