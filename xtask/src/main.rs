@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's own set-up and orchestration. It never
 //! hides the build: `cargo build` alone builds everything once `setup` ran.
+mod deny;
 mod image;
 mod layers;
 mod setup;
@@ -20,14 +21,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (apt packages, rust-src,
-    /// bpf-linker). Idempotent and quick when everything is present.
+    /// bpf-linker, cargo-deny, Kubernetes components). Idempotent and quick when everything is present.
     Setup,
     /// Set up, then run the whole suite: formatting, clippy (host and eBPF
     /// target), the dependency rules, unit tests, the in-process proxy
     /// tests, the end-to-end tests on the netns bed, and the real-node tier
     /// (the images on a real kubelet and containerd). Needs root.
     Test {
-        /// Skip cargo fmt and clippy.
+        /// Skip cargo fmt, clippy, the layer rules and cargo-deny.
         #[arg(long)]
         no_lint: bool,
         /// Passed to the test binaries (e.g. a test name filter).
@@ -161,6 +162,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
         clippy_ebpf()?;
         layers::run(&workspace())?;
+        deny::run(&workspace())?;
     }
     require_root("the end-to-end tests")?;
     // The real-node tier runs the images, built from the test build's

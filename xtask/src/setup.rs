@@ -8,6 +8,8 @@
 //! - `bpf-linker`, built against the pinned toolchain's own libLLVM (Debian's
 //!   LLVM is too old), in a project-owned prefix outside `target/` so
 //!   `cargo clean` does not throw it away. The facts behind it: docs/datapath.md;
+//! - `cargo-deny`, pinned, in the same prefix (the dependency checks of
+//!   `cargo xtask test`, deny.toml);
 //! - Kubernetes v1.20.2 (kube-apiserver for the tests' API server; kubelet,
 //!   controller-manager, scheduler and kube-proxy for the real node) built
 //!   once from Debian's source package (the registries here ship no binary;
@@ -23,6 +25,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The cargo-deny `cargo xtask test` checks the dependency graph with
+/// (deny.rs names its database directory after this version's scheme).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 /// Debian packages the test bed and demo rely on.
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -63,6 +68,7 @@ pub fn run() -> Result<()> {
     let toolchain = Toolchain::current()?;
     rust_src(&toolchain)?;
     bpf_linker(&toolchain)?;
+    cargo_deny()?;
     kube_components()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
@@ -295,6 +301,42 @@ fn bpf_linker(tc: &Toolchain) -> Result<()> {
         bail!("building bpf-linker failed");
     }
     fs::write(&stamp_path, stamp)?;
+    Ok(())
+}
+
+/// Where setup puts cargo-deny.
+pub fn cargo_deny_bin() -> PathBuf {
+    tools_dir().join("bin/cargo-deny")
+}
+
+fn cargo_deny() -> Result<()> {
+    let bin = cargo_deny_bin();
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if version.as_deref() == Some(&format!("cargo-deny {CARGO_DENY_VERSION}")) {
+        println!("setup: cargo-deny present ({})", bin.display());
+        return Ok(());
+    }
+    println!("setup: building cargo-deny {CARGO_DENY_VERSION} (2-3 minutes)");
+    let ok = Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            "--force",
+            &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+            "--root",
+        ])
+        .arg(tools_dir())
+        .status()
+        .context("cannot run cargo install")?
+        .success();
+    if !ok || !runs(&bin) {
+        bail!("building cargo-deny failed");
+    }
     Ok(())
 }
 
