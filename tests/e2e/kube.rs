@@ -460,7 +460,15 @@ fn nodemesh(args: &[&str]) -> std::process::Output {
 pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
     let cluster = Cluster::shared();
     let mesh_ns = unique("nmt-mesh");
-    let out = nodemesh(&["install", "--namespace", &mesh_ns, "--bypass-port", "22"]);
+    let out = nodemesh(&[
+        "install",
+        "--namespace",
+        &mesh_ns,
+        "--bypass-port",
+        "22",
+        "--pod-cidr",
+        "10.244.0.0/16,fd00:10:244::/56",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let manifests = String::from_utf8(out.stdout).expect("UTF-8");
 
@@ -472,7 +480,8 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         .apply_manifests(&namespace_doc, false)
         .expect("the namespace");
     let kinds = cluster.apply_manifests(&manifests, true).expect("dry run");
-    assert_eq!(kinds.len(), 20, "{kinds:?}");
+    // (21: with the identity service's NetworkPolicy.)
+    assert_eq!(kinds.len(), 21, "{kinds:?}");
     // …for real too (but the cluster's one aggregated API and its
     // ClusterRoles: the test of the aggregated API owns them meanwhile).
     cluster

@@ -111,6 +111,10 @@ impl Story {
             &realnode::nodemesh_image(),
             "--service-cidr",
             realnode::files::SERVICE_RANGE,
+            // The node's bridge plugin enforces no NetworkPolicy: the
+            // identity service's is accepted and in place, not in force.
+            "--pod-cidr",
+            realnode::files::POD_RANGE,
         ])
         .args;
         let manifests = nodemesh_cli::install::render(&args).expect("install renders");

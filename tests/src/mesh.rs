@@ -356,6 +356,7 @@ impl<'c> Install<'c> {
             default_inbound_policy: "all-unauthenticated".into(),
             min_inbound_policy: "all-unauthenticated".into(),
             service_cidrs: Vec::new(),
+            pod_cidrs: Vec::new(),
             bypass_cidrs: Vec::new(),
             bypass_ports: Vec::new(),
             host_cgroup_root: "/sys/fs/cgroup".into(),

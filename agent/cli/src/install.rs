@@ -65,6 +65,15 @@ pub struct InstallArgs {
     #[arg(long = "service-cidr", value_delimiter = ',', value_name = "CIDR")]
     pub service_cidrs: Vec<String>,
 
+    /// The cluster's pod network (the controller-manager's --cluster-cidr;
+    /// repeatable, every one on dual-stack). Given: a NetworkPolicy lets
+    /// only sources outside it — the nodes' agents, the API server — reach
+    /// the identity service's certificate and aggregated-API ports (its
+    /// metrics port stays open), over the families given. Needs a network
+    /// plugin that enforces NetworkPolicy.
+    #[arg(long = "pod-cidr", value_delimiter = ',', value_name = "CIDR")]
+    pub pod_cidrs: Vec<String>,
+
     /// Destination network the agents never redirect (repeatable).
     #[arg(long = "bypass-cidr", value_delimiter = ',', value_name = "CIDR")]
     pub bypass_cidrs: Vec<String>,
@@ -209,6 +218,64 @@ stringData:
 ---
 "#;
 
+/// The NetworkPolicy in front of the identity service, for a cluster whose
+/// pod networks are `pod_cidrs` (none: no policy). Its certificate port
+/// (agents, on host network) and aggregated-API port (the API server) take
+/// connections only from outside the pod networks, in the families given —
+/// a family without a pod network given is not let in at all; the metrics
+/// and probe port takes any.
+fn identity_network_policy(pod_cidrs: &[nodemesh_core::config::IpCidr]) -> String {
+    if pod_cidrs.is_empty() {
+        return String::new();
+    }
+    let mut from = String::new();
+    for (all, v4) in [("0.0.0.0/0", true), ("::/0", false)] {
+        let except: Vec<String> = pod_cidrs
+            .iter()
+            .filter(|c| c.addr.is_ipv4() == v4)
+            .map(|c| format!("              - {}\n", quoted(&c.to_string())))
+            .collect();
+        if except.is_empty() {
+            continue;
+        }
+        from.push_str(&format!(
+            "        - ipBlock:\n            cidr: {}\n            except:\n{}",
+            quoted(all),
+            except.concat()
+        ));
+    }
+    IDENTITY_NETWORK_POLICY.replace("{{from}}", &from)
+}
+
+const IDENTITY_NETWORK_POLICY: &str = r#"# Who reaches the identity service (`nodemesh install --pod-cidr`): its
+# certificate port (the agents, on the nodes' network) and aggregated-API
+# port (the API server) only from outside the pod networks; the metrics and
+# probe port from anywhere.
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: nodemesh-identity
+  namespace: {{namespace}}
+  labels:
+    app.kubernetes.io/part-of: nodemesh
+spec:
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/name: nodemesh-identity
+  policyTypes: [Ingress]
+  ingress:
+    - ports:
+        - port: 8080
+          protocol: TCP
+        - port: 8443
+          protocol: TCP
+      from:
+{{from}}    - ports:
+        - port: 9990
+          protocol: TCP
+---
+"#;
+
 /// JSON string quoting is valid YAML double-quoted scalar syntax.
 fn quoted(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
@@ -267,6 +334,13 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
             problems.push(format!("--service-cidr {c:?}: {why}"));
         }
     }
+    let mut pod_cidrs = Vec::new();
+    for c in a.pod_cidrs.iter().filter(|c| !c.is_empty()) {
+        match nodemesh_core::config::parse_ip_cidr(c) {
+            Ok(cidr) => pod_cidrs.push(cidr),
+            Err(why) => problems.push(format!("--pod-cidr {c:?}: {why}")),
+        }
+    }
     for c in a.bypass_cidrs.iter().filter(|c| !c.is_empty()) {
         if let Err(why) = parse_cidr(c) {
             problems.push(format!("--bypass-cidr {c:?}: {why}"));
@@ -307,6 +381,7 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         ),
         None => String::new(),
     };
+    let identity_network_policy = identity_network_policy(&pod_cidrs);
     let join = |v: &[String]| {
         v.iter()
             .filter(|s| !s.is_empty())
@@ -344,6 +419,7 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
         .replace("{{netns_volume}}", netns_volume)
         .replace("{{identity_pki}}", &identity_pki)
         .replace("{{ca_bundle}}", &ca_bundle)
+        .replace("{{identity_network_policy}}", &identity_network_policy)
         .replace("{{namespace}}", &a.namespace)
         .replace("{{version}}", env!("CARGO_PKG_VERSION"))
         .replace("{{image}}", &quoted(&a.image))
@@ -376,6 +452,7 @@ pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
         default_inbound_policy: "all-unauthenticated".into(),
         min_inbound_policy: "all-unauthenticated".into(),
         service_cidrs: Vec::new(),
+        pod_cidrs: Vec::new(),
         bypass_cidrs: Vec::new(),
         bypass_ports: Vec::new(),
         host_cgroup_root: "/sys/fs/cgroup".into(),
@@ -560,6 +637,78 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("--host-pid")
+        );
+    }
+
+    #[test]
+    fn the_identity_service_takes_certificate_and_api_calls_only_from_outside_the_pod_network() {
+        let policy = |args: &InstallArgs| -> Option<serde_norway::Value> {
+            documents(&render(args).expect("renders"))
+                .iter()
+                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
+                .find(|v| v["kind"].as_str() == Some("NetworkPolicy"))
+        };
+        // Not given: no policy (nothing to tell pods from nodes by).
+        assert!(policy(&defaults()).is_none());
+        let mut args = defaults();
+        args.pod_cidrs = vec!["10.244.0.0/16".into(), "fd00:10:244::/56".into()];
+        let p = policy(&args).expect("a NetworkPolicy");
+        assert_eq!(
+            p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+            Some("nodemesh-identity")
+        );
+        let rules = p["spec"]["ingress"].as_sequence().expect("ingress rules");
+        let ports = |r: &serde_norway::Value| -> Vec<u64> {
+            r["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(ports(&rules[0]), [8080, 8443]);
+        let blocks: Vec<(String, Vec<String>)> = rules[0]["from"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let b = &f["ipBlock"];
+                (
+                    b["cidr"].as_str().unwrap().to_owned(),
+                    b["except"]
+                        .as_sequence()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e.as_str().unwrap().to_owned())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            [
+                ("0.0.0.0/0".to_owned(), vec!["10.244.0.0/16".to_owned()]),
+                ("::/0".to_owned(), vec!["fd00:10:244::/56".to_owned()]),
+            ]
+        );
+        // The metrics and probe port: from anywhere (no `from`).
+        assert_eq!(ports(&rules[1]), [9990]);
+        assert!(rules[1].get("from").is_none());
+        assert_eq!(rules.len(), 2);
+        // One family given: the other is not let in at all.
+        args.pod_cidrs = vec!["10.244.0.0/16".into()];
+        let p = policy(&args).expect("a NetworkPolicy");
+        assert_eq!(
+            p["spec"]["ingress"][0]["from"].as_sequence().unwrap().len(),
+            1
+        );
+        // A bad network is an error, not a policy that protects nothing.
+        args.pod_cidrs = vec!["10.244.0.0/33".into()];
+        assert!(
+            render(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("--pod-cidr")
         );
     }
 
