@@ -656,6 +656,9 @@ pub fn nodemesh_inbound(ctx: SkLookupContext) -> u32 {
 fn try_inbound(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the context is a valid bpf_sk_lookup.
     let l = unsafe { &*ctx.lookup };
+    // UDP (and SCTP) is outside the mesh, and its inbound policy, by
+    // design: a datagram answering a pod's unconnected socket (a DNS reply)
+    // cannot be told here from a new one (README, Limits).
     if l.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
