@@ -138,6 +138,22 @@ impl SockDiag {
         }
     }
 
+    /// Whether a socket of this netns listens on `port` (either family):
+    /// a connected socket with that local port is then an accepted one —
+    /// connect's automatic ports skip every port a bind holds.
+    pub fn listening_on(&self, port: u16) -> io::Result<bool> {
+        for family in [AF_INET, AF_INET6] {
+            if self
+                .dump(family, 1u32 << LISTEN)?
+                .iter()
+                .any(|s| s.local.port() == port)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn send(&self, msg: &[u8]) -> io::Result<()> {
         sendto(
             self.0.as_raw_fd(),

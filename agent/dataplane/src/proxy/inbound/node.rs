@@ -4,7 +4,8 @@
 //! agent's: a socket there has exactly the connection's ends), from any of
 //! the node's addresses (a bridge CNI's gateway included), by a process
 //! that is not in a host-network pod of this node (its cgroup is not one of
-//! theirs). A connection translated to a node address (NodePort or hostPort
+//! theirs), through a connect (an accepted socket of the node with the
+//! same ends is a pod's connection to the node). A connection translated to a node address (NodePort or hostPort
 //! traffic SNATed by kube-proxy) has no such socket: it is whoever sent it,
 //! and the policy decides.
 use std::{
@@ -71,9 +72,18 @@ impl NodeOrigin {
                     .map_err(|e| debug!(error = %e, "cannot read the node's sockets"))
                     .ok();
             }
-            // The node's end of it: local is the client, remote the pod.
+            // The node's end of it: local is the client, remote the pod —
+            // and made by a connect, not accepted (an accepted socket's
+            // local port is a listener's; a pod dialling a node port from
+            // the port it now claims as the node's client must not pass).
             let found = match &cache.diag {
-                Some(diag) => diag.find(client, dst),
+                Some(diag) => diag.find(client, dst).and_then(|s| match s {
+                    Some(s) if diag.listening_on(client.port())? => {
+                        debug!(local = %s.local, "the node's socket was accepted, not dialled");
+                        Ok(None)
+                    }
+                    other => Ok(other),
+                }),
                 None => return false,
             };
             if found.is_err() {
@@ -161,7 +171,8 @@ mod tests {
     use super::*;
 
     /// A connection this process made from loopback is the node's; the
-    /// same ends reversed, or a client port nobody holds, are not.
+    /// same ends reversed (the accepted end, a listener's port), or a
+    /// client port nobody holds, are not.
     #[test]
     fn only_a_socket_the_node_made_is_the_node() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
