@@ -2,11 +2,12 @@
 //! sources always; RustSec advisories against the newest copy of the
 //! advisory database this machine can get.
 //!
-//! The database is a git repository on github.com, which a machine without
-//! internet cannot reach: then `NODEMESH_ADVISORY_DB` (a clone of
-//! rustsec/advisory-db, e.g. carried in) is used, else the copy a previous
-//! run fetched, else the advisories are reported as not checked — loudly,
-//! never as passed.
+//! The database is a git repository on github.com, fetched first; a
+//! machine without internet cannot reach it: then `NODEMESH_ADVISORY_DB` (a
+//! clone of rustsec/advisory-db, e.g. carried in) is used, else the copy a
+//! previous run kept, else the advisories are reported as not checked —
+//! loudly, never as passed. A database older than 90 days is checked
+//! against and reported as stale.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -33,42 +34,93 @@ pub fn run(workspace: &Path) -> Result<()> {
     check(&deny, workspace, &root, &["bans", "licenses", "sources"])?;
 
     let db = root.join(DB_DIR);
-    let source = match std::env::var_os("NODEMESH_ADVISORY_DB") {
-        Some(given) => {
-            copy_db(Path::new(&given), &db)?;
-            format!(
-                "the copy in NODEMESH_ADVISORY_DB ({})",
-                given.to_string_lossy()
-            )
+    println!("xtask: cargo deny fetch db (RustSec advisory database, {DB_URL})");
+    let fetched = Command::new(&deny)
+        .args(["fetch", "db"])
+        .current_dir(workspace)
+        .env("NODEMESH_ADVISORY_DBS", &root)
+        .status()
+        .is_ok_and(|s| s.success());
+    let source = if fetched {
+        if !usable(&db) {
+            bail!(
+                "cargo deny fetched its database, but not into {}: xtask's DB_DIR does not match this cargo-deny",
+                db.display()
+            );
         }
-        None => {
-            println!("xtask: cargo deny fetch db (RustSec advisory database)");
-            let fetched = Command::new(&deny)
-                .args(["fetch", "db"])
-                .current_dir(workspace)
-                .env("NODEMESH_ADVISORY_DBS", &root)
-                .status()
-                .is_ok_and(|s| s.success());
-            if fetched {
-                "github.com/rustsec/advisory-db, just fetched".to_string()
-            } else {
-                "an earlier fetch (github.com is not reachable now)".to_string()
-            }
+        "just fetched".to_string()
+    } else if let Some(given) = std::env::var_os("NODEMESH_ADVISORY_DB") {
+        copy_db(Path::new(&given), &db)?;
+        format!("NODEMESH_ADVISORY_DB ({})", given.to_string_lossy())
+    } else if usable(&db) {
+        "an earlier copy (github.com is not reachable now)".to_string()
+    } else {
+        if db.exists() {
+            // A clone cut short: not a database.
+            let _ = std::fs::remove_dir_all(&db);
         }
-    };
-    if !db.join(".git").exists() && !db.join("HEAD").exists() {
         println!(
             "xtask: WARNING: RustSec advisories NOT checked: github.com is not reachable \
              and no copy of the database is here; set NODEMESH_ADVISORY_DB to a clone of \
-             https://github.com/rustsec/advisory-db to check them (README, Limits)"
+             {DB_URL} to check them (README, Limits)"
         );
         return Ok(());
-    }
+    };
+    let date = db_date(&db);
     println!(
         "xtask: advisories from {source}, database as of {}",
-        db_date(&db).unwrap_or_else(|| "an unknown date".into())
+        date.as_deref().unwrap_or("an unknown date")
     );
+    if let Some(days) = date
+        .as_deref()
+        .and_then(age_in_days)
+        .filter(|d| *d > STALE_DAYS)
+    {
+        println!(
+            "xtask: WARNING: the advisory database is {days} days old: advisories published since are NOT checked"
+        );
+    }
     check(&deny, workspace, &root, &["advisories"])
+}
+
+/// The RustSec database's home (cargo-deny's default).
+const DB_URL: &str = "https://github.com/RustSec/advisory-db";
+/// Past this age the database is reported as stale (cargo-deny's own
+/// default limit; deny.toml lifts cargo-deny's check, which cannot tell a
+/// fresh clone of an old copy from a fresh fetch).
+const STALE_DAYS: i64 = 90;
+
+/// Whether `db` is a working clone cargo-deny can read.
+fn usable(db: &Path) -> bool {
+    db.join(".git").is_dir()
+        && Command::new("git")
+            .arg("-C")
+            .arg(db)
+            .args(["rev-parse", "--verify", "--quiet", "HEAD"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// Days from `date` (YYYY-MM-DD) to today, by the system clock.
+fn age_in_days(date: &str) -> Option<i64> {
+    let days = |d: &str| -> Option<i64> {
+        let mut it = d.trim().splitn(3, '-').map(|p| p.parse::<i64>().ok());
+        let (y, m, d) = (it.next()??, it.next()??, it.next()??);
+        // Days since 1970-01-01 (civil calendar).
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        Some(era * 146_097 + doe - 719_468)
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64
+        / 86_400;
+    Some(now - days(date)?)
 }
 
 fn check(deny: &Path, workspace: &Path, root: &Path, which: &[&str]) -> Result<()> {
@@ -82,7 +134,10 @@ fn check(deny: &Path, workspace: &Path, root: &Path, which: &[&str]) -> Result<(
         .context("cannot run cargo-deny")?
         .success();
     if !ok {
-        bail!("cargo deny check {} failed (deny.toml)", which.join(" "));
+        bail!(
+            "cargo deny check {} found problems (above; the rules: deny.toml)",
+            which.join(" ")
+        );
     }
     Ok(())
 }
@@ -107,6 +162,17 @@ fn copy_db(given: &Path, db: &Path) -> Result<()> {
         .success();
     if !ok {
         bail!("cannot clone {} into {}", given.display(), db.display());
+    }
+    // Later fetches go to the database's home, not to the copy.
+    let ok = Command::new("git")
+        .arg("-C")
+        .arg(db)
+        .args(["remote", "set-url", "origin", DB_URL])
+        .status()
+        .context("cannot run git")?
+        .success();
+    if !ok {
+        bail!("cannot point {} at {DB_URL}", db.display());
     }
     Ok(())
 }
