@@ -639,9 +639,10 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     let report: Value = serde_json::from_slice(&identity.stdout).expect("a stat report");
     assert_eq!(report["node"], bed.b.name.as_str());
     // The admin port tells a pod nothing either: not the node's stats, nor
-    // the cluster's map of Services, endpoints, nodes and identities.
+    // the cluster's map of Services, endpoints, nodes and identities, nor
+    // its live requests.
     let admin = SocketAddr::from((bed.b.ip, nodemesh_core::names::ADMIN_PORT));
-    for path in ["/v1/stat", "/v1/services", "/v1/node"] {
+    for path in ["/v1/stat", "/v1/services", "/v1/node", "/v1/tap"] {
         let netns = knocker.netns.clone();
         let answer = in_netns(&netns, move || {
             Command::new("curl")

@@ -70,7 +70,10 @@ pub struct InstallArgs {
     /// only sources outside it — the nodes' agents, the API server — reach
     /// the identity service's certificate and aggregated-API ports (its
     /// metrics port stays open), over the families given. Needs a network
-    /// plugin that enforces NetworkPolicy.
+    /// plugin that enforces NetworkPolicy, and node-to-pod traffic that
+    /// keeps the node's address: on overlays (VXLAN, IPIP) a node reaches
+    /// pods from a tunnel address inside the pod network, and the agents
+    /// of other nodes would be shut out.
     #[arg(long = "pod-cidr", value_delimiter = ',', value_name = "CIDR")]
     pub pod_cidrs: Vec<String>,
 
@@ -337,6 +340,14 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
     let mut pod_cidrs = Vec::new();
     for c in a.pod_cidrs.iter().filter(|c| !c.is_empty()) {
         match nodemesh_core::config::parse_ip_cidr(c) {
+            Ok(cidr) if cidr.len == 0 => problems.push(format!(
+                "--pod-cidr {c:?}: the whole address space (nothing would reach the identity service)"
+            )),
+            Ok(cidr) if matches!(cidr.addr, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) => {
+                problems.push(format!(
+                    "--pod-cidr {c:?}: an IPv4-mapped range; give the IPv4 network"
+                ))
+            }
             Ok(cidr) => pod_cidrs.push(cidr),
             Err(why) => problems.push(format!("--pod-cidr {c:?}: {why}")),
         }
@@ -702,14 +713,31 @@ mod tests {
             p["spec"]["ingress"][0]["from"].as_sequence().unwrap().len(),
             1
         );
-        // A bad network is an error, not a policy that protects nothing.
-        args.pod_cidrs = vec!["10.244.0.0/33".into()];
-        assert!(
-            render(&args)
-                .unwrap_err()
-                .to_string()
-                .contains("--pod-cidr")
+        assert_eq!(
+            p["spec"]["ingress"][0]["from"][0]["ipBlock"]["cidr"].as_str(),
+            Some("0.0.0.0/0")
         );
+        assert_eq!(p["spec"]["policyTypes"][0].as_str(), Some("Ingress"));
+        // Host bits are dropped (the API server wants a network).
+        args.pod_cidrs = vec!["10.244.1.5/16".into()];
+        let p = policy(&args).expect("a NetworkPolicy");
+        assert_eq!(
+            p["spec"]["ingress"][0]["from"][0]["ipBlock"]["except"][0].as_str(),
+            Some("10.244.0.0/16")
+        );
+        // A bad network is an error, not a policy that protects nothing —
+        // nor one the API server refuses (an `except` as large as its
+        // `cidr`, an IPv4-mapped range under ::/0).
+        for bad in [
+            "10.244.0.0/33",
+            "0.0.0.0/0",
+            "::/0",
+            "::ffff:10.244.0.0/112",
+        ] {
+            args.pod_cidrs = vec![bad.into()];
+            let err = render(&args).unwrap_err().to_string();
+            assert!(err.contains("--pod-cidr"), "{bad}: {err}");
+        }
     }
 
     #[test]

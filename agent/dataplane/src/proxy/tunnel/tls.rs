@@ -153,3 +153,43 @@ impl ResolvesClientCert for SourceCert {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A connection retires at the cap, or at its peer certificate's end
+    /// when that comes first; with no certificate to go by, at once.
+    #[test]
+    fn a_connection_retires_at_the_cap_or_the_certificates_end() {
+        let day = Duration::from_secs(86_400);
+        let anchor = pki::generate_trust_anchor("cluster.local", day).unwrap();
+        let issuer = pki::generate_issuer(&anchor, "cluster.local", day).unwrap();
+        let signer = pki::Signer::load(
+            &issuer.cert_pem,
+            &issuer.key_pem,
+            &anchor.cert_pem,
+            "cluster.local",
+        )
+        .unwrap();
+        let identity = nodemesh_core::identity::Identity::new("ns", "sa").unwrap();
+        let (key, _) = pki::new_csr(&identity, "cluster.local").unwrap();
+        let issued = signer
+            .sign_server(&key, &["peer.example".into()], Duration::from_secs(600))
+            .unwrap();
+        let certs = pki::certs_from_pem(&issued.cert_pem, "peer").unwrap();
+        let hour = Duration::from_secs(3600);
+        // The certificate (10 min) ends before the cap (1 h).
+        let at = retire_at(Some(&certs), hour);
+        let left = at.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(600), "{left:?}");
+        assert!(left > Duration::from_secs(500), "{left:?}");
+        // The cap (1 min) comes before the certificate's end.
+        let at = retire_at(Some(&certs), Duration::from_secs(60));
+        assert!(at.saturating_duration_since(Instant::now()) <= Duration::from_secs(60));
+        // Nothing to go by: no new stream.
+        assert!(retire_at(None, hour) <= Instant::now());
+    }
+}
