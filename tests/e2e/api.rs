@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use nodemesh_core::{identity::Identity, names::TAP_PORT};
@@ -554,33 +554,18 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
     let dir = bed.b.dir.join("knock");
     std::fs::create_dir_all(&dir).expect("dir");
     let cert_for = |ns: &str, sa: &str| -> (PathBuf, PathBuf) {
-        let signer = bed.install.pki.signer();
-        let key = rcgen::KeyPair::generate().expect("key");
-        let now = SystemTime::now();
         // "tap": the identity service's tap client (outside the workload
         // space); anything else a workload's.
-        let issued = if sa == "tap" {
-            signer
-                .sign_client(
-                    &key,
-                    &nodemesh_core::identity::tap_client_id("cluster.local"),
-                    Duration::from_secs(600),
-                )
-                .expect("sign")
+        let (issued, chain) = if sa == "tap" {
+            bed.install.pki.tap_client()
         } else {
-            signer
-                .sign_identity(
-                    &key,
-                    &Identity::new(ns, sa).expect("identity"),
-                    now,
-                    now + Duration::from_secs(600),
-                )
-                .expect("sign")
+            let id = Identity::new(ns, sa).expect("identity");
+            bed.install.pki.leaf(&id, Duration::from_secs(600))
         };
         let cert = dir.join(format!("{sa}.crt"));
         let key_file = dir.join(format!("{sa}.key"));
-        std::fs::write(&cert, format!("{}{}", issued.cert_pem, issued.chain_pem)).expect("cert");
-        std::fs::write(&key_file, key.serialize_pem()).expect("key");
+        std::fs::write(&cert, format!("{}{chain}", issued.cert_pem)).expect("cert");
+        std::fs::write(&key_file, issued.key_pem).expect("key");
         (cert, key_file)
     };
     let agent_name = format!(

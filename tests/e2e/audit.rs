@@ -20,54 +20,18 @@ use nodemesh_tests::{
     sys::in_netns,
 };
 
-use crate::mesh::connect_stream;
+use crate::{
+    inbound::{at, certificates, denied, line_from, plain_namespace},
+    mesh::{HandTunnel, connect_request},
+};
 
 const ECHO: u16 = 8080;
-
-fn at(pod: &Pod, port: u16) -> SocketAddr {
-    SocketAddr::from((pod.ip, port))
-}
-
-fn certificates(m: &Metrics) -> f64 {
-    m.sum("nodemesh_identity_certificates", &[])
-}
-
-fn denied(m: &Metrics, pod: &str, reason: &str) -> f64 {
-    m.sum(
-        "nodemesh_inbound_denied_total",
-        &[("pod", pod), ("reason", reason)],
-    )
-}
 
 fn open_inbound(m: &Metrics, pod: &str) -> f64 {
     m.sum(
         "nodemesh_tcp_open_connections",
         &[("pod", pod), ("direction", "inbound")],
     )
-}
-
-/// An unmeshed namespace for plaintext clients.
-fn plain_namespace(bed: &MeshBed) -> String {
-    let ns = unique("plain");
-    bed.cluster.namespace(&ns, &[]);
-    ns
-}
-
-/// What a plain client from `netns` gets at `to` when it sends a line and
-/// waits for it back: `Ok(())` echoed, else how it failed.
-fn line_from(netns: &std::path::Path, to: SocketAddr) -> Result<(), String> {
-    in_netns(netns, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
-            .map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
-        let mut buf = [0u8; 6];
-        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
-        (&buf == b"hello\n")
-            .then_some(())
-            .ok_or_else(|| "a different answer".to_string())
-    })
 }
 
 /// The interface index of `name` inside `netns` (for link-local scopes).
@@ -169,19 +133,7 @@ pub fn the_agents_own_ports_are_never_a_destination() {
     let through = far.tcp().exchange(at(&server, INBOUND_PORT), 100);
     assert!(through.is_err(), "through the tunnel: {through:?}");
     let (cert, chain) = leaf(&bed, "web");
-    let sni = Identity::new(&bed.ns, "server")
-        .unwrap()
-        .dns_name("cluster.local")
-        .unwrap();
-    let status = connect_stream(
-        &bed.a.netns,
-        SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
-        &bed.install.pki.anchor.cert_pem,
-        &cert,
-        &chain,
-        sni,
-        at(&server, INBOUND_PORT),
-    );
+    let status = tunnel_a_to_b(&bed, &cert, &chain).connect(at(&server, INBOUND_PORT));
     assert_eq!(status, 502, "a hand-made CONNECT to the inbound port");
     // From inside the pod, the agent's listener itself.
     for to in ["127.0.0.1", "[::1]"] {
@@ -202,24 +154,27 @@ pub fn the_agents_own_ports_are_never_a_destination() {
     }
 }
 
+/// A tunnel connection made by hand from node a to node b, presenting
+/// `cert`, for the server's identity.
+fn tunnel_a_to_b(bed: &MeshBed, cert: &CertAndKey, chain: &str) -> HandTunnel {
+    let sni = Identity::new(&bed.ns, "server")
+        .unwrap()
+        .dns_name("cluster.local")
+        .unwrap();
+    HandTunnel::new(
+        &bed.a.netns,
+        SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
+        &bed.install.pki.anchor.cert_pem,
+        cert,
+        chain,
+        sni,
+    )
+}
+
 /// A certificate for `sa` in the bed's namespace, from the install's issuer.
 fn leaf(bed: &MeshBed, sa: &str) -> (CertAndKey, String) {
     let id = Identity::new(&bed.ns, sa).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let now = std::time::SystemTime::now();
-    let issued = bed
-        .install
-        .pki
-        .signer()
-        .sign_identity(&key, &id, now, now + Duration::from_secs(600))
-        .unwrap();
-    (
-        CertAndKey {
-            cert_pem: issued.cert_pem,
-            key_pem: key.serialize_pem(),
-        },
-        issued.chain_pem,
-    )
+    bed.install.pki.leaf(&id, Duration::from_secs(600))
 }
 
 /// High 3: inbound capture took only the addresses the API lists, so the
@@ -426,46 +381,15 @@ pub fn a_node_gets_only_its_meshed_pods_identities() {
         (bed.install.namespace.clone(), "nodemesh-identity"),
     ] {
         let id = Identity::new(&ns, sa).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let now = std::time::SystemTime::now();
-        let issued = bed
-            .install
-            .pki
-            .signer()
-            .sign_identity(&key, &id, now, now + Duration::from_secs(600))
-            .unwrap();
-        let cert = CertAndKey {
-            cert_pem: issued.cert_pem,
-            key_pem: key.serialize_pem(),
-        };
+        let (cert, chain) = bed.install.pki.leaf(&id, Duration::from_secs(600));
         assert!(
-            !tap_port_answers(&bed, &bed.b.netns, tap_a, &cert, &issued.chain_pem),
+            !tap_port_answers(&bed, &bed.b.netns, tap_a, &cert, &chain),
             "node a's tap port answered {id}"
         );
     }
     // The control: the identity service's tap client is answered.
-    let key = rcgen::KeyPair::generate().unwrap();
-    let issued = bed
-        .install
-        .pki
-        .signer()
-        .sign_client(
-            &key,
-            &nodemesh_core::identity::tap_client_id("cluster.local"),
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    let cert = CertAndKey {
-        cert_pem: issued.cert_pem,
-        key_pem: key.serialize_pem(),
-    };
-    assert!(tap_port_answers(
-        &bed,
-        &bed.b.netns,
-        tap_a,
-        &cert,
-        &issued.chain_pem
-    ));
+    let (cert, chain) = bed.install.pki.tap_client();
+    assert!(tap_port_answers(&bed, &bed.b.netns, tap_a, &cert, &chain));
     let m = bed.identity.metrics();
     for (result, n) in [
         ("not_on_node", 2.0),
@@ -778,61 +702,28 @@ pub fn the_install_floor_is_what_annotations_cannot_open() {
 /// Two CONNECT streams for `target` on one hand-made tunnel connection,
 /// `gap` apart: the first one's status, and the second's (or why it
 /// could not be opened).
-#[allow(clippy::too_many_arguments)]
 fn two_streams(
-    netns: &std::path::Path,
-    addr: SocketAddr,
-    anchors_pem: &str,
-    client: &CertAndKey,
-    chain_pem: &str,
-    sni: String,
+    tunnel: &HandTunnel,
     target: SocketAddr,
     gap: Duration,
 ) -> (u16, Result<u16, String>) {
-    let cfg = crate::mesh::client_config(anchors_pem, client, chain_pem);
-    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
-    in_netns(netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await
-                .expect("handshake");
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
+    tunnel.on_connection(move |mut send| async move {
+        let first = send
+            .send_request(connect_request(target, None))
             .await
-            .expect("h2");
-            tokio::spawn(conn);
-            let connect = || {
-                hyper::Request::builder()
-                    .method(hyper::Method::CONNECT)
-                    .uri(target.to_string())
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap()
-            };
-            let first = send
-                .send_request(connect())
+            .expect("the first CONNECT")
+            .status()
+            .as_u16();
+        tokio::time::sleep(gap).await;
+        let second = match send.ready().await {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => send
+                .send_request(connect_request(target, None))
                 .await
-                .expect("the first CONNECT")
-                .status()
-                .as_u16();
-            tokio::time::sleep(gap).await;
-            let second = match send.ready().await {
-                Err(e) => Err(e.to_string()),
-                Ok(()) => send
-                    .send_request(connect())
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .map_err(|e| e.to_string()),
-            };
-            (first, second)
-        })
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string()),
+        };
+        (first, second)
     })
 }
 
@@ -848,32 +739,9 @@ pub fn a_tunnel_connection_takes_no_stream_past_its_certificate() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     let id = Identity::new(&bed.ns, "web").unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let now = std::time::SystemTime::now();
-    let issued = bed
-        .install
-        .pki
-        .signer()
-        .sign_identity(&key, &id, now, now + Duration::from_secs(5))
-        .unwrap();
-    let cert = CertAndKey {
-        cert_pem: issued.cert_pem,
-        key_pem: key.serialize_pem(),
-    };
-    let sni = Identity::new(&bed.ns, "server")
-        .unwrap()
-        .dns_name("cluster.local")
-        .unwrap();
-    let (first, second) = two_streams(
-        &bed.a.netns,
-        SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
-        &bed.install.pki.anchor.cert_pem,
-        &cert,
-        &issued.chain_pem,
-        sni,
-        at(&server, ECHO),
-        Duration::from_secs(8),
-    );
+    let (cert, chain) = bed.install.pki.leaf(&id, Duration::from_secs(5));
+    let tunnel = tunnel_a_to_b(&bed, &cert, &chain);
+    let (first, second) = two_streams(&tunnel, at(&server, ECHO), Duration::from_secs(8));
     assert_eq!(first, 200, "a stream while the certificate is valid");
     assert!(
         second.is_err(),
@@ -897,27 +765,13 @@ pub fn every_handshake_settles_on_the_post_quantum_hybrid() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     client.tcp().exchange_ok(at(&server, ECHO), 10_000);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let issued = bed
-        .install
-        .pki
-        .signer()
-        .sign_client(
-            &key,
-            &nodemesh_core::identity::tap_client_id("cluster.local"),
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    let tap = CertAndKey {
-        cert_pem: issued.cert_pem,
-        key_pem: key.serialize_pem(),
-    };
+    let (tap, chain) = bed.install.pki.tap_client();
     assert!(tap_port_answers(
         &bed,
         &bed.a.netns,
         SocketAddr::from((bed.b.ip, nodemesh_core::names::TAP_PORT)),
         &tap,
-        &issued.chain_pem
+        &chain
     ));
     let handshakes = |m: &Metrics, endpoint: &str, group: &str| {
         m.sum(
@@ -951,55 +805,22 @@ pub fn every_handshake_settles_on_the_post_quantum_hybrid() {
 
 /// A hand-made CONNECT for `target` naming its client in `forwarded`;
 /// sends a line through it once answered 200.
-#[allow(clippy::too_many_arguments)]
-fn stream_claiming(
-    netns: &std::path::Path,
-    addr: SocketAddr,
-    anchors_pem: &str,
-    client: &CertAndKey,
-    chain_pem: &str,
-    sni: String,
-    target: SocketAddr,
-    forwarded: String,
-) -> u16 {
-    let cfg = crate::mesh::client_config(anchors_pem, client, chain_pem);
-    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
-    in_netns(netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await
-                .expect("handshake");
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
+fn stream_claiming(tunnel: &HandTunnel, target: SocketAddr, forwarded: String) -> u16 {
+    tunnel.on_connection(move |mut send| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let resp = send
+            .send_request(connect_request(target, Some(&forwarded)))
             .await
-            .expect("h2");
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(hyper::Method::CONNECT)
-                .uri(target.to_string())
-                .header("forwarded", forwarded)
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = send.send_request(req).await.expect("CONNECT");
-            let status = resp.status().as_u16();
-            if status == 200 {
-                let mut io =
-                    hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
-                io.write_all(b"line\n").await.expect("write");
-                let mut buf = [0u8; 5];
-                let _ = tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf)).await;
-            }
-            status
-        })
+            .expect("CONNECT");
+        let status = resp.status().as_u16();
+        if status == 200 {
+            let mut io =
+                hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
+            io.write_all(b"line\n").await.expect("write");
+            let mut buf = [0u8; 5];
+            let _ = tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf)).await;
+        }
+        status
     })
 }
 
@@ -1019,22 +840,8 @@ pub fn a_node_vouches_only_for_its_own_pods() {
     let mut srv = server.tcp();
     srv.listen(ECHO);
     let (cert, chain) = leaf(&bed, "web");
-    let sni = Identity::new(&bed.ns, "server")
-        .unwrap()
-        .dns_name("cluster.local")
-        .unwrap();
-    let open = |claim: String| {
-        stream_claiming(
-            &bed.a.netns,
-            SocketAddr::from((bed.b.ip, mesh::TUNNEL_PORT)),
-            &bed.install.pki.anchor.cert_pem,
-            &cert,
-            &chain,
-            sni.clone(),
-            at(&server, ECHO),
-            claim,
-        )
-    };
+    let tunnel = tunnel_a_to_b(&bed, &cert, &chain);
+    let open = |claim: String| stream_claiming(&tunnel, at(&server, ECHO), claim);
     // Node a claims a web pod of node b, with a port of its choosing.
     assert_eq!(open(format!("for=\"{}:4444\"", near.ip)), 200);
     // Its own web pod, with the same port.

@@ -19,7 +19,7 @@ const ECHO: u16 = 8080;
 const SKIPPED: u16 = 9090;
 const OTHER: u16 = 7070;
 
-fn at(pod: &Pod, port: u16) -> SocketAddr {
+pub(crate) fn at(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::from((pod.ip, port))
 }
 
@@ -27,7 +27,7 @@ fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
 
-fn certificates(m: &Metrics) -> f64 {
+pub(crate) fn certificates(m: &Metrics) -> f64 {
     m.sum("nodemesh_identity_certificates", &[])
 }
 
@@ -44,7 +44,7 @@ fn inbound_opens(m: &Metrics, pod: &str, tls: &str, peer: &str) -> f64 {
     )
 }
 
-fn denied(m: &Metrics, pod: &str, reason: &str) -> f64 {
+pub(crate) fn denied(m: &Metrics, pod: &str, reason: &str) -> f64 {
     m.sum(
         "nodemesh_inbound_denied_total",
         &[("pod", pod), ("reason", reason)],
@@ -57,7 +57,7 @@ fn sorted(mut ips: Vec<IpAddr>) -> Vec<IpAddr> {
 }
 
 /// An unmeshed namespace for plaintext clients.
-fn plain_namespace(bed: &MeshBed) -> String {
+pub(crate) fn plain_namespace(bed: &MeshBed) -> String {
     let ns = unique("plain");
     bed.cluster.namespace(&ns, &[]);
     ns
@@ -66,7 +66,13 @@ fn plain_namespace(bed: &MeshBed) -> String {
 /// A connection from the node itself (as kubelet's probes come) that
 /// sends a line and reads it back.
 fn from_node(node: &Node, to: SocketAddr) -> Result<(), String> {
-    in_netns(&node.netns, move || {
+    line_from(&node.netns, to)
+}
+
+/// What a plain client from `netns` gets at `to` when it sends a line and
+/// waits for it back: `Ok(())` echoed, else how it failed.
+pub(crate) fn line_from(netns: &std::path::Path, to: SocketAddr) -> Result<(), String> {
+    in_netns(netns, move || {
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
             .map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))

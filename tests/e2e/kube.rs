@@ -578,19 +578,20 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
         "the agent cannot review tokens"
     );
 
-    // Discovery runs under that token: a meshed pod is captured.
-    let ns = namespace(cluster, &[]);
-    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client").meshed());
-    let server = cluster.run_pod(&node, PodSpec::new(&ns, "server"));
-    let mut agent = Agent::start_ready(
-        &node,
+    // An agent as the DaemonSet runs it: its token, its DaemonSet.
+    let as_installed = || {
         AgentOptions::default()
             .kube_as(cluster, &kubeconfig)
             .arg("--namespace")
             .arg(&mesh_ns)
             .arg("--daemonset")
-            .arg("nodemesh-agent"),
-    );
+            .arg("nodemesh-agent")
+    };
+    // Discovery runs under that token: a meshed pod is captured.
+    let ns = namespace(cluster, &[]);
+    let client = cluster.run_pod(&node, PodSpec::new(&ns, "client").meshed());
+    let server = cluster.run_pod(&node, PodSpec::new(&ns, "server"));
+    let mut agent = Agent::start_ready(&node, as_installed());
     agent.wait_metric("captured with the agent's own token", |m| meshed(m) == 1.0);
     let mut srv = server.tcp();
     srv.listen(ECHO);
@@ -607,15 +608,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
     let status = agent.stop(Duration::from_secs(20)).expect("stopped");
     assert!(status.success());
     assert!(node.pins.exists(), "a plain stop keeps the eBPF state");
-    let mut agent = Agent::start_ready(
-        &node,
-        AgentOptions::default()
-            .kube_as(cluster, &kubeconfig)
-            .arg("--namespace")
-            .arg(&mesh_ns)
-            .arg("--daemonset")
-            .arg("nodemesh-agent"),
-    );
+    let mut agent = Agent::start_ready(&node, as_installed());
     agent.wait_metric("captured again", |m| meshed(m) == 1.0);
     // The audit: an RBAC slip (the agent's bindings gone) plus a restart
     // must not unmesh the node — a 403 is no evidence of an uninstall.
@@ -645,15 +638,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
     cluster
         .apply_manifests(&bindings, false)
         .expect("the bindings again");
-    let mut agent = Agent::start_ready(
-        &node,
-        AgentOptions::default()
-            .kube_as(cluster, &kubeconfig)
-            .arg("--namespace")
-            .arg(&mesh_ns)
-            .arg("--daemonset")
-            .arg("nodemesh-agent"),
-    );
+    let mut agent = Agent::start_ready(&node, as_installed());
     agent.wait_metric("captured again", |m| meshed(m) == 1.0);
     // A real uninstall: the DaemonSet goes, and the agent's rights right
     // after it (as `kubectl delete -f` does), before the agent is told to

@@ -357,49 +357,94 @@ pub(crate) fn tls_attempt(
     })
 }
 
-/// Opens a tunnel stream by hand (valid client certificate, SNI for
-/// `sni`) asking for `target`: the status the tunnel answers.
-pub(crate) fn connect_stream(
-    netns: &std::path::Path,
+/// A tunnel client made by hand: from `netns` to a node's tunnel port,
+/// mutual TLS as `client`, for the server name `sni`, HTTP/2.
+pub(crate) struct HandTunnel {
+    netns: std::path::PathBuf,
     addr: SocketAddr,
-    anchors_pem: &str,
-    client: &CertAndKey,
-    chain_pem: &str,
-    sni: String,
-    target: SocketAddr,
-) -> u16 {
-    let cfg = client_config(anchors_pem, client, chain_pem);
-    let name = rustls::pki_types::ServerName::try_from(sni).expect("a DNS name");
-    in_netns(netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
+    cfg: Arc<rustls::ClientConfig>,
+    sni: rustls::pki_types::ServerName<'static>,
+}
+
+/// What a hand-made tunnel connection sends requests with.
+pub(crate) type TunnelSender =
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+impl HandTunnel {
+    pub(crate) fn new(
+        netns: &std::path::Path,
+        addr: SocketAddr,
+        anchors_pem: &str,
+        client: &CertAndKey,
+        chain_pem: &str,
+        sni: String,
+    ) -> Self {
+        Self {
+            netns: netns.to_owned(),
+            addr,
+            cfg: client_config(anchors_pem, client, chain_pem),
+            sni: rustls::pki_types::ServerName::try_from(sni).expect("a DNS name"),
+        }
+    }
+
+    /// Opens one connection and runs `f` with its sender (in the netns, on
+    /// a runtime of its own): what `f` returns.
+    pub(crate) fn on_connection<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(TunnelSender) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+    {
+        let (addr, cfg, sni) = (self.addr, self.cfg.clone(), self.sni.clone());
+        in_netns(&self.netns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(sni, tcp)
+                    .await
+                    .expect("handshake");
+                let (send, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tls),
+                )
                 .await
-                .expect("handshake");
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
-            .await
-            .expect("h2");
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(hyper::Method::CONNECT)
-                .uri(target.to_string())
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            send.send_request(req)
+                .expect("h2");
+                tokio::spawn(conn);
+                f(send).await
+            })
+        })
+    }
+
+    /// One stream asking for `target`, on a connection of its own: the
+    /// status the tunnel answers.
+    pub(crate) fn connect(&self, target: SocketAddr) -> u16 {
+        self.on_connection(move |mut send| async move {
+            send.send_request(connect_request(target, None))
                 .await
                 .expect("CONNECT")
                 .status()
                 .as_u16()
         })
-    })
+    }
+}
+
+/// A CONNECT for `target`, naming the client in a `forwarded` header if
+/// given.
+pub(crate) fn connect_request(
+    target: SocketAddr,
+    forwarded: Option<&str>,
+) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(target.to_string());
+    if let Some(f) = forwarded {
+        req = req.header("forwarded", f);
+    }
+    req.body(http_body_util::Empty::new()).expect("a CONNECT")
 }
 
 /// Sends raw bytes to `addr`; whether the connection ended (closed or
@@ -548,17 +593,8 @@ pub fn the_tunnel_refuses_bad_peers_and_keeps_serving() {
     .expect("a valid certificate is accepted");
     // Authenticated for the server's identity, the stream may only go to a
     // pod of that identity on this node.
-    let status = |target| {
-        connect_stream(
-            &bed.a.netns,
-            tunnel_addr,
-            &anchors,
-            &cert,
-            &chain,
-            sni.clone(),
-            target,
-        )
-    };
+    let by_hand = HandTunnel::new(&bed.a.netns, tunnel_addr, &anchors, &cert, &chain, sni);
+    let status = |target| by_hand.connect(target);
     assert_eq!(status(echo(&neighbour)), 404, "a pod of another identity");
     assert_eq!(
         status(SocketAddr::from((bed.b.unused_ip(), ECHO))),

@@ -298,6 +298,46 @@ impl TestPki {
         )
         .expect("signer")
     }
+
+    /// A workload certificate for `id`, valid for `lifetime` from now: the
+    /// certificate and its key, and the chain to send with it.
+    pub fn leaf(
+        &self,
+        id: &nodemesh_core::identity::Identity,
+        lifetime: Duration,
+    ) -> (pki::CertAndKey, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let now = std::time::SystemTime::now();
+        let issued = self
+            .signer()
+            .sign_identity(&key, id, now, now + lifetime)
+            .expect("a workload certificate");
+        Self::with_key(issued, &key)
+    }
+
+    /// A certificate of the identity service's tap client (10 minutes).
+    pub fn tap_client(&self) -> (pki::CertAndKey, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let issued = self
+            .signer()
+            .sign_client(
+                &key,
+                &nodemesh_core::identity::tap_client_id("cluster.local"),
+                Duration::from_secs(600),
+            )
+            .expect("the tap client's certificate");
+        Self::with_key(issued, &key)
+    }
+
+    fn with_key(issued: pki::Issued, key: &rcgen::KeyPair) -> (pki::CertAndKey, String) {
+        (
+            pki::CertAndKey {
+                cert_pem: issued.cert_pem,
+                key_pem: key.serialize_pem(),
+            },
+            issued.chain_pem,
+        )
+    }
 }
 
 /// nodemesh installed in the API server (its manifests applied, with the
