@@ -473,15 +473,7 @@ mod tests {
         server: std::sync::Arc<rustls::crypto::CryptoProvider>,
     ) -> [Option<rustls::NamedGroup>; 2] {
         use std::sync::Arc;
-        let anchor = generate_trust_anchor("cluster.local", Duration::from_secs(3600)).unwrap();
-        let issuer = generate_issuer(&anchor, "cluster.local", Duration::from_secs(3600)).unwrap();
-        let signer = Signer::load(
-            &issuer.cert_pem,
-            &issuer.key_pem,
-            &anchor.cert_pem,
-            "cluster.local",
-        )
-        .unwrap();
+        let (_, signer) = pki();
         let key = KeyPair::generate().unwrap();
         let issued = signer
             .sign_server(&key, &["server.example".into()], Duration::from_secs(600))

@@ -160,26 +160,9 @@ impl Netns {
     /// takes (whatever the API server says the pod has).
     pub fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
         use std::net::IpAddr;
-        let found: Vec<IpAddr> = self
-            .enter(|| {
-                nix::ifaddrs::getifaddrs().map(|addrs| {
-                    addrs
-                        .filter_map(|a| {
-                            let sa = a.address?;
-                            if let Some(v4) = sa.as_sockaddr_in() {
-                                Some(IpAddr::V4(v4.ip()))
-                            } else {
-                                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                            }
-                        })
-                        .collect()
-                })
-            })
-            .map_err(io::Error::from)?
-            .map_err(io::Error::from)?;
+        let found: Vec<IpAddr> = self.enter(interface_addresses).map_err(io::Error::from)??;
         let mut ips: Vec<IpAddr> = found
             .into_iter()
-            .map(|ip| ip.to_canonical())
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
             .collect();
         ips.sort();
@@ -193,6 +176,21 @@ impl Netns {
         self.enter(|| Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None))
             .map_err(io::Error::from)?
     }
+}
+
+/// Every address of the interfaces of the calling thread's netns,
+/// loopback ones included (IPv4-mapped ones as IPv4), unsorted.
+pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    use std::net::IpAddr;
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|a| {
+            let sa = a.address?;
+            sa.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .map(|ip| ip.to_canonical())
+        .collect())
 }
 
 /// Puts the thread back into the agent's netns, even if `f` panicked.

@@ -107,6 +107,20 @@ impl ClusterIssuer<'_> {
         Ok((signer, anchors))
     }
 
+    /// The metadata of an object this makes: `name` in the service's
+    /// namespace, labelled as the install's.
+    fn meta(&self, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(self.namespace.into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/part-of".into(),
+                "nodemesh".into(),
+            )])),
+            ..ObjectMeta::default()
+        }
+    }
+
     /// A trust anchor and an issuer made now, stored; or, if another
     /// replica stored one first, that one.
     async fn create(&self, secrets: &Api<Secret>) -> Result<Secret, BootstrapError> {
@@ -114,15 +128,7 @@ impl ClusterIssuer<'_> {
         let issuer = pki::generate_issuer(&anchor, self.trust_domain, self.lifetime)?;
         let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
         let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(self.secret.into()),
-                namespace: Some(self.namespace.into()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/part-of".into(),
-                    "nodemesh".into(),
-                )])),
-                ..ObjectMeta::default()
-            },
+            metadata: self.meta(self.secret),
             type_: Some("kubernetes.io/tls".into()),
             data: Some(BTreeMap::from([
                 ("tls.crt".into(), bytes(&issuer.cert_pem)),
@@ -169,15 +175,7 @@ impl ClusterIssuer<'_> {
             (None, Some(bundle)) => Ok(bundle),
             (Some(anchor), _) => {
                 let map = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(self.configmap.into()),
-                        namespace: Some(self.namespace.into()),
-                        labels: Some(BTreeMap::from([(
-                            "app.kubernetes.io/part-of".into(),
-                            "nodemesh".into(),
-                        )])),
-                        ..ObjectMeta::default()
-                    },
+                    metadata: self.meta(self.configmap),
                     data: Some(BTreeMap::from([(BUNDLE_KEY.into(), anchor.clone())])),
                     ..ConfigMap::default()
                 };

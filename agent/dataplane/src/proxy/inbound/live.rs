@@ -46,19 +46,53 @@ pub(super) struct OpenConnection {
     pub(super) cut: CancellationToken,
 }
 
-/// Removes an open connection from the register when its relay ends.
-pub(super) struct Registered<'a> {
-    pub(super) inbound: &'a Inbound,
-    pub(super) id: u64,
+/// A connection in the register, for as long as this lives: decided
+/// again whenever the state changes.
+pub struct Registration {
+    inbound: Arc<Inbound>,
+    id: u64,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.inbound
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
+    }
+}
+
+impl Inbound {
+    /// Puts a connection of `served`'s from `ip:port` (`identity`: its
+    /// client's, if authenticated) in the register; the token is cancelled
+    /// once the policy refuses it.
+    pub(super) fn register(
+        inbound: Arc<Inbound>,
+        served: Arc<ServedPod>,
+        identity: Option<String>,
+        ip: IpAddr,
+        port: u16,
+        from_node: bool,
+    ) -> (Registration, CancellationToken) {
+        let cut = CancellationToken::new();
+        let id = inbound.next_open.fetch_add(1, Ordering::Relaxed);
+        inbound
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                OpenConnection {
+                    served,
+                    identity,
+                    ip,
+                    port,
+                    from_node,
+                    cut: cut.clone(),
+                },
+            );
+        (Registration { inbound, id }, cut)
     }
 }
 
@@ -75,55 +109,19 @@ pub struct Recheck {
     pub(super) from_node: bool,
 }
 
-/// A connection in the register, for as long as this lives (owned: it
-/// goes with the task that carries the connection).
-pub struct Registration {
-    inbound: Arc<Inbound>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.inbound
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
-    }
-}
-
 impl Recheck {
     /// Puts the connection this decides for in the register, so a policy
     /// change decides on it again too (not only at its next request): an
     /// HTTP/2 connection's long streams, an upgraded connection (WebSocket,
     /// CONNECT). The token is cancelled once the policy refuses it.
     pub fn register(&self) -> (Registration, CancellationToken) {
-        let cut = CancellationToken::new();
-        let id = self
-            .inbound
-            .next_open
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inbound
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                OpenConnection {
-                    served: self.served.clone(),
-                    identity: self.identity.clone(),
-                    ip: self.ip,
-                    port: self.port,
-                    from_node: self.from_node,
-                    cut: cut.clone(),
-                },
-            );
-        (
-            Registration {
-                inbound: self.inbound.clone(),
-                id,
-            },
-            cut,
+        Inbound::register(
+            self.inbound.clone(),
+            self.served.clone(),
+            self.identity.clone(),
+            self.ip,
+            self.port,
+            self.from_node,
         )
     }
 

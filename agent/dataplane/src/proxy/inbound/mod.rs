@@ -13,8 +13,10 @@
 mod detect;
 pub mod http;
 mod live;
+mod local;
 pub mod node;
 pub mod policy;
+mod tunnel;
 
 use std::{
     collections::HashMap,
@@ -24,21 +26,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::future::BoxFuture;
 use nodemesh_core::labels::Direction;
 use nodemesh_core::{identity::Identity, names::InboundPolicy, policy::PolicyClient};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, warn};
 
 pub use self::live::Recheck;
 use self::{
     detect::{detect, first_bytes},
     http::{Peer, Rewind},
-    live::{OpenConnection, Registered},
+    live::OpenConnection,
     policy::{Client, Facts},
 };
 use super::{
@@ -46,11 +46,10 @@ use super::{
     detect::Detected,
     orig_dst::ClientAddrs,
     pods::{ServedPod, ServedPods},
-    relay::{Reset, TunnelStream, relay, reset_if_we_die},
-    tunnel::{Destinations, TunnelError, server::Delivery, server::StreamRequest},
+    relay::{Reset, relay, reset_if_we_die},
 };
 use crate::{
-    state::{ConfiguredProtocol, Pod, StateStore, Target},
+    state::{ConfiguredProtocol, Pod, StateStore},
     telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
 
@@ -100,10 +99,6 @@ pub struct PolicyRefused(pub InboundDenial);
 pub fn is_policy_refusal(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<PolicyRefused>())
 }
-
-/// How long a tunnel stream waits for its client pod's address to be
-/// known here (see `claimed_client`).
-const CLAIM_WAIT: Duration = Duration::from_secs(2);
 
 /// A refusal is logged once per client and reason in this window.
 const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
@@ -469,22 +464,14 @@ impl Inbound {
         let inbound = served.inbound.as_ref();
         let received = inbound.map(|i| &i.received);
         let sent = inbound.map(|i| &i.sent);
-        let cut = CancellationToken::new();
-        let id = self
-            .next_open
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            OpenConnection {
-                served: served.clone(),
-                identity: peer.identity.clone(),
-                ip: from.ip(),
-                port,
-                from_node,
-                cut: cut.clone(),
-            },
+        let (_registered, cut) = Inbound::register(
+            self.clone(),
+            served.clone(),
+            peer.identity.clone(),
+            from.ip(),
+            port,
+            from_node,
         );
-        let _registered = Registered { inbound: self, id };
         let relayed = tokio::select! {
             r = relay(
                 &mut client,
@@ -507,257 +494,5 @@ impl Inbound {
             ),
             Err(e) => debug!(error = %e, "inbound relay ended with an error; both sides reset"),
         }
-    }
-
-    /// The policy for tunnel clients: meshed identities of this trust
-    /// domain.
-    fn admit_client(&self, client: &str) -> Result<(), String> {
-        match Identity::parse_spiffe(client) {
-            Ok((td, _)) if td == self.trust_domain => Ok(()),
-            _ => Err(format!(
-                "{client} is not an identity of trust domain {}",
-                self.trust_domain
-            )),
-        }
-    }
-
-    /// The served pod a tunnel stream may reach: a meshed pod on this node
-    /// with `dst`'s address, of the identity the client asked for.
-    fn tunnel_destination(
-        &self,
-        dst: SocketAddr,
-        served: Option<&Identity>,
-    ) -> Option<Arc<ServedPod>> {
-        let Target::Pod(pod) = self.state.upstream(dst).target else {
-            return None;
-        };
-        let identity = pod.identity().filter(|_| pod.meshed())?;
-        if served != Some(identity.identity()) {
-            return None;
-        }
-        self.pods.get(&pod.uid).filter(|s| s.inbound.is_some())
-    }
-
-    /// The client pod's address as its agent says, if it is a pod of the
-    /// authenticated identity on the tunnel peer's node (the peer's
-    /// address is one of that node's, as its Node object or its pods say: a
-    /// node vouches only for its own pods). The
-    /// claimed port is ignored (the app sees the agent's delivering
-    /// socket's). A pod started a moment ago can be known to its own agent
-    /// before this one (both learn it from the API server): an address not
-    /// known yet as any pod's is waited for, up to [`CLAIM_WAIT`]; one
-    /// known as another's is refused at once.
-    async fn claimed_client(&self, req: &StreamRequest) -> Option<SocketAddr> {
-        let addr = SocketAddr::new(req.client_addr?.ip().to_canonical(), 0);
-        let peer = req.peer.ip().to_canonical();
-        let mut changes = self.state.changes();
-        let settled = tokio::time::timeout(CLAIM_WAIT, async {
-            loop {
-                changes.borrow_and_update();
-                match self.state.upstream(addr).target {
-                    Target::Pod(p) => {
-                        return p.identity().is_some_and(|id| id.uri() == &*req.client)
-                            && (p.host_ips.contains(&peer)
-                                || p.node
-                                    .as_deref()
-                                    .is_some_and(|n| self.state.is_node_address(n, peer)));
-                    }
-                    _ => {
-                        if changes.changed().await.is_err() {
-                            return false;
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-        settled.unwrap_or(false).then_some(addr)
-    }
-
-    /// Opens a tunnel stream's destination.
-    async fn open_tunnel(&self, req: &StreamRequest) -> Result<Accepted, TunnelError> {
-        let Some(served) = self.tunnel_destination(req.dst, req.served.as_ref()) else {
-            warn!(client = %req.client, dst = %req.dst, reason = %TunnelError::UnknownDestination, "refused a tunnel stream: the destination is not a meshed pod of the authenticated identity on this node");
-            return Err(TunnelError::UnknownDestination);
-        };
-        // Else the tunnel's other end, the client's node: all that is known.
-        let client_addr = self
-            .claimed_client(req)
-            .await
-            .unwrap_or(SocketAddr::new(req.peer.ip(), 0));
-        if self
-            .authorize(
-                &served,
-                Client::Meshed(&req.client),
-                client_addr.ip(),
-                req.dst.port(),
-                false,
-            )
-            .is_err()
-        {
-            return Err(TunnelError::PolicyDenied);
-        }
-        let stream = match self.deliver(&served, req.dst, client_addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = ConnectError::classify(&e);
-                warn!(client = %req.client, dst = %req.dst, %reason, error = %e, "cannot connect to the destination pod; the client gets a reset");
-                if let Some(inbound) = &served.inbound {
-                    inbound.connect_error(reason);
-                }
-                return Err(TunnelError::Connect);
-            }
-        };
-        if let Some(inbound) = &served.inbound {
-            inbound.peer_open(true, Some(&req.client));
-        }
-        Ok(Accepted {
-            stream,
-            accounting: Accounting::new(Some(served)),
-            client: client_addr,
-        })
-    }
-
-    /// Whether `src`, a served pod on this node, may reach `dst` in
-    /// `dst_served` (through the proxy once): per connection, and again per
-    /// HTTP request over a pooled one. Its address, when it may.
-    pub fn authorize_local(
-        &self,
-        src: &ServedPod,
-        dst_served: &ServedPod,
-        dst: SocketAddr,
-    ) -> io::Result<IpAddr> {
-        // The client pod's address as known now (it may have been served
-        // before its addresses were).
-        let Some(src_ip) = src.address_for(&self.state, dst) else {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                "the client pod has no address in the destination's family",
-            ));
-        };
-        let client = match src.pod.identity() {
-            Some(id) => Client::Meshed(id.uri()),
-            None => Client::Plain(src_ip),
-        };
-        match self.authorize(dst_served, client, src_ip, dst.port(), false) {
-            Ok(()) => Ok(src_ip),
-            Err(reason) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                PolicyRefused(reason),
-            )),
-        }
-    }
-
-    /// What decides again for `src`'s connection to `dst` in `dst_served`
-    /// (both served here: through the proxy once), for the register.
-    pub fn recheck_local(
-        self: &Arc<Self>,
-        src: &ServedPod,
-        dst_served: &Arc<ServedPod>,
-        dst: SocketAddr,
-    ) -> Option<Recheck> {
-        let ip = src.address_for(&self.state, dst)?;
-        Some(Recheck {
-            inbound: self.clone(),
-            served: dst_served.clone(),
-            identity: src.pod.identity().map(|id| id.uri().to_owned()),
-            ip,
-            port: dst.port(),
-            from_node: false,
-        })
-    }
-
-    /// A connection from `src`, a served pod on this node, to `dst`, a
-    /// meshed pod on this node: made from `src`'s netns (the app sees its
-    /// client's address), counted on both pods (no TLS inside the node).
-    pub async fn open_local(
-        &self,
-        src: &ServedPod,
-        dst_pod: &Pod,
-        dst: SocketAddr,
-    ) -> io::Result<Accepted> {
-        let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
-        let (stream, client) = match &served {
-            // Once through the proxy: delivered inside the destination pod
-            // (its inbound capture lets the agent by), as the client pod.
-            Some(dst_served) => {
-                let client = SocketAddr::new(self.authorize_local(src, dst_served, dst)?, 0);
-                (self.deliver(dst_served, dst, client).await?, client)
-            }
-            // Not served (yet): from the client's netns, as without the mesh.
-            None => {
-                let stream = self.connector.connect(src.netns.as_ref(), dst).await?;
-                reset_if_we_die(&stream);
-                let client = stream.local_addr()?;
-                (stream, client)
-            }
-        };
-        if let Some(inbound) = served.as_ref().and_then(|s| s.inbound.as_ref()) {
-            inbound.peer_open(false, src.pod.identity().map(|id| id.uri()));
-        }
-        Ok(Accepted {
-            stream,
-            accounting: Accounting::new(served),
-            client,
-        })
-    }
-}
-
-impl Destinations for Inbound {
-    fn admit(&self, client: &str) -> Result<(), String> {
-        self.admit_client(client)
-    }
-
-    fn open(
-        self: Arc<Self>,
-        req: StreamRequest,
-    ) -> BoxFuture<'static, Result<Delivery, TunnelError>> {
-        Box::pin(async move {
-            let accepted = self.open_tunnel(&req).await?;
-            let peer = Peer {
-                tls: true,
-                identity: Some(req.client.to_string()),
-            };
-            let port = req.dst.port();
-            let from = accepted.client;
-            let deliver: Delivery = Box::new(move |client: TunnelStream| {
-                let span = match accepted.accounting.pod.as_ref() {
-                    Some(p) => {
-                        info_span!("inbound", pod = %format_args!("{}/{}", p.pod.namespace, p.pod.name))
-                    }
-                    None => info_span!("inbound"),
-                };
-                Box::pin(
-                    async move {
-                        let Accepted {
-                            stream, accounting, ..
-                        } = accepted;
-                        match accounting.served().cloned() {
-                            Some(served) => {
-                                self.carry(client, stream, &served, peer, from, port, false)
-                                    .await
-                            }
-                            None => relay_tunnel(client, stream, self.buffer_size).await,
-                        }
-                        drop(accounting);
-                    }
-                    .instrument(span),
-                )
-            });
-            Ok(deliver)
-        })
-    }
-}
-
-/// Carries a tunnel stream to a destination that is not a served pod
-/// (nothing to count it on).
-async fn relay_tunnel(mut client: TunnelStream, mut server: TcpStream, buffer_size: usize) {
-    match relay(&mut client, &mut server, buffer_size, &[], &[]).await {
-        Ok(n) => debug!(
-            received = n.client_to_server,
-            sent = n.server_to_client,
-            "closed"
-        ),
-        Err(e) => debug!(error = %e, "tunnel relay ended with an error; both sides reset"),
     }
 }

@@ -128,21 +128,10 @@ impl NodeOrigin {
 
 /// Every address of the agent's own netns (the node's).
 fn own_addresses() -> Vec<IpAddr> {
-    match nix::ifaddrs::getifaddrs() {
-        Ok(addrs) => addrs
-            .filter_map(|a| {
-                let sa = a.address?;
-                sa.as_sockaddr_in()
-                    .map(|v4| IpAddr::V4(v4.ip()))
-                    .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-            })
-            .map(|ip| ip.to_canonical())
-            .collect(),
-        Err(e) => {
-            debug!(error = %e, "cannot list the node's addresses");
-            Vec::new()
-        }
-    }
+    crate::netns::interface_addresses().unwrap_or_else(|e| {
+        debug!(error = %e, "cannot list the node's addresses");
+        Vec::new()
+    })
 }
 
 /// The ids of `root` and every cgroup below it (none if it is absent).
