@@ -210,21 +210,11 @@ impl Inbound {
             .map_or(PolicyClient::Unauthenticated, PolicyClient::Meshed);
         let facts = Facts {
             probe: from_node && pod.probe_ports.contains(&port),
-            in_cluster: matches!(policy, InboundPolicy::ClusterUnauthenticated)
+            in_cluster: policy::asks_in_cluster(self.cfg.floor, policy)
                 && self.state.in_cluster(client_ip),
             authorized: self.state.authorized(&pod, port, policy_client),
         };
-        // The install's floor first: no annotation or policy object of a
-        // namespace opens what it closes (only the kubelet's probes pass).
-        let decided = policy::decide(
-            self.cfg.floor,
-            client,
-            Facts {
-                authorized: None,
-                ..facts
-            },
-        )
-        .and_then(|()| policy::decide(policy, client, facts));
+        let decided = policy::decide_under(self.cfg.floor, policy, client, facts);
         if let Err(reason) = decided {
             if let Some(inbound) = &served.inbound {
                 inbound.denied(reason);

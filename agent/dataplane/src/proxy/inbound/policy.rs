@@ -60,6 +60,32 @@ pub fn decide(
     }
 }
 
+/// The install's `floor`, then the pod's `policy`: a client must pass
+/// both — no annotation or policy object opens what the floor closes
+/// (only the kubelet's probes pass it).
+pub fn decide_under(
+    floor: InboundPolicy,
+    policy: InboundPolicy,
+    client: Client<'_>,
+    facts: Facts,
+) -> Result<(), InboundDenial> {
+    decide(
+        floor,
+        client,
+        Facts {
+            authorized: None,
+            ..facts
+        },
+    )
+    .and_then(|()| decide(policy, client, facts))
+}
+
+/// Whether deciding under `floor` and `policy` needs to know if the client
+/// is in the cluster (a scan of the known addresses: asked only then).
+pub fn asks_in_cluster(floor: InboundPolicy, policy: InboundPolicy) -> bool {
+    [floor, policy].contains(&InboundPolicy::ClusterUnauthenticated)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +143,34 @@ mod tests {
         );
         assert_eq!(decide(ClusterUnauthenticated, MESHED, anyone), Ok(()));
         assert_eq!(decide(Deny, MESHED, anyone), Err(InboundDenial::Denied));
+    }
+
+    /// A floor of cluster-unauthenticated holds under a looser pod policy:
+    /// in-cluster plaintext passes, outside plaintext does not; and a pod
+    /// policy cannot open what the floor closes.
+    #[test]
+    fn the_floor_is_decided_with_the_facts_it_needs() {
+        use InboundPolicy::*;
+        assert!(asks_in_cluster(ClusterUnauthenticated, AllUnauthenticated));
+        assert!(asks_in_cluster(AllUnauthenticated, ClusterUnauthenticated));
+        assert!(!asks_in_cluster(AllAuthenticated, AllUnauthenticated));
+        let floor = ClusterUnauthenticated;
+        assert_eq!(
+            decide_under(floor, AllUnauthenticated, PLAIN, facts(false, true)),
+            Ok(())
+        );
+        assert_eq!(
+            decide_under(floor, AllUnauthenticated, PLAIN, facts(false, false)),
+            Err(InboundDenial::OutsideCluster)
+        );
+        let opened = Facts {
+            authorized: Some(true),
+            ..facts(false, false)
+        };
+        assert_eq!(
+            decide_under(AllAuthenticated, Deny, PLAIN, opened),
+            Err(InboundDenial::Unauthenticated)
+        );
     }
 
     #[test]
