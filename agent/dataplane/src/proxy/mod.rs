@@ -237,17 +237,17 @@ impl Proxy {
         }
     }
 
-    /// Serves `pod`: its connections accepted on `listeners` (inside its
-    /// netns) go through the proxy, and those inbound capture hands to
-    /// `inbound` (listeners in its netns too), until the handle is dropped.
     /// Decides on the connections `uid`'s app accepted before it was
     /// captured (see [`Inbound::sweep_precapture`]).
     pub fn sweep_precapture(&self, uid: &PodUid) {
         if let Some(served) = self.pods.get(uid) {
-            self.inbound.sweep_precapture(&served);
+            self.inbound.sweep_precapture([served]);
         }
     }
 
+    /// Serves `pod`: its connections accepted on `listeners` (inside its
+    /// netns) go through the proxy, and those inbound capture hands to
+    /// `inbound` (listeners in its netns too), until the handle is dropped.
     pub fn serve_pod(
         &self,
         pod: Arc<Pod>,

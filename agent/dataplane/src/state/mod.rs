@@ -319,6 +319,22 @@ impl StateStore {
         self.read().nodes.get(node).is_some_and(|a| a.contains(&ip))
     }
 
+    /// Records node `name`'s addresses; nothing changes (no one is woken)
+    /// when they are what was known — Node objects change often, their
+    /// addresses seldom.
+    pub fn set_node(&self, name: String, addrs: Vec<IpAddr>) {
+        if self.read().nodes.get(&name) != Some(&addrs) {
+            self.update(|u| u.apply_node(name, addrs));
+        }
+    }
+
+    /// Forgets node `name`, if it was known.
+    pub fn remove_node(&self, name: &str) {
+        if self.read().nodes.contains_key(name) {
+            self.update(|u| u.delete_node(name));
+        }
+    }
+
     /// Whether a pod of namespace `ns` is on this node (listed or not).
     pub fn has_local_pod_in(&self, ns: &str) -> bool {
         let state = self.read();

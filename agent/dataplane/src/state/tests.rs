@@ -414,3 +414,24 @@ fn an_address_a_slice_puts_on_a_node_is_never_taken_for_outside_the_cluster() {
     });
     assert!(matches!(owner(&store, "10.1.0.9"), Target::Pod(_)));
 }
+
+/// A Node object changing what is not its addresses (status, labels: often)
+/// wakes no one; new addresses, or its removal, do.
+#[test]
+fn a_node_wakes_the_state_only_when_its_addresses_change() {
+    let state = StateStore::new("node-a", "cluster.local");
+    let mut changes = state.changes();
+    changes.borrow_and_update();
+    let addrs = vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+    state.set_node("node-b".into(), addrs.clone());
+    assert!(changes.has_changed().unwrap());
+    changes.borrow_and_update();
+    state.set_node("node-b".into(), addrs);
+    assert!(!changes.has_changed().unwrap(), "the same addresses");
+    assert!(state.is_node_address("node-b", "fd00::2".parse().unwrap()));
+    state.remove_node("node-b");
+    assert!(changes.has_changed().unwrap());
+    changes.borrow_and_update();
+    state.remove_node("node-b");
+    assert!(!changes.has_changed().unwrap(), "an unknown node");
+}

@@ -591,12 +591,12 @@ impl Source {
                     Apply(n) => {
                         let (name, addrs) = reduce(&n);
                         if let Some(name) = name {
-                            state.update(|u| u.apply_node(name, addrs));
+                            state.set_node(name, addrs);
                         }
                     }
                     Delete(n) => {
                         if let Some(name) = &n.metadata.name {
-                            state.update(|u| u.delete_node(name));
+                            state.remove_node(name);
                         }
                     }
                     Init => self.nodes.start(),

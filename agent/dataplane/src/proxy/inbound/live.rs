@@ -154,39 +154,69 @@ impl Recheck {
 }
 
 impl Inbound {
-    /// Decides on the connections `served`'s app accepted before it was
-    /// captured, which never passed the agent: each as plaintext from its
-    /// client, as the policy says now; the refused are destroyed
+    /// Decides on the connections the apps of `pods` accepted before they
+    /// were captured, which never passed the agent: each as plaintext from
+    /// its client, as the policy says now; the refused are destroyed
     /// (`SOCK_DESTROY`: the app sees `ECONNABORTED`, the client a reset),
-    /// counted like any refusal. Once none is left the pod is not looked
-    /// at again (every later connection came through the agent).
-    pub fn sweep_precapture(&self, served: &ServedPod) {
-        if !served.precapture.load(Ordering::Relaxed) {
+    /// counted like any refusal. Once none is left a pod is not looked at
+    /// again (every later connection came through the agent); nor is one
+    /// without inbound capture (no policy is enforced for it).
+    pub fn sweep_precapture(&self, pods: impl IntoIterator<Item = Arc<ServedPod>>) {
+        // Every pending pod's sockets first, the agent's own after: a
+        // socket the agent accepts meanwhile is then known as its own.
+        let mut dumped = Vec::new();
+        for served in pods {
+            if !served.precapture.load(Ordering::Relaxed) {
+                continue;
+            }
+            let (Some(netns), Some(_)) = (&served.netns, &served.inbound) else {
+                served.precapture.store(false, Ordering::Relaxed);
+                continue;
+            };
+            let dump = netns
+                .enter(sockdiag::open)
+                .map_err(std::io::Error::from)
+                .and_then(|diag| {
+                    let diag = diag?;
+                    let sockets = diag.tcp()?;
+                    Ok((diag, sockets))
+                });
+            match dump {
+                Ok((diag, sockets)) => dumped.push((served, diag, sockets)),
+                Err(e) => {
+                    warn!(pod = %served.pod.key(), error = %e, "cannot read the pod's sockets; connections from before its capture are decided on at the next change")
+                }
+            }
+        }
+        if dumped.is_empty() {
             return;
         }
-        let Some(netns) = &served.netns else {
-            served.precapture.store(false, Ordering::Relaxed);
-            return;
-        };
-        let swept = netns
-            .enter(sockdiag::open)
-            .map_err(std::io::Error::from)
-            .and_then(|diag| Ok((diag?, sockdiag::own_socket_inodes()?)))
-            .and_then(|(diag, ours)| Ok((diag.tcp()?, diag, ours)));
-        let (sockets, diag, ours) = match swept {
-            Ok(s) => s,
+        let ours = match sockdiag::own_socket_inodes() {
+            Ok(ours) => ours,
             Err(e) => {
-                warn!(pod = %served.pod.key(), error = %e, "cannot read the pod's sockets; connections from before its capture are decided on at the next change");
+                warn!(error = %e, "cannot read the agent's own sockets; connections from before capture are decided on at the next change");
                 return;
             }
         };
+        for (served, diag, sockets) in dumped {
+            self.decide_precaptured(&served, &diag, &sockets, &ours);
+        }
+    }
+
+    fn decide_precaptured(
+        &self,
+        served: &ServedPod,
+        diag: &sockdiag::SockDiag,
+        sockets: &[TcpSocket],
+        ours: &HashSet<u64>,
+    ) {
         let listening: HashSet<u16> = sockets
             .iter()
             .filter(|s| s.state == sockdiag::LISTEN)
             .map(|s| s.local.port())
             .collect();
         let mut left = 0;
-        for s in sockets.iter().filter(|s| precaptured(s, &listening, &ours)) {
+        for s in sockets.iter().filter(|s| precaptured(s, &listening, ours)) {
             let client = s.remote.ip();
             if self
                 .authorize(served, Client::Plain(client), client, s.local.port(), false)
@@ -198,6 +228,13 @@ impl Inbound {
             match diag.destroy(s) {
                 Ok(()) => {
                     info!(pod = %served.pod.key(), %client, port = s.local.port(), "a connection from before the pod's capture is refused now: destroyed")
+                }
+                // This kernel or this agent cannot destroy sockets: asking
+                // again would only fail again.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM)) => {
+                    warn!(pod = %served.pod.key(), error = %e, "cannot destroy sockets here (CONFIG_INET_DIAG_DESTROY, CAP_NET_ADMIN): connections from before the pod's capture are left open");
+                    served.precapture.store(false, Ordering::Relaxed);
+                    return;
                 }
                 Err(e) => {
                     left += 1;
@@ -241,9 +278,7 @@ impl Inbound {
                     c.cut.cancel();
                 }
             }
-            for served in self.pods.all() {
-                self.sweep_precapture(&served);
-            }
+            self.sweep_precapture(self.pods.all());
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.cancelled() => return,
