@@ -253,6 +253,28 @@ pub fn every_address_of_a_pod_is_captured() {
         .exchange(scoped(&meshed.netns, "eth0"), 100)
         .expect_err("a meshed pod's link-local connect");
     assert_eq!(refused.kind, "denied", "{refused:?}");
+
+    // The positive control: those addresses do lead to the app, through
+    // the agent, once the policy lets anyone in.
+    bed.cluster.annotate_pod(
+        &server,
+        INBOUND_POLICY_ANNOTATION,
+        Some("all-unauthenticated"),
+    );
+    for (what, netns, to) in [
+        (
+            "link-local from a pod",
+            neighbour.netns.clone(),
+            scoped(&neighbour.netns, "eth0"),
+        ),
+        (
+            "the added address from the node",
+            bed.b.netns.clone(),
+            added,
+        ),
+    ] {
+        nodemesh_tests::eventually(what, Duration::from_secs(10), || line_from(&netns, to));
+    }
 }
 
 fn netns_name(pod: &Pod) -> String {

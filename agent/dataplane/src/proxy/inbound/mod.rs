@@ -271,7 +271,15 @@ impl Inbound {
         // holds, as it could without the mesh.
         socket.set_reuse_address(true)?;
         crate::netns::set_bind_address_no_port(&socket)?;
-        socket.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+        // From the pod's own address; a link-local one needs its scope
+        // (the interface) to be bound at all.
+        let local = match dst {
+            SocketAddr::V6(v6) => {
+                SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id()))
+            }
+            v4 => SocketAddr::new(v4.ip(), 0),
+        };
+        socket.bind(&local.into())?;
         let cookie = crate::netns::socket_cookie(&socket)?;
         if let Some(clients) = &self.clients {
             clients.record(cookie, client)?;
