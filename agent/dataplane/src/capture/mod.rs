@@ -165,14 +165,21 @@ impl Captures {
     ) -> Vec<PodHandle> {
         let mut changes = state.local_changes();
         let mut first = true;
+        // The netns side (addresses a pod adds itself) is polled on a
+        // clock of its own: pod changes and retries never push it back.
+        let mut poll = tokio::time::interval(self.cfg.address_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = true;
         loop {
-            changes.mark_unchanged();
-            if let Some(pods) = state.local_pods() {
-                self.reconcile(&pods);
-                if first {
-                    first = false;
-                    self.release_orphans();
-                    ready.set();
+            if dirty {
+                changes.mark_unchanged();
+                if let Some(pods) = state.local_pods() {
+                    self.reconcile(&pods);
+                    if first {
+                        first = false;
+                        self.release_orphans();
+                        ready.set();
+                    }
                 }
             }
             let retry = self
@@ -182,13 +189,15 @@ impl Captures {
                 .map(|f| f.next)
                 .min();
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = sleep_until(retry) => {
-                    if let Some(pods) = state.local_pods() {
-                        self.reconcile(&pods);
-                    }
+                changed = changes.changed() => {
+                    if changed.is_err() { break }
+                    dirty = true;
                 }
-                _ = tokio::time::sleep(self.cfg.address_poll) => self.refresh_addresses(),
+                _ = sleep_until(retry) => dirty = true,
+                _ = poll.tick() => {
+                    self.refresh_addresses();
+                    dirty = false;
+                }
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -261,9 +270,12 @@ impl Captures {
                     warn!(pod = %pod.key(), error = %e, "cannot record the pod's new addresses");
                 }
                 // Inbound capture follows the addresses and the exempt
-                // ports (the annotation may change live).
-                let skip = skip_ports(self.cfg.skip_ports_allowed, pod);
-                refresh_inbound(&self.redirect, pod, served, &skip);
+                // ports (the annotation may change live); what the pod's
+                // netns holds besides is the address poll's.
+                if changed {
+                    let skip = skip_ports(self.cfg.skip_ports_allowed, pod);
+                    refresh_inbound(&self.redirect, pod, served, &skip);
+                }
                 continue;
             }
             if let Some(f) = &tracked.failing
