@@ -523,39 +523,21 @@ pub fn connections_from_before_capture_are_decided_at_capture() {
         .wait_metric("counted", |m| denied(m, "open", "unauthenticated") >= 1.0);
 }
 
-/// A plaintext server in the node's own netns on `addr` (what kube-proxy's
-/// rules would lead to for a cluster IP): it counts who reached it.
-fn node_listener(
-    node: &nodemesh_tests::Node,
-    addr: SocketAddr,
-) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
+/// A plaintext echo server of the node itself on `addr` (what kube-proxy's
+/// rules would lead to for a cluster IP); its `peers` are who reached it.
+fn node_listener(node: &nodemesh_tests::Node, addr: SocketAddr) -> nodemesh_tests::TcpApp {
     nodemesh_tests::sys::ip(&[
         "-n",
-        node.netns
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("a netns name"),
+        &node.name,
         "addr",
         "add",
         &format!("{}/32", addr.ip()),
         "dev",
         "lo",
     ]);
-    let listener = in_netns(&node.netns, move || std::net::TcpListener::bind(addr))
-        .expect("listen in the node");
-    let seen = Arc::new(AtomicUsize::new(0));
-    let count = seen.clone();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            count.fetch_add(1, Ordering::SeqCst);
-            let _ = conn.write_all(b"hello\n");
-        }
-    });
-    seen
+    let mut app = node.host_process("listener");
+    app.listen_on(addr);
+    app
 }
 
 /// Medium 5: a cluster IP the agent did not know yet (before its first
@@ -564,7 +546,6 @@ fn node_listener(
 /// before Services and slices are listed, and an address of the Service
 /// network (`--service-cidr`) that is no known Service port is refused.
 pub fn a_cluster_ip_the_agent_does_not_know_is_refused() {
-    use std::sync::atomic::Ordering;
     let bed = MeshBed::new("24h");
     let client = bed.pod(&bed.a, "client", "client");
     let server = bed.pod(&bed.b, "server", "server");
@@ -574,12 +555,12 @@ pub fn a_cluster_ip_the_agent_does_not_know_is_refused() {
         .wait_metric("server's certificate", |m| certificates(m) == 1.0);
     // Where "direct" to an unknown cluster IP would end up.
     let unknown = SocketAddr::from(([10, 96, 200, 200], 80));
-    let reached = node_listener(&bed.a, unknown);
+    let mut reached = node_listener(&bed.a, unknown);
     let refused = client.tcp().exchange(unknown, 100);
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(
-        reached.load(Ordering::SeqCst),
-        0,
+        reached.peers(unknown.port()),
+        [],
         "a connection to an unknown cluster IP went around the mesh"
     );
     bed.agent_a.wait_metric("counted", |m| {
@@ -605,7 +586,14 @@ pub fn a_cluster_ip_the_agent_does_not_know_is_refused() {
                 .map_err(|f| format!("{f:?}"))
         },
     );
-    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    assert_eq!(reached.peers(unknown.port()), []);
+    // And the address does lead there, for an unmeshed pod.
+    let plain = plain_namespace(&bed);
+    let outsider = bed
+        .cluster
+        .run_pod(&bed.a, PodSpec::new(&plain, "outsider"));
+    outsider.tcp().exchange_ok(unknown, 100);
+    assert_eq!(reached.peers(unknown.port()).len(), 1);
 }
 
 /// Medium 6: `config.nodemesh.io/default-inbound-policy: Deny` (or

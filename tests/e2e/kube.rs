@@ -645,7 +645,7 @@ pub fn install_manifests_apply_and_grant_discovery_what_it_needs() {
     // stop: what it saw while it could still ask counts.
     let daemonset_only: String = nodemesh_tests_first_document(&uninstall);
     cluster.delete_manifests(&daemonset_only);
-    std::thread::sleep(Duration::from_millis(500));
+    agent.wait_log("evidence of an uninstall");
     cluster.delete_manifests(&bindings);
     let status = agent.stop(Duration::from_secs(20)).expect("stopped");
     assert!(status.success());

@@ -572,8 +572,19 @@ impl Node {
         let cgroup = self.cgroup.join(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{slice}.slice/cri-containerd-0.scope"
         ));
-        fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
-        crate::TcpApp::start(&self.netns, &cgroup, &format!("host-network/{uid}"))
+        self.process_in(&cgroup, &format!("host-network/{uid}"))
+    }
+
+    /// A process of the node itself, no pod's (its netns, a cgroup of its
+    /// own): a host daemon. Killed with the guard; its cgroup goes with
+    /// the node's.
+    pub fn host_process(&self, name: &str) -> crate::TcpApp {
+        self.process_in(&self.cgroup.join(format!("host-{name}")), name)
+    }
+
+    fn process_in(&self, cgroup: &std::path::Path, name: &str) -> crate::TcpApp {
+        fs::create_dir_all(cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+        crate::TcpApp::start(&self.netns, cgroup, name)
     }
 
     /// An address in this node's pod subnet where nothing lives.

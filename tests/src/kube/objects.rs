@@ -37,6 +37,11 @@ impl Cluster {
         let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone());
         self.block_on(api.create(&PostParams::default(), &obj))
             .unwrap_or_else(|e| panic!("create node {}: {e}", node.name));
+        // Guarded from here: a failed status patch leaves nothing behind.
+        let guard = NodeObject {
+            cluster: self,
+            name: node.name.clone(),
+        };
         let status = json!({"status": {"addresses": [
             {"type": "InternalIP", "address": node.ip.to_string()},
             {"type": "InternalIP", "address": node.ip6.to_string()},
@@ -47,10 +52,7 @@ impl Cluster {
             &Patch::Merge(&status),
         ))
         .unwrap_or_else(|e| panic!("node {} status: {e}", node.name));
-        NodeObject {
-            cluster: self,
-            name: node.name.clone(),
-        }
+        guard
     }
 
     /// Sets (or removes) a namespace annotation in the API.

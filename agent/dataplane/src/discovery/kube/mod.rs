@@ -91,6 +91,7 @@ impl UninstallWatch {
     ) {
         use watcher::Event::*;
         let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = e.daemonset;
         match event {
             Ok(Apply(ds) | InitApply(ds)) => {
                 e.daemonset_seen = true;
@@ -113,6 +114,12 @@ impl UninstallWatch {
                 }
             }
             _ => {}
+        }
+        if let (None, Some(why)) = (before, e.daemonset) {
+            info!(
+                why,
+                "evidence of an uninstall: the node's eBPF state goes when this agent stops"
+            );
         }
     }
 
