@@ -1247,7 +1247,7 @@ pub fn the_issuers_key_is_never_in_the_install_output() {
     let install = mesh::Install::apply_with(cluster, &node.dir, false);
     let printed = nodemesh_cli::install::render(&nodemesh_cli::install::InstallArgs {
         namespace: install.namespace.clone(),
-        ..default_install_args()
+        ..nodemesh_cli::install::InstallArgs::default()
     })
     .expect("renders");
     assert!(!printed.contains("PRIVATE KEY"), "a key in the output");
@@ -1330,15 +1330,6 @@ pub fn the_issuers_key_is_never_in_the_install_output() {
 }
 
 /// `nodemesh install`'s defaults, as clap has them.
-fn default_install_args() -> nodemesh_cli::install::InstallArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Install {
-        #[command(flatten)]
-        args: nodemesh_cli::install::InstallArgs,
-    }
-    Install::parse_from(["install"]).args
-}
 
 /// Low 15: the pod's netns was the first process's anywhere below its
 /// cgroup, so a container that made a network namespace of its own could

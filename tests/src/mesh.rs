@@ -390,22 +390,10 @@ impl<'c> Install<'c> {
         let args = nodemesh_cli::install::InstallArgs {
             namespace: namespace.clone(),
             image: "nodemesh.test/nodemesh:1".into(),
-            agent_log_level: "info".into(),
-            trust_domain: "cluster.local".into(),
-            fast_path: "false".into(),
-            default_inbound_policy: "all-unauthenticated".into(),
-            min_inbound_policy: "all-unauthenticated".into(),
-            service_cidrs: Vec::new(),
-            pod_cidrs: Vec::new(),
-            bypass_cidrs: Vec::new(),
-            bypass_ports: Vec::new(),
-            host_cgroup_root: "/sys/fs/cgroup".into(),
-            host_pid: "true".into(),
             identity_trust_anchors_file: file(&pki.anchors_file),
             identity_issuer_certificate_file: file(&pki.issuer_cert_file),
             identity_issuer_key_file: file(&pki.issuer_key_file),
-            identity_cert_lifetime: "24h".into(),
-            identity_issuer_lifetime: "8760h".into(),
+            ..Default::default()
         };
         let all = nodemesh_cli::install::render(&args).expect("install manifests");
         let manifests = without_singletons(&all);

@@ -1,18 +1,29 @@
 //! `nodemesh install` and `nodemesh uninstall`: the manifests in
 //! `deploy/nodemesh.yaml`, filled in from flags, printed for
-//! `kubectl apply -f -` (and `kubectl delete -f -`).
+//! `kubectl apply -f -` (and `kubectl delete -f -`). An issuer given at
+//! install is `pki`'s, the identity service's NetworkPolicy
+//! `network_policy`'s, what removes it all `uninstall`'s.
+mod network_policy;
+mod pki;
+mod uninstall;
+
+pub use uninstall::uninstall;
+
 use base64::Engine as _;
 use clap::Args;
 
+use self::{
+    network_policy::identity_network_policy,
+    pki::{PKI_DOCUMENTS, identity_pki},
+};
+
 use nodemesh_core::{
-    config::{ConfigErrors, parse_cidr, parse_duration},
-    identity::{MAX_CERT_LIFETIME, MIN_CERT_LIFETIME},
+    config::{ConfigErrors, parse_cidr},
     names::{InboundPolicy, is_dns_label, is_dns_subdomain},
-    pki,
 };
 
 /// The manifests, with `{{placeholders}}`.
-pub const TEMPLATE: &str = include_str!("../../../deploy/nodemesh.yaml");
+pub const TEMPLATE: &str = include_str!("../../../../deploy/nodemesh.yaml");
 
 #[derive(Args, Clone, Debug)]
 pub struct InstallArgs {
@@ -126,161 +137,22 @@ pub struct InstallArgs {
     pub identity_issuer_lifetime: String,
 }
 
-/// The PEM texts the identity objects hold.
-struct Pki {
-    trust_anchors: String,
-    issuer_cert: String,
-    issuer_key: String,
-}
-
-/// Reads the PKI files, if given, and checks the issuer against the
-/// anchors; `Ok(None)`: none given (the identity service makes them).
-fn identity_pki(a: &InstallArgs, problems: &mut Vec<String>) -> Option<Option<Pki>> {
-    let cert_lifetime = parse_duration(&a.identity_cert_lifetime);
-    match &cert_lifetime {
-        Ok(d) if (MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(d) => {}
-        Ok(_) => problems.push(format!(
-            "--identity-cert-lifetime {:?}: must be between 10s and 7d",
-            a.identity_cert_lifetime
-        )),
-        Err(why) => problems.push(format!(
-            "--identity-cert-lifetime {:?}: {why}",
-            a.identity_cert_lifetime
-        )),
-    }
-    match parse_duration(&a.identity_issuer_lifetime) {
-        Ok(d) if d >= std::time::Duration::from_secs(3600) => {}
-        Ok(_) => problems.push(format!(
-            "--identity-issuer-lifetime {:?}: at least 1h",
-            a.identity_issuer_lifetime
-        )),
-        Err(why) => problems.push(format!(
-            "--identity-issuer-lifetime {:?}: {why}",
-            a.identity_issuer_lifetime
-        )),
-    }
-    let (Some(anchors), Some(cert), Some(key)) = (
-        &a.identity_trust_anchors_file,
-        &a.identity_issuer_certificate_file,
-        &a.identity_issuer_key_file,
-    ) else {
-        return Some(None);
-    };
-    let mut read = |flag: &str, path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .map_err(|e| problems.push(format!("--{flag} {}: {e}", path.display())))
-            .ok()
-    };
-    let anchors = read("identity-trust-anchors-file", anchors);
-    let cert = read("identity-issuer-certificate-file", cert);
-    let key = read("identity-issuer-key-file", key);
-    let pki = Pki {
-        trust_anchors: anchors?,
-        issuer_cert: cert?,
-        issuer_key: key?,
-    };
-    if let Err(e) = pki::Signer::load(
-        &pki.issuer_cert,
-        &pki.issuer_key,
-        &pki.trust_anchors,
-        &a.trust_domain,
-    ) {
-        problems.push(format!("identity issuer: {e}"));
-        return None;
-    }
-    Some(Some(pki))
-}
-
-/// The identity objects for an issuer given at install: the trust anchors
-/// and the issuer's Secret (its key: in the output, as asked).
-const PKI_DOCUMENTS: &str = r#"# The trust anchors every workload certificate chains to (public).
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: nodemesh-identity-trust-anchors
-  namespace: {{namespace}}
-  labels:
-    app.kubernetes.io/part-of: nodemesh
-data:
-  ca-bundle.crt: {{trust_anchors}}
----
-# The issuer, as given to `nodemesh install`: signs workload certificates.
-# Only the identity service reads it (through the API; it is not mounted).
-apiVersion: v1
-kind: Secret
-metadata:
-  name: nodemesh-identity-issuer
-  namespace: {{namespace}}
-  labels:
-    app.kubernetes.io/part-of: nodemesh
-type: kubernetes.io/tls
-stringData:
-  tls.crt: {{issuer_cert}}
-  tls.key: {{issuer_key}}
-  ca.crt: {{trust_anchors}}
----
-"#;
-
-/// The NetworkPolicy in front of the identity service, for a cluster whose
-/// pod networks are `pod_cidrs` (none: no policy). Its certificate port
-/// (agents, on host network) and aggregated-API port (the API server) take
-/// connections only from outside the pod networks, in the families given —
-/// a family without a pod network given is not let in at all; the metrics
-/// and probe port takes any.
-fn identity_network_policy(pod_cidrs: &[nodemesh_core::config::IpCidr]) -> String {
-    if pod_cidrs.is_empty() {
-        return String::new();
-    }
-    let mut from = String::new();
-    for (all, v4) in [("0.0.0.0/0", true), ("::/0", false)] {
-        let except: Vec<String> = pod_cidrs
-            .iter()
-            .filter(|c| c.addr.is_ipv4() == v4)
-            .map(|c| format!("              - {}\n", quoted(&c.to_string())))
-            .collect();
-        if except.is_empty() {
-            continue;
+impl Default for InstallArgs {
+    /// What `nodemesh install` with no flags renders.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            install: InstallArgs,
         }
-        from.push_str(&format!(
-            "        - ipBlock:\n            cidr: {}\n            except:\n{}",
-            quoted(all),
-            except.concat()
-        ));
+        <Cli as clap::Parser>::try_parse_from(["nodemesh"])
+            .map(|c| c.install)
+            .expect("the flags' defaults parse")
     }
-    IDENTITY_NETWORK_POLICY.replace("{{from}}", &from)
 }
-
-const IDENTITY_NETWORK_POLICY: &str = r#"# Who reaches the identity service (`nodemesh install --pod-cidr`): its
-# certificate port (the agents, on the nodes' network) and aggregated-API
-# port (the API server) only from outside the pod networks; the metrics and
-# probe port from anywhere.
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: nodemesh-identity
-  namespace: {{namespace}}
-  labels:
-    app.kubernetes.io/part-of: nodemesh
-spec:
-  podSelector:
-    matchLabels:
-      app.kubernetes.io/name: nodemesh-identity
-  policyTypes: [Ingress]
-  ingress:
-    - ports:
-        - port: 8080
-          protocol: TCP
-        - port: 8443
-          protocol: TCP
-      from:
-{{from}}    - ports:
-        - port: 9990
-          protocol: TCP
----
-"#;
 
 /// JSON string quoting is valid YAML double-quoted scalar syntax.
-fn quoted(s: &str) -> String {
+pub(super) fn quoted(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
@@ -451,75 +323,6 @@ pub fn render(a: &InstallArgs) -> Result<String, ConfigErrors> {
     Ok(out)
 }
 
-/// What removes an installation: every object of `render`, DaemonSet
-/// first (while the agents may still read their RBAC), namespace last.
-pub fn uninstall(namespace: &str) -> Result<String, ConfigErrors> {
-    let installed = render(&InstallArgs {
-        namespace: namespace.to_owned(),
-        image: "unused".into(),
-        agent_log_level: "info".into(),
-        trust_domain: "cluster.local".into(),
-        fast_path: "false".into(),
-        default_inbound_policy: "all-unauthenticated".into(),
-        min_inbound_policy: "all-unauthenticated".into(),
-        service_cidrs: Vec::new(),
-        pod_cidrs: Vec::new(),
-        bypass_cidrs: Vec::new(),
-        bypass_ports: Vec::new(),
-        host_cgroup_root: "/sys/fs/cgroup".into(),
-        host_pid: "true".into(),
-        identity_trust_anchors_file: None,
-        identity_issuer_certificate_file: None,
-        identity_issuer_key_file: None,
-        identity_cert_lifetime: "24h".into(),
-        identity_issuer_lifetime: "8760h".into(),
-    })?;
-    // The identity objects the identity service made (not in `render`'s
-    // output without given files) go too.
-    let made = PKI_DOCUMENTS
-        .replace("{{namespace}}", namespace)
-        .replace("{{trust_anchors}}", "\"\"")
-        .replace("{{issuer_cert}}", "\"\"")
-        .replace("{{issuer_key}}", "\"\"");
-    let mut docs = Vec::new();
-    let installed_docs = documents(&installed);
-    let made_docs = documents(&made);
-    // After the namespace: removed just before it.
-    let ordered = installed_docs
-        .iter()
-        .take(1)
-        .chain(made_docs.iter())
-        .chain(installed_docs.iter().skip(1));
-    for doc in ordered {
-        let value: serde_norway::Value = serde_norway::from_str(doc).map_err(|e| {
-            ConfigErrors(vec![format!("internal: the manifests do not parse: {e}")])
-        })?;
-        let field = |path: &[&str]| {
-            path.iter()
-                .try_fold(&value, |v, k| v.get(*k))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let mut meta = format!(
-            "  name: {}\n",
-            field(&["metadata", "name"]).unwrap_or_default()
-        );
-        if let Some(ns) = field(&["metadata", "namespace"]) {
-            meta.push_str(&format!("  namespace: {ns}\n"));
-        }
-        docs.push(format!(
-            "apiVersion: {}\nkind: {}\nmetadata:\n{meta}",
-            field(&["apiVersion"]).unwrap_or_default(),
-            field(&["kind"]).unwrap_or_default(),
-        ));
-    }
-    docs.reverse();
-    Ok(format!(
-        "# Removes nodemesh from namespace {namespace}: kubectl delete -f -\n# Agents whose DaemonSet is gone detach their eBPF programs as they stop.\n{}",
-        docs.join("---\n")
-    ))
-}
-
 /// The YAML documents of a multi-document text.
 pub fn documents(text: &str) -> Vec<&str> {
     text.split("\n---\n")
@@ -532,22 +335,28 @@ pub fn documents(text: &str) -> Vec<&str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn defaults() -> InstallArgs {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            install: InstallArgs,
-        }
-        Cli::try_parse_from(["nodemesh"]).unwrap().install
+    /// The object of `kind` (named `name`, if given) in rendered
+    /// manifests.
+    pub(in crate::install) fn object(
+        out: &str,
+        kind: &str,
+        name: Option<&str>,
+    ) -> Option<serde_norway::Value> {
+        documents(out)
+            .iter()
+            .map(|d| serde_norway::from_str::<serde_norway::Value>(d).expect("YAML"))
+            .find(|v| {
+                v["kind"].as_str() == Some(kind)
+                    && name.is_none_or(|n| v["metadata"]["name"].as_str() == Some(n))
+            })
     }
 
     #[test]
     fn every_placeholder_is_filled_and_every_document_parses() {
-        let out = render(&defaults()).expect("renders");
+        let out = render(&InstallArgs::default()).expect("renders");
         assert!(!out.contains("{{"), "placeholder left:\n{out}");
         let kinds: Vec<String> = documents(&out)
             .iter()
@@ -600,13 +409,7 @@ mod tests {
 
     #[test]
     fn without_host_pid_the_agent_has_no_ptrace_and_reads_the_runtimes_netns() {
-        let daemonset = |out: &str| -> serde_norway::Value {
-            documents(out)
-                .iter()
-                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
-                .find(|v| v["kind"].as_str() == Some("DaemonSet"))
-                .expect("the DaemonSet")
-        };
+        let daemonset = |out: &str| object(out, "DaemonSet", None).expect("the DaemonSet");
         let spec = |ds: &serde_norway::Value| ds["spec"]["template"]["spec"].clone();
         let caps = |ds: &serde_norway::Value| {
             spec(ds)["containers"][0]["securityContext"]["capabilities"]["add"]
@@ -616,11 +419,13 @@ mod tests {
                 .map(|c| c.as_str().unwrap().to_owned())
                 .collect::<Vec<_>>()
         };
-        let with = daemonset(&render(&defaults()).unwrap());
+        let with = daemonset(&render(&InstallArgs::default()).unwrap());
         assert_eq!(spec(&with)["hostPID"].as_bool(), Some(true));
         assert!(caps(&with).contains(&"SYS_PTRACE".to_owned()));
-        let mut args = defaults();
-        args.host_pid = "false".into();
+        let mut args = InstallArgs {
+            host_pid: "false".into(),
+            ..InstallArgs::default()
+        };
         let without = daemonset(&render(&args).unwrap());
         assert_eq!(spec(&without)["hostPID"].as_bool(), Some(false));
         assert_eq!(caps(&without), ["BPF", "NET_ADMIN", "SYS_ADMIN"]);
@@ -652,98 +457,11 @@ mod tests {
     }
 
     #[test]
-    fn the_identity_service_takes_certificate_and_api_calls_only_from_outside_the_pod_network() {
-        let policy = |args: &InstallArgs| -> Option<serde_norway::Value> {
-            documents(&render(args).expect("renders"))
-                .iter()
-                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
-                .find(|v| v["kind"].as_str() == Some("NetworkPolicy"))
-        };
-        // Not given: no policy (nothing to tell pods from nodes by).
-        assert!(policy(&defaults()).is_none());
-        let mut args = defaults();
-        args.pod_cidrs = vec!["10.244.0.0/16".into(), "fd00:10:244::/56".into()];
-        let p = policy(&args).expect("a NetworkPolicy");
-        assert_eq!(
-            p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
-            Some("nodemesh-identity")
-        );
-        let rules = p["spec"]["ingress"].as_sequence().expect("ingress rules");
-        let ports = |r: &serde_norway::Value| -> Vec<u64> {
-            r["ports"]
-                .as_sequence()
-                .unwrap()
-                .iter()
-                .map(|p| p["port"].as_u64().unwrap())
-                .collect()
-        };
-        assert_eq!(ports(&rules[0]), [8080, 8443]);
-        let blocks: Vec<(String, Vec<String>)> = rules[0]["from"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|f| {
-                let b = &f["ipBlock"];
-                (
-                    b["cidr"].as_str().unwrap().to_owned(),
-                    b["except"]
-                        .as_sequence()
-                        .unwrap()
-                        .iter()
-                        .map(|e| e.as_str().unwrap().to_owned())
-                        .collect(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            blocks,
-            [
-                ("0.0.0.0/0".to_owned(), vec!["10.244.0.0/16".to_owned()]),
-                ("::/0".to_owned(), vec!["fd00:10:244::/56".to_owned()]),
-            ]
-        );
-        // The metrics and probe port: from anywhere (no `from`).
-        assert_eq!(ports(&rules[1]), [9990]);
-        assert!(rules[1].get("from").is_none());
-        assert_eq!(rules.len(), 2);
-        // One family given: the other is not let in at all.
-        args.pod_cidrs = vec!["10.244.0.0/16".into()];
-        let p = policy(&args).expect("a NetworkPolicy");
-        assert_eq!(
-            p["spec"]["ingress"][0]["from"].as_sequence().unwrap().len(),
-            1
-        );
-        assert_eq!(
-            p["spec"]["ingress"][0]["from"][0]["ipBlock"]["cidr"].as_str(),
-            Some("0.0.0.0/0")
-        );
-        assert_eq!(p["spec"]["policyTypes"][0].as_str(), Some("Ingress"));
-        // Host bits are dropped (the API server wants a network).
-        args.pod_cidrs = vec!["10.244.1.5/16".into()];
-        let p = policy(&args).expect("a NetworkPolicy");
-        assert_eq!(
-            p["spec"]["ingress"][0]["from"][0]["ipBlock"]["except"][0].as_str(),
-            Some("10.244.0.0/16")
-        );
-        // A bad network is an error, not a policy that protects nothing —
-        // nor one the API server refuses (an `except` as large as its
-        // `cidr`, an IPv4-mapped range under ::/0).
-        for bad in [
-            "10.244.0.0/33",
-            "0.0.0.0/0",
-            "::/0",
-            "::ffff:10.244.0.0/112",
-        ] {
-            args.pod_cidrs = vec![bad.into()];
-            let err = render(&args).unwrap_err().to_string();
-            assert!(err.contains("--pod-cidr"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
     fn values_are_quoted_and_checked() {
-        let mut args = defaults();
-        args.image = "registry.example/nm:1 # oops".into();
+        let mut args = InstallArgs {
+            image: "registry.example/nm:1 # oops".into(),
+            ..InstallArgs::default()
+        };
         args.namespace = "Bad_NS".into();
         args.bypass_cidrs = vec!["10.0.0.0/99".into()];
         args.default_inbound_policy = "allow".into();
@@ -753,7 +471,7 @@ mod tests {
             err.to_string().contains("--default-inbound-policy"),
             "{err}"
         );
-        let mut args = defaults();
+        let mut args = InstallArgs::default();
         assert!(
             render(&args)
                 .expect("renders")
@@ -772,104 +490,5 @@ mod tests {
             out.contains(r#"NODEMESH_DEFAULT_INBOUND_POLICY: "all-authenticated""#),
             "{out}"
         );
-    }
-
-    #[test]
-    fn identity_pki_is_printed_only_when_given_and_checked() {
-        let doc = |out: &str, kind: &str, name: &str| -> Option<serde_norway::Value> {
-            documents(out)
-                .iter()
-                .map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap())
-                .find(|v| {
-                    v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name)
-                })
-        };
-        let out = render(&defaults()).expect("renders");
-        assert!(doc(&out, "Secret", "nodemesh-identity-issuer").is_none());
-        assert!(doc(&out, "ConfigMap", "nodemesh-identity-trust-anchors").is_none());
-        let anchor =
-            pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(7200))
-                .unwrap();
-        let issuer = pki::generate_issuer(
-            &anchor,
-            "cluster.local",
-            std::time::Duration::from_secs(3600),
-        )
-        .unwrap();
-        let (anchors, cert, key) = (
-            anchor.cert_pem.clone(),
-            issuer.cert_pem.as_str(),
-            issuer.key_pem.as_str(),
-        );
-
-        // From files (asked for): the same PKI comes out, and the
-        // aggregated API's caBundle; another anchor is refused.
-        let dir = std::env::temp_dir().join(format!("nodemesh-install-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        let mut args = defaults();
-        args.identity_trust_anchors_file = Some(write("ca.crt", &anchors));
-        args.identity_issuer_certificate_file = Some(write("issuer.crt", cert));
-        args.identity_issuer_key_file = Some(write("issuer.key", key));
-        let again = render(&args).expect("renders from files");
-        assert!(again.contains(&quoted(cert)));
-        let secret = doc(&again, "Secret", "nodemesh-identity-issuer").expect("the Secret");
-        assert_eq!(
-            secret["stringData"]["ca.crt"].as_str(),
-            Some(anchors.as_str())
-        );
-        let map = doc(&again, "ConfigMap", "nodemesh-identity-trust-anchors").expect("anchors");
-        assert_eq!(
-            map["data"]["ca-bundle.crt"].as_str(),
-            Some(anchors.as_str())
-        );
-        let api = doc(&again, "APIService", "v1alpha1.tap.nodemesh.io").expect("APIService");
-        let bundle = base64::engine::general_purpose::STANDARD
-            .decode(api["spec"]["caBundle"].as_str().expect("caBundle"))
-            .expect("base64");
-        assert_eq!(String::from_utf8(bundle).unwrap(), anchors);
-        let other =
-            pki::generate_trust_anchor("cluster.local", std::time::Duration::from_secs(600))
-                .unwrap();
-        args.identity_trust_anchors_file = Some(write("other.crt", &other.cert_pem));
-        let err = render(&args).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("not signed by any of the trust anchors"),
-            "{err}"
-        );
-        args.identity_cert_lifetime = "1s".into();
-        let err = render(&args).unwrap_err();
-        assert!(
-            err.to_string().contains("--identity-cert-lifetime"),
-            "{err}"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn uninstall_lists_every_object_daemonset_first() {
-        let out = uninstall("mesh-system").expect("renders");
-        let docs = documents(&out);
-        assert_eq!(docs.len(), 22);
-        // The agents stop first, while the identity service and their RBAC
-        // are still there; the aggregated API goes before its server.
-        assert!(docs[0].contains("kind: DaemonSet") && docs[0].contains("namespace: mesh-system"));
-        assert!(docs[3].contains("kind: APIService"));
-        assert!(
-            docs[4].contains("kind: RoleBinding") && docs[4].contains("namespace: kube-system")
-        );
-        assert!(docs[5].contains("kind: Deployment"));
-        // The CRD goes with the users' policies, before the namespace.
-        // The CRD goes with the users' policies, then what the identity
-        // service made, before the namespace.
-        assert!(docs[18].contains("kind: CustomResourceDefinition"));
-        assert!(docs[19].contains("kind: Secret") && docs[19].contains("nodemesh-identity-issuer"));
-        assert!(docs[20].contains("kind: ConfigMap"));
-        assert!(docs[21].contains("kind: Namespace") && docs[21].contains("name: mesh-system"));
     }
 }
