@@ -1329,8 +1329,6 @@ pub fn the_issuers_key_is_never_in_the_install_output() {
     handshake.expect("the identity service's certificate chains to the cluster-made anchors");
 }
 
-/// `nodemesh install`'s defaults, as clap has them.
-
 /// Low 15: the pod's netns was the first process's anywhere below its
 /// cgroup, so a container that made a network namespace of its own could
 /// be taken for the pod — the agent's listeners and `sk_lookup` there, and
