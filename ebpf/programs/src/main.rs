@@ -33,106 +33,36 @@
 //! proxy could not dial it (the scope is not part of the destination), and
 //! it would go around the mesh.
 //!
-//! One file on purpose (about 780 lines): the programs share the maps, which
-//! aya-ebpf declares as `static`s with link-section attributes, and the
-//! helpers they call are `#[inline(always)]` for the verifier; half of the
-//! file is the entry points and their comments. Split by program when a
-//! new one is added.
+//! The maps are `maps`', inbound capture (5) is `inbound`'s; helpers stay
+//! `#[inline(always)]` wherever they live (the verifier takes no context
+//! pointer through a call).
 #![no_std]
 #![no_main]
+
+mod inbound;
+mod maps;
 
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
-        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, sk_action::SK_PASS,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
-    maps::{
-        Array, HashMap, LruHashMap, LruPerCpuHashMap, SockHash,
-        lpm_trie::{Key, LpmTrie},
-    },
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_msg, sock_ops},
+    maps::lpm_trie::Key,
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use nodemesh_common::{
-    BYPASS_ENTRIES, BypassPort, ClientKey, Config, FASTPATH_ENTRIES, FLAG_FAST_PATH, FastPathKey,
-    INBOUND_ENTRIES, INBOUND_PEERS_ENTRIES, InboundPeerKey, InboundPort, ORIG_DST_ENTRIES, OrigDst,
-    PEERS_ENTRIES, PODS_ENTRIES, PodNet, SOCKS_ENTRIES, SockKey, TO_APP, TO_PROXY, as_v4,
-    v4_mapped,
+    ClientKey, Config, FLAG_FAST_PATH, FastPathKey, InboundPeerKey, OrigDst, PodNet, SockKey,
+    TO_APP, TO_PROXY, as_v4, v4_mapped,
 };
 
-// ---- maps -----------------------------------------------------------------
-// All pinned by name (the agent chooses the directory), so a restarted agent
-// keeps in-flight state and the sockets already in the SockHash.
-
-#[map]
-static NM_CONFIG: Array<Config> = Array::pinned(1, 0);
-
-#[map]
-static NM_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
-
-#[map]
-static NM_PENDING: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
-
-#[map]
-static NM_PEERS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(PEERS_ENTRIES, 0);
-
-#[map]
-static NM_PODS: HashMap<u64, PodNet> = HashMap::pinned(PODS_ENTRIES, 0);
-
-#[map]
-static NM_SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKS_ENTRIES, 0);
-
-#[map]
-static NM_BYPASS_NETS: LpmTrie<u32, u8> = LpmTrie::pinned(BYPASS_ENTRIES, 0);
-
-#[map]
-static NM_BYPASS_PORTS: HashMap<BypassPort, u8> = HashMap::pinned(BYPASS_ENTRIES, 0);
-
-#[map]
-static NM_FASTPATH: LruPerCpuHashMap<FastPathKey, u64> =
-    LruPerCpuHashMap::pinned(FASTPATH_ENTRIES, 0);
-
-#[map]
-static NM_INBOUND: HashMap<[u32; 4], u32> = HashMap::pinned(INBOUND_ENTRIES, 0);
-
-#[map]
-static NM_INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(INBOUND_ENTRIES, 0);
-
-#[map]
-static NM_INBOUND_SKIP: HashMap<InboundPort, u8> = HashMap::pinned(INBOUND_ENTRIES, 0);
-
-#[map]
-static NM_INBOUND_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
-
-#[map]
-static NM_INBOUND_PEERS: LruHashMap<InboundPeerKey, OrigDst> =
-    LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
-
-// ---- constants --------------------------------------------------------------
-
-const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-/// 127.0.0.1 as the kernel stores it (network order in a u32).
-const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-/// ::1, network order words.
-const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
-/// Allow the syscall to continue (cgroup sock_addr return value).
-const ALLOW: i32 = 1;
-/// Fail it with EPERM.
-const DENY: i32 = 0;
-/// `TCP_CLOSE`, the state a socket ends in.
-const TCP_CLOSE: u32 = 7;
-
-#[inline(always)]
-fn config() -> Option<&'static Config> {
-    NM_CONFIG.get(0)
-}
+use crate::{
+    inbound::{inbound_delivered, inbound_dialled},
+    maps::*,
+};
 
 /// `remote_port` in `bpf_sock_ops` and `sk_msg_md` is the network-order port
 /// in the upper 16 bits (little-endian hosts).
@@ -454,7 +384,7 @@ fn endpoint(ctx: &SockOpsContext, family: u32, local: bool) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn is_loopback_endpoint(ip: &[u32; 4]) -> bool {
+pub(crate) fn is_loopback_endpoint(ip: &[u32; 4]) -> bool {
     *ip == LOCALHOST6 || as_v4(ip).is_some_and(is_loopback)
 }
 
@@ -579,145 +509,6 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
             .map_err(|_| "sockhash update failed")?;
     }
     Ok(())
-}
-
-/// The agent's delivering socket is about to send its SYN (its port is
-/// known now): key its client by the connection's ends, for `sk_lookup`
-/// (the agent's own, let through to the app) and for the app's side
-/// (whose `getpeername` answers that client).
-#[inline(always)]
-fn inbound_dialled(
-    ctx: &SockOpsContext,
-    ip: [u32; 4],
-    from_port: u32,
-    to_port: u32,
-) -> Result<(), &'static str> {
-    // SAFETY: the context is a valid bpf_sock_ops.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: copied out at once.
-    let Some(mut client) = (unsafe { NM_INBOUND_PENDING.get(cookie) }).copied() else {
-        return Ok(());
-    };
-    let _ = NM_INBOUND_PENDING.remove(cookie);
-    if client.port == 0 {
-        client.port = from_port;
-    }
-    let key = InboundPeerKey {
-        ip,
-        from_port,
-        to_port,
-    };
-    NM_INBOUND_PEERS
-        .insert(key, client, BPF_ANY as u64)
-        .map_err(|_| "inbound peers map update failed")?;
-    // Tell us if it closes before the app's side took the entry.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    Ok(())
-}
-
-/// An app accepted a connection from inside its own pod: if the agent
-/// made it (delivering an inbound connection), the app's socket answers
-/// `getpeername` with the real client.
-#[inline(always)]
-fn inbound_delivered(
-    ctx: &SockOpsContext,
-    ip: [u32; 4],
-    from_port: u32,
-    to_port: u32,
-) -> Result<(), &'static str> {
-    let key = InboundPeerKey {
-        ip,
-        from_port,
-        to_port,
-    };
-    // SAFETY: copied out at once.
-    let Some(client) = (unsafe { NM_INBOUND_PEERS.get(key) }).copied() else {
-        return Ok(());
-    };
-    // SAFETY: the context is a valid bpf_sock_ops.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    NM_PEERS
-        .insert(cookie, client, BPF_ANY as u64)
-        .map_err(|_| "peers map update failed")?;
-    let _ = NM_INBOUND_PEERS.remove(key);
-    // Tell us when it closes, to forget its peer.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    Ok(())
-}
-
-// ---- sk_lookup ------------------------------------------------------------
-
-#[sk_lookup]
-pub fn nodemesh_inbound(ctx: SkLookupContext) -> u32 {
-    try_inbound(&ctx)
-}
-
-#[inline(always)]
-fn try_inbound(ctx: &SkLookupContext) -> u32 {
-    // SAFETY: the context is a valid bpf_sk_lookup.
-    let l = unsafe { &*ctx.lookup };
-    // UDP (and SCTP) is outside the mesh, and its inbound policy, by
-    // design: a datagram answering a pod's unconnected socket (a DNS reply)
-    // cannot be told here from a new one (README, Limits).
-    if l.protocol != IPPROTO_TCP {
-        return SK_PASS;
-    }
-    let (local, remote) = if l.family == AF_INET {
-        (v4_mapped(l.local_ip4), v4_mapped(l.remote_ip4))
-    } else if l.family == AF_INET6 {
-        let mut local = [0u32; 4];
-        let mut remote = [0u32; 4];
-        for i in 0..4 {
-            // SAFETY: a valid context; each word read on its own.
-            unsafe {
-                local[i] =
-                    core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).local_ip6[i]));
-                remote[i] =
-                    core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).remote_ip6[i]));
-            }
-        }
-        (local, remote)
-    } else {
-        return SK_PASS;
-    };
-    // Loopback stays the pod's own (the agent's listeners are there too).
-    if is_loopback_endpoint(&local) {
-        return SK_PASS;
-    }
-    // The agent delivering a connection it decided on, from the pod's own
-    // address (known by its ends since its SYN): to the app. Anything else
-    // from the pod to itself is captured like any client.
-    if local == remote {
-        let key = InboundPeerKey {
-            ip: local,
-            from_port: u32::from(u16::from_be(l.remote_port)),
-            to_port: l.local_port,
-        };
-        // SAFETY: a read-only presence check.
-        if unsafe { NM_INBOUND_PEERS.get(key) }.is_some() {
-            return SK_PASS;
-        }
-    }
-    // Every address of a captured pod's netns is captured: one the agent
-    // has not listed yet (just added, say) is closed until it has.
-    // SAFETY: a read-only presence check.
-    if unsafe { NM_INBOUND.get(local) }.is_none() {
-        return SK_DROP;
-    }
-    let port = InboundPort {
-        ip: local,
-        port: l.local_port,
-        _pad: 0,
-    };
-    // SAFETY: a read-only presence check.
-    if unsafe { NM_INBOUND_SKIP.get(port) }.is_some() {
-        return SK_PASS;
-    }
-    match NM_INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0) {
-        Ok(()) => SK_PASS,
-        // Captured, and no agent to take it: closed, never around.
-        Err(_) => SK_DROP,
-    }
 }
 
 // ---- sk_msg ---------------------------------------------------------------
