@@ -120,6 +120,20 @@ pub fn main() -> ExitCode {
     ExitCode::from(run(Cli::parse()))
 }
 
+/// A command's failure, its text escaped (it may carry what an agent or
+/// the API server said): exit code 1.
+fn failed(e: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {}", term::printable(&e.to_string()));
+    EXIT_FAILURE
+}
+
+/// A command's output, escaped but for its lines (what agents said is
+/// shown, never obeyed by the terminal).
+fn shown(text: &str) -> u8 {
+    print!("{}", term::printable_lines(text));
+    EXIT_OK
+}
+
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
     let ebpf_log_level = match init_tracing(&cli.log_level, &cli.log_format) {
@@ -136,21 +150,11 @@ pub fn run(cli: Cli) -> u8 {
         Command::Uninstall { namespace } => print_or_fail(install::uninstall(&namespace)),
         Command::Dashboard(args) => match dashboard::run(&args) {
             Ok(()) => EXIT_OK,
-            Err(e) => {
-                eprintln!("error: {}", term::printable(&e.to_string()));
-                EXIT_FAILURE
-            }
+            Err(e) => failed(e),
         },
-        // What agents said is shown, never obeyed by the terminal.
         Command::Edges(args) => match edges::run(&args) {
-            Ok(text) => {
-                print!("{}", term::printable_lines(&text));
-                EXIT_OK
-            }
-            Err(e) => {
-                eprintln!("error: {}", term::printable(&e.to_string()));
-                EXIT_FAILURE
-            }
+            Ok(text) => shown(&text),
+            Err(e) => failed(e),
         },
         Command::Check(args) => {
             let (text, ok) = check::run(&args);
@@ -163,10 +167,7 @@ pub fn run(cli: Cli) -> u8 {
                 eprintln!("error: {e}");
                 EXIT_USAGE
             }
-            Err(e) => {
-                eprintln!("error: {}", term::printable(&e.to_string()));
-                EXIT_FAILURE
-            }
+            Err(e) => failed(e),
         },
         Command::Tap(args) => match tap::run(&args) {
             Ok(()) => EXIT_OK,
@@ -174,24 +175,15 @@ pub fn run(cli: Cli) -> u8 {
                 eprintln!("error: {e}");
                 EXIT_USAGE
             }
-            Err(e) => {
-                eprintln!("error: {}", term::printable(&e.to_string()));
-                EXIT_FAILURE
-            }
+            Err(e) => failed(e),
         },
         Command::Stat(args) => match stat::run(&args) {
-            Ok(text) => {
-                print!("{}", term::printable_lines(&text));
-                EXIT_OK
-            }
+            Ok(text) => shown(&text),
             Err(e @ (stat::StatError::Window(_) | stat::StatError::FromAndTo)) => {
                 eprintln!("error: {e}");
                 EXIT_USAGE
             }
-            Err(e) => {
-                eprintln!("error: {}", term::printable(&e.to_string()));
-                EXIT_FAILURE
-            }
+            Err(e) => failed(e),
         },
         Command::Cleanup { bpffs } => match nodemesh_dataplane::redirect::cleanup(&bpffs) {
             Ok(report) if report.removed => {

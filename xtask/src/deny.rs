@@ -66,14 +66,16 @@ pub fn run(workspace: &Path) -> Result<()> {
         );
         return Ok(());
     };
-    let date = db_date(&db);
+    let head = db_head(&db);
     println!(
         "xtask: advisories from {source}, database as of {}",
-        date.as_deref().unwrap_or("an unknown date")
+        head.as_ref().map_or("an unknown date", |(date, _)| date)
     );
-    if let Some(days) = date
-        .as_deref()
-        .and_then(age_in_days)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(days) = head
+        .map(|(_, at)| now.saturating_sub(at) / 86_400)
         .filter(|d| *d > STALE_DAYS)
     {
         println!(
@@ -88,7 +90,7 @@ const DB_URL: &str = "https://github.com/RustSec/advisory-db";
 /// Past this age the database is reported as stale (cargo-deny's own
 /// default limit; deny.toml lifts cargo-deny's check, which cannot tell a
 /// fresh clone of an old copy from a fresh fetch).
-const STALE_DAYS: i64 = 90;
+const STALE_DAYS: u64 = 90;
 
 /// Whether `db` is a working clone cargo-deny can read.
 fn usable(db: &Path) -> bool {
@@ -99,28 +101,6 @@ fn usable(db: &Path) -> bool {
             .args(["rev-parse", "--verify", "--quiet", "HEAD"])
             .output()
             .is_ok_and(|o| o.status.success())
-}
-
-/// Days from `date` (YYYY-MM-DD) to today, by the system clock.
-fn age_in_days(date: &str) -> Option<i64> {
-    let days = |d: &str| -> Option<i64> {
-        let mut it = d.trim().splitn(3, '-').map(|p| p.parse::<i64>().ok());
-        let (y, m, d) = (it.next()??, it.next()??, it.next()??);
-        // Days since 1970-01-01 (civil calendar).
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        Some(era * 146_097 + doe - 719_468)
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64
-        / 86_400;
-    Some(now - days(date)?)
 }
 
 fn check(deny: &Path, workspace: &Path, root: &Path, which: &[&str]) -> Result<()> {
@@ -177,14 +157,16 @@ fn copy_db(given: &Path, db: &Path) -> Result<()> {
     Ok(())
 }
 
-fn db_date(db: &Path) -> Option<String> {
+/// The database's newest commit: its date (YYYY-MM-DD) and Unix time.
+fn db_head(db: &Path) -> Option<(String, u64)> {
     let out = Command::new("git")
         .arg("-C")
         .arg(db)
-        .args(["show", "-s", "--format=%cs", "HEAD"])
+        .args(["show", "-s", "--format=%cs %ct", "HEAD"])
         .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (date, at) = text.trim().split_once(' ')?;
+    Some((date.to_owned(), at.parse().ok()?))
 }

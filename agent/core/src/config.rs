@@ -91,8 +91,17 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
         _ => return Err("prefix length must be 0-32".into()),
     };
     // Keep only the network bits so equal networks compare equal.
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
+    Ok((Ipv4Addr::from(u32::from(addr) & mask4(len)), len))
+}
+
+/// The network mask of an IPv4 prefix of `len` bits (0-32).
+fn mask4(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+/// The network mask of an IPv6 prefix of `len` bits (0-128).
+fn mask6(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
 }
 
 /// A network of either family: `10.96.0.0/12`, `fd00:10:96::/112`.
@@ -107,15 +116,9 @@ impl IpCidr {
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
         match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(ip) & mask == u32::from(net)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => u32::from(ip) & mask4(self.len) == u32::from(net),
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(ip) & mask == u128::from(net)
+                u128::from(ip) & mask6(self.len) == u128::from(net)
             }
             _ => false,
         }
@@ -145,14 +148,8 @@ pub fn parse_ip_cidr(s: &str) -> Result<IpCidr, String> {
         Some(_) => return Err(format!("prefix length must be 0-{max}")),
     };
     let addr = match addr {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
-        }
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask4(len))),
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask6(len))),
     };
     Ok(IpCidr { addr, len })
 }

@@ -92,16 +92,13 @@ impl SockDiag {
             0xffff_ffff,
             &s.id,
         );
-        self.send(&msg)?;
-        let mut buf = vec![0u8; 8192];
-        let n = recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        match messages(&buf[..n]).next() {
+        self.ask(&msg, |answer| match answer {
             Some((NLMSG_ERROR, body)) => match error_code(body) {
                 0 => Ok(()),
                 code => Err(io::Error::from_raw_os_error(code)),
             },
             _ => Err(io::Error::other("no answer to SOCK_DESTROY")),
-        }
+        })
     }
 
     /// The socket of this netns whose ends are exactly `local` and
@@ -119,23 +116,15 @@ impl SockDiag {
         put(&mut id, 20, remote.ip());
         // No cookie to match: INET_DIAG_NOCOOKIE.
         id[40..48].copy_from_slice(&[0xff; 8]);
-        self.send(&request(
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST,
-            family,
-            0xffff_ffff,
-            &id,
-        ))?;
-        let mut buf = vec![0u8; 8192];
-        let n = recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        match messages(&buf[..n]).next() {
+        let msg = request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, family, 0xffff_ffff, &id);
+        self.ask(&msg, |answer| match answer {
             Some((SOCK_DIAG_BY_FAMILY, body)) => Ok(parse(body)),
             Some((NLMSG_ERROR, body)) => match error_code(body) {
                 0 | libc::ENOENT => Ok(None),
                 code => Err(io::Error::from_raw_os_error(code)),
             },
             _ => Ok(None),
-        }
+        })
     }
 
     /// Whether a socket of this netns listens on `port` (either family):
@@ -152,6 +141,19 @@ impl SockDiag {
             }
         }
         Ok(false)
+    }
+
+    /// Sends one request and reads what `read` makes of the first
+    /// message of its answer.
+    fn ask<T>(
+        &self,
+        msg: &[u8],
+        read: impl FnOnce(Option<(u16, &[u8])>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.send(msg)?;
+        let mut buf = vec![0u8; 8192];
+        let n = recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        read(messages(&buf[..n]).next())
     }
 
     fn send(&self, msg: &[u8]) -> io::Result<()> {
