@@ -655,6 +655,20 @@ pub fn a_mistyped_policy_annotation_means_deny() {
     assert!(message.contains("deny applies"), "{message}");
     // A namespace's Events are in `default` (it is cluster-scoped).
     told("default", &typo_ns);
+    // A namespace mistyped before this node had a pod in it is told when
+    // its first pod here comes (as after an agent's start: namespaces are
+    // listed before pods).
+    let early_ns = unique("typo-early");
+    bed.cluster
+        .namespace(&early_ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
+    bed.cluster
+        .annotate_namespace(&early_ns, INBOUND_POLICY_ANNOTATION, Some("Deny"));
+    std::thread::sleep(Duration::from_millis(500));
+    let _late = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&early_ns, "late").service_account("late"),
+    );
+    told("default", &early_ns);
     // Fixed: the policy it meant applies, live.
     bed.cluster.annotate_pod(
         &typo_pod,

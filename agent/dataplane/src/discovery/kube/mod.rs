@@ -245,6 +245,10 @@ struct Source {
     /// Tells owners of what the agent refuses to guess at (an unreadable
     /// inbound policy).
     events: Option<events::KubeEvents>,
+    /// Namespaces whose inbound-policy annotation cannot be read: (uid,
+    /// problem), and whether this agent told the namespace yet (it does
+    /// once it has a pod there: the agents of nodes with none stay quiet).
+    ns_policy_problems: std::collections::HashMap<String, (Option<String>, String, bool)>,
 }
 
 impl Source {
@@ -261,6 +265,7 @@ impl Source {
             failing: HashSet::new(),
             metrics,
             events: None,
+            ns_policy_problems: std::collections::HashMap::new(),
         }
     }
 
@@ -339,22 +344,49 @@ impl Source {
             } else {
                 SourceErrorReason::InvalidLabel
             };
-            let new = self.report(&format!("namespace/{name}"), reason, problem);
-            if let (true, Some(problem)) = (new, policy_problem)
-                && state.has_local_pod_in(&name)
-            {
-                self.policy_event(
+            self.report(&format!("namespace/{name}"), reason, problem);
+        }
+        match policy_problem {
+            Some(problem) => {
+                let uid = ns.metadata.uid.clone();
+                let told = self
+                    .ns_policy_problems
+                    .get(&name)
+                    .is_some_and(|(u, p, told)| *told && *u == uid && *p == problem);
+                self.ns_policy_problems
+                    .insert(name.clone(), (uid, problem, told));
+            }
+            None => {
+                self.ns_policy_problems.remove(&name);
+            }
+        }
+        self.tell_namespaces(state);
+        (name, namespace)
+    }
+
+    /// Posts the Warning Event of each namespace with an unreadable policy
+    /// that has a pod on this node now and was not told yet — whichever
+    /// came first, the namespace or the pod (at start, namespaces are
+    /// listed before pods).
+    fn tell_namespaces(&mut self, state: &StateStore) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        for (name, (uid, problem, told)) in &mut self.ns_policy_problems {
+            if !*told && state.has_local_pod_in(name) {
+                events.warn(
                     events::About {
                         kind: "Namespace",
                         namespace: None,
-                        name: &name,
-                        uid: ns.metadata.uid.as_deref(),
+                        name,
+                        uid: uid.as_deref(),
                     },
-                    &problem,
+                    events::INVALID_POLICY,
+                    format!("nodemesh cannot read this inbound policy: {problem}"),
                 );
+                *told = true;
             }
         }
-        (name, namespace)
     }
 
     /// Applies one event to the state.
@@ -398,6 +430,7 @@ impl Source {
                 Apply(p) => {
                     if let Some(info) = self.pod(&p) {
                         state.update(|u| u.apply_pod(info));
+                        self.tell_namespaces(state);
                     }
                 }
                 InitApply(p) => {
@@ -422,6 +455,7 @@ impl Source {
                     );
                     state.replace_pods(pods);
                     info!(pods = all, on_this_node = here, "pods listed");
+                    self.tell_namespaces(state);
                 }
             },
             Event::Namespace(event) => match event {
@@ -437,6 +471,7 @@ impl Source {
                     let name = ns.metadata.name.clone().unwrap_or_default();
                     state.update(|u| u.delete_namespace(&name));
                     self.forget_reports(&format!("namespace/{name}"));
+                    self.ns_policy_problems.remove(&name);
                 }
                 Init => self.namespaces.start(),
                 InitDone => {
