@@ -5,10 +5,7 @@
 //! which it does not protect (their connections never reach an agent).
 //! One writer for the cluster — the agents check the same way but never
 //! write. Pods come and go: every policy is looked at again every 30 s.
-use std::{
-    collections::HashMap,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -225,12 +222,15 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// Watches every policy until `shutdown`, keeping their conditions.
 pub async fn keep_status(client: Client, shutdown: CancellationToken) {
     let api = Api::<DynamicObject>::all_with(client.clone(), &resource());
+    // The policies as last seen (a relist drops those gone meanwhile), to
+    // look at again on the resync.
+    let writer = kube::runtime::reflector::store::Writer::<DynamicObject>::new(resource());
+    let known = writer.as_reader();
     let mut events = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
+        .reflect(writer)
         .boxed();
     let mut failing = false;
-    // The policies as last seen, to look at again on the resync.
-    let mut known: HashMap<(String, String), DynamicObject> = HashMap::new();
     let mut resync = tokio::time::interval(RESYNC);
     resync.tick().await;
     loop {
@@ -239,20 +239,8 @@ pub async fn keep_status(client: Client, shutdown: CancellationToken) {
                 let Some(event) = e else { return };
                 match event {
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        let key = (
-                            o.metadata.namespace.clone().unwrap_or_default(),
-                            o.metadata.name.clone().unwrap_or_default(),
-                        );
-                        known.insert(key, o.clone());
                         failing = false;
-                        vec![o]
-                    }
-                    Ok(watcher::Event::Delete(o)) => {
-                        known.remove(&(
-                            o.metadata.namespace.clone().unwrap_or_default(),
-                            o.metadata.name.clone().unwrap_or_default(),
-                        ));
-                        continue;
+                        vec![std::sync::Arc::new(o)]
                     }
                     Ok(_) => continue,
                     Err(e) => {
@@ -264,7 +252,7 @@ pub async fn keep_status(client: Client, shutdown: CancellationToken) {
                     }
                 }
             }
-            _ = resync.tick() => known.values().cloned().collect(),
+            _ = resync.tick() => known.state(),
             _ = shutdown.cancelled() => return,
         };
         for object in objects {
