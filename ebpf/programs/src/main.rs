@@ -239,30 +239,22 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, &'static str> {
     if local {
         return Ok(ALLOW);
     }
-    // Link-local fe80::/10: another pod's (or the node's) address on the
-    // link, which the proxy cannot dial for it (the scope, the interface,
-    // is not part of the original destination). Refused rather than sent
-    // around the mesh in the clear.
-    if ip4.is_none() && (u32::from_be(ip[0]) & 0xffc0_0000) == 0xfe80_0000 {
-        // SAFETY: the kernel passes a valid context for the program's lifetime.
-        let sa = unsafe { &*ctx.sock_addr };
-        if sa.type_ == SOCK_STREAM
-            && sa.protocol == IPPROTO_TCP
-            // SAFETY: helper without arguments.
-            && unsafe { bpf_get_current_cgroup_id() } != cfg.agent_cgroup
-        {
-            debug!(
-                ctx,
-                "connect6: link-local destination refused (port {})", port
-            );
-            return Ok(DENY);
-        }
-        return Ok(ALLOW);
-    }
     match decide(ctx, cfg, ip4, port) {
         Decision::Leave => return Ok(ALLOW),
         Decision::Deny => return Ok(DENY),
         Decision::Redirect => {}
+    }
+    // Link-local fe80::/10 (never IPv4-mapped): another pod's (or the
+    // node's) address on the link, which the proxy cannot dial for it (the
+    // scope, the interface, is not part of the original destination).
+    // Refused rather than sent around the mesh in the clear; a bypassed
+    // port goes as any other does.
+    if (u32::from_be(ip[0]) & 0xffc0_0000) == 0xfe80_0000 {
+        debug!(
+            ctx,
+            "connect6: link-local destination refused (port {})", port
+        );
+        return Ok(DENY);
     }
     let cookie = remember(ctx, &OrigDst { ip, port, _pad: 0 })?;
     // An IPv4-mapped destination goes to the IPv4 listener.
@@ -397,6 +389,11 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     {
         return Ok(());
     }
+    // Of the state changes, only the end matters (and comes often enough
+    // not to read both ends first for every one).
+    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) != TCP_CLOSE {
+        return Ok(());
+    }
     let family = ctx.family();
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
@@ -409,20 +406,20 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
     // delivering an inbound connection (or the app calling itself).
     let in_pod = local_ip == remote_ip && !is_loopback_endpoint(&local_ip);
     if op == BPF_SOCK_OPS_STATE_CB {
-        if ctx.arg(1) == TCP_CLOSE {
-            // A redirected app socket ends: forget what getpeername answers.
-            // SAFETY: the context is a valid bpf_sock_ops.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = NM_PEERS.remove(cookie);
-            // An agent's delivery that never reached the app (refused, no
-            // listener): its ends are no longer the agent's.
-            if in_pod {
-                let _ = NM_INBOUND_PEERS.remove(InboundPeerKey {
-                    ip: local_ip,
-                    from_port: local_port,
-                    to_port: remote_port,
-                });
-            }
+        // A redirected app socket ends: forget what getpeername answers.
+        // SAFETY: the context is a valid bpf_sock_ops.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if NM_PEERS.remove(cookie).is_ok() {
+            return Ok(());
+        }
+        // An agent's delivery that never reached the app (refused, no
+        // listener): its ends are no longer the agent's.
+        if in_pod {
+            let _ = NM_INBOUND_PEERS.remove(InboundPeerKey {
+                ip: local_ip,
+                from_port: local_port,
+                to_port: remote_port,
+            });
         }
         return Ok(());
     }
@@ -437,9 +434,6 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
             Ok(())
         };
     }
-    let Some(cfg) = config() else {
-        return Err("no config");
-    };
     if in_pod {
         return if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
             Ok(())
@@ -447,6 +441,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), &'static str> {
             inbound_delivered(ctx, local_ip, remote_port, local_port)
         };
     }
+    let Some(cfg) = config() else {
+        return Err("no config");
+    };
     if !is_loopback_endpoint(&local_ip) || !is_loopback_endpoint(&remote_ip) {
         return Ok(());
     }
