@@ -53,6 +53,19 @@ use crate::{
     telemetry::{ConnectError, InboundDenial, OpenGuard, PodTcpMetrics},
 };
 
+/// A delivery's client record, forgotten when dropped (the connection was
+/// not made).
+struct Recorded<'a> {
+    clients: &'a dyn ClientAddrs,
+    cookie: u64,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.clients.forget(self.cookie);
+    }
+}
+
 /// The inbound side of the node's proxy.
 pub struct Inbound {
     state: StateStore,
@@ -281,22 +294,25 @@ impl Inbound {
         };
         socket.bind(&local.into())?;
         let cookie = crate::netns::socket_cookie(&socket)?;
+        // Forgotten unless the connection is made: however this ends (an
+        // error, a timeout, the caller giving up), no record is left.
+        let mut recorded = None;
         if let Some(clients) = &self.clients {
             clients.record(cookie, client)?;
+            recorded = Some(Recorded {
+                clients: clients.as_ref(),
+                cookie,
+            });
         }
         socket.set_nonblocking(true)?;
-        let connected = crate::proxy::connect::connect_with_timeout(
+        let stream = crate::proxy::connect::connect_with_timeout(
             Ok(tokio::net::TcpSocket::from_std_stream(socket.into())),
             dst,
             self.cfg.connect_timeout,
         )
-        .await;
-        if connected.is_err()
-            && let Some(clients) = &self.clients
-        {
-            clients.forget(cookie);
-        }
-        let stream = connected?;
+        .await?;
+        // Made: sock_ops took the record at its SYN.
+        std::mem::forget(recorded);
         reset_if_we_die(&stream);
         Ok(stream)
     }
