@@ -22,6 +22,7 @@
 //! listeners; connections already proxied finish on their own.
 mod listen;
 pub mod metrics;
+mod netns;
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -36,12 +37,12 @@ use tracing::{debug, info, warn};
 use self::metrics::CaptureErrorLabels;
 pub use self::metrics::{CaptureError, CaptureErrorReason, CaptureMetrics};
 use crate::{
-    cgroup::{CgroupDir, CgroupError, kubelet_pod_cgroups},
+    cgroup::CgroupDir,
     discovery::PodEvents,
-    netns::{Netns, NetnsError},
+    netns::Netns,
     proxy::{PodHandle, Proxy},
     redirect::{PodInbound, Redirect, pod_net},
-    state::{CgroupRef, Pod, StateStore},
+    state::{Pod, StateStore},
 };
 
 /// Capture settings.
@@ -422,115 +423,6 @@ impl Captures {
         })
     }
 
-    /// The pod's netns and every address in it: the one its entry names,
-    /// else its sandbox's — the first candidate (see
-    /// [`CgroupDir::sandbox_candidates`]) that is not the agent's and, once
-    /// the API has the pod's addresses, holds them all: a netns a container
-    /// made for itself is never taken for the pod's.
-    fn pod_netns(
-        &self,
-        pod: &Pod,
-        cgroup: &CgroupDir,
-    ) -> Result<(Arc<Netns>, Vec<IpAddr>), CaptureError> {
-        let addresses = |netns: &Netns| {
-            netns.addresses().map_err(|source| CaptureError::Addresses {
-                netns: netns.path().to_owned(),
-                source,
-            })
-        };
-        if let Some(path) = &pod.netns {
-            let netns = Netns::open(path)?;
-            let found = addresses(&netns)?;
-            return Ok((Arc::new(netns), found));
-        }
-        if let Some(dir) = &self.cfg.netns_dir {
-            return self.runtime_netns(pod, dir);
-        }
-        let mut refused = None;
-        for pid in cgroup.sandbox_candidates(&pod.container_ids)? {
-            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            let Ok(netns) = Netns::open(&path) else {
-                continue;
-            };
-            // A process of a container still starting: not the pod's yet.
-            if netns.is_agents_own() {
-                refused.get_or_insert(CaptureError::Netns(NetnsError::AgentsOwn { path }));
-                continue;
-            }
-            let found = addresses(&netns)?;
-            let missing: Vec<_> = pod.ips.iter().filter(|ip| !found.contains(ip)).collect();
-            if missing.is_empty() {
-                return Ok((Arc::new(netns), found));
-            }
-            refused = Some(CaptureError::NotThePods {
-                netns: path,
-                missing: format!("{missing:?}"),
-            });
-        }
-        Err(refused.unwrap_or(CaptureError::Cgroup(CgroupError::Empty {
-            path: cgroup.path().to_owned(),
-        })))
-    }
-
-    /// The pod's netns among the runtime's (`dir`): the one holding every
-    /// address the API gives the pod (none yet: it is starting).
-    fn runtime_netns(
-        &self,
-        pod: &Pod,
-        dir: &std::path::Path,
-    ) -> Result<(Arc<Netns>, Vec<IpAddr>), CaptureError> {
-        if pod.ips.is_empty() {
-            return Err(CaptureError::Netns(NetnsError::NoAddressYet {
-                dir: dir.to_owned(),
-            }));
-        }
-        let entries = std::fs::read_dir(dir).map_err(|source| {
-            CaptureError::Netns(NetnsError::Open {
-                path: dir.to_owned(),
-                source,
-            })
-        })?;
-        for entry in entries.flatten() {
-            let Ok(netns) = Netns::open(&entry.path()) else {
-                continue;
-            };
-            if netns.is_agents_own() {
-                continue;
-            }
-            let Ok(found) = netns.addresses() else {
-                continue;
-            };
-            if pod.ips.iter().all(|ip| found.contains(ip)) {
-                return Ok((Arc::new(netns), found));
-            }
-        }
-        Err(CaptureError::Netns(NetnsError::NoneHolds {
-            dir: dir.to_owned(),
-            addrs: format!("{:?}", pod.ips),
-        }))
-    }
-
-    /// The pod's cgroup under the root: its path, or where kubelet puts it.
-    fn pod_cgroup(&self, pod: &Pod) -> Result<CgroupDir, CgroupError> {
-        match &pod.cgroup {
-            CgroupRef::Path(path) => self.cgroup_root.open_child(path),
-            CgroupRef::Kubelet { qos } => {
-                let candidates = kubelet_pod_cgroups(pod.uid.as_str(), *qos);
-                for candidate in &candidates {
-                    match self.cgroup_root.open_child(candidate) {
-                        Err(CgroupError::NotFound { .. }) => continue,
-                        found => return found,
-                    }
-                }
-                Err(CgroupError::NoPodCgroup {
-                    uid: pod.uid.to_string(),
-                    root: self.cgroup_root.path().to_owned(),
-                    tried: candidates.len(),
-                })
-            }
-        }
-    }
-
     /// Reads every served pod's netns again for addresses it gained or
     /// lost, and captures them.
     fn refresh_addresses(&mut self) {
@@ -552,30 +444,15 @@ impl Captures {
             return;
         };
         t.failing = None;
-        let Some(served) = t.served.take() else {
-            return;
-        };
-        self.redirect.unready(served.netns.cookie());
-        if let Some(inbound) = &served.inbound {
-            self.redirect
-                .release_inbound(uid, &inbound.addrs, &inbound.skip);
+        if let Some(served) = t.served.take() {
+            self.stop_serving(uid, served);
         }
-        let cookie = served.netns.cookie();
-        drop(served);
-        self.redirect.forget_fastpath(cookie);
     }
 
     fn release(&mut self, uid: &PodUid) {
         let Some(t) = self.tracked.remove(uid) else {
             return;
         };
-        if let Some(served) = &t.served {
-            self.redirect.unready(served.netns.cookie());
-            if let Some(inbound) = &served.inbound {
-                self.redirect
-                    .release_inbound(uid, &inbound.addrs, &inbound.skip);
-            }
-        }
         if t.attached
             && let Err(e) = self.redirect.release(uid)
         {
@@ -583,11 +460,21 @@ impl Captures {
         }
         if let Some(served) = t.served {
             info!(pod = %t.pod.key(), uid = %uid, "pod released");
-            let cookie = served.netns.cookie();
-            // Dropping it stops the listeners and forgets the pod's series.
-            drop(served);
-            self.redirect.forget_fastpath(cookie);
+            self.stop_serving(uid, served);
         }
+    }
+
+    /// Its ready mark, its inbound capture, then its listeners and series
+    /// (dropped with it), then its fast-path counts.
+    fn stop_serving(&self, uid: &PodUid, served: Served) {
+        let cookie = served.netns.cookie();
+        self.redirect.unready(cookie);
+        if let Some(inbound) = &served.inbound {
+            self.redirect
+                .release_inbound(uid, &inbound.addrs, &inbound.skip);
+        }
+        drop(served);
+        self.redirect.forget_fastpath(cookie);
     }
 
     /// Detaches pods an earlier agent captured that are no longer meshed,
