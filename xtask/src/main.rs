@@ -136,6 +136,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(env_cargo())
         .args(args)
+        .env(REQUIRE_EBPF, "1")
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
@@ -143,6 +144,10 @@ fn cargo(args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Makes agent/dataplane/build.rs fail without bpf-linker rather than
+/// build an agent with no eBPF programs.
+const REQUIRE_EBPF: &str = "NODEMESH_REQUIRE_EBPF";
 
 fn env_cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
@@ -176,6 +181,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     println!("xtask: cargo {}", test_args.join(" "));
     let status = Command::new(env_cargo())
         .args(&test_args)
+        .env(REQUIRE_EBPF, "1")
         .env("NODEMESH_IMAGES", &images)
         .status()
         .context("cannot run cargo")?;

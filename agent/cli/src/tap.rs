@@ -141,30 +141,40 @@ pub fn run(args: &TapArgs) -> Result<(), TapError> {
 
 /// A Linkerd-shaped line; `who` is the agent (its node, or address).
 pub fn text(who: &str, e: &TapEvent) -> String {
-    // An address's host part (ids are `<agent>:<n>`).
-    let agent = who
-        .parse::<std::net::SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| who.to_owned());
+    // Ids are per agent: named by its node (the agent says, and so does
+    // the API server), else by the address it was reached at.
+    let agent = if e.node.is_empty() {
+        who.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|_| who.to_owned())
+    } else {
+        e.node.clone()
+    };
     let proxy = if e.direction == "inbound" {
         "in"
     } else {
         "out"
     };
-    let end = |p: &nodemesh_core::wire::TapPeer| {
-        if p.namespace.is_empty() {
+    // `ip:port` as Linkerd shows it, then which pod that is.
+    let end = |side: &str, p: &nodemesh_core::wire::TapPeer| {
+        let pod = if p.namespace.is_empty() {
             p.pod.clone()
         } else {
             format!("{}/{}", p.namespace, p.pod)
+        };
+        match (p.addr.is_empty(), pod.is_empty() || pod == p.addr) {
+            (true, _) => format!("{side}={pod}"),
+            (false, true) => format!("{side}={}", p.addr),
+            (false, false) => format!("{side}={} {side}_pod={pod}", p.addr),
         }
     };
     let head = format!(
-        "{} id={}:{} proxy={proxy} src={} dst={} tls={}",
+        "{} id={}:{} proxy={proxy} {} {} tls={}",
         e.kind,
         agent,
         e.id,
-        end(&e.src),
-        end(&e.dst),
+        end("src", &e.src),
+        end("dst", &e.dst),
         e.tls,
     );
     let ids = format!(
@@ -265,5 +275,30 @@ mod tests {
                 && line.contains(":status=200 latency=1234µs"),
             "{line}"
         );
+        // The agent names its node: the id reads the same through --agent
+        // and through the API server.
+        let named = TapEvent {
+            node: "node-a".into(),
+            src: nodemesh_core::wire::TapPeer {
+                namespace: "shop".into(),
+                pod: "web-1".into(),
+                addr: "10.1.0.5:41234".into(),
+                ..Default::default()
+            },
+            dst: nodemesh_core::wire::TapPeer {
+                pod: "93.184.216.34:443".into(),
+                addr: "93.184.216.34:443".into(),
+                ..Default::default()
+            },
+            ..e.clone()
+        };
+        let line = text("10.0.0.1:4191", &named);
+        assert!(
+            line.starts_with(
+                "rsp id=node-a:7 proxy=out src=10.1.0.5:41234 src_pod=shop/web-1 dst=93.184.216.34:443 tls=true"
+            ),
+            "{line}"
+        );
+        assert_eq!(line, text("node-a", &named));
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper::StatusCode;
 use nodemesh_core::{
     admin::{AdminResponse, Get, Routes, json, ndjson, text},
-    wire::{CertView, NodeReport, TapFilter},
+    wire::{CertView, NodeReport, TapEvent, TapFilter},
 };
 use tokio::sync::mpsc;
 
@@ -140,6 +140,7 @@ impl AgentRoutes {
             }
         };
         let mut reader = tap.subscribe(filter);
+        let node = self.node_name();
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(async move {
             loop {
@@ -149,7 +150,16 @@ impl AgentRoutes {
                     _ = tx.closed() => return,
                 };
                 let Some(event) = event else { return };
-                let Ok(mut line) = serde_json::to_vec(&*event) else {
+                // Which agent saw it: ids are per agent, and read the same
+                // here as through the API server (which sets it too).
+                let line = match (&node, event.node.is_empty()) {
+                    (Some(node), true) => serde_json::to_vec(&TapEvent {
+                        node: node.clone(),
+                        ..(*event).clone()
+                    }),
+                    _ => serde_json::to_vec(&*event),
+                };
+                let Ok(mut line) = line else {
                     continue;
                 };
                 line.push(b'\n');
@@ -159,6 +169,14 @@ impl AgentRoutes {
             }
         });
         ndjson(rx)
+    }
+
+    /// This node's name, when known.
+    fn node_name(&self) -> Option<String> {
+        self.stats
+            .as_ref()
+            .map(|(_, n)| n.clone())
+            .or_else(|| self.node.as_ref().map(|n| n.node.clone()))
     }
 
     fn stat(&self, query: Option<&str>) -> AdminResponse {

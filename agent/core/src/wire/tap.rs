@@ -31,6 +31,10 @@ pub struct TapPeer {
     pub pod: String,
     /// Its SPIFFE ID, when authenticated or meshed.
     pub identity: String,
+    /// Its address, `ip:port` (the client's port when the proxy saw it,
+    /// else its IP alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub addr: String,
 }
 
 /// One line of `GET /v1/tap` (NDJSON): a request's start (`req`), its
@@ -141,24 +145,23 @@ impl TapFilter {
         q.join("&")
     }
 
-    /// Whether a request (its `req` event) is wanted.
+    /// Whether a request (its `req` event) is wanted. As in Linkerd, a
+    /// resource is tapped at its own proxy: `namespace`, `workload` and
+    /// `pod` select the end whose side saw the request (the source of an
+    /// `outbound` event, the destination of an `inbound` one), and `to`
+    /// is the other end — so a request shows once per tapped side that saw it, never once per agent that carried it.
     pub fn matches(&self, e: &TapEvent) -> bool {
         let name = |w: &str| w.rsplit('/').next().unwrap_or_default().to_owned();
-        let either = |want: &Option<String>, a: &str, b: &str| {
-            want.as_ref().is_none_or(|w| w == a || w == b)
+        let (tapped, other) = if e.direction == "inbound" {
+            (&e.dst, &e.src)
+        } else {
+            (&e.src, &e.dst)
         };
-        let (src_w, dst_w) = (name(&e.src.workload), name(&e.dst.workload));
-        // The selected end: the one whose workload is asked for (else
-        // either); `to` is then the other one.
-        let to_ok = self.to.as_ref().is_none_or(|to| match &self.workload {
-            Some(w) if *w == src_w => *to == dst_w,
-            Some(w) if *w == dst_w => *to == src_w,
-            _ => *to == dst_w || *to == src_w,
-        });
-        either(&self.namespace, &e.src.namespace, &e.dst.namespace)
-            && either(&self.workload, &src_w, &dst_w)
-            && either(&self.pod, &e.src.pod, &e.dst.pod)
-            && to_ok
+        let is = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w == have);
+        is(&self.namespace, &tapped.namespace)
+            && is(&self.workload, &name(&tapped.workload))
+            && is(&self.pod, &tapped.pod)
+            && is(&self.to, &name(&other.workload))
             && self.direction.as_ref().is_none_or(|d| *d == e.direction)
             && self
                 .method
@@ -270,5 +273,62 @@ mod tap_tests {
             ..f.clone()
         };
         assert!(!to_db.matches(&e));
+    }
+
+    #[test]
+    fn a_resource_is_tapped_at_its_own_side_once() {
+        // web → api, seen by web's side (outbound) and api's (inbound).
+        let peer = |w: &str, pod: &str| TapPeer {
+            namespace: "shop".into(),
+            workload: format!("deployment/{w}"),
+            pod: pod.into(),
+            ..TapPeer::default()
+        };
+        let out = TapEvent {
+            kind: "req".into(),
+            direction: "outbound".into(),
+            src: peer("web", "web-1"),
+            dst: peer("api", "api-1"),
+            ..TapEvent::default()
+        };
+        let inb = TapEvent {
+            direction: "inbound".into(),
+            ..out.clone()
+        };
+        let tap = |w: &str| TapFilter {
+            workload: Some(w.into()),
+            ..TapFilter::default()
+        };
+        assert!(tap("api").matches(&inb) && !tap("api").matches(&out));
+        assert!(tap("web").matches(&out) && !tap("web").matches(&inb));
+        let pod = TapFilter {
+            pod: Some("api-1".into()),
+            ..TapFilter::default()
+        };
+        assert!(pod.matches(&inb) && !pod.matches(&out));
+        // `--to` is the other end of the tapped side.
+        let web_to_api = TapFilter {
+            to: Some("api".into()),
+            ..tap("web")
+        };
+        assert!(web_to_api.matches(&out) && !web_to_api.matches(&inb));
+        // A namespace: every side in it (both, as Linkerd shows).
+        let ns = TapFilter {
+            namespace: Some("shop".into()),
+            ..TapFilter::default()
+        };
+        assert!(ns.matches(&out) && ns.matches(&inb));
+        let other_ns = TapFilter {
+            namespace: Some("other".into()),
+            ..TapFilter::default()
+        };
+        let from_other = TapEvent {
+            src: TapPeer {
+                namespace: "other".into(),
+                ..peer("x", "x-1")
+            },
+            ..inb.clone()
+        };
+        assert!(!other_ns.matches(&from_other), "the tapped side is in shop");
     }
 }

@@ -1,12 +1,24 @@
-//! Choosing among a Service's endpoints: power of two choices over
-//! peak-EWMA latency × (in flight + 1), as linkerd2-proxy does, with
-//! failure accrual. One [`Balancer`] per node holds every endpoint's
-//! statistics (by address), shared by every client pod and Service, for
-//! connections and, once detected, requests.
+//! Choosing among a Service's endpoints: nearest first, then power of two
+//! choices over peak-EWMA latency × (in flight + 1), as linkerd2-proxy
+//! does, with failure accrual. One [`Balancer`] per node holds every
+//! endpoint's statistics (by address), shared by every client pod and
+//! Service, for connections and, once detected, requests.
 //!
+//! - **Locality**: a Service's endpoints come in tiers, nearest first
+//!   (on this node; in this node's zone when the Service prefers close
+//!   ones; all). Work goes to the nearest tier with an endpoint that is
+//!   not resting and not overloaded: its choice has at most [`OVERLOAD`]
+//!   times the work in flight of the next tier's, and answers at most
+//!   [`SLOWER`] times slower.
+//! - **P2C in O(1)**: two random endpoints of a tier are looked at, not
+//!   every one; only when most of them rest are they all scanned.
 //! - **Peak EWMA**: a sample above the average replaces it at once (a slow
 //!   endpoint is noticed on its first slow answer); below, the average
-//!   decays toward it with a 10 s time constant.
+//!   moves toward it with a [`DECAY`] time constant, and an estimate nobody
+//!   refreshes fades with the same constant — a peak cannot keep work
+//!   away from an endpoint for more than a few seconds. An endpoint never
+//!   measured counts as fast (it is tried, then known), so a measured one
+//!   cannot pin the work while it sits unknown.
 //! - **Failure accrual**: an endpoint that cannot be connected to
 //!   ([`FAILURES_TO_TRIP`] times in a row) gets no new work until its
 //!   backoff (1 s, doubling per failed probe to 30 s) is over; then one
@@ -18,16 +30,28 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-/// The latency assumed for an endpoint never measured.
-const DEFAULT_RTT: Duration = Duration::from_millis(5);
-/// How fast the average forgets a peak.
-const DECAY: Duration = Duration::from_secs(10);
+/// Latencies below this are alike (the noise of a host's scheduling); an
+/// endpoint never measured counts as this fast.
+const FLOOR: Duration = Duration::from_micros(1250);
+/// How fast the average forgets a peak, and an unrefreshed estimate fades.
+pub const DECAY: Duration = Duration::from_secs(1);
+/// A nearer tier's choice is passed over when it has more than this many
+/// times the work in flight of the next tier's choice ...
+pub const OVERLOAD: f64 = 2.0;
+/// ... or answers more than this many times slower.
+pub const SLOWER: f64 = 4.0;
+/// Latency estimates within this factor of each other are alike: between
+/// them, the work in flight decides (noise of a millisecond must not send
+/// every sequential request to one endpoint for a second).
+pub const ALIKE: f64 = 2.0;
+/// Random draws of two a tier gets before its endpoints are all scanned.
+const DRAWS: usize = 4;
 /// Consecutive connection failures after which an endpoint rests.
 pub const FAILURES_TO_TRIP: u32 = 1;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -121,7 +145,7 @@ impl Endpoint {
             addr,
             in_flight: AtomicUsize::new(0),
             inner: Mutex::new(Stats {
-                ewma_ns: DEFAULT_RTT.as_nanos() as f64,
+                ewma_ns: FLOOR.as_nanos() as f64,
                 updated: now,
                 failures: 0,
                 down_until: None,
@@ -136,14 +160,31 @@ impl Endpoint {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Its load now: latency × (work in flight + 1).
-    fn cost(&self, now: Instant) -> f64 {
-        let stats = self.stats();
-        let age = now.saturating_duration_since(stats.updated).as_secs_f64();
-        // With no sample for a while, the average drifts back down.
-        let ewma = stats.ewma_ns * (-age / DECAY.as_secs_f64()).exp();
-        let floor = DEFAULT_RTT.as_nanos() as f64 / 4.0;
-        ewma.max(floor) * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+    fn latency(&self, now: Instant) -> f64 {
+        self.stats().estimate(now)
+    }
+
+    /// Work in flight + 1.
+    fn load(&self) -> f64 {
+        (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    /// Whether it, a nearer endpoint, is to be passed over for `farther`
+    /// now: more than [`OVERLOAD`] times its work, or [`SLOWER`] times its
+    /// latency.
+    fn overloaded(&self, farther: &Endpoint, now: Instant) -> bool {
+        self.load() > OVERLOAD * farther.load() || self.latency(now) > SLOWER * farther.latency(now)
+    }
+
+    /// Whether it is no worse a choice than `other` now: by cost, unless
+    /// their latencies are alike ([`ALIKE`]), then by work in flight.
+    fn no_worse_than(&self, other: &Endpoint, now: Instant) -> bool {
+        let (a, b) = (self.latency(now), other.latency(now));
+        if a <= b * ALIKE && b <= a * ALIKE {
+            self.load() <= other.load()
+        } else {
+            a * self.load() <= b * other.load()
+        }
     }
 
     /// Whether it may get work now; a rested endpoint gets one probe.
@@ -156,17 +197,22 @@ impl Endpoint {
     }
 
     fn observe(&self, rtt: Duration, ok: bool) {
-        let now = Instant::now();
+        self.observe_at(rtt, ok, Instant::now());
+    }
+
+    fn observe_at(&self, rtt: Duration, ok: bool, now: Instant) {
         let mut stats = self.stats();
         stats.probing = false;
         if ok {
-            let sample = rtt.as_nanos() as f64;
+            let sample = (rtt.as_nanos() as f64).max(FLOOR.as_nanos() as f64);
+            // From where the estimate has faded to since its last sample.
+            let faded = stats.estimate(now);
             let age = now.saturating_duration_since(stats.updated).as_secs_f64();
             let w = (-age / DECAY.as_secs_f64()).exp();
-            stats.ewma_ns = if sample > stats.ewma_ns {
+            stats.ewma_ns = if sample > faded {
                 sample
             } else {
-                stats.ewma_ns * w + sample * (1.0 - w)
+                faded * w + sample * (1.0 - w)
             };
             stats.updated = now;
             stats.failures = 0;
@@ -201,10 +247,20 @@ impl Endpoint {
     }
 }
 
+impl Stats {
+    /// The latency estimate at `now`: the average, faded toward the floor
+    /// for the time it went unrefreshed.
+    fn estimate(&self, now: Instant) -> f64 {
+        let age = now.saturating_duration_since(self.updated).as_secs_f64();
+        let floor = FLOOR.as_nanos() as f64;
+        floor + (self.ewma_ns - floor).max(0.0) * (-age / DECAY.as_secs_f64()).exp()
+    }
+}
+
 /// Every endpoint's statistics on this node.
 #[derive(Debug)]
 pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    endpoints: RwLock<HashMap<SocketAddr, Arc<Endpoint>>>,
     epoch: Instant,
     rng: AtomicU64,
 }
@@ -216,7 +272,7 @@ impl Default for Balancer {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9e37_79b9_7f4a_7c15);
         Self {
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: RwLock::new(HashMap::new()),
             epoch: Instant::now(),
             rng: AtomicU64::new(seed | 1),
         }
@@ -235,7 +291,15 @@ impl Balancer {
     }
 
     fn endpoint(&self, addr: SocketAddr, now: Instant) -> Arc<Endpoint> {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+        {
+            return e.clone();
+        }
+        let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get(&addr) {
             return e.clone();
         }
@@ -270,13 +334,13 @@ impl Balancer {
     /// Drops statistics of endpoints unused for a while (called now and
     /// then).
     pub fn tidy(&self) {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
         self.forget_idle(&mut map, Instant::now());
     }
 
     pub fn tracked(&self) -> usize {
         self.endpoints
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
     }
@@ -311,42 +375,93 @@ impl Balancer {
         }
     }
 
-    /// Picks one of `candidates` (minus `exclude`): the cheaper of two
-    /// random available ones. When every one rests, the one whose rest
-    /// ends first is tried anyway (better a probe than a certain failure).
-    pub fn pick(&self, candidates: &[SocketAddr], exclude: &[SocketAddr]) -> Option<InFlight> {
-        let now = Instant::now();
-        let pool: Vec<Arc<Endpoint>> = candidates
-            .iter()
-            .filter(|a| !exclude.contains(a))
-            .map(|a| self.endpoint(*a, now))
-            .collect();
-        if pool.is_empty() {
-            return None;
-        }
-        let available: Vec<&Arc<Endpoint>> = pool.iter().filter(|e| e.available(now)).collect();
-        let chosen = match available.len() {
-            0 => pool
-                .iter()
-                .min_by_key(|e| e.stats().down_until)
-                .cloned()
-                .unwrap_or_else(|| pool[0].clone()),
-            1 => available[0].clone(),
-            n => {
-                let a = self.random(n);
-                let mut b = self.random(n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (available[a], available[b]);
-                if a.cost(now) <= b.cost(now) {
-                    a.clone()
-                } else {
-                    b.clone()
-                }
+    /// Picks an endpoint of `tiers` (minus `exclude`): each tier's
+    /// choice is the cheaper of two random available ones, and the nearest
+    /// tier's choice is taken unless it is overloaded against the next's
+    /// (the last tier holds every endpoint). When every one rests, the one
+    /// whose rest ends first is tried anyway (better a probe than a
+    /// certain failure).
+    pub fn pick(&self, tiers: &[&[SocketAddr]], exclude: &[SocketAddr]) -> Option<InFlight> {
+        self.pick_at(tiers, exclude, Instant::now())
+    }
+
+    fn pick_at(
+        &self,
+        tiers: &[&[SocketAddr]],
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Option<InFlight> {
+        let mut chosen: Option<Arc<Endpoint>> = None;
+        for tier in tiers.iter().filter(|t| !t.is_empty()) {
+            let Some(candidate) = self.p2c(tier, exclude, now) else {
+                continue;
+            };
+            match &chosen {
+                Some(nearer) if !nearer.overloaded(&candidate, now) => break,
+                _ => chosen = Some(candidate),
             }
+        }
+        let chosen = match chosen {
+            Some(e) => e,
+            None => self.soonest_back(tiers.last()?, exclude, now)?,
         };
         Some(self.start(chosen, now))
+    }
+
+    /// The cheaper of two random available endpoints of `tier`, not in
+    /// `exclude`: a few draws of two, then a scan when they keep missing.
+    fn p2c(
+        &self,
+        tier: &[SocketAddr],
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Arc<Endpoint>> {
+        let usable = |addr: SocketAddr| {
+            (!exclude.contains(&addr))
+                .then(|| self.endpoint(addr, now))
+                .filter(|e| e.available(now))
+        };
+        if tier.len() == 1 {
+            return usable(tier[0]);
+        }
+        for _ in 0..DRAWS {
+            let a = self.random(tier.len());
+            let mut b = self.random(tier.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            match (usable(tier[a]), usable(tier[b])) {
+                (Some(a), Some(b)) => {
+                    return Some(if a.no_worse_than(&b, now) { a } else { b });
+                }
+                (Some(one), None) | (None, Some(one)) => return Some(one),
+                (None, None) => {}
+            }
+        }
+        let available: Vec<Arc<Endpoint>> = tier.iter().filter_map(|a| usable(*a)).collect();
+        match available.len() {
+            0 => None,
+            1 => available.into_iter().next(),
+            n => {
+                let a = &available[self.random(n)];
+                let b = &available[self.random(n)];
+                Some(if a.no_worse_than(b, now) { a } else { b }.clone())
+            }
+        }
+    }
+
+    /// Of `tier` (minus `exclude`), all resting: the one whose rest ends
+    /// first.
+    fn soonest_back(
+        &self,
+        tier: &[SocketAddr],
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Arc<Endpoint>> {
+        tier.iter()
+            .filter(|a| !exclude.contains(a))
+            .map(|a| self.endpoint(*a, now))
+            .min_by_key(|e| e.stats().down_until)
     }
 }
 
@@ -367,7 +482,7 @@ mod tests {
         let mut counts: HashMap<SocketAddr, u32> = HashMap::new();
         let mut held = Vec::new();
         for _ in 0..400 {
-            let f = b.pick(&eps, &[]).unwrap();
+            let f = b.pick(&[&eps], &[]).unwrap();
             *counts.entry(f.endpoint().addr).or_default() += 1;
             held.push(f);
         }
@@ -384,7 +499,7 @@ mod tests {
         let eps = addrs(3);
         let mut counts: HashMap<SocketAddr, u32> = HashMap::new();
         for _ in 0..600 {
-            let f = b.pick(&eps, &[]).unwrap();
+            let f = b.pick(&[&eps], &[]).unwrap();
             let addr = f.endpoint().addr;
             *counts.entry(addr).or_default() += 1;
             let rtt = if addr == eps[0] {
@@ -408,7 +523,7 @@ mod tests {
         let bad = eps[0];
         // It refuses once: it rests.
         loop {
-            let f = b.pick(&eps, &[]).unwrap();
+            let f = b.pick(&[&eps], &[]).unwrap();
             if f.endpoint().addr == bad {
                 f.failure();
                 break;
@@ -416,16 +531,16 @@ mod tests {
             f.success();
         }
         for _ in 0..100 {
-            let f = b.pick(&eps, &[]).unwrap();
+            let f = b.pick(&[&eps], &[]).unwrap();
             assert_ne!(f.endpoint().addr, bad, "resting endpoints get no work");
             f.success();
         }
         // Alone, it is still tried (a probe beats a certain failure).
-        let f = b.pick(&[bad], &[]).unwrap();
+        let f = b.pick(&[&[bad]], &[]).unwrap();
         assert_eq!(f.endpoint().addr, bad);
         assert!(f.endpoint().resting());
         f.success();
-        assert!(!b.pick(&[bad], &[]).unwrap().endpoint().resting());
+        assert!(!b.pick(&[&[bad]], &[]).unwrap().endpoint().resting());
     }
 
     #[test]
@@ -433,9 +548,126 @@ mod tests {
         let b = Balancer::default();
         let eps = addrs(2);
         for _ in 0..50 {
-            assert_eq!(b.pick(&eps, &[eps[0]]).unwrap().endpoint().addr, eps[1]);
+            assert_eq!(b.pick(&[&eps], &[eps[0]]).unwrap().endpoint().addr, eps[1]);
         }
-        assert!(b.pick(&eps, &eps).is_none());
-        assert!(b.pick(&[], &[]).is_none());
+        assert!(b.pick(&[&eps], &eps).is_none());
+        assert!(b.pick(&[&[]], &[]).is_none());
+    }
+
+    /// Sequential work (one at a time), each answered in `rtt(addr)`, with
+    /// `step` between picks: how many each endpoint got.
+    fn sequential(
+        b: &Balancer,
+        tiers: &[&[SocketAddr]],
+        n: usize,
+        step: Duration,
+        rtt: impl Fn(SocketAddr) -> Duration,
+    ) -> HashMap<SocketAddr, usize> {
+        let mut now = Instant::now();
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let f = b.pick_at(tiers, &[], now).unwrap();
+            let addr = f.endpoint().addr;
+            *counts.entry(addr).or_default() += 1;
+            now += rtt(addr);
+            f.endpoint().observe_at(rtt(addr), true, now);
+            f.told.store(true, Ordering::Relaxed);
+            now += step;
+        }
+        counts
+    }
+
+    #[test]
+    fn sequential_work_spreads_over_equal_endpoints_and_never_pins() {
+        // Two endpoints alike: P2C looks at both every time, so a stale
+        // estimate decided it all before (≥ 96 % to one in most runs).
+        let b = Balancer::default();
+        let eps = addrs(2);
+        let counts = sequential(&b, &[&eps], 900, Duration::from_millis(2), |_| {
+            Duration::from_micros(400)
+        });
+        for ep in &eps {
+            let n = counts.get(ep).copied().unwrap_or(0);
+            assert!((270..=630).contains(&n), "{ep}: {n} of 900 ({counts:?})");
+        }
+    }
+
+    #[test]
+    fn a_peak_fades_in_seconds_not_minutes() {
+        let b = Balancer::default();
+        let eps = addrs(2);
+        let mut now = Instant::now();
+        // One slow answer (a pause): 200 ms.
+        let slow = b.endpoint(eps[0], now);
+        slow.observe_at(Duration::from_millis(200), true, now);
+        assert!(slow.latency(now) > 100.0 * FLOOR.as_nanos() as f64);
+        now += 6 * DECAY;
+        // Unrefreshed, it fades back among the fast ones.
+        assert!(slow.latency(now) < SLOWER * FLOOR.as_nanos() as f64);
+        let f = b.pick_at(&[&eps[..1], &eps], &[], now).unwrap();
+        assert_eq!(f.endpoint().addr, eps[0], "the nearer one has work again");
+    }
+
+    #[test]
+    fn the_nearest_tier_is_preferred_while_it_is_healthy_and_not_overloaded() {
+        let eps = addrs(3);
+        let (local, all) = (&eps[..1], &eps[..]);
+        // Healthy: every sequential request stays on this node.
+        let b = Balancer::default();
+        let counts = sequential(&b, &[local, all], 300, Duration::from_millis(1), |a| {
+            if a == eps[0] {
+                Duration::from_micros(200)
+            } else {
+                Duration::from_micros(900)
+            }
+        });
+        assert_eq!(counts.get(&eps[0]), Some(&300), "{counts:?}");
+
+        // Slow (overloaded): most go elsewhere; it is still tried now and
+        // then, as its peak fades.
+        let b = Balancer::default();
+        let counts = sequential(&b, &[local, all], 300, Duration::from_millis(1), |a| {
+            if a == eps[0] {
+                Duration::from_millis(40)
+            } else {
+                Duration::from_micros(900)
+            }
+        });
+        let near = counts.get(&eps[0]).copied().unwrap_or(0);
+        assert!(
+            (1..30).contains(&near),
+            "the slow local one got {near} ({counts:?})"
+        );
+
+        // Busy: work in flight there spills over to the next tier.
+        let b = Balancer::default();
+        let held: Vec<InFlight> = (0..3)
+            .map(|_| b.pick(&[local, all], &[]).unwrap())
+            .collect();
+        assert!(
+            held.iter().any(|f| f.endpoint().addr != eps[0]),
+            "spilled over"
+        );
+
+        // Resting (it refused a connection): the next tier has the work.
+        let b = Balancer::default();
+        b.pick(&[local, all], &[]).unwrap().failure();
+        for _ in 0..50 {
+            let f = b.pick(&[local, all], &[]).unwrap();
+            assert_ne!(f.endpoint().addr, eps[0]);
+            f.success();
+        }
+    }
+
+    #[test]
+    fn a_pick_looks_at_two_endpoints_not_all() {
+        let b = Balancer::default();
+        let eps: Vec<SocketAddr> = (0..5000u32)
+            .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)))
+            .collect();
+        for _ in 0..10 {
+            b.pick(&[&eps], &[]).unwrap().success();
+        }
+        assert!(b.tracked() <= 20, "{} endpoints looked up", b.tracked());
     }
 }

@@ -8,6 +8,8 @@ pub use crate::telemetry::http::Detected;
 /// The HTTP/2 connection preface (prior knowledge).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The methods told at once, from their first bytes; any other method
+/// token is told by its whole request line ([`request_line`]).
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"POST ",
@@ -19,6 +21,11 @@ const METHODS: &[&[u8]] = &[
     b"TRACE ",
     b"CONNECT ",
 ];
+
+/// Bytes a client's first words may take before they must have said what
+/// they are: an HTTP/1 request line with a method not in [`METHODS`] is
+/// told only once it ends, so its target must fit.
+pub const DETECT_BYTES: usize = 2048;
 
 /// Classifies what the client sent first; `None` while the bytes so far
 /// are the start of something recognisable (wait for more).
@@ -40,15 +47,78 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
             Some(_) => Some(Detected::Opaque),
         };
     }
+    // Empty lines before a request line are to be ignored (RFC 9112
+    // §2.2): a client that ends each request with an extra CRLF sends them.
+    let line = match bytes.iter().position(|b| !matches!(b, b'\r' | b'\n')) {
+        Some(0) => bytes,
+        Some(i) if i <= MAX_EMPTY_LINES * 2 => &bytes[i..],
+        Some(_) => return Some(Detected::Opaque),
+        None if bytes.len() <= MAX_EMPTY_LINES * 2 => return None,
+        None => return Some(Detected::Opaque),
+    };
+    let mut partial = false;
     for method in METHODS {
-        if bytes.starts_with(method) {
+        if line.starts_with(method) {
             return Some(Detected::Http1);
         }
-        if method.starts_with(bytes) {
-            return None;
-        }
+        partial |= method.starts_with(line);
     }
-    Some(Detected::Opaque)
+    match request_line(line) {
+        Some(d) => Some(d),
+        None if partial || line.len() < DETECT_BYTES => None,
+        None => Some(Detected::Opaque),
+    }
+}
+
+/// Empty lines ignored before a request line at most.
+const MAX_EMPTY_LINES: usize = 4;
+
+/// The longest method token taken for one (`VERSION-CONTROL` is 15).
+const MAX_METHOD: usize = 20;
+
+/// Whether `line` is an HTTP/1 request line, `method SP target SP
+/// HTTP/1.x` (RFC 9112 §3), for any method token: `None` while it may
+/// still become one.
+fn request_line(line: &[u8]) -> Option<Detected> {
+    let opaque = Some(Detected::Opaque);
+    let method = line.iter().take_while(|b| is_tchar(**b)).count();
+    if method > MAX_METHOD {
+        return opaque;
+    }
+    match line.get(method) {
+        None => return None,
+        Some(b' ') if method > 0 => {}
+        Some(_) => return opaque,
+    }
+    let rest = &line[method + 1..];
+    let target = rest.iter().take_while(|b| b.is_ascii_graphic()).count();
+    match rest.get(target) {
+        None => return None,
+        Some(b' ') if target > 0 => {}
+        Some(_) => return opaque,
+    }
+    let version = &rest[target + 1..];
+    const HTTP1: &[u8] = b"HTTP/1.";
+    if version.len() < HTTP1.len() {
+        return if HTTP1.starts_with(version) {
+            None
+        } else {
+            opaque
+        };
+    }
+    if !version.starts_with(HTTP1) {
+        return opaque;
+    }
+    match version.get(HTTP1.len()) {
+        None => None,
+        Some(b'0' | b'1') => Some(Detected::Http1),
+        Some(_) => opaque,
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Whether `said` starts with an HTTP/2 SETTINGS frame on stream 0 (what
@@ -78,7 +148,48 @@ mod tests {
             Some(Detected::Opaque),
             "redis"
         );
-        assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+        assert_eq!(classify(b"GETX\r\n"), Some(Detected::Opaque));
+        assert_eq!(
+            classify(b"PROPFIND /dav/ HTTP/1.1\r\n"),
+            Some(Detected::Http1),
+            "any method, by its request line"
+        );
+        assert_eq!(classify(b"PURGE /x HTTP/1.0"), Some(Detected::Http1));
+        assert_eq!(classify(b"M-SEARCH * HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(
+            classify(b"\r\nGET / HTTP/1.1\r\n"),
+            Some(Detected::Http1),
+            "a leading empty line is ignored"
+        );
+        assert_eq!(classify(b"\r\n\r\nPURGE / HTTP/1.1"), Some(Detected::Http1));
+    }
+
+    #[test]
+    fn text_protocols_that_are_not_http_stay_opaque() {
+        // Redis inline commands, memcached, a line protocol, SMTP-ish.
+        for text in [
+            &b"SET key value\r\n"[..],
+            b"get foo\r\n",
+            b"PING\r\n",
+            b"HELO x y\r\n",
+            b"PURGE /x HTTP/2.0\r\n",
+            b"PURGE  /x HTTP/1.1",
+            b"\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1",
+            b"\n\n\x00",
+        ] {
+            assert_eq!(
+                classify(text),
+                Some(Detected::Opaque),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        // No end of the first line within the bytes looked at.
+        let long = [b'A'; DETECT_BYTES];
+        assert_eq!(classify(&long), Some(Detected::Opaque));
+        let mut long = b"PROPFIND /".to_vec();
+        long.resize(DETECT_BYTES, b'a');
+        assert_eq!(classify(&long), Some(Detected::Opaque));
     }
 
     #[test]
@@ -88,6 +199,10 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2"), None);
         assert_eq!(classify(b"P"), None, "PRI, POST, PUT or PATCH");
         assert_eq!(classify(&[0x16]), None);
+        assert_eq!(classify(b"PROPFIND /dav/ HT"), None);
+        assert_eq!(classify(b"PURGE"), None);
+        assert_eq!(classify(b"GETX"), None, "a method token may go on");
+        assert_eq!(classify(b"\r\n"), None);
     }
 
     #[test]

@@ -44,6 +44,18 @@ pub async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::O
     }
 }
 
+/// The HTTP/1 server side of every client connection the proxy serves.
+///
+/// A client may shut its write side once its request is sent (`nc -N`,
+/// `Connection: close` clients, a pipeline ended by a half-close): that
+/// end of the request stream is not the end of the connection, and every
+/// response still goes out (hyper's default closes at once on that EOF).
+pub fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.half_close(true);
+    b
+}
+
 /// A response the proxy made.
 pub fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(
@@ -172,25 +184,50 @@ pub fn prepare(req: &mut hyper::Request<Incoming>, h2: bool) -> Prepared {
 
 /// What is recorded when a response ends.
 pub struct Done {
-    /// The request as each side counted it (a same-node request through
-    /// the proxy once: the client's outbound and the server's inbound).
-    pub metrics: [Option<RequestMetric>; 2],
+    /// The request as this side counted it.
+    pub metric: Option<RequestMetric>,
+    /// A same-node request through the proxy once: the server's side, as
+    /// the inbound stage counts it.
+    pub server: Option<ServerSide>,
     pub status: u16,
     pub grpc_status: Option<u32>,
     /// The endpoint's load lasts as long as the response.
     pub work: Option<InFlight>,
-    /// The request as a tap sees it, when someone listens (the client's
-    /// side, and the server's when both are on this node).
-    pub tap: [Option<Tapped>; 2],
+    /// The request as a tap sees it, when someone listens.
+    pub tap: Option<Tapped>,
 }
 
 impl Done {
     fn finish(self, error: bool, bytes: u64) {
-        for m in self.metrics.iter().flatten() {
+        if let Some(m) = &self.metric {
             m.response(self.status, self.grpc_status, error);
         }
-        for t in self.tap.into_iter().flatten() {
+        if let Some(server) = self.server {
+            server.finish(self.status, self.grpc_status, error, bytes);
+        }
+        if let Some(t) = self.tap {
             t.end(bytes, self.grpc_status);
+        }
+    }
+}
+
+/// The server's side of a request between two pods of this node: what the
+/// inbound stage counts of it (its request metric, its tap event), made by
+/// [`crate::proxy::inbound::Inbound::local_request`] and held by the
+/// outbound path, which does not know what it counts, to the response's
+/// end.
+pub struct ServerSide {
+    pub(crate) metric: Option<RequestMetric>,
+    pub(crate) tap: Option<Tapped>,
+}
+
+impl ServerSide {
+    fn finish(self, status: u16, grpc_status: Option<u32>, error: bool, bytes: u64) {
+        if let Some(m) = &self.metric {
+            m.response(status, grpc_status, error);
+        }
+        if let Some(t) = self.tap {
+            t.end(bytes, grpc_status);
         }
     }
 }

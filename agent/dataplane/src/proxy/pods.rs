@@ -72,6 +72,7 @@ pub fn tap_peer(pod: &Pod) -> TapPeer {
             .identity()
             .map(|id| id.uri().to_owned())
             .unwrap_or_default(),
+        addr: String::new(),
     }
 }
 

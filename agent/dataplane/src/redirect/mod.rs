@@ -74,6 +74,10 @@ pub enum RedirectError {
     #[error("{path} is held by a running agent: stop it first")]
     Busy { path: PathBuf },
     #[error(
+        "this agent was built without its eBPF programs (bpf-linker was missing): run `cargo xtask setup` and build it again"
+    )]
+    NoObject,
+    #[error(
         "cannot load the eBPF object: {0}; does this kernel have BTF and allow BPF (CAP_BPF, CAP_NET_ADMIN)?"
     )]
     Load(#[from] aya::EbpfError),
@@ -186,6 +190,9 @@ impl Redirect {
                 path: layout.base.clone(),
             })?;
 
+        if OBJECT.is_empty() {
+            return Err(RedirectError::NoObject);
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
             .override_global("AYA_LOG_LEVEL", &cfg.log_level, false)

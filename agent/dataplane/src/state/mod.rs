@@ -144,6 +144,8 @@ struct ProxyState {
     service_cidrs: Vec<IpCidr>,
     /// Nodes' addresses, by node name.
     nodes: HashMap<String, Vec<IpAddr>>,
+    /// This node's zone, when its Node object says.
+    zone: Option<String>,
 }
 
 /// The store, shared by its writer and its readers (cheap to clone).
@@ -178,6 +180,7 @@ impl StateStore {
                     synced: Synced::default(),
                     service_cidrs: Vec::new(),
                     nodes: HashMap::new(),
+                    zone: None,
                 }),
                 local: watch::Sender::new(0),
                 any: watch::Sender::new(0),
@@ -331,6 +334,14 @@ impl StateStore {
         }
     }
 
+    /// Records this node's zone (its `topology.kubernetes.io/zone` label):
+    /// the endpoints a Service prefers for it change.
+    pub fn set_zone(&self, zone: Option<String>) {
+        if self.read().zone != zone {
+            self.update(|u| u.apply_zone(zone));
+        }
+    }
+
     /// Forgets node `name`, if it was known.
     pub fn remove_node(&self, name: &str) {
         if self.read().nodes.contains_key(name) {
@@ -447,7 +458,8 @@ impl StateStore {
         };
         let r = f(&mut update);
         if update.services_changed {
-            update.state.services.reindex();
+            let state = &mut *update.state;
+            state.services.reindex(&state.node, state.zone.as_deref());
         }
         let changed = update.local_changed;
         drop(update);

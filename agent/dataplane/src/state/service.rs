@@ -28,6 +28,9 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
     /// Its `config.nodemesh.io/opaque-ports` (Service ports).
     pub opaque_ports: PortSet,
+    /// Its `trafficDistribution` asks for endpoints in the client's zone
+    /// first (`PreferClose`, `PreferSameZone`).
+    pub prefer_zone: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,8 +51,22 @@ pub struct ServiceTarget {
     /// The ready endpoints' addresses, with the target port (named target
     /// ports are resolved per endpoint by the endpoints controller), sorted.
     pub endpoints: Arc<[SocketAddr]>,
+    /// Those on this node: preferred while they are healthy.
+    pub on_node: Arc<[SocketAddr]>,
+    /// Those for this node's zone (the slices' hints for it, or, when the
+    /// Service prefers close endpoints and no hints are given, those in
+    /// it); empty when the zone is not known or nothing asks for it.
+    pub in_zone: Arc<[SocketAddr]>,
     /// What its port carries, as configured.
     pub protocol: ConfiguredProtocol,
+}
+
+impl ServiceTarget {
+    /// The endpoints in the order to prefer them, nearest first: the last
+    /// tier holds them all.
+    pub fn tiers(&self) -> [&[SocketAddr]; 3] {
+        [&self.on_node, &self.in_zone, &self.endpoints]
+    }
 }
 
 /// What a destination carries, as configured (before any detection).
@@ -100,10 +117,14 @@ impl SliceInfo {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub addresses: Vec<IpAddr>,
     pub node: Option<String>,
+    /// Its `zone`.
+    pub zone: Option<String>,
+    /// The zones its hints say it is for (`hints.forZones`), if any.
+    pub for_zones: Option<Vec<String>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -133,10 +154,11 @@ impl Services {
         self.on_nodes.contains(&ip)
     }
 
-    /// Rebuilds the cluster IP index after Services or slices changed:
-    /// per Service port, the ready endpoints of every slice of the Service
-    /// with a port of that name.
-    pub(super) fn reindex(&mut self) {
+    /// Rebuilds the cluster IP index after Services or slices changed (or
+    /// where this node is): per Service port, the ready endpoints of every
+    /// slice of the Service with a port of that name, and which of them
+    /// are near (on `node`, for `zone`).
+    pub(super) fn reindex(&mut self, node: &str, zone: Option<&str>) {
         let mut by_service: HashMap<&ObjectKey, Vec<&SliceInfo>> = HashMap::new();
         for slice in self.slices.values() {
             by_service.entry(&slice.service).or_default().push(slice);
@@ -153,13 +175,33 @@ impl Services {
             let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
             for port in &svc.ports {
                 let mut endpoints = BTreeSet::new();
-                for slice in slices {
-                    let Some(target) = slice.target_port(port) else {
-                        continue;
-                    };
-                    for ep in slice.endpoints.iter().filter(|e| e.ready && !e.terminating) {
-                        endpoints
-                            .extend(ep.addresses.iter().map(|ip| SocketAddr::new(*ip, target)));
+                let mut on_node = BTreeSet::new();
+                let mut in_zone = BTreeSet::new();
+                let ready = || {
+                    slices.iter().flat_map(|slice| {
+                        let target = slice.target_port(port);
+                        slice
+                            .endpoints
+                            .iter()
+                            .filter(|e| e.ready && !e.terminating)
+                            .filter_map(move |e| Some((e, target?)))
+                    })
+                };
+                // Hints are used only when every endpoint has them (as
+                // kube-proxy does: the controller gives all or none).
+                let hinted = ready().all(|(e, _)| e.for_zones.is_some());
+                for (ep, target) in ready() {
+                    let addrs = ep.addresses.iter().map(|ip| SocketAddr::new(*ip, target));
+                    endpoints.extend(addrs.clone());
+                    if ep.node.as_deref() == Some(node) {
+                        on_node.extend(addrs.clone());
+                    }
+                    let for_zone = zone.is_some_and(|z| match &ep.for_zones {
+                        Some(zones) if hinted => zones.iter().any(|h| h == z),
+                        _ => svc.prefer_zone && ep.zone.as_deref() == Some(z),
+                    });
+                    if for_zone {
+                        in_zone.extend(addrs);
                     }
                 }
                 let targets: Vec<u16> = endpoints.iter().map(SocketAddr::port).collect();
@@ -169,6 +211,8 @@ impl Services {
                     service: key.clone(),
                     port: port.clone(),
                     endpoints: endpoints.into_iter().collect(),
+                    on_node: on_node.into_iter().collect(),
+                    in_zone: in_zone.into_iter().collect(),
                     protocol: ConfiguredProtocol::of(
                         port.app_protocol.as_deref(),
                         svc.opaque_ports.contains(port.port),

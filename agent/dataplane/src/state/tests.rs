@@ -248,6 +248,7 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
                     port: 80,
                     app_protocol: None,
                 }],
+                prefer_zone: false,
             },
         );
         u.apply_slice(
@@ -262,6 +263,7 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
                         ready: true,
                         serving: true,
                         terminating: false,
+                        ..EndpointInfo::default()
                     },
                     EndpointInfo {
                         addresses: vec!["10.3.0.3".parse().unwrap()],
@@ -269,6 +271,7 @@ fn services_list_their_endpoints_with_the_pods_behind_them() {
                         ready: false,
                         serving: true,
                         terminating: true,
+                        ..EndpointInfo::default()
                     },
                 ],
             },
@@ -378,6 +381,7 @@ fn an_address_a_slice_puts_on_a_node_is_never_taken_for_outside_the_cluster() {
         ready: true,
         serving: true,
         terminating: false,
+        ..EndpointInfo::default()
     };
     store.update(|u| {
         u.apply_slice(
@@ -434,4 +438,86 @@ fn a_node_wakes_the_state_only_when_its_addresses_change() {
     changes.borrow_and_update();
     state.remove_node("node-b");
     assert!(!changes.has_changed().unwrap(), "an unknown node");
+}
+
+#[test]
+fn a_services_endpoints_come_nearest_first() {
+    let store = StateStore::new("node-a", "cluster.local");
+    let key = |name: &str| ObjectKey {
+        namespace: "shop".into(),
+        name: name.into(),
+    };
+    let ep = |ip: &str, node: &str, zone: &str, hint: Option<&str>| EndpointInfo {
+        addresses: vec![ip.parse().unwrap()],
+        node: Some(node.into()),
+        zone: Some(zone.into()),
+        for_zones: hint.map(|h| vec![h.into()]),
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    let service = |prefer_zone: bool| ServiceInfo {
+        opaque_ports: Default::default(),
+        cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+        ports: vec![ServicePort {
+            name: None,
+            port: 80,
+            app_protocol: None,
+        }],
+        prefer_zone,
+    };
+    let slice = |endpoints: Vec<EndpointInfo>| SliceInfo {
+        service: key("web"),
+        ports: vec![(None, 8080)],
+        endpoints,
+    };
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let tiers = |store: &StateStore| match store.upstream(vip).target {
+        Target::Service(t) => {
+            let [a, b, c] = t.tiers();
+            let s = |x: &[SocketAddr]| x.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>();
+            (s(a), s(b), s(c))
+        }
+        other => panic!("{other:?}"),
+    };
+    store.update(|u| {
+        u.apply_service(key("web"), service(false));
+        u.apply_slice(
+            key("web-1"),
+            slice(vec![
+                ep("10.1.0.2", "node-a", "z1", None),
+                ep("10.2.0.2", "node-b", "z1", None),
+                ep("10.3.0.2", "node-c", "z2", None),
+            ]),
+        );
+    });
+    // This node's first; no zone preference asked.
+    let all = ["10.1.0.2", "10.2.0.2", "10.3.0.2"];
+    assert_eq!(
+        tiers(&store),
+        (
+            vec!["10.1.0.2".into()],
+            vec![],
+            all.iter().map(|s| s.to_string()).collect()
+        )
+    );
+    // PreferClose, this node's zone not known yet: nothing for the zone.
+    store.update(|u| u.apply_service(key("web"), service(true)));
+    assert!(tiers(&store).1.is_empty());
+    // Its zone known: the zone's endpoints.
+    store.set_zone(Some("z1".into()));
+    assert_eq!(tiers(&store).1, vec!["10.1.0.2", "10.2.0.2"]);
+    // Hints, when every endpoint has them, say which are for the zone.
+    store.update(|u| {
+        u.apply_slice(
+            key("web-1"),
+            slice(vec![
+                ep("10.1.0.2", "node-a", "z1", Some("z1")),
+                ep("10.2.0.2", "node-b", "z1", Some("z2")),
+                ep("10.3.0.2", "node-c", "z2", Some("z1")),
+            ]),
+        );
+    });
+    assert_eq!(tiers(&store).1, vec!["10.1.0.2", "10.3.0.2"]);
+    assert_eq!(tiers(&store).2.len(), 3);
 }

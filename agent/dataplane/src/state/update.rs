@@ -119,6 +119,14 @@ impl Update<'_> {
         self.state.nodes.insert(name, addrs);
     }
 
+    /// This node's zone.
+    pub fn apply_zone(&mut self, zone: Option<String>) {
+        if self.state.zone != zone {
+            self.state.zone = zone;
+            self.services_changed = true;
+        }
+    }
+
     pub fn delete_node(&mut self, name: &str) {
         self.state.nodes.remove(name);
     }

@@ -481,6 +481,12 @@ impl Source {
             },
             Event::Node(event) => {
                 let reduce = |n: &K8sNode| (n.metadata.name.clone(), convert::node_addresses(n));
+                // This node's zone: which endpoints are near.
+                if let Apply(n) | InitApply(n) = &event
+                    && n.metadata.name.as_deref() == Some(state.node().as_str())
+                {
+                    state.set_zone(convert::node_zone(n));
+                }
                 match event {
                     Apply(n) => {
                         let (name, addrs) = reduce(&n);

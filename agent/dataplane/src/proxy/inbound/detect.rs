@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::proxy::detect::{Detected, classify, is_h2_settings};
+use crate::proxy::detect::{DETECT_BYTES, Detected, classify, is_h2_settings};
 
 /// Reads the client's first bytes into `said` until they say what they are
 /// (or end).
@@ -17,7 +17,7 @@ pub(super) async fn first_bytes<C: AsyncRead + Unpin>(
     client: &mut C,
     said: &mut Vec<u8>,
 ) -> Detected {
-    let mut buf = [0u8; DETECT_BYTES];
+    let mut buf = vec![0u8; DETECT_BYTES];
     loop {
         let room = DETECT_BYTES - said.len();
         match client.read(&mut buf[..room]).await {
@@ -33,9 +33,6 @@ pub(super) async fn first_bytes<C: AsyncRead + Unpin>(
         }
     }
 }
-
-/// Bytes of the client read at most to tell what it speaks.
-const DETECT_BYTES: usize = 32;
 
 /// Whoever speaks first decides, within `timeout`: the client's first bytes
 /// (classified), or the app's (server first: opaque; an HTTP/2 server's

@@ -39,7 +39,7 @@ use crate::{
             strip_hop_by_hop, wants_close,
         },
         inbound::Recheck,
-        pods::{ServedPod, tap_peer},
+        pods::ServedPod,
         relay::{CountedIo, Reset},
     },
     telemetry::InboundDenial,
@@ -335,7 +335,7 @@ pub async fn serve<C, S>(
             }
         }
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let conn = crate::proxy::http::http1_server()
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(conn);
@@ -391,7 +391,7 @@ impl Edge {
         );
         let mut tapped = self.served.http.tap().start(
             "inbound",
-            || (self.recheck.client(), tap_peer(&self.served.pod)),
+            || (self.recheck.client(), self.recheck.server()),
             self.peer.tls,
             &req,
         );
@@ -446,11 +446,12 @@ impl Edge {
                     Observed {
                         inner: body,
                         done: Some(Done {
-                            metrics: [metric, None],
+                            metric,
+                            server: None,
                             status: status.as_u16(),
                             grpc_status,
                             work: None,
-                            tap: [tapped, None],
+                            tap: tapped,
                         }),
                         bytes: 0,
                     }
@@ -509,7 +510,7 @@ where
                 .serve_connection(io, service)
                 .await
         } else {
-            hyper::server::conn::http1::Builder::new()
+            crate::proxy::http::http1_server()
                 .serve_connection(io, service)
                 .await
         }

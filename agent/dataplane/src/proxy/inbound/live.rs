@@ -140,6 +140,22 @@ impl Recheck {
         if peer.pod.is_empty() {
             peer.pod = self.ip.to_string();
         }
+        peer.addr = self.ip.to_string();
+        peer
+    }
+
+    /// The served pod as a tap shows it, at the port the client reached.
+    pub fn server(&self) -> TapPeer {
+        let pod = &self.served.pod;
+        let mut peer = crate::proxy::pods::tap_peer(pod);
+        let ip = pod
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == self.ip.to_canonical().is_ipv4())
+            .or(pod.ips.first());
+        if let Some(ip) = ip {
+            peer.addr = SocketAddr::new(*ip, self.port).to_string();
+        }
         peer
     }
 

@@ -4,13 +4,28 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Instant,
 };
 
-use super::{Accepted, Accounting, Inbound, PolicyRefused, Recheck, policy::Client};
+use super::{Accepted, Accounting, Inbound, Recheck, policy::Client};
 use crate::{
-    proxy::{pods::ServedPod, relay::reset_if_we_die},
+    proxy::{http::ServerSide, pods::ServedPod, relay::reset_if_we_die},
     state::Pod,
+    telemetry::{InboundDenial, http::Protocol, tap::Tapped},
 };
+
+/// Why a same-node connection (or a request over one) to a served pod did
+/// not go: the destination's policy says no (an HTTP client gets a 403),
+/// or it could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("refused by the destination's inbound policy ({0})")]
+    Refused(InboundDenial),
+    #[error("the client pod has no address in the destination's family")]
+    NoAddress,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
 
 impl Inbound {
     /// Whether `src`, a served pod on this node, may reach `dst` in
@@ -21,26 +36,50 @@ impl Inbound {
         src: &ServedPod,
         dst_served: &ServedPod,
         dst: SocketAddr,
-    ) -> io::Result<IpAddr> {
+    ) -> Result<IpAddr, LocalError> {
         // The client pod's address as known now (it may have been served
         // before its addresses were).
         let Some(src_ip) = src.address_for(&self.state, dst) else {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                "the client pod has no address in the destination's family",
-            ));
+            return Err(LocalError::NoAddress);
         };
         let client = match src.pod.identity() {
             Some(id) => Client::Meshed(id.uri()),
             None => Client::Plain(src_ip),
         };
-        match self.authorize(dst_served, client, src_ip, dst.port(), false) {
-            Ok(()) => Ok(src_ip),
-            Err(reason) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                PolicyRefused(reason),
-            )),
+        self.authorize(dst_served, client, src_ip, dst.port(), false)
+            .map(|()| src_ip)
+            .map_err(LocalError::Refused)
+    }
+
+    /// The server side of a request from `src` to `dst`, both served here
+    /// (through the proxy once), answered with `(status, grpc status)`
+    /// since `started`: counted as this pod's inbound request, and shown
+    /// to a tap as such when the client's side is (`client_tap`).
+    pub fn local_request(
+        &self,
+        src: &ServedPod,
+        dst: &ServedPod,
+        protocol: Protocol,
+        started: Instant,
+        client_tap: Option<&Tapped>,
+        (status, grpc_status): (u16, Option<u32>),
+    ) -> ServerSide {
+        let metric = dst.http.inbound_request(
+            &dst.source,
+            src.pod.identity().map(|id| id.uri()),
+            false,
+            protocol,
+        );
+        if let Some(m) = &metric {
+            m.latency(started.elapsed());
         }
+        let tap = client_tap.map(|t| {
+            let mut t = t.server_side();
+            t.sent();
+            t.response(status, grpc_status);
+            t
+        });
+        ServerSide { metric, tap }
     }
 
     /// What decides again for `src`'s connection to `dst` in `dst_served`
@@ -70,7 +109,7 @@ impl Inbound {
         src: &ServedPod,
         dst_pod: &Pod,
         dst: SocketAddr,
-    ) -> io::Result<Accepted> {
+    ) -> Result<Accepted, LocalError> {
         let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
         let (stream, client) = match &served {
             // Once through the proxy: delivered inside the destination pod

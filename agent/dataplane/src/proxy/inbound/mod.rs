@@ -34,13 +34,13 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-pub use self::live::Recheck;
 use self::{
     detect::{detect, first_bytes},
     http::{Peer, Rewind},
     live::OpenConnection,
     policy::{Client, Facts},
 };
+pub use self::{live::Recheck, local::LocalError};
 use super::{
     connect::Connector,
     detect::Detected,
@@ -100,17 +100,6 @@ pub struct InboundConfig {
     /// The cgroup root kubelet's pod cgroups are below: a process in a
     /// host-network pod's is that pod, never the node its probes come from.
     pub cgroup_root: Option<std::path::PathBuf>,
-}
-
-/// A connection the destination's inbound policy refused (inside an
-/// `io::Error`, so callers can tell it from a failure to connect).
-#[derive(Debug, thiserror::Error)]
-#[error("refused by the destination's inbound policy ({0})")]
-pub struct PolicyRefused(pub InboundDenial);
-
-/// Whether `e` is a [`PolicyRefused`].
-pub fn is_policy_refusal(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<PolicyRefused>())
 }
 
 /// A refusal is logged once per client and reason in this window.

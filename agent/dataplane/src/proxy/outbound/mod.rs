@@ -36,7 +36,7 @@ use self::{
 use super::{
     balance::Balancer,
     connect::Connector,
-    detect::{Detected, classify, is_h2_settings},
+    detect::{DETECT_BYTES, Detected, classify, is_h2_settings},
     inbound::Inbound,
     orig_dst,
     pods::ServedPod,
@@ -254,7 +254,7 @@ impl Outbound {
             Target::Service(svc) => {
                 let work = self
                     .balancer
-                    .pick(&svc.endpoints, &[])
+                    .pick(&svc.tiers(), &[])
                     .ok_or((None, Failure::NoEndpoints))?;
                 let endpoint = work.endpoint().addr;
                 let opened = self
@@ -427,7 +427,7 @@ impl Outbound {
 
 /// What the client's first bytes are, once they say (peeked, not taken).
 async fn client_bytes(client: &TcpStream) -> Detected {
-    let mut buf = [0u8; 32];
+    let mut buf = vec![0u8; DETECT_BYTES];
     loop {
         match client.peek(&mut buf).await {
             // Closed (or half-closed) before saying anything.

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     proxy::{
         balance::InFlight,
-        inbound::{Accepted, Accounting},
+        inbound::{Accepted, Accounting, LocalError},
         pods::ServedPod,
         relay::{Reset, UpstreamIo, relay, reset_if_we_die},
         tunnel::OpenError,
@@ -30,6 +30,8 @@ use crate::{
 pub(super) enum Failure {
     Refused(Refusal),
     Connect(std::io::Error),
+    /// To a pod on this node (through the inbound side).
+    Local(LocalError),
     Tunnel(IpAddr, OpenError),
     /// A Service with no endpoint to dial.
     NoEndpoints,
@@ -40,7 +42,7 @@ impl Failure {
     /// client gets a 403).
     pub(super) fn forbidden(&self) -> bool {
         match self {
-            Failure::Connect(e) => crate::proxy::inbound::is_policy_refusal(e),
+            Failure::Local(LocalError::Refused(_)) => true,
             Failure::Tunnel(_, OpenError::Refused { status, .. }) => {
                 *status == hyper::StatusCode::FORBIDDEN
             }
@@ -60,10 +62,14 @@ impl Failure {
                 warn!(%dst, %why, "refusing to send a meshed connection in the clear");
                 ConnectError::Tunnel
             }
-            Failure::Connect(e) => {
+            Failure::Connect(e) | Failure::Local(LocalError::Io(e)) => {
                 let reason = ConnectError::classify(e);
                 warn!(%dst, %reason, error = %e, "cannot connect to destination");
                 reason
+            }
+            Failure::Local(e) => {
+                debug!(%dst, error = %e, "not delivered to the pod on this node");
+                ConnectError::Other
             }
             Failure::Tunnel(node, e) => {
                 warn!(%dst, %node, error = %e, "cannot open a tunnel stream");
@@ -130,7 +136,7 @@ impl Outbound {
         let mut tried: Vec<SocketAddr> = exclude.to_vec();
         let mut last = None;
         while tried.len() < SERVICE_ATTEMPTS + exclude.len() {
-            let Some(work) = self.balancer.pick(&service.endpoints, &tried) else {
+            let Some(work) = self.balancer.pick(&service.tiers(), &tried) else {
                 break;
             };
             let endpoint = work.endpoint().addr;
@@ -262,7 +268,7 @@ impl Outbound {
                     .inbound
                     .open_local(pod, dst_pod, dst)
                     .await
-                    .map_err(io_err)?;
+                    .map_err(Failure::Local)?;
                 Ok(Opened {
                     io: UpstreamIo::Tcp(stream),
                     tls: false,

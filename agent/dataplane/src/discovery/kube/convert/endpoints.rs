@@ -42,14 +42,21 @@ pub(in crate::discovery::kube) fn service_info(s: &Service) -> ServiceInfo {
         tracing::warn!(service = ?s.metadata.name, namespace = ?s.metadata.namespace, %problem, "Service annotation ignored");
         PortSet::default()
     });
+    let prefer_zone = matches!(
+        spec.and_then(|s| s.traffic_distribution.as_deref()),
+        Some("PreferClose" | "PreferSameZone")
+    );
     ServiceInfo {
         cluster_ips,
         ports,
         opaque_ports,
+        prefer_zone,
     }
 }
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Node's zone (and a v1beta1 endpoint's topology key for it).
+pub(in crate::discovery::kube) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 pub(in crate::discovery::kube) fn slice_v1(s: &EndpointSlice) -> Option<SliceInfo> {
     let service = ObjectKey {
@@ -80,6 +87,12 @@ pub(in crate::discovery::kube) fn slice_v1(s: &EndpointSlice) -> Option<SliceInf
             EndpointInfo {
                 addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
                 node: e.node_name.clone(),
+                zone: e.zone.clone(),
+                for_zones: e
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect()),
                 ready,
                 serving: c.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
@@ -94,27 +107,37 @@ pub(in crate::discovery::kube) fn slice_v1(s: &EndpointSlice) -> Option<SliceInf
 }
 
 /// `discovery.k8s.io/v1beta1`, which the k8s-openapi types no longer
-/// carry: the fields read from JSON.
+/// carry: the fields read from JSON. A list or map may be absent or
+/// `null` (a slice of a Service scaled to zero says `endpoints: null`).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct BetaSlice {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     endpoints: Vec<BetaEndpoint>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     ports: Vec<BetaPort>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct BetaEndpoint {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     addresses: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     conditions: BetaConditions,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     topology: BTreeMap<String, String>,
     #[serde(default)]
     node_name: Option<String>,
+}
+
+/// A `null` reads as the type's default, as an absent field does.
+fn null_is_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Default, Deserialize)]
@@ -161,9 +184,11 @@ pub(in crate::discovery::kube) fn slice_v1beta1(s: &DynamicObject) -> Option<Sli
             let ready = e.conditions.ready.unwrap_or(true);
             EndpointInfo {
                 addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                for_zones: None,
                 node: e
                     .node_name
                     .or_else(|| e.topology.get("kubernetes.io/hostname").cloned()),
+                zone: e.topology.get(ZONE_LABEL).cloned(),
                 ready,
                 serving: e.conditions.serving.unwrap_or(ready),
                 terminating: e.conditions.terminating.unwrap_or(false),
@@ -204,7 +229,7 @@ pub(in crate::discovery::kube) fn endpoints_v1(e: &Endpoints) -> Option<SliceInf
                     node: a.node_name.clone(),
                     ready,
                     serving: ready,
-                    terminating: false,
+                    ..EndpointInfo::default()
                 });
             }
         }
@@ -243,5 +268,34 @@ mod tests {
         assert_eq!(slice.endpoints[0].node.as_deref(), Some("node-1"));
         assert!(slice.endpoints[0].ready && slice.endpoints[0].serving);
         assert!(!slice.endpoints[1].ready && slice.endpoints[1].terminating);
+    }
+
+    #[test]
+    fn a_v1beta1_slice_with_no_endpoints_is_an_empty_slice_not_a_malformed_one() {
+        // What the API server sends for a Service scaled to zero.
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": null,
+            "ports": null
+        }))
+        .unwrap();
+        let slice = slice_v1beta1(&obj).expect("an empty slice");
+        assert!(slice.endpoints.is_empty() && slice.ports.is_empty());
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [{"addresses": ["10.1.0.2"], "conditions": null, "topology": null}],
+            "ports": [{"name": null, "port": 80}]
+        }))
+        .unwrap();
+        let slice = slice_v1beta1(&obj).expect("a slice");
+        assert!(slice.endpoints[0].ready, "no conditions: ready");
+        assert_eq!(slice.ports, vec![(None, 80)]);
     }
 }

@@ -305,6 +305,16 @@ pub(super) fn pod_and_policy(
 }
 
 /// A node's addresses (`status.addresses`: internal and external IPs).
+/// A Node's `topology.kubernetes.io/zone`.
+pub(super) fn node_zone(n: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    n.metadata
+        .labels
+        .as_ref()?
+        .get(endpoints::ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
 pub(super) fn node_addresses(n: &k8s_openapi::api::core::v1::Node) -> Vec<IpAddr> {
     n.status
         .as_ref()

@@ -37,12 +37,15 @@ use crate::{
             Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
             strip_hop_by_hop,
         },
-        inbound::is_policy_refusal,
+        inbound::LocalError,
         pods::{ServedPod, tap_peer},
         relay::{CountedIo, Reset},
     },
     state::{ServiceTarget, Target},
-    telemetry::http::{Destination, Workload},
+    telemetry::{
+        http::{Destination, Protocol, Request as RequestMetric, Workload},
+        tap::Tapped,
+    },
 };
 
 /// Endpoints tried for one request at most.
@@ -73,6 +76,8 @@ struct Forwarder {
     dest: Dest,
     h2: bool,
     source: Workload,
+    /// The client's address (a tap shows it).
+    client: Option<SocketAddr>,
     /// The endpoint dialled while detecting: the first request goes there
     /// (its connection is waiting in the pool).
     early: std::sync::Mutex<Option<SocketAddr>>,
@@ -100,6 +105,7 @@ impl Outbound {
     ) {
         let forwarder = Arc::new(Forwarder {
             source: pod.source.clone(),
+            client: client.peer_addr().ok(),
             outbound: self.clone(),
             pod: pod.clone(),
             dest,
@@ -123,7 +129,7 @@ impl Outbound {
                 .serve_connection(io, service)
                 .await
         } else {
-            hyper::server::conn::http1::Builder::new()
+            crate::proxy::http::http1_server()
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -134,14 +140,90 @@ impl Outbound {
     }
 }
 
-/// Why no upstream connection could be had.
-enum Unreachable {
-    /// No endpoint to try (a Service with none ready, or all tried).
-    NoEndpoint,
-    /// The last one tried failed so.
-    Failed(String),
-    /// The last one tried refused the client by its inbound policy.
-    Forbidden(String),
+/// Why one attempt at a request got no response from its endpoint.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// Never written: the request is back, and may go again — to the same
+    /// endpoint on a new connection when a pooled one had closed (a
+    /// keep-alive race, not the endpoint's fault), else to another.
+    #[error("request not sent to {endpoint}: {reason}")]
+    NotSent {
+        endpoint: SocketAddr,
+        reason: String,
+        pooled: bool,
+    },
+    /// The destination's inbound policy refused the client (it is up, and
+    /// says no: not counted against it).
+    #[error("{endpoint}: refused by its inbound policy")]
+    Refused { endpoint: SocketAddr },
+    /// No connection could be had: routing refused it, or it could not
+    /// be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Written, and failed upstream: never sent again (it may have had
+    /// effects).
+    #[error("upstream {endpoint}: {source}")]
+    Upstream {
+        endpoint: SocketAddr,
+        tls: bool,
+        source: hyper::Error,
+    },
+}
+
+impl AttemptError {
+    /// The proxy's answer when this was the last attempt.
+    fn status(&self) -> StatusCode {
+        match self {
+            AttemptError::Refused { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// A request's answer from an endpoint, with what it came over.
+struct Answered {
+    resp: Response<Incoming>,
+    conn: Conn,
+    key: Key,
+    endpoint: SocketAddr,
+    work: Option<InFlight>,
+}
+
+/// What one request is seen as from its start to its end: its tap events
+/// (when someone listens), then its metrics on both sides.
+struct Observer {
+    started: Instant,
+    protocol: Protocol,
+    tapped: Option<Tapped>,
+    /// Its `req` event went out (at the first attempt that wrote it).
+    announced: bool,
+}
+
+impl Observer {
+    /// The request is written to `dst` now (the first time only counts).
+    fn sending(&mut self, dst: impl FnOnce() -> TapPeer, tls: bool) {
+        if let Some(t) = &mut self.tapped
+            && !self.announced
+        {
+            t.to(dst(), tls);
+            t.sent();
+        }
+        self.announced = true;
+    }
+
+    /// The proxy answers itself, with `status`.
+    fn refused(mut self, status: StatusCode, metric: Option<RequestMetric>) {
+        if let Some(mut t) = self.tapped.take() {
+            if !self.announced {
+                t.sent();
+            }
+            t.response(status.as_u16(), None);
+            t.end(0, None);
+        }
+        if let Some(m) = metric {
+            m.response(status.as_u16(), None, true);
+        }
+    }
 }
 
 impl Forwarder {
@@ -179,7 +261,7 @@ impl Forwarder {
                 if let Some(work) = early.and_then(|e| self.outbound.balancer.choose(e)) {
                     return Some((work.endpoint().addr, Some(work)));
                 }
-                let work = self.outbound.balancer.pick(&svc.endpoints, tried)?;
+                let work = self.outbound.balancer.pick(&svc.tiers(), tried)?;
                 Some((work.endpoint().addr, Some(work)))
             }
             Dest::Single(addr) => (!tried.contains(addr)).then_some((*addr, None)),
@@ -212,13 +294,15 @@ impl Forwarder {
 
     /// Where `endpoint` is, for a tap.
     fn tap_dst(&self, endpoint: SocketAddr) -> TapPeer {
-        match self.outbound.state.upstream(endpoint).target {
+        let mut peer = match self.outbound.state.upstream(endpoint).target {
             Target::Pod(p) => tap_peer(&p),
             _ => TapPeer {
                 pod: endpoint.to_string(),
                 ..TapPeer::default()
             },
-        }
+        };
+        peer.addr = endpoint.to_string();
+        peer
     }
 
     /// Where `endpoint` is, for the request metrics.
@@ -286,34 +370,194 @@ impl Forwarder {
         }
     }
 
-    /// A new upstream connection to `endpoint`; the error says whether
-    /// the destination's policy refused it.
-    async fn connect(&self, endpoint: SocketAddr) -> Result<Conn, (String, bool)> {
+    /// A new upstream connection to `endpoint`, counted against it when it
+    /// cannot be had (not when its policy says no).
+    async fn connect(
+        &self,
+        endpoint: SocketAddr,
+        work: Option<&InFlight>,
+    ) -> Result<Conn, AttemptError> {
         let upstream = self.outbound.state.upstream(endpoint);
         let route = route(self.outbound.ctx(), &self.pod.pod, &upstream);
-        let opened = self
-            .outbound
-            .open(route, &self.pod, endpoint)
-            .await
-            .map_err(|f| {
-                if f.forbidden() {
-                    debug!(%endpoint, "refused by the destination's inbound policy");
-                    return (format!("{endpoint}: refused by its inbound policy"), true);
-                }
+        let failed = |e: AttemptError| {
+            if let Some(w) = work {
+                w.failure();
+            }
+            e
+        };
+        let opened = match self.outbound.open(route, &self.pod, endpoint).await {
+            Ok(opened) => opened,
+            Err(f) if f.forbidden() => {
+                debug!(%endpoint, "refused by the destination's inbound policy");
+                return Err(AttemptError::Refused { endpoint });
+            }
+            Err(f) => {
                 let reason = f.log(endpoint);
                 self.pod.outbound.connect_error(reason);
-                (format!("cannot reach {endpoint}: {reason}"), false)
-            })?;
+                return Err(failed(AttemptError::Unreachable(format!(
+                    "cannot reach {endpoint}: {reason}"
+                ))));
+            }
+        };
         self.conn_from(endpoint, opened)
             .await
-            .map_err(|e| (e, false))
+            .map_err(|e| failed(AttemptError::Unreachable(e)))
+    }
+
+    /// An upstream connection for `endpoint` as its route is now: a
+    /// pooled one made for that route (unless `fresh`, or the request
+    /// upgrades: that connection is the client's alone), else a new one.
+    /// A pooled one to a pod here is authorized again (its policy
+    /// changes live). Whether it was pooled.
+    async fn conn_for(
+        &self,
+        endpoint: SocketAddr,
+        work: Option<&InFlight>,
+        fresh: bool,
+        upgrade: bool,
+    ) -> Result<(Conn, bool), AttemptError> {
+        let Some(expected) = self.expected(endpoint) else {
+            return Err(AttemptError::Unreachable(format!(
+                "{endpoint}: refused by routing"
+            )));
+        };
+        let key = self.key(endpoint);
+        let pooled = (!upgrade && !fresh)
+            .then(|| self.outbound.pool.take(&key))
+            .flatten()
+            .filter(|c| c.tls == expected.tls && c.peer_uri() == expected.peer.as_deref());
+        let Some(conn) = pooled else {
+            return Ok((self.connect(endpoint, work).await?, false));
+        };
+        if let Some(dst) = conn.local()
+            && let Err(e) = self
+                .outbound
+                .inbound
+                .authorize_local(&self.pod, dst, endpoint)
+        {
+            self.outbound.pool.put(key, conn);
+            return Err(match e {
+                LocalError::Refused(_) => AttemptError::Refused { endpoint },
+                e => AttemptError::Unreachable(format!("{endpoint}: {e}")),
+            });
+        }
+        Ok((conn, true))
+    }
+
+    /// One attempt: `req` to `endpoint`. A request not written comes back
+    /// with the error.
+    async fn attempt(
+        &self,
+        endpoint: SocketAddr,
+        work: Option<InFlight>,
+        fresh: bool,
+        upgrade: bool,
+        req: Request<Body>,
+        observer: &mut Observer,
+    ) -> Result<Answered, (AttemptError, Option<Request<Body>>, Option<InFlight>)> {
+        let (mut conn, pooled) = match self.conn_for(endpoint, work.as_ref(), fresh, upgrade).await
+        {
+            Ok(c) => c,
+            Err(e) => return Err((e, Some(req), work)),
+        };
+        observer.sending(|| self.tap_dst(endpoint), conn.tls);
+        let sent = Instant::now();
+        match conn.send(req).await {
+            Ok(resp) => {
+                // A new connection's first answer carries its warm-up
+                // (HTTP/2 settings, an app's Nagle meeting a delayed ACK:
+                // tens of ms once) and would make a new endpoint look slow
+                // for the decay's seconds: not sampled.
+                match &work {
+                    Some(w) if pooled => w.answered(sent),
+                    Some(w) => w.reached(),
+                    None => {}
+                }
+                Ok(Answered {
+                    resp,
+                    conn,
+                    key: self.key(endpoint),
+                    endpoint,
+                    work,
+                })
+            }
+            Err(mut e) => match e.take_message() {
+                Some(back) => {
+                    if !pooled && let Some(w) = &work {
+                        w.failure();
+                    }
+                    let reason = e.error().to_string();
+                    let e = AttemptError::NotSent {
+                        endpoint,
+                        reason,
+                        pooled,
+                    };
+                    Err((e, Some(back), work))
+                }
+                None => {
+                    let (tls, source) = (conn.tls, e.into_error());
+                    let e = AttemptError::Upstream {
+                        endpoint,
+                        tls,
+                        source,
+                    };
+                    Err((e, None, work))
+                }
+            },
+        }
+    }
+
+    /// Attempts until an endpoint answers: a request never written goes
+    /// again (to the same endpoint on a new connection after a pooled one
+    /// closed, else to another), at most [`ATTEMPTS`] endpoints in all.
+    /// `None`: no endpoint to try at all.
+    async fn attempts(
+        &self,
+        mut req: Request<Body>,
+        upgrade: bool,
+        observer: &mut Observer,
+    ) -> Result<Answered, Option<AttemptError>> {
+        let mut tried = Vec::new();
+        let mut again: Option<(SocketAddr, Option<InFlight>)> = None;
+        let mut last = None;
+        loop {
+            let (endpoint, work, fresh) = match again.take() {
+                Some((endpoint, work)) => (endpoint, work, true),
+                None => {
+                    let next = (tried.len() < ATTEMPTS)
+                        .then(|| self.pick(&tried))
+                        .flatten();
+                    let Some((endpoint, work)) = next else {
+                        return Err(last);
+                    };
+                    tried.push(endpoint);
+                    (endpoint, work, false)
+                }
+            };
+            match self
+                .attempt(endpoint, work, fresh, upgrade, req, observer)
+                .await
+            {
+                Ok(answered) => return Ok(answered),
+                Err((e, back, work)) => {
+                    debug!(%endpoint, error = %e, "attempt failed");
+                    if let AttemptError::NotSent { pooled: true, .. } = e {
+                        again = Some((endpoint, work));
+                    }
+                    match back {
+                        Some(back) => req = back,
+                        None => return Err(Some(e)),
+                    }
+                    last = Some(e);
+                }
+            }
+        }
     }
 
     async fn forward(
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let started = Instant::now();
         let Prepared {
             protocol,
             upgrade,
@@ -321,252 +565,156 @@ impl Forwarder {
         } = prepare(&mut req, self.h2);
         // What a tap sees of it (when someone listens): out once, to the
         // endpoint it first went to.
-        let mut tapped = self.outbound.http_metrics.tap().start(
+        let tapped = self.outbound.http_metrics.tap().start(
             "outbound",
-            || (tap_peer(&self.pod.pod), TapPeer::default()),
+            || {
+                let mut src = tap_peer(&self.pod.pod);
+                src.addr = self.client.map(|a| a.to_string()).unwrap_or_default();
+                (src, TapPeer::default())
+            },
             false,
             &req,
         );
-        let mut req = Some(req.map(|b| b.boxed()));
-        let mut tried = Vec::new();
-        // A pooled connection closed before the request was written: the
-        // same endpoint again, on a new connection.
-        let mut again: Option<(SocketAddr, Option<InFlight>)> = None;
-        let mut why = Unreachable::NoEndpoint;
-        let mut tap_sent = false;
-        loop {
-            let (endpoint, work, fresh) = match again.take() {
-                Some((endpoint, work)) => (endpoint, work, true),
-                None => {
-                    if tried.len() >= ATTEMPTS {
-                        break;
-                    }
-                    let Some((endpoint, work)) = self.pick(&tried) else {
-                        break;
-                    };
-                    tried.push(endpoint);
-                    (endpoint, work, false)
-                }
-            };
-            let Some(expected) = self.expected(endpoint) else {
-                why = Unreachable::Failed(format!("{endpoint}: refused by routing"));
-                continue;
-            };
-            let key = self.key(endpoint);
-            // An upgraded connection is the client's alone: never pooled.
-            let pooled = if upgrade || fresh {
-                None
-            } else {
-                self.outbound
-                    .pool
-                    .take(&key)
-                    .filter(|c| c.tls == expected.tls && c.peer_uri() == expected.peer.as_deref())
-            };
-            let was_pooled = pooled.is_some();
-            let mut conn = match pooled {
-                Some(conn) => conn,
-                None => match self.connect(endpoint).await {
-                    Ok(conn) => conn,
-                    // Not the endpoint's fault: it is up, and says no.
-                    Err((e, true)) => {
-                        why = Unreachable::Forbidden(e);
-                        continue;
-                    }
-                    Err((e, false)) => {
-                        // Only connection failures count against it.
-                        if let Some(w) = &work {
-                            w.failure();
-                        }
-                        debug!(%endpoint, error = %e, "trying another endpoint");
-                        why = Unreachable::Failed(e);
-                        continue;
-                    }
-                },
-            };
-            // A pod here, through the proxy once, over a connection it let
-            // in earlier: its policy decides again (it changes live).
-            if was_pooled
-                && let Some(dst) = conn.local()
-                && let Err(e) = self
-                    .outbound
-                    .inbound
-                    .authorize_local(&self.pod, dst, endpoint)
-            {
-                self.outbound.pool.put(key, conn);
-                why = if is_policy_refusal(&e) {
-                    Unreachable::Forbidden(format!("{endpoint}: refused by its inbound policy"))
-                } else {
-                    Unreachable::Failed(format!("{endpoint}: {e}"))
-                };
-                continue;
-            }
-            let Some(request) = req.take() else {
-                break;
-            };
-            if let Some(t) = &mut tapped
-                && !tap_sent
-            {
-                t.to(self.tap_dst(endpoint), conn.tls);
-                t.sent();
-                tap_sent = true;
-            }
-            let sent = Instant::now();
-            match conn.send(request).await {
-                Ok(mut resp) => {
-                    // A new connection's first answer carries its warm-up
-                    // (HTTP/2 settings, an app's Nagle meeting a delayed
-                    // ACK: tens of ms once) and would make a new endpoint
-                    // look slow for the decay's seconds: not sampled.
-                    match &work {
-                        Some(w) if was_pooled => w.answered(sent),
-                        Some(w) => w.reached(),
-                        None => {}
-                    }
-                    let metric = self.outbound.http_metrics.request(
-                        &self.source,
-                        &conn.dst,
-                        conn.tls,
-                        protocol,
-                    );
-                    // A pod served here, reached through the proxy once: its
-                    // side of the request too.
-                    let inbound = conn.local().and_then(|dst| {
-                        dst.http.inbound_request(
-                            &dst.source,
-                            self.pod.pod.identity().map(|id| id.uri()),
-                            false,
-                            protocol,
-                        )
-                    });
-                    for m in [&metric, &inbound].into_iter().flatten() {
-                        m.latency(started.elapsed());
-                    }
-                    let status = resp.status();
-                    let mut server_side = tapped
-                        .as_ref()
-                        .filter(|_| conn.local().is_some())
-                        .map(|t| t.server_side());
-                    for t in [&mut tapped, &mut server_side].into_iter().flatten() {
-                        if t.is_server_side() {
-                            t.sent();
-                        }
-                        t.response(status.as_u16(), grpc_status(resp.headers()));
-                    }
-                    let switched = upgrade
-                        && (status == StatusCode::SWITCHING_PROTOCOLS
-                            || (status.is_success() && client_upgrade.is_some()));
-                    if switched {
-                        let server = hyper::upgrade::on(&mut resp);
-                        if let Some(client) = client_upgrade {
-                            // To a pod here: its policy decides again on
-                            // every change, as for any relay into it.
-                            let registered = conn.local().and_then(|dst| {
-                                self.outbound
-                                    .inbound
-                                    .recheck_local(&self.pod, dst, endpoint)
-                                    .map(|r| r.register())
-                            });
-                            tokio::spawn(async move {
-                                match registered {
-                                    Some((_registered, cut)) => tokio::select! {
-                                        () = splice(client, server) => {}
-                                        _ = cut.cancelled() => {
-                                            debug!("an upgraded connection is refused now: cut");
-                                        }
-                                    },
-                                    None => splice(client, server).await,
-                                }
-                            });
-                        }
-                    } else if !upgrade {
-                        self.outbound.pool.put(key, conn);
-                    }
-                    if !self.h2 {
-                        strip_hop_by_hop(resp.headers_mut(), switched);
-                    }
-                    let grpc_status = grpc_status(resp.headers());
-                    return Ok(resp.map(|body| {
-                        Observed {
-                            inner: body,
-                            done: Some(Done {
-                                metrics: [metric, inbound],
-                                status: status.as_u16(),
-                                grpc_status,
-                                work,
-                                tap: [tapped, server_side],
-                            }),
-                            bytes: 0,
-                        }
-                        .boxed()
-                    }));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Never written: it may go again.
-                    Some(back) => {
-                        req = Some(back);
-                        if was_pooled {
-                            // A keep-alive race, not the endpoint's fault.
-                            again = Some((endpoint, work));
-                        } else {
-                            if let Some(w) = &work {
-                                w.failure();
-                            }
-                            why = Unreachable::Failed(e.error().to_string());
-                        }
-                        debug!(%endpoint, error = %e.error(), "request not sent; trying again");
-                    }
-                    None => {
-                        warn!(%endpoint, error = %e.error(), "the request failed upstream");
-                        if let Some(m) = self.outbound.http_metrics.request(
-                            &self.source,
-                            &conn.dst,
-                            conn.tls,
-                            protocol,
-                        ) {
-                            m.response(502, None, true);
-                        }
-                        if let Some(mut t) = tapped {
-                            t.response(502, None);
-                            t.end(0, None);
-                        }
-                        return Ok(proxy_error(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("upstream {endpoint}: {}", e.error()),
-                        ));
-                    }
-                },
-            }
+        let mut observer = Observer {
+            started: Instant::now(),
+            protocol,
+            tapped,
+            announced: false,
+        };
+        match self
+            .attempts(req.map(|b| b.boxed()), upgrade, &mut observer)
+            .await
+        {
+            Ok(answered) => Ok(self.respond(answered, observer, upgrade, client_upgrade)),
+            Err(why) => Ok(self.proxy_answer(why, observer)),
         }
-        let (status, message) = match why {
-            Unreachable::NoEndpoint => (
+    }
+
+    /// The endpoint's answer, passed on: counted on the client's side and,
+    /// for a pod here, on its own (the inbound stage's count); an upgrade
+    /// becomes a byte stream; the connection goes back to the pool.
+    fn respond(
+        &self,
+        answered: Answered,
+        mut observer: Observer,
+        upgrade: bool,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        let Answered {
+            mut resp,
+            conn,
+            key,
+            endpoint,
+            work,
+        } = answered;
+        let metric = self.outbound.http_metrics.request(
+            &self.source,
+            &conn.dst,
+            conn.tls,
+            observer.protocol,
+        );
+        if let Some(m) = &metric {
+            m.latency(observer.started.elapsed());
+        }
+        let status = resp.status();
+        let grpc = grpc_status(resp.headers());
+        // A pod served here, reached through the proxy once: its side.
+        let server = conn.local().map(|dst| {
+            self.outbound.inbound.local_request(
+                &self.pod,
+                dst,
+                observer.protocol,
+                observer.started,
+                observer.tapped.as_ref(),
+                (status.as_u16(), grpc),
+            )
+        });
+        if let Some(t) = &mut observer.tapped {
+            t.response(status.as_u16(), grpc);
+        }
+        let switched = upgrade
+            && (status == StatusCode::SWITCHING_PROTOCOLS
+                || (status.is_success() && client_upgrade.is_some()));
+        if switched {
+            if let Some(client) = client_upgrade {
+                self.splice_upgrade(&conn, endpoint, client, hyper::upgrade::on(&mut resp));
+            }
+        } else if !upgrade {
+            self.outbound.pool.put(key, conn);
+        }
+        if !self.h2 {
+            strip_hop_by_hop(resp.headers_mut(), switched);
+        }
+        resp.map(|body| {
+            Observed {
+                inner: body,
+                done: Some(Done {
+                    metric,
+                    server,
+                    status: status.as_u16(),
+                    grpc_status: grpc,
+                    work,
+                    tap: observer.tapped,
+                }),
+                bytes: 0,
+            }
+            .boxed()
+        })
+    }
+
+    /// Carries an upgraded connection; to a pod here, its policy decides
+    /// again on every change, as for any relay into it.
+    fn splice_upgrade(
+        &self,
+        conn: &Conn,
+        endpoint: SocketAddr,
+        client: hyper::upgrade::OnUpgrade,
+        server: hyper::upgrade::OnUpgrade,
+    ) {
+        let registered = conn.local().and_then(|dst| {
+            self.outbound
+                .inbound
+                .recheck_local(&self.pod, dst, endpoint)
+                .map(|r| r.register())
+        });
+        tokio::spawn(async move {
+            match registered {
+                Some((_registered, cut)) => tokio::select! {
+                    () = splice(client, server) => {}
+                    _ = cut.cancelled() => {
+                        debug!("an upgraded connection is refused now: cut");
+                    }
+                },
+                None => splice(client, server).await,
+            }
+        });
+    }
+
+    /// The proxy's own answer when no endpoint answered: 503 with none to
+    /// try, 403 when the last one's policy refused, else 502.
+    fn proxy_answer(&self, why: Option<AttemptError>, observer: Observer) -> Response<Body> {
+        let (status, message) = match &why {
+            None => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no endpoint available".to_owned(),
             ),
-            Unreachable::Failed(e) => (StatusCode::BAD_GATEWAY, e),
-            Unreachable::Forbidden(e) => (StatusCode::FORBIDDEN, e),
+            Some(e) => (e.status(), e.to_string()),
         };
         warn!(%status, %message, "answering the request with a proxy error");
-        if let Some(mut t) = tapped {
-            if !tap_sent {
-                t.sent();
-            }
-            t.response(status.as_u16(), None);
-            t.end(0, None);
-        }
-        let dst = match &self.dest {
-            Dest::Service(vip) => Destination {
+        let tls = matches!(why, Some(AttemptError::Upstream { tls: true, .. }));
+        let dst = match (&why, &self.dest) {
+            (Some(AttemptError::Upstream { endpoint, .. }), _) => self.destination(*endpoint),
+            (_, Dest::Service(vip)) => Destination {
                 service: self.destination(*vip).service,
                 ..Destination::default()
             },
-            Dest::Single(addr) => self.destination(*addr),
+            (_, Dest::Single(addr)) => self.destination(*addr),
         };
-        if let Some(m) = self
+        let metric = self
             .outbound
             .http_metrics
-            .request(&self.source, &dst, false, protocol)
-        {
-            m.response(status.as_u16(), None, true);
-        }
-        Ok(proxy_error(status, &message))
+            .request(&self.source, &dst, tls, observer.protocol);
+        observer.refused(status, metric);
+        proxy_error(status, &message)
     }
 }
