@@ -427,7 +427,8 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
 
     // nodemesh-tapper: a tap started before a request sees it — from both
     // nodes' agents, merged: the client's view (outbound, node a) and the
-    // server's (inbound, node b), each with both identities.
+    // server's (inbound, node b), each with both identities, and each
+    // event naming the node whose agent saw it.
     let to_b = SocketAddr::from((api_b.ip, HTTP));
     let web_id = format!("spiffe://cluster.local/ns/{}/sa/web", bed.ns);
     let api_id = format!("spiffe://cluster.local/ns/{}/sa/api", bed.ns);
@@ -445,43 +446,59 @@ pub fn stat_and_tap_go_through_the_api_server_as_rbac_allows() {
             .collect();
         (same.len() == 3).then_some(same)
     };
+    // What a tap of `resource` through the API server shows while
+    // requests go.
+    let mut tap_via_api = |resource: &str| -> (Vec<Value>, std::process::Output) {
+        let mut tap = spawn(
+            &alice,
+            &[
+                "tap", resource, "-n", &bed.ns, "--path", "/via-api", "-o", "json", "--count", "12",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while tap.get().try_wait().expect("tap").is_none() && Instant::now() < deadline {
+            let got = cli.run(http::Run::get(to_b, "/via-api/1", 1));
+            assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
+            thread::sleep(Duration::from_millis(300));
+        }
+        let mut tap = tap.take();
+        let _ = tap.kill();
+        let out = tap.wait_with_output().expect("tap output");
+        let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (events, out)
+    };
+    // The namespace: every side in it, each seen by its own agent.
+    let ns = format!("ns/{}", bed.ns);
     let (inbound, outbound) = eventually(
-        "tap through the API server",
+        "a namespace tapped through the API server",
         Duration::from_secs(30),
         || {
-            let mut tap = spawn(
-                &alice,
-                &[
-                    "tap",
-                    "deploy/api",
-                    "-n",
-                    &bed.ns,
-                    "--path",
-                    "/via-api",
-                    "-o",
-                    "json",
-                    "--count",
-                    "12",
-                ],
-            );
-            let deadline = Instant::now() + Duration::from_secs(6);
-            while tap.get().try_wait().expect("tap").is_none() && Instant::now() < deadline {
-                let got = cli.run(http::Run::get(to_b, "/via-api/1", 1));
-                assert!(got.iter().all(|o| o.status == Some(200)), "{got:?}");
-                thread::sleep(Duration::from_millis(300));
-            }
-            let mut tap = tap.take();
-            let _ = tap.kill();
-            let out = tap.wait_with_output().expect("tap output");
-            let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let (events, out) = tap_via_api(&ns);
             match (
                 triple(&events, &bed.b.name, "inbound"),
                 triple(&events, &bed.a.name, "outbound"),
             ) {
                 (Some(i), Some(o)) => Ok((i, o)),
+                _ => Err(text(&out)),
+            }
+        },
+    );
+    // A workload: its own side only — each request once, not once per
+    // agent that carried it (as Linkerd shows it).
+    eventually(
+        "a workload tapped through the API server",
+        Duration::from_secs(30),
+        || {
+            let (events, out) = tap_via_api("deploy/api");
+            let outbound = events
+                .iter()
+                .filter(|e| e["direction"] == "outbound")
+                .count();
+            match triple(&events, &bed.b.name, "inbound") {
+                Some(_) if outbound == 0 => Ok(()),
                 _ => Err(text(&out)),
             }
         },

@@ -59,6 +59,7 @@ fn main() {
         mesh::certificates_rotate_under_a_long_lived_stream,
         protocols::http_and_grpc_apps_pass_through_the_mesh,
         requests::requests_to_a_service_are_balanced_one_by_one_across_nodes,
+        requests::real_clients_half_close_and_prefer_the_healthy_endpoint_on_their_node,
         requests::grpc_upgrades_and_large_uploads_pass_through_a_service,
         requests::a_server_first_protocol_never_waits_for_detection,
         requests::mariadb_is_never_held_by_detection,

@@ -57,8 +57,11 @@ pub const APT_PACKAGES: &[&str] = &[
     // A real server-first protocol through the mesh.
     "mariadb-server",
     "mariadb-client",
-    // What a pod uses in the tests to knock on an agent's tap port.
+    // What a pod uses in the tests to knock on an agent's tap port, and
+    // the HTTP clients that half-close (`nc -N`, socat) through the mesh.
     "curl",
+    "netcat-openbsd",
+    "socat",
 ];
 pub use crate::tools::{KUBE_VERSION, kube_bin_dir, tools_dir};
 
