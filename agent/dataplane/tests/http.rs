@@ -265,3 +265,33 @@ async fn any_method_and_a_leading_empty_line_are_http_not_bytes() {
     );
     assert_eq!(server.served(), 3);
 }
+
+#[tokio::test]
+async fn a_client_first_text_protocol_is_never_held_for_the_detect_timeout() {
+    // A first line that starts like a method of its own (a bare word, a
+    // word and a space) must not make detection wait for more: it is
+    // bytes at once, not after the timeout.
+    let cluster = Cluster::two_nodes().await;
+    let dst = cluster.echo("10.2.0.4", PORT).await;
+    for first in [
+        &b"HELLO"[..],
+        b"NODEMESH-MARKER-1-",
+        b"AUTH secret",
+        b"PURGE /x HT",
+    ] {
+        let mut conn = cluster.dial(0, "client", dst).await;
+        conn.write_all(first).await.unwrap();
+        let mut back = vec![0u8; first.len()];
+        conn.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, first);
+    }
+    let m = cluster.metrics(0);
+    let detected = |result: &str| {
+        m.value(
+            "nodemesh_protocol_detect_total",
+            &[("direction", "outbound"), ("result", result)],
+        )
+    };
+    assert_eq!(detected("timeout"), 0.0, "{}", m.text);
+    assert_eq!(detected("opaque"), 4.0, "{}", m.text);
+}

@@ -9,7 +9,10 @@ pub use crate::telemetry::http::Detected;
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The methods told at once, from their first bytes; any other method
-/// token is told by its whole request line ([`request_line`]).
+/// token is told by its whole request line ([`request_line`]), in the
+/// bytes the client sent first (an HTTP client writes its request head at
+/// once): detection never waits on an unknown word, which a client-first
+/// text protocol's first line may start with.
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"POST ",
@@ -22,9 +25,8 @@ const METHODS: &[&[u8]] = &[
     b"CONNECT ",
 ];
 
-/// Bytes a client's first words may take before they must have said what
-/// they are: an HTTP/1 request line with a method not in [`METHODS`] is
-/// told only once it ends, so its target must fit.
+/// Bytes of a client's first words looked at: an HTTP/1 request line with
+/// a method not in [`METHODS`] must end within them.
 pub const DETECT_BYTES: usize = 2048;
 
 /// Classifies what the client sent first; `None` while the bytes so far
@@ -65,7 +67,7 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     }
     match request_line(line) {
         Some(d) => Some(d),
-        None if partial || line.len() < DETECT_BYTES => None,
+        None if partial => None,
         None => Some(Detected::Opaque),
     }
 }
@@ -77,8 +79,8 @@ const MAX_EMPTY_LINES: usize = 4;
 const MAX_METHOD: usize = 20;
 
 /// Whether `line` is an HTTP/1 request line, `method SP target SP
-/// HTTP/1.x` (RFC 9112 §3), for any method token: `None` while it may
-/// still become one.
+/// HTTP/1.x` (RFC 9112 §3), for any method token: `None` when it ends
+/// before saying.
 fn request_line(line: &[u8]) -> Option<Detected> {
     let opaque = Some(Detected::Opaque);
     let method = line.iter().take_while(|b| is_tchar(**b)).count();
@@ -199,9 +201,11 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2"), None);
         assert_eq!(classify(b"P"), None, "PRI, POST, PUT or PATCH");
         assert_eq!(classify(&[0x16]), None);
-        assert_eq!(classify(b"PROPFIND /dav/ HT"), None);
-        assert_eq!(classify(b"PURGE"), None);
-        assert_eq!(classify(b"GETX"), None, "a method token may go on");
+        // Not the common methods: the whole line at once, or bytes (a
+        // client-first text protocol must not wait for the timeout).
+        assert_eq!(classify(b"PROPFIND /dav/ HT"), Some(Detected::Opaque));
+        assert_eq!(classify(b"PURGE"), Some(Detected::Opaque));
+        assert_eq!(classify(b"NODEMESH-MARKER-1-"), Some(Detected::Opaque));
         assert_eq!(classify(b"\r\n"), None);
     }
 

@@ -56,6 +56,39 @@ pub fn http1_server() -> hyper::server::conn::http1::Builder {
     b
 }
 
+/// Whether a response ends the HTTP part of an upgrade request (a `101`,
+/// or a `2xx` to `CONNECT`): its connection becomes a byte stream.
+pub fn switched(
+    upgrade: bool,
+    status: StatusCode,
+    client_upgrade: &Option<hyper::upgrade::OnUpgrade>,
+) -> bool {
+    upgrade
+        && (status == StatusCode::SWITCHING_PROTOCOLS
+            || (status.is_success() && client_upgrade.is_some()))
+}
+
+/// Carries an upgraded connection as bytes (in a task of its own); when
+/// it reaches a pod here, `registered` (kept for as long) cuts it once the
+/// pod's policy refuses it.
+pub fn spawn_splice<R: Send + 'static>(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    registered: Option<(R, tokio_util::sync::CancellationToken)>,
+) {
+    tokio::spawn(async move {
+        match registered {
+            Some((_registered, cut)) => tokio::select! {
+                () = splice(client, server) => {}
+                _ = cut.cancelled() => {
+                    debug!("an upgraded connection is refused now: cut");
+                }
+            },
+            None => splice(client, server).await,
+        }
+    });
+}
+
 /// A response the proxy made.
 pub fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(

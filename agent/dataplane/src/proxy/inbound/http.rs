@@ -35,14 +35,14 @@ use tracing::debug;
 use crate::{
     proxy::{
         http::{
-            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
-            strip_hop_by_hop, wants_close,
+            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, spawn_splice,
+            strip_hop_by_hop, switched, wants_close,
         },
         inbound::Recheck,
         pods::ServedPod,
         relay::{CountedIo, Reset},
     },
-    telemetry::InboundDenial,
+    telemetry::{InboundDenial, http::Request as RequestMetric, tap::Tapped},
 };
 
 /// Who is on the other end, as the server-side metrics record it.
@@ -243,6 +243,29 @@ struct Edge {
     app_closes: Arc<AtomicBool>,
 }
 
+/// Serves a client connection until it ends; closes it gracefully once the
+/// app's connection is gone (the client reconnects rather than getting
+/// 502s on a connection that leads nowhere); drops it, its streams with it,
+/// once the policy refuses it. The two connection types share no trait
+/// for `graceful_shutdown`: a macro.
+macro_rules! until_gone_or_cut {
+    ($conn:ident, $app_gone:ident, $cut:ident, $what:literal) => {{
+        let mut app_gone = $app_gone;
+        tokio::pin!($conn);
+        tokio::select! {
+            r = $conn.as_mut() => r,
+            _ = &mut app_gone => {
+                $conn.as_mut().graceful_shutdown();
+                $conn.await
+            }
+            _ = $cut.cancelled() => {
+                debug!(concat!("an open ", $what, " connection is refused now: cut"));
+                return;
+            }
+        }
+    }};
+}
+
 /// Serves `client` (HTTP/2 when `h2`) to the app over `server` until the
 /// client closes.
 pub async fn serve<C, S>(
@@ -256,55 +279,10 @@ pub async fn serve<C, S>(
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The pod's bytes, counted as they pass its socket.
-    let (sent, received) = match &served.inbound {
-        Some(i) => (vec![i.sent.clone()], vec![i.received.clone()]),
-        None => (Vec::new(), Vec::new()),
-    };
     let app_closes = Arc::new(AtomicBool::new(false));
-    let app = TokioIo::new(AppIo::new(
-        CountedIo::new(server, sent, received),
-        app_closes.clone(),
-    ));
-    // When the app closes its connection (its keep-alive timeout, a
-    // GOAWAY), the client's is closed too, gracefully: it reconnects rather
-    // than getting 502s on a connection that leads nowhere.
-    let (app_closed, mut app_gone) = tokio::sync::oneshot::channel::<()>();
-    let sender = if h2 {
-        match http2::Builder::new(TokioExecutor::new())
-            .handshake(app)
-            .await
-        {
-            Ok((sender, conn)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "HTTP/2 connection to the app ended");
-                    }
-                    let _ = app_closed.send(());
-                });
-                Sender::H2(sender)
-            }
-            Err(e) => {
-                debug!(error = %e, "HTTP/2 handshake with the app failed");
-                return;
-            }
-        }
-    } else {
-        match http1::Builder::new().handshake(app).await {
-            Ok((sender, conn)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(error = %e, "HTTP/1 connection to the app ended");
-                    }
-                    let _ = app_closed.send(());
-                });
-                Sender::H1(tokio::sync::Mutex::new(sender))
-            }
-            Err(e) => {
-                debug!(error = %e, "HTTP/1 handshake with the app failed");
-                return;
-            }
-        }
+    let Some((sender, app_gone)) = app_connection(server, h2, &served, app_closes.clone()).await
+    else {
+        return;
     };
     // Decided again on every policy change, not only at each request: a
     // connection refused now is cut, its long streams with it.
@@ -322,38 +300,76 @@ pub async fn serve<C, S>(
     let result = if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = &mut app_gone => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            _ = cut.cancelled() => {
-                debug!("an open HTTP/2 connection is refused now: cut, its streams with it");
-                return;
-            }
-        }
+        until_gone_or_cut!(conn, app_gone, cut, "HTTP/2")
     } else {
         let conn = crate::proxy::http::http1_server()
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = &mut app_gone => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            _ = cut.cancelled() => {
-                debug!("an open HTTP/1 connection is refused now: cut");
-                return;
-            }
-        }
+        until_gone_or_cut!(conn, app_gone, cut, "HTTP/1")
     };
     if let Err(e) = result {
         debug!(error = %e, "inbound HTTP connection ended with an error");
     }
+}
+
+/// The connection to the app, counted as the pod's bytes: its sender, and
+/// what says when it is gone (its keep-alive timeout, a GOAWAY). `None`
+/// when the handshake failed.
+async fn app_connection<S>(
+    server: S,
+    h2: bool,
+    served: &ServedPod,
+    app_closes: Arc<AtomicBool>,
+) -> Option<(Sender, tokio::sync::oneshot::Receiver<()>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sent, received) = match &served.inbound {
+        Some(i) => (vec![i.sent.clone()], vec![i.received.clone()]),
+        None => (Vec::new(), Vec::new()),
+    };
+    let app = TokioIo::new(AppIo::new(
+        CountedIo::new(server, sent, received),
+        app_closes,
+    ));
+    let (app_closed, app_gone) = tokio::sync::oneshot::channel::<()>();
+    let sender = if h2 {
+        let handshake = http2::Builder::new(TokioExecutor::new())
+            .handshake(app)
+            .await;
+        match handshake {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "HTTP/2 connection to the app ended");
+                    }
+                    let _ = app_closed.send(());
+                });
+                Sender::H2(sender)
+            }
+            Err(e) => {
+                debug!(error = %e, "HTTP/2 handshake with the app failed");
+                return None;
+            }
+        }
+    } else {
+        match http1::Builder::new().handshake(app).await {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "HTTP/1 connection to the app ended");
+                    }
+                    let _ = app_closed.send(());
+                });
+                Sender::H1(tokio::sync::Mutex::new(sender))
+            }
+            Err(e) => {
+                debug!(error = %e, "HTTP/1 handshake with the app failed");
+                return None;
+            }
+        }
+    };
+    Some((sender, app_gone))
 }
 
 impl Edge {
@@ -371,12 +387,8 @@ impl Edge {
         // (one client connection, one app connection), so that the app
         // closes first, as it would without the mesh (see `AppIo`).
         let client_closes = !self.h2 && wants_close(req.headers());
-        let Prepared {
-            protocol,
-            upgrade,
-            client_upgrade,
-        } = prepare(&mut req, self.h2);
-        if client_closes && !upgrade {
+        let prepared = prepare(&mut req, self.h2);
+        if client_closes && !prepared.upgrade {
             req.headers_mut().insert(
                 hyper::header::CONNECTION,
                 hyper::header::HeaderValue::from_static("close"),
@@ -387,9 +399,9 @@ impl Edge {
             &self.served.source,
             self.peer.identity.as_deref(),
             self.peer.tls,
-            protocol,
+            prepared.protocol,
         );
-        let mut tapped = self.served.http.tap().start(
+        let tapped = self.served.http.tap().start(
             "inbound",
             || (self.recheck.client(), self.recheck.server()),
             self.peer.tls,
@@ -399,64 +411,11 @@ impl Edge {
             t.sent();
         }
         match self.sender.send(req.map(|b| b.boxed())).await {
-            Ok(mut resp) => {
+            Ok(resp) => {
                 if let Some(m) = &metric {
                     m.latency(started.elapsed());
                 }
-                let status = resp.status();
-                if let Some(t) = &mut tapped {
-                    t.response(status.as_u16(), grpc_status(resp.headers()));
-                }
-                let switched = upgrade
-                    && (status == StatusCode::SWITCHING_PROTOCOLS
-                        || (status.is_success() && client_upgrade.is_some()));
-                if switched {
-                    let server = hyper::upgrade::on(&mut resp);
-                    if let Some(client) = client_upgrade {
-                        // An upgraded connection (WebSocket, CONNECT) lives
-                        // on as bytes: decided again like any relay.
-                        let (registered, cut) = self.recheck.register();
-                        tokio::spawn(async move {
-                            let _registered = registered;
-                            tokio::select! {
-                                () = splice(client, server) => {}
-                                _ = cut.cancelled() => {
-                                    debug!("an upgraded connection is refused now: cut");
-                                }
-                            }
-                        });
-                    }
-                }
-                if !self.h2 {
-                    // The app closes after this response: so does the
-                    // client's connection (its one way to the app), and the
-                    // client is told, not left to find out with a 502.
-                    let closing = wants_close(resp.headers());
-                    strip_hop_by_hop(resp.headers_mut(), switched);
-                    if closing {
-                        self.app_closes.store(true, Ordering::Relaxed);
-                        resp.headers_mut().insert(
-                            hyper::header::CONNECTION,
-                            hyper::header::HeaderValue::from_static("close"),
-                        );
-                    }
-                }
-                let grpc_status = grpc_status(resp.headers());
-                Ok(resp.map(|body| {
-                    Observed {
-                        inner: body,
-                        done: Some(Done {
-                            metric,
-                            server: None,
-                            status: status.as_u16(),
-                            grpc_status,
-                            work: None,
-                            tap: tapped,
-                        }),
-                        bytes: 0,
-                    }
-                    .boxed()
-                }))
+                Ok(self.respond(resp, prepared, metric, tapped))
             }
             Err(e) => {
                 debug!(error = %e, "the app did not answer");
@@ -473,6 +432,56 @@ impl Edge {
                 ))
             }
         }
+    }
+
+    /// The app's answer, passed on and counted; an upgrade lives on as
+    /// bytes, decided again like any relay.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        prepared: Prepared,
+        metric: Option<RequestMetric>,
+        mut tapped: Option<Tapped>,
+    ) -> Response<Body> {
+        let status = resp.status();
+        let grpc = grpc_status(resp.headers());
+        if let Some(t) = &mut tapped {
+            t.response(status.as_u16(), grpc);
+        }
+        let switched = switched(prepared.upgrade, status, &prepared.client_upgrade);
+        if switched && let Some(client) = prepared.client_upgrade {
+            let server = hyper::upgrade::on(&mut resp);
+            spawn_splice(client, server, Some(self.recheck.register()));
+        }
+        if !self.h2 {
+            // The app closes after this response: so does the client's
+            // connection (its one way to the app), and the client is told,
+            // not left to find out with a 502.
+            let closing = wants_close(resp.headers());
+            strip_hop_by_hop(resp.headers_mut(), switched);
+            if closing {
+                self.app_closes.store(true, Ordering::Relaxed);
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+        }
+        resp.map(|body| {
+            Observed {
+                inner: body,
+                done: Some(Done {
+                    metric,
+                    server: None,
+                    status: status.as_u16(),
+                    grpc_status: grpc,
+                    work: None,
+                    tap: tapped,
+                }),
+                bytes: 0,
+            }
+            .boxed()
+        })
     }
 }
 

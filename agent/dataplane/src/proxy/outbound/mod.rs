@@ -22,10 +22,14 @@ pub mod http;
 pub mod route;
 mod tcp;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use nodemesh_core::labels::Direction;
-use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Sleep,
+};
 use tracing::{debug, warn};
 
 use self::{
@@ -306,98 +310,27 @@ impl Outbound {
             _ => std::slice::from_ref(&dst),
         };
         if self.pool.holds(&pod.pod.uid, pooled) {
-            let detected = tokio::select! {
-                d = client_bytes(client) => d,
-                _ = &mut deadline => Detected::Timeout,
-            };
+            let detected = client_within(client, deadline.as_mut()).await;
             let early = match detected {
                 Detected::Http1 | Detected::H2 => None,
                 _ => Some(self.open_early(pod, upstream, dst).await),
             };
-            return Detection {
-                detected,
-                early,
-                server_first: Vec::new(),
-            };
+            return Detection::of(detected, early);
         }
         let open = self.open_early(pod, upstream, dst);
         tokio::pin!(open);
         // 1. The client speaks, the dial finishes, or time runs out.
         let early = tokio::select! {
             biased;
-            d = client_bytes(client) => {
-                return Detection { detected: d, early: Some(open.await), server_first: Vec::new() };
-            }
+            d = client_bytes(client) => return Detection::of(d, Some(open.await)),
             early = &mut open => early,
-            _ = &mut deadline => {
-                return Detection { detected: Detected::Timeout, early: Some(open.await), server_first: Vec::new() };
-            }
+            _ = &mut deadline => return Detection::of(Detected::Timeout, Some(open.await)),
         };
-        let mut early = match early {
-            Ok(early) => early,
+        match early {
+            Ok(early) => dialled(client, early, deadline).await,
             // Nothing to listen to on that side: the client decides.
             Err(failure) => {
-                let detected = tokio::select! {
-                    d = client_bytes(client) => d,
-                    _ = &mut deadline => Detected::Timeout,
-                };
-                return Detection {
-                    detected,
-                    early: Some(Err(failure)),
-                    server_first: Vec::new(),
-                };
-            }
-        };
-        // 2. Dialled: the client, or the server, or the timeout.
-        let mut buf = vec![0u8; 16 * 1024];
-        let said = tokio::select! {
-            biased;
-            d = client_bytes(client) => return Detection { detected: d, early: Some(Ok(early)), server_first: Vec::new() },
-            r = early.opened.io.read(&mut buf) => r,
-            _ = &mut deadline => return Detection { detected: Detected::Timeout, early: Some(Ok(early)), server_first: Vec::new() },
-        };
-        match said {
-            // An HTTP/2 server greets with its SETTINGS at once, without
-            // waiting for the client's preface: still the client's turn.
-            Ok(n) if n > 0 && is_h2_settings(&buf[..n]) => {
-                buf.truncate(n);
-                let detected = tokio::select! {
-                    d = client_bytes(client) => d,
-                    _ = &mut deadline => Detected::Timeout,
-                };
-                Detection {
-                    detected,
-                    early: Some(Ok(early)),
-                    server_first: buf,
-                }
-            }
-            Ok(n) if n > 0 => {
-                buf.truncate(n);
-                Detection {
-                    detected: Detected::ServerFirst,
-                    early: Some(Ok(early)),
-                    server_first: buf,
-                }
-            }
-            // Closed or failed before a word: as if the dial had failed
-            // (a Service tries another endpoint); the client decides.
-            other => {
-                let e = other
-                    .err()
-                    .unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-                if let Some(work) = &early.work {
-                    work.failure();
-                }
-                let failed = (Some(early.endpoint), Failure::Connect(e));
-                let detected = tokio::select! {
-                    d = client_bytes(client) => d,
-                    _ = &mut deadline => Detected::Timeout,
-                };
-                Detection {
-                    detected,
-                    early: Some(Err(failed)),
-                    server_first: Vec::new(),
-                }
+                Detection::of(client_within(client, deadline).await, Some(Err(failure)))
             }
         }
     }
@@ -422,6 +355,65 @@ impl Outbound {
         }
         self.carry(client, pod, opened, endpoint).await;
         drop(work);
+    }
+}
+
+impl Detection {
+    fn of(detected: Detected, early: Option<Result<Early, (Option<SocketAddr>, Failure)>>) -> Self {
+        Detection {
+            detected,
+            early,
+            server_first: Vec::new(),
+        }
+    }
+}
+
+/// What the client says within the deadline.
+async fn client_within(client: &TcpStream, deadline: Pin<&mut Sleep>) -> Detected {
+    tokio::select! {
+        d = client_bytes(client) => d,
+        _ = deadline => Detected::Timeout,
+    }
+}
+
+/// 2. Dialled: the client speaks, or the server, or time runs out.
+async fn dialled(client: &TcpStream, mut early: Early, mut deadline: Pin<&mut Sleep>) -> Detection {
+    let mut buf = vec![0u8; 16 * 1024];
+    let said = tokio::select! {
+        biased;
+        d = client_bytes(client) => return Detection::of(d, Some(Ok(early))),
+        r = early.opened.io.read(&mut buf) => r,
+        _ = &mut deadline => return Detection::of(Detected::Timeout, Some(Ok(early))),
+    };
+    match said {
+        // An HTTP/2 server greets with its SETTINGS at once, without
+        // waiting for the client's preface: still the client's turn.
+        Ok(n) if n > 0 && is_h2_settings(&buf[..n]) => {
+            buf.truncate(n);
+            Detection {
+                server_first: buf,
+                ..Detection::of(client_within(client, deadline).await, Some(Ok(early)))
+            }
+        }
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Detection {
+                server_first: buf,
+                ..Detection::of(Detected::ServerFirst, Some(Ok(early)))
+            }
+        }
+        // Closed or failed before a word: as if the dial had failed (a
+        // Service tries another endpoint); the client decides.
+        other => {
+            let e = other
+                .err()
+                .unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+            if let Some(work) = &early.work {
+                work.failure();
+            }
+            let failed = (Some(early.endpoint), Failure::Connect(e));
+            Detection::of(client_within(client, deadline).await, Some(Err(failed)))
+        }
     }
 }
 

@@ -34,8 +34,8 @@ use crate::{
     proxy::{
         balance::InFlight,
         http::{
-            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, splice,
-            strip_hop_by_hop,
+            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, spawn_splice,
+            strip_hop_by_hop, switched,
         },
         inbound::LocalError,
         pods::{ServedPod, tap_peer},
@@ -632,12 +632,18 @@ impl Forwarder {
         if let Some(t) = &mut observer.tapped {
             t.response(status.as_u16(), grpc);
         }
-        let switched = upgrade
-            && (status == StatusCode::SWITCHING_PROTOCOLS
-                || (status.is_success() && client_upgrade.is_some()));
+        let switched = switched(upgrade, status, &client_upgrade);
         if switched {
             if let Some(client) = client_upgrade {
-                self.splice_upgrade(&conn, endpoint, client, hyper::upgrade::on(&mut resp));
+                // To a pod here: its policy decides again on every change,
+                // as for any relay into it.
+                let registered = conn.local().and_then(|dst| {
+                    self.outbound
+                        .inbound
+                        .recheck_local(&self.pod, dst, endpoint)
+                        .map(|r| r.register())
+                });
+                spawn_splice(client, hyper::upgrade::on(&mut resp), registered);
             }
         } else if !upgrade {
             self.outbound.pool.put(key, conn);
@@ -660,34 +666,6 @@ impl Forwarder {
             }
             .boxed()
         })
-    }
-
-    /// Carries an upgraded connection; to a pod here, its policy decides
-    /// again on every change, as for any relay into it.
-    fn splice_upgrade(
-        &self,
-        conn: &Conn,
-        endpoint: SocketAddr,
-        client: hyper::upgrade::OnUpgrade,
-        server: hyper::upgrade::OnUpgrade,
-    ) {
-        let registered = conn.local().and_then(|dst| {
-            self.outbound
-                .inbound
-                .recheck_local(&self.pod, dst, endpoint)
-                .map(|r| r.register())
-        });
-        tokio::spawn(async move {
-            match registered {
-                Some((_registered, cut)) => tokio::select! {
-                    () = splice(client, server) => {}
-                    _ = cut.cancelled() => {
-                        debug!("an upgraded connection is refused now: cut");
-                    }
-                },
-                None => splice(client, server).await,
-            }
-        });
     }
 
     /// The proxy's own answer when no endpoint answered: 503 with none to
