@@ -3,7 +3,7 @@
 //! release agents discovering pods from the API), labels that mesh and
 //! unmesh pods live, traffic between the pods (across nodes through the
 //! mutual-TLS tunnel, checked on the wire), HTTP requests through a
-//! Service balanced over both nodes, and what the proxies saw: per pod,
+//! Service balanced over both nodes (nearest first), and what the proxies saw: per pod,
 //! and per workload (success rate, requests, latency percentiles).
 use std::{
     net::SocketAddr,
@@ -272,7 +272,7 @@ fn main() {
 
     step(
         8,
-        "HTTP through the Service shop/api: web sends 300 requests (10% asked to fail), each balanced on its own over api-0 (this node) and api-1 (the other node, mTLS)",
+        "HTTP through the Service shop/api: web sends 300 requests (10% asked to fail, 4 at a time), each balanced on its own, nearest first: api-0 on this node while it keeps up, api-1 (the other node, mTLS) for the rest",
     );
     let mut api_servers: Vec<_> = [(&api, "api-0"), (&api_b, "api-1")]
         .into_iter()
