@@ -92,6 +92,32 @@ struct Expected {
     peer: Option<String>,
 }
 
+impl Expected {
+    /// What a connection for `route` must be; `None` when routing refuses.
+    fn of(route: &Route<'_>) -> Option<Self> {
+        match route {
+            Route::Direct => Some(Expected {
+                tls: false,
+                peer: None,
+            }),
+            Route::Local { id, .. } => Some(Expected {
+                tls: false,
+                peer: Some(id.uri().to_owned()),
+            }),
+            Route::Tunnel { dst, .. } => Some(Expected {
+                tls: true,
+                peer: Some(dst.uri().to_owned()),
+            }),
+            Route::Refuse(_) => None,
+        }
+    }
+
+    /// Whether a pooled connection was made for it.
+    fn made(&self, conn: &Conn) -> bool {
+        conn.tls == self.tls && conn.peer_uri() == self.peer.as_deref()
+    }
+}
+
 impl Outbound {
     /// Serves an HTTP client connection (`h2`: HTTP/2 with prior
     /// knowledge) of `pod` to `dest` until it closes.
@@ -268,30 +294,6 @@ impl Forwarder {
         }
     }
 
-    /// What a connection to `endpoint` must be, by its route now; `None`
-    /// when routing refuses it (a meshed pod whose node is unknown, …).
-    fn expected(&self, endpoint: SocketAddr) -> Option<Expected> {
-        let upstream = self.outbound.state.upstream(endpoint);
-        match route(self.outbound.ctx(), &self.pod.pod, &upstream) {
-            Route::Direct => Some(Expected {
-                tls: false,
-                peer: None,
-            }),
-            Route::Local { id, .. } => Some(Expected {
-                tls: false,
-                peer: Some(id.uri().to_owned()),
-            }),
-            Route::Tunnel { dst, .. } => Some(Expected {
-                tls: true,
-                peer: Some(dst.uri().to_owned()),
-            }),
-            Route::Refuse(why) => {
-                debug!(%endpoint, %why, "endpoint skipped");
-                None
-            }
-        }
-    }
-
     /// Where `endpoint` is, for a tap.
     fn tap_dst(&self, endpoint: SocketAddr) -> TapPeer {
         let mut peer = match self.outbound.state.upstream(endpoint).target {
@@ -375,10 +377,9 @@ impl Forwarder {
     async fn connect(
         &self,
         endpoint: SocketAddr,
+        route: Route<'_>,
         work: Option<&InFlight>,
     ) -> Result<Conn, AttemptError> {
-        let upstream = self.outbound.state.upstream(endpoint);
-        let route = route(self.outbound.ctx(), &self.pod.pod, &upstream);
         let failed = |e: AttemptError| {
             if let Some(w) = work {
                 w.failure();
@@ -416,7 +417,12 @@ impl Forwarder {
         fresh: bool,
         upgrade: bool,
     ) -> Result<(Conn, bool), AttemptError> {
-        let Some(expected) = self.expected(endpoint) else {
+        // Routed once for the attempt: what a pooled connection must have
+        // been made for, or how a new one is made.
+        let upstream = self.outbound.state.upstream(endpoint);
+        let route = route(self.outbound.ctx(), &self.pod.pod, &upstream);
+        let Some(expected) = Expected::of(&route) else {
+            debug!(%endpoint, ?route, "endpoint skipped");
             return Err(AttemptError::Unreachable(format!(
                 "{endpoint}: refused by routing"
             )));
@@ -425,9 +431,9 @@ impl Forwarder {
         let pooled = (!upgrade && !fresh)
             .then(|| self.outbound.pool.take(&key))
             .flatten()
-            .filter(|c| c.tls == expected.tls && c.peer_uri() == expected.peer.as_deref());
+            .filter(|c| expected.made(c));
         let Some(conn) = pooled else {
-            return Ok((self.connect(endpoint, work).await?, false));
+            return Ok((self.connect(endpoint, route, work).await?, false));
         };
         if let Some(dst) = conn.local()
             && let Err(e) = self
@@ -694,5 +700,43 @@ impl Forwarder {
             .request(&self.source, &dst, tls, observer.protocol);
         observer.refused(status, metric);
         proxy_error(status, &message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_core::identity::{Identity, SpiffeId};
+
+    use super::*;
+    use crate::proxy::outbound::route::Refusal;
+
+    #[test]
+    fn a_connection_is_made_for_its_route() {
+        let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), "cluster.local");
+        let (web, api) = (id("web"), id("api"));
+        let tunnel = Route::Tunnel {
+            node_ip: "192.168.0.2".parse().unwrap(),
+            src: &web,
+            dst: &api,
+        };
+        for (route, want) in [
+            (
+                Route::Direct,
+                Some(Expected {
+                    tls: false,
+                    peer: None,
+                }),
+            ),
+            (
+                tunnel,
+                Some(Expected {
+                    tls: true,
+                    peer: Some(api.uri().to_owned()),
+                }),
+            ),
+            (Route::Refuse(Refusal::NoSourceIdentity), None),
+        ] {
+            assert_eq!(Expected::of(&route), want, "{route:?}");
+        }
     }
 }
