@@ -42,15 +42,22 @@ fn build() -> anyhow::Result<()> {
     let path = env::var_os("PATH").unwrap_or_default();
     let mut dirs: Vec<PathBuf> = vec![tools_bin.clone()];
     dirs.extend(env::split_paths(&path));
-    // Built again once it is installed (a path that does not exist makes
-    // cargo run this again every time, which is when
-    // NODEMESH_REQUIRE_EBPF is read: no rerun-if-env-changed for it, so
-    // `cargo xtask` and plain cargo share one build).
+    // Built again when the linker changes, or once it is installed (a path
+    // that does not exist makes cargo run this again every time, which is
+    // when NODEMESH_REQUIRE_EBPF is read: no rerun-if-env-changed for it,
+    // so `cargo xtask` and plain cargo share one build).
+    let linker = dirs
+        .iter()
+        .map(|d| d.join("bpf-linker"))
+        .find(|l| l.is_file());
     println!(
         "cargo:rerun-if-changed={}",
-        tools_bin.join("bpf-linker").display()
+        linker
+            .clone()
+            .unwrap_or_else(|| tools_bin.join("bpf-linker"))
+            .display()
     );
-    if !dirs.iter().any(|d| d.join("bpf-linker").is_file()) {
+    if linker.is_none() {
         let missing = format!(
             "bpf-linker is not installed (looked in {} and PATH): run `cargo xtask setup`",
             tools_bin.display()

@@ -46,6 +46,9 @@ pub const DECAY: Duration = Duration::from_secs(1);
 pub const OVERLOAD: f64 = 2.0;
 /// ... or answers more than this many times slower.
 pub const SLOWER: f64 = 4.0;
+/// How slowly the estimate of a farther endpoint fades for that
+/// comparison.
+pub const FARTHER_DECAY: Duration = Duration::from_secs(30);
 /// Latency estimates within this factor of each other are alike: between
 /// them, the work in flight decides (noise of a millisecond must not send
 /// every sequential request to one endpoint for a second).
@@ -172,8 +175,14 @@ impl Endpoint {
     /// Whether it, a nearer endpoint, is to be passed over for `farther`
     /// now: more than [`OVERLOAD`] times its work, or [`SLOWER`] times its
     /// latency.
+    /// The farther one's latency is what it was last seen at, fading only
+    /// over [`FARTHER_DECAY`]: an estimate faded for want of samples is
+    /// no evidence that it is faster (with the quick fade, every idle
+    /// endpoint elsewhere would look fast after a second, and take a
+    /// request from a healthy slow-by-nature Service here each time).
     fn overloaded(&self, farther: &Endpoint, now: Instant) -> bool {
-        self.load() > OVERLOAD * farther.load() || self.latency(now) > SLOWER * farther.latency(now)
+        self.load() > OVERLOAD * farther.load()
+            || self.latency(now) > SLOWER * farther.stats().estimate_over(now, FARTHER_DECAY)
     }
 
     /// Whether it is no worse a choice than `other` now: by cost, unless
@@ -251,9 +260,14 @@ impl Stats {
     /// The latency estimate at `now`: the average, faded toward the floor
     /// for the time it went unrefreshed.
     fn estimate(&self, now: Instant) -> f64 {
+        self.estimate_over(now, DECAY)
+    }
+
+    /// The same, faded with `decay`.
+    fn estimate_over(&self, now: Instant, decay: Duration) -> f64 {
         let age = now.saturating_duration_since(self.updated).as_secs_f64();
         let floor = FLOOR.as_nanos() as f64;
-        floor + (self.ewma_ns - floor).max(0.0) * (-age / DECAY.as_secs_f64()).exp()
+        floor + (self.ewma_ns - floor).max(0.0) * (-age / decay.as_secs_f64()).exp()
     }
 }
 
@@ -669,5 +683,23 @@ mod tests {
             b.pick(&[&eps], &[]).unwrap().success();
         }
         assert!(b.tracked() <= 20, "{} endpoints looked up", b.tracked());
+    }
+
+    #[test]
+    fn a_slow_by_nature_service_stays_on_this_node_though_idle_endpoints_elsewhere_fade() {
+        // Every endpoint answers in 50 ms; twenty elsewhere, idle. Each
+        // is tried once (it is not known yet), then the node's keeps the
+        // work: a faded estimate is no evidence of a faster endpoint.
+        let b = Balancer::default();
+        let eps = addrs(21);
+        let (local, all) = (&eps[..1], &eps[..]);
+        let counts = sequential(&b, &[local, all], 2000, Duration::from_millis(5), |_| {
+            Duration::from_millis(50)
+        });
+        let elsewhere = 2000 - counts.get(&eps[0]).copied().unwrap_or(0);
+        assert!(
+            elsewhere <= 100,
+            "{elsewhere} of 2000 left the node ({counts:?})"
+        );
     }
 }
