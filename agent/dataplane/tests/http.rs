@@ -138,6 +138,14 @@ async fn a_pod_on_the_same_node_refusing_by_policy_is_a_403_not_a_retry_elsewher
         assert_eq!(a.status, 403, "h2={h2}: {a:?}");
         assert!(a.proxy_error.is_some_and(|e| e.contains("inbound policy")));
     }
+    // Through a Service whose one endpoint says no: the same 403.
+    let vip = addr("10.96.0.13", 80);
+    cluster.service("locked", vip, PORT, &["10.1.0.4"]);
+    for h2 in [false, true] {
+        let mut client = Client::over(cluster.dial(0, "client", vip).await, h2).await;
+        let a = client.get("locked.shop", "/", None).await;
+        assert_eq!(a.status, 403, "h2={h2}: {a:?}");
+    }
     assert_eq!(locked.served(), 0, "nothing reached it");
 }
 

@@ -196,96 +196,13 @@ impl TunnelServer {
             return;
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let timeout = self.cfg.handshake_timeout;
-        // A TLS connection starts with a handshake record (0x16).
-        let mut first = [0u8; 1];
-        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
-            Ok(Ok(1)) if first[0] == 0x16 => {}
-            Ok(Ok(0)) => return,
-            Ok(Ok(_)) => {
-                return self.refuse_logged(
-                    TunnelError::NotTls,
-                    "not TLS (plaintext or garbage)",
-                    None,
-                );
-            }
-            Ok(Err(e)) => {
-                debug!(error = %e, "tunnel connection failed before the handshake");
-                return;
-            }
-            Err(_) => {
-                return self.refuse_logged(
-                    TunnelError::Handshake,
-                    "no handshake within the timeout",
-                    None,
-                );
-            }
+        if !self.starts_with_tls(&tcp).await {
+            return;
         }
-        // The name asked for is read first, and the handshake goes on the
-        // same way whether this node holds it or not (see `SniResolver`):
-        // an unknown one is refused after it, never answered differently.
-        let deadline = tokio::time::Instant::now() + timeout;
-        let hello = tokio::time::timeout_at(
-            deadline,
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
-        )
-        .await;
-        let start = match hello {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => {
-                let reason = tls::classify(&e);
-                return self.refuse_logged(reason, "TLS handshake failed", Some(&e));
-            }
-            Err(_) => {
-                return self.refuse_logged(TunnelError::Handshake, "TLS handshake timed out", None);
-            }
-        };
-        let known = tls::serves_name(&self.store, start.client_hello().server_name());
-        let tls = match tokio::time::timeout_at(deadline, start.into_stream(self.tls.clone())).await
-        {
-            Ok(Ok(tls)) => tls,
-            // A name this node does not hold: that first, whatever failed
-            // after it (a client checking our certificate against it does).
-            Ok(Err(e)) if !known => {
-                return self.refuse_logged(
-                    TunnelError::UnknownServerName,
-                    "no certificate here for the identity the client asked for",
-                    Some(&e),
-                );
-            }
-            Ok(Err(e)) => {
-                let reason = tls::classify(&e);
-                return self.refuse_logged(reason, "TLS handshake failed", Some(&e));
-            }
-            Err(_) => {
-                return self.refuse_logged(TunnelError::Handshake, "TLS handshake timed out", None);
-            }
+        let Some((tls, client)) = self.handshake(tcp).await else {
+            return;
         };
         let (_, session) = tls.get_ref();
-        self.metrics
-            .tls
-            .handshake(crate::telemetry::TlsEndpoint::TunnelInbound, session);
-        if !known {
-            return self.refuse_logged(
-                TunnelError::UnknownServerName,
-                "no certificate here for the identity the client asked for",
-                None,
-            );
-        }
-        let Some(client) = tls::peer_spiffe(session.peer_certificates()) else {
-            return self.refuse_logged(
-                TunnelError::WrongIdentity,
-                "the client certificate holds no SPIFFE ID",
-                None,
-            );
-        };
-        if let Err(why) = self.destinations.admit(&client) {
-            return self.refuse_logged(
-                TunnelError::PolicyDenied,
-                &format!("{client}: {why}"),
-                None,
-            );
-        }
         let served = session
             .server_name()
             .and_then(|n| Identity::parse_dns_name(n, self.store.trust_domain()));
@@ -321,6 +238,96 @@ impl TunnelServer {
         if let Err(e) = result {
             debug!(error = %e, "tunnel connection ended with an error");
         }
+    }
+
+    /// Whether the connection starts with a TLS handshake record (0x16)
+    /// within the handshake timeout; anything else is refused (and logged).
+    async fn starts_with_tls(&self, tcp: &TcpStream) -> bool {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(self.cfg.handshake_timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 0x16 => true,
+            Ok(Ok(0)) => false,
+            Ok(Ok(_)) => {
+                self.refuse_logged(TunnelError::NotTls, "not TLS (plaintext or garbage)", None);
+                false
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "tunnel connection failed before the handshake");
+                false
+            }
+            Err(_) => {
+                self.refuse_logged(
+                    TunnelError::Handshake,
+                    "no handshake within the timeout",
+                    None,
+                );
+                false
+            }
+        }
+    }
+
+    /// The TLS handshake, within the handshake timeout, and the client it
+    /// proved: one of this node's identities asked for, a SPIFFE ID its
+    /// destinations admit. `None` (refused and logged) otherwise.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, String)> {
+        // The name asked for is read first, and the handshake goes on the
+        // same way whether this node holds it or not (see `SniResolver`):
+        // an unknown one is refused after it, never answered differently.
+        let deadline = tokio::time::Instant::now() + self.cfg.handshake_timeout;
+        let hello = tokio::time::timeout_at(
+            deadline,
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+        )
+        .await;
+        let start = match hello {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                let reason = tls::classify(&e);
+                return self.refused(reason, "TLS handshake failed", Some(&e));
+            }
+            Err(_) => return self.refused(TunnelError::Handshake, "TLS handshake timed out", None),
+        };
+        let known = tls::serves_name(&self.store, start.client_hello().server_name());
+        let unknown = "no certificate here for the identity the client asked for";
+        let tls = match tokio::time::timeout_at(deadline, start.into_stream(self.tls.clone())).await
+        {
+            Ok(Ok(tls)) => tls,
+            // A name this node does not hold: that first, whatever failed
+            // after it (a client checking our certificate against it does).
+            Ok(Err(e)) if !known => {
+                return self.refused(TunnelError::UnknownServerName, unknown, Some(&e));
+            }
+            Ok(Err(e)) => {
+                let reason = tls::classify(&e);
+                return self.refused(reason, "TLS handshake failed", Some(&e));
+            }
+            Err(_) => return self.refused(TunnelError::Handshake, "TLS handshake timed out", None),
+        };
+        let (_, session) = tls.get_ref();
+        self.metrics
+            .tls
+            .handshake(crate::telemetry::TlsEndpoint::TunnelInbound, session);
+        if !known {
+            return self.refused(TunnelError::UnknownServerName, unknown, None);
+        }
+        let Some(client) = tls::peer_spiffe(session.peer_certificates()) else {
+            let why = "the client certificate holds no SPIFFE ID";
+            return self.refused(TunnelError::WrongIdentity, why, None);
+        };
+        if let Err(why) = self.destinations.admit(&client) {
+            let why = format!("{client}: {why}");
+            return self.refused(TunnelError::PolicyDenied, &why, None);
+        }
+        Some((tls, client))
+    }
+
+    /// [`Self::refuse_logged`], as a handshake's outcome.
+    fn refused<T>(&self, reason: TunnelError, why: &str, e: Option<&std::io::Error>) -> Option<T> {
+        self.refuse_logged(reason, why, e.map(|e| e as &dyn std::fmt::Display));
+        None
     }
 
     /// Answers one CONNECT; the relay runs in its own task.
