@@ -83,6 +83,31 @@ struct Forwarder {
     early: std::sync::Mutex<Option<SocketAddr>>,
 }
 
+/// What one request goes to, resolved once when it comes: the Service's
+/// endpoints as they are then (every attempt picks among those), or the
+/// one address.
+#[derive(Clone, Debug)]
+enum RequestTarget {
+    Service(Arc<ServiceTarget>),
+    Single(SocketAddr),
+    /// The connection's cluster IP is no Service port any more.
+    Gone,
+}
+
+impl RequestTarget {
+    /// For a connection to `dest`, where `upstream` says what is behind an
+    /// address now.
+    fn resolve(dest: &Dest, upstream: impl FnOnce(SocketAddr) -> Target) -> Self {
+        match dest {
+            Dest::Single(addr) => RequestTarget::Single(*addr),
+            Dest::Service(vip) => match upstream(*vip) {
+                Target::Service(svc) => RequestTarget::Service(svc),
+                _ => RequestTarget::Gone,
+            },
+        }
+    }
+}
+
 /// What a connection to an endpoint must be now (its route): over TLS,
 /// and to which identity. A pooled one that no longer matches (the
 /// destination became meshed, say) is not used.
@@ -274,10 +299,14 @@ impl Forwarder {
 
     /// The next endpoint to try, with its load accounting (Services): the
     /// early connection's endpoint first, then the balancer's choice.
-    fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Option<InFlight>)> {
-        match &self.dest {
-            Dest::Service(_) => {
-                let svc = self.service()?;
+    fn pick(
+        &self,
+        target: &RequestTarget,
+        tried: &[SocketAddr],
+    ) -> Option<(SocketAddr, Option<InFlight>)> {
+        match target {
+            RequestTarget::Gone => None,
+            RequestTarget::Service(svc) => {
                 let early = self
                     .early
                     .lock()
@@ -290,7 +319,7 @@ impl Forwarder {
                 let work = self.outbound.balancer.pick(&svc.tiers(), tried)?;
                 Some((work.endpoint().addr, Some(work)))
             }
-            Dest::Single(addr) => (!tried.contains(addr)).then_some((*addr, None)),
+            RequestTarget::Single(addr) => (!tried.contains(addr)).then_some((*addr, None)),
         }
     }
 
@@ -523,6 +552,8 @@ impl Forwarder {
         upgrade: bool,
         observer: &mut Observer,
     ) -> Result<Answered, Option<AttemptError>> {
+        let target =
+            RequestTarget::resolve(&self.dest, |vip| self.outbound.state.upstream(vip).target);
         let mut tried = Vec::new();
         let mut again: Option<(SocketAddr, Option<InFlight>)> = None;
         let mut last = None;
@@ -531,7 +562,7 @@ impl Forwarder {
                 Some((endpoint, work)) => (endpoint, work, true),
                 None => {
                     let next = (tried.len() < ATTEMPTS)
-                        .then(|| self.pick(&tried))
+                        .then(|| self.pick(&target, &tried))
                         .flatten();
                     let Some((endpoint, work)) = next else {
                         return Err(last);
@@ -709,6 +740,43 @@ mod tests {
 
     use super::*;
     use crate::proxy::outbound::route::Refusal;
+
+    #[test]
+    fn a_request_goes_to_what_its_destination_is_when_it_comes() {
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let pod: SocketAddr = "10.1.0.2:8080".parse().unwrap();
+        let svc = Arc::new(ServiceTarget {
+            service: crate::state::ObjectKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            port: crate::state::ServicePort {
+                name: None,
+                port: 80,
+                app_protocol: None,
+            },
+            endpoints: Arc::from([pod]),
+            on_node: Arc::from([pod]),
+            in_zone: Arc::from([]),
+            protocol: crate::state::ConfiguredProtocol::Detect,
+        });
+        let service = || Target::Service(svc.clone());
+        for (dest, behind, want) in [
+            (Dest::Single(pod), Target::Unknown, "single"),
+            (Dest::Service(vip), service(), "service"),
+            // The Service went away while the connection was open.
+            (Dest::Service(vip), Target::Unknown, "gone"),
+            (Dest::Service(vip), Target::UnknownService, "gone"),
+        ] {
+            let got = match RequestTarget::resolve(&dest, |_| behind) {
+                RequestTarget::Single(a) if a == pod => "single",
+                RequestTarget::Service(s) if s.endpoints[..] == [pod] => "service",
+                RequestTarget::Gone => "gone",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(got, want, "{dest:?}");
+        }
+    }
 
     #[test]
     fn a_connection_is_made_for_its_route() {
