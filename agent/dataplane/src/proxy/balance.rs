@@ -9,7 +9,11 @@
 //!   ones; all). Work goes to the nearest tier with an endpoint that is
 //!   not resting and not overloaded: its choice has at most [`OVERLOAD`]
 //!   times the work in flight of the next tier's, and answers at most
-//!   [`SLOWER`] times slower.
+//!   [`SLOWER`] times slower than that one was last seen to (its estimate
+//!   fading over [`FARTHER_DECAY`] there: an idle endpoint elsewhere is
+//!   not taken for a faster one because nobody asked it lately).
+//! - **Alike**: latencies within [`ALIKE`] of each other are equal, and
+//!   the work in flight decides between them.
 //! - **P2C in O(1)**: two random endpoints of a tier are looked at, not
 //!   every one; only when most of them rest are they all scanned.
 //! - **Peak EWMA**: a sample above the average replaces it at once (a slow
