@@ -26,7 +26,7 @@ const METHODS: &[&[u8]] = &[
 ];
 
 /// Bytes of a client's first words looked at: an HTTP/1 request line with
-/// a method not in [`METHODS`] must end within them.
+/// a method not in `METHODS` must end within them.
 pub const DETECT_BYTES: usize = 2048;
 
 /// Classifies what the client sent first; `None` while the bytes so far
