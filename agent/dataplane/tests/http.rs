@@ -9,16 +9,16 @@ mod support;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use support::{Client, Cluster, addr};
+use support::{
+    Cluster, addr,
+    http::{Client, HttpServer},
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
 
 /// A Service `shop/web` at 10.96.0.10:80 over HTTP servers at `ips`.
-async fn web(
-    cluster: &Cluster,
-    ips: &[&str],
-) -> (SocketAddr, Vec<std::sync::Arc<support::HttpServer>>) {
+async fn web(cluster: &Cluster, ips: &[&str]) -> (SocketAddr, Vec<std::sync::Arc<HttpServer>>) {
     let vip = addr("10.96.0.10", 80);
     let mut servers = Vec::new();
     for ip in ips {

@@ -13,6 +13,7 @@
 //! written) goes to another. A response the proxy makes says so in
 //! `nodemesh-proxy-error`.
 pub mod pool;
+mod stages;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
@@ -23,7 +24,10 @@ use nodemesh_core::wire::TapPeer;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use self::pool::{Conn, Key};
+use self::{
+    pool::{Conn, Key},
+    stages::{Answered, AttemptError, Expected, Observer, RequestTarget},
+};
 use super::{
     Outbound,
     route::{Route, route},
@@ -42,10 +46,7 @@ use crate::{
         relay::{CountedIo, Reset},
     },
     state::{ServiceTarget, Target},
-    telemetry::{
-        http::{Destination, Protocol, Request as RequestMetric, Workload},
-        tap::Tapped,
-    },
+    telemetry::http::{Destination, Workload},
 };
 
 /// Endpoints tried for one request at most.
@@ -81,66 +82,6 @@ struct Forwarder {
     /// The endpoint dialled while detecting: the first request goes there
     /// (its connection is waiting in the pool).
     early: std::sync::Mutex<Option<SocketAddr>>,
-}
-
-/// What one request goes to, resolved once when it comes: the Service's
-/// endpoints as they are then (every attempt picks among those), or the
-/// one address.
-#[derive(Clone, Debug)]
-enum RequestTarget {
-    Service(Arc<ServiceTarget>),
-    Single(SocketAddr),
-    /// The connection's cluster IP is no Service port any more.
-    Gone,
-}
-
-impl RequestTarget {
-    /// For a connection to `dest`, where `upstream` says what is behind an
-    /// address now.
-    fn resolve(dest: &Dest, upstream: impl FnOnce(SocketAddr) -> Target) -> Self {
-        match dest {
-            Dest::Single(addr) => RequestTarget::Single(*addr),
-            Dest::Service(vip) => match upstream(*vip) {
-                Target::Service(svc) => RequestTarget::Service(svc),
-                _ => RequestTarget::Gone,
-            },
-        }
-    }
-}
-
-/// What a connection to an endpoint must be now (its route): over TLS,
-/// and to which identity. A pooled one that no longer matches (the
-/// destination became meshed, say) is not used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Expected {
-    tls: bool,
-    peer: Option<String>,
-}
-
-impl Expected {
-    /// What a connection for `route` must be; `None` when routing refuses.
-    fn of(route: &Route<'_>) -> Option<Self> {
-        match route {
-            Route::Direct => Some(Expected {
-                tls: false,
-                peer: None,
-            }),
-            Route::Local { id, .. } => Some(Expected {
-                tls: false,
-                peer: Some(id.uri().to_owned()),
-            }),
-            Route::Tunnel { dst, .. } => Some(Expected {
-                tls: true,
-                peer: Some(dst.uri().to_owned()),
-            }),
-            Route::Refuse(_) => None,
-        }
-    }
-
-    /// Whether a pooled connection was made for it.
-    fn made(&self, conn: &Conn) -> bool {
-        conn.tls == self.tls && conn.peer_uri() == self.peer.as_deref()
-    }
 }
 
 impl Outbound {
@@ -187,92 +128,6 @@ impl Outbound {
         };
         if let Err(e) = result {
             debug!(error = %e, "HTTP client connection ended with an error");
-        }
-    }
-}
-
-/// Why one attempt at a request got no response from its endpoint.
-#[derive(Debug, thiserror::Error)]
-enum AttemptError {
-    /// Never written: the request is back, and may go again — to the same
-    /// endpoint on a new connection when a pooled one had closed (a
-    /// keep-alive race, not the endpoint's fault), else to another.
-    #[error("request not sent to {endpoint}: {reason}")]
-    NotSent {
-        endpoint: SocketAddr,
-        reason: String,
-        pooled: bool,
-    },
-    /// The destination's inbound policy refused the client (it is up, and
-    /// says no: not counted against it).
-    #[error("{endpoint}: refused by its inbound policy")]
-    Refused { endpoint: SocketAddr },
-    /// No connection could be had: routing refused it, or it could not
-    /// be reached.
-    #[error("{0}")]
-    Unreachable(String),
-    /// Written, and failed upstream: never sent again (it may have had
-    /// effects).
-    #[error("upstream {endpoint}: {source}")]
-    Upstream {
-        endpoint: SocketAddr,
-        tls: bool,
-        source: hyper::Error,
-    },
-}
-
-impl AttemptError {
-    /// The proxy's answer when this was the last attempt.
-    fn status(&self) -> StatusCode {
-        match self {
-            AttemptError::Refused { .. } => StatusCode::FORBIDDEN,
-            _ => StatusCode::BAD_GATEWAY,
-        }
-    }
-}
-
-/// A request's answer from an endpoint, with what it came over.
-struct Answered {
-    resp: Response<Incoming>,
-    conn: Conn,
-    key: Key,
-    endpoint: SocketAddr,
-    work: Option<InFlight>,
-}
-
-/// What one request is seen as from its start to its end: its tap events
-/// (when someone listens), then its metrics on both sides.
-struct Observer {
-    started: Instant,
-    protocol: Protocol,
-    tapped: Option<Tapped>,
-    /// Its `req` event went out (at the first attempt that wrote it).
-    announced: bool,
-}
-
-impl Observer {
-    /// The request is written to `dst` now (the first time only counts).
-    fn sending(&mut self, dst: impl FnOnce() -> TapPeer, tls: bool) {
-        if let Some(t) = &mut self.tapped
-            && !self.announced
-        {
-            t.to(dst(), tls);
-            t.sent();
-        }
-        self.announced = true;
-    }
-
-    /// The proxy answers itself, with `status`.
-    fn refused(mut self, status: StatusCode, metric: Option<RequestMetric>) {
-        if let Some(mut t) = self.tapped.take() {
-            if !self.announced {
-                t.sent();
-            }
-            t.response(status.as_u16(), None);
-            t.end(0, None);
-        }
-        if let Some(m) = metric {
-            m.response(status.as_u16(), None, true);
         }
     }
 }
@@ -731,80 +586,5 @@ impl Forwarder {
             .request(&self.source, &dst, tls, observer.protocol);
         observer.refused(status, metric);
         proxy_error(status, &message)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use nodemesh_core::identity::{Identity, SpiffeId};
-
-    use super::*;
-    use crate::proxy::outbound::route::Refusal;
-
-    #[test]
-    fn a_request_goes_to_what_its_destination_is_when_it_comes() {
-        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
-        let pod: SocketAddr = "10.1.0.2:8080".parse().unwrap();
-        let svc = Arc::new(ServiceTarget {
-            service: crate::state::ObjectKey {
-                namespace: "shop".into(),
-                name: "web".into(),
-            },
-            port: crate::state::ServicePort {
-                name: None,
-                port: 80,
-                app_protocol: None,
-            },
-            endpoints: Arc::from([pod]),
-            on_node: Arc::from([pod]),
-            in_zone: Arc::from([]),
-            protocol: crate::state::ConfiguredProtocol::Detect,
-        });
-        let service = || Target::Service(svc.clone());
-        for (dest, behind, want) in [
-            (Dest::Single(pod), Target::Unknown, "single"),
-            (Dest::Service(vip), service(), "service"),
-            // The Service went away while the connection was open.
-            (Dest::Service(vip), Target::Unknown, "gone"),
-            (Dest::Service(vip), Target::UnknownService, "gone"),
-        ] {
-            let got = match RequestTarget::resolve(&dest, |_| behind) {
-                RequestTarget::Single(a) if a == pod => "single",
-                RequestTarget::Service(s) if s.endpoints[..] == [pod] => "service",
-                RequestTarget::Gone => "gone",
-                other => panic!("{other:?}"),
-            };
-            assert_eq!(got, want, "{dest:?}");
-        }
-    }
-
-    #[test]
-    fn a_connection_is_made_for_its_route() {
-        let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), "cluster.local");
-        let (web, api) = (id("web"), id("api"));
-        let tunnel = Route::Tunnel {
-            node_ip: "192.168.0.2".parse().unwrap(),
-            src: &web,
-            dst: &api,
-        };
-        for (route, want) in [
-            (
-                Route::Direct,
-                Some(Expected {
-                    tls: false,
-                    peer: None,
-                }),
-            ),
-            (
-                tunnel,
-                Some(Expected {
-                    tls: true,
-                    peer: Some(api.uri().to_owned()),
-                }),
-            ),
-            (Route::Refuse(Refusal::NoSourceIdentity), None),
-        ] {
-            assert_eq!(Expected::of(&route), want, "{route:?}");
-        }
     }
 }
