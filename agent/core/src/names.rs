@@ -17,6 +17,30 @@ pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "config.nodemesh.io/skip-inbound
 /// `--default-inbound-policy`).
 pub const INBOUND_POLICY_ANNOTATION: &str = "config.nodemesh.io/default-inbound-policy";
 
+/// The most connections a pod may hold through the node's proxy at once
+/// (on a pod; else its fair share of the node's budget): `5000`.
+pub const MAX_CONNECTIONS_ANNOTATION: &str = "config.nodemesh.io/max-connections";
+
+/// The most HTTP requests a pod may have in flight through the node's
+/// proxy (on a pod; else its fair share): `2000`.
+pub const MAX_REQUESTS_ANNOTATION: &str = "config.nodemesh.io/max-requests";
+
+/// How long a pod's opaque connections may stay silent both ways before
+/// the proxy closes them (on a pod; else `--idle-timeout`): `30m`, `4h`.
+pub const IDLE_TIMEOUT_ANNOTATION: &str = "config.nodemesh.io/idle-timeout";
+
+/// The largest limit an annotation may set.
+pub const MAX_LIMIT: usize = 1 << 20;
+
+/// A limit as an annotation writes it: a whole number from 1 to
+/// [`MAX_LIMIT`].
+pub fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!("not a whole number from 1 to {MAX_LIMIT}")),
+    }
+}
+
 /// Who may connect to a meshed pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum InboundPolicy {

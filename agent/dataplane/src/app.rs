@@ -39,9 +39,11 @@ use crate::{
         CertStore,
         client::{IdentityClient, IdentityClientConfig, IdentityClientError, ServiceAddrs, roots},
     },
+    memory::{self, Budgets},
     netns,
     proxy::{
-        Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics,
+        Admission, AdmissionConfig, Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs,
+        ProxyMetrics,
         inbound::InboundConfig, tunnel,
     },
     redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
@@ -151,7 +153,11 @@ enum Source {
 impl App {
     /// Loads eBPF, binds, and wires every part. Nothing runs until
     /// [`App::run`].
-    pub async fn build(cfg: AgentConfig, ebpf_log_level: u8) -> Result<Self, AgentError> {
+    pub async fn build(
+        cfg: AgentConfig,
+        budgets: Budgets,
+        ebpf_log_level: u8,
+    ) -> Result<Self, AgentError> {
         netns::init().map_err(AgentError::Netns)?;
         let mount = cgroup::find_cgroup2_mount()?;
         let root_path = cfg.cgroup_root.clone().unwrap_or_else(|| mount.clone());
@@ -200,6 +206,11 @@ impl App {
             PodSourceConfig::File { .. } => None,
         };
         let proxy_metrics = ProxyMetrics::new(&mut registry);
+        let admission = Admission::new(AdmissionConfig {
+            max_connections: budgets.connections,
+            max_requests: budgets.requests,
+        });
+        admission.register(&mut registry);
         let tls_metrics = proxy_metrics.tunnel.tls.clone();
         // Workload identity: certificates, and with them the tunnel.
         let certs = match &cfg.identity {
@@ -258,7 +269,8 @@ impl App {
         let proxy = Arc::new(Proxy::new(ProxyInputs {
             cfg: ProxyConfig {
                 buffer_size: cfg.buffer_size,
-                max_connections: cfg.max_connections,
+                buffer_budget: budgets.buffer_bytes,
+                idle_timeout: cfg.idle_timeout,
                 tunnel: tunnel_cfg,
                 detect_timeout: cfg.detect_timeout,
                 inbound: InboundConfig {
@@ -279,6 +291,7 @@ impl App {
             orig_dst: redirect.clone(),
             clients: Some(redirect.clone()),
             drain: Drain::default(),
+            admission,
         })?);
         let source = match &cfg.source {
             PodSourceConfig::File { path, interval } => Source::File(FileSource {
@@ -504,8 +517,29 @@ fn raise_fd_limit(max_connections: usize) -> (u64, u64, u64) {
 
 /// The whole of `nodemesh agent` once its flags are checked: a runtime,
 /// the app, signals.
-pub fn main(mut cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
-    let (before, after, needed) = raise_fd_limit(cfg.max_connections);
+pub fn main(cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
+    let mut budgets = Budgets::derive(
+        memory::own_limit(),
+        cfg.buffer_size,
+        cfg.max_connections,
+        cfg.max_requests,
+    );
+    match &budgets.limit {
+        Some(limit) => info!(
+            memory_limit = limit.bytes,
+            from = %limit.file.display(),
+            max_connections = budgets.connections,
+            max_requests = budgets.requests,
+            relay_buffer_bytes = budgets.buffer_bytes,
+            "admission budgets (flags set to auto are derived from the memory limit)"
+        ),
+        None => info!(
+            max_connections = budgets.connections,
+            max_requests = budgets.requests,
+            "admission budgets (no memory limit found: set one, or --max-connections)"
+        ),
+    }
+    let (before, after, needed) = raise_fd_limit(budgets.connections);
     if after > before {
         info!(from = before, to = after, "open-file limit raised");
     }
@@ -519,7 +553,7 @@ pub fn main(mut cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> 
             max_connections = fits,
             "the open-file limit is below what --max-connections needs; proxying fewer connections at once (raise the hard limit, LimitNOFILE, for more)"
         );
-        cfg.max_connections = cfg.max_connections.min(fits);
+        budgets.connections = budgets.connections.min(fits);
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("nodemesh-proxy");
@@ -530,7 +564,7 @@ pub fn main(mut cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> 
     let result = runtime.block_on(async {
         let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-        let app = App::build(cfg, ebpf_log_level).await?;
+        let app = App::build(cfg, budgets, ebpf_log_level).await?;
         info!(admin = %app.bound().admin, tunnel = ?app.bound().tunnel, "agent started");
         app.run(async move {
             tokio::select! {

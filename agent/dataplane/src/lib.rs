@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod memory;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;

@@ -200,9 +200,10 @@ pub struct AgentArgs {
     )]
     pub shutdown_grace: String,
 
-    /// Relay buffer per direction per connection, in bytes. Proxy memory is
-    /// bounded by about max-connections × 2 × this (pages a connection never
-    /// fills are not resident). Larger buffers move bulk data faster.
+    /// Relay buffer per direction per connection, in bytes, taken only
+    /// while data moves (an idle connection holds none; a connection starts
+    /// with a small one). Larger buffers move bulk data faster; how many
+    /// are held at once is bounded by the memory limit (see docs/limits.md).
     #[arg(
         long,
         env = "NODEMESH_BUFFER_SIZE",
@@ -211,14 +212,40 @@ pub struct AgentArgs {
     )]
     pub buffer_size: String,
 
-    /// Connections proxied at once on this node; more wait to be accepted.
+    /// Connections open through the proxy at once on this node, every door
+    /// together: split evenly among the served pods (each at least 16, or
+    /// its config.nodemesh.io/max-connections annotation); a pod over its
+    /// share has its own new connections reset. `auto`: derived from the
+    /// agent's cgroup memory limit (20000 without one).
     #[arg(
         long,
         env = "NODEMESH_MAX_CONNECTIONS",
-        default_value = "20000",
-        value_name = "N"
+        default_value = "auto",
+        value_name = "N|auto"
     )]
     pub max_connections: String,
+
+    /// HTTP requests in flight through the proxy at once on this node,
+    /// split among the pods like connections (a pod over its share gets
+    /// 503s). `auto`: as many as connections.
+    #[arg(
+        long,
+        env = "NODEMESH_MAX_REQUESTS",
+        default_value = "auto",
+        value_name = "N|auto"
+    )]
+    pub max_requests: String,
+
+    /// How long an opaque (non-HTTP) connection may stay silent both ways
+    /// before the proxy closes it (a pod's config.nodemesh.io/idle-timeout
+    /// annotation sets its own).
+    #[arg(
+        long,
+        env = "NODEMESH_IDLE_TIMEOUT",
+        default_value = "1h",
+        value_name = "DURATION"
+    )]
+    pub idle_timeout: String,
 
     /// Proxy worker threads (0: one per CPU).
     #[arg(

@@ -76,7 +76,11 @@ pub struct AgentConfig {
     pub min_inbound_policy: InboundPolicy,
     pub shutdown_grace: Duration,
     pub buffer_size: usize,
-    pub max_connections: usize,
+    /// `None`: derived from the memory limit (see [`crate::memory`]).
+    pub max_connections: Option<usize>,
+    pub max_requests: Option<usize>,
+    /// Opaque relays silent both ways this long are closed.
+    pub idle_timeout: Duration,
     pub worker_threads: usize,
     pub cleanup_on_exit: bool,
     /// Workload identity and the tunnel, when on.
@@ -160,10 +164,23 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             &a.buffer_size,
             parse_count(&a.buffer_size, 1024, 4 << 20),
         );
+        let auto = |s: &str| -> Result<Option<usize>, String> {
+            if s.trim() == "auto" {
+                Ok(None)
+            } else {
+                parse_count(s, 1, 1 << 20).map(Some)
+            }
+        };
         let max_connections = p.check(
             "max-connections",
             &a.max_connections,
-            parse_count(&a.max_connections, 1, 1 << 20),
+            auto(&a.max_connections),
+        );
+        let max_requests = p.check("max-requests", &a.max_requests, auto(&a.max_requests));
+        let idle_timeout = p.check(
+            "idle-timeout",
+            &a.idle_timeout,
+            parse_positive_duration(&a.idle_timeout),
         );
         let worker_threads = p.check(
             "worker-threads",
@@ -346,6 +363,8 @@ impl TryFrom<&AgentArgs> for AgentConfig {
             shutdown_grace: shutdown_grace.ok_or_else(missing)?,
             buffer_size: buffer_size.ok_or_else(missing)?,
             max_connections: max_connections.ok_or_else(missing)?,
+            max_requests: max_requests.ok_or_else(missing)?,
+            idle_timeout: idle_timeout.ok_or_else(missing)?,
             worker_threads: worker_threads.ok_or_else(missing)?,
             cleanup_on_exit: a.cleanup_on_exit,
             identity,

@@ -29,12 +29,12 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use nodemesh_core::names::{InboundPolicy, MeshLabel, PodUid, PortSet};
+use nodemesh_core::names::{InboundPolicy, MeshLabel, PodUid, PortSet, parse_limit};
 
 use super::{SourceErrorReason, SourceMetrics};
 use crate::{
     cgroup::QosClass,
-    state::{CgroupRef, PodInfo, StateStore, Workload},
+    state::{CgroupRef, PodInfo, PodLimits, StateStore, Workload},
 };
 
 /// The pod file's top level.
@@ -81,6 +81,14 @@ struct PodEntry {
     /// Ports not captured inbound.
     #[serde(default)]
     skip_inbound_ports: Vec<u16>,
+    /// Its own limits (else its fair share of the node's).
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    max_requests: Option<usize>,
+    /// How long its opaque connections may stay silent (`30m`).
+    #[serde(default)]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +194,22 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
             })?),
         },
     };
+    for (what, n) in [
+        ("maxConnections", e.max_connections),
+        ("maxRequests", e.max_requests),
+    ] {
+        if let Some(n) = n {
+            parse_limit(&n.to_string()).map_err(|p| format!("{what} {n}: {p}"))?;
+        }
+    }
+    let idle_timeout: Option<Duration> = e
+        .idle_timeout
+        .as_deref()
+        .map(|t| {
+            nodemesh_core::config::parse_positive_duration(t)
+                .map_err(|p| format!("idleTimeout {t:?}: {p}"))
+        })
+        .transpose()?;
     let (mesh_label, label_problem) = match MeshLabel::parse(&e.labels) {
         Ok(label) => (label, None),
         Err(problem) => (None, Some(problem)),
@@ -224,6 +248,11 @@ fn pod_from_entry(e: PodEntry, node: &str) -> Result<(PodInfo, Option<String>), 
             opaque_ports: PortSet::default(),
             skip_inbound_ports: e.skip_inbound_ports,
             inbound_policy,
+            limits: PodLimits {
+                max_connections: e.max_connections,
+                max_requests: e.max_requests,
+                idle_timeout,
+            },
             probe_ports: e.probe_ports,
             labels: e.labels,
             terminal: false,

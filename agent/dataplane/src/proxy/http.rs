@@ -3,7 +3,9 @@
 //! a request's outcome when it ends.
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -13,12 +15,16 @@ use hyper::{
     body::{Frame, Incoming, SizeHint},
     header::{self, HeaderMap, HeaderName, HeaderValue},
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
 use crate::{
-    proxy::balance::InFlight,
+    proxy::{
+        admission::{Door, PodShare, RequestTicket},
+        balance::InFlight,
+    },
     telemetry::{
+        PodTcpMetrics,
         http::{Protocol, Request as RequestMetric},
         tap::Tapped,
     },
@@ -44,15 +50,51 @@ pub async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::O
     }
 }
 
+/// The largest request head (request line and headers) a client may send;
+/// beyond, `431`. A request's headers, and HTTP/2's header list, alike.
+pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
+
+/// How long a client on the inbound side (anyone who can reach a meshed
+/// pod) has to send a request's head, from the moment one is awaited: a
+/// slow-loris client is closed then, and so is a keep-alive connection
+/// idle that long (its client opens another, as it would with most
+/// servers).
+pub const INBOUND_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The same on the outbound side (the pod's own app, whose connections
+/// count against its own share): long, not to trip idle pools.
+pub const OUTBOUND_HEADER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Streams a client may have open at once on one HTTP/2 connection.
+pub const MAX_CLIENT_STREAMS: u32 = 256;
+
 /// The HTTP/1 server side of every client connection the proxy serves.
 ///
 /// A client may shut its write side once its request is sent (`nc -N`,
 /// `Connection: close` clients, a pipeline ended by a half-close): that
 /// end of the request stream is not the end of the connection, and every
 /// response still goes out (hyper's default closes at once on that EOF).
-pub fn http1_server() -> hyper::server::conn::http1::Builder {
+/// A head must come whole within `header_timeout` and
+/// [`MAX_HEADERS_BYTES`].
+pub fn http1_server(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.half_close(true);
+    b.half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADERS_BYTES);
+    b
+}
+
+/// The HTTP/2 server side of every client connection the proxy serves:
+/// at most [`MAX_CLIENT_STREAMS`] streams at once, header lists within
+/// [`MAX_HEADERS_BYTES`], pings to find a dead client.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CLIENT_STREAMS)
+        .max_header_list_size(MAX_HEADERS_BYTES as u32)
+        .keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(20));
     b
 }
 
@@ -106,6 +148,25 @@ pub fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// A request's slot in `share` (the pod's whose request it is, on this
+/// side), or the `503` that refuses it (counted on `metrics`).
+#[allow(clippy::result_large_err)]
+pub fn admit_request(
+    share: &Arc<PodShare>,
+    metrics: Option<&PodTcpMetrics>,
+    pod: &str,
+) -> Result<RequestTicket, Response<Body>> {
+    share.request().map_err(|why| {
+        share
+            .admission()
+            .refused(metrics, pod, Door::Request, why, None);
+        proxy_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("over its share of in-flight requests ({why})"),
+        )
+    })
 }
 
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -228,6 +289,8 @@ pub struct Done {
     pub work: Option<InFlight>,
     /// The request as a tap sees it, when someone listens.
     pub tap: Option<Tapped>,
+    /// Its slot in the pod's request share, held to the response's end.
+    pub admitted: Option<RequestTicket>,
 }
 
 impl Done {

@@ -24,6 +24,7 @@
 //! balancing ([`balance`]) and the HTTP pieces both sides share
 //! ([`http`]) are leaves too.
 pub mod accept;
+pub mod admission;
 pub mod balance;
 pub mod connect;
 pub mod detect;
@@ -39,10 +40,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use nodemesh_core::{labels::Direction, names::PodUid, wire::WorkloadRef};
 use prometheus_client::registry::Registry;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
@@ -52,8 +50,11 @@ pub use self::{
     orig_dst::{ClientAddrs, OrigDsts},
     pods::{PodHandle, ServedPod, ServedPods},
 };
+pub use self::admission::{Admission, AdmissionConfig};
 use self::{
+    admission::{ClientKey, Door},
     balance::Balancer,
+    relay::{Buffers, Reset},
     inbound::{Inbound, InboundConfig},
     outbound::{Outbound, OutboundConfig},
     tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
@@ -73,11 +74,13 @@ use crate::{
 /// Proxy settings.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Relay buffer per direction per connection.
+    /// Relay buffer per direction per connection (the large size).
     pub buffer_size: usize,
-    /// Connections proxied at once, all pods together; beyond it new ones
-    /// wait in the listeners' backlogs.
-    pub max_connections: usize,
+    /// Bytes of large relay buffers out at once (beyond: small ones).
+    pub buffer_budget: u64,
+    /// Opaque relays silent both ways this long are closed (a pod's
+    /// annotation sets its own).
+    pub idle_timeout: Duration,
     /// The tunnel between nodes (used with workload identity).
     pub tunnel: TunnelConfig,
     /// How long an outbound connection may stay silent both ways before
@@ -119,6 +122,8 @@ pub struct ProxyInputs {
     /// tests without eBPF).
     pub clients: Option<Arc<dyn ClientAddrs>>,
     pub drain: Drain,
+    /// The node's budgets, which every door takes a ticket from.
+    pub admission: Admission,
 }
 
 /// The node's proxy.
@@ -129,7 +134,8 @@ pub struct Proxy {
     pods: ServedPods,
     tcp: TcpMetrics,
     http: HttpMetrics,
-    limit: Arc<Semaphore>,
+    admission: Admission,
+    state: StateStore,
     drain: Drain,
     /// What each served pod's TCP counters said last, and each workload's
     /// totals since (pods come and go; totals only grow).
@@ -163,13 +169,15 @@ impl Proxy {
             orig_dst,
             clients,
             drain,
+            admission,
         } = inputs;
         let pods = ServedPods::default();
+        let buffers = Buffers::new(cfg.buffer_size, cfg.buffer_budget);
         let inbound_side = Arc::new(Inbound::new(
             state.clone(),
             pods.clone(),
             connector.clone(),
-            cfg.buffer_size,
+            (buffers.clone(), cfg.idle_timeout),
             InboundConfig {
                 detect_timeout: cfg.detect_timeout,
                 ..cfg.inbound.clone()
@@ -196,7 +204,7 @@ impl Proxy {
             None => None,
         };
         let outbound = Arc::new(Outbound::new(
-            state,
+            state.clone(),
             orig_dst,
             connector,
             inbound_side.clone(),
@@ -204,7 +212,8 @@ impl Proxy {
             Arc::new(Balancer::default()),
             metrics.http.clone(),
             OutboundConfig {
-                buffer_size: cfg.buffer_size,
+                buffers,
+                idle_timeout: cfg.idle_timeout,
                 detect_timeout: cfg.detect_timeout,
             },
         ));
@@ -215,7 +224,8 @@ impl Proxy {
             pods,
             http: metrics.http,
             tcp: metrics.tcp,
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            admission,
+            state,
             drain,
             tcp_seen: std::sync::Mutex::default(),
         })
@@ -259,6 +269,7 @@ impl Proxy {
         self.http.hold(&source);
         let served = Arc::new(ServedPod {
             http: self.http.clone(),
+            share: self.admission.pod(pod.limits),
             source,
             outbound: self.tcp.pod(pods::labels(&pod, Direction::Outbound)),
             inbound: self
@@ -291,8 +302,9 @@ impl Proxy {
     }
 
     /// Accepts on one of `served`'s listeners until `stop`: each connection
-    /// takes a slot of the node's limit and is served by `serve` in the
-    /// drain, in a span named by its side.
+    /// takes a ticket of the pod's share (inbound: of its client's too) and
+    /// is served by `serve` in the drain, in a span named by its side; one
+    /// refused is counted and reset at once.
     fn spawn_accept<F, Fut>(
         &self,
         listener: TcpListener,
@@ -304,15 +316,37 @@ impl Proxy {
         F: Fn(TcpStream, Arc<ServedPod>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (limit, drain) = (self.limit.clone(), self.drain.clone());
+        let drain = self.drain.clone();
         let (served, stop) = (served.clone(), stop.clone());
         tokio::spawn(async move {
             accept::accept_loop(
                 &listener,
-                Some(&limit),
+                None,
                 &stop,
                 side.as_str(),
-                |client, peer, permit| {
+                |client, peer, _| {
+                    let (door, metrics, key) = match side {
+                        Direction::Outbound => (Door::Outbound, Some(&served.outbound), None),
+                        Direction::Inbound => (
+                            Door::Inbound,
+                            served.inbound.as_ref(),
+                            Some(ClientKey::Addr(peer.ip().to_canonical())),
+                        ),
+                    };
+                    let permit = match served.share.connection(key) {
+                        Ok(ticket) => ticket,
+                        Err(why) => {
+                            served.share.admission().refused(
+                                metrics,
+                                &served.pod.key(),
+                                door,
+                                why,
+                                Some(peer.ip()),
+                            );
+                            client.reset();
+                            return;
+                        }
+                    };
                     let pod = &served.pod;
                     let name = format_args!("{}/{}", pod.namespace, pod.name);
                     let span = match side {
@@ -364,6 +398,10 @@ impl Proxy {
         let TcpSeen { pods, totals } = &mut *seen;
         let mut now_pods = HashMap::new();
         for served in self.pods.all() {
+            // Its annotations may have changed since it was captured.
+            if let Some(now) = self.state.pod(&served.pod.uid) {
+                served.share.set_limits(now.limits);
+            }
             let workload = WorkloadRef {
                 namespace: served.source.namespace.clone(),
                 kind: served.source.kind.clone(),

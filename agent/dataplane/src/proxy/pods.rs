@@ -15,6 +15,7 @@ use nodemesh_core::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::admission::PodShare;
 use crate::{
     netns::Netns,
     state::{Pod, StateStore},
@@ -35,6 +36,8 @@ pub struct ServedPod {
     pub outbound: PodTcpMetrics,
     /// Its series as a server, when the mesh routes between pods.
     pub inbound: Option<PodTcpMetrics>,
+    /// Its share of the node's admission budgets.
+    pub share: Arc<PodShare>,
     /// Its request series are its workload's, held while it is served.
     pub http: HttpMetrics,
     pub source: Workload,

@@ -1,11 +1,18 @@
 //! The opaque relay, shared by every path: bytes both ways between two
-//! streams (TCP sockets, or a TCP socket and a tunnel stream), bounded
-//! buffers, byte counts as they pass, half-close carried across, resets
-//! carried across.
+//! streams (TCP sockets, or a TCP socket and a tunnel stream), buffers
+//! held only while data moves ([`Buffers`]), byte counts as they pass,
+//! half-close carried across, resets carried across, silence both ways
+//! for the idle timeout closed.
 use std::{
+    future::Future,
     io,
     pin::Pin,
-    task::{Context, Poll},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -161,22 +168,228 @@ pub struct Relayed {
     pub server_to_client: u64,
 }
 
+/// A relay buffer's size at first: a connection moving little never
+/// holds more.
+pub const SMALL_BUFFER: usize = 16 * 1024;
+
+/// Large buffers kept for reuse when given back (the rest are freed).
+const KEPT_LARGE: usize = 64;
+
+/// The relays' buffers. A direction takes one only while data moves — when
+/// a read would wait, it is given back, so an idle connection holds none
+/// — small first, large (`--buffer-size`) once a read filled a small one,
+/// and only while the large ones in use stay within the memory budget
+/// (else small). Large ones are kept for reuse, a few.
+#[derive(Clone, Debug)]
+pub struct Buffers(Arc<Pool>);
+
+#[derive(Debug)]
+struct Pool {
+    large: usize,
+    /// Bytes of large buffers allowed out at once.
+    budget: u64,
+    out: AtomicU64,
+    kept: Mutex<Vec<Box<[u8]>>>,
+}
+
+impl Buffers {
+    /// Large buffers of `large` bytes, at most `budget` bytes of them out.
+    pub fn new(large: usize, budget: u64) -> Self {
+        Self(Arc::new(Pool {
+            large: large.max(SMALL_BUFFER),
+            budget,
+            out: AtomicU64::new(0),
+            kept: Mutex::default(),
+        }))
+    }
+
+    fn take(&self, large: bool) -> Buf {
+        let p = &self.0;
+        let size = p.large as u64;
+        if large && p.large > SMALL_BUFFER {
+            let before = p.out.fetch_add(size, Ordering::Relaxed);
+            if before + size <= p.budget {
+                let kept = p.kept.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let buf = kept.unwrap_or_else(|| vec![0; p.large].into_boxed_slice());
+                return Buf { buf, large: true };
+            }
+            p.out.fetch_sub(size, Ordering::Relaxed);
+        }
+        Buf {
+            buf: vec![0; SMALL_BUFFER].into_boxed_slice(),
+            large: false,
+        }
+    }
+
+    fn give(&self, buf: Buf) {
+        if !buf.large {
+            return;
+        }
+        let p = &self.0;
+        p.out.fetch_sub(p.large as u64, Ordering::Relaxed);
+        let mut kept = p.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_LARGE {
+            kept.push(buf.buf);
+        }
+    }
+
+    /// Bytes of large buffers out now.
+    pub fn large_out(&self) -> u64 {
+        self.0.out.load(Ordering::Relaxed)
+    }
+}
+
+struct Buf {
+    buf: Box<[u8]>,
+    large: bool,
+}
+
+/// One direction of a relay: read into a buffer, write it all out, again;
+/// the reader's end shuts the writer's write side.
+struct Half {
+    buf: Option<Buf>,
+    pos: usize,
+    cap: usize,
+    /// A read filled a small buffer: the next one is large.
+    wants_large: bool,
+    read_done: bool,
+    need_flush: bool,
+    shut: bool,
+    amt: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Self {
+            buf: None,
+            pos: 0,
+            cap: 0,
+            wants_large: false,
+            read_done: false,
+            need_flush: false,
+            shut: false,
+            amt: 0,
+        }
+    }
+
+    /// Copies until the reader ends and the writer is shut down.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffers: &Buffers,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.read_done {
+                let held = self
+                    .buf
+                    .get_or_insert_with(|| buffers.take(self.wants_large));
+                let mut rb = ReadBuf::new(&mut held.buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        // Nothing to read now: the buffer goes back.
+                        if let Some(b) = self.buf.take() {
+                            buffers.give(b);
+                        }
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                            if let Some(b) = self.buf.take() {
+                                buffers.give(b);
+                            }
+                        } else {
+                            if n == held.buf.len() && !held.large {
+                                self.wants_large = true;
+                            }
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let Some(held) = &self.buf else {
+                    return Poll::Ready(Err(io::ErrorKind::Other.into()));
+                };
+                let n = ready!(
+                    writer
+                        .as_mut()
+                        .poll_write(cx, &held.buf[self.pos..self.cap])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            // All written: a small buffer that filled makes way for a
+            // large one.
+            if self.wants_large && self.buf.as_ref().is_some_and(|b| !b.large) {
+                self.buf = None;
+            }
+            if self.read_done {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                if !self.shut {
+                    ready!(writer.as_mut().poll_shutdown(cx))?;
+                    self.shut = true;
+                }
+                return Poll::Ready(Ok(self.amt));
+            }
+        }
+    }
+
+    fn release(&mut self, buffers: &Buffers) {
+        if let Some(b) = self.buf.take() {
+            buffers.give(b);
+        }
+    }
+}
+
+/// Why a relay ended other than both sides finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("silent both ways for {0:?}: closed")]
+    Idle(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// Copies `client` ⇄ `server` until both directions have finished. When one
 /// side closes its write half, the other side's write half is shut down too
-/// (half-close). On an error (typically a reset) both sockets are closed
-/// with a reset, so the peers see what they would have seen without the
-/// proxy.
+/// (half-close). On an error (typically a reset), or when nothing moved
+/// either way for `idle`, both sockets are closed with a reset, so the
+/// peers see what they would have seen without the proxy. Buffers are
+/// `buffers`' (held only while data moves).
 pub async fn relay<C, S>(
     client: &mut C,
     server: &mut S,
-    buffer_size: usize,
+    buffers: &Buffers,
+    idle: Duration,
     client_sent: &[&Counter],
     server_sent: &[&Counter],
-) -> io::Result<Relayed>
+) -> Result<Relayed, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + Reset,
     S: AsyncRead + AsyncWrite + Unpin + Reset,
 {
+    let (mut up, mut down) = (Half::new(), Half::new());
     let result = {
         let mut c = Counted {
             inner: &mut *client,
@@ -186,8 +399,47 @@ where
             inner: &mut *server,
             counters: server_sent,
         };
-        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, buffer_size, buffer_size).await
+        let silence = tokio::time::sleep(idle);
+        tokio::pin!(silence);
+        let mut last = (0u64, 0u64);
+        let mut active = tokio::time::Instant::now();
+        let mut done: (Option<u64>, Option<u64>) = (None, None);
+        std::future::poll_fn(|cx| {
+            if done.0.is_none()
+                && let Poll::Ready(r) =
+                    up.poll_copy(cx, buffers, Pin::new(&mut c), Pin::new(&mut s))
+            {
+                done.0 = Some(r?);
+            }
+            if done.1.is_none()
+                && let Poll::Ready(r) =
+                    down.poll_copy(cx, buffers, Pin::new(&mut s), Pin::new(&mut c))
+            {
+                done.1 = Some(r?);
+            }
+            if let (Some(a), Some(b)) = done {
+                return Poll::Ready(Ok((a, b)));
+            }
+            // Bytes moved: the silence starts again (the timer is moved
+            // when it fires, not on every read).
+            let moved = (up.amt, down.amt);
+            if moved != last {
+                last = moved;
+                active = tokio::time::Instant::now();
+            }
+            while silence.as_mut().poll(cx).is_ready() {
+                let due = active + idle;
+                if due <= tokio::time::Instant::now() {
+                    return Poll::Ready(Err(RelayError::Idle(idle)));
+                }
+                silence.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await
     };
+    up.release(buffers);
+    down.release(buffers);
     match result {
         Ok((up, down)) => {
             client.close_gracefully();

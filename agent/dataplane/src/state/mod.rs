@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use self::service::Services;
 pub use self::{
-    pod::{CgroupRef, Pod, PodInfo, Workload},
+    pod::{CgroupRef, Pod, PodInfo, PodLimits, Workload},
     service::{
         ConfiguredProtocol, EndpointInfo, ObjectKey, ServiceInfo, ServicePort, ServiceTarget,
         SliceInfo,

@@ -28,6 +28,18 @@ pub struct Workload {
     pub name: String,
 }
 
+/// A pod's own limits, from its annotations, in place of the node's
+/// defaults (each within the node's budget).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodLimits {
+    /// Connections through the proxy at once.
+    pub max_connections: Option<usize>,
+    /// HTTP requests in flight.
+    pub max_requests: Option<usize>,
+    /// How long an opaque connection may stay silent both ways.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
 /// A pod as discovery (the API server, or the pod file) describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
@@ -63,6 +75,8 @@ pub struct PodInfo {
     pub skip_inbound_ports: Vec<u16>,
     /// Its `config.nodemesh.io/default-inbound-policy`.
     pub inbound_policy: Option<InboundPolicy>,
+    /// Its own limits (`config.nodemesh.io/max-connections`, …).
+    pub limits: PodLimits,
     /// Its labels (what `AuthorizationPolicy` selectors match).
     pub labels: BTreeMap<String, String>,
     /// The ports its containers' probes use: the kubelet reaches them from
@@ -209,6 +223,7 @@ pub(crate) mod test_pods {
             opaque_ports: PortSet::default(),
             skip_inbound_ports: Vec::new(),
             inbound_policy: None,
+            limits: PodLimits::default(),
             labels: BTreeMap::new(),
             probe_ports: Vec::new(),
             terminal: false,

@@ -18,6 +18,7 @@ use nodemesh_core::{
     label_values,
     labels::{PodLabels, Tls},
 };
+use crate::proxy::admission::{Door, RefusedLabels, Refusal};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -40,6 +41,8 @@ label_values! {
         Tunnel => "tunnel",
         /// A Service with no ready endpoint, or none that could be reached.
         NoEndpoints => "no_endpoints",
+        /// The destination pod (or this node) is over its admission share.
+        Overloaded => "overloaded",
         /// Anything else.
         Other => "other",
     }
@@ -182,6 +185,7 @@ pub struct TcpMetrics {
     connect_errors: Family<ConnectErrorLabels, Counter>,
     peers: Family<PeerLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     /// Who holds which label set.
     holders: Arc<Mutex<HashMap<PodLabels, Shared>>>,
 }
@@ -197,8 +201,14 @@ impl TcpMetrics {
             connect_errors: Family::default(),
             peers: Family::default(),
             denied: Family::default(),
+            refused: Family::default(),
             holders: Arc::default(),
         };
+        registry.register(
+            "admission_refused",
+            "Connections and requests refused because the pod, its client or the node was over its share, by door and reason",
+            m.refused.clone(),
+        );
         registry.register(
             "inbound_denied",
             "Connections to a meshed pod its inbound policy refused, by reason",
@@ -378,6 +388,35 @@ impl PodTcpMetrics {
                 reason,
             });
         }
+        for &door in Door::ALL {
+            for &reason in Refusal::ALL {
+                f.refused.remove(&RefusedLabels {
+                    pod: labels.clone(),
+                    door,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Counts a connection or request admission refused.
+    pub fn refused(&self, door: Door, reason: Refusal) {
+        if self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .released
+        {
+            return;
+        }
+        self.families
+            .refused
+            .get_or_create(&RefusedLabels {
+                pod: self.labels.clone(),
+                door,
+                reason,
+            })
+            .inc();
     }
 
     /// Counts an inbound connection the policy refused.

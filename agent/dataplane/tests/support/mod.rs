@@ -31,7 +31,8 @@ use nodemesh_dataplane::{
     identity::{CertStore, LocalIssuer, client::roots},
     netns::Netns,
     proxy::{
-        Connector, Drain, OrigDsts, PodHandle, Proxy, ProxyConfig, ProxyInputs, ProxyMetrics,
+        Admission, AdmissionConfig, Connector, Drain, OrigDsts, PodHandle, Proxy, ProxyConfig,
+        ProxyInputs, ProxyMetrics,
         connect::connect_with_timeout,
         inbound::InboundConfig,
         tunnel::{OpenError, TunnelConfig, TunnelMetrics, TunnelPool},
@@ -94,6 +95,7 @@ pub struct Node {
     certs: Arc<CertStore>,
     /// Kept alive for the test.
     _proxy: Proxy,
+    admission: Admission,
     registry: Registry,
     recorded: Arc<Recorded>,
     /// Served pods by name: their outbound listener.
@@ -142,6 +144,7 @@ fn pod(ns: &str, name: &str, ip: &str, node: Option<usize>, meshed: bool) -> Pod
         opaque_ports: Default::default(),
         skip_inbound_ports: Vec::new(),
         inbound_policy: None,
+        limits: Default::default(),
         probe_ports: Vec::new(),
         labels: Default::default(),
         terminal: false,
@@ -174,6 +177,15 @@ fn pods() -> Vec<PodInfo> {
 
 impl Cluster {
     pub async fn two_nodes() -> Self {
+        Self::two_nodes_with(AdmissionConfig {
+            max_connections: 1000,
+            max_requests: 1000,
+        })
+        .await
+    }
+
+    /// The same, each node's proxy with these budgets.
+    pub async fn two_nodes_with(budgets: AdmissionConfig) -> Self {
         let anchor = pki::generate_trust_anchor(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
         let issuer =
             pki::generate_issuer(&anchor, TRUST_DOMAIN, Duration::from_secs(1800)).unwrap();
@@ -203,10 +215,13 @@ impl Cluster {
             ));
             tokio::spawn(certs.clone().run(state.clone(), stop.clone()));
             let recorded = Arc::new(Recorded::default());
+            let admission = Admission::new(budgets);
+            admission.register(&mut registry);
             let proxy = Proxy::new(ProxyInputs {
                 cfg: ProxyConfig {
-                    buffer_size: 16 * 1024,
-                    max_connections: 100,
+                    buffer_size: 64 * 1024,
+                    buffer_budget: 64 << 20,
+                    idle_timeout: Duration::from_secs(3600),
                     tunnel: tunnel_config(),
                     detect_timeout: std::time::Duration::from_millis(300),
                     inbound: InboundConfig {
@@ -225,6 +240,7 @@ impl Cluster {
                 orig_dst: recorded.clone(),
                 clients: None,
                 drain: Drain::default(),
+                admission: admission.clone(),
             })
             .unwrap();
             let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -248,6 +264,7 @@ impl Cluster {
                 state: state.clone(),
                 certs,
                 _proxy: proxy,
+                admission,
                 registry,
                 recorded,
                 listeners,
@@ -444,6 +461,11 @@ impl Cluster {
     }
 
     /// A scrape of node `node`'s metrics.
+    /// Node `node`'s admission (what its doors hold now).
+    pub fn admission(&self, node: usize) -> &Admission {
+        &self.nodes[node].admission
+    }
+
     pub fn metrics(&self, node: usize) -> Metrics {
         Metrics {
             text: encode(&self.nodes[node].registry).unwrap(),

@@ -34,9 +34,10 @@ use tracing::debug;
 
 use crate::{
     proxy::{
+        admission::RequestTicket,
         http::{
-            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, spawn_splice,
-            strip_hop_by_hop, switched, wants_close,
+            Body, Done, Observed, Prepared, admit_request, grpc_status, prepare, proxy_error,
+            spawn_splice, strip_hop_by_hop, switched, wants_close,
         },
         inbound::Recheck,
         pods::ServedPod,
@@ -298,11 +299,10 @@ pub async fn serve<C, S>(
     let service = service_fn(move |req| edge.clone().forward(req));
     let io = TokioIo::new(client);
     let result = if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service);
+        let conn = crate::proxy::http::h2_server().serve_connection(io, service);
         until_gone_or_cut!(conn, app_gone, cut, "HTTP/2")
     } else {
-        let conn = crate::proxy::http::http1_server()
+        let conn = crate::proxy::http::http1_server(crate::proxy::http::INBOUND_HEADER_TIMEOUT)
             .serve_connection(io, service)
             .with_upgrades();
         until_gone_or_cut!(conn, app_gone, cut, "HTTP/1")
@@ -383,6 +383,14 @@ impl Edge {
         if let Err(reason) = self.recheck.check() {
             return Ok(forbidden(reason));
         }
+        let admitted = match admit_request(
+            &self.served.share,
+            self.served.inbound.as_ref(),
+            &self.served.pod.key(),
+        ) {
+            Ok(t) => t,
+            Err(refused) => return Ok(refused),
+        };
         // A client that closes after this request: the app is told too
         // (one client connection, one app connection), so that the app
         // closes first, as it would without the mesh (see `AppIo`).
@@ -415,7 +423,7 @@ impl Edge {
                 if let Some(m) = &metric {
                     m.latency(started.elapsed());
                 }
-                Ok(self.respond(resp, prepared, metric, tapped))
+                Ok(self.respond(resp, prepared, metric, tapped, admitted))
             }
             Err(e) => {
                 debug!(error = %e, "the app did not answer");
@@ -442,6 +450,7 @@ impl Edge {
         prepared: Prepared,
         metric: Option<RequestMetric>,
         mut tapped: Option<Tapped>,
+        admitted: RequestTicket,
     ) -> Response<Body> {
         let status = resp.status();
         let grpc = grpc_status(resp.headers());
@@ -477,6 +486,7 @@ impl Edge {
                     grpc_status: grpc,
                     work: None,
                     tap: tapped,
+                    admitted: Some(admitted),
                 }),
                 bytes: 0,
             }
@@ -515,11 +525,11 @@ where
     let io = TokioIo::new(client);
     let serve = async {
         if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            crate::proxy::http::h2_server()
                 .serve_connection(io, service)
                 .await
         } else {
-            crate::proxy::http::http1_server()
+            crate::proxy::http::http1_server(crate::proxy::http::INBOUND_HEADER_TIMEOUT)
                 .serve_connection(io, service)
                 .await
         }

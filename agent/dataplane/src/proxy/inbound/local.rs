@@ -7,9 +7,9 @@ use std::{
     time::Instant,
 };
 
-use super::{Accepted, Accounting, Inbound, Recheck, policy::Client};
+use super::{Accepted, Accounting, ClientKey, Door, Inbound, Recheck, policy::Client};
 use crate::{
-    proxy::{http::ServerSide, pods::ServedPod, relay::reset_if_we_die},
+    proxy::{admission::Refusal, http::ServerSide, pods::ServedPod, relay::reset_if_we_die},
     state::Pod,
     telemetry::{InboundDenial, http::Protocol, tap::Tapped},
 };
@@ -21,6 +21,8 @@ use crate::{
 pub enum LocalError {
     #[error("refused by the destination's inbound policy ({0})")]
     Refused(InboundDenial),
+    #[error("the destination pod is over its admission share ({0})")]
+    Overloaded(Refusal),
     #[error("the client pod has no address in the destination's family")]
     NoAddress,
     #[error(transparent)]
@@ -111,11 +113,24 @@ impl Inbound {
         dst: SocketAddr,
     ) -> Result<Accepted, LocalError> {
         let served = self.pods.get(&dst_pod.uid).filter(|s| s.inbound.is_some());
+        let mut ticket = None;
         let (stream, client) = match &served {
             // Once through the proxy: delivered inside the destination pod
             // (its inbound capture lets the agent by), as the client pod.
             Some(dst_served) => {
-                let client = SocketAddr::new(self.authorize_local(src, dst_served, dst)?, 0);
+                let ip = self.authorize_local(src, dst_served, dst)?;
+                let key = match src.pod.identity() {
+                    Some(id) => ClientKey::Identity(id.uri().into()),
+                    None => ClientKey::Addr(ip),
+                };
+                match dst_served.share.connection(Some(key)) {
+                    Ok(t) => ticket = Some(t),
+                    Err(why) => {
+                        self.refused(dst_served, Door::Local, why, ip);
+                        return Err(LocalError::Overloaded(why));
+                    }
+                }
+                let client = SocketAddr::new(ip, 0);
                 (self.deliver(dst_served, dst, client).await?, client)
             }
             // Not served (yet): from the client's netns, as without the mesh.
@@ -131,7 +146,7 @@ impl Inbound {
         }
         Ok(Accepted {
             stream,
-            accounting: Accounting::new(served),
+            accounting: Accounting::new(served, ticket),
             client,
         })
     }

@@ -42,11 +42,12 @@ use self::{
 };
 pub use self::{live::Recheck, local::LocalError};
 use super::{
+    admission::{ClientKey, ConnectionTicket, Door, Refusal},
     connect::Connector,
     detect::Detected,
     orig_dst::ClientAddrs,
     pods::{ServedPod, ServedPods},
-    relay::{Reset, relay, reset_if_we_die},
+    relay::{Buffers, Reset, relay, reset_if_we_die},
 };
 use crate::{
     state::{ConfiguredProtocol, Pod, StateStore},
@@ -71,7 +72,10 @@ pub struct Inbound {
     state: StateStore,
     pods: ServedPods,
     connector: Arc<dyn Connector>,
-    buffer_size: usize,
+    buffers: Buffers,
+    /// Opaque relays silent both ways this long are closed (unless the
+    /// pod says otherwise).
+    idle_timeout: Duration,
     trust_domain: String,
     cfg: InboundConfig,
     clients: Option<Arc<dyn ClientAddrs>>,
@@ -126,15 +130,21 @@ pub struct Accepted {
 pub struct Accounting {
     pod: Option<Arc<ServedPod>>,
     _open: Option<OpenGuard>,
+    /// Its slot in the pod's admission share.
+    _ticket: Option<ConnectionTicket>,
 }
 
 impl Accounting {
-    fn new(pod: Option<Arc<ServedPod>>) -> Self {
+    fn new(pod: Option<Arc<ServedPod>>, ticket: Option<ConnectionTicket>) -> Self {
         let open = pod
             .as_ref()
             .and_then(|p| p.inbound.as_ref())
             .map(|i| i.open());
-        Self { pod, _open: open }
+        Self {
+            pod,
+            _open: open,
+            _ticket: ticket,
+        }
     }
 
     /// The destination pod, when it is served here.
@@ -153,7 +163,7 @@ impl Inbound {
         state: StateStore,
         pods: ServedPods,
         connector: Arc<dyn Connector>,
-        buffer_size: usize,
+        (buffers, idle_timeout): (Buffers, Duration),
         cfg: InboundConfig,
         clients: Option<Arc<dyn ClientAddrs>>,
     ) -> Self {
@@ -163,7 +173,8 @@ impl Inbound {
             state,
             pods,
             connector,
-            buffer_size,
+            buffers,
+            idle_timeout,
             trust_domain,
             cfg,
             clients,
@@ -224,6 +235,17 @@ impl Inbound {
             self.log_denial(&pod, client_ip, port, policy.as_str(), reason);
         }
         decided
+    }
+
+    /// Counts (on `served`, inbound) and logs an admission refusal.
+    fn refused(&self, served: &ServedPod, door: Door, why: Refusal, client: IpAddr) {
+        served.share.admission().refused(
+            served.inbound.as_ref(),
+            &served.pod.key(),
+            door,
+            why,
+            Some(client),
+        );
     }
 
     /// Logs a refusal, once per client and reason in a window.
@@ -354,7 +376,8 @@ impl Inbound {
         if let Err(reason) = self.authorize(&served, who, peer.ip(), dst.port(), from_node) {
             return self.refuse(client, &served, dst.port(), reason).await;
         }
-        let accounting = Accounting::new(Some(served.clone()));
+        // Its admission slot was taken at the door (the accept loop).
+        let accounting = Accounting::new(Some(served.clone()), None);
         let server = match self.deliver(&served, dst, peer).await {
             Ok(s) => s,
             Err(e) => {
@@ -479,7 +502,8 @@ impl Inbound {
             r = relay(
                 &mut client,
                 &mut server,
-                self.buffer_size,
+                &self.buffers,
+                served.share.idle_timeout().unwrap_or(self.idle_timeout),
                 received.as_slice(),
                 sent.as_slice(),
             ) => r,

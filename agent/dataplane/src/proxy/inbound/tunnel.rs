@@ -8,11 +8,11 @@ use nodemesh_core::identity::Identity;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{Accepted, Accounting, Inbound, http::Peer, policy::Client};
+use super::{Accepted, Accounting, ClientKey, Door, Inbound, http::Peer, policy::Client};
 use crate::{
     proxy::{
         pods::ServedPod,
-        relay::{TunnelStream, relay},
+        relay::{Buffers, TunnelStream, relay},
         tunnel::{Destinations, TunnelError, server::Delivery, server::StreamRequest},
     },
     state::Target,
@@ -95,6 +95,17 @@ impl Inbound {
             warn!(client = %req.client, dst = %req.dst, reason = %TunnelError::UnknownDestination, "refused a tunnel stream: the destination is not a meshed pod of the authenticated identity on this node");
             return Err(TunnelError::UnknownDestination);
         };
+        // Its slot: in the pod's share and the client identity's.
+        let ticket = match served
+            .share
+            .connection(Some(ClientKey::Identity(req.client.clone())))
+        {
+            Ok(t) => t,
+            Err(why) => {
+                self.refused(&served, Door::Tunnel, why, req.peer.ip());
+                return Err(TunnelError::Overloaded);
+            }
+        };
         // Else the tunnel's other end, the client's node: all that is known.
         let client_addr = self
             .claimed_client(req)
@@ -128,7 +139,7 @@ impl Inbound {
         }
         Ok(Accepted {
             stream,
-            accounting: Accounting::new(Some(served)),
+            accounting: Accounting::new(Some(served), Some(ticket)),
             client: client_addr,
         })
     }
@@ -168,7 +179,10 @@ impl Destinations for Inbound {
                                 self.carry(client, stream, &served, peer, from, port, false)
                                     .await
                             }
-                            None => relay_tunnel(client, stream, self.buffer_size).await,
+                            None => {
+                                relay_tunnel(client, stream, &self.buffers, self.idle_timeout)
+                                    .await
+                            }
                         }
                         drop(accounting);
                     }
@@ -182,8 +196,13 @@ impl Destinations for Inbound {
 
 /// Carries a tunnel stream to a destination that is not a served pod
 /// (nothing to count it on).
-async fn relay_tunnel(mut client: TunnelStream, mut server: TcpStream, buffer_size: usize) {
-    match relay(&mut client, &mut server, buffer_size, &[], &[]).await {
+async fn relay_tunnel(
+    mut client: TunnelStream,
+    mut server: TcpStream,
+    buffers: &Buffers,
+    idle: Duration,
+) {
+    match relay(&mut client, &mut server, buffers, idle, &[], &[]).await {
         Ok(n) => debug!(
             received = n.client_to_server,
             sent = n.server_to_client,

@@ -44,7 +44,7 @@ use super::{
     inbound::Inbound,
     orig_dst,
     pods::ServedPod,
-    relay::{Reset, reset_if_we_die},
+    relay::{Buffers, Reset, reset_if_we_die},
     tunnel::TunnelPool,
 };
 use crate::{
@@ -55,7 +55,11 @@ use crate::{
 /// Outbound settings.
 #[derive(Clone, Debug)]
 pub struct OutboundConfig {
-    pub buffer_size: usize,
+    /// The relays' buffers.
+    pub buffers: Buffers,
+    /// Opaque relays silent both ways this long are closed (unless the
+    /// pod says otherwise).
+    pub idle_timeout: Duration,
     /// How long a connection may stay silent both ways before it is taken
     /// as opaque.
     pub detect_timeout: Duration,

@@ -224,7 +224,8 @@ impl Outbound {
         match relay(
             &mut client,
             &mut io,
-            self.cfg.buffer_size,
+            &self.cfg.buffers,
+            pod.share.idle_timeout().unwrap_or(self.cfg.idle_timeout),
             &up[..n],
             &down[..n],
         )

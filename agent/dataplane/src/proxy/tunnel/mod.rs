@@ -73,6 +73,9 @@ label_values! {
         /// The destination pod (server side) or the peer node (client side)
         /// could not be reached.
         Connect => "connect",
+        /// The destination pod (or the client identity) is over its
+        /// admission share on the server's node.
+        Overloaded => "overloaded",
         /// The source identity has no certificate (yet).
         NoCertificate => "no_certificate",
         /// HTTP/2 failed.

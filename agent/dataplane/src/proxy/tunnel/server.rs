@@ -374,6 +374,7 @@ impl TunnelServer {
                     TunnelError::UnknownDestination => StatusCode::NOT_FOUND,
                     // The client's proxy answers an HTTP client with a 403.
                     TunnelError::PolicyDenied => StatusCode::FORBIDDEN,
+                    TunnelError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::BAD_GATEWAY,
                 });
             }

@@ -14,8 +14,9 @@ use k8s_openapi::{
 use kube::api::DynamicObject;
 use nodemesh_core::{
     names::{
-        INBOUND_POLICY_ANNOTATION, InboundPolicy, MeshLabel, OPAQUE_PORTS_ANNOTATION, PodUid,
-        PortSet, SKIP_INBOUND_PORTS_ANNOTATION,
+        IDLE_TIMEOUT_ANNOTATION, INBOUND_POLICY_ANNOTATION, InboundPolicy,
+        MAX_CONNECTIONS_ANNOTATION, MAX_REQUESTS_ANNOTATION, MeshLabel, OPAQUE_PORTS_ANNOTATION,
+        PodUid, PortSet, SKIP_INBOUND_PORTS_ANNOTATION, parse_limit,
     },
     policy::{Policy, PolicySpec},
 };
@@ -23,7 +24,7 @@ use nodemesh_core::{
 use crate::{
     cgroup::QosClass,
     discovery::SourceErrorReason,
-    state::{CgroupRef, Namespace, ObjectKey, PodInfo, Workload},
+    state::{CgroupRef, Namespace, ObjectKey, PodInfo, PodLimits, Workload},
 };
 
 pub(super) fn meta_key(meta: &ObjectMeta) -> Option<ObjectKey> {
@@ -188,6 +189,43 @@ fn inbound_policy(
     }
 }
 
+/// A pod's limit annotations; one that cannot be read is a problem and
+/// ignored (the pod keeps its fair share).
+fn limits(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    problems: &mut Vec<(SourceErrorReason, String)>,
+) -> PodLimits {
+    let get = |key: &'static str| annotations.and_then(|a| a.get(key)).map(|t| (key, t));
+    let mut count = |found: Option<(&str, &String)>| {
+        let (key, text) = found?;
+        parse_limit(text)
+            .map_err(|e| {
+                problems.push((
+                    SourceErrorReason::InvalidAnnotation,
+                    format!("annotation {key}={text:?}: {e}; ignored"),
+                ));
+            })
+            .ok()
+    };
+    let max_connections = count(get(MAX_CONNECTIONS_ANNOTATION));
+    let max_requests = count(get(MAX_REQUESTS_ANNOTATION));
+    let idle_timeout = get(IDLE_TIMEOUT_ANNOTATION).and_then(|(key, text)| {
+        nodemesh_core::config::parse_positive_duration(text)
+            .map_err(|e| {
+                problems.push((
+                    SourceErrorReason::InvalidAnnotation,
+                    format!("annotation {key}={text:?}: {e}; ignored"),
+                ));
+            })
+            .ok()
+    });
+    PodLimits {
+        max_connections,
+        max_requests,
+        idle_timeout,
+    }
+}
+
 /// A pod reduced to what the state keeps, with the problems found on the
 /// way (reported by the caller, for pods on its node). `None` for a pod
 /// that cannot be kept at all.
@@ -232,6 +270,7 @@ pub(super) fn pod_and_policy(
         Vec::new()
     });
     let (policy, policy_problem) = inbound_policy(annotations);
+    let limits = limits(annotations, &mut problems);
     if let Some(problem) = &policy_problem {
         problems.push((SourceErrorReason::InvalidAnnotation, problem.clone()));
     }
@@ -289,6 +328,7 @@ pub(super) fn pod_and_policy(
         opaque_ports: opaque,
         skip_inbound_ports,
         inbound_policy: policy,
+        limits,
         probe_ports: probe_ports(spec),
         labels,
         terminal: matches!(

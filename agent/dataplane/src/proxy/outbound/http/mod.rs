@@ -19,7 +19,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use nodemesh_core::wire::TapPeer;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -37,9 +37,10 @@ pub use crate::proxy::http::PROXY_ERROR_HEADER;
 use crate::{
     proxy::{
         balance::InFlight,
+        admission::RequestTicket,
         http::{
-            Body, Done, Observed, Prepared, grpc_status, prepare, proxy_error, spawn_splice,
-            strip_hop_by_hop, switched,
+            Body, Done, Observed, Prepared, admit_request, grpc_status, prepare, proxy_error,
+            spawn_splice, strip_hop_by_hop, switched,
         },
         inbound::LocalError,
         pods::{ServedPod, tap_peer},
@@ -117,11 +118,11 @@ impl Outbound {
         ));
         let service = service_fn(move |req| forwarder.clone().forward(req));
         let result = if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            crate::proxy::http::h2_server()
                 .serve_connection(io, service)
                 .await
         } else {
-            crate::proxy::http::http1_server()
+            crate::proxy::http::http1_server(crate::proxy::http::OUTBOUND_HEADER_TIMEOUT)
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -450,6 +451,14 @@ impl Forwarder {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        let admitted = match admit_request(
+            &self.pod.share,
+            Some(&self.pod.outbound),
+            &self.pod.pod.key(),
+        ) {
+            Ok(t) => t,
+            Err(refused) => return Ok(refused),
+        };
         let Prepared {
             protocol,
             upgrade,
@@ -477,7 +486,13 @@ impl Forwarder {
             .attempts(req.map(|b| b.boxed()), upgrade, &mut observer)
             .await
         {
-            Ok(answered) => Ok(self.respond(answered, observer, upgrade, client_upgrade)),
+            Ok(answered) => Ok(self.respond(
+                answered,
+                observer,
+                upgrade,
+                client_upgrade,
+                admitted,
+            )),
             Err(why) => Ok(self.proxy_answer(why, observer)),
         }
     }
@@ -491,6 +506,7 @@ impl Forwarder {
         mut observer: Observer,
         upgrade: bool,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        admitted: RequestTicket,
     ) -> Response<Body> {
         let Answered {
             mut resp,
@@ -553,6 +569,7 @@ impl Forwarder {
                     grpc_status: grpc,
                     work,
                     tap: observer.tapped,
+                    admitted: Some(admitted),
                 }),
                 bytes: 0,
             }
