@@ -4,6 +4,7 @@ mod api;
 mod audit;
 mod escape;
 mod inbound;
+mod isolation;
 mod kube;
 mod mesh;
 mod operate;
@@ -36,6 +37,7 @@ fn main() {
         escape::a_new_pods_first_connection_is_never_in_the_clear,
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,
         escape::a_pod_whose_capture_fails_is_refused_and_gets_an_event,
+        isolation::idle_connections_from_outside_fill_only_their_share,
         inbound::the_app_sees_its_client_and_plaintext_is_captured,
         inbound::all_authenticated_refuses_plaintext_and_changes_apply_live,
         inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,

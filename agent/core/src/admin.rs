@@ -29,6 +29,8 @@ use serde::Serialize;
 use tokio::{net::TcpListener, sync::oneshot};
 use tracing::{debug, info, warn};
 
+use crate::listen::Guard;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error(
@@ -101,7 +103,16 @@ pub struct AdminState {
     /// What `/ready` says before the process is ready.
     pub not_ready: &'static str,
     pub routes: Option<Arc<dyn Routes>>,
+    /// Its caps (anyone who can reach the port can open connections).
+    pub guard: Guard,
 }
+
+/// How long a client has to send a request's head (also: how long an
+/// idle keep-alive connection stays).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest request head the admin port reads.
+const MAX_HEAD: usize = 16 * 1024;
 
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,6 +200,10 @@ async fn serve(
             },
             _ = &mut stop => return,
         };
+        let Some(slot) = state.guard.connection(peer.ip()) else {
+            debug!(%peer, "admin: over its connection caps; closed");
+            continue;
+        };
         let state = state.clone();
         // Unknown: never taken for "this host".
         let local = stream
@@ -199,12 +214,16 @@ async fn serve(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&req, &state, peer, local)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+                .await;
+            if let Err(e) = served {
                 debug!(%peer, error = %e, "admin connection ended with an error");
             }
+            drop(slot);
         });
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod identity;
 pub mod kube;
 pub mod labels;
+pub mod listen;
 pub mod names;
 pub mod pki;
 pub mod policy;

@@ -15,6 +15,7 @@ use nodemesh_core::{
     admin::{AdminError, AdminServer, AdminState, Ready},
     kube::{self as kube_client, KubeError},
     labels::PREFIX,
+    listen::{CapsConfig, Guard, ListenerMetrics},
 };
 use prometheus_client::registry::Registry;
 use tokio::{
@@ -43,8 +44,7 @@ use crate::{
     netns,
     proxy::{
         Admission, AdmissionConfig, Drain, NetnsConnector, Proxy, ProxyConfig, ProxyInputs,
-        ProxyMetrics,
-        inbound::InboundConfig, tunnel,
+        ProxyMetrics, inbound::InboundConfig, tunnel,
     },
     redirect::{EbpfLogger, Redirect, RedirectConfig, RedirectError},
     state::StateStore,
@@ -206,6 +206,9 @@ impl App {
             PodSourceConfig::File { .. } => None,
         };
         let proxy_metrics = ProxyMetrics::new(&mut registry);
+        let listener_metrics = ListenerMetrics::new(&mut registry);
+        let admin_guard = Guard::new("admin", CapsConfig::SMALL, listener_metrics.clone());
+        let tap_guard = Guard::new("tap", CapsConfig::SMALL, listener_metrics);
         let admission = Admission::new(AdmissionConfig {
             max_connections: budgets.connections,
             max_requests: budgets.requests,
@@ -362,6 +365,7 @@ impl App {
                     me: id.agent_identity.clone(),
                     routes: routes.clone(),
                     tls: tls_metrics.clone(),
+                    guard: tap_guard,
                 },
                 tap_listeners,
             )),
@@ -374,6 +378,7 @@ impl App {
                 ready: ready.clone(),
                 not_ready: NOT_READY,
                 routes: Some(Arc::new(routes)),
+                guard: admin_guard,
             },
         )?;
         let bound = Bound {
@@ -518,6 +523,7 @@ fn raise_fd_limit(max_connections: usize) -> (u64, u64, u64) {
 /// The whole of `nodemesh agent` once its flags are checked: a runtime,
 /// the app, signals.
 pub fn main(cfg: AgentConfig, ebpf_log_level: u8) -> Result<(), AgentError> {
+    memory::tune_allocator();
     let mut budgets = Budgets::derive(
         memory::own_limit(),
         cfg.buffer_size,

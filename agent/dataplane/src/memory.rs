@@ -83,6 +83,35 @@ impl Budgets {
     }
 }
 
+/// Arenas glibc's allocator may make (one per thread by default, up to
+/// eight per core: memory freed in one is not reused by another).
+#[cfg(target_env = "gnu")]
+const ARENAS: libc::c_int = 2;
+
+/// Sets the allocator up to give memory back: few arenas (so what one
+/// connection's task freed serves the next), set before the runtime's
+/// threads start.
+#[allow(unsafe_code)] // two libc calls that take and return plain integers
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+    }
+}
+
+/// Returns the free memory at the top of the allocator's heaps to the
+/// kernel (after many connections closed: their pages stay resident
+/// otherwise).
+#[allow(unsafe_code)] // one libc call that takes and returns an integer
+pub fn give_back() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The agent's own memory limit: the tightest of its cgroup's and its
 /// ancestors', v2 first, then the v1 memory controller. `None`: no limit.
 pub fn own_limit() -> Option<MemoryLimit> {

@@ -27,14 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{admin::AgentRoutes, identity::CertStore, proxy::tunnel::tls::peer_spiffe};
+use nodemesh_core::listen::Guard;
 
 /// Connections served at once, once the client is known to be the
 /// identity service (it holds one per tap reader and asks for stats now
 /// and then).
 const MAX_CONNECTIONS: usize = 64;
-/// Handshakes at once: any pod can reach the port and start one, so they
-/// have their own (short-lived) slots, and never take a served one.
-const MAX_HANDSHAKES: usize = 256;
+/// Any pod can reach the port and start a handshake: handshakes have their
+/// own short slots (the guard's: a newer one evicts the oldest, of its
+/// source first), and never take a served one.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The tap port's settings.
@@ -44,6 +45,8 @@ pub struct TapPort {
     pub me: Identity,
     pub routes: AgentRoutes,
     pub tls: crate::telemetry::TlsMetrics,
+    /// Connections per source and handshake slots.
+    pub guard: Guard,
 }
 
 /// Presents the agent's current certificate (none yet: the handshake
@@ -93,17 +96,15 @@ pub fn serve(
         60,
     )));
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, client = %allowed, "tap port listening");
         }
-        let (acceptor, allowed, port, connections, handshakes, shutdown, logs) = (
+        let (acceptor, allowed, port, connections, shutdown, logs) = (
             acceptor.clone(),
             allowed.clone(),
             port.clone(),
             connections.clone(),
-            handshakes.clone(),
             shutdown.clone(),
             logs.clone(),
         );
@@ -120,10 +121,11 @@ pub fn serve(
                     },
                     _ = shutdown.cancelled() => return,
                 };
-                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-                    debug!(%peer, "tap port: too many handshakes at once; closing this one");
+                let Some(slot) = port.guard.connection(peer.ip()) else {
+                    debug!(%peer, "tap port: over its connection caps; closed");
                     continue;
                 };
+                let handshake = port.guard.handshake(peer.ip());
                 let (acceptor, allowed, port, connections, shutdown, logs) = (
                     acceptor.clone(),
                     allowed.clone(),
@@ -133,18 +135,25 @@ pub fn serve(
                     logs.clone(),
                 );
                 tokio::spawn(async move {
-                    let tls =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                debug!(%peer, error = %e, "tap port: handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!(%peer, "tap port: handshake timed out");
-                                return;
-                            }
-                        };
+                    let _slot = slot;
+                    let accepted = tokio::select! {
+                        t = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => t,
+                        () = handshake.evicted() => {
+                            debug!(%peer, "tap port: handshake evicted by a newer one");
+                            return;
+                        }
+                    };
+                    let tls = match accepted {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "tap port: handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "tap port: handshake timed out");
+                            return;
+                        }
+                    };
                     port.tls
                         .handshake(crate::telemetry::TlsEndpoint::TapPort, tls.get_ref().1);
                     let client = peer_spiffe(tls.get_ref().1.peer_certificates());
@@ -164,6 +173,8 @@ pub fn serve(
                         async move { Ok::<_, Infallible>(route(&port.routes, req.method(), req.uri())) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(nodemesh_core::admin::HEADER_TIMEOUT)
                         .serve_connection(TokioIo::new(tls), svc);
                     tokio::pin!(conn);
                     tokio::select! {

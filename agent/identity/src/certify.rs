@@ -30,7 +30,7 @@ use prometheus_client::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::config::IdentityConfig;
+use crate::{config::IdentityConfig, reviews::Reviews};
 
 label_values! {
     /// How a certify request ended.
@@ -69,9 +69,19 @@ pub(crate) struct Service {
     pub(crate) signer: std::sync::Arc<nodemesh_core::pki::Signer>,
     client: Client,
     results: Family<ResultLabels, Counter>,
+    /// Accepted tokens' reviews, for their life.
+    reviews: Reviews,
 }
 
 type Answer = Result<CertifyResponse, (CertifyResult, String)>;
+
+/// The review says the token was made for the identity service.
+fn for_us(status: &k8s_openapi::api::authentication::v1::TokenReviewStatus) -> bool {
+    status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE))
+}
 
 impl Service {
     pub(crate) fn new(
@@ -91,6 +101,7 @@ impl Service {
             signer,
             client,
             results,
+            reviews: Reviews::default(),
         }
     }
 
@@ -192,23 +203,29 @@ impl Service {
         let identity = Identity::new(&request.namespace, &request.service_account)
             .map_err(|e| (CertifyResult::BadRequest, e.to_string()))?;
 
-        // 1. Who is asking.
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token,
-                audiences: Some(vec![TOKEN_AUDIENCE.into()]),
-            },
-            ..TokenReview::default()
+        // 1. Who is asking (an accepted token once per its life).
+        let status = match self.reviews.get(&token) {
+            Some(status) => status,
+            None => {
+                let review = TokenReview {
+                    spec: TokenReviewSpec {
+                        token: token.clone(),
+                        audiences: Some(vec![TOKEN_AUDIENCE.into()]),
+                    },
+                    ..TokenReview::default()
+                };
+                let reviewed = Api::<TokenReview>::all(self.client.clone())
+                    .create(&PostParams::default(), &review)
+                    .await
+                    .map_err(|e| (CertifyResult::ApiError, format!("TokenReview failed: {e}")))?;
+                let status = reviewed.status.unwrap_or_default();
+                if status.authenticated == Some(true) && for_us(&status) {
+                    self.reviews.put(&token, &status);
+                }
+                status
+            }
         };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| (CertifyResult::ApiError, format!("TokenReview failed: {e}")))?;
-        let status = reviewed.status.unwrap_or_default();
-        let for_us = status
-            .audiences
-            .as_ref()
-            .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE));
+        let for_us = for_us(&status);
         if status.authenticated != Some(true) || !for_us {
             return Err((
                 CertifyResult::Unauthenticated,

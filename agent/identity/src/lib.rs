@@ -27,6 +27,7 @@ mod bootstrap;
 mod certify;
 mod config;
 mod policies;
+mod reviews;
 
 use std::{
     convert::Infallible,
@@ -41,6 +42,7 @@ use nodemesh_core::{
     admin::{AdminError, AdminServer, AdminState, Ready},
     kube::{self as kube_client, KubeError},
     labels::PREFIX,
+    listen::{CapsConfig, Guard, ListenerMetrics},
     pki::{self, PkiError, Signer},
 };
 use prometheus_client::registry::Registry;
@@ -58,9 +60,16 @@ use tracing::{debug, info, warn};
 pub use crate::config::{IdentityArgs, IdentityConfig, IssuerSource};
 use crate::{agents::Agents, api::AggregatedApi, certify::Service};
 
-/// Connections served at once (each request is a TokenReview and a pod
-/// list; agents make one per identity per half-lifetime).
-const MAX_CONNECTIONS: usize = 512;
+/// The aggregated API's caps: its one real client, the API server's
+/// front proxy, is one address holding a connection per tap reader; a
+/// handshake not done is evicted by newer ones (8 per address), so
+/// connections that never finish one keep nobody out.
+const API_CAPS: CapsConfig = CapsConfig {
+    connections: 1024,
+    per_source: 512,
+    handshakes: 64,
+    handshakes_per_source: 8,
+};
 /// A connection (handshake, request, answer) must be done within this.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -238,6 +247,7 @@ pub async fn run(
     let addr = cfg.addr;
     tokio::spawn(policies::keep_status(client.clone(), shutdown.clone()));
     let service = Arc::new(Service::new(cfg, signer, client, &mut registry));
+    let listener_metrics = ListenerMetrics::new(&mut registry);
     let ready = Ready::default();
     let admin = AdminServer::start(
         service.cfg.admin_addr,
@@ -246,6 +256,7 @@ pub async fn run(
             ready: ready.clone(),
             not_ready: "not ready: starting\n",
             routes: None,
+            guard: Guard::new("admin", CapsConfig::SMALL, listener_metrics.clone()),
         },
     )?;
 
@@ -281,7 +292,15 @@ pub async fn run(
         resolver.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(serve_api(api, api_listener, api_acceptor, shutdown.clone()));
+    let api_guard = Guard::new("api", API_CAPS, listener_metrics.clone());
+    tokio::spawn(serve_api(
+        api,
+        api_listener,
+        api_acceptor,
+        api_guard,
+        shutdown.clone(),
+    ));
+    let guard = Guard::new("certify", CapsConfig::CLUSTER, listener_metrics);
     let mut tls = ServerConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -300,7 +319,6 @@ pub async fn run(
     ));
     ready.set();
     info!(%addr, trust_domain = %service.signer.trust_domain(), lifetime = ?service.cfg.cert_lifetime, "identity service ready");
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -313,26 +331,34 @@ pub async fn run(
             },
             _ = shutdown.cancelled() => break,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            warn!(%peer, limit = MAX_CONNECTIONS, "too many connections to the identity service; closing this one");
+        let Some(slot) = guard.connection(peer.ip()) else {
+            debug!(%peer, "over the identity service's connection caps; closed");
             continue;
         };
+        let handshake = guard.handshake(peer.ip());
         let acceptor = acceptor.clone();
         let service = service.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        warn!(%peer, error = %e, "TLS handshake with a client failed");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%peer, "TLS handshake with a client timed out");
-                        return;
-                    }
-                };
+            let _slot = slot;
+            let accepted = tokio::select! {
+                t = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)) => t,
+                () = handshake.evicted() => {
+                    debug!(%peer, "handshake evicted by a newer one");
+                    return;
+                }
+            };
+            drop(handshake);
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, "TLS handshake with a client failed");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, "TLS handshake with a client timed out");
+                    return;
+                }
+            };
             let svc = service_fn(move |req| {
                 let service = service.clone();
                 async move { Ok::<_, Infallible>(service.handle(req, peer).await) }
@@ -386,12 +412,12 @@ async fn serve_api(
     api: Arc<AggregatedApi>,
     listener: TcpListener,
     acceptor: Arc<RwLock<Option<TlsAcceptor>>>,
+    guard: Guard,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "aggregated API tap.nodemesh.io listening");
     }
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let taps = Arc::new(tokio::sync::Semaphore::new(api::MAX_TAPS));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -409,15 +435,23 @@ async fn serve_api(
             debug!(%peer, "aggregated API: front proxy settings not read yet; closing");
             continue;
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            warn!(%peer, "aggregated API: too many connections; closing this one");
+        let Some(slot) = guard.connection(peer.ip()) else {
+            debug!(%peer, "aggregated API: over its connection caps; closed");
             continue;
         };
+        let handshake = guard.handshake(peer.ip());
         let (api, taps, shutdown) = (api.clone(), taps.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            {
+            let _slot = slot;
+            let accepted = tokio::select! {
+                t = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)) => t,
+                () = handshake.evicted() => {
+                    debug!(%peer, "aggregated API: handshake evicted by a newer one");
+                    return;
+                }
+            };
+            drop(handshake);
+            let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "aggregated API: handshake failed");

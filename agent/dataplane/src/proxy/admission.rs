@@ -522,10 +522,7 @@ mod tests {
         for _ in 0..(40 - 2 * FLOOR) {
             held.push(pods[2].connection(None).unwrap());
         }
-        assert_eq!(
-            pods[3].connection(None).unwrap_err(),
-            Refusal::NodeBudget
-        );
+        assert_eq!(pods[3].connection(None).unwrap_err(), Refusal::NodeBudget);
         assert_eq!(pods[3].connections(), 0, "a refusal holds nothing");
         let requests: Vec<_> = (0..FLOOR).map(|_| pods[0].request().unwrap()).collect();
         assert_eq!(pods[0].request().unwrap_err(), Refusal::PodShare);

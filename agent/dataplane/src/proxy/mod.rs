@@ -44,19 +44,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
+pub use self::admission::{Admission, AdmissionConfig};
 pub use self::{
     accept::Drain,
     connect::{Connector, NetnsConnector},
     orig_dst::{ClientAddrs, OrigDsts},
     pods::{PodHandle, ServedPod, ServedPods},
 };
-pub use self::admission::{Admission, AdmissionConfig};
 use self::{
     admission::{ClientKey, Door},
     balance::Balancer,
-    relay::{Buffers, Reset},
     inbound::{Inbound, InboundConfig},
     outbound::{Outbound, OutboundConfig},
+    relay::{Buffers, Reset},
     tunnel::{TunnelConfig, TunnelMetrics, TunnelPool, TunnelServer},
 };
 use crate::{
@@ -70,6 +70,10 @@ use crate::{
         stats::{Stats, TcpSample},
     },
 };
+
+/// Connections closed (from the peak) after which the allocator's free
+/// memory is given back to the kernel.
+const GIVE_BACK_AFTER: usize = 256;
 
 /// Proxy settings.
 #[derive(Clone, Debug)]
@@ -319,50 +323,44 @@ impl Proxy {
         let drain = self.drain.clone();
         let (served, stop) = (served.clone(), stop.clone());
         tokio::spawn(async move {
-            accept::accept_loop(
-                &listener,
-                None,
-                &stop,
-                side.as_str(),
-                |client, peer, _| {
-                    let (door, metrics, key) = match side {
-                        Direction::Outbound => (Door::Outbound, Some(&served.outbound), None),
-                        Direction::Inbound => (
-                            Door::Inbound,
-                            served.inbound.as_ref(),
-                            Some(ClientKey::Addr(peer.ip().to_canonical())),
-                        ),
-                    };
-                    let permit = match served.share.connection(key) {
-                        Ok(ticket) => ticket,
-                        Err(why) => {
-                            served.share.admission().refused(
-                                metrics,
-                                &served.pod.key(),
-                                door,
-                                why,
-                                Some(peer.ip()),
-                            );
-                            client.reset();
-                            return;
-                        }
-                    };
-                    let pod = &served.pod;
-                    let name = format_args!("{}/{}", pod.namespace, pod.name);
-                    let span = match side {
-                        Direction::Outbound => info_span!("outbound", pod = %name, client = %peer),
-                        Direction::Inbound => info_span!("inbound", pod = %name, client = %peer),
-                    };
-                    let work = serve(client, served.clone());
-                    drain.spawn(
-                        async move {
-                            work.await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                },
-            )
+            accept::accept_loop(&listener, None, &stop, side.as_str(), |client, peer, _| {
+                let (door, metrics, key) = match side {
+                    Direction::Outbound => (Door::Outbound, Some(&served.outbound), None),
+                    Direction::Inbound => (
+                        Door::Inbound,
+                        served.inbound.as_ref(),
+                        Some(ClientKey::Addr(peer.ip().to_canonical())),
+                    ),
+                };
+                let permit = match served.share.connection(key) {
+                    Ok(ticket) => ticket,
+                    Err(why) => {
+                        served.share.admission().refused(
+                            metrics,
+                            &served.pod.key(),
+                            door,
+                            why,
+                            Some(peer.ip()),
+                        );
+                        client.reset();
+                        return;
+                    }
+                };
+                let pod = &served.pod;
+                let name = format_args!("{}/{}", pod.namespace, pod.name);
+                let span = match side {
+                    Direction::Outbound => info_span!("outbound", pod = %name, client = %peer),
+                    Direction::Inbound => info_span!("inbound", pod = %name, client = %peer),
+                };
+                let work = serve(client, served.clone());
+                drain.spawn(
+                    async move {
+                        work.await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            })
             .await;
         });
     }
@@ -376,12 +374,21 @@ impl Proxy {
         tokio::spawn(self.inbound.clone().recheck_open(stop.clone()));
         let mut every = tokio::time::interval(Duration::from_secs(1));
         let mut ticks = 0u64;
+        // The most connections open since memory was last given back.
+        let mut peak = 0usize;
         loop {
             tokio::select! {
                 _ = every.tick() => {
                     ticks += 1;
+                    let open = self.admission.connections();
+                    peak = peak.max(open);
                     if ticks.is_multiple_of(10) {
                         self.outbound.tidy();
+                        // Many connections gone: their memory goes back.
+                        if peak >= open + GIVE_BACK_AFTER {
+                            crate::memory::give_back();
+                            peak = open;
+                        }
                     }
                     self.sample_tcp();
                 }

@@ -14,11 +14,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use crate::proxy::admission::{Door, Refusal, RefusedLabels};
 use nodemesh_core::{
     label_values,
     labels::{PodLabels, Tls},
 };
-use crate::proxy::admission::{Door, RefusedLabels, Refusal};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},

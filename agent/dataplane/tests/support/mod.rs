@@ -38,8 +38,8 @@ use nodemesh_dataplane::{
         tunnel::{OpenError, TunnelConfig, TunnelMetrics, TunnelPool},
     },
     state::{
-        CgroupRef, EndpointInfo, ObjectKey, PodInfo, ServiceInfo, ServicePort, SliceInfo,
-        StateStore, Workload,
+        CgroupRef, EndpointInfo, ObjectKey, PodInfo, PodLimits, ServiceInfo, ServicePort,
+        SliceInfo, StateStore, Workload,
     },
 };
 use prometheus_client::registry::Registry;
@@ -177,22 +177,35 @@ fn pods() -> Vec<PodInfo> {
 
 impl Cluster {
     pub async fn two_nodes() -> Self {
-        Self::two_nodes_with(AdmissionConfig {
+        let budgets = AdmissionConfig {
             max_connections: 1000,
             max_requests: 1000,
-        })
-        .await
+        };
+        Self::two_nodes_with([budgets; 2], &[]).await
     }
 
-    /// The same, each node's proxy with these budgets.
-    pub async fn two_nodes_with(budgets: AdmissionConfig) -> Self {
+    /// The same, each node's proxy with its budgets, and pods (by name)
+    /// with their own limits, as their annotations would set them.
+    pub async fn two_nodes_with(
+        budgets: [AdmissionConfig; 2],
+        limits: &[(&str, PodLimits)],
+    ) -> Self {
+        let pods = || {
+            let mut all = pods();
+            for p in &mut all {
+                if let Some((_, l)) = limits.iter().find(|(n, _)| *n == p.name) {
+                    p.limits = *l;
+                }
+            }
+            all
+        };
         let anchor = pki::generate_trust_anchor(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
         let issuer =
             pki::generate_issuer(&anchor, TRUST_DOMAIN, Duration::from_secs(1800)).unwrap();
         let map = AddressMap::default();
         let stop = CancellationToken::new();
         let mut nodes = Vec::new();
-        for (name, ip) in NODES {
+        for (budgets, (name, ip)) in budgets.into_iter().zip(NODES) {
             let state = StateStore::new(name, TRUST_DOMAIN);
             state.update(|u| u.replace_namespaces(Vec::new()));
             state.replace_pods(pods());

@@ -180,8 +180,7 @@ impl Destinations for Inbound {
                                     .await
                             }
                             None => {
-                                relay_tunnel(client, stream, &self.buffers, self.idle_timeout)
-                                    .await
+                                relay_tunnel(client, stream, &self.buffers, self.idle_timeout).await
                             }
                         }
                         drop(accounting);

@@ -36,8 +36,8 @@ use super::{
 pub use crate::proxy::http::PROXY_ERROR_HEADER;
 use crate::{
     proxy::{
-        balance::InFlight,
         admission::RequestTicket,
+        balance::InFlight,
         http::{
             Body, Done, Observed, Prepared, admit_request, grpc_status, prepare, proxy_error,
             spawn_splice, strip_hop_by_hop, switched,
@@ -486,13 +486,7 @@ impl Forwarder {
             .attempts(req.map(|b| b.boxed()), upgrade, &mut observer)
             .await
         {
-            Ok(answered) => Ok(self.respond(
-                answered,
-                observer,
-                upgrade,
-                client_upgrade,
-                admitted,
-            )),
+            Ok(answered) => Ok(self.respond(answered, observer, upgrade, client_upgrade, admitted)),
             Err(why) => Ok(self.proxy_answer(why, observer)),
         }
     }
