@@ -308,9 +308,9 @@ impl Source {
         // This node's agent reports this node's pods; finished ones are no
         // one's concern.
         let here = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
-        // Only this node's pods need their containers told apart.
+        // Another node's pod: only what routing and identity need here.
         if !here && let Some(i) = &mut info {
-            i.container_ids = Vec::new();
+            convert::keep_remote(i);
         }
         if here && !info.as_ref().is_some_and(|i| i.terminal) {
             let object = convert::object_name(&p.metadata);

@@ -226,6 +226,19 @@ fn limits(
     }
 }
 
+/// Another node's pod, reduced to what this node routes and authorizes
+/// by: its addresses, node, identity, workload, mesh label and opaque
+/// ports. Its labels (what only its own node's policies select by), its
+/// containers, probes and limits are its own agent's business: a tenant
+/// creating pods with large labels grows one agent, not every agent.
+pub(super) fn keep_remote(info: &mut PodInfo) {
+    info.labels = std::collections::BTreeMap::new();
+    info.container_ids = Vec::new();
+    info.probe_ports = Vec::new();
+    info.skip_inbound_ports = Vec::new();
+    info.limits = PodLimits::default();
+}
+
 /// A pod reduced to what the state keeps, with the problems found on the
 /// way (reported by the caller, for pods on its node). `None` for a pod
 /// that cannot be kept at all.
@@ -498,6 +511,58 @@ mod tests {
         let (_, namespace, problem, policy_problem) = namespace(&ns);
         assert_eq!(namespace.inbound_policy, Some(InboundPolicy::Deny));
         assert!(problem.is_some() && policy_problem.is_some());
+    }
+
+    #[test]
+    fn limit_annotations_are_read_and_bad_ones_reported_and_ignored() {
+        let mut p = pod_owned_by("ReplicaSet", "web-7d4b9c", Some("7d4b9c"));
+        p.metadata.uid = Some("u-1".into());
+        p.metadata.annotations = Some(BTreeMap::from([
+            (MAX_CONNECTIONS_ANNOTATION.to_owned(), "5000".to_owned()),
+            (MAX_REQUESTS_ANNOTATION.to_owned(), "0".to_owned()),
+            (IDLE_TIMEOUT_ANNOTATION.to_owned(), "30m".to_owned()),
+        ]));
+        let (info, problems, _) = pod_and_policy(&p);
+        let limits = info.expect("kept").limits;
+        assert_eq!(limits.max_connections, Some(5000));
+        assert_eq!(limits.max_requests, None, "0 is not a limit");
+        assert_eq!(
+            limits.idle_timeout,
+            Some(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].1.contains(MAX_REQUESTS_ANNOTATION));
+        for bad in ["-1", "1048577", "lots", ""] {
+            p.metadata.annotations = Some(BTreeMap::from([(
+                MAX_CONNECTIONS_ANNOTATION.to_owned(),
+                bad.to_owned(),
+            )]));
+            let (info, problems, _) = pod_and_policy(&p);
+            assert_eq!(info.unwrap().limits.max_connections, None, "{bad:?}");
+            assert_eq!(problems.len(), 1, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn another_nodes_pod_keeps_only_what_routing_and_identity_need() {
+        let mut p = pod_owned_by("ReplicaSet", "web-7d4b9c", Some("7d4b9c"));
+        p.metadata.uid = Some("u-1".into());
+        let mut big: BTreeMap<String, String> = (0..999)
+            .map(|i| (format!("tenant.example/label-{i}"), "x".repeat(63)))
+            .collect();
+        big.insert("pod-template-hash".into(), "7d4b9c".into());
+        p.metadata.labels = Some(big);
+        p.metadata.annotations = Some(BTreeMap::from([(
+            OPAQUE_PORTS_ANNOTATION.to_owned(),
+            "3306".to_owned(),
+        )]));
+        let (info, _, _) = pod_and_policy(&p);
+        let mut info = info.unwrap();
+        assert_eq!(info.labels.len(), 1000);
+        keep_remote(&mut info);
+        assert!(info.labels.is_empty());
+        assert!(info.opaque_ports.contains(3306), "routing still needs it");
+        assert_eq!(info.workload.name, "web");
     }
 
     #[test]
