@@ -101,3 +101,26 @@ pub fn idle_connections_from_outside_fill_only_their_share() {
         m.sum("nodemesh_admission_connections_in_use", &[]) == 0.0
     });
 }
+
+/// The soak's short form (`cargo xtask soak` is the full one): held
+/// connections through every door of one agent, a churn, then idle — no
+/// client error, every gauge back to 0, the agent's open files back to
+/// their baseline (give or take the few it keeps: pooled tunnel
+/// connections, watches). Memory and time are the table's, printed here.
+pub fn a_short_soak_leaves_nothing_open() {
+    let report = nodemesh_tests::soak::run(&nodemesh_tests::soak::SoakOptions::short());
+    eprint!("{}", report.table());
+    assert_eq!(
+        report.errors(),
+        0,
+        "client errors: {:?}",
+        report.first_errors
+    );
+    assert_eq!(report.connections_in_use, 0.0);
+    assert_eq!(report.open_connections, 0.0);
+    let (base, end) = (report.baseline().fds, report.end().fds);
+    assert!(
+        end <= base + base / 10 + 8,
+        "open files: {base} at the baseline, {end} once idle"
+    );
+}

@@ -38,6 +38,7 @@ fn main() {
         escape::a_connection_to_port_15001_elsewhere_is_tunnelled,
         escape::a_pod_whose_capture_fails_is_refused_and_gets_an_event,
         isolation::idle_connections_from_outside_fill_only_their_share,
+        isolation::a_short_soak_leaves_nothing_open,
         inbound::the_app_sees_its_client_and_plaintext_is_captured,
         inbound::all_authenticated_refuses_plaintext_and_changes_apply_live,
         inbound::without_an_agent_inbound_fails_closed_and_a_new_one_takes_over,

@@ -26,6 +26,7 @@ pub mod mesh;
 pub mod node;
 pub mod prom;
 pub mod realnode;
+pub mod soak;
 pub mod sys;
 
 pub use agent::{Agent, AgentOptions};

@@ -745,16 +745,30 @@ impl MeshBed {
 
     /// The same, with more flags for both agents.
     pub fn with_agent_args(a: Node, b: Node, cert_lifetime: &str, args: &[&str]) -> MeshBed {
+        Self::with_agent(a, b, cert_lifetime, args, None)
+    }
+
+    /// The same, the agents run from `binary` (a release build) when given.
+    pub fn with_agent(
+        a: Node,
+        b: Node,
+        cert_lifetime: &str,
+        args: &[&str],
+        binary: Option<&std::path::Path>,
+    ) -> MeshBed {
         let cluster = Cluster::shared();
         let link = Link::connect(&[&a, &b]);
         let install = Install::apply(cluster, &a.dir);
         let identity = IdentityService::start(&a, &install, cert_lifetime);
         let start = |node: &Node| {
-            let opts = args
+            let mut opts = args
                 .iter()
                 .fold(mesh_agent_options(&install, &identity, node), |o, a| {
                     o.arg(a)
                 });
+            if let Some(b) = binary {
+                opts.binary = Some(b.to_owned());
+            }
             Agent::start_ready(node, opts)
         };
         let nodes = [cluster.node_object(&a), cluster.node_object(&b)];

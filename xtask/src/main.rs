@@ -62,6 +62,14 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, build in release, and soak one agent: 10 000 connections at
+    /// once (tunnel, inbound, same-node), a minute of churn, then idle;
+    /// prints RSS, open files, CPU and client errors per phase.
+    Soak {
+        /// Flags for the soak (--connections N, --churn-seconds N).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -122,6 +130,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Task::Node { action } => node(action),
+        Task::Soak { args } => {
+            setup::run()?;
+            let bin = release_build()?;
+            let mut all = vec!["--agent".into(), bin.display().to_string()];
+            all.extend(args);
+            run_bin("nodemesh-soak", &all)
+        }
         Task::Bench { args } => {
             setup::run()?;
             let bin = release_build()?;

@@ -446,17 +446,7 @@ struct RequestRow {
 
 /// Clock ticks of user and system time `pid` has used.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces), 1-based 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
+    nodemesh_tests::sys::cpu_ticks(pid)
 }
 
 /// The agents' processes (what a meshed run's CPU is charged to).
