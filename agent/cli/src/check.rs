@@ -626,8 +626,21 @@ async fn through_the_api(client: &Client) -> Vec<Outcome> {
             .min()
             .map(|t| format!(", the first expires in {}h", t.saturating_sub(now) / 3600))
             .unwrap_or_default();
+        let budgets = match (r.max_connections, r.memory_limit) {
+            (0, _) => String::new(),
+            (n, Some(limit)) => format!(
+                ", memory limit {} MiB: budgets {n} connections ({} open) and {} requests",
+                limit >> 20,
+                r.connections_in_use,
+                r.max_requests
+            ),
+            (n, None) => format!(
+                ", no memory limit: budgets {n} connections ({} open) and {} requests",
+                r.connections_in_use, r.max_requests
+            ),
+        };
         let facts = format!(
-            "{}, kernel {}, BTF, cgroup v2 at {}, eBPF attached, {} meshed pods, {} certificates{soonest}",
+            "{}, kernel {}, BTF, cgroup v2 at {}, eBPF attached, {} meshed pods, {} certificates{soonest}{budgets}",
             r.version,
             r.kernel,
             r.cgroup_root,

@@ -49,6 +49,9 @@ pub struct NodeFacts {
     pub ready: nodemesh_core::admin::Ready,
     pub pods: ServedPods,
     pub certs: Option<std::sync::Arc<CertStore>>,
+    /// The memory limit the budgets came from, and the admission.
+    pub memory_limit: Option<u64>,
+    pub admission: crate::proxy::Admission,
 }
 
 impl NodeFacts {
@@ -82,6 +85,10 @@ impl NodeFacts {
                         .collect()
                 })
                 .unwrap_or_default(),
+            memory_limit: self.memory_limit,
+            max_connections: self.admission.config().max_connections as u64,
+            max_requests: self.admission.config().max_requests as u64,
+            connections_in_use: self.admission.connections() as u64,
         }
     }
 }

@@ -294,7 +294,7 @@ impl App {
             orig_dst: redirect.clone(),
             clients: Some(redirect.clone()),
             drain: Drain::default(),
-            admission,
+            admission: admission.clone(),
         })?);
         let source = match &cfg.source {
             PodSourceConfig::File { path, interval } => Source::File(FileSource {
@@ -356,6 +356,8 @@ impl App {
                 ready: ready.clone(),
                 pods: proxy.pods().clone(),
                 certs: certs.clone(),
+                memory_limit: budgets.limit.as_ref().map(|l| l.bytes),
+                admission: admission.clone(),
             }),
         };
         let tap_port = match (&certs, &cfg.identity) {

@@ -119,6 +119,17 @@ pub struct NodeReport {
     /// Pods whose connections it captures now.
     pub meshed_pods: u64,
     pub certificates: Vec<CertView>,
+    /// The memory limit its budgets were derived from (bytes), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// Its admission budgets, and what is held of the connections' now
+    /// (0 from an agent that predates them).
+    #[serde(default)]
+    pub max_connections: u64,
+    #[serde(default)]
+    pub max_requests: u64,
+    #[serde(default)]
+    pub connections_in_use: u64,
 }
 
 /// One agent's part of `GET /apis/tap.nodemesh.io/v1alpha1/agents`.

@@ -8,9 +8,10 @@
 //! of each — the budget split evenly among the pods served now, never
 //! below a floor, or what its `config.nodemesh.io/max-connections` /
 //! `max-requests` annotation says (within the budget). Connections into
-//! a pod also count against their client (an address for a plaintext
-//! client, a SPIFFE identity for a meshed one): one client holds at most
-//! half a pod's fair share, so no single client fills a server's.
+//! a pod also count against their client (its address: the client pod's
+//! for a meshed one, as its node vouches, else the peer's): one client
+//! holds at most half of a pod's share, so no single client fills a
+//! server's.
 //!
 //! A ticket is given back when dropped; a refusal says why
 //! ([`Refusal`]) and the caller counts it on the pod it refused
@@ -21,7 +22,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -78,15 +79,6 @@ pub struct AdmissionConfig {
     pub max_requests: usize,
 }
 
-/// Who a connection into a pod comes from, for the client's share.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub enum ClientKey {
-    /// A plaintext client, by address.
-    Addr(IpAddr),
-    /// A meshed client, by SPIFFE identity.
-    Identity(Arc<str>),
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BudgetLabels {
     budget: &'static str,
@@ -103,9 +95,11 @@ struct Inner {
     requests: Gauge,
     /// Pods holding a share now.
     pods: AtomicUsize,
-    /// Connections open per client into this node's pods (an entry goes
-    /// with its last connection).
-    clients: Mutex<HashMap<ClientKey, usize>>,
+    /// Connections open per (client address, pod) (an entry goes with its
+    /// last connection).
+    clients: Mutex<HashMap<(IpAddr, u64), usize>>,
+    /// The next pod share's id.
+    next_pod: AtomicU64,
     /// Refusals are logged once per door a minute (the rest counted).
     logs: Throttle,
 }
@@ -121,6 +115,7 @@ impl Admission {
             requests: Gauge::default(),
             pods: AtomicUsize::new(0),
             clients: Mutex::default(),
+            next_pod: AtomicU64::new(0),
             logs: Throttle::new(LOG_WINDOW),
         }))
     }
@@ -161,6 +156,7 @@ impl Admission {
     pub fn pod(&self, limits: PodLimits) -> Arc<PodShare> {
         self.0.pods.fetch_add(1, Ordering::Relaxed);
         Arc::new(PodShare {
+            id: self.0.next_pod.fetch_add(1, Ordering::Relaxed),
             admission: self.clone(),
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
@@ -190,13 +186,6 @@ impl Admission {
         self.fair(self.0.cfg.max_connections)
     }
 
-    /// What one client may hold open into this node's pods.
-    pub fn client_share(&self) -> usize {
-        (self.fair_connections() / 2)
-            .max(FLOOR)
-            .min(self.0.cfg.max_connections)
-    }
-
     /// Takes one from `gauge` under `max`, or gives it back.
     fn take(gauge: &Gauge, max: usize) -> bool {
         let before = gauge.inc();
@@ -207,13 +196,12 @@ impl Admission {
         true
     }
 
-    fn take_client(&self, client: &ClientKey) -> bool {
-        let share = self.client_share();
+    fn take_client(&self, client: (IpAddr, u64), share: usize) -> bool {
         let mut clients = self.0.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let held = clients.entry(client.clone()).or_insert(0);
+        let held = clients.entry(client).or_insert(0);
         if *held >= share {
             if *held == 0 {
-                clients.remove(client);
+                clients.remove(&client);
             }
             return false;
         }
@@ -221,12 +209,12 @@ impl Admission {
         true
     }
 
-    fn give_client(&self, client: &ClientKey) {
+    fn give_client(&self, client: (IpAddr, u64)) {
         let mut clients = self.0.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = clients.get_mut(client) {
+        if let Some(held) = clients.get_mut(&client) {
             *held = held.saturating_sub(1);
             if *held == 0 {
-                clients.remove(client);
+                clients.remove(&client);
             }
         }
     }
@@ -262,6 +250,7 @@ impl Admission {
 /// One served pod's share of the node's budgets.
 #[derive(Debug)]
 pub struct PodShare {
+    id: u64,
     admission: Admission,
     connections: AtomicUsize,
     requests: AtomicUsize,
@@ -303,6 +292,13 @@ impl PodShare {
             .unwrap_or_else(|| a.fair_connections())
     }
 
+    /// What one client may hold of it: half its share, at least the
+    /// floor, never more than the share.
+    pub fn client_share(&self) -> usize {
+        let share = self.connection_share();
+        (share / 2).max(FLOOR).min(share)
+    }
+
     /// Its request share now.
     pub fn request_share(&self) -> usize {
         let a = &self.admission;
@@ -330,25 +326,26 @@ impl PodShare {
         true
     }
 
-    /// A connection of this pod (`client`: who it comes from, for a
-    /// connection into it).
+    /// A connection of this pod (`client`: the address it comes from,
+    /// for a connection into it).
     pub fn connection(
         self: &Arc<Self>,
-        client: Option<ClientKey>,
+        client: Option<IpAddr>,
     ) -> Result<ConnectionTicket, Refusal> {
         let a = &self.admission;
         if !Self::take_own(&self.connections, self.connection_share()) {
             return Err(Refusal::PodShare);
         }
-        if let Some(c) = &client
-            && !a.take_client(c)
+        let client = client.map(|ip| (ip.to_canonical(), self.id));
+        if let Some(c) = client
+            && !a.take_client(c, self.client_share())
         {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::ClientShare);
         }
         if !Admission::take(&a.0.connections, a.0.cfg.max_connections) {
             self.connections.fetch_sub(1, Ordering::AcqRel);
-            if let Some(c) = &client {
+            if let Some(c) = client {
                 a.give_client(c);
             }
             return Err(Refusal::NodeBudget);
@@ -378,7 +375,7 @@ impl PodShare {
 #[derive(Debug)]
 pub struct ConnectionTicket {
     pod: Arc<PodShare>,
-    client: Option<ClientKey>,
+    client: Option<(IpAddr, u64)>,
 }
 
 impl Drop for ConnectionTicket {
@@ -386,7 +383,7 @@ impl Drop for ConnectionTicket {
         self.pod.connections.fetch_sub(1, Ordering::AcqRel);
         let a = &self.pod.admission;
         a.0.connections.dec();
-        if let Some(c) = &self.client {
+        if let Some(c) = self.client {
             a.give_client(c);
         }
     }
@@ -434,12 +431,12 @@ mod tests {
         let pods: Vec<_> = (0..9).map(|_| a.pod(PodLimits::default())).collect();
         assert_eq!(one.connection_share(), 100);
         assert_eq!(one.request_share(), 40);
-        assert_eq!(a.client_share(), 50);
+        assert_eq!(one.client_share(), 50);
         drop(pods);
         assert_eq!(one.connection_share(), 1000, "shares grow back as pods go");
         let many: Vec<_> = (0..200).map(|_| a.pod(PodLimits::default())).collect();
         assert_eq!(one.connection_share(), FLOOR);
-        assert_eq!(a.client_share(), FLOOR);
+        assert_eq!(one.client_share(), FLOOR);
         drop(many);
         // Annotations: within the node's budget.
         one.set_limits(PodLimits {
@@ -460,7 +457,7 @@ mod tests {
         // Many clients fill the attacked pod's share (30), no more.
         let mut refused = None;
         for i in 0..100u8 {
-            let client = ClientKey::Addr(IpAddr::from([10, 0, 0, i]));
+            let client = IpAddr::from([10, 0, 0, i]);
             match attacked.connection(Some(client)) {
                 Ok(t) => held.push(t),
                 Err(r) => {
@@ -483,28 +480,42 @@ mod tests {
     }
 
     #[test]
-    fn one_client_holds_at_most_half_a_fair_share() {
+    fn one_client_holds_at_most_half_of_a_pods_share() {
         let a = node(100, 100);
         let server = a.pod(PodLimits::default());
-        let _other = a.pod(PodLimits::default());
-        assert_eq!(a.client_share(), 25);
-        let attacker = ClientKey::Identity("spiffe://cluster.local/ns/x/sa/y".into());
+        let other = a.pod(PodLimits::default());
+        assert_eq!(server.client_share(), 25);
+        let attacker = IpAddr::from([10, 0, 0, 1]);
         let held: Vec<_> = (0..25)
-            .map(|_| server.connection(Some(attacker.clone())).unwrap())
+            .map(|_| server.connection(Some(attacker)).unwrap())
             .collect();
         assert_eq!(
-            server.connection(Some(attacker.clone())).unwrap_err(),
+            server.connection(Some(attacker)).unwrap_err(),
+            Refusal::ClientShare
+        );
+        // IPv4-mapped: the same client.
+        assert_eq!(
+            server
+                .connection(Some("::ffff:10.0.0.1".parse().unwrap()))
+                .unwrap_err(),
             Refusal::ClientShare
         );
         assert_eq!(server.connections(), 25, "a refusal holds nothing");
-        // Another client of the same pod is served.
-        let other = ClientKey::Addr(IpAddr::from([10, 0, 0, 9]));
-        let t = server.connection(Some(other)).unwrap();
+        // Another client of the same pod is served, and the attacker's
+        // share of another pod is its own.
+        let t = server.connection(Some(IpAddr::from([10, 0, 0, 9]))).unwrap();
+        let u = other.connection(Some(attacker)).unwrap();
         assert_eq!(server.connections(), 26);
-        drop((held, t));
+        drop((held, t, u));
         assert_eq!(server.connections(), 0);
         assert_eq!(a.connections(), 0);
         assert_eq!(a.clients(), 0);
+        // A pod whose annotation sets a small share: the share is the cap.
+        let small = a.pod(PodLimits {
+            max_connections: Some(4),
+            ..PodLimits::default()
+        });
+        assert_eq!(small.client_share(), 4);
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub use self::{
     pods::{PodHandle, ServedPod, ServedPods},
 };
 use self::{
-    admission::{ClientKey, Door},
+    admission::Door,
     balance::Balancer,
     inbound::{Inbound, InboundConfig},
     outbound::{Outbound, OutboundConfig},
@@ -329,7 +329,7 @@ impl Proxy {
                     Direction::Inbound => (
                         Door::Inbound,
                         served.inbound.as_ref(),
-                        Some(ClientKey::Addr(peer.ip().to_canonical())),
+                        Some(peer.ip()),
                     ),
                 };
                 let permit = match served.share.connection(key) {

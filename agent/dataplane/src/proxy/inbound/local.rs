@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use super::{Accepted, Accounting, ClientKey, Door, Inbound, Recheck, policy::Client};
+use super::{Accepted, Accounting, Door, Inbound, Recheck, policy::Client};
 use crate::{
     proxy::{admission::Refusal, http::ServerSide, pods::ServedPod, relay::reset_if_we_die},
     state::Pod,
@@ -119,11 +119,7 @@ impl Inbound {
             // (its inbound capture lets the agent by), as the client pod.
             Some(dst_served) => {
                 let ip = self.authorize_local(src, dst_served, dst)?;
-                let key = match src.pod.identity() {
-                    Some(id) => ClientKey::Identity(id.uri().into()),
-                    None => ClientKey::Addr(ip),
-                };
-                match dst_served.share.connection(Some(key)) {
+                match dst_served.share.connection(Some(ip)) {
                     Ok(t) => ticket = Some(t),
                     Err(why) => {
                         self.refused(dst_served, Door::Local, why, ip);

@@ -42,7 +42,7 @@ use self::{
 };
 pub use self::{live::Recheck, local::LocalError};
 use super::{
-    admission::{ClientKey, ConnectionTicket, Door, Refusal},
+    admission::{ConnectionTicket, Door, Refusal},
     connect::Connector,
     detect::Detected,
     orig_dst::ClientAddrs,

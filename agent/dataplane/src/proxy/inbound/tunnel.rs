@@ -8,7 +8,7 @@ use nodemesh_core::identity::Identity;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{Accepted, Accounting, ClientKey, Door, Inbound, http::Peer, policy::Client};
+use super::{Accepted, Accounting, Door, Inbound, http::Peer, policy::Client};
 use crate::{
     proxy::{
         pods::ServedPod,
@@ -95,22 +95,19 @@ impl Inbound {
             warn!(client = %req.client, dst = %req.dst, reason = %TunnelError::UnknownDestination, "refused a tunnel stream: the destination is not a meshed pod of the authenticated identity on this node");
             return Err(TunnelError::UnknownDestination);
         };
-        // Its slot: in the pod's share and the client identity's.
-        let ticket = match served
-            .share
-            .connection(Some(ClientKey::Identity(req.client.clone())))
-        {
-            Ok(t) => t,
-            Err(why) => {
-                self.refused(&served, Door::Tunnel, why, req.peer.ip());
-                return Err(TunnelError::Overloaded);
-            }
-        };
         // Else the tunnel's other end, the client's node: all that is known.
         let client_addr = self
             .claimed_client(req)
             .await
             .unwrap_or(SocketAddr::new(req.peer.ip(), 0));
+        // Its slot: in the pod's share and its client's.
+        let ticket = match served.share.connection(Some(client_addr.ip())) {
+            Ok(t) => t,
+            Err(why) => {
+                self.refused(&served, Door::Tunnel, why, client_addr.ip());
+                return Err(TunnelError::Overloaded);
+            }
+        };
         if self
             .authorize(
                 &served,
