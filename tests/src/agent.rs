@@ -41,6 +41,10 @@ pub struct AgentOptions {
     pub open_files: Option<u64>,
     /// `--cgroup-root` (default: the node's cgroup).
     pub cgroup_root: Option<PathBuf>,
+    /// Start the agent in this cgroup v1 memory controller's directory too
+    /// (where a hybrid host and containerd put a container's memory
+    /// limit): see [`crate::sys::MemoryCgroup`].
+    pub memory_cgroup: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -56,6 +60,7 @@ impl Default for AgentOptions {
             kubeconfig: None,
             open_files: None,
             cgroup_root: None,
+            memory_cgroup: None,
         }
     }
 }
@@ -147,6 +152,9 @@ impl Agent {
             .stderr(log);
         if let Some(soft) = opts.open_files {
             crate::sys::limit_open_files(&mut cmd, soft);
+        }
+        if let Some(dir) = &opts.memory_cgroup {
+            crate::sys::join_cgroup_at_exec(&mut cmd, dir);
         }
         let child = spawn_in(cmd, &node.netns, &cgroup);
         Self {

@@ -756,11 +756,24 @@ impl MeshBed {
         args: &[&str],
         binary: Option<&std::path::Path>,
     ) -> MeshBed {
+        Self::with_agent_cgroups(a, b, cert_lifetime, args, binary, [None, None])
+    }
+
+    /// The same, each agent started in a memory cgroup too (node a's,
+    /// node b's) when given (see [`crate::sys::MemoryCgroup`]).
+    pub fn with_agent_cgroups(
+        a: Node,
+        b: Node,
+        cert_lifetime: &str,
+        args: &[&str],
+        binary: Option<&std::path::Path>,
+        memory: [Option<std::path::PathBuf>; 2],
+    ) -> MeshBed {
         let cluster = Cluster::shared();
         let link = Link::connect(&[&a, &b]);
         let install = Install::apply(cluster, &a.dir);
         let identity = IdentityService::start(&a, &install, cert_lifetime);
-        let start = |node: &Node| {
+        let start = |node: &Node, memory: &Option<std::path::PathBuf>| {
             let mut opts = args
                 .iter()
                 .fold(mesh_agent_options(&install, &identity, node), |o, a| {
@@ -769,11 +782,12 @@ impl MeshBed {
             if let Some(b) = binary {
                 opts.binary = Some(b.to_owned());
             }
+            opts.memory_cgroup = memory.clone();
             Agent::start_ready(node, opts)
         };
         let nodes = [cluster.node_object(&a), cluster.node_object(&b)];
-        let agent_a = start(&a);
-        let agent_b = start(&b);
+        let agent_a = start(&a, &memory[0]);
+        let agent_b = start(&b, &memory[1]);
         let ns = unique("mesh");
         cluster.namespace(&ns, &[(nodemesh_core::names::MESH_LABEL, "enabled")]);
         MeshBed {

@@ -228,6 +228,84 @@ pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &Path) -> Child {
     child
 }
 
+/// A cgroup v1 memory controller directory with a limit, removed when
+/// dropped (once its processes are gone).
+#[derive(Debug)]
+pub struct MemoryCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// `name` under the v1 memory controller, limited to `bytes`; `None`
+    /// where the host has no v1 memory controller.
+    pub fn v1(name: &str, bytes: u64) -> Option<Self> {
+        let root = fs::read_to_string("/proc/self/mounts")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory"))
+                    .then(|| PathBuf::from(f[1]))
+            })?;
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).ok()?;
+        fs::write(dir.join("memory.limit_in_bytes"), bytes.to_string()).ok()?;
+        Some(Self { dir })
+    }
+
+    /// Times the limit was hit, and whether the OOM killer acted in it.
+    pub fn pressure(&self) -> (u64, bool) {
+        let failcnt = fs::read_to_string(self.dir.join("memory.failcnt"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let killed = fs::read_to_string(self.dir.join("memory.oom_control"))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("oom_kill ") && !l.ends_with(" 0"))
+            })
+            .unwrap_or(false);
+        (failcnt, killed)
+    }
+
+    /// Peak memory charged to it, in bytes.
+    pub fn max_usage(&self) -> u64 {
+        fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// Makes `cmd` join the cgroup at `dir` (any hierarchy) as it starts.
+pub fn join_cgroup_at_exec(cmd: &mut Command, dir: &Path) {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", dir.display()));
+    // SAFETY: only an async-signal-safe write before exec; the fd is kept
+    // open by the closure, which the Command owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `cmd` with a soft open-file limit of `soft` (the hard one kept).
 pub fn limit_open_files(cmd: &mut Command, soft: u64) {
     // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between

@@ -62,6 +62,23 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run every fuzz target (tests/fuzz: the pod file, Kubernetes objects,
+    /// protocol detection, the CONNECT request, the wire types, annotation
+    /// values and policies) for `--time` seconds each, with cargo-fuzz on
+    /// the nightly toolchain; a crash stops it with the input saved under
+    /// tests/fuzz/artifacts (make it a unit test).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
+    /// Set up, build in release, and run the chaos table: a victim's
+    /// steady wrk load while an attacker pod (meshed, and unmeshed) runs
+    /// each attack on the same nodes, the agents under a 512 MiB memory
+    /// limit; prints the victim's latency and errors per attack.
+    Chaos,
     /// Set up, build in release, and soak one agent: 10 000 connections at
     /// once (tunnel, inbound, same-node), a minute of churn, then idle;
     /// prints RSS, open files, CPU and client errors per phase.
@@ -130,6 +147,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Task::Node { action } => node(action),
+        Task::Fuzz { time, targets } => fuzz(time, &targets),
+        Task::Chaos => {
+            setup::run()?;
+            let bin = release_build()?;
+            run_bin(
+                "nodemesh-chaos",
+                &["--agent".into(), bin.display().to_string()],
+            )
+        }
         Task::Soak { args } => {
             setup::run()?;
             let bin = release_build()?;
@@ -203,6 +229,59 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo {} failed", test_args.join(" "));
     }
+    Ok(())
+}
+
+/// The fuzz targets, in tests/fuzz/Cargo.toml's order.
+const FUZZ_TARGETS: &[&str] = &[
+    "pod_file",
+    "kube_objects",
+    "detect",
+    "connect_request",
+    "wire",
+    "annotations",
+];
+
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    let cargo_fuzz = setup::cargo_fuzz()?;
+    for t in only {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            bail!("no fuzz target {t:?}: {}", FUZZ_TARGETS.join(", "));
+        }
+    }
+    let fuzz_dir = workspace().join("tests/fuzz");
+    let started = std::time::Instant::now();
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| o == *t))
+    {
+        println!("xtask: fuzzing {target} for {seconds}s");
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let status = Command::new("rustup")
+            .args(["run", "nightly"])
+            .arg(&cargo_fuzz)
+            .args(["fuzz", "run", "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .arg(target)
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            // Its own target dir: another toolchain and flags.
+            .env("CARGO_TARGET_DIR", target_dir().join("fuzz"))
+            .status()
+            .context("cannot run cargo fuzz")?;
+        if !status.success() {
+            bail!(
+                "fuzz target {target} found a crash: its input is under {}; make it a unit test",
+                fuzz_dir.join("artifacts").join(target).display()
+            );
+        }
+    }
+    println!(
+        "xtask: every fuzz target ran {seconds}s without a crash ({:.0}s in all)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

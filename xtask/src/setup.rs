@@ -307,6 +307,41 @@ fn bpf_linker(tc: &Toolchain) -> Result<()> {
     Ok(())
 }
 
+/// The cargo-fuzz `cargo xtask fuzz` runs (installed by that command,
+/// not by setup: fuzzing is not part of the test suite).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, installed (pinned, in the tools prefix) if missing.
+pub fn cargo_fuzz() -> Result<PathBuf> {
+    let bin = tools_dir().join("bin/cargo-fuzz");
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if version.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
+        return Ok(bin);
+    }
+    println!("fuzz: building cargo-fuzz {CARGO_FUZZ_VERSION} (1-2 minutes)");
+    let ok = Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            "--force",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--root",
+        ])
+        .arg(tools_dir())
+        .status()
+        .context("cannot run cargo install")?
+        .success();
+    if !ok || !runs(&bin) {
+        bail!("building cargo-fuzz failed");
+    }
+    Ok(bin)
+}
+
 /// Where setup puts cargo-deny.
 pub fn cargo_deny_bin() -> PathBuf {
     tools_dir().join("bin/cargo-deny")

@@ -506,15 +506,20 @@ impl App {
 /// listeners (one per captured pod), the tunnel, the API server, logs.
 const SPARE_FDS: u64 = 4096;
 
-/// Raises the soft open-file limit to what `max_connections` needs (two
-/// sockets each, plus spares), up to the hard limit, so the agent is never
-/// the reason an app's connection hangs. Returns (before, after, needed).
+/// Raises the open-file limit to what `max_connections` needs (two
+/// sockets each, plus spares): the hard limit too when the agent may, else
+/// the soft one up to the hard one. Returns (before, after, needed).
 fn raise_fd_limit(max_connections: usize) -> (u64, u64, u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let needed = 2 * max_connections as u64 + SPARE_FDS;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return (0, 0, needed);
     };
+    // Above the hard limit too where the agent may (CAP_SYS_RESOURCE: a
+    // privileged DaemonSet, root on a test bed).
+    if needed > hard && setrlimit(Resource::RLIMIT_NOFILE, needed, needed).is_ok() {
+        return (soft, needed, needed);
+    }
     let want = needed.min(hard);
     if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
         return (soft, want, needed);

@@ -48,7 +48,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, sk_action::SK_PASS,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, sk_msg, sock_ops},
     maps::lpm_trie::Key,
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
@@ -110,6 +112,27 @@ fn set_user_port(sa: *mut bpf_sock_addr, port: u32) {
     };
 }
 
+/// Whether a warning may go to the log now: one a second per CPU, so a pod
+/// whose connects fail in a loop cannot flood the agent's log ring (the
+/// failures are refused all the same).
+#[inline(always)]
+fn may_warn() -> bool {
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(last) = NM_WARNED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's own slot of a one-entry array; programs on one CPU
+    // do not preempt each other.
+    unsafe {
+        if *last != 0 && now.wrapping_sub(*last) < 1_000_000_000 {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
 // ---- cgroup/connect4 and connect6 -----------------------------------------
 
 #[cgroup_sock_addr(connect4)]
@@ -117,7 +140,9 @@ pub fn nodemesh_connect4(ctx: SockAddrContext) -> i32 {
     match try_connect4(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
-            warn!(&ctx, "connect4: not redirected: {}", reason);
+            if may_warn() {
+                warn!(&ctx, "connect4: not redirected: {}", reason);
+            }
             DENY
         }
     }
@@ -128,7 +153,9 @@ pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
     match try_connect6(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
-            warn!(&ctx, "connect6: not redirected: {}", reason);
+            if may_warn() {
+                warn!(&ctx, "connect6: not redirected: {}", reason);
+            }
             DENY
         }
     }
@@ -343,7 +370,9 @@ pub fn nodemesh_getsockname6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn nodemesh_sock_ops(ctx: SockOpsContext) -> u32 {
-    if let Err(reason) = try_sock_ops(&ctx) {
+    if let Err(reason) = try_sock_ops(&ctx)
+        && may_warn()
+    {
         warn!(&ctx, "sock_ops: {}", reason);
     }
     // The return value is ignored for these callbacks.

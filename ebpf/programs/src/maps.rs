@@ -2,7 +2,7 @@
 //! kernel's ABI they use.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash},
 };
 use nodemesh_common::{
     BYPASS_ENTRIES, BypassPort, ClientKey, Config, FASTPATH_ENTRIES, FastPathKey, INBOUND_ENTRIES,
@@ -59,6 +59,11 @@ pub(crate) static NM_INBOUND_PENDING: LruHashMap<u64, OrigDst> =
 #[map]
 pub(crate) static NM_INBOUND_PEERS: LruHashMap<InboundPeerKey, OrigDst> =
     LruHashMap::pinned(INBOUND_PEERS_ENTRIES, 0);
+
+/// When each CPU last let a warning through (not pinned: a rate, not
+/// state a restarted agent needs).
+#[map]
+pub(crate) static NM_WARNED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 // ---- constants --------------------------------------------------------------
 

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 mod stat;
 mod tap;
 

@@ -503,7 +503,9 @@ mod tests {
         assert_eq!(server.connections(), 25, "a refusal holds nothing");
         // Another client of the same pod is served, and the attacker's
         // share of another pod is its own.
-        let t = server.connection(Some(IpAddr::from([10, 0, 0, 9]))).unwrap();
+        let t = server
+            .connection(Some(IpAddr::from([10, 0, 0, 9])))
+            .unwrap();
         let u = other.connection(Some(attacker)).unwrap();
         assert_eq!(server.connections(), 26);
         drop((held, t, u));

@@ -326,11 +326,7 @@ impl Proxy {
             accept::accept_loop(&listener, None, &stop, side.as_str(), |client, peer, _| {
                 let (door, metrics, key) = match side {
                     Direction::Outbound => (Door::Outbound, Some(&served.outbound), None),
-                    Direction::Inbound => (
-                        Door::Inbound,
-                        served.inbound.as_ref(),
-                        Some(peer.ip()),
-                    ),
+                    Direction::Inbound => (Door::Inbound, served.inbound.as_ref(), Some(peer.ip())),
                 };
                 let permit = match served.share.connection(key) {
                     Ok(ticket) => ticket,

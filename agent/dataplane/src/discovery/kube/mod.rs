@@ -16,6 +16,8 @@
 //! counted once per object, and never stop the others.
 mod convert;
 pub mod events;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 mod uninstall;
 
 pub use uninstall::{UninstallWatch, uninstalling};

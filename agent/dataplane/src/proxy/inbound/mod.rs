@@ -484,7 +484,17 @@ impl Inbound {
                 port,
                 from_node,
             };
-            return http::serve(client, server, h2, served.clone(), peer, recheck).await;
+            // Boxed: an opaque connection's task should not reserve room
+            // for hyper's state.
+            return Box::pin(http::serve(
+                client,
+                server,
+                h2,
+                served.clone(),
+                peer,
+                recheck,
+            ))
+            .await;
         }
         let (mut client, mut server) = (client, server);
         let inbound = served.inbound.as_ref();

@@ -168,7 +168,9 @@ impl Outbound {
             ConfiguredProtocol::H2 => {
                 self.http_metrics
                     .detected(Direction::Outbound, Detected::H2);
-                return self.clone().http(client, pod, dest, true, None).await;
+                // Boxed: an HTTP connection's state (hyper's) is large,
+                // and an opaque one's task should not reserve room for it.
+                return Box::pin(self.clone().http(client, pod, dest, true, None)).await;
             }
             ConfiguredProtocol::Detect => {}
         }
@@ -184,7 +186,7 @@ impl Outbound {
                 let early = early
                     .and_then(Result::ok)
                     .filter(|_| detection.server_first.is_empty());
-                self.clone().http(client, pod, dest, h2, early).await;
+                Box::pin(self.clone().http(client, pod, dest, h2, early)).await;
             }
             _ => match early {
                 // Not dialled while detecting: now.

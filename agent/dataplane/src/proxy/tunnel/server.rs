@@ -81,6 +81,40 @@ fn forwarded_for(headers: &hyper::HeaderMap) -> Option<SocketAddr> {
     })
 }
 
+/// What the `connect_request` fuzz target (`tests/fuzz`) feeds any bytes
+/// to: a CONNECT's authority, and the `forwarded` header, read as
+/// [`TunnelServer`] reads them.
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing {
+    pub fn request(authority: &[u8], forwarded: &[u8]) {
+        if let Ok(uri) = hyper::Uri::try_from(authority) {
+            let _ = uri
+                .authority()
+                .and_then(|a| a.as_str().parse::<std::net::SocketAddr>().ok());
+        }
+        if let Ok(v) = hyper::header::HeaderValue::from_bytes(forwarded) {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert(super::FORWARDED, v);
+            let _ = super::forwarded_for(&headers);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn requests_seen_by_the_fuzzer_parse_without_panic() {
+            for (a, f) in [
+                (&b"10.0.0.1:80"[..], &b"for=\"[::1]:1\""[..]),
+                (b"[fe80::1%eth0]:80", b"for=;for=\"\";"),
+                (b"", b"\xff"),
+                (b":", b"for=1.2.3.4:99999"),
+            ] {
+                super::request(a, f);
+            }
+        }
+    }
+}
+
 /// One CONNECT stream, as the server authenticated it.
 #[derive(Clone, Debug)]
 pub struct StreamRequest {
