@@ -15,7 +15,7 @@ use nodemesh_core::{
     admin::{AdminError, AdminServer, AdminState, Ready},
     kube::{self as kube_client, KubeError},
     labels::PREFIX,
-    listen::{CapsConfig, Guard, ListenerMetrics},
+    listen::{CapsConfig, Guard},
 };
 use prometheus_client::registry::Registry;
 use tokio::{
@@ -206,9 +206,8 @@ impl App {
             PodSourceConfig::File { .. } => None,
         };
         let proxy_metrics = ProxyMetrics::new(&mut registry);
-        let listener_metrics = ListenerMetrics::new(&mut registry);
-        let admin_guard = Guard::new("admin", CapsConfig::SMALL, listener_metrics.clone());
-        let tap_guard = Guard::new("tap", CapsConfig::SMALL, listener_metrics);
+        let admin_guard = Guard::new("admin", CapsConfig::SMALL, proxy_metrics.listeners.clone());
+        let tap_guard = Guard::new("tap", CapsConfig::SMALL, proxy_metrics.listeners.clone());
         let admission = Admission::new(AdmissionConfig {
             max_connections: budgets.connections,
             max_requests: budgets.requests,

@@ -229,3 +229,34 @@ async fn requests_over_a_pods_share_get_503_and_the_neighbours_are_answered() {
     }
     assert_eq!(cluster.admission(0).requests(), 0, "every slot given back");
 }
+
+#[tokio::test]
+async fn streams_beyond_one_tunnel_connections_room_open_another() {
+    // One tunnel connection takes 1 024 streams at once; 1 100 idle
+    // connections from one pod to one pod need two (they used to wait for
+    // a stream slot until their open timed out).
+    let limit = PodLimits {
+        max_connections: Some(3000),
+        ..PodLimits::default()
+    };
+    let big = AdmissionConfig {
+        max_connections: 5000,
+        max_requests: 5000,
+    };
+    let cluster = Cluster::two_nodes_with([big, big], &[("far", limit), ("client", limit)]).await;
+    cluster.wait_certificates().await;
+    let far = cluster.echo("10.2.0.3", PORT).await;
+    let held = hold(&cluster, 0, "client", far, 1100).await;
+    let m = cluster.metrics(0);
+    assert_eq!(
+        m.value(
+            "nodemesh_tunnel_connections_total",
+            &[("direction", "outbound")]
+        ),
+        2.0,
+        "{}",
+        m.text
+    );
+    drop(held);
+    settles(&cluster, 1, 0).await;
+}

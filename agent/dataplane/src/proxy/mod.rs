@@ -38,7 +38,12 @@ pub mod tunnel;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use nodemesh_core::{labels::Direction, names::PodUid, wire::WorkloadRef};
+use nodemesh_core::{
+    labels::Direction,
+    listen::{CapsConfig, Guard, ListenerMetrics},
+    names::PodUid,
+    wire::WorkloadRef,
+};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +76,15 @@ use crate::{
     },
 };
 
+/// The tunnel port's caps: peer nodes hold a few pooled connections per
+/// pair of identities; a handshake not done is evicted by newer ones.
+const TUNNEL_CAPS: CapsConfig = CapsConfig {
+    connections: 16_384,
+    per_source: 1024,
+    handshakes: 256,
+    handshakes_per_source: 32,
+};
+
 /// Connections closed (from the peak) after which the allocator's free
 /// memory is given back to the kernel.
 const GIVE_BACK_AFTER: usize = 256;
@@ -100,6 +114,9 @@ pub struct ProxyMetrics {
     pub tcp: TcpMetrics,
     pub tunnel: TunnelMetrics,
     pub http: HttpMetrics,
+    /// The guarded listeners' refusals (the tunnel's, the admin and tap
+    /// ports').
+    pub listeners: ListenerMetrics,
 }
 
 impl ProxyMetrics {
@@ -108,6 +125,7 @@ impl ProxyMetrics {
             tcp: TcpMetrics::new(registry),
             tunnel: TunnelMetrics::new(registry),
             http: HttpMetrics::new(registry),
+            listeners: ListenerMetrics::new(registry),
         }
     }
 }
@@ -196,6 +214,7 @@ impl Proxy {
                     metrics.tunnel.clone(),
                     inbound_side.clone(),
                     drain.clone(),
+                    Guard::new("tunnel", TUNNEL_CAPS, metrics.listeners.clone()),
                 )?;
                 let pool = TunnelPool::new(
                     cfg.tunnel.clone(),

@@ -55,10 +55,29 @@ impl Reset for TunnelStream {
 }
 
 /// A stream on the upstream side: a TCP connection, or a stream of the
-/// tunnel to another node.
+/// tunnel to another node (counted on its pooled connection while open).
 pub enum UpstreamIo {
     Tcp(TcpStream),
-    Tunnel(TunnelStream),
+    Tunnel(TunnelStream, StreamSlot),
+}
+
+/// One open stream of a pooled tunnel connection, given back when dropped
+/// (the pool opens another connection when one is full).
+#[derive(Debug)]
+pub struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamSlot {
+    /// Takes one of `count`.
+    pub fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One CONNECT stream of the tunnel, as bytes.
@@ -68,7 +87,7 @@ impl Reset for UpstreamIo {
     fn reset(&self) {
         match self {
             Self::Tcp(s) => s.reset(),
-            Self::Tunnel(s) => s.reset(),
+            Self::Tunnel(s, _) => s.reset(),
         }
     }
 
@@ -87,7 +106,7 @@ impl AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -100,21 +119,21 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s, _) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s, _) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s, _) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -462,7 +462,7 @@ impl Cluster {
             .open(&id("client"), node_b, &id("far"), dst, None)
             .await
         {
-            Ok((mut stream, _)) => {
+            Ok((mut stream, _slot, _)) => {
                 stream.write_all(b"x").await.unwrap();
                 let mut b = [0u8; 1];
                 stream.read_exact(&mut b).await.unwrap();

@@ -292,12 +292,12 @@ impl Outbound {
                 let client = pod
                     .address_for(&self.state, dst)
                     .map(|ip| SocketAddr::new(ip, 0));
-                let (stream, dialled) = pool
+                let (stream, slot, dialled) = pool
                     .open(src, node_ip, dst_id, dst, client)
                     .await
                     .map_err(|e| Failure::Tunnel(node_ip, e))?;
                 Ok(Opened {
-                    io: UpstreamIo::Tunnel(stream),
+                    io: UpstreamIo::Tunnel(stream, slot),
                     tls: true,
                     peer: Some(dst_id.clone()),
                     local: None,

@@ -1,7 +1,9 @@
 //! The tunnel's client end: streams to other nodes over pooled mutual-TLS
-//! HTTP/2 connections, one per (source identity, destination node,
-//! destination identity). A renewed source certificate gets a new
-//! connection for new streams; idle connections are closed.
+//! HTTP/2 connections per (source identity, destination node, destination
+//! identity): as many as its streams need (a connection takes at most the
+//! server's [`h2::MAX_STREAMS`] at once; a new one is dialled beyond). A
+//! renewed source certificate gets a new connection for new streams; idle
+//! connections are closed.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -25,7 +27,10 @@ use tracing::{debug, info};
 use super::{TunnelConfig, TunnelError, TunnelMetrics, h2, tls};
 use crate::{
     identity::{CertStore, Current},
-    proxy::{connect::Connector, relay::TunnelStream},
+    proxy::{
+        connect::Connector,
+        relay::{StreamSlot, TunnelStream},
+    },
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -44,9 +49,19 @@ struct Pooled {
     /// No new streams on it past this: its age cap, or the server's
     /// certificate's expiry, whichever comes first.
     retire_at: Instant,
+    /// Streams open on it now.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+impl Pooled {
+    fn streams(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// The connections of one key: those that may take streams, fullest
+/// last.
+type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
 /// Why an outbound tunnel stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +147,7 @@ impl TunnelPool {
         dst_id: &SpiffeId,
         dst: SocketAddr,
         client: Option<SocketAddr>,
-    ) -> Result<(TunnelStream, bool), OpenError> {
+    ) -> Result<(TunnelStream, StreamSlot, bool), OpenError> {
         let limit = self.cfg.connect_timeout + self.cfg.handshake_timeout;
         let result =
             match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst, client))
@@ -155,7 +170,7 @@ impl TunnelPool {
         dst_id: &SpiffeId,
         dst: SocketAddr,
         client: Option<SocketAddr>,
-    ) -> Result<(TunnelStream, bool), OpenError> {
+    ) -> Result<(TunnelStream, StreamSlot, bool), OpenError> {
         let current = self
             .store
             .wait(src.identity(), self.cfg.connect_timeout)
@@ -176,48 +191,63 @@ impl TunnelPool {
         // A pooled connection the peer just retired (GOAWAY: its age, or
         // this node's certificate expiring there) fails the stream before
         // anything was sent on it: once more on a new connection.
-        let (send, dialled) = self.connection(&slot, &key, &current, false).await?;
+        let (send, stream_slot, dialled) = self.connection(&slot, &key, &current, false).await?;
         match self.request(send, &key, dst, client).await {
             Err(OpenError::Http { .. }) if !dialled => {
                 debug!(node = %key.node, "pooled tunnel connection no longer takes streams; dialling a new one");
-                let (send, _) = self.connection(&slot, &key, &current, true).await?;
-                Ok((self.request(send, &key, dst, client).await?, true))
+                drop(stream_slot);
+                let (send, stream_slot, _) = self.connection(&slot, &key, &current, true).await?;
+                Ok((
+                    self.request(send, &key, dst, client).await?,
+                    stream_slot,
+                    true,
+                ))
             }
-            r => r.map(|stream| (stream, dialled)),
+            r => r.map(|stream| (stream, stream_slot, dialled)),
         }
     }
 
-    /// The pooled connection for `key` (a new one if there is none that
-    /// may take streams, or if `fresh`), and whether it was dialled now.
-    /// One connect per key at a time; the others wait and reuse it.
+    /// A pooled connection for `key` with room for a stream (the least
+    /// busy; a new one if none may take it, or if `fresh`), the stream's
+    /// slot on it, and whether it was dialled now. One connect per key at
+    /// a time; the others wait and reuse it.
     async fn connection(
         &self,
         slot: &Slot,
         key: &PoolKey,
         current: &Current,
         fresh: bool,
-    ) -> Result<(SendRequest<Empty<Bytes>>, bool), OpenError> {
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamSlot, bool), OpenError> {
         let mut pooled = slot.lock().await;
-        let reusable = !fresh
-            && pooled.as_ref().is_some_and(|p| {
-                !p.send.is_closed()
-                    && p.generation == current.generation
-                    && Instant::now() < p.retire_at
-            });
-        if !reusable {
-            let (send, retire_at) = self.dial(key, current).await?;
-            *pooled = Some(Pooled {
-                send,
-                generation: current.generation,
-                last_used: Instant::now(),
-                retire_at,
-            });
-        }
-        let Some(p) = pooled.as_mut() else {
-            return Err(OpenError::Name("pool entry vanished".into()));
+        let now = Instant::now();
+        // Those that may take no new stream go (their open streams carry
+        // on: the connection lives while they do).
+        pooled.retain(|p| {
+            !p.send.is_closed() && p.generation == current.generation && now < p.retire_at
+        });
+        let room = if fresh {
+            None
+        } else {
+            pooled
+                .iter_mut()
+                .filter(|p| p.streams() < h2::MAX_STREAMS as usize)
+                .min_by_key(|p| p.streams())
         };
-        p.last_used = Instant::now();
-        Ok((p.send.clone(), !reusable))
+        if let Some(p) = room {
+            p.last_used = now;
+            return Ok((p.send.clone(), StreamSlot::take(&p.streams), false));
+        }
+        let (send, retire_at) = self.dial(key, current).await?;
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let taken = StreamSlot::take(&streams);
+        pooled.push(Pooled {
+            send: send.clone(),
+            generation: current.generation,
+            last_used: Instant::now(),
+            retire_at,
+            streams,
+        });
+        Ok((send, taken, true))
     }
 
     /// One CONNECT stream on `send`.
@@ -361,11 +391,12 @@ impl TunnelPool {
                 let Ok(mut pooled) = slot.try_lock() else {
                     continue;
                 };
-                let idle = pooled.as_ref().is_none_or(|p| {
-                    p.send.is_closed() || p.last_used.elapsed() >= self.cfg.idle_timeout
+                // Idle: no stream open on it for the idle timeout.
+                pooled.retain(|p| {
+                    !p.send.is_closed()
+                        && (p.streams() > 0 || p.last_used.elapsed() < self.cfg.idle_timeout)
                 });
-                if idle {
-                    *pooled = None;
+                if pooled.is_empty() {
                     drop(pooled);
                     self.pool
                         .lock()

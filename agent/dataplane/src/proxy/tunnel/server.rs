@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use nodemesh_core::listen::Guard;
 use nodemesh_core::{identity::Identity, labels::Direction, throttle::Throttle};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -159,6 +160,8 @@ pub struct TunnelServer {
     drain: Drain,
     /// Refusals anyone can cause are logged once per reason a minute.
     logs: Throttle,
+    /// Connections per source, and handshake slots.
+    guard: Guard,
 }
 
 /// How often a refusal of each reason is logged (the rest counted).
@@ -171,6 +174,7 @@ impl TunnelServer {
         metrics: TunnelMetrics,
         destinations: Arc<dyn Destinations>,
         drain: Drain,
+        guard: Guard,
     ) -> Result<Self, rustls::Error> {
         let tls = tls::server_config(&store)?;
         Ok(Self {
@@ -181,6 +185,7 @@ impl TunnelServer {
             destinations,
             drain,
             logs: Throttle::new(REFUSAL_LOG_WINDOW),
+            guard,
         })
     }
 
@@ -191,11 +196,18 @@ impl TunnelServer {
             info!(%addr, "tunnel listening");
         }
         accept_loop(&listener, None, &stop, "tunnel", |tcp, peer, _| {
+            let Some(slot) = self.guard.connection(peer.ip()) else {
+                debug!(%peer, "tunnel: over its connection caps; closed");
+                return;
+            };
             let this = self.clone();
             let stop = stop.clone();
             self.drain.spawn(
-                async move { this.connection(tcp, stop).await }
-                    .instrument(info_span!("tunnel_inbound", %peer)),
+                async move {
+                    this.connection(tcp, stop).await;
+                    drop(slot);
+                }
+                .instrument(info_span!("tunnel_inbound", %peer)),
             );
         })
         .await;
@@ -230,10 +242,23 @@ impl TunnelServer {
             return;
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if !self.starts_with_tls(&tcp).await {
-            return;
-        }
-        let Some((tls, client)) = self.handshake(tcp).await else {
+        // A handshake slot, until the handshake is done: a newer one
+        // evicts the oldest (of this source first).
+        let slot = self.guard.handshake(peer.ip());
+        let handshaken = tokio::select! {
+            h = async {
+                if !self.starts_with_tls(&tcp).await {
+                    return None;
+                }
+                self.handshake(tcp).await
+            } => h,
+            () = slot.evicted() => {
+                debug!(%peer, "tunnel handshake evicted by a newer one");
+                None
+            }
+        };
+        drop(slot);
+        let Some((tls, client)) = handshaken else {
             return;
         };
         let (_, session) = tls.get_ref();
