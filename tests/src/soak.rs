@@ -70,6 +70,8 @@ pub struct Phase {
 /// What a soak saw.
 #[derive(Clone, Debug)]
 pub struct SoakReport {
+    /// Why fewer connections were held than asked, if so.
+    pub capped: Option<String>,
     pub phases: Vec<Phase>,
     /// The admission gauges and open-connection series once idle again.
     pub connections_in_use: f64,
@@ -133,19 +135,51 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
+/// The connections an agent started from here can hold: two descriptors
+/// each within the open-file hard limit it inherits (it cannot raise it
+/// without CAP_SYS_RESOURCE), as the agent itself derives it.
+fn fd_budget() -> u32 {
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1 << 20, |(_, hard)| hard);
+    (hard.saturating_sub(4096) / 2).min(1 << 20) as u32
+}
+
 /// Runs a soak; the caller prints or checks the report.
 pub fn run(opts: &SoakOptions) -> SoakReport {
-    let budget = (opts.connections * 3).max(1000).to_string();
+    // A same-node connection takes two slots (the client pod's, the
+    // server's): 3/4 of the budget leaves room for the 2:2:1 mix.
+    let budget = fd_budget();
+    let mut opts = opts.clone();
+    let mut capped = None;
+    if opts.connections > budget / 4 * 3 {
+        capped = Some(format!(
+            "{} asked; the agents' open-file hard limit allows {budget} connections (2 descriptors each), of which this mix fits {}",
+            opts.connections,
+            budget / 4 * 3
+        ));
+        opts.connections = budget / 4 * 3;
+    }
+    let opts = &opts;
     let bed = MeshBed::with_agent(
         crate::Node::new(),
         crate::Node::new(),
         "24h",
-        &["--max-connections", &budget],
+        &[],
         opts.agent.as_deref(),
     );
     let plain = crate::kube::unique("plain");
     bed.cluster.namespace(&plain, &[]);
-    let server = bed.pod(&bed.b, "server", "server");
+    // The server may hold the whole budget (its annotation): what binds
+    // is then each client's half of it, and the node's.
+    let server = bed.cluster.run_pod(
+        &bed.b,
+        PodSpec::new(&bed.ns, "server")
+            .service_account("server")
+            .annotation(
+                nodemesh_core::names::MAX_CONNECTIONS_ANNOTATION,
+                &budget.to_string(),
+            ),
+    );
     let neighbour = bed.pod(&bed.b, "neighbour", "neighbour");
     let client = bed.pod(&bed.a, "client", "client");
     let outsider = bed
@@ -315,6 +349,7 @@ pub fn run(opts: &SoakOptions) -> SoakReport {
         seconds: started.elapsed().as_secs_f64(),
     });
     SoakReport {
+        capped,
         phases,
         connections_in_use,
         open_connections,

@@ -31,6 +31,9 @@ fn main() {
         opts.connections, opts.churn
     );
     let report = soak::run(&opts);
+    if let Some(why) = &report.capped {
+        println!("held fewer: {why}");
+    }
     print!("{}", report.table());
     let base = report.baseline();
     let end = report.end();

@@ -58,8 +58,10 @@ pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
 /// pod) has to send a request's head, from the moment one is awaited: a
 /// slow-loris client is closed then, and so is a keep-alive connection
 /// idle that long (its client opens another, as it would with most
-/// servers).
-pub const INBOUND_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// servers). Longer than a client proxy keeps a pooled connection idle
+/// (`outbound::http::pool`'s 60 s, checked every 10 s): the server's edge
+/// never closes one under a request being sent.
+pub const INBOUND_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The same on the outbound side (the pod's own app, whose connections
 /// count against its own share): long, not to trip idle pools.

@@ -459,7 +459,14 @@ impl Cluster {
         let id = |sa: &str| SpiffeId::new(Identity::new("shop", sa).unwrap(), TRUST_DOMAIN);
         let node_b: IpAddr = NODES[1].1.parse().unwrap();
         match pool
-            .open(&id("client"), node_b, &id("far"), dst, None)
+            .open(
+                &PodUid::new("shop-client").unwrap(),
+                &id("client"),
+                node_b,
+                &id("far"),
+                dst,
+                None,
+            )
             .await
         {
             Ok((mut stream, _slot, _)) => {

@@ -687,14 +687,19 @@ fn serve_echo(listener: TcpListener, port: u16, peers: PeerLog) {
             peers.lock().unwrap().entry(port).or_default().push(peer);
         }
         let _ = conn.set_nodelay(true);
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
+        connection_thread(move || {
+            // Small while the client sends little (thousands held idle),
+            // 64 KiB once a read fills it (bulk).
+            let mut buf = vec![0u8; 4 * 1024];
             loop {
                 match conn.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         if conn.write_all(&buf[..n]).is_err() {
                             return;
+                        }
+                        if n == buf.len() && buf.len() < 64 * 1024 {
+                            buf = vec![0u8; 64 * 1024];
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -715,7 +720,7 @@ fn serve_banner(listener: TcpListener, port: u16, banner: String, peers: PeerLog
             peers.lock().unwrap().entry(port).or_default().push(peer);
         }
         let banner = banner.clone();
-        thread::spawn(move || {
+        connection_thread(move || {
             if conn.write_all(banner.as_bytes()).is_err() {
                 return;
             }
@@ -729,11 +734,20 @@ fn serve_banner(listener: TcpListener, port: u16, banner: String, peers: PeerLog
     }
 }
 
+/// Runs one connection's loop on a thread of its own, with a small stack
+/// (a soak holds thousands at once); one that cannot be made drops its
+/// connection rather than the server.
+fn connection_thread(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new().stack_size(128 * 1024).spawn(f) {
+        eprintln!("tcp app: no thread for a connection ({e}); dropped");
+    }
+}
+
 /// Streams the pattern to every client until it goes away.
 fn serve_source(listener: TcpListener) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
-        thread::spawn(move || {
+        connection_thread(move || {
             let mut chunk = vec![0u8; 64 * 1024];
             let mut offset = 0u64;
             loop {

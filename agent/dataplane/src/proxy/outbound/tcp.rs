@@ -293,7 +293,7 @@ impl Outbound {
                     .address_for(&self.state, dst)
                     .map(|ip| SocketAddr::new(ip, 0));
                 let (stream, slot, dialled) = pool
-                    .open(src, node_ip, dst_id, dst, client)
+                    .open(&pod.pod.uid, src, node_ip, dst_id, dst, client)
                     .await
                     .map_err(|e| Failure::Tunnel(node_ip, e))?;
                 Ok(Opened {

@@ -1,6 +1,9 @@
 //! The tunnel's client end: streams to other nodes over pooled mutual-TLS
-//! HTTP/2 connections per (source identity, destination node, destination
-//! identity): as many as its streams need (a connection takes at most the
+//! HTTP/2 connections per (source pod, source identity, destination node,
+//! destination identity) — one pod's streams never share a connection
+//! (and its flow-control window: a client that stops reading stalls the
+//! streams of its connection) with another pod's — as many as its streams
+//! need (a connection takes at most the
 //! server's [`h2::MAX_STREAMS`] at once; a new one is dialled beyond). A
 //! renewed source certificate gets a new connection for new streams; idle
 //! connections are closed.
@@ -18,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use nodemesh_core::{
     identity::{Identity, SpiffeId},
     labels::Direction,
+    names::PodUid,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio_rustls::TlsConnector;
@@ -35,6 +39,7 @@ use crate::{
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
+    pod: PodUid,
     src: SpiffeId,
     node: SocketAddr,
     dst: SpiffeId,
@@ -142,6 +147,7 @@ impl TunnelPool {
     /// dialled for it (its time then says little about the endpoint).
     pub async fn open(
         &self,
+        pod: &PodUid,
         src: &SpiffeId,
         node_ip: IpAddr,
         dst_id: &SpiffeId,
@@ -149,13 +155,15 @@ impl TunnelPool {
         client: Option<SocketAddr>,
     ) -> Result<(TunnelStream, StreamSlot, bool), OpenError> {
         let limit = self.cfg.connect_timeout + self.cfg.handshake_timeout;
-        let result =
-            match tokio::time::timeout(limit, self.open_inner(src, node_ip, dst_id, dst, client))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(OpenError::Timeout(limit)),
-            };
+        let result = match tokio::time::timeout(
+            limit,
+            self.open_inner(pod, src, node_ip, dst_id, dst, client),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(OpenError::Timeout(limit)),
+        };
         match &result {
             Ok(_) => self.metrics.stream(Direction::Outbound),
             Err(e) => self.metrics.error(Direction::Outbound, e.reason()),
@@ -165,6 +173,7 @@ impl TunnelPool {
 
     async fn open_inner(
         &self,
+        pod: &PodUid,
         src: &SpiffeId,
         node_ip: IpAddr,
         dst_id: &SpiffeId,
@@ -177,6 +186,7 @@ impl TunnelPool {
             .await
             .ok_or_else(|| OpenError::NoCertificate(src.identity().clone()))?;
         let key = PoolKey {
+            pod: pod.clone(),
             src: src.clone(),
             node: SocketAddr::new(node_ip, self.cfg.port),
             dst: dst_id.clone(),
