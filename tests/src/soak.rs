@@ -284,21 +284,34 @@ pub fn run(opts: &SoakOptions) -> SoakReport {
     // Churn: every client makes new connections, one after another.
     let (_, _, cpu) = figures(&bed.agent_b);
     let started = Instant::now();
-    let made: Vec<Result<u64, String>> = std::thread::scope(|s| {
+    // Batches of 100: a failed one counts as one error (its connections
+    // before the failure are not counted as made).
+    let made: Vec<(u64, u64, Vec<String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = apps
             .iter_mut()
             .map(|(what, app)| {
                 let (churn, pause) = (opts.churn, opts.churn_pause);
                 s.spawn(move || {
                     let until = Instant::now() + churn;
-                    let mut made = 0u64;
+                    let (mut made, mut errors, mut first) = (0u64, 0u64, Vec::new());
                     while Instant::now() < until {
-                        match app.setup(to, 250, pause) {
+                        match app.setup(to, 100, pause) {
                             Ok(micros) => made += micros.len() as u64,
-                            Err(f) => return Err(format!("{what}: {f:?}")),
+                            Err(f) => {
+                                errors += 1;
+                                if first.len() < 3 {
+                                    first.push(format!(
+                                        "{what} at {:.0}s: {f:?}",
+                                        churn.as_secs_f64()
+                                            - until
+                                                .saturating_duration_since(Instant::now())
+                                                .as_secs_f64()
+                                    ));
+                                }
+                            }
                         }
                     }
-                    Ok(made)
+                    (made, errors, first)
                 })
             })
             .collect();
@@ -310,14 +323,10 @@ pub fn run(opts: &SoakOptions) -> SoakReport {
     let seconds = started.elapsed().as_secs_f64();
     let mut churned = 0;
     let mut churn_errors = 0;
-    for m in made {
-        match m {
-            Ok(n) => churned += n,
-            Err(e) => {
-                churn_errors += 1;
-                first_errors.push(e);
-            }
-        }
+    for (n, e, first) in made {
+        churned += n;
+        churn_errors += e;
+        first_errors.extend(first);
     }
     let (rss, fds, cpu2) = figures(&bed.agent_b);
     phases.push(Phase {
