@@ -30,7 +30,14 @@ const LAYERS: &[&[&str]] = &[
     &["discovery", "identity"],
     &["state"],
     &["redirect"],
-    &["telemetry", "netns", "cgroup", "config", "sockdiag"],
+    &[
+        "telemetry",
+        "netns",
+        "cgroup",
+        "config",
+        "sockdiag",
+        "memory",
+    ],
 ];
 
 /// Stages of `proxy`, top first (`proxy` itself may use all of them).
@@ -43,6 +50,8 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &[
         "accept", "balance", "connect", "detect", "orig_dst", "pods", "relay",
     ],
+    // What every door takes a ticket from.
+    &["admission"],
 ];
 
 /// Which nodemesh crates each crate may depend on.
@@ -56,6 +65,8 @@ const CRATES: &[(&str, &[&str])] = &[
 /// The only files that may allow `unsafe` (each says why).
 const UNSAFE_ALLOWED: &[&str] = &[
     "agent/dataplane/build.rs",
+    // Two glibc allocator calls (mallopt, malloc_trim).
+    "agent/dataplane/src/memory.rs",
     "agent/dataplane/src/netns.rs",
     "agent/dataplane/src/redirect/logs.rs",
     "agent/dataplane/src/redirect/sys.rs",

@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use nodemesh_core::{label_values, labels::PodLabels, throttle::Throttle};
+use nodemesh_core::throttle::Throttle;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{family::Family, gauge::Gauge},
@@ -37,33 +37,7 @@ use tracing::warn;
 
 use crate::{state::PodLimits, telemetry::PodTcpMetrics};
 
-label_values! {
-    /// Where a refused entry came in.
-    pub enum Door {
-        /// A connection from the pod's app, on its outbound listener.
-        Outbound => "outbound",
-        /// A connection inbound capture handed over (plaintext clients).
-        Inbound => "inbound",
-        /// A stream of the tunnel from another node.
-        Tunnel => "tunnel",
-        /// A connection from a meshed pod on this node to this pod.
-        Local => "local",
-        /// An HTTP request (or HTTP/2 stream).
-        Request => "request",
-    }
-}
-
-label_values! {
-    /// Why an entry was refused.
-    pub enum Refusal {
-        /// The pod holds its whole share.
-        PodShare => "pod_share",
-        /// The client holds its whole share of this node.
-        ClientShare => "client_share",
-        /// The node's budget is spent (every pod together).
-        NodeBudget => "node_budget",
-    }
-}
+pub use crate::telemetry::{Door, Refusal};
 
 /// The smallest share of each budget a pod gets, however many pods the
 /// node serves (when the pods outnumber the budget, the node's budget
@@ -400,15 +374,6 @@ impl Drop for RequestTicket {
         self.pod.requests.fetch_sub(1, Ordering::AcqRel);
         self.pod.admission.0.requests.dec();
     }
-}
-
-/// The labels a refusal is counted under.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabels {
-    #[prometheus(flatten)]
-    pub pod: PodLabels,
-    pub door: Door,
-    pub reason: Refusal,
 }
 
 #[cfg(test)]

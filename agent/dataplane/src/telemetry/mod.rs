@@ -14,7 +14,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::proxy::admission::{Door, Refusal, RefusedLabels};
 use nodemesh_core::{
     label_values,
     labels::{PodLabels, Tls},
@@ -46,6 +45,43 @@ label_values! {
         /// Anything else.
         Other => "other",
     }
+}
+
+label_values! {
+    /// Where a refused entry came in.
+    pub enum Door {
+        /// A connection from the pod's app, on its outbound listener.
+        Outbound => "outbound",
+        /// A connection inbound capture handed over (plaintext clients).
+        Inbound => "inbound",
+        /// A stream of the tunnel from another node.
+        Tunnel => "tunnel",
+        /// A connection from a meshed pod on this node to this pod.
+        Local => "local",
+        /// An HTTP request (or HTTP/2 stream).
+        Request => "request",
+    }
+}
+
+label_values! {
+    /// Why an entry was refused.
+    pub enum Refusal {
+        /// The pod holds its whole share.
+        PodShare => "pod_share",
+        /// The client holds its whole share of this node.
+        ClientShare => "client_share",
+        /// The node's budget is spent (every pod together).
+        NodeBudget => "node_budget",
+    }
+}
+
+/// The labels an admission refusal is counted under.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    #[prometheus(flatten)]
+    pod: PodLabels,
+    door: Door,
+    reason: Refusal,
 }
 
 impl ConnectError {
