@@ -76,11 +76,12 @@ use crate::{
     },
 };
 
-/// The tunnel port's caps: peer nodes hold a few pooled connections per
-/// pair of identities; a handshake not done is evicted by newer ones.
+/// The tunnel port's caps: a peer node holds a pooled connection per
+/// (its pod, identity here) pair in use (idle ones close after the
+/// tunnel's idle timeout); a handshake not done is evicted by newer ones.
 const TUNNEL_CAPS: CapsConfig = CapsConfig {
-    connections: 16_384,
-    per_source: 1024,
+    connections: 32_768,
+    per_source: 4096,
     handshakes: 256,
     handshakes_per_source: 32,
 };

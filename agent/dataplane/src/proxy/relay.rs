@@ -252,6 +252,12 @@ impl Buffers {
         }
     }
 
+    /// Whether a large buffer may be taken now.
+    fn has_room(&self) -> bool {
+        let p = &self.0;
+        p.out.load(Ordering::Relaxed) + p.large as u64 <= p.budget
+    }
+
     /// Bytes of large buffers out now.
     pub fn large_out(&self) -> u64 {
         self.0.out.load(Ordering::Relaxed)
@@ -356,8 +362,9 @@ impl Half {
                 self.need_flush = true;
             }
             // All written: a small buffer that filled makes way for a
-            // large one.
-            if self.wants_large && self.buf.as_ref().is_some_and(|b| !b.large) {
+            // large one, if one may be had now.
+            if self.wants_large && self.buf.as_ref().is_some_and(|b| !b.large) && buffers.has_room()
+            {
                 self.buf = None;
             }
             if self.read_done {
