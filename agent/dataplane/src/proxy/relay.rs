@@ -272,6 +272,9 @@ struct Buf {
 /// One direction of a relay: read into a buffer, write it all out, again;
 /// the reader's end shuts the writer's write side.
 struct Half {
+    /// Where its buffer goes back to, however the relay ends (also when
+    /// its future is dropped: a cut connection).
+    buffers: Buffers,
     buf: Option<Buf>,
     pos: usize,
     cap: usize,
@@ -283,9 +286,18 @@ struct Half {
     amt: u64,
 }
 
+impl Drop for Half {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.buffers.give(b);
+        }
+    }
+}
+
 impl Half {
-    fn new() -> Self {
+    fn new(buffers: &Buffers) -> Self {
         Self {
+            buffers: buffers.clone(),
             buf: None,
             pos: 0,
             cap: 0,
@@ -380,12 +392,6 @@ impl Half {
             }
         }
     }
-
-    fn release(&mut self, buffers: &Buffers) {
-        if let Some(b) = self.buf.take() {
-            buffers.give(b);
-        }
-    }
 }
 
 /// Why a relay ended other than both sides finishing.
@@ -415,7 +421,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Reset,
     S: AsyncRead + AsyncWrite + Unpin + Reset,
 {
-    let (mut up, mut down) = (Half::new(), Half::new());
+    let (mut up, mut down) = (Half::new(buffers), Half::new(buffers));
     let result = {
         let mut c = Counted {
             inner: &mut *client,
@@ -464,8 +470,7 @@ where
         })
         .await
     };
-    up.release(buffers);
-    down.release(buffers);
+    drop((up, down));
     match result {
         Ok((up, down)) => {
             client.close_gracefully();
@@ -611,6 +616,30 @@ mod tests {
         assert_eq!(n.client_to_server, 8 << 20);
         assert_eq!(n.server_to_client, 4);
         assert_eq!(buffers.large_out(), 0, "every buffer given back");
+    }
+
+    #[tokio::test]
+    async fn a_relay_dropped_mid_transfer_gives_its_buffers_back() {
+        let buffers = Buffers::new(256 << 10, 1 << 30);
+        let (mut client, server, task) = relayed(&buffers, Duration::from_secs(60)).await;
+        // The server never reads: the relay holds a full large buffer.
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&vec![1u8; 32 << 20]).await;
+            client
+        });
+        for _ in 0..100 {
+            if buffers.large_out() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(buffers.large_out() > 0, "a large buffer is out");
+        // Cut, as a policy change cuts a connection.
+        task.abort();
+        let _ = task.await;
+        assert_eq!(buffers.large_out(), 0, "given back when dropped");
+        writer.abort();
+        drop(server);
     }
 
     #[tokio::test]
