@@ -82,8 +82,9 @@ use crate::{
 const TUNNEL_CAPS: CapsConfig = CapsConfig {
     connections: 32_768,
     per_source: 4096,
-    handshakes: 256,
-    handshakes_per_source: 32,
+    // A restarted peer's pods all reconnect at once: room for them.
+    handshakes: 1024,
+    handshakes_per_source: 256,
 };
 
 /// Connections closed (from the peak) after which the allocator's free

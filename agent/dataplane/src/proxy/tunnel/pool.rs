@@ -401,18 +401,23 @@ impl TunnelPool {
                 let Ok(mut pooled) = slot.try_lock() else {
                     continue;
                 };
-                // Idle: no stream open on it for the idle timeout.
-                pooled.retain(|p| {
-                    !p.send.is_closed()
-                        && (p.streams() > 0 || p.last_used.elapsed() < self.cfg.idle_timeout)
+                // Idle: no stream open on it for the idle timeout (one
+                // with streams open is in use now).
+                let now = Instant::now();
+                pooled.retain_mut(|p| {
+                    if p.streams() > 0 {
+                        p.last_used = now;
+                    }
+                    !p.send.is_closed() && now.duration_since(p.last_used) < self.cfg.idle_timeout
                 });
                 if pooled.is_empty() {
-                    drop(pooled);
-                    self.pool
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&key);
-                    debug!(node = %key.node, "idle tunnel connection closed");
+                    // Forgotten under the map's lock, and only if no open
+                    // is about to use it (it holds a clone of the slot).
+                    let mut map = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if Arc::strong_count(&slot) == 2 {
+                        map.remove(&key);
+                        debug!(node = %key.node, "idle tunnel connection closed");
+                    }
                 }
             }
         }
