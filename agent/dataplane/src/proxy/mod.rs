@@ -160,6 +160,7 @@ pub struct Proxy {
     http: HttpMetrics,
     admission: Admission,
     state: StateStore,
+    buffers: Buffers,
     drain: Drain,
     /// What each served pod's TCP counters said last, and each workload's
     /// totals since (pods come and go; totals only grow).
@@ -237,7 +238,7 @@ impl Proxy {
             Arc::new(Balancer::default()),
             metrics.http.clone(),
             OutboundConfig {
-                buffers,
+                buffers: buffers.clone(),
                 idle_timeout: cfg.idle_timeout,
                 detect_timeout: cfg.detect_timeout,
             },
@@ -251,6 +252,7 @@ impl Proxy {
             tcp: metrics.tcp,
             admission,
             state,
+            buffers,
             drain,
             tcp_seen: std::sync::Mutex::default(),
         })
@@ -403,6 +405,7 @@ impl Proxy {
                         self.outbound.tidy();
                         // Many connections gone: their memory goes back.
                         if peak >= open + GIVE_BACK_AFTER {
+                            self.buffers.trim();
                             crate::memory::give_back();
                             peak = open;
                         }

@@ -252,6 +252,16 @@ impl Buffers {
         }
     }
 
+    /// Frees the large buffers kept for reuse (many connections closed:
+    /// their memory goes back).
+    pub fn trim(&self) {
+        self.0
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Whether a large buffer may be taken now.
     fn has_room(&self) -> bool {
         let p = &self.0;
