@@ -28,6 +28,7 @@ pub mod prom;
 pub mod realnode;
 pub mod soak;
 pub mod sys;
+pub mod wrk;
 
 pub use agent::{Agent, AgentOptions};
 pub use apps::{

@@ -314,31 +314,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// cargo-fuzz, installed (pinned, in the tools prefix) if missing.
 pub fn cargo_fuzz() -> Result<PathBuf> {
     let bin = tools_dir().join("bin/cargo-fuzz");
-    let version = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if version.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
-        return Ok(bin);
-    }
-    println!("fuzz: building cargo-fuzz {CARGO_FUZZ_VERSION} (1-2 minutes)");
-    let ok = Command::new("cargo")
-        .args([
-            "install",
-            "--locked",
-            "--force",
-            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
-            "--root",
-        ])
-        .arg(tools_dir())
-        .status()
-        .context("cannot run cargo install")?
-        .success();
-    if !ok || !runs(&bin) {
-        bail!("building cargo-fuzz failed");
-    }
+    cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION, &bin, "1-2 minutes")?;
     Ok(bin)
 }
 
@@ -348,32 +324,42 @@ pub fn cargo_deny_bin() -> PathBuf {
 }
 
 fn cargo_deny() -> Result<()> {
-    let bin = cargo_deny_bin();
-    let version = Command::new(&bin)
+    cargo_tool(
+        "cargo-deny",
+        CARGO_DENY_VERSION,
+        &cargo_deny_bin(),
+        "2-3 minutes",
+    )
+}
+
+/// `cargo install`s `name@version` into the tools prefix unless `bin`
+/// already says it is that version.
+fn cargo_tool(name: &str, version: &str, bin: &Path, takes: &str) -> Result<()> {
+    let found = Command::new(bin)
         .arg("--version")
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if version.as_deref() == Some(&format!("cargo-deny {CARGO_DENY_VERSION}")) {
-        println!("setup: cargo-deny present ({})", bin.display());
+    if found.as_deref() == Some(&format!("{name} {version}")) {
+        println!("setup: {name} present ({})", bin.display());
         return Ok(());
     }
-    println!("setup: building cargo-deny {CARGO_DENY_VERSION} (2-3 minutes)");
+    println!("setup: building {name} {version} ({takes})");
     let ok = Command::new("cargo")
         .args([
             "install",
             "--locked",
             "--force",
-            &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+            &format!("{name}@{version}"),
             "--root",
         ])
         .arg(tools_dir())
         .status()
         .context("cannot run cargo install")?
         .success();
-    if !ok || !runs(&bin) {
-        bail!("building cargo-deny failed");
+    if !ok || !runs(bin) {
+        bail!("building {name} failed");
     }
     Ok(())
 }

@@ -18,6 +18,8 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod identity;
 pub mod kube;
 pub mod labels;

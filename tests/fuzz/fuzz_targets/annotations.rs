@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    nodemesh_core::names::fuzzing::values(data);
+    nodemesh_core::fuzzing::values(data);
 });

@@ -33,18 +33,6 @@ struct Victim {
     errors: u64,
 }
 
-fn micros(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => return None,
-    })
-}
-
 /// `wrk` from `pod` for [`SECONDS`].
 fn wrk(pod: &Pod, url: &str) -> Victim {
     let mut cmd = Command::new("wrk");
@@ -75,8 +63,12 @@ fn wrk(pod: &Pod, url: &str) -> Victim {
         rps: line("Requests/sec:")
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN),
-        p50_us: line("50%").and_then(|v| micros(&v)).unwrap_or(f64::NAN),
-        p99_us: line("99%").and_then(|v| micros(&v)).unwrap_or(f64::NAN),
+        p50_us: line("50%")
+            .and_then(|v| nodemesh_tests::wrk::micros(&v))
+            .unwrap_or(f64::NAN),
+        p99_us: line("99%")
+            .and_then(|v| nodemesh_tests::wrk::micros(&v))
+            .unwrap_or(f64::NAN),
         errors: socket_errors + non_2xx,
     }
 }

@@ -1,9 +1,9 @@
 //! What both sides' HTTP paths share: hop-by-hop headers, gRPC status,
 //! upgrades, responses the proxy makes, and the response body that records
 //! a request's outcome when it ends.
+use nodemesh_core::labels::Direction;
 use std::{
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -20,11 +20,11 @@ use tracing::debug;
 
 use crate::{
     proxy::{
-        admission::{Door, PodShare, RequestTicket},
+        admission::{Door, RequestTicket},
         balance::InFlight,
+        pods::ServedPod,
     },
     telemetry::{
-        PodTcpMetrics,
         http::{Protocol, Request as RequestMetric},
         tap::Tapped,
     },
@@ -152,18 +152,20 @@ pub fn proxy_error(status: StatusCode, message: &str) -> Response<Body> {
     resp
 }
 
-/// A request's slot in `share` (the pod's whose request it is, on this
-/// side), or the `503` that refuses it (counted on `metrics`).
+/// A request's slot in `served`'s share (the pod whose request it is on
+/// this side), or the `503` that refuses it (counted on its series for
+/// `side`).
 #[allow(clippy::result_large_err)]
-pub fn admit_request(
-    share: &Arc<PodShare>,
-    metrics: Option<&PodTcpMetrics>,
-    pod: &str,
-) -> Result<RequestTicket, Response<Body>> {
-    share.request().map_err(|why| {
-        share
+pub fn admit_request(served: &ServedPod, side: Direction) -> Result<RequestTicket, Response<Body>> {
+    served.share.request().map_err(|why| {
+        let metrics = match side {
+            Direction::Outbound => Some(&served.outbound),
+            Direction::Inbound => served.inbound.as_ref(),
+        };
+        served
+            .share
             .admission()
-            .refused(metrics, pod, Door::Request, why, None);
+            .refused(metrics, &served.pod.key(), Door::Request, why, None);
         proxy_error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("over its share of in-flight requests ({why})"),

@@ -435,14 +435,17 @@ impl PodTcpMetrics {
         }
     }
 
-    /// Counts a connection or request admission refused.
-    pub fn refused(&self, door: Door, reason: Refusal) {
-        if self
-            .series
+    /// The last holder let go of the series: nothing is counted any more.
+    fn released(&self) -> bool {
+        self.series
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .released
-        {
+    }
+
+    /// Counts a connection or request admission refused.
+    pub fn refused(&self, door: Door, reason: Refusal) {
+        if self.released() {
             return;
         }
         self.families
@@ -457,12 +460,7 @@ impl PodTcpMetrics {
 
     /// Counts an inbound connection the policy refused.
     pub fn denied(&self, reason: InboundDenial) {
-        if self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .released
-        {
+        if self.released() {
             return;
         }
         self.families
@@ -475,12 +473,7 @@ impl PodTcpMetrics {
     }
 
     pub fn connect_error(&self, reason: ConnectError) {
-        if self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .released
-        {
+        if self.released() {
             return;
         }
         self.families

@@ -461,19 +461,6 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// Parses one wrk duration ("152.00us", "1.20ms", "2.00s") to µs.
-fn wrk_micros(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => return None,
-    })
-}
-
 /// How wrk connects.
 #[derive(Clone, Copy, Debug)]
 struct Wrk {
@@ -528,8 +515,12 @@ fn wrk(client: &Pod, url: &str, s: &Settings, how: Wrk, pids: &[u32]) -> Request
                     String::from_utf8_lossy(&out.stderr)
                 )
             });
-        let p50 = line("50%").and_then(|v| wrk_micros(&v)).unwrap_or(f64::NAN);
-        let p99 = line("99%").and_then(|v| wrk_micros(&v)).unwrap_or(f64::NAN);
+        let p50 = line("50%")
+            .and_then(|v| nodemesh_tests::wrk::micros(&v))
+            .unwrap_or(f64::NAN);
+        let p99 = line("99%")
+            .and_then(|v| nodemesh_tests::wrk::micros(&v))
+            .unwrap_or(f64::NAN);
         let requests = rps * f64::from(WRK_SECONDS);
         rows.push(RequestRow {
             rps,

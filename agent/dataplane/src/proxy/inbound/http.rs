@@ -8,6 +8,7 @@
 //!
 //! A client the policy refuses gets a `403` for every request instead, and
 //! the app never sees a byte.
+use nodemesh_core::labels::Direction;
 use std::{
     convert::Infallible,
     future::Future,
@@ -383,11 +384,7 @@ impl Edge {
         if let Err(reason) = self.recheck.check() {
             return Ok(forbidden(reason));
         }
-        let admitted = match admit_request(
-            &self.served.share,
-            self.served.inbound.as_ref(),
-            &self.served.pod.key(),
-        ) {
+        let admitted = match admit_request(&self.served, Direction::Inbound) {
             Ok(t) => t,
             Err(refused) => return Ok(refused),
         };

@@ -15,6 +15,7 @@
 pub mod pool;
 mod stages;
 
+use nodemesh_core::labels::Direction;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
@@ -451,11 +452,7 @@ impl Forwarder {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let admitted = match admit_request(
-            &self.pod.share,
-            Some(&self.pod.outbound),
-            &self.pod.pod.key(),
-        ) {
+        let admitted = match admit_request(&self.pod, Direction::Outbound) {
             Ok(t) => t,
             Err(refused) => return Ok(refused),
         };
